@@ -1,0 +1,58 @@
+"""The ``deploy_model`` flow: registry -> profile -> placement -> Ray Serve -> smoke test -> record."""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from nodewise.errors import DeployFailed, DoesNotFit, UnsupportedModel
+from nodewise.settings import Settings, load_settings
+from tasks.inventory import read_inventory_task
+from tasks.placement import plan_placement_task
+from tasks.profiling import profile_model_task
+from tasks.ray_cluster import ensure_cluster_task
+from tasks.ray_serve import build_spec, deploy_app_task, rollback_task
+from tasks.records import DeploymentRecord, get_record, record_deployment_task
+from tasks.registry import resolve_model_task
+from tasks.smoke import smoke_test_task
+
+
+@flow(name="deploy-model", log_prints=True, validate_parameters=True)
+def deploy_model(model_uri: str, replicas: int | None = None,
+                 settings: Settings | None = None) -> DeploymentRecord:
+    """Deploy a registered MLflow model where it fits, check it, and record it.
+
+    Args:
+        model_uri: ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``.
+        replicas: replicas wanted (default: ``serve.replicas``); the plan may give fewer.
+        settings: nodewise settings (default: read from the environment).
+    """
+    settings = settings or load_settings()
+    model = resolve_model_task(model_uri, settings.tracking_uri, settings.registry_uri)
+    profile = profile_model_task(model)
+    inventory = read_inventory_task(settings.ray.num_cpus)
+    plan = plan_placement_task(profile, inventory, settings.placement.headroom_fraction,
+                               replicas or settings.serve.replicas)
+    if not plan.fits:
+        raise DoesNotFit(f"{model.pinned_uri} was not deployed: {plan.explain()}")
+    if plan.backend != "ray_serve":
+        raise UnsupportedModel(
+            f"{model.pinned_uri} needs {plan.nodes} nodes ({plan.explain()}); the multi-node "
+            "DeepSpeed backend is not available in this version of nodewise"
+        )
+    cluster = ensure_cluster_task(settings)
+    spec = build_spec(model, plan, settings)
+    previous = get_record(settings.records_path, spec.app_name)
+    remote = not cluster.owned
+    try:
+        endpoint = deploy_app_task(spec, settings, remote)
+        smoke = smoke_test_task(endpoint, model, settings.smoke)
+    except DeployFailed as e:
+        outcome = rollback_task(spec, previous.spec if previous else None, settings, remote)
+        raise DeployFailed(f"{e} (rolled back: {outcome})") from e
+    print(f"{model.pinned_uri} serves at {endpoint}: smoke test "
+          f"{'matched the model' if smoke.compared else 'answered'}")
+    return record_deployment_task(settings.records_path, DeploymentRecord(
+        app_name=spec.app_name, model_name=model.name, model_version=model.version,
+        model_uri=model.pinned_uri, backend="ray_serve", endpoint=endpoint,
+        replicas=plan.replicas, plan=plan.explain(), spec=spec.model_dump(mode="json"),
+    ))

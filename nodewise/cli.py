@@ -1,0 +1,186 @@
+"""The ``nodewise`` command line.
+
+User mistakes (``NodewiseError``, invalid settings) end in one ``error: ...`` line and a
+non-zero exit, with no traceback. Heavy libraries are imported only inside commands, after
+``configure_process`` has pointed them at the state folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable
+from typing import Annotated, Any, TypeVar
+
+import typer
+from pydantic import ValidationError
+
+from nodewise.errors import NodewiseError
+from nodewise.runtime import configure_process
+from nodewise.settings import Settings, load_settings
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Put registered MLflow models into production on Ray Serve or DeepSpeed.")
+T = TypeVar("T")
+
+
+def _fail(message: str, code: int = 1) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _settings() -> Settings:
+    try:
+        settings = load_settings()
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        env = "NODEWISE_" + "__".join(str(p).upper() for p in first["loc"])
+        _fail(f"invalid setting {where} ({first.get('input')!r}): {first['msg']}; fix {env}", 2)
+    configure_process(settings)
+    _quiet_user_errors()
+    return settings
+
+
+class _DropUserTracebacks(logging.Filter):
+    """Prefect logs a traceback for every failed run; a user's mistake needs one line, not that."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], NodewiseError):
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+def _quiet_user_errors() -> None:
+    from prefect.logging.configuration import setup_logging
+
+    setup_logging()  # Prefect's console handlers, before Ray or MLflow add any of their own
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
+    drop = _DropUserTracebacks()
+    names = ["", *[n for n in logging.root.manager.loggerDict if n.startswith("prefect")]]
+    for name in names:
+        for handler in logging.getLogger(name).handlers:
+            handler.addFilter(drop)
+
+
+def _guard(action: Callable[[], T]) -> T:
+    try:
+        return action()
+    except NodewiseError as e:
+        _fail(str(e), e.exit_code)
+        raise  # unreachable: _fail exits
+
+
+@app.command()
+def demo(
+    detach: Annotated[bool, typer.Option("--detach", help="Return once serving; stop later with `nodewise down`.")] = False,
+    retrain: Annotated[bool, typer.Option("--retrain", help="Train and register a new version even if one exists.")] = False,
+) -> None:
+    """Train a small digits model, register it as @champion, deploy it and show a prediction."""
+    settings = _settings()
+    started = time.monotonic()
+    from nodewise.demo import register_demo_model
+
+    typer.echo(f"state folder: {settings.state_path}")
+    model = _guard(lambda: register_demo_model(str(settings.artifact_root), retrain=retrain))
+    verb = "trained and registered" if model.trained else "reusing"
+    typer.echo(f"{verb} models:/{model.name}/{model.version} (test accuracy {model.accuracy:.1%}), alias @champion")
+    record = _deploy(f"models:/{model.name}@champion", None, settings)
+    _show_prediction(record.endpoint)
+    typer.echo(f"ready in {time.monotonic() - started:.1f} s")
+    if detach:
+        typer.echo("detached: `nodewise status` shows it, `nodewise down` stops it")
+        return
+    typer.echo("serving; press Ctrl-C to stop")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        typer.echo("\nstopping")
+        _down(settings)
+
+
+def _show_prediction(endpoint: str) -> None:
+    import httpx
+
+    from nodewise.demo import digits_split
+
+    _, _, x_test, y_test = digits_split()
+    row = [round(float(v), 4) for v in x_test[0]]
+    body = {"inputs": [row]}
+    answer = httpx.post(f"{endpoint}/invocations", json=body, timeout=30).json()
+    logits = answer["predictions"][0]
+    predicted = max(range(len(logits)), key=logits.__getitem__)
+    typer.echo(f"endpoint: {endpoint}/invocations")
+    typer.echo(f"prediction for a test image of a {int(y_test[0])}: {predicted}")
+    typer.echo("try it:\n  curl -s -X POST " + f"{endpoint}/invocations -H 'Content-Type: application/json' "
+               f"-d '{json.dumps(body, separators=(',', ':'))}'")
+
+
+def _deploy(uri: str, replicas: int | None, settings: Settings) -> Any:
+    from flows.deploy import deploy_model
+
+    record = _guard(lambda: deploy_model(uri, replicas=replicas, settings=settings))
+    typer.echo(f"deployed {record.model_uri} (version {record.model_version}) -> {record.endpoint}")
+    typer.echo(f"plan: {record.plan}")
+    return record
+
+
+@app.command()
+def deploy(
+    model_uri: Annotated[str, typer.Argument(help="models:/NAME@ALIAS or models:/NAME/VERSION")],
+    replicas: Annotated[int | None, typer.Option(min=1, help="Replicas wanted (the plan may give fewer).")] = None,
+) -> None:
+    """Deploy a registered model where it fits, smoke-test it and record it."""
+    from tasks.registry import parse_model_uri
+
+    _guard(lambda: parse_model_uri(model_uri))  # a typo fails before anything starts
+    settings = _settings()
+    _deploy(model_uri, replicas, settings)
+
+
+@app.command()
+def status(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False) -> None:
+    """What is deployed, where, which version, and whether it answers."""
+    settings = _settings()
+    from tasks.status import deployment_status
+
+    rows = deployment_status(settings)
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    if not rows["deployments"]:
+        typer.echo(f"nothing deployed ({rows['cluster']})")
+        return
+    typer.echo(f"ray: {rows['cluster']}")
+    for row in rows["deployments"]:
+        typer.echo(f"{row['app']}: {row['model_uri']} (version {row['version']}) on {row['backend']}, "
+                   f"{row['replicas']} replica(s), {row['health']} at {row['endpoint']}, "
+                   f"deployed {row['deployed_at']}")
+
+
+def _down(settings: Settings) -> list[str]:
+    from tasks.status import stop_everything
+
+    return _guard(lambda: stop_everything(settings))
+
+
+@app.command()
+def down() -> None:
+    """Stop everything nodewise started: its Serve apps and its local Ray instance, nothing else."""
+    settings = _settings()
+    for line in _down(settings):
+        typer.echo(line)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)

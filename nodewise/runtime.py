@@ -1,0 +1,65 @@
+"""Point the libraries nodewise drives (Prefect, MLflow, Ray, torch) at the state folder.
+
+Prefect, MLflow and Ray read their configuration from environment variables, some at import
+time. ``configure_process`` writes them from the settings, once, before those imports, so that
+nothing lands in the user's home directory.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+from nodewise.settings import Settings
+
+
+def library_environment(settings: Settings) -> dict[str, str]:
+    """The environment variables that keep every library's state inside ``settings.state_dir``."""
+    env = {
+        "PREFECT_HOME": str(settings.prefect_home),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_UI_ENABLED": "false",
+        "MLFLOW_TRACKING_URI": settings.tracking_uri,
+        "MLFLOW_REGISTRY_URI": settings.registry_uri,
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(settings.mlflow.max_retries),
+        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": str(int(settings.mlflow.timeout_s)),
+        "TORCH_EXTENSIONS_DIR": str(settings.state_path / "torch_extensions"),
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    if settings.prefect.api_url:
+        env["PREFECT_API_URL"] = settings.prefect.api_url
+    if settings.ray.address is None:
+        # Our own local Ray instance: token auth on, with the token inside the state folder.
+        env["RAY_AUTH_MODE"] = "token"
+        env["RAY_AUTH_TOKEN_PATH"] = str(ray_token_path(settings))
+    return env
+
+
+def ray_token_path(settings: Settings) -> Path:
+    return settings.ray_dir / "auth_token"
+
+
+def ensure_state_dir(settings: Settings) -> Path:
+    """Create the state folder (and the Ray token) if missing; return its absolute path."""
+    state = settings.state_path
+    for sub in (state, settings.artifact_root, settings.prefect_home, settings.ray_dir):
+        sub.mkdir(parents=True, exist_ok=True)
+    token = ray_token_path(settings)
+    if settings.ray.address is None and not token.exists():
+        token.write_text(secrets.token_hex(32))
+        token.chmod(0o600)
+    gitignore = state / ".gitignore"
+    if not gitignore.exists():
+        gitignore.write_text("*\n")
+    return state
+
+
+def configure_process(settings: Settings) -> None:
+    """Create the state folder and export the library environment into this process."""
+    ensure_state_dir(settings)
+    os.environ.update(library_environment(settings))

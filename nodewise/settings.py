@@ -1,0 +1,208 @@
+"""The one typed settings model of nodewise.
+
+Only this module reads the environment. Everything else receives a ``Settings``
+object (or one of its sections) explicitly.
+
+Every field can be set with an environment variable: prefix ``NODEWISE_``, nested
+sections joined by ``__``, e.g. ``NODEWISE_MLFLOW__TRACKING_URI=http://mlflow:5000``
+or ``NODEWISE_RAY__ADDRESS=10.0.0.5:6379``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Fraction = Annotated[float, Field(gt=0.0, le=1.0)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class MlflowSettings(_Section):
+    """Where the model registry lives."""
+
+    tracking_uri: str | None = Field(
+        default=None,
+        description="MLflow tracking/registry URI. Default: SQLite inside the state folder.",
+    )
+    registry_uri: str | None = Field(
+        default=None, description="Registry URI when it differs from the tracking URI."
+    )
+    max_retries: NonNegativeInt = Field(
+        default=0,
+        description="MLflow's own HTTP retries per call; the resolve task already retries twice.",
+    )
+    timeout_s: PositiveFloat = Field(default=10.0, description="HTTP timeout per request.")
+
+    @field_validator("tracking_uri", "registry_uri")
+    @classmethod
+    def _known_scheme(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        allowed = ("sqlite:///", "http://", "https://", "file://", "databricks", "postgresql", "mysql")
+        if not value.startswith(allowed):
+            raise ValueError(
+                f"MLflow URI {value!r} has an unknown scheme; use sqlite:///PATH, http(s)://HOST:PORT "
+                "or file:///PATH"
+            )
+        return value
+
+
+class PrefectSettings(_Section):
+    """Which Prefect API the flows report to."""
+
+    api_url: str | None = Field(
+        default=None,
+        description="Prefect API URL (e.g. http://127.0.0.1:4200/api). Default: ephemeral API.",
+    )
+
+    @field_validator("api_url")
+    @classmethod
+    def _http_api(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError(
+                f"Prefect API URL {value!r} must start with http:// or https://, "
+                "e.g. http://127.0.0.1:4200/api"
+            )
+        return value
+
+
+class RaySettings(_Section):
+    """The Ray cluster that Ray Serve runs on."""
+
+    address: str | None = Field(
+        default=None,
+        description="Address of an existing Ray cluster (HOST:PORT). Default: a local instance "
+        "bound to 127.0.0.1, started on demand and stopped by `nodewise down`.",
+    )
+    num_cpus: PositiveInt | None = Field(
+        default=None, description="CPUs the local instance offers. Default: all of this machine's."
+    )
+    port: PositiveInt = Field(default=6390, le=65535, description="GCS port of the local instance.")
+    include_dashboard: bool = Field(
+        default=False, description="Start Ray's dashboard with the local instance (costs ~300 MB)."
+    )
+    object_store_memory_bytes: PositiveInt = Field(
+        default=512 * 1024**2, ge=78643200,
+        description="Object store size of the local instance (Ray's minimum is 75 MiB).",
+    )
+    start_timeout_s: PositiveFloat = Field(default=90.0)
+
+    @field_validator("address")
+    @classmethod
+    def _host_port(cls, value: str | None) -> str | None:
+        if value is None or value == "auto":
+            return value
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ValueError(f"Ray address {value!r} must be HOST:PORT, e.g. 10.0.0.5:6379")
+        return value
+
+
+class ServeSettings(_Section):
+    """Defaults for Ray Serve deployments; the placement plan may override them."""
+
+    host: str = Field(default="127.0.0.1", description="Address Serve's HTTP proxy binds to.")
+    port: PositiveInt = Field(default=8000, le=65535)
+    replicas: PositiveInt = Field(default=2, description="Replicas per model when the plan allows.")
+    max_ongoing_requests: PositiveInt = Field(default=32)
+    max_batch_size: PositiveInt = Field(default=32)
+    batch_wait_timeout_s: Annotated[float, Field(ge=0.0, le=10.0)] = 0.005
+    ready_timeout_s: PositiveFloat = Field(default=180.0)
+
+
+class SmokeSettings(_Section):
+    """The smoke test that follows every deploy."""
+
+    rtol: PositiveFloat = 1e-4
+    atol: PositiveFloat = 1e-5
+    reference_max_bytes: PositiveInt = Field(
+        default=2 * 1024**3,
+        description="Largest model the flow loads itself to compare outputs; above it the smoke "
+        "test only checks that the endpoint answers with the right shape.",
+    )
+    timeout_s: PositiveFloat = 30.0
+
+
+class PlacementSettings(_Section):
+    """How much of each device a plan may use."""
+
+    headroom_fraction: Fraction = Field(
+        default=0.9, description="Share of each device's memory a plan may fill."
+    )
+
+
+class Settings(BaseSettings):
+    """All of nodewise's configuration."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="NODEWISE_", env_nested_delimiter="__", extra="forbid", frozen=True
+    )
+
+    state_dir: Path = Field(
+        default=Path(".nodewise"),
+        description="Folder for everything nodewise keeps locally: MLflow DB and artifacts, "
+        "PREFECT_HOME, Ray's temp dir, deployment records.",
+    )
+    mlflow: MlflowSettings = MlflowSettings()
+    prefect: PrefectSettings = PrefectSettings()
+    ray: RaySettings = RaySettings()
+    serve: ServeSettings = ServeSettings()
+    smoke: SmokeSettings = SmokeSettings()
+    placement: PlacementSettings = PlacementSettings()
+
+    @model_validator(mode="after")
+    def _ports_differ(self) -> Settings:
+        if self.ray.address is None and self.ray.port == self.serve.port:
+            raise ValueError(
+                f"ray.port ({self.ray.port}) must differ from serve.port ({self.serve.port})"
+            )
+        return self
+
+    # Derived locations. Resolved to absolute paths: Ray and MLflow need them.
+    @property
+    def state_path(self) -> Path:
+        return self.state_dir.expanduser().resolve()
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.mlflow.tracking_uri or f"sqlite:///{self.state_path / 'mlflow.db'}"
+
+    @property
+    def registry_uri(self) -> str:
+        return self.mlflow.registry_uri or self.tracking_uri
+
+    @property
+    def artifact_root(self) -> Path:
+        return self.state_path / "artifacts"
+
+    @property
+    def prefect_home(self) -> Path:
+        return self.state_path / "prefect"
+
+    @property
+    def records_path(self) -> Path:
+        return self.state_path / "deployments.json"
+
+    @property
+    def ray_dir(self) -> Path:
+        return self.state_path / "ray"
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read settings from the environment, with explicit overrides on top."""
+    return Settings(**overrides)  # type: ignore[arg-type]

@@ -1,0 +1,133 @@
+"""The MLflow scoring protocol: request bodies in, ``{"predictions": ...}`` out.
+
+Accepts what ``mlflow models serve`` accepts on ``POST /invocations``: JSON with one of
+``dataframe_split``, ``dataframe_records``, ``instances`` or ``inputs``, or CSV.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+import numpy as np
+
+JSON_KEYS = ("dataframe_split", "dataframe_records", "instances", "inputs")
+
+
+class BadRequest(ValueError):
+    """A request the client must fix (answered 400)."""
+
+
+class PayloadTooLarge(ValueError):
+    """A body over the configured limit (answered 413)."""
+
+
+def parse_body(body: bytes, content_type: str) -> Any:
+    """Parse a scoring request into a pandas DataFrame, a numpy array, or a dict of arrays."""
+    media = content_type.split(";", 1)[0].strip().lower()
+    if media == "text/csv":
+        return _parse_csv(body)
+    if media not in ("application/json", ""):
+        raise BadRequest(
+            f"content type {media!r} is not supported; send application/json or text/csv"
+        )
+    try:
+        payload = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BadRequest(f"body is not valid JSON ({e.msg if hasattr(e, 'msg') else e})") from e
+    if not isinstance(payload, dict):
+        raise BadRequest(f"JSON body must be an object with one of the keys {list(JSON_KEYS)}")
+    keys = [k for k in JSON_KEYS if k in payload]
+    if len(keys) != 1:
+        raise BadRequest(
+            f"JSON body must have exactly one of the keys {list(JSON_KEYS)}; got {sorted(payload)}"
+        )
+    return _parse_json(keys[0], payload[keys[0]])
+
+
+def _parse_json(key: str, value: Any) -> Any:
+    import pandas as pd
+
+    if key == "dataframe_split":
+        if not isinstance(value, dict) or "data" not in value:
+            raise BadRequest('"dataframe_split" must be an object with "columns" and "data"')
+        try:
+            return pd.DataFrame(value["data"], columns=value.get("columns"), index=value.get("index"))
+        except (ValueError, TypeError) as e:
+            raise BadRequest(f'"dataframe_split" does not form a table: {e}') from e
+    if key == "dataframe_records":
+        if not isinstance(value, list) or not all(isinstance(r, dict) for r in value):
+            raise BadRequest('"dataframe_records" must be a list of objects, one per row')
+        return pd.DataFrame.from_records(value)
+    # "instances" and "inputs": a tensor, or a dict of named tensors.
+    if isinstance(value, dict):
+        return {name: _to_array(name, v) for name, v in value.items()}
+    return _to_array(key, value)
+
+
+def _to_array(name: str, value: Any) -> np.ndarray:
+    try:
+        array = np.asarray(value)
+    except ValueError as e:
+        raise BadRequest(f'"{name}" is not a rectangular array: {e}') from e
+    if array.dtype == object:
+        raise BadRequest(f'"{name}" is not a rectangular array of numbers or strings')
+    return array
+
+
+def _parse_csv(body: bytes) -> Any:
+    import pandas as pd
+
+    try:
+        return pd.read_csv(io.BytesIO(body))
+    except (ValueError, pd.errors.ParserError) as e:
+        raise BadRequest(f"body is not valid CSV: {e}") from e
+
+
+def to_tensor(data: Any, dtype: str | None, shape: tuple[int, ...] | None) -> np.ndarray:
+    """Turn parsed input into the one tensor a tensor-signature model takes, checking its shape."""
+    if isinstance(data, dict):
+        if len(data) != 1:
+            raise BadRequest(f"this model takes one unnamed tensor; got named inputs {sorted(data)}")
+        data = next(iter(data.values()))
+    array = data.to_numpy() if hasattr(data, "to_numpy") else np.asarray(data)
+    if dtype is not None:
+        try:
+            array = array.astype(dtype, copy=False)
+        except (ValueError, TypeError) as e:
+            raise BadRequest(f"input cannot be converted to {dtype}: {e}") from e
+    if shape is not None:
+        check_shape(array, shape)
+    return array
+
+
+def check_shape(array: np.ndarray, shape: tuple[int, ...]) -> None:
+    """Raise BadRequest unless ``array`` matches ``shape`` (-1 matches any size)."""
+    if array.ndim == len(shape) - 1 and shape[0] == -1:
+        raise BadRequest(
+            f"input has shape {list(array.shape)}; this model expects a batch of shape "
+            f"{list(shape)}: wrap a single row in a list"
+        )
+    mismatch = array.ndim != len(shape) or any(
+        want not in (-1, got) for want, got in zip(shape, array.shape, strict=False)
+    )
+    if mismatch:
+        raise BadRequest(f"input has shape {list(array.shape)}; this model expects {list(shape)}")
+
+
+def encode_predictions(predictions: Any) -> bytes:
+    """Encode model output as ``mlflow models serve`` does: ``{"predictions": ...}``."""
+    return json.dumps({"predictions": _jsonable(predictions)}).encode()
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "to_dict") and hasattr(value, "columns"):  # DataFrame
+        return value.to_dict(orient="records")
+    if hasattr(value, "tolist"):  # numpy array, pandas Series, torch tensor
+        return value.tolist()
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return value

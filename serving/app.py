@@ -1,0 +1,134 @@
+"""The Ray Serve application: an MLflow-compatible scoring endpoint for one model.
+
+Routes, under the application's route prefix (one prefix per model):
+``POST /invocations``, ``GET /ping``, ``GET /health``, ``GET /version``.
+Errors map to statuses in one place (``_status_for``): bad input 400, body too large 413,
+unknown route 404, model not ready 503, anything else 500 with a request id in the log.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from typing import Any
+
+import numpy as np
+from ray import serve
+from starlette.requests import Request
+from starlette.responses import Response
+
+from serving._model import LoadedModel
+from serving._protocol import BadRequest, PayloadTooLarge, encode_predictions, parse_body
+from serving.spec import ModelServeSpec
+
+logger = logging.getLogger("ray.serve")
+
+_JSON = "application/json"
+
+
+class ModelServer:
+    """One replica: loads the model once, then answers scoring requests."""
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        self.spec = ModelServeSpec.model_validate(spec)
+        self.model: LoadedModel | None = None
+        self._consecutive_errors = 0
+        self.model = LoadedModel.load(self.spec)
+        self._predict_batch.set_max_batch_size(self.spec.max_batch_size)
+        self._predict_batch.set_batch_wait_timeout_s(self.spec.batch_wait_timeout_s)
+
+    async def __call__(self, request: Request) -> Response:
+        path = _subpath(request)
+        try:
+            if path in ("/ping", "/health") and request.method == "GET":
+                return self._ping()
+            if path == "/version" and request.method == "GET":
+                return _json(200, {"model": self.spec.model_name, "version": self.spec.model_version})
+            if path == "/invocations" and request.method == "POST":
+                return await self._invocations(request)
+            return _json(404, {"error_code": "ENDPOINT_NOT_FOUND", "message": f"no route {request.method} {path}; "
+                               "use POST /invocations, GET /ping, /health or /version"})
+        except Exception as e:  # one place maps every error to a status
+            return self._error_response(e)
+
+    def _ping(self) -> Response:
+        if self.model is None:
+            return _json(503, {"error_code": "NOT_READY", "message": "model is not loaded"})
+        return Response(b"\n", status_code=200, media_type=_JSON)
+
+    async def _invocations(self, request: Request) -> Response:
+        body = await request.body()
+        if len(body) > self.spec.max_request_bytes:
+            raise PayloadTooLarge(
+                f"body is {len(body)} bytes; the limit is {self.spec.max_request_bytes} "
+                "(max_request_bytes): send fewer rows per request"
+            )
+        data = parse_body(body, request.headers.get("content-type", _JSON))
+        assert self.model is not None
+        inputs = self.model.prepare(data)
+        if self.model.batches and len(inputs) > 0:
+            predictions = await self._predict_batch(inputs)
+        else:
+            predictions = self.model.predict(inputs)
+        self._consecutive_errors = 0
+        return Response(encode_predictions(predictions), media_type=_JSON)
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    async def _predict_batch(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        assert self.model is not None
+        sizes = [a.shape[0] for a in arrays]
+        out = self.model.predict_tensor(arrays[0] if len(arrays) == 1 else np.concatenate(arrays))
+        return np.split(out, np.cumsum(sizes)[:-1])
+
+    def _error_response(self, error: Exception) -> Response:
+        if isinstance(error, BadRequest):
+            return _json(400, {"error_code": "BAD_REQUEST", "message": str(error)})
+        if isinstance(error, PayloadTooLarge):
+            return _json(413, {"error_code": "PAYLOAD_TOO_LARGE", "message": str(error)})
+        self._consecutive_errors += 1
+        request_id = uuid.uuid4().hex[:12]
+        logger.exception("request %s failed", request_id)
+        return _json(500, {"error_code": "INTERNAL_ERROR",
+                           "message": f"internal error; see the replica log for request id {request_id}"})
+
+    def check_health(self) -> None:
+        """Called by Ray Serve; raising makes Serve restart this replica alone."""
+        if self.model is None:
+            raise RuntimeError("model is not loaded")
+        if self._consecutive_errors >= self.spec.max_consecutive_errors:
+            raise RuntimeError(f"{self._consecutive_errors} consecutive inference errors")
+
+
+def _subpath(request: Request) -> str:
+    path = request.url.path
+    root = request.scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root):]
+    return path.rstrip("/") or "/"
+
+
+def _json(status: int, payload: dict[str, Any]) -> Response:
+    return Response(json.dumps(payload).encode(), status_code=status, media_type=_JSON)
+
+
+def build_app(spec: ModelServeSpec, runtime_env: dict[str, Any] | None = None) -> Any:
+    """Build the Serve application for ``spec`` (not yet running)."""
+    options: dict[str, Any] = {
+        "name": "ModelServer",
+        "ray_actor_options": {"num_cpus": spec.num_cpus, "num_gpus": spec.num_gpus,
+                              **({"runtime_env": runtime_env} if runtime_env else {})},
+        "max_ongoing_requests": spec.max_ongoing_requests,
+        "health_check_period_s": 5,
+        "health_check_timeout_s": 30,
+    }
+    if spec.max_replicas > spec.min_replicas:
+        options["autoscaling_config"] = {
+            "min_replicas": spec.min_replicas,
+            "max_replicas": spec.max_replicas,
+            "target_ongoing_requests": max(1, spec.max_batch_size // 2),
+        }
+    else:
+        options["num_replicas"] = spec.min_replicas
+    deployment = serve.deployment(ModelServer).options(**options)
+    return deployment.bind(spec.model_dump(mode="json"))

@@ -1,0 +1,53 @@
+"""The typed spec a serving process is started with.
+
+``serving/`` owns this spec; ``tasks/`` builds it from a placement plan. It must stay
+importable without Prefect or anything else of nodewise's.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveInt, model_validator
+
+Flavor = Literal["pytorch", "python_function"]
+
+
+class ModelServeSpec(BaseModel):
+    """What one Ray Serve application serves, and with what resources."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    app_name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    route_prefix: str = Field(pattern=r"^/[A-Za-z0-9_.\-/]*$")
+    model_uri: str = Field(description="Pinned URI, models:/NAME/VERSION.")
+    model_name: str
+    model_version: str
+    tracking_uri: str
+    registry_uri: str
+    flavor: Flavor
+    input_dtype: str | None = Field(
+        default=None, description="numpy dtype of a tensor input, from the model signature."
+    )
+    input_shape: tuple[int, ...] | None = Field(
+        default=None, description="Tensor input shape from the signature; -1 for any size."
+    )
+    min_replicas: PositiveInt = 1
+    max_replicas: PositiveInt = 1
+    num_cpus: NonNegativeFloat = 1.0
+    num_gpus: NonNegativeFloat = 0.0
+    torch_threads: PositiveInt = 1
+    max_ongoing_requests: PositiveInt = 32
+    max_batch_size: PositiveInt = 32
+    batch_wait_timeout_s: NonNegativeFloat = 0.005
+    max_request_bytes: PositiveInt = 16 * 1024 * 1024
+    max_consecutive_errors: PositiveInt = 5
+    device: str = "cpu"
+
+    @model_validator(mode="after")
+    def _replica_bounds(self) -> ModelServeSpec:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(
+                f"max_replicas ({self.max_replicas}) must be >= min_replicas ({self.min_replicas})"
+            )
+        return self

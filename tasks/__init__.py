@@ -1,0 +1,1 @@
+"""Plain, typed functions for each concern, with thin Prefect @task wrappers beside them."""

@@ -1,0 +1,147 @@
+"""Deploying a model to Ray Serve from a placement plan."""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from nodewise.errors import DeployFailed
+from nodewise.settings import Settings
+from serving.spec import ModelServeSpec
+from tasks.placement import PlacementPlan
+from tasks.registry import ResolvedModel
+
+_TERMINAL_BAD = ("DEPLOY_FAILED", "UNHEALTHY")
+
+
+def app_name_for(model_name: str) -> str:
+    """Serve application name for a registered model (one app, one route prefix, per model)."""
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", model_name).strip("-.") or "model"
+    return name if name[0].isalnum() else f"m{name}"
+
+
+def build_spec(model: ResolvedModel, plan: PlacementPlan, settings: Settings) -> ModelServeSpec:
+    """The serving spec for ``model`` as ``plan`` places it."""
+    app = app_name_for(model.name)
+    # A torch.export ("pt2") model only takes its input example's batch size: no batching.
+    batch = 1 if model.pytorch_format == "pt2" else settings.serve.max_batch_size
+    return ModelServeSpec(
+        app_name=app,
+        route_prefix=f"/{app}",
+        model_uri=model.pinned_uri,
+        model_name=model.name,
+        model_version=model.version,
+        tracking_uri=settings.tracking_uri,
+        registry_uri=settings.registry_uri,
+        flavor="pytorch" if model.flavor == "pytorch" else "python_function",
+        input_dtype=model.input_dtype,
+        input_shape=model.input_shape,
+        min_replicas=plan.replicas,
+        max_replicas=plan.replicas,
+        num_cpus=plan.num_cpus_per_replica,
+        num_gpus=plan.num_gpus_per_replica,
+        torch_threads=plan.torch_threads,
+        max_ongoing_requests=settings.serve.max_ongoing_requests,
+        max_batch_size=batch,
+        batch_wait_timeout_s=settings.serve.batch_wait_timeout_s,
+        device="cuda" if plan.device_kind == "gpu" else "cpu",
+    )
+
+
+def endpoint_url(settings: Settings, spec: ModelServeSpec) -> str:
+    host = "127.0.0.1" if settings.serve.host in ("0.0.0.0", "::") else settings.serve.host
+    return f"http://{host}:{settings.serve.port}{spec.route_prefix}"
+
+
+def deploy_app(spec: ModelServeSpec, settings: Settings, remote_cluster: bool) -> str:
+    """Deploy (or update in place) the Serve app for ``spec``; wait until it is RUNNING.
+
+    Returns the endpoint URL. Raises DeployFailed if the app fails or times out.
+    """
+    from ray import serve
+
+    from serving.app import build_app
+
+    serve.start(http_options={"host": settings.serve.host, "port": settings.serve.port})
+    runtime_env = {"py_modules": [str(Path(__file__).resolve().parents[1] / "serving")]} \
+        if remote_cluster else None
+    app = build_app(spec, runtime_env=runtime_env)
+    serve._run(app, _blocking=False, name=spec.app_name, route_prefix=spec.route_prefix)
+    wait_until_running(spec.app_name, settings.serve.ready_timeout_s)
+    return endpoint_url(settings, spec)
+
+
+def wait_until_running(app_name: str, timeout_s: float) -> None:
+    """Poll Serve until the app is RUNNING; raise DeployFailed on failure or timeout."""
+    from ray import serve
+
+    deadline = time.monotonic() + timeout_s
+    status, message = "NOT_STARTED", ""
+    while time.monotonic() < deadline:
+        app = serve.status().applications.get(app_name)
+        if app is not None:
+            status = _value(app.status)
+            message = app.message or _deployment_messages(app)
+            if status == "RUNNING":
+                return
+            if status in _TERMINAL_BAD:
+                break
+        time.sleep(0.5)
+    else:
+        message = message or f"still {status} after {timeout_s:.0f} s"
+    raise DeployFailed(
+        f"Serve app {app_name!r} did not become RUNNING ({status}): {_short(message)}; "
+        "see the replica logs in the Ray temp dir, or raise NODEWISE_SERVE__READY_TIMEOUT_S"
+    )
+
+
+def _value(status: Any) -> str:
+    """Serve's statuses are str enums; use their value ("RUNNING")."""
+    return str(getattr(status, "value", status))
+
+
+def _deployment_messages(app: Any) -> str:
+    return " ".join(d.message for d in app.deployments.values() if getattr(d, "message", ""))
+
+
+def _short(text: str) -> str:
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    # Serve puts the replica's traceback in the message: its last line names the error.
+    return (lines[-1] if lines else text)[:400]
+
+
+def delete_app(app_name: str) -> None:
+    """Delete the Serve app (no-op if it does not exist)."""
+    from ray import serve
+
+    if app_name in serve.status().applications:
+        serve.delete(app_name)
+
+
+def list_apps() -> dict[str, str]:
+    """Serve applications on the connected cluster and their statuses."""
+    from ray import serve
+
+    return {name: _value(app.status) for name, app in serve.status().applications.items()}
+
+
+@task(name="deploy-to-ray-serve", cache_policy=NO_CACHE)
+def deploy_app_task(spec: ModelServeSpec, settings: Settings, remote_cluster: bool) -> str:
+    """Deploy or update the model's Serve app; return its endpoint URL."""
+    return deploy_app(spec, settings, remote_cluster)
+
+
+@task(name="roll-back", cache_policy=NO_CACHE)
+def rollback_task(spec: ModelServeSpec, previous: dict[str, Any] | None, settings: Settings,
+                  remote_cluster: bool) -> str:
+    """Put back what served before a failed deploy: the previous spec, or nothing."""
+    if previous is None:
+        delete_app(spec.app_name)
+        return f"deleted {spec.app_name} (nothing served before)"
+    deploy_app(ModelServeSpec.model_validate(previous), settings, remote_cluster)
+    return f"restored {spec.app_name} to version {previous['model_version']}"

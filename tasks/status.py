@@ -1,0 +1,55 @@
+"""What nodewise runs right now, and stopping all of it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from nodewise.settings import Settings
+from tasks.ray_cluster import RayCluster, connect, read_local_cluster, stop_local_cluster
+from tasks.records import clear_records, load_records
+
+
+def _health(endpoint: str) -> str:
+    import httpx
+
+    try:
+        response = httpx.get(f"{endpoint}/ping", timeout=2.0)
+    except httpx.TransportError:
+        return "unreachable"
+    return "healthy" if response.status_code == 200 else f"unhealthy (HTTP {response.status_code})"
+
+
+def deployment_status(settings: Settings) -> dict[str, Any]:
+    """Recorded deployments with a live health check of each endpoint."""
+    if settings.ray.address:
+        cluster = f"external cluster at {settings.ray.address}"
+    else:
+        local = read_local_cluster(settings)
+        cluster = f"local instance at {local.address}" if local else "local instance not running"
+    rows = [
+        {"app": r.app_name, "model_uri": r.model_uri, "version": r.model_version,
+         "backend": r.backend, "replicas": r.replicas, "endpoint": r.endpoint,
+         "health": _health(r.endpoint), "deployed_at": r.deployed_at,
+         "previous_version": r.previous_version}
+        for r in load_records(settings.records_path).values()
+    ]
+    return {"cluster": cluster, "deployments": rows}
+
+
+def stop_everything(settings: Settings) -> list[str]:
+    """Delete nodewise's Serve apps and stop its local Ray instance. Returns what was done."""
+    done = []
+    records = load_records(settings.records_path)
+    if settings.ray.address:
+        if records:
+            from tasks.ray_serve import delete_app
+
+            connect(RayCluster(address=settings.ray.address, owned=False))
+            for name in records:
+                delete_app(name)
+                done.append(f"deleted Serve app {name}")
+    elif stop_local_cluster(settings):
+        done.extend(f"deleted Serve app {name}" for name in records)
+        done.append("stopped the local Ray instance")
+    clear_records(settings.records_path)
+    return done or ["nothing to stop"]
