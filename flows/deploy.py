@@ -17,8 +17,7 @@ from tasks.smoke import smoke_test_task
 
 
 @flow(name="deploy-model", log_prints=True, validate_parameters=True)
-def deploy_model(model_uri: str, replicas: int | None = None,
-                 settings: Settings | None = None) -> DeploymentRecord:
+def deploy_model(model_uri: str, replicas: int | None = None, settings: Settings | None = None) -> DeploymentRecord:
     """Deploy a registered MLflow model where it fits, check it, and record it.
 
     Args:
@@ -30,8 +29,9 @@ def deploy_model(model_uri: str, replicas: int | None = None,
     model = resolve_model_task(model_uri, settings.tracking_uri, settings.registry_uri)
     profile = profile_model_task(model)
     inventory = read_inventory_task(settings.ray.num_cpus)
-    plan = plan_placement_task(profile, inventory, settings.placement.headroom_fraction,
-                               replicas or settings.serve.replicas)
+    plan = plan_placement_task(
+        profile, inventory, settings.placement.headroom_fraction, replicas or settings.serve.replicas
+    )
     if not plan.fits:
         raise DoesNotFit(f"{model.pinned_uri} was not deployed: {plan.explain()}")
     if plan.backend != "ray_serve":
@@ -49,10 +49,20 @@ def deploy_model(model_uri: str, replicas: int | None = None,
     except DeployFailed as e:
         outcome = rollback_task(spec, previous.spec if previous else None, settings, remote)
         raise DeployFailed(f"{e} (rolled back: {outcome})") from e
-    print(f"{model.pinned_uri} serves at {endpoint}: smoke test "
-          f"{'matched the model' if smoke.compared else 'answered'}")
-    return record_deployment_task(settings.records_path, DeploymentRecord(
-        app_name=spec.app_name, model_name=model.name, model_version=model.version,
-        model_uri=model.pinned_uri, backend="ray_serve", endpoint=endpoint,
-        replicas=plan.replicas, plan=plan.explain(), spec=spec.model_dump(mode="json"),
-    ))
+    print(
+        f"{model.pinned_uri} serves at {endpoint}: smoke test {'matched the model' if smoke.compared else 'answered'}"
+    )
+    return record_deployment_task(
+        settings.records_path,
+        DeploymentRecord(
+            app_name=spec.app_name,
+            model_name=model.name,
+            model_version=model.version,
+            model_uri=model.pinned_uri,
+            backend="ray_serve",
+            endpoint=endpoint,
+            replicas=plan.replicas,
+            plan=plan.explain(),
+            spec=spec.model_dump(mode="json"),
+        ),
+    )

@@ -21,8 +21,12 @@ from nodewise.errors import NodewiseError
 from nodewise.runtime import configure_process
 from nodewise.settings import Settings, load_settings
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Put registered MLflow models into production on Ray Serve or DeepSpeed.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Put registered MLflow models into production on Ray Serve or DeepSpeed.",
+)
 T = TypeVar("T")
 
 
@@ -77,8 +81,12 @@ def _guard(action: Callable[[], T]) -> T:
 
 @app.command()
 def demo(
-    detach: Annotated[bool, typer.Option("--detach", help="Return once serving; stop later with `nodewise down`.")] = False,
-    retrain: Annotated[bool, typer.Option("--retrain", help="Train and register a new version even if one exists.")] = False,
+    detach: Annotated[
+        bool, typer.Option("--detach", help="Return once serving; stop later with `nodewise down`.")
+    ] = False,
+    retrain: Annotated[
+        bool, typer.Option("--retrain", help="Train and register a new version even if one exists.")
+    ] = False,
 ) -> None:
     """Train a small digits model, register it as @champion, deploy it and show a prediction."""
     settings = _settings()
@@ -117,8 +125,10 @@ def _show_prediction(endpoint: str) -> None:
     predicted = max(range(len(logits)), key=logits.__getitem__)
     typer.echo(f"endpoint: {endpoint}/invocations")
     typer.echo(f"prediction for a test image of a {int(y_test[0])}: {predicted}")
-    typer.echo("try it:\n  curl -s -X POST " + f"{endpoint}/invocations -H 'Content-Type: application/json' "
-               f"-d '{json.dumps(body, separators=(',', ':'))}'")
+    typer.echo(
+        "try it:\n  curl -s -X POST " + f"{endpoint}/invocations -H 'Content-Type: application/json' "
+        f"-d '{json.dumps(body, separators=(',', ':'))}'"
+    )
 
 
 def _deploy(uri: str, replicas: int | None, settings: Settings) -> Any:
@@ -158,9 +168,11 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="Machine-readabl
         return
     typer.echo(f"ray: {rows['cluster']}")
     for row in rows["deployments"]:
-        typer.echo(f"{row['app']}: {row['model_uri']} (version {row['version']}) on {row['backend']}, "
-                   f"{row['replicas']} replica(s), {row['health']} at {row['endpoint']}, "
-                   f"deployed {row['deployed_at']}")
+        typer.echo(
+            f"{row['app']}: {row['model_uri']} (version {row['version']}) on {row['backend']}, "
+            f"{row['replicas']} replica(s), {row['health']} at {row['endpoint']}, "
+            f"deployed {row['deployed_at']}"
+        )
 
 
 def _down(settings: Settings) -> list[str]:

@@ -28,7 +28,8 @@ def digits_split(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.
     digits = load_digits()
     x = (digits.data / 16.0).astype(np.float32)
     x_train, x_test, y_train, y_test = train_test_split(
-        x, digits.target, test_size=0.2, random_state=seed, stratify=digits.target)
+        x, digits.target, test_size=0.2, random_state=seed, stratify=digits.target
+    )
     return x_train, y_train, x_test, y_test
 
 
@@ -39,8 +40,8 @@ def train_digits(epochs: int = 40, seed: int = 0) -> tuple[object, float]:
     torch.manual_seed(seed)
     x_train, y_train, x_test, y_test = digits_split(seed)
     model = torch.nn.Sequential(
-        torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 64), torch.nn.ReLU(),
-        torch.nn.Linear(64, 10))
+        torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10)
+    )
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     xs, ys = torch.from_numpy(x_train), torch.from_numpy(y_train).long()
     for _ in range(epochs):
@@ -55,8 +56,9 @@ def train_digits(epochs: int = 40, seed: int = 0) -> tuple[object, float]:
     return model, accuracy
 
 
-def register_demo_model(artifact_root: str, name: str = DEMO_MODEL, alias: str = "champion",
-                        retrain: bool = False) -> DemoModel:
+def register_demo_model(
+    artifact_root: str, name: str = DEMO_MODEL, alias: str = "champion", retrain: bool = False
+) -> DemoModel:
     """Train and register the demo model with a signature and input example; set ``alias``.
 
     Reuses the version under ``alias`` when it is a demo model already, unless ``retrain``.
@@ -75,8 +77,11 @@ def register_demo_model(artifact_root: str, name: str = DEMO_MODEL, alias: str =
         if current is not None and DEMO_TAG in (current.tags or {}):
             return DemoModel(name, str(current.version), float(current.tags[DEMO_TAG]), False)
     experiment = client.get_experiment_by_name(DEMO_EXPERIMENT)
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment(
-        DEMO_EXPERIMENT, artifact_location=f"file://{artifact_root}")
+    experiment_id = (
+        experiment.experiment_id
+        if experiment
+        else client.create_experiment(DEMO_EXPERIMENT, artifact_location=f"file://{artifact_root}")
+    )
     model, accuracy = train_digits()
     _, _, x_test, _ = digits_split()
     import torch
@@ -90,9 +95,14 @@ def register_demo_model(artifact_root: str, name: str = DEMO_MODEL, alias: str =
     with mlflow.start_run(experiment_id=experiment_id, run_name="digits-mlp"):
         mlflow.log_metric("test_accuracy", accuracy)
         info = mlflow.pytorch.log_model(
-            model, name="model", signature=infer_signature(x_test[:4], logits),
-            input_example=x_test[:2], serialization_format="pickle",  # pickle: any batch size
-            registered_model_name=name, pip_requirements=requirements)
+            model,
+            name="model",
+            signature=infer_signature(x_test[:4], logits),
+            input_example=x_test[:2],
+            serialization_format="pickle",  # pickle: any batch size
+            registered_model_name=name,
+            pip_requirements=requirements,
+        )
     quiet.setLevel(level)
     version = str(info.registered_model_version)
     client.set_model_version_tag(name, version, DEMO_TAG, f"{accuracy:.4f}")

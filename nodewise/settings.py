@@ -39,9 +39,7 @@ class MlflowSettings(_Section):
         default=None,
         description="MLflow tracking/registry URI. Default: SQLite inside the state folder.",
     )
-    registry_uri: str | None = Field(
-        default=None, description="Registry URI when it differs from the tracking URI."
-    )
+    registry_uri: str | None = Field(default=None, description="Registry URI when it differs from the tracking URI.")
     max_retries: NonNegativeInt = Field(
         default=0,
         description="MLflow's own HTTP retries per call; the resolve task already retries twice.",
@@ -56,8 +54,7 @@ class MlflowSettings(_Section):
         allowed = ("sqlite:///", "http://", "https://", "file://", "databricks", "postgresql", "mysql")
         if not value.startswith(allowed):
             raise ValueError(
-                f"MLflow URI {value!r} has an unknown scheme; use sqlite:///PATH, http(s)://HOST:PORT "
-                "or file:///PATH"
+                f"MLflow URI {value!r} has an unknown scheme; use sqlite:///PATH, http(s)://HOST:PORT or file:///PATH"
             )
         return value
 
@@ -75,8 +72,7 @@ class PrefectSettings(_Section):
     def _http_api(cls, value: str | None) -> str | None:
         if value is not None and not value.startswith(("http://", "https://")):
             raise ValueError(
-                f"Prefect API URL {value!r} must start with http:// or https://, "
-                "e.g. http://127.0.0.1:4200/api"
+                f"Prefect API URL {value!r} must start with http:// or https://, e.g. http://127.0.0.1:4200/api"
             )
         return value
 
@@ -92,12 +88,18 @@ class RaySettings(_Section):
     num_cpus: PositiveInt | None = Field(
         default=None, description="CPUs the local instance offers. Default: all of this machine's."
     )
-    port: PositiveInt = Field(default=6390, le=65535, description="GCS port of the local instance.")
+    port: PositiveInt = Field(
+        default=6390,
+        ge=1024,
+        le=65530,
+        description="GCS port of the local instance; it also uses the next three ports.",
+    )
     include_dashboard: bool = Field(
         default=False, description="Start Ray's dashboard with the local instance (costs ~300 MB)."
     )
     object_store_memory_bytes: PositiveInt = Field(
-        default=512 * 1024**2, ge=78643200,
+        default=512 * 1024**2,
+        ge=78643200,
         description="Object store size of the local instance (Ray's minimum is 75 MiB).",
     )
     start_timeout_s: PositiveFloat = Field(default=90.0)
@@ -141,17 +143,13 @@ class SmokeSettings(_Section):
 class PlacementSettings(_Section):
     """How much of each device a plan may use."""
 
-    headroom_fraction: Fraction = Field(
-        default=0.9, description="Share of each device's memory a plan may fill."
-    )
+    headroom_fraction: Fraction = Field(default=0.9, description="Share of each device's memory a plan may fill.")
 
 
 class Settings(BaseSettings):
     """All of nodewise's configuration."""
 
-    model_config = SettingsConfigDict(
-        env_prefix="NODEWISE_", env_nested_delimiter="__", extra="forbid", frozen=True
-    )
+    model_config = SettingsConfigDict(env_prefix="NODEWISE_", env_nested_delimiter="__", extra="forbid", frozen=True)
 
     state_dir: Path = Field(
         default=Path(".nodewise"),
@@ -167,9 +165,10 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _ports_differ(self) -> Settings:
-        if self.ray.address is None and self.ray.port == self.serve.port:
+        if self.ray.address is None and 0 <= self.serve.port - self.ray.port <= 3:
             raise ValueError(
-                f"ray.port ({self.ray.port}) must differ from serve.port ({self.serve.port})"
+                f"serve.port ({self.serve.port}) collides with ray.port ({self.ray.port}), which "
+                "uses it and the next three ports; pick another serve.port"
             )
         return self
 

@@ -29,9 +29,7 @@ def parse_body(body: bytes, content_type: str) -> Any:
     if media == "text/csv":
         return _parse_csv(body)
     if media not in ("application/json", ""):
-        raise BadRequest(
-            f"content type {media!r} is not supported; send application/json or text/csv"
-        )
+        raise BadRequest(f"content type {media!r} is not supported; send application/json or text/csv")
     try:
         payload = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -40,9 +38,7 @@ def parse_body(body: bytes, content_type: str) -> Any:
         raise BadRequest(f"JSON body must be an object with one of the keys {list(JSON_KEYS)}")
     keys = [k for k in JSON_KEYS if k in payload]
     if len(keys) != 1:
-        raise BadRequest(
-            f"JSON body must have exactly one of the keys {list(JSON_KEYS)}; got {sorted(payload)}"
-        )
+        raise BadRequest(f"JSON body must have exactly one of the keys {list(JSON_KEYS)}; got {sorted(payload)}")
     return _parse_json(keys[0], payload[keys[0]])
 
 

@@ -47,8 +47,14 @@ class ModelServer:
                 return _json(200, {"model": self.spec.model_name, "version": self.spec.model_version})
             if path == "/invocations" and request.method == "POST":
                 return await self._invocations(request)
-            return _json(404, {"error_code": "ENDPOINT_NOT_FOUND", "message": f"no route {request.method} {path}; "
-                               "use POST /invocations, GET /ping, /health or /version"})
+            return _json(
+                404,
+                {
+                    "error_code": "ENDPOINT_NOT_FOUND",
+                    "message": f"no route {request.method} {path}; "
+                    "use POST /invocations, GET /ping, /health or /version",
+                },
+            )
         except Exception as e:  # one place maps every error to a status
             return self._error_response(e)
 
@@ -89,8 +95,13 @@ class ModelServer:
         self._consecutive_errors += 1
         request_id = uuid.uuid4().hex[:12]
         logger.exception("request %s failed", request_id)
-        return _json(500, {"error_code": "INTERNAL_ERROR",
-                           "message": f"internal error; see the replica log for request id {request_id}"})
+        return _json(
+            500,
+            {
+                "error_code": "INTERNAL_ERROR",
+                "message": f"internal error; see the replica log for request id {request_id}",
+            },
+        )
 
     def check_health(self) -> None:
         """Called by Ray Serve; raising makes Serve restart this replica alone."""
@@ -104,7 +115,7 @@ def _subpath(request: Request) -> str:
     path = request.url.path
     root = request.scope.get("root_path", "")
     if root and path.startswith(root):
-        path = path[len(root):]
+        path = path[len(root) :]
     return path.rstrip("/") or "/"
 
 
@@ -116,8 +127,11 @@ def build_app(spec: ModelServeSpec, runtime_env: dict[str, Any] | None = None) -
     """Build the Serve application for ``spec`` (not yet running)."""
     options: dict[str, Any] = {
         "name": "ModelServer",
-        "ray_actor_options": {"num_cpus": spec.num_cpus, "num_gpus": spec.num_gpus,
-                              **({"runtime_env": runtime_env} if runtime_env else {})},
+        "ray_actor_options": {
+            "num_cpus": spec.num_cpus,
+            "num_gpus": spec.num_gpus,
+            **({"runtime_env": runtime_env} if runtime_env else {}),
+        },
         "max_ongoing_requests": spec.max_ongoing_requests,
         "health_check_period_s": 5,
         "health_check_timeout_s": 30,

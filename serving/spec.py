@@ -47,7 +47,5 @@ class ModelServeSpec(BaseModel):
     @model_validator(mode="after")
     def _replica_bounds(self) -> ModelServeSpec:
         if self.max_replicas < self.min_replicas:
-            raise ValueError(
-                f"max_replicas ({self.max_replicas}) must be >= min_replicas ({self.min_replicas})"
-            )
+            raise ValueError(f"max_replicas ({self.max_replicas}) must be >= min_replicas ({self.min_replicas})")
         return self

@@ -62,8 +62,7 @@ def plan_placement(
 ) -> PlacementPlan:
     """Choose the smallest layout of ``inventory`` that holds ``profile`` with headroom."""
     inventory.require_nodes()
-    budgets = [(node, int(d.memory_bytes * headroom_fraction)) for node in inventory.nodes
-               for d in node.devices]
+    budgets = [(node, int(d.memory_bytes * headroom_fraction)) for node in inventory.nodes for d in node.devices]
     largest = max(b for _, b in budgets)
     need = profile.total_bytes
     if need <= largest:
@@ -77,17 +76,24 @@ def plan_placement(
         return plan
     most = sum(int(d.memory_bytes * headroom_fraction) for n in inventory.nodes for d in n.devices)
     return PlacementPlan(
-        fits=False, backend=None, layout="none", needed_bytes=need, budget_bytes=0,
+        fits=False,
+        backend=None,
+        layout="none",
+        needed_bytes=need,
+        budget_bytes=0,
         largest_budget_bytes=largest,
-        reasons=[f"fits nowhere: one copy needs {_gib(need)}; the largest device offers "
-                 f"{_gib(largest)} and all {sum(len(n.devices) for n in inventory.nodes)} devices "
-                 f"together {_gib(most)} (at {headroom_fraction:.0%} headroom)",
-                 "add devices or nodes with more memory, or lower the dtype (e.g. bf16, int8)"],
+        reasons=[
+            f"fits nowhere: one copy needs {_gib(need)}; the largest device offers "
+            f"{_gib(largest)} and all {sum(len(n.devices) for n in inventory.nodes)} devices "
+            f"together {_gib(most)} (at {headroom_fraction:.0%} headroom)",
+            "add devices or nodes with more memory, or lower the dtype (e.g. bf16, int8)",
+        ],
     )
 
 
-def _single_device(profile: MemoryProfile, inventory: Inventory, headroom: float,
-                   desired: int, largest: int) -> PlacementPlan:
+def _single_device(
+    profile: MemoryProfile, inventory: Inventory, headroom: float, desired: int, largest: int
+) -> PlacementPlan:
     need = profile.total_bytes
     gpu_nodes = [n for n in inventory.nodes if n.gpus]
     kind: Literal["cpu", "gpu"] = "gpu" if gpu_nodes else "cpu"
@@ -111,10 +117,19 @@ def _single_device(profile: MemoryProfile, inventory: Inventory, headroom: float
     if num_gpus and num_gpus < 1:
         reasons.append(f"{per_gpu} replicas fit one GPU: each asks for num_gpus={num_gpus}")
     return PlacementPlan(
-        fits=True, backend="ray_serve", layout=layout, needed_bytes=need, budget_bytes=budget,
-        largest_budget_bytes=largest, replicas=replicas, capacity_replicas=capacity,
-        num_cpus_per_replica=cpu_share, num_gpus_per_replica=num_gpus,
-        torch_threads=max(1, math.floor(cpu_share)), device_kind=kind, reasons=reasons,
+        fits=True,
+        backend="ray_serve",
+        layout=layout,
+        needed_bytes=need,
+        budget_bytes=budget,
+        largest_budget_bytes=largest,
+        replicas=replicas,
+        capacity_replicas=capacity,
+        num_cpus_per_replica=cpu_share,
+        num_gpus_per_replica=num_gpus,
+        torch_threads=max(1, math.floor(cpu_share)),
+        device_kind=kind,
+        reasons=reasons,
     )
 
 
@@ -133,20 +148,30 @@ def _multi_device(profile: MemoryProfile, node: Node, headroom: float, largest: 
         need = profile.per_rank_bytes(tp)
         if need <= budget:
             return PlacementPlan(
-                fits=True, backend="ray_serve", layout="multi-device", needed_bytes=need,
-                budget_bytes=budget, largest_budget_bytes=largest, tp_size=tp, devices_per_node=tp,
-                replicas=1, capacity_replicas=len(node.gpus) // tp, num_gpus_per_replica=float(tp),
-                num_cpus_per_replica=1.0, device_kind="gpu",
-                reasons=[f"one copy needs {_gib(profile.total_bytes)}, more than one GPU's "
-                         f"{_gib(budget)}; tensor parallel over {tp} GPUs of node {node.name} "
-                         f"needs {_gib(need)} per GPU", "served by Ray Serve with a "
-                         f"{tp}-GPU replica; {len(node.gpus) // tp} such replica(s) fit the node"],
+                fits=True,
+                backend="ray_serve",
+                layout="multi-device",
+                needed_bytes=need,
+                budget_bytes=budget,
+                largest_budget_bytes=largest,
+                tp_size=tp,
+                devices_per_node=tp,
+                replicas=1,
+                capacity_replicas=len(node.gpus) // tp,
+                num_gpus_per_replica=float(tp),
+                num_cpus_per_replica=1.0,
+                device_kind="gpu",
+                reasons=[
+                    f"one copy needs {_gib(profile.total_bytes)}, more than one GPU's "
+                    f"{_gib(budget)}; tensor parallel over {tp} GPUs of node {node.name} "
+                    f"needs {_gib(need)} per GPU",
+                    f"served by Ray Serve with a {tp}-GPU replica; {len(node.gpus) // tp} such replica(s) fit the node",
+                ],
             )
     return None
 
 
-def _multi_node(profile: MemoryProfile, inventory: Inventory, headroom: float,
-                largest: int) -> PlacementPlan | None:
+def _multi_node(profile: MemoryProfile, inventory: Inventory, headroom: float, largest: int) -> PlacementPlan | None:
     # Homogeneous groups only: ranks on the weakest node of the group bound the shard size.
     by_devices = sorted(inventory.nodes, key=lambda n: (-len(n.devices), -n.devices[0].memory_bytes))
     per_node = len(by_devices[0].devices)
@@ -160,14 +185,25 @@ def _multi_node(profile: MemoryProfile, inventory: Inventory, headroom: float,
         if need <= budget and _host_memory_ok(group[:count], need):
             kind: Literal["cpu", "gpu"] = "gpu" if group[0].gpus else "cpu"
             return PlacementPlan(
-                fits=True, backend="deepspeed_mpi", layout="multi-node", needed_bytes=need,
-                budget_bytes=budget, largest_budget_bytes=largest, tp_size=tp, nodes=count,
-                devices_per_node=per_node, replicas=1, capacity_replicas=len(group) // count,
-                num_gpus_per_replica=float(per_node) if kind == "gpu" else 0.0, device_kind=kind,
-                reasons=[f"one copy needs {_gib(profile.total_bytes)}; no single node holds it",
-                         f"{count} nodes x {per_node} device(s) = {tp} tensor-parallel ranks at "
-                         f"{_gib(need)} each ({_gib(budget)} usable per device)",
-                         "served by DeepSpeed over MPI: every rank takes part in every request"],
+                fits=True,
+                backend="deepspeed_mpi",
+                layout="multi-node",
+                needed_bytes=need,
+                budget_bytes=budget,
+                largest_budget_bytes=largest,
+                tp_size=tp,
+                nodes=count,
+                devices_per_node=per_node,
+                replicas=1,
+                capacity_replicas=len(group) // count,
+                num_gpus_per_replica=float(per_node) if kind == "gpu" else 0.0,
+                device_kind=kind,
+                reasons=[
+                    f"one copy needs {_gib(profile.total_bytes)}; no single node holds it",
+                    f"{count} nodes x {per_node} device(s) = {tp} tensor-parallel ranks at "
+                    f"{_gib(need)} each ({_gib(budget)} usable per device)",
+                    "served by DeepSpeed over MPI: every rank takes part in every request",
+                ],
             )
     return None
 
@@ -185,8 +221,8 @@ def _gib(value: int) -> str:
 
 
 @task(name="plan-placement", cache_policy=NO_CACHE)
-def plan_placement_task(profile: MemoryProfile, inventory: Inventory, headroom_fraction: float,
-                        desired_replicas: int) -> PlacementPlan:
+def plan_placement_task(
+    profile: MemoryProfile, inventory: Inventory, headroom_fraction: float, desired_replicas: int
+) -> PlacementPlan:
     """Choose where the model runs."""
-    return plan_placement(profile, inventory, headroom_fraction=headroom_fraction,
-                          desired_replicas=desired_replicas)
+    return plan_placement(profile, inventory, headroom_fraction=headroom_fraction, desired_replicas=desired_replicas)

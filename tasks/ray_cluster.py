@@ -7,14 +7,13 @@ state folder) so that ``nodewise down`` stops exactly them and nothing else on t
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import json
 import os
 import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from prefect import task
@@ -83,26 +82,38 @@ def start_local_cluster(settings: Settings) -> RayCluster:
     temp_dir.mkdir(parents=True, exist_ok=True)
     ray_bin = Path(sys.executable).with_name("ray")
     cmd = [
-        str(ray_bin), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
-        f"--num-cpus={settings.ray.num_cpus or os.cpu_count() or 1}", f"--temp-dir={temp_dir}",
+        str(ray_bin),
+        "start",
+        "--head",
+        "--node-ip-address=127.0.0.1",
+        f"--port={port}",
+        f"--num-cpus={settings.ray.num_cpus or os.cpu_count() or 1}",
+        f"--temp-dir={temp_dir}",
         f"--include-dashboard={'true' if settings.ray.include_dashboard else 'false'}",
-        "--dashboard-host=127.0.0.1", "--disable-usage-stats",
+        "--dashboard-host=127.0.0.1",
+        "--disable-usage-stats",
+        # Ray's other fixed ports (10001, 52365, 8265) would collide with any other Ray here.
+        f"--ray-client-server-port={port + 1}",
+        f"--dashboard-agent-listen-port={port + 2}",
+        f"--dashboard-port={port + 3}",
         f"--object-store-memory={settings.ray.object_store_memory_bytes}",
     ]
     env = {**os.environ, **library_environment(settings)}
     log = settings.ray_dir / "start.log"
     with log.open("w") as out:
         try:
-            proc = subprocess.run(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                  timeout=settings.ray.start_timeout_s, check=False)
+            proc = subprocess.run(
+                cmd, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=settings.ray.start_timeout_s, check=False
+            )
         except subprocess.TimeoutExpired as e:
             raise ClusterUnavailable(
                 f"local Ray did not start within {settings.ray.start_timeout_s:.0f} s; see {log}"
             ) from e
     if proc.returncode != 0:
         raise ClusterUnavailable(f"`ray start` failed (exit {proc.returncode}); see {log}")
-    cluster = RayCluster(address=f"127.0.0.1:{port}", owned=True, temp_dir=str(temp_dir),
-                         pids=_processes_of(temp_dir, port))
+    cluster = RayCluster(
+        address=f"127.0.0.1:{port}", owned=True, temp_dir=str(temp_dir), pids=_processes_of(temp_dir, port)
+    )
     _record_path(settings).write_text(cluster.model_dump_json(indent=2))
     return cluster
 
@@ -114,8 +125,13 @@ def connect(cluster: RayCluster, namespace: str = "nodewise") -> None:
     if ray.is_initialized():
         return
     try:
-        ray.init(address=cluster.address, namespace=namespace, logging_level="ERROR",
-                 log_to_driver=False, configure_logging=False)
+        ray.init(
+            address=cluster.address,
+            namespace=namespace,
+            logging_level="ERROR",
+            log_to_driver=False,
+            configure_logging=False,
+        )
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise ClusterUnavailable(
             f"could not connect to the Ray cluster at {cluster.address} ({str(e).splitlines()[0]}); "
@@ -131,8 +147,7 @@ def stop_local_cluster(settings: Settings, timeout_s: float = 15.0) -> bool:
     if not path.exists():
         return False
     cluster = RayCluster.model_validate_json(path.read_text())
-    pids = set(cluster.pids) | set(_processes_of(Path(cluster.temp_dir or "/nonexistent"),
-                                                 settings.ray.port))
+    pids = set(cluster.pids) | set(_processes_of(Path(cluster.temp_dir or "/nonexistent"), settings.ray.port))
     procs = []
     for pid in pids:
         try:
@@ -153,10 +168,8 @@ def stop_local_cluster(settings: Settings, timeout_s: float = 15.0) -> bool:
 def _signal(proc: object, sig: int) -> None:
     import psutil
 
-    try:
+    with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
         proc.send_signal(sig)  # type: ignore[attr-defined]
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        pass
 
 
 def _processes_of(temp_dir: Path, port: int) -> list[int]:
@@ -176,16 +189,6 @@ def _port_open(host: str, port: int) -> bool:
     with socket.socket() as s:
         s.settimeout(0.5)
         return s.connect_ex((host, port)) == 0
-
-
-def cluster_summary(cluster: RayCluster) -> dict[str, object]:
-    return json.loads(cluster.model_dump_json())
-
-
-def wait_port_closed(port: int, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while _port_open("127.0.0.1", port) and time.monotonic() < deadline:
-        time.sleep(0.2)
 
 
 @task(name="ensure-ray-cluster", cache_policy=NO_CACHE, timeout_seconds=180)

@@ -68,8 +68,7 @@ def deploy_app(spec: ModelServeSpec, settings: Settings, remote_cluster: bool) -
     from serving.app import build_app
 
     serve.start(http_options={"host": settings.serve.host, "port": settings.serve.port})
-    runtime_env = {"py_modules": [str(Path(__file__).resolve().parents[1] / "serving")]} \
-        if remote_cluster else None
+    runtime_env = {"py_modules": [str(Path(__file__).resolve().parents[1] / "serving")]} if remote_cluster else None
     app = build_app(spec, runtime_env=runtime_env)
     serve._run(app, _blocking=False, name=spec.app_name, route_prefix=spec.route_prefix)
     wait_until_running(spec.app_name, settings.serve.ready_timeout_s)
@@ -137,8 +136,9 @@ def deploy_app_task(spec: ModelServeSpec, settings: Settings, remote_cluster: bo
 
 
 @task(name="roll-back", cache_policy=NO_CACHE)
-def rollback_task(spec: ModelServeSpec, previous: dict[str, Any] | None, settings: Settings,
-                  remote_cluster: bool) -> str:
+def rollback_task(
+    spec: ModelServeSpec, previous: dict[str, Any] | None, settings: Settings, remote_cluster: bool
+) -> str:
     """Put back what served before a failed deploy: the previous spec, or nothing."""
     if previous is None:
         delete_app(spec.app_name)

@@ -72,11 +72,11 @@ def save_record(path: Path, record: DeploymentRecord) -> DeploymentRecord:
         data = _read(path)
         old = data.get(record.app_name)
         if old is not None and old["model_version"] != record.model_version:
-            record = record.model_copy(update={"previous_version": old["model_version"],
-                                               "previous_spec": old["spec"]})
+            record = record.model_copy(update={"previous_version": old["model_version"], "previous_spec": old["spec"]})
         elif old is not None:
-            record = record.model_copy(update={"previous_version": old.get("previous_version"),
-                                               "previous_spec": old.get("previous_spec")})
+            record = record.model_copy(
+                update={"previous_version": old.get("previous_version"), "previous_spec": old.get("previous_spec")}
+            )
         data[record.app_name] = record.model_dump(mode="json")
         _write(path, data)
         return record

@@ -17,9 +17,7 @@ from nodewise.errors import InvalidModelURI, ModelNotFound, RegistryUnreachable,
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
-_URI = re.compile(
-    r"^models:/(?P<name>[^/@\s]+)(?:@(?P<alias>[A-Za-z0-9_\-]+)|/(?P<version>[1-9][0-9]*))$"
-)
+_URI = re.compile(r"^models:/(?P<name>[^/@\s]+)(?:@(?P<alias>[A-Za-z0-9_\-]+)|/(?P<version>[1-9][0-9]*))$")
 _URI_HELP = "use models:/NAME@ALIAS (e.g. models:/digits@champion) or models:/NAME/VERSION (e.g. models:/digits/3)"
 SERVABLE_FLAVORS = ("pytorch", "python_function")
 
@@ -97,8 +95,7 @@ def resolve_model(uri: str, client: MlflowClient) -> ResolvedModel:
         run_id=version.run_id,
         flavors=flavors,
         flavor=flavor,
-        pytorch_format=info.flavors.get("pytorch", {}).get("serialization_format")
-        if flavor == "pytorch" else None,
+        pytorch_format=info.flavors.get("pytorch", {}).get("serialization_format") if flavor == "pytorch" else None,
         input_dtype=dtype,
         input_shape=shape,
         artifact_bytes=size,
@@ -130,9 +127,7 @@ def _find_version(ref: ModelURI, client: MlflowClient) -> Any:
         if _is_missing(e):
             found = client.search_model_versions(f"name = '{ref.name}'", max_results=20)
             known = ", ".join(sorted((str(v.version) for v in found), key=int)) or "none"
-            raise ModelNotFound(
-                f"model {ref.name!r} has no version {ref.version} (versions: {known})"
-            ) from e
+            raise ModelNotFound(f"model {ref.name!r} has no version {ref.version} (versions: {known})") from e
         raise
 
 
@@ -160,8 +155,14 @@ class _registry_errors:
         if error is None or isinstance(error, ModelNotFound | UnsupportedModel):
             return False
         text = str(error)
-        unreachable = ("Max retries exceeded", "Connection refused", "ConnectionError",
-                       "Failed to establish", "timed out", "Name or service not known")
+        unreachable = (
+            "Max retries exceeded",
+            "Connection refused",
+            "ConnectionError",
+            "Failed to establish",
+            "timed out",
+            "Name or service not known",
+        )
         if isinstance(error, ConnectionError | TimeoutError) or any(s in text for s in unreachable):
             raise RegistryUnreachable(
                 f"could not reach the MLflow registry at {self._uri} ({_first_line(text)}); "
@@ -252,8 +253,13 @@ def _retry_unreachable(task: Any, task_run: Any, state: Any) -> bool:
     return False
 
 
-@task(name="resolve-model", retries=2, retry_delay_seconds=[1, 3],
-      retry_condition_fn=_retry_unreachable, cache_policy=NO_CACHE)
+@task(
+    name="resolve-model",
+    retries=2,
+    retry_delay_seconds=[1, 3],
+    retry_condition_fn=_retry_unreachable,
+    cache_policy=NO_CACHE,
+)
 def resolve_model_task(uri: str, tracking_uri: str, registry_uri: str) -> ResolvedModel:
     """Resolve ``uri`` to one pinned registered version (retried only if unreachable)."""
     return resolve_model(uri, make_client(tracking_uri, registry_uri))

@@ -27,10 +27,17 @@ def deployment_status(settings: Settings) -> dict[str, Any]:
         local = read_local_cluster(settings)
         cluster = f"local instance at {local.address}" if local else "local instance not running"
     rows = [
-        {"app": r.app_name, "model_uri": r.model_uri, "version": r.model_version,
-         "backend": r.backend, "replicas": r.replicas, "endpoint": r.endpoint,
-         "health": _health(r.endpoint), "deployed_at": r.deployed_at,
-         "previous_version": r.previous_version}
+        {
+            "app": r.app_name,
+            "model_uri": r.model_uri,
+            "version": r.model_version,
+            "backend": r.backend,
+            "replicas": r.replicas,
+            "endpoint": r.endpoint,
+            "health": _health(r.endpoint),
+            "deployed_at": r.deployed_at,
+            "previous_version": r.previous_version,
+        }
         for r in load_records(settings.records_path).values()
     ]
     return {"cluster": cluster, "deployments": rows}

@@ -1,0 +1,88 @@
+"""A user's journey through the CLI: demo --detach, status, deploy mistakes, down."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from tests.integration.conftest import free_port_block
+
+NODEWISE = str(Path(sys.executable).with_name("nodewise"))
+
+
+@pytest.fixture(scope="module")
+def cli_env() -> Iterator[dict[str, str]]:
+    state = Path(tempfile.mkdtemp(prefix="nw-e2e-", dir="/tmp"))
+    base = free_port_block(5)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "NODEWISE_"))}
+    env.update(
+        {
+            "NODEWISE_STATE_DIR": str(state),
+            "NODEWISE_RAY__PORT": str(base),
+            "NODEWISE_SERVE__PORT": str(base + 4),
+            "NODEWISE_SERVE__REPLICAS": "1",
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        }
+    )
+    yield env
+    subprocess.run([NODEWISE, "down"], env=env, timeout=120, check=False)
+    shutil.rmtree(state, ignore_errors=True)
+
+
+def run(env: dict[str, str], *args: str, timeout: float = 400) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([NODEWISE, *args], env=env, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def ray_processes(state: str) -> list[int]:
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if state in cmdline or ("nodewise-ray-" in cmdline and state in cmdline):
+            found.append(proc.info["pid"])
+    return found
+
+
+def test_demo_status_mistakes_and_down(cli_env: dict[str, str]) -> None:
+    demo = run(cli_env, "demo", "--detach")
+    assert demo.returncode == 0, demo.stdout + demo.stderr
+    out = demo.stdout
+    assert "trained and registered models:/nodewise-digits/1" in out
+    assert "prediction for a test image of a 7: 7" in out
+    curl = next(line.strip() for line in out.splitlines() if line.strip().startswith("curl "))
+    answer = subprocess.run(curl, shell=True, capture_output=True, text=True, timeout=30, check=True)
+    assert len(json.loads(answer.stdout)["predictions"][0]) == 10
+
+    status = json.loads(run(cli_env, "status", "--json").stdout)
+    [row] = status["deployments"]
+    assert (row["app"], row["version"], row["health"]) == ("nodewise-digits", "1", "healthy")
+    assert httpx.get(f"{row['endpoint']}/version", timeout=10).json() == {"model": "nodewise-digits", "version": "1"}
+
+    # The user's mistakes: one line, non-zero, no traceback, nothing deployed behind them.
+    for args, line in [
+        (("deploy", "nodewise-digits"), "error: model URI 'nodewise-digits' is not valid: use models:/NAME@ALIAS"),
+        (("deploy", "models:/nodewise-digits@staging"), "error: model 'nodewise-digits' has no alias 'staging'"),
+        (("deploy", "models:/nope/1"), "error: no registered model named 'nope'; registered models: nodewise-digits"),
+    ]:
+        result = run(cli_env, *args)
+        assert result.returncode != 0
+        errors = [ln for ln in result.stderr.splitlines() if ln.startswith("error: ")]
+        assert len(errors) == 1, result.stderr
+        assert errors[0].startswith(line)
+        assert "Traceback" not in result.stdout + result.stderr
+    assert len(json.loads(run(cli_env, "status", "--json").stdout)["deployments"]) == 1
+
+    down = run(cli_env, "down", timeout=120)
+    assert down.returncode == 0, down.stderr
+    assert "stopped the local Ray instance" in down.stdout
+    assert ray_processes(cli_env["NODEWISE_STATE_DIR"]) == []
+    assert json.loads(run(cli_env, "status", "--json").stdout)["deployments"] == []

@@ -1,0 +1,82 @@
+"""Real services: SQLite MLflow, Prefect's test harness and a local Ray instance per module."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import socket
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from nodewise.runtime import configure_process
+from nodewise.settings import Settings
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port_block(size: int = 4) -> int:
+    """A base port with ``size`` consecutive free ports (Ray's instance uses 4)."""
+    for _ in range(200):
+        base = random.randrange(20000, 40000)
+        if all(_free(base + i) for i in range(size)):
+            return base
+    raise RuntimeError("no free port block")
+
+
+def make_settings(**overrides: object) -> Settings:
+    # A short state path: Ray's socket paths live under it.
+    state = Path(tempfile.mkdtemp(prefix="nw-", dir="/tmp"))
+    base = free_port_block(5)
+    values: dict = {
+        "state_dir": state,
+        "ray": {"port": base, "num_cpus": 2},
+        "serve": {"port": base + 4, "replicas": 1, "ready_timeout_s": 120},
+    }
+    for key, value in overrides.items():
+        values[key] = {**values.get(key, {}), **value} if isinstance(value, dict) else value
+    return Settings(**values)
+
+
+@pytest.fixture(scope="session")
+def prefect_harness() -> Iterator[None]:
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="module")
+def settings(prefect_harness: None) -> Iterator[Settings]:
+    """Settings for one module, with the environment pointed at its state folder."""
+    saved = dict(os.environ)
+    s = make_settings()
+    configure_process(s)
+    yield s
+    import ray
+
+    from tasks.status import stop_everything
+
+    ray.shutdown()
+    stop_everything(s)
+    os.environ.clear()
+    os.environ.update(saved)
+    shutil.rmtree(s.state_path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def digits_model(settings: Settings) -> str:
+    from nodewise.demo import register_demo_model
+
+    model = register_demo_model(str(settings.artifact_root))
+    return f"models:/{model.name}@champion"

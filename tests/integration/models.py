@@ -1,0 +1,67 @@
+"""Small pyfunc models the integration tests register (pickled by value: replicas cannot import tests/)."""
+
+from __future__ import annotations
+
+import mlflow.pyfunc
+import numpy as np
+
+
+class DoubleIt(mlflow.pyfunc.PythonModel):
+    """A generic pyfunc: returns twice its input."""
+
+    def predict(self, context, model_input: list[list[float]], params=None) -> list[list[float]]:
+        return (np.asarray(model_input, dtype=float) * 2).tolist()
+
+
+class BrokenOnLoad(mlflow.pyfunc.PythonModel):
+    """Fails while a replica loads it: the deploy must roll back."""
+
+    def load_context(self, context):
+        raise RuntimeError("this model cannot load")
+
+    def predict(self, context, model_input: list[list[float]], params=None) -> list[list[float]]:
+        return model_input
+
+
+def register_pyfunc(model: mlflow.pyfunc.PythonModel, name: str, artifact_root: str) -> str:
+    """Log ``model`` with an input example, register it, return models:/NAME/VERSION."""
+    import sys
+
+    import cloudpickle
+    from mlflow import MlflowClient
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    client = MlflowClient()
+    exp = client.get_experiment_by_name("tests") or None
+    exp_id = (
+        exp.experiment_id if exp else client.create_experiment("tests", artifact_location=f"file://{artifact_root}")
+    )
+    example = np.array([[1.0, 2.0, 3.0]], dtype=np.float64)
+    with mlflow.start_run(experiment_id=exp_id):
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=model,
+            input_example=example,
+            registered_model_name=name,
+            pip_requirements=["numpy"],
+        )
+    return f"models:/{name}/{info.registered_model_version}"
+
+
+def register_unservable(name: str, artifact_root: str) -> str:
+    """A registered model whose only flavour nodewise cannot serve."""
+    import tempfile
+
+    from mlflow import MlflowClient
+    from mlflow.models import Model
+
+    client = MlflowClient()
+    exp = client.get_experiment_by_name("tests")
+    exp_id = (
+        exp.experiment_id if exp else client.create_experiment("tests", artifact_location=f"file://{artifact_root}")
+    )
+    with mlflow.start_run(experiment_id=exp_id) as run, tempfile.TemporaryDirectory() as tmp:
+        Model(flavors={"onnx_custom": {"data": "model.onnx"}}).save(f"{tmp}/MLmodel")
+        mlflow.log_artifacts(tmp, artifact_path="model")
+        version = mlflow.register_model(f"runs:/{run.info.run_id}/model", name)
+    return f"models:/{name}/{version.version}"

@@ -1,0 +1,110 @@
+"""deploy_model against real SQLite MLflow, Prefect's harness and a local Ray."""
+
+from __future__ import annotations
+
+import httpx
+import mlflow
+import numpy as np
+import pytest
+import torch
+
+from flows.deploy import deploy_model
+from nodewise.demo import digits_split
+from nodewise.errors import DeployFailed, ModelNotFound, RegistryUnreachable, UnsupportedModel
+from nodewise.settings import Settings
+from tasks.records import load_records
+from tasks.status import deployment_status
+
+from .models import BrokenOnLoad, DoubleIt, register_pyfunc, register_unservable
+
+
+def own_output(uri: str, rows: np.ndarray) -> np.ndarray:
+    module = mlflow.pytorch.load_model(uri, map_location="cpu")
+    with torch.no_grad():
+        return module(torch.from_numpy(rows)).numpy()
+
+
+def test_prediction_over_http_equals_the_models_own_output(settings: Settings, digits_model: str) -> None:
+    record = deploy_model(digits_model, settings=settings)
+    assert record.backend == "ray_serve"
+    assert record.endpoint == f"http://127.0.0.1:{settings.serve.port}/nodewise-digits"
+    _, _, x_test, _ = digits_split()
+    rows = x_test[:5]
+    expected = own_output(record.model_uri, rows)
+    for body in (
+        {"inputs": rows.tolist()},
+        {"dataframe_split": {"columns": [f"p{i}" for i in range(64)], "data": rows.tolist()}},
+    ):
+        answer = httpx.post(f"{record.endpoint}/invocations", json=body, timeout=30)
+        assert answer.status_code == 200, answer.text
+        np.testing.assert_allclose(np.array(answer.json()["predictions"]), expected, rtol=1e-5, atol=1e-6)
+    status = deployment_status(settings)
+    assert [(d["app"], d["version"], d["health"]) for d in status["deployments"]] == [
+        ("nodewise-digits", record.model_version, "healthy")
+    ]
+
+
+def test_bad_request_gets_400_naming_the_problem(settings: Settings, digits_model: str) -> None:
+    record = load_records(settings.records_path).get("nodewise-digits") or deploy_model(digits_model, settings=settings)
+    answer = httpx.post(f"{record.endpoint}/invocations", json={"inputs": [[1.0, 2.0]]}, timeout=30)
+    assert answer.status_code == 400
+    assert "input has shape [1, 2]; this model expects [-1, 64]" in answer.json()["message"]
+    assert httpx.get(f"{record.endpoint}/nope", timeout=10).status_code == 404
+    assert httpx.get(f"{record.endpoint}/ping", timeout=10).status_code == 200
+
+
+def test_generic_pyfunc_model_is_served(settings: Settings) -> None:
+    uri = register_pyfunc(DoubleIt(), "double-it", str(settings.artifact_root))
+    record = deploy_model(uri, settings=settings)
+    answer = httpx.post(f"{record.endpoint}/invocations", json={"inputs": [[1.0, 2.0, 3.0]]}, timeout=30)
+    assert answer.status_code == 200, answer.text
+    assert np.asarray(answer.json()["predictions"]).ravel().tolist() == [2.0, 4.0, 6.0]
+
+
+@pytest.mark.parametrize(
+    ("uri", "error", "message"),
+    [
+        (
+            "models:/no-such-model@champion",
+            ModelNotFound,
+            r"no registered model named 'no-such-model'; registered models: .*nodewise-digits",
+        ),
+        ("models:/nodewise-digits@staging", ModelNotFound, r"has no alias 'staging' \(aliases: @champion -> 1\)"),
+        ("models:/nodewise-digits/99", ModelNotFound, r"has no version 99 \(versions: 1\)"),
+    ],
+)
+def test_unknown_model_alias_or_version(
+    settings: Settings, digits_model: str, uri: str, error: type, message: str
+) -> None:
+    before = load_records(settings.records_path)
+    with pytest.raises(error, match=message):
+        deploy_model(uri, settings=settings)
+    assert load_records(settings.records_path) == before
+
+
+def test_unservable_flavour_is_refused(settings: Settings) -> None:
+    uri = register_unservable("onnx-only", str(settings.artifact_root))
+    with pytest.raises(UnsupportedModel, match=r"has flavours \['onnx_custom'\]; nodewise serves models with one of"):
+        deploy_model(uri, settings=settings)
+    assert "onnx-only" not in load_records(settings.records_path)
+
+
+def test_unreachable_registry_fails_after_bounded_retries(settings: Settings) -> None:
+    from .conftest import free_port_block
+
+    port = free_port_block(1)
+    bad = settings.model_copy(
+        update={"mlflow": settings.mlflow.model_copy(update={"tracking_uri": f"http://127.0.0.1:{port}"})}
+    )
+    with pytest.raises(RegistryUnreachable, match=rf"could not reach the MLflow registry at http://127.0.0.1:{port}"):
+        deploy_model("models:/x/1", settings=bad)
+
+
+def test_a_model_that_fails_to_load_is_rolled_back(settings: Settings) -> None:
+    from ray import serve
+
+    uri = register_pyfunc(BrokenOnLoad(), "broken", str(settings.artifact_root))
+    with pytest.raises(DeployFailed, match=r"did not become RUNNING .*rolled back: deleted broken"):
+        deploy_model(uri, settings=settings)
+    assert "broken" not in serve.status().applications
+    assert "broken" not in load_records(settings.records_path)

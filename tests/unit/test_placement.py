@@ -1,0 +1,82 @@
+import pytest
+
+from nodewise.errors import InvalidInventory
+from tasks.inventory import Device, Inventory, Node
+from tasks.placement import plan_placement
+from tasks.profiling import MemoryProfile
+
+GIB = 1024**3
+
+
+def gpu_node(name: str, gpus: int, gib: int, host_gib: int = 512) -> Node:
+    return Node(
+        name=name,
+        cpus=32,
+        host_memory_bytes=host_gib * GIB,
+        gpus=[Device(kind="gpu", name="A100-80GB", memory_bytes=gib * GIB) for _ in range(gpus)],
+    )
+
+
+def profile(weights_gib: float, heads: int | None = 32) -> MemoryProfile:
+    return MemoryProfile(method="analytic", weight_bytes=int(weights_gib * GIB), attention_heads=heads)
+
+
+def test_small_model_on_a_cpu_node_uses_ray_serve_with_the_desired_replicas() -> None:
+    inv = Inventory(source="test", nodes=[Node(name="n", cpus=2, host_memory_bytes=16 * GIB)])
+    plan = plan_placement(profile(0.01), inv, headroom_fraction=0.9, desired_replicas=2)
+    assert (plan.fits, plan.backend, plan.device_kind) == (True, "ray_serve", "cpu")
+    assert plan.replicas == 2
+    assert plan.num_cpus_per_replica == 1.0
+    assert plan.num_gpus_per_replica == 0.0
+    # 16 GiB * 0.9 = 14.4 GiB usable; one copy = 0.01 GiB + 0.5 GiB runtime -> 28 copies
+    assert plan.capacity_replicas == int(14.4 * GIB) // (int(0.01 * GIB) + GIB // 2)
+
+
+def test_several_replicas_share_one_gpu_by_fraction() -> None:
+    inv = Inventory(source="test", nodes=[gpu_node("g", gpus=1, gib=80)])
+    plan = plan_placement(profile(10), inv, desired_replicas=4)  # 10.5 GiB a copy, 72 GiB usable
+    assert plan.layout == "shared-device"
+    assert plan.capacity_replicas == 6
+    assert plan.replicas == 4
+    assert plan.num_gpus_per_replica == pytest.approx(1 / 6, abs=1e-3)
+
+
+def test_too_big_for_one_gpu_uses_tensor_parallel_on_one_node() -> None:
+    inv = Inventory(source="test", nodes=[gpu_node("g", gpus=8, gib=80)])
+    plan = plan_placement(profile(130), inv)  # 130 GiB: 2 GPUs need 65 + 0.5 + 0.06 each
+    assert (plan.backend, plan.layout, plan.tp_size) == ("ray_serve", "multi-device", 2)
+    assert plan.num_gpus_per_replica == 2.0
+    assert plan.capacity_replicas == 4
+
+
+def test_tensor_parallel_respects_attention_head_divisibility() -> None:
+    inv = Inventory(source="test", nodes=[gpu_node("g", gpus=8, gib=80)])
+    plan = plan_placement(profile(130, heads=12), inv)  # tp=8 does not divide 12 heads
+    assert plan.tp_size in (2, 4)
+    assert 12 % plan.tp_size == 0
+
+
+def test_too_big_for_one_node_goes_multi_node_deepspeed() -> None:
+    inv = Inventory(source="test", nodes=[gpu_node(f"g{i}", gpus=2, gib=80) for i in range(4)])
+    plan = plan_placement(profile(200), inv)  # 2 x 72 GiB on a node is not enough
+    assert (plan.backend, plan.layout) == ("deepspeed_mpi", "multi-node")
+    assert (plan.nodes, plan.devices_per_node, plan.ranks) == (2, 2, 4)
+
+
+def test_cpu_nodes_too_small_go_multi_node() -> None:
+    inv = Inventory(source="test", nodes=[Node(name=f"c{i}", cpus=2, host_memory_bytes=2 * GIB) for i in range(2)])
+    plan = plan_placement(profile(2.0), inv)
+    assert (plan.backend, plan.nodes, plan.tp_size, plan.device_kind) == ("deepspeed_mpi", 2, 2, "cpu")
+
+
+def test_fits_nowhere_says_so_with_numbers() -> None:
+    inv = Inventory(source="test", nodes=[gpu_node("g", gpus=1, gib=24)])
+    plan = plan_placement(profile(100), inv)
+    assert not plan.fits
+    assert plan.backend is None
+    assert "fits nowhere: one copy needs 100.50 GiB; the largest device offers 21.60 GiB" in plan.explain()
+
+
+def test_empty_inventory_is_a_clear_error() -> None:
+    with pytest.raises(InvalidInventory, match=r"inventory from empty\.yaml has no nodes"):
+        plan_placement(profile(1), Inventory(source="empty.yaml", nodes=[]))

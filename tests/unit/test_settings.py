@@ -1,0 +1,50 @@
+import pytest
+from pydantic import ValidationError
+
+from nodewise.settings import Settings
+
+
+def test_defaults_are_embedded(tmp_path) -> None:
+    s = Settings(state_dir=tmp_path)
+    assert s.tracking_uri == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+    assert s.registry_uri == s.tracking_uri
+    assert s.prefect.api_url is None
+    assert s.ray.address is None
+    assert s.serve.host == "127.0.0.1"
+
+
+def test_environment_with_nested_delimiter(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NODEWISE_MLFLOW__TRACKING_URI", "http://mlflow.internal:5000")
+    monkeypatch.setenv("NODEWISE_RAY__ADDRESS", "10.0.0.5:6379")
+    monkeypatch.setenv("NODEWISE_SERVE__REPLICAS", "4")
+    s = Settings()
+    assert s.tracking_uri == "http://mlflow.internal:5000"
+    assert s.ray.address == "10.0.0.5:6379"
+    assert s.serve.replicas == 4
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"mlflow": {"tracking_uri": "ftp://x"}}, r"MLflow URI 'ftp://x' has an unknown scheme; use sqlite"),
+        ({"prefect": {"api_url": "localhost:4200"}}, r"must start with http:// or https://"),
+        ({"ray": {"address": "10.0.0.5"}}, r"Ray address '10.0.0.5' must be HOST:PORT"),
+        ({"ray": {"port": 80}}, r"greater than or equal to 1024"),
+        ({"serve": {"port": 70000}}, r"less than or equal to 65535"),
+        ({"serve": {"replicas": 0}}, r"greater than 0"),
+        ({"serve": {"batch_wait_timeout_s": -1}}, r"greater than or equal to 0"),
+        ({"placement": {"headroom_fraction": 1.5}}, r"less than or equal to 1"),
+        ({"placement": {"headroom_fraction": 0}}, r"greater than 0"),
+        ({"ray": {"port": 7000}, "serve": {"port": 7002}}, r"serve.port \(7002\) collides with ray.port \(7000\)"),
+        ({"serve": {"no_such_option": 1}}, r"Extra inputs are not permitted"),
+    ],
+)
+def test_invalid_values_are_rejected_with_a_reason(overrides: dict, message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        Settings(**overrides)
+
+
+def test_invalid_environment_value(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NODEWISE_SERVE__PORT", "abc")
+    with pytest.raises(ValidationError, match="valid integer"):
+        Settings()
