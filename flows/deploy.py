@@ -8,30 +8,35 @@ from nodewise.errors import DeployFailed, DoesNotFit, UnsupportedModel
 from nodewise.settings import Settings, load_settings
 from tasks.inventory import read_inventory_task
 from tasks.placement import plan_placement_task
-from tasks.profiling import profile_model_task
+from tasks.profile_models import profile_model_task
 from tasks.ray_cluster import ensure_cluster_task
 from tasks.ray_serve import build_spec, deploy_app_task, rollback_task
 from tasks.records import DeploymentRecord, get_record, record_deployment_task
 from tasks.registry import resolve_model_task
+from tasks.report import publish_report_task
 from tasks.smoke import smoke_test_task
 
 
 @flow(name="deploy-model", log_prints=True, validate_parameters=True)
-def deploy_model(model_uri: str, replicas: int | None = None, settings: Settings | None = None) -> DeploymentRecord:
+def deploy_model(
+    model_uri: str, replicas: int | None = None, inventory: str = "local", settings: Settings | None = None
+) -> DeploymentRecord:
     """Deploy a registered MLflow model where it fits, check it, and record it.
 
     Args:
         model_uri: ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``.
         replicas: replicas wanted (default: ``serve.replicas``); the plan may give fewer.
+        inventory: where it may run: ``local``, ``nvml``, ``ray[:ADDRESS]``, ``k8s`` or a YAML file.
         settings: nodewise settings (default: read from the environment).
     """
     settings = settings or load_settings()
     model = resolve_model_task(model_uri, settings.tracking_uri, settings.registry_uri)
-    profile = profile_model_task(model)
-    inventory = read_inventory_task(settings.ray.num_cpus)
+    nodes = read_inventory_task(inventory, settings.ray.num_cpus)
+    profile = profile_model_task(model, batch_size=settings.serve.max_batch_size, device=nodes.device_class)
     plan = plan_placement_task(
-        profile, inventory, settings.placement.headroom_fraction, replicas or settings.serve.replicas
+        profile, nodes, settings.placement.headroom_fraction, replicas or settings.serve.replicas
     )
+    publish_report_task(model.pinned_uri, profile, plan)
     if not plan.fits:
         raise DoesNotFit(f"{model.pinned_uri} was not deployed: {plan.explain()}")
     if plan.backend != "ray_serve":

@@ -175,6 +175,37 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="Machine-readabl
         )
 
 
+@app.command()
+def profile(
+    model: Annotated[
+        str, typer.Argument(help="models:/NAME@ALIAS, models:/NAME/VERSION, or a transformers config.json")
+    ],
+    inventory: Annotated[str, typer.Option(help="local, nvml, ray[:ADDRESS], k8s, or a YAML file")] = "local",
+    dtype: Annotated[str | None, typer.Option(help="Weights dtype override: fp32, bf16, fp16, int8, int4")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Rows (or sequences) per forward pass")] = 1,
+    seq_len: Annotated[int | None, typer.Option(min=1, help="Tokens per sequence (causal LMs)")] = None,
+    measure: Annotated[bool, typer.Option(help="Also measure a registered model in a subprocess")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """How much memory MODEL needs, and where it would run on INVENTORY (nothing is deployed)."""
+    settings = _settings()
+    from tasks.profile_cli import profile_and_plan
+
+    result = _guard(
+        lambda: profile_and_plan(
+            model, inventory, settings, dtype=dtype, batch_size=batch_size, seq_len=seq_len, measure=measure
+        )
+    )
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    typer.echo(f"{result['model']}: {result['param_count']:,} parameters, {result['method']} profile")
+    for name, value in result["breakdown_bytes"].items():
+        typer.echo(f"  {name:<12} {value / 1024**3:10.3f} GiB")
+    plan = result["plan"]
+    typer.echo(f"plan ({result['inventory']}): " + ("; ".join(plan["reasons"])))
+
+
 def _down(settings: Settings) -> list[str]:
     from tasks.status import stop_everything
 

@@ -47,3 +47,9 @@ class InvalidInventory(NodewiseError, ValueError):
     """An inventory source that cannot be read or makes no sense."""
 
     exit_code = 2
+
+
+class InvalidModelConfig(NodewiseError, ValueError):
+    """A model config (JSON) or dtype that cannot be profiled."""
+
+    exit_code = 2

@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from serving._protocol import BadRequest, to_tensor
+from serving._protocol import BadRequest, parse_body, to_tensor
 from serving.spec import ModelServeSpec
 
 
@@ -39,11 +39,34 @@ class LoadedModel:
         """Whether requests can be concatenated row-wise into one forward pass."""
         return self.spec.flavor == "pytorch"
 
-    def prepare(self, data: Any) -> Any:
-        """Validate parsed request data; for the tensor path, return the input array."""
+    def parse(self, body: bytes, content_type: str) -> Any:
+        """Parse and validate a scoring request into this model's input.
+
+        Torch models take one tensor: our parser, checked against the signature's dtype and shape.
+        Any other pyfunc goes through MLflow's own scoring-server parser, so it sees exactly
+        what `mlflow models serve` would give it (type-hinted models included).
+        """
         if self.spec.flavor == "pytorch":
-            return to_tensor(data, self.spec.input_dtype, self.spec.input_shape)
-        return data
+            return to_tensor(parse_body(body, content_type), self.spec.input_dtype, self.spec.input_shape)
+        return self._parse_pyfunc(body, content_type)
+
+    def _parse_pyfunc(self, body: bytes, content_type: str) -> Any:
+        import io
+
+        from mlflow.exceptions import MlflowException
+        from mlflow.pyfunc import scoring_server
+
+        metadata = self._model.metadata
+        schema = metadata.get_input_schema()
+        media = content_type.split(";", 1)[0].strip().lower()
+        try:
+            if media == "text/csv":
+                return scoring_server.parse_csv_input(io.StringIO(body.decode()), schema)
+            if media not in ("application/json", ""):
+                raise BadRequest(f"content type {media!r} is not supported; send application/json or text/csv")
+            return scoring_server._parse_json_data(body.decode(), metadata, schema).data
+        except (MlflowException, UnicodeDecodeError, ValueError) as e:
+            raise BadRequest(str(e).splitlines()[0][:500]) from e
 
     def predict_tensor(self, array: np.ndarray) -> np.ndarray:
         """One forward pass of the torch module over a batch of rows."""
@@ -61,10 +84,12 @@ class LoadedModel:
         """Predict one request's worth of data through the model's own interface."""
         if self.spec.flavor == "pytorch":
             return self.predict_tensor(data)
+        from mlflow.exceptions import MlflowException
+
         try:
             return self._model.predict(data)
-        except Exception as e:
-            # MLflow's schema enforcement raises MlflowException for bad input.
-            if type(e).__name__ == "MlflowException" and "schema" in str(e).lower():
-                raise BadRequest(str(e).splitlines()[0]) from e
+        except MlflowException as e:
+            # Schema enforcement (missing columns, wrong types) is the client's to fix.
+            if e.error_code == "INVALID_PARAMETER_VALUE" or "schema" in str(e).lower():
+                raise BadRequest(str(e).splitlines()[0][:500]) from e
             raise

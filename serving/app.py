@@ -19,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from serving._model import LoadedModel
-from serving._protocol import BadRequest, PayloadTooLarge, encode_predictions, parse_body
+from serving._protocol import BadRequest, PayloadTooLarge, encode_predictions
 from serving.spec import ModelServeSpec
 
 logger = logging.getLogger("ray.serve")
@@ -70,9 +70,8 @@ class ModelServer:
                 f"body is {len(body)} bytes; the limit is {self.spec.max_request_bytes} "
                 "(max_request_bytes): send fewer rows per request"
             )
-        data = parse_body(body, request.headers.get("content-type", _JSON))
         assert self.model is not None
-        inputs = self.model.prepare(data)
+        inputs = self.model.parse(body, request.headers.get("content-type", _JSON))
         if self.model.batches and len(inputs) > 0:
             predictions = await self._predict_batch(inputs)
         else:
@@ -135,6 +134,7 @@ def build_app(spec: ModelServeSpec, runtime_env: dict[str, Any] | None = None) -
         "max_ongoing_requests": spec.max_ongoing_requests,
         "health_check_period_s": 5,
         "health_check_timeout_s": 30,
+        "max_constructor_retry_count": spec.max_start_attempts,
     }
     if spec.max_replicas > spec.min_replicas:
         options["autoscaling_config"] = {

@@ -42,6 +42,9 @@ class ModelServeSpec(BaseModel):
     batch_wait_timeout_s: NonNegativeFloat = 0.005
     max_request_bytes: PositiveInt = 16 * 1024 * 1024
     max_consecutive_errors: PositiveInt = 5
+    max_start_attempts: PositiveInt = Field(
+        default=3, description="Failed replica starts before Serve marks the deploy failed."
+    )
     device: str = "cpu"
 
     @model_validator(mode="after")

@@ -52,6 +52,11 @@ class Inventory(BaseModel):
         default=0, description="Devices seen but not usable (shared or time-sliced GPUs)."
     )
 
+    @property
+    def device_class(self) -> str:
+        """Where a profile should be measured: ``cuda`` when any node has GPUs, else ``cpu``."""
+        return "cuda" if any(n.gpus for n in self.nodes) else "cpu"
+
     def require_nodes(self) -> Inventory:
         if not self.nodes:
             raise InvalidInventory(
@@ -98,6 +103,8 @@ def nvml_gpus() -> list[Device]:
 
 
 @task(name="read-inventory", cache_policy=NO_CACHE)
-def read_inventory_task(num_cpus: int | None = None) -> Inventory:
-    """The local machine's inventory."""
-    return local_inventory(num_cpus)
+def read_inventory_task(source: str = "local", num_cpus: int | None = None) -> Inventory:
+    """The inventory from ``source``: local, nvml, ray[:ADDRESS], k8s, or a YAML file."""
+    from tasks.inventory_sources import read_inventory
+
+    return read_inventory(source, num_cpus).require_nodes()

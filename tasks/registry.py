@@ -203,7 +203,10 @@ def load_input_example(model: ResolvedModel) -> tuple[Any, dict[str, Any] | None
                 mlflow.artifacts.download_artifacts(artifact_uri=f"{model.artifact_uri}/{name}", dst_path=tmp)
             except (MlflowException, OSError):
                 continue
-        example = info.load_input_example(tmp)
+        try:
+            example = info.load_input_example(tmp)
+        except (MlflowException, ValueError, TypeError):
+            example = None  # an example MLflow cannot parse back: the saved request body still serves
         body_path = Path(tmp) / "serving_input_example.json"
         body = json.loads(body_path.read_text()) if body_path.exists() else None
         return example, body

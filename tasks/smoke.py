@@ -67,6 +67,8 @@ def smoke_test(endpoint: str, model: ResolvedModel, settings: SmokeSettings) -> 
         DeployFailed: no answer, an error status, or outputs that differ beyond tolerance.
     """
     example, body = load_input_example(model)
+    if example is None and body is not None:
+        example = _example_from_body(body)
     if example is None:
         raise DeployFailed(
             f"model {model.pinned_uri} has no input example, so it cannot be smoke-tested; "
@@ -88,6 +90,19 @@ def smoke_test(endpoint: str, model: ResolvedModel, settings: SmokeSettings) -> 
         )
     diff = float(np.max(np.abs(got - expected))) if got.size else 0.0
     return SmokeResult(request=body, prediction=prediction, compared=True, max_abs_diff=diff)
+
+
+def _example_from_body(body: dict[str, Any]) -> Any:
+    """The input inside MLflow's saved request body, for the local reference prediction."""
+    for key in ("inputs", "instances"):
+        if key in body:
+            return body[key]
+    if "dataframe_split" in body:
+        import pandas as pd
+
+        split = body["dataframe_split"]
+        return pd.DataFrame(split.get("data"), columns=split.get("columns"))
+    return None
 
 
 def _as_array(value: Any) -> np.ndarray:

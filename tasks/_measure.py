@@ -1,0 +1,59 @@
+"""Measured memory of one model in an isolated process: ``python -m tasks._measure URI FLAVOR DEVICE BATCH``.
+
+Prints one JSON line: the bytes the model added on top of the process's baseline, on CPU the
+peak RSS growth, on CUDA ``max_memory_allocated`` (and the non-torch memory NVML sees).
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+from typing import Any
+
+import numpy as np
+
+
+def _peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _batch(example: Any, batch: int) -> Any:
+    if isinstance(example, np.ndarray) and example.ndim >= 1 and len(example) > 0:
+        reps = -(-batch // len(example))
+        return np.concatenate([example] * reps)[:batch]
+    return example
+
+
+def main(uri: str, flavor: str, device: str, batch: int) -> dict[str, int]:
+    import mlflow
+    import mlflow.pyfunc
+    import mlflow.pytorch
+    import torch
+
+    from tasks.registry import load_input_example, make_client, resolve_model
+
+    model = resolve_model(uri, make_client(mlflow.get_tracking_uri(), mlflow.get_registry_uri()))
+    example, _ = load_input_example(model)
+    inputs = _batch(example, batch) if flavor == "pytorch" else example  # a pyfunc takes its example as typed
+    torch.nn.Linear(8, 8)(torch.zeros(2, 8))  # warm torch's lazy state before the baseline
+    if device.startswith("cuda"):
+        torch.cuda.init()
+        torch.cuda.reset_peak_memory_stats()
+    baseline = _peak_rss()
+    with torch.inference_mode():
+        if flavor == "pytorch":
+            module = mlflow.pytorch.load_model(uri, map_location=device).eval()
+            module(torch.as_tensor(inputs).to(device))
+        else:
+            mlflow.pyfunc.load_model(uri).predict(inputs)
+    result = {"cpu_bytes": max(0, _peak_rss() - baseline)}
+    if device.startswith("cuda"):
+        result["cuda_bytes"] = int(torch.cuda.max_memory_allocated())
+        result["cuda_reserved_bytes"] = int(torch.cuda.memory_reserved())
+    return result
+
+
+if __name__ == "__main__":
+    uri, flavor, device, batch = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    print(json.dumps(main(uri, flavor, device, batch)))
