@@ -74,10 +74,12 @@ class LoadedModel:
 
         with torch.inference_mode():
             out = self._model(torch.from_numpy(np.ascontiguousarray(array)).to(self.spec.device))
-        if isinstance(out, tuple | list):
-            out = out[0]
         if hasattr(out, "logits"):
             out = out.logits
+        elif hasattr(out, "to_tuple"):  # a transformers ModelOutput without logits
+            out = out.to_tuple()[0]
+        if isinstance(out, tuple | list):
+            out = out[0]
         return out.detach().cpu().numpy()
 
     def predict(self, data: Any) -> Any:

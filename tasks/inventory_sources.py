@@ -136,7 +136,7 @@ def k8s_inventory() -> Inventory:
 
     try:
         config.load_kube_config()
-    except Exception:  # noqa: BLE001  (no kubeconfig: try the in-cluster service account)
+    except (config.ConfigException, OSError, TypeError):
         try:
             config.load_incluster_config()
         except config.ConfigException as e:

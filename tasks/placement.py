@@ -8,7 +8,6 @@ nowhere                                           -> a plan that says so, with t
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 from prefect import task
@@ -102,7 +101,11 @@ def _single_device(
     capacity = sum(sum(fits) for fits in per_device.values())
     replicas = max(1, min(desired, capacity))
     cpus = sum(n.cpus for n in nodes)
-    cpu_share = max(0.25, min(1.0, cpus / replicas))
+    # Ray CPUs are scheduling tokens: reserving half a core per replica lets a second model
+    # share the node (FACTS: with 1 CPU each, two replicas fill a 2-core machine). Torch threads
+    # follow the cores each replica really has.
+    cpu_share = 0.5 if kind == "cpu" else 1.0
+    threads = max(1, min(8, cpus // replicas))
     per_gpu = max(max(v) for v in per_device.values())
     num_gpus = 0.0 if kind == "cpu" else (1.0 if per_gpu <= 1 else round(1.0 / min(per_gpu, 8), 3))
     layout: Layout = "shared-device" if per_gpu > 1 else "one-device"
@@ -127,7 +130,7 @@ def _single_device(
         capacity_replicas=capacity,
         num_cpus_per_replica=cpu_share,
         num_gpus_per_replica=num_gpus,
-        torch_threads=max(1, math.floor(cpu_share)),
+        torch_threads=threads,
         device_kind=kind,
         reasons=reasons,
     )

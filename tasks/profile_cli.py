@@ -9,7 +9,7 @@ from nodewise.errors import InvalidModelConfig
 from nodewise.settings import Settings
 from tasks.inventory_sources import read_inventory
 from tasks.placement import plan_placement
-from tasks.profile_models import profile_registered
+from tasks.profile_models import _cuda_here, profile_registered
 from tasks.profiling import dtype_bytes, load_config, profile_config
 from tasks.registry import make_client, resolve_model
 
@@ -27,19 +27,22 @@ def profile_and_plan(
     """Profile ``model`` (a models:/ URI or a config JSON) and plan it on ``inventory``."""
     if dtype is not None:
         dtype_bytes(dtype)  # fail fast on an unknown dtype, before any work
+    nodes = read_inventory(inventory, settings.ray.num_cpus).require_nodes()
     if model.startswith("models:/"):
         resolved = resolve_model(model, make_client(settings.tracking_uri, settings.registry_uri))
-        profile = profile_registered(resolved, dtype=dtype, batch_size=batch_size, measured=measure)
+        device = nodes.device_class if nodes.device_class == "cpu" or _cuda_here() else "cpu"
+        profile = profile_registered(resolved, dtype=dtype, batch_size=batch_size, measured=measure, device=device)
         name = resolved.pinned_uri
     elif model.endswith(".json") or Path(model).is_dir():
-        profile = profile_config(load_config(model), dtype=dtype, batch_size=batch_size, seq_len=seq_len)
+        profile = profile_config(
+            load_config(model), dtype=dtype, batch_size=batch_size, seq_len=seq_len, device=nodes.device_class
+        )
         name = model
     else:
         raise InvalidModelConfig(
             f"{model!r} is neither a models:/ URI nor a config JSON; use models:/NAME@ALIAS, "
             "models:/NAME/VERSION, or a path to a transformers config.json"
         )
-    nodes = read_inventory(inventory, settings.ray.num_cpus).require_nodes()
     plan = plan_placement(
         profile, nodes, headroom_fraction=settings.placement.headroom_fraction, desired_replicas=settings.serve.replicas
     )

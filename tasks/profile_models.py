@@ -25,12 +25,14 @@ class ProfilingFailed(NodewiseError, RuntimeError):
     """The measurement process failed."""
 
 
-def analytic_profile(model: ResolvedModel, *, dtype: str | None = None, batch_size: int = 1) -> MemoryProfile:
+def analytic_profile(
+    model: ResolvedModel, *, dtype: str | None = None, batch_size: int = 1, device: str = "cpu"
+) -> MemoryProfile:
     """Profile from the artifacts without materialising weights; weights-only where no better exists."""
     if "transformers" in model.flavors:
         config = _download(model, "model/config.json")
         if config is not None:
-            return profile_config(load_config(config), dtype=dtype, batch_size=batch_size)
+            return profile_config(load_config(config), dtype=dtype, batch_size=batch_size, device=device)
     if model.flavor == "pytorch" and model.pytorch_format != "pt2":
         path = _download(model, "data/model.pth")
         if path is not None:
@@ -38,7 +40,7 @@ def analytic_profile(model: ResolvedModel, *, dtype: str | None = None, batch_si
 
             module = torch.load(path, map_location="meta", weights_only=False)
             example, _ = load_input_example(model)
-            return profile_module(module, _tile(example, batch_size), dtype=dtype)
+            return profile_module(module, _tile(example, batch_size), dtype=dtype, device=device)
     return MemoryProfile(method="weights-only", weight_bytes=model.artifact_bytes)
 
 
@@ -82,7 +84,7 @@ def profile_registered(
     model: ResolvedModel, *, dtype: str | None = None, batch_size: int = 1, device: str = "cpu", measured: bool = True
 ) -> MemoryProfile:
     """Analytic profile, and (if ``measured``) the measured one next to it: the plan uses the larger."""
-    analytic = analytic_profile(model, dtype=dtype, batch_size=batch_size)
+    analytic = analytic_profile(model, dtype=dtype, batch_size=batch_size, device=device)
     if not measured:
         return analytic
     try:

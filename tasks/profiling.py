@@ -161,10 +161,24 @@ def _causal(config: dict[str, Any]) -> bool:
     return any("CausalLM" in a or "LMHeadModel" in a for a in archs)
 
 
+def _has_lm_head(config: dict[str, Any]) -> bool:
+    """Models that compute vocabulary-sized logits (causal or masked LM heads)."""
+    return any("LM" in a for a in config.get("architectures") or [])
+
+
 def profile_config(
-    config: dict[str, Any], *, dtype: str | None = None, batch_size: int = 1, seq_len: int | None = None
+    config: dict[str, Any],
+    *,
+    dtype: str | None = None,
+    batch_size: int = 1,
+    seq_len: int | None = None,
+    device: str = "cuda",
 ) -> MemoryProfile:
-    """Analytic profile of a transformers model from its config alone."""
+    """Analytic profile of a transformers model from its config alone.
+
+    ``device`` decides whether attention scores are materialised: on CPU (and with eager
+    attention) they are, batch x heads x seq^2; CUDA's SDPA/flash kernels never hold them.
+    """
     module = build_meta_model(config)
     count, _, _, _ = parameter_stats(module)
     text = _text_config(config)
@@ -182,8 +196,13 @@ def profile_config(
     kv = int(2 * layers * kv_heads * head_dim * elem * kv_tokens) if kv_tokens and layers and head_dim else 0
     inter = int(text.get("intermediate_size") or 4 * hidden)
     vocab = int(text.get("vocab_size") or 0)
-    # Prefill peak: residual + normed copy + q/k/v/o, the MLP's intermediate pair, and the logits.
-    activations = int(batch_size * seq * (6 * hidden + 2 * inter) * elem + batch_size * seq * vocab * 4)
+    # Prefill peak: residual + normed copy + q/k/v/o, the MLP's intermediate pair, attention scores
+    # and their softmax (CPU and eager attention materialise them), and fp32 logits for LM heads.
+    tokens = batch_size * seq
+    eager = device == "cpu" or text.get("_attn_implementation") == "eager"
+    scores = 2 * batch_size * int(heads or 0) * seq * seq * elem if eager else 0
+    logits = tokens * vocab * 4 if _has_lm_head(config) else 0
+    activations = int(tokens * (6 * hidden + 2 * inter) * elem + scores + logits)
     return MemoryProfile(
         method="analytic",
         param_count=count,
@@ -200,11 +219,23 @@ def profile_config(
     )
 
 
-def profile_module(module: Any, example: Any = None, *, dtype: str | None = None) -> MemoryProfile:
+def profile_module(module: Any, example: Any = None, *, dtype: str | None = None, device: str = "cpu") -> MemoryProfile:
     """Analytic profile of a torch module already on the meta device, with activations from a
     meta forward pass over ``example`` (shapes only)."""
     count, param_bytes, buffer_bytes, dominant = parameter_stats(module)
     weight_bytes = (int(count * dtype_bytes(dtype)) if dtype else param_bytes) + buffer_bytes
+    config = getattr(module, "config", None)
+    if hasattr(config, "to_dict") and example is not None and getattr(example, "ndim", 0) == 2:
+        # A transformers model: KV cache and activations from its config, for the example's tokens.
+        batch, seq = example.shape
+        by_config = profile_config(
+            {**config.to_dict(), "architectures": [type(module).__name__]},
+            dtype=dtype or dominant,
+            batch_size=batch,
+            seq_len=seq,
+            device=device,
+        )
+        return by_config.model_copy(update={"param_count": count, "weight_bytes": weight_bytes})
     activations = activation_peak(module, example) if example is not None else 0
     return MemoryProfile(
         method="analytic",

@@ -71,11 +71,13 @@ def deploy_app(spec: ModelServeSpec, settings: Settings, remote_cluster: bool) -
     runtime_env = {"py_modules": [str(Path(__file__).resolve().parents[1] / "serving")]} if remote_cluster else None
     app = build_app(spec, runtime_env=runtime_env)
     serve._run(app, _blocking=False, name=spec.app_name, route_prefix=spec.route_prefix)
-    wait_until_running(spec.app_name, settings.serve.ready_timeout_s)
+    # Our local instance never grows: unschedulable replicas fail at once. An external cluster
+    # may be autoscaling, so there we wait out the timeout.
+    wait_until_running(spec.app_name, settings.serve.ready_timeout_s, fail_unschedulable=not remote_cluster)
     return endpoint_url(settings, spec)
 
 
-def wait_until_running(app_name: str, timeout_s: float) -> None:
+def wait_until_running(app_name: str, timeout_s: float, fail_unschedulable: bool = True) -> None:
     """Poll Serve until the app is RUNNING; raise DeployFailed on failure or timeout."""
     from ray import serve
 
@@ -85,11 +87,19 @@ def wait_until_running(app_name: str, timeout_s: float) -> None:
         app = serve.status().applications.get(app_name)
         if app is not None:
             status = _value(app.status)
-            message = app.message or _deployment_messages(app)
+            # The deployments' messages hold the replica's own error; the app's is generic.
+            message = _deployment_messages(app) or app.message
             if status == "RUNNING":
                 return
             if status in _TERMINAL_BAD:
                 break
+            if (
+                fail_unschedulable and "to be scheduled" in message
+            ):  # Serve says so after 30 s; waiting longer will not help
+                raise DeployFailed(
+                    f"Serve app {app_name!r} cannot be placed: {_short(message)}; free capacity with "
+                    "`nodewise down` or by removing another deployment, or add nodes"
+                )
         time.sleep(0.5)
     else:
         message = message or f"still {status} after {timeout_s:.0f} s"
@@ -109,6 +119,7 @@ def _deployment_messages(app: Any) -> str:
 
 
 def _short(text: str) -> str:
+    text = re.sub(r"\x1b\[[0-9;]*m", "", text)  # Ray colours its tracebacks
     lines = [ln for ln in text.strip().splitlines() if ln.strip()]
     # Serve puts the replica's traceback in the message: its last line names the error.
     return (lines[-1] if lines else text)[:400]

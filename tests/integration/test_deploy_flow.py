@@ -104,7 +104,9 @@ def test_a_model_that_fails_to_load_is_rolled_back(settings: Settings) -> None:
     from ray import serve
 
     uri = register_pyfunc(BrokenOnLoad(), "broken", str(settings.artifact_root))
-    with pytest.raises(DeployFailed, match=r"did not become RUNNING .*rolled back: deleted broken"):
+    with pytest.raises(
+        DeployFailed, match=r"did not become RUNNING .*this model cannot load.*rolled back: deleted broken"
+    ):
         deploy_model(uri, settings=settings)
     assert "broken" not in serve.status().applications
     assert "broken" not in load_records(settings.records_path)

@@ -80,12 +80,14 @@ def test_gpu_node_without_memory_label_is_an_error() -> None:
         "spec": {},
         "status": {"allocatable": {"cpu": "8", "memory": "32Gi", "nvidia.com/gpu": "1"}},
     }
-    with pytest.raises(InvalidInventory, match="node n1 has 1 GPU\\(s\\) but no nvidia.com/gpu.memory label"):
+    with pytest.raises(InvalidInventory, match=r"node n1 has 1 GPU\(s\) but no nvidia\.com/gpu\.memory label"):
         inventory_from_k8s_nodes([node])
 
 
 def test_70b_plans_against_declared_inventories() -> None:
-    profile = profile_config(load_config(ROOT / "benchmarks/configs/llama-2-70b.json"), dtype="bf16", seq_len=4096)
+    profile = profile_config(
+        load_config(ROOT / "benchmarks/configs/llama-2-70b.json"), dtype="bf16", seq_len=4096, device="cuda"
+    )
     one_node = plan_placement(profile, inventory_from_yaml(ROOT / "deployments/inventory/gpu-cluster.yaml"))
     assert (one_node.backend, one_node.layout, one_node.tp_size) == ("ray_serve", "multi-device", 2)
     small = plan_placement(profile, inventory_from_yaml(ROOT / "deployments/inventory/small-l4-nodes.yaml"))

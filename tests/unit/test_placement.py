@@ -26,7 +26,8 @@ def test_small_model_on_a_cpu_node_uses_ray_serve_with_the_desired_replicas() ->
     plan = plan_placement(profile(0.01), inv, headroom_fraction=0.9, desired_replicas=2)
     assert (plan.fits, plan.backend, plan.device_kind) == (True, "ray_serve", "cpu")
     assert plan.replicas == 2
-    assert plan.num_cpus_per_replica == 1.0
+    assert plan.num_cpus_per_replica == 0.5  # half a Ray CPU: another model can share the node
+    assert plan.torch_threads == 1
     assert plan.num_gpus_per_replica == 0.0
     # 16 GiB * 0.9 = 14.4 GiB usable; one copy = 0.01 GiB + 0.5 GiB runtime -> 28 copies
     assert plan.capacity_replicas == int(14.4 * GIB) // (int(0.01 * GIB) + GIB // 2)

@@ -124,3 +124,9 @@ def test_malformed_and_wrong_config_files(tmp_path) -> None:
         load_config(tmp_path / "missing.json")
     with pytest.raises(InvalidModelConfig, match="transformers does not know model_type 'no-such-arch'"):
         profile_config({"model_type": "no-such-arch"})
+
+
+def test_attention_scores_are_materialised_on_cpu_only() -> None:
+    cpu = profile_config(llama(), dtype="fp32", batch_size=2, seq_len=64, device="cpu")
+    gpu = profile_config(llama(), dtype="fp32", batch_size=2, seq_len=64, device="cuda")
+    assert cpu.activation_bytes - gpu.activation_bytes == 2 * 2 * 8 * 64 * 64 * 4  # scores + softmax
