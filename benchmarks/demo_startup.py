@@ -101,6 +101,7 @@ def timed_cli(env: dict[str, str], marker: str, *args: str) -> dict[str, float]:
 def mlflow_serve(env: dict[str, str], state: Path, port: int) -> dict[str, float]:
     """`mlflow models serve` on the demo model: seconds until it answers a prediction."""
     body = {"inputs": [[0.0] * 64]}
+    log = (state / "mlflow-serve.log").open("w")
     start = time.monotonic()
     proc = subprocess.Popen(
         [
@@ -116,24 +117,34 @@ def mlflow_serve(env: dict[str, str], state: Path, port: int) -> dict[str, float
             "-p",
             str(port),
         ],
-        env={**env, "MLFLOW_TRACKING_URI": f"sqlite:///{state / 'mlflow.db'}"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        # mlflow models serve execs `uvicorn` from PATH: the venv's bin must be on it.
+        env={
+            **env,
+            "MLFLOW_TRACKING_URI": f"sqlite:///{state / 'mlflow.db'}",
+            "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+        },
+        stdout=log,
+        stderr=subprocess.STDOUT,
         start_new_session=True,
     )
     try:
         with PeakRSS("mlflow", proc.pid) as rss:
-            while time.monotonic() - start < 120:
+            while time.monotonic() - start < 120 and proc.poll() is None:
                 try:
                     if httpx.post(f"http://127.0.0.1:{port}/invocations", json=body, timeout=5).status_code == 200:
                         break
                 except httpx.TransportError:
                     pass
                 time.sleep(0.1)
+        if proc.poll() is not None:
+            tail = (state / "mlflow-serve.log").read_text()[-1500:]
+            raise SystemExit(f"mlflow models serve exited with {proc.returncode} before answering:\n{tail}")
         return {"to_first_prediction_s": round(time.monotonic() - start, 1), "peak_rss_gib": round(rss.peak / GIB, 2)}
     finally:
-        os.killpg(proc.pid, 15)
-        proc.wait(timeout=30)
+        if proc.poll() is None:
+            os.killpg(proc.pid, 15)
+            proc.wait(timeout=30)
+        log.close()
 
 
 def main() -> None:
