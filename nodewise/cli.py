@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -104,12 +105,24 @@ def demo(
         typer.echo("detached: `nodewise status` shows it, `nodewise down` stops it")
         return
     typer.echo("serving; press Ctrl-C to stop")
+    _stop_on_signals()
     try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
         typer.echo("\nstopping")
-        _down(settings)
+        for line in _down(settings):
+            typer.echo(line)
+
+
+def _stop_on_signals() -> None:
+    """Ctrl-C and SIGTERM both stop what the demo started (even if SIGINT was inherited ignored)."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 def _show_prediction(endpoint: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -86,3 +87,38 @@ def test_demo_status_mistakes_and_down(cli_env: dict[str, str]) -> None:
     assert "stopped the local Ray instance" in down.stdout
     assert ray_processes(cli_env["NODEWISE_STATE_DIR"]) == []
     assert json.loads(run(cli_env, "status", "--json").stdout)["deployments"] == []
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_demo_serves_until_interrupted_then_stops_everything(sig: int) -> None:
+    state = Path(tempfile.mkdtemp(prefix="nw-int-", dir="/tmp"))
+    base = free_port_block(5)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "NODEWISE_"))}
+    env.update(
+        {
+            "NODEWISE_STATE_DIR": str(state),
+            "NODEWISE_RAY__PORT": str(base),
+            "NODEWISE_SERVE__PORT": str(base + 4),
+            "NODEWISE_SERVE__REPLICAS": "1",
+        }
+    )
+    proc = subprocess.Popen([NODEWISE, "demo"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert proc.stdout is not None
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if "press Ctrl-C to stop" in line:
+                break
+        assert any("prediction for a test image" in ln for ln in lines), "".join(lines)
+        assert ray_processes(str(state)), "the demo should be serving from its own Ray instance"
+        proc.send_signal(sig)
+        rest, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0, rest
+        assert "stopped the local Ray instance" in rest
+        assert ray_processes(str(state)) == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        subprocess.run([NODEWISE, "down"], env=env, timeout=120, check=False, capture_output=True)
+        shutil.rmtree(state, ignore_errors=True)

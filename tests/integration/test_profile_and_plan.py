@@ -97,3 +97,17 @@ def test_profile_command_on_a_config_and_an_inventory(settings: Settings) -> Non
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines()[-1].startswith("error: unknown dtype 'fp12'")
     assert "Traceback" not in bad.stderr
+
+
+def test_inventory_from_a_real_ray_cluster(settings: Settings) -> None:
+    from tasks.inventory_sources import read_inventory
+    from tasks.ray_cluster import connect, ensure_cluster
+
+    cluster = ensure_cluster(settings)
+    connect(cluster)
+    inventory = read_inventory(f"ray:{cluster.address}")
+    [node] = inventory.nodes  # one local node: CPUs from Ray, host memory read on the node itself
+    assert node.cpus == settings.ray.num_cpus
+    assert node.host_memory_bytes > 1024**3
+    assert node.gpus == []  # no GPU here: NVML finds none, and Ray reports none
+    assert inventory.device_class == "cpu"
