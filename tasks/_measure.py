@@ -52,7 +52,7 @@ def main(uri: str, flavor: str, device: str, batch: int) -> dict[str, int]:
     import mlflow.pytorch
     import torch
 
-    from tasks.registry import load_input_example, make_client, resolve_model
+    from tasks.registry import artifact_file, load_input_example, make_client, resolve_model
 
     model = resolve_model(uri, make_client(mlflow.get_tracking_uri(), mlflow.get_registry_uri()))
     example, _ = load_input_example(model)
@@ -61,8 +61,9 @@ def main(uri: str, flavor: str, device: str, batch: int) -> dict[str, int]:
     if flavor == "pytorch":
         # Unpickle once onto the meta device: imports the model's classes (e.g. transformers),
         # which is per-process runtime, not model memory, without allocating any weights.
-        path = mlflow.artifacts.download_artifacts(artifact_uri=f"{model.artifact_uri}/data/model.pth")
-        torch.load(path, map_location="meta", weights_only=False)
+        with artifact_file(model, "data/model.pth") as path:
+            if path is not None:
+                torch.load(path, map_location="meta", weights_only=False)
     if device.startswith("cuda"):
         torch.cuda.init()
         torch.cuda.reset_peak_memory_stats()

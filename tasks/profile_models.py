@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,7 @@ from prefect.cache_policies import NO_CACHE
 
 from nodewise.errors import NodewiseError
 from tasks.profiling import MemoryProfile, load_config, profile_config, profile_module
-from tasks.registry import ResolvedModel, load_input_example
+from tasks.registry import ResolvedModel, artifact_file, load_input_example
 
 PROFILE_TAG = "nodewise.profile"
 _ROOT = Path(__file__).resolve().parents[1]
@@ -30,17 +29,17 @@ def analytic_profile(
 ) -> MemoryProfile:
     """Profile from the artifacts without materialising weights; weights-only where no better exists."""
     if "transformers" in model.flavors:
-        config = _download(model, "model/config.json")
-        if config is not None:
-            return profile_config(load_config(config), dtype=dtype, batch_size=batch_size, device=device)
+        with artifact_file(model, "model/config.json") as config:
+            if config is not None:
+                return profile_config(load_config(config), dtype=dtype, batch_size=batch_size, device=device)
     if model.flavor == "pytorch" and model.pytorch_format != "pt2":
-        path = _download(model, "data/model.pth")
-        if path is not None:
-            import torch
+        with artifact_file(model, "data/model.pth") as path:
+            if path is not None:
+                import torch
 
-            module = torch.load(path, map_location="meta", weights_only=False)
-            example, _ = load_input_example(model)
-            return profile_module(module, _tile(example, batch_size), dtype=dtype, device=device)
+                module = torch.load(path, map_location="meta", weights_only=False)
+                example, _ = load_input_example(model)
+                return profile_module(module, _tile(example, batch_size), dtype=dtype, device=device)
     return MemoryProfile(method="weights-only", weight_bytes=model.artifact_bytes)
 
 
@@ -51,17 +50,6 @@ def _tile(example: Any, batch: int) -> Any:
         return example
     array = np.asarray(example)
     return np.concatenate([array] * -(-batch // len(array)))[:batch]
-
-
-def _download(model: ResolvedModel, relative: str) -> str | None:
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    target = tempfile.mkdtemp(prefix="nw-profile-")
-    try:
-        return mlflow.artifacts.download_artifacts(artifact_uri=f"{model.artifact_uri}/{relative}", dst_path=target)
-    except (MlflowException, OSError):
-        return None
 
 
 def measure(

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -210,6 +212,39 @@ def load_input_example(model: ResolvedModel) -> tuple[Any, dict[str, Any] | None
         body_path = Path(tmp) / "serving_input_example.json"
         body = json.loads(body_path.read_text()) if body_path.exists() else None
         return example, body
+
+
+@contextlib.contextmanager
+def artifact_file(model: ResolvedModel, relative: str) -> Iterator[str | None]:
+    """A local path to one of the model's artifacts, or None if it has no such file.
+
+    Read in place from a local artifact store; otherwise downloaded into a temporary folder
+    that is removed on exit (a weights file can be many GB).
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    local = _local_path(model.artifact_uri)
+    if local is not None:
+        path = local / relative
+        yield str(path) if path.exists() else None
+        return
+    with tempfile.TemporaryDirectory(prefix="nw-artifact-") as tmp:
+        try:
+            found: str | None = mlflow.artifacts.download_artifacts(
+                artifact_uri=f"{model.artifact_uri}/{relative}", dst_path=tmp
+            )
+        except (MlflowException, OSError):
+            found = None
+        yield found
+
+
+def _local_path(uri: str) -> Path | None:
+    if uri.startswith("file://"):
+        return Path(uri.removeprefix("file://"))
+    if uri.startswith("/"):
+        return Path(uri)
+    return None
 
 
 def _artifact_bytes(artifact_uri: str) -> int:

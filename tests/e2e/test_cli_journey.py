@@ -21,9 +21,9 @@ from tests.integration.conftest import free_port_block
 NODEWISE = str(Path(sys.executable).with_name("nodewise"))
 
 
-@pytest.fixture(scope="module")
-def cli_env() -> Iterator[dict[str, str]]:
-    state = Path(tempfile.mkdtemp(prefix="nw-e2e-", dir="/tmp"))
+def user_environment(prefix: str) -> tuple[Path, dict[str, str]]:
+    """A fresh state folder and free ports, as a user's shell would set them; nothing of the tests'."""
+    state = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
     base = free_port_block(5)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "NODEWISE_"))}
     env.update(
@@ -35,6 +35,12 @@ def cli_env() -> Iterator[dict[str, str]]:
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         }
     )
+    return state, env
+
+
+@pytest.fixture(scope="module")
+def cli_env() -> Iterator[dict[str, str]]:
+    state, env = user_environment("nw-e2e-")
     yield env
     subprocess.run([NODEWISE, "down"], env=env, timeout=120, check=False)
     shutil.rmtree(state, ignore_errors=True)
@@ -91,17 +97,7 @@ def test_demo_status_mistakes_and_down(cli_env: dict[str, str]) -> None:
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_demo_serves_until_interrupted_then_stops_everything(sig: int) -> None:
-    state = Path(tempfile.mkdtemp(prefix="nw-int-", dir="/tmp"))
-    base = free_port_block(5)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "NODEWISE_"))}
-    env.update(
-        {
-            "NODEWISE_STATE_DIR": str(state),
-            "NODEWISE_RAY__PORT": str(base),
-            "NODEWISE_SERVE__PORT": str(base + 4),
-            "NODEWISE_SERVE__REPLICAS": "1",
-        }
-    )
+    state, env = user_environment("nw-int-")
     proc = subprocess.Popen([NODEWISE, "demo"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         assert proc.stdout is not None

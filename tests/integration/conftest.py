@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import secrets
 import shutil
 import socket
 import tempfile
@@ -23,6 +24,9 @@ def _free(port: int) -> bool:
         except OSError:
             return False
     return True
+
+
+_SESSION_RAY_TOKEN = secrets.token_hex(32)
 
 
 def free_port_block(size: int = 4) -> int:
@@ -61,6 +65,10 @@ def settings(prefect_harness: None) -> Iterator[Settings]:
     """Settings for one module, with the environment pointed at its state folder."""
     saved = dict(os.environ)
     s = make_settings()
+    # Ray reads its auth token once per process: every module's local instance must use the
+    # same token as the first one this test process connected to.
+    (s.ray_dir).mkdir(parents=True, exist_ok=True)
+    (s.ray_dir / "auth_token").write_text(_SESSION_RAY_TOKEN)
     configure_process(s)
     yield s
     import ray
