@@ -96,10 +96,6 @@ def build_zoo():
     return zoo, mlflow
 
 
-class TorchPyfunc:  # defined in register_pyfunc to be pickled by value
-    pass
-
-
 def register_all(artifacts: Path) -> dict[str, str]:
     import cloudpickle
     import mlflow

@@ -9,9 +9,6 @@ from __future__ import annotations
 import json
 import resource
 import sys
-from typing import Any
-
-import numpy as np
 
 
 def _status_kib(field: str) -> int:
@@ -39,24 +36,17 @@ def _peak_rss() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _batch(example: Any, batch: int) -> Any:
-    if isinstance(example, np.ndarray) and example.ndim >= 1 and len(example) > 0:
-        reps = -(-batch // len(example))
-        return np.concatenate([example] * reps)[:batch]
-    return example
-
-
 def main(uri: str, flavor: str, device: str, batch: int) -> dict[str, int]:
     import mlflow
     import mlflow.pyfunc
     import mlflow.pytorch
     import torch
 
-    from tasks.registry import artifact_file, load_input_example, make_client, resolve_model
+    from tasks.registry import artifact_file, load_input_example, make_client, resolve_model, tile_example
 
     model = resolve_model(uri, make_client(mlflow.get_tracking_uri(), mlflow.get_registry_uri()))
     example, _ = load_input_example(model)
-    inputs = _batch(example, batch) if flavor == "pytorch" else example  # a pyfunc takes its example as typed
+    inputs = tile_example(example, batch) if flavor == "pytorch" else example  # a pyfunc takes its example as typed
     torch.nn.Linear(8, 8)(torch.zeros(2, 8))  # warm torch's lazy state before the baseline
     if flavor == "pytorch":
         # Unpickle once onto the meta device: imports the model's classes (e.g. transformers),

@@ -7,14 +7,13 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from nodewise.errors import NodewiseError
 from tasks.profiling import MemoryProfile, load_config, profile_config, profile_module
-from tasks.registry import ResolvedModel, artifact_file, load_input_example
+from tasks.registry import ResolvedModel, artifact_file, load_input_example, tile_example
 
 PROFILE_TAG = "nodewise.profile"
 _ROOT = Path(__file__).resolve().parents[1]
@@ -39,17 +38,8 @@ def analytic_profile(
 
                 module = torch.load(path, map_location="meta", weights_only=False)
                 example, _ = load_input_example(model)
-                return profile_module(module, _tile(example, batch_size), dtype=dtype, device=device)
+                return profile_module(module, tile_example(example, batch_size), dtype=dtype, device=device)
     return MemoryProfile(method="weights-only", weight_bytes=model.artifact_bytes)
-
-
-def _tile(example: Any, batch: int) -> Any:
-    import numpy as np
-
-    if example is None or not hasattr(example, "__len__") or len(example) == 0:
-        return example
-    array = np.asarray(example)
-    return np.concatenate([array] * -(-batch // len(array)))[:batch]
 
 
 def measure(

@@ -133,13 +133,6 @@ def delete_app(app_name: str) -> None:
         serve.delete(app_name)
 
 
-def list_apps() -> dict[str, str]:
-    """Serve applications on the connected cluster and their statuses."""
-    from ray import serve
-
-    return {name: _value(app.status) for name, app in serve.status().applications.items()}
-
-
 @task(name="deploy-to-ray-serve", cache_policy=NO_CACHE)
 def deploy_app_task(spec: ModelServeSpec, settings: Settings, remote_cluster: bool) -> str:
     """Deploy or update the model's Serve app; return its endpoint URL."""

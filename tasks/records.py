@@ -82,13 +82,6 @@ def save_record(path: Path, record: DeploymentRecord) -> DeploymentRecord:
         return record
 
 
-def remove_record(path: Path, app_name: str) -> None:
-    with _locked(path):
-        data = _read(path)
-        if data.pop(app_name, None) is not None:
-            _write(path, data)
-
-
 def clear_records(path: Path) -> list[str]:
     with _locked(path):
         names = sorted(_read(path))

@@ -214,6 +214,15 @@ def load_input_example(model: ResolvedModel) -> tuple[Any, dict[str, Any] | None
         return example, body
 
 
+def tile_example(example: Any, batch: int) -> Any:
+    """Repeat an array example's rows up to ``batch`` rows; anything else is returned as is."""
+    import numpy as np
+
+    if not isinstance(example, np.ndarray) or example.ndim == 0 or len(example) == 0:
+        return example
+    return np.concatenate([example] * -(-batch // len(example)))[:batch]
+
+
 @contextlib.contextmanager
 def artifact_file(model: ResolvedModel, relative: str) -> Iterator[str | None]:
     """A local path to one of the model's artifacts, or None if it has no such file.
