@@ -17,7 +17,7 @@ import math
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, NonNegativeInt
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt
 
 from nodewise.errors import InvalidModelConfig
 
@@ -50,6 +50,9 @@ class MemoryProfile(BaseModel):
     weight_bytes: NonNegativeInt
     kv_cache_bytes: NonNegativeInt = 0
     activation_bytes: NonNegativeInt = 0
+    load_copy_bytes: NonNegativeInt = Field(
+        default=0, description="A transient copy alive while the model loads (opaque pyfuncs on CPU)."
+    )
     runtime_bytes: NonNegativeInt = RUNTIME_BYTES
     measured_bytes: NonNegativeInt | None = None
     attention_heads: int | None = None
@@ -62,7 +65,7 @@ class MemoryProfile(BaseModel):
 
     @property
     def analytic_bytes(self) -> int:
-        return self.weight_bytes + self.kv_cache_bytes + self.activation_bytes
+        return self.weight_bytes + self.kv_cache_bytes + self.activation_bytes + self.load_copy_bytes
 
     @property
     def total_bytes(self) -> int:
@@ -88,6 +91,7 @@ class MemoryProfile(BaseModel):
             "weights": self.weight_bytes,
             "kv_cache": self.kv_cache_bytes,
             "activations": self.activation_bytes,
+            **({"load_copy": self.load_copy_bytes} if self.load_copy_bytes else {}),
             "runtime": self.runtime_bytes,
             **({"measured": self.measured_bytes} if self.measured_bytes is not None else {}),
         }

@@ -25,6 +25,8 @@ def breakdown_rows(profile: MemoryProfile, plan: PlacementPlan) -> list[dict[str
         {"component": "activations", "MiB": round(profile.activation_bytes / MIB, 1)},
         {"component": "runtime", "MiB": round(profile.runtime_bytes / MIB, 1)},
     ]
+    if profile.load_copy_bytes:
+        rows.insert(3, {"component": "copy while loading", "MiB": round(profile.load_copy_bytes / MIB, 1)})
     if profile.measured_bytes is not None:
         rows.append({"component": "measured (model, not runtime)", "MiB": round(profile.measured_bytes / MIB, 1)})
     rows += [
