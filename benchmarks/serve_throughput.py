@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -106,7 +107,9 @@ def mlflow_serve(env: dict[str, str], uri: str, port: int, workers: int, log: Pa
 def handwritten(env: dict[str, str], uri: str, port: int, workdir: Path, log: Path) -> Iterator[str]:
     temp = Path(tempfile.mkdtemp(prefix="nw-hw-", dir="/tmp"))  # Ray's socket paths must stay short
     cmd = [sys.executable, str(ROOT / "benchmarks/_handwritten_serve.py"), uri, str(port), str(temp)]
-    hw_env = {**env, "RAY_AUTH_TOKEN_PATH": str(workdir / "hw_token")}
+    token = workdir / "hw_token"  # Ray 2.60 turns on token auth; keep its token out of ~/.ray
+    token.write_text(secrets.token_hex(32))
+    hw_env = {**env, "RAY_AUTH_TOKEN_PATH": str(token)}
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, env=hw_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:

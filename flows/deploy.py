@@ -14,6 +14,7 @@ from tasks.ray_serve import build_spec, deploy_app_task, rollback_task
 from tasks.records import DeploymentRecord, get_record, record_deployment_task
 from tasks.registry import resolve_model_task
 from tasks.report import publish_report_task
+from tasks.serve_config import serve_settings_for
 from tasks.smoke import smoke_test_task
 
 
@@ -31,10 +32,11 @@ def deploy_model(
     """
     settings = settings or load_settings()
     model = resolve_model_task(model_uri, settings.tracking_uri, settings.registry_uri)
+    serve = serve_settings_for(model, settings.serve)  # the model's nodewise.serve.* tags applied
     nodes = read_inventory_task(inventory, settings.ray.num_cpus)
-    profile = profile_model_task(model, batch_size=settings.serve.max_batch_size, device=nodes.device_class)
+    profile = profile_model_task(model, batch_size=serve.max_batch_size, device=nodes.device_class)
     plan = plan_placement_task(
-        profile, nodes, settings.placement.headroom_fraction, replicas or settings.serve.replicas
+        profile, nodes, settings.placement.headroom_fraction, replicas or serve.min_replicas or serve.replicas
     )
     publish_report_task(model.pinned_uri, profile, plan)
     if not plan.fits:
@@ -45,7 +47,7 @@ def deploy_model(
             "DeepSpeed backend is not available in this version of nodewise"
         )
     cluster = ensure_cluster_task(settings)
-    spec = build_spec(model, plan, settings)
+    spec = build_spec(model, plan, settings, serve)
     previous = get_record(settings.records_path, spec.app_name)
     remote = not cluster.owned
     try:

@@ -11,7 +11,7 @@ or ``NODEWISE_RAY__ADDRESS=10.0.0.5:6379``.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import (
     BaseModel,
@@ -121,10 +121,51 @@ class ServeSettings(_Section):
     host: str = Field(default="127.0.0.1", description="Address Serve's HTTP proxy binds to.")
     port: PositiveInt = Field(default=8000, le=65535)
     replicas: PositiveInt = Field(default=2, description="Replicas per model when the plan allows.")
-    max_ongoing_requests: PositiveInt = Field(default=32)
+    min_replicas: PositiveInt | None = Field(
+        default=None, description="Autoscaling floor. Default: the replicas the plan gives (`replicas`)."
+    )
+    max_replicas: PositiveInt | None = Field(
+        default=None,
+        description="Autoscaling ceiling, capped at what the inventory holds. Default: min_replicas "
+        "(a fixed number of replicas).",
+    )
+    target_ongoing_requests: PositiveFloat = Field(
+        default=16.0, description="Autoscaling target: requests in flight per replica."
+    )
+    upscale_delay_s: Annotated[float, Field(ge=0.0)] = 5.0
+    downscale_delay_s: Annotated[float, Field(ge=0.0)] = 60.0
+    max_ongoing_requests: PositiveInt = Field(
+        default=32, description="Requests one replica takes at once (Ray's default of 5 collapses under load)."
+    )
     max_batch_size: PositiveInt = Field(default=32)
     batch_wait_timeout_s: Annotated[float, Field(ge=0.0, le=10.0)] = 0.005
+    max_request_bytes: PositiveInt = Field(default=16 * 1024 * 1024, description="Larger bodies get 413.")
+    max_consecutive_errors: PositiveInt = Field(
+        default=5, description="Inference errors in a row after which a replica reports unhealthy."
+    )
+    memory_limit_bytes: PositiveInt | None = Field(
+        default=None,
+        description="RSS past which a replica reports unhealthy (Serve restarts it alone). "
+        "Default: twice the planned memory of one replica, and at least that plus 1 GiB.",
+    )
     ready_timeout_s: PositiveFloat = Field(default=180.0)
+    ingress: Literal["haproxy", "proxy"] = Field(
+        default="haproxy",
+        description="haproxy: Ray Serve's HAProxy in front of replicas that take HTTP themselves "
+        "(least-connections routing, no Python proxy hop); proxy: Ray Serve's default Python proxy. "
+        "Applies to the local Ray nodewise starts; start an existing cluster with the same "
+        "RAY_SERVE_* variables (`nodewise status` prints them).",
+    )
+    throughput_optimized: bool = Field(
+        default=True,
+        description="Ray Serve's throughput-optimized mode (gRPC between actors, user code and "
+        "router on the replica's event loop, request logs buffered).",
+    )
+    drain_s: Annotated[float, Field(ge=0.0, le=300.0)] = Field(
+        default=5.0,
+        description="With haproxy ingress, how long a stopping replica keeps answering while "
+        "HAProxy stops sending it requests (Ray's default is 30 s).",
+    )
 
 
 class SmokeSettings(_Section):

@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from serving._protocol import BadRequest, parse_body, to_tensor
+from serving._protocol import BadRequest, UnsupportedMediaType, parse_body, to_tensor
 from serving.spec import ModelServeSpec
 
 
@@ -63,10 +63,12 @@ class LoadedModel:
             if media == "text/csv":
                 return scoring_server.parse_csv_input(io.StringIO(body.decode()), schema)
             if media not in ("application/json", ""):
-                raise BadRequest(f"content type {media!r} is not supported; send application/json or text/csv")
+                raise UnsupportedMediaType(
+                    f"content type {media!r} is not supported; send application/json or text/csv"
+                )
             return scoring_server._parse_json_data(body.decode(), metadata, schema).data
         except (MlflowException, UnicodeDecodeError, ValueError) as e:
-            raise BadRequest(str(e).splitlines()[0][:500]) from e
+            raise BadRequest(_client_message(e)) from e
 
     def predict_tensor(self, array: np.ndarray) -> np.ndarray:
         """One forward pass of the torch module over a batch of rows."""
@@ -93,5 +95,16 @@ class LoadedModel:
         except MlflowException as e:
             # Schema enforcement (missing columns, wrong types) is the client's to fix.
             if e.error_code == "INVALID_PARAMETER_VALUE" or "schema" in str(e).lower():
-                raise BadRequest(str(e).splitlines()[0][:500]) from e
+                raise BadRequest(_client_message(e)) from e
             raise
+
+
+def _client_message(error: Exception) -> str:
+    """The part of an MLflow schema error a client can act on, on one line.
+
+    MLflow's messages quote the whole offending table first and put the cause last
+    ("... Error: Model is missing inputs ['b']")."""
+    text = str(error)
+    if "Error: " in text:
+        text = text.rsplit("Error: ", 1)[1]
+    return " ".join(text.split())[:500]

@@ -19,6 +19,10 @@ class BadRequest(ValueError):
     """A request the client must fix (answered 400)."""
 
 
+class UnsupportedMediaType(ValueError):
+    """A content type the protocol does not take (answered 415, as `mlflow models serve` does)."""
+
+
 class PayloadTooLarge(ValueError):
     """A body over the configured limit (answered 413)."""
 
@@ -29,7 +33,7 @@ def parse_body(body: bytes, content_type: str) -> Any:
     if media == "text/csv":
         return _parse_csv(body)
     if media not in ("application/json", ""):
-        raise BadRequest(f"content type {media!r} is not supported; send application/json or text/csv")
+        raise UnsupportedMediaType(f"content type {media!r} is not supported; send application/json or text/csv")
     try:
         payload = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

@@ -2,7 +2,7 @@
 
 Routes, under the application's route prefix (one prefix per model):
 ``POST /invocations``, ``GET /ping``, ``GET /health``, ``GET /version``.
-Errors map to statuses in one place (``_status_for``): bad input 400, body too large 413,
+Errors map to statuses in one place (``_status_for``): bad input 400, body too large 413, unsupported content type 415,
 unknown route 404, model not ready 503, anything else 500 with a request id in the log.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import uuid
 from typing import Any
 
@@ -19,7 +20,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from serving._model import LoadedModel
-from serving._protocol import BadRequest, PayloadTooLarge, encode_predictions
+from serving._protocol import BadRequest, PayloadTooLarge, UnsupportedMediaType, encode_predictions
 from serving.spec import ModelServeSpec
 
 logger = logging.getLogger("ray.serve")
@@ -89,6 +90,8 @@ class ModelServer:
     def _error_response(self, error: Exception) -> Response:
         if isinstance(error, BadRequest):
             return _json(400, {"error_code": "BAD_REQUEST", "message": str(error)})
+        if isinstance(error, UnsupportedMediaType):
+            return _json(415, {"error_code": "UNSUPPORTED_MEDIA_TYPE", "message": str(error)})
         if isinstance(error, PayloadTooLarge):
             return _json(413, {"error_code": "PAYLOAD_TOO_LARGE", "message": str(error)})
         self._consecutive_errors += 1
@@ -108,6 +111,20 @@ class ModelServer:
             raise RuntimeError("model is not loaded")
         if self._consecutive_errors >= self.spec.max_consecutive_errors:
             raise RuntimeError(f"{self._consecutive_errors} consecutive inference errors")
+        rss = resident_bytes()
+        if self.spec.memory_limit_bytes and rss > self.spec.memory_limit_bytes:
+            raise RuntimeError(
+                f"replica memory {rss / 2**20:.0f} MiB is past its limit {self.spec.memory_limit_bytes / 2**20:.0f} MiB"
+            )
+
+
+def resident_bytes() -> int:
+    """This process's resident memory (Linux /proc; 0 where unavailable)."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def _subpath(request: Request) -> str:
@@ -128,7 +145,8 @@ def build_app(spec: ModelServeSpec, runtime_env: dict[str, Any] | None = None) -
         "name": "ModelServer",
         "ray_actor_options": {
             "num_cpus": spec.num_cpus,
-            "num_gpus": spec.num_gpus,
+            # A multi-device replica's actor holds the first device of its bundles.
+            "num_gpus": min(spec.num_gpus, 1.0) if spec.tp_size > 1 else spec.num_gpus,
             **({"runtime_env": runtime_env} if runtime_env else {}),
         },
         "max_ongoing_requests": spec.max_ongoing_requests,
@@ -139,10 +157,18 @@ def build_app(spec: ModelServeSpec, runtime_env: dict[str, Any] | None = None) -
     if spec.max_replicas > spec.min_replicas:
         options["autoscaling_config"] = {
             "min_replicas": spec.min_replicas,
+            "initial_replicas": spec.min_replicas,
             "max_replicas": spec.max_replicas,
-            "target_ongoing_requests": max(1, spec.max_batch_size // 2),
+            "target_ongoing_requests": spec.target_ongoing_requests,
+            "upscale_delay_s": spec.upscale_delay_s,
+            "downscale_delay_s": spec.downscale_delay_s,
         }
     else:
         options["num_replicas"] = spec.min_replicas
+    if spec.tp_size > 1:
+        # One replica spans tp_size devices of one node: reserve them together.
+        per_device = {"GPU": 1.0} if spec.num_gpus else {"CPU": 1.0}
+        options["placement_group_bundles"] = [{"CPU": spec.num_cpus, **per_device}] + [per_device] * (spec.tp_size - 1)
+        options["placement_group_strategy"] = "STRICT_PACK"
     deployment = serve.deployment(ModelServer).options(**options)
     return deployment.bind(spec.model_dump(mode="json"))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveInt, model_validator
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveFloat, PositiveInt, model_validator
 
 Flavor = Literal["pytorch", "python_function"]
 
@@ -34,6 +34,10 @@ class ModelServeSpec(BaseModel):
     )
     min_replicas: PositiveInt = 1
     max_replicas: PositiveInt = 1
+    target_ongoing_requests: PositiveFloat = 16.0
+    upscale_delay_s: NonNegativeFloat = 5.0
+    downscale_delay_s: NonNegativeFloat = 60.0
+    tp_size: PositiveInt = Field(default=1, description="Devices one replica spans (a placement group of them).")
     num_cpus: NonNegativeFloat = 1.0
     num_gpus: NonNegativeFloat = 0.0
     torch_threads: PositiveInt = 1
@@ -42,6 +46,9 @@ class ModelServeSpec(BaseModel):
     batch_wait_timeout_s: NonNegativeFloat = 0.005
     max_request_bytes: PositiveInt = 16 * 1024 * 1024
     max_consecutive_errors: PositiveInt = 5
+    memory_limit_bytes: PositiveInt | None = Field(
+        default=None, description="RSS past which the replica reports unhealthy."
+    )
     max_start_attempts: PositiveInt = Field(
         default=3, description="Failed replica starts before Serve marks the deploy failed."
     )

@@ -8,8 +8,8 @@ state folder) so that ``nodewise down`` stops exactly them and nothing else on t
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -21,10 +21,8 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 from nodewise.errors import ClusterUnavailable
-from nodewise.runtime import library_environment
+from nodewise.runtime import haproxy_dir, library_environment, ray_temp_dir
 from nodewise.settings import Settings
-
-_SOCKET_PATH_BUDGET = 40  # Ray appends ~65 chars of session/socket names; AF_UNIX allows 107.
 
 
 class RayCluster(BaseModel):
@@ -34,15 +32,6 @@ class RayCluster(BaseModel):
     owned: bool
     temp_dir: str | None = None
     pids: list[int] = []
-
-
-def ray_temp_dir(settings: Settings) -> Path:
-    """Ray's temp dir for the local instance: inside the state folder when the path is short."""
-    preferred = settings.ray_dir / "tmp"
-    if len(str(preferred)) <= _SOCKET_PATH_BUDGET:
-        return preferred
-    digest = hashlib.sha1(str(settings.state_path).encode()).hexdigest()[:10]
-    return Path("/tmp") / f"nodewise-ray-{digest}"
 
 
 def _record_path(settings: Settings) -> Path:
@@ -148,6 +137,7 @@ def stop_local_cluster(settings: Settings, timeout_s: float = 15.0) -> bool:
         return False
     cluster = RayCluster.model_validate_json(path.read_text())
     pids = set(cluster.pids) | set(_processes_of(Path(cluster.temp_dir or "/nonexistent"), settings.ray.port))
+    pids |= set(_processes_of(haproxy_dir(settings), settings.ray.port))  # HAProxy, started by Serve
     procs = []
     for pid in pids:
         try:
@@ -162,6 +152,7 @@ def stop_local_cluster(settings: Settings, timeout_s: float = 15.0) -> bool:
         _signal(proc, signal.SIGKILL)
     psutil.wait_procs(alive, timeout=5)
     path.unlink(missing_ok=True)
+    shutil.rmtree(haproxy_dir(settings), ignore_errors=True)  # its sockets and config die with it
     return bool(procs)
 
 

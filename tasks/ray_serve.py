@@ -11,7 +11,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from nodewise.errors import DeployFailed
-from nodewise.settings import Settings
+from nodewise.settings import ServeSettings, Settings
 from serving.spec import ModelServeSpec
 from tasks.placement import PlacementPlan
 from tasks.registry import ResolvedModel
@@ -25,11 +25,18 @@ def app_name_for(model_name: str) -> str:
     return name if name[0].isalnum() else f"m{name}"
 
 
-def build_spec(model: ResolvedModel, plan: PlacementPlan, settings: Settings) -> ModelServeSpec:
-    """The serving spec for ``model`` as ``plan`` places it."""
+def build_spec(
+    model: ResolvedModel, plan: PlacementPlan, settings: Settings, serve: ServeSettings | None = None
+) -> ModelServeSpec:
+    """The serving spec for ``model`` as ``plan`` places it; ``serve``: the model's own Serve
+    settings (``settings.serve`` with its tags applied, see tasks/serve_config.py)."""
+    serve = serve or settings.serve
     app = app_name_for(model.name)
     # A torch.export ("pt2") model only takes its input example's batch size: no batching.
-    batch = 1 if model.pytorch_format == "pt2" else settings.serve.max_batch_size
+    batch = 1 if model.pytorch_format == "pt2" else serve.max_batch_size
+    # Autoscaling bounds: the plan's replicas up to the asked ceiling, never past what the inventory holds.
+    ceiling = max(plan.replicas, min(serve.max_replicas or plan.replicas, plan.capacity_replicas or plan.replicas))
+    memory_limit = serve.memory_limit_bytes or max(2 * plan.needed_bytes, plan.needed_bytes + 2**30)
     return ModelServeSpec(
         app_name=app,
         route_prefix=f"/{app}",
@@ -42,13 +49,20 @@ def build_spec(model: ResolvedModel, plan: PlacementPlan, settings: Settings) ->
         input_dtype=model.input_dtype,
         input_shape=model.input_shape,
         min_replicas=plan.replicas,
-        max_replicas=plan.replicas,
+        max_replicas=ceiling,
+        target_ongoing_requests=serve.target_ongoing_requests,
+        upscale_delay_s=serve.upscale_delay_s,
+        downscale_delay_s=serve.downscale_delay_s,
         num_cpus=plan.num_cpus_per_replica,
         num_gpus=plan.num_gpus_per_replica,
+        tp_size=plan.tp_size,
         torch_threads=plan.torch_threads,
-        max_ongoing_requests=settings.serve.max_ongoing_requests,
+        max_ongoing_requests=serve.max_ongoing_requests,
         max_batch_size=batch,
-        batch_wait_timeout_s=settings.serve.batch_wait_timeout_s,
+        batch_wait_timeout_s=serve.batch_wait_timeout_s,
+        max_request_bytes=serve.max_request_bytes,
+        max_consecutive_errors=serve.max_consecutive_errors,
+        memory_limit_bytes=memory_limit,
         device="cuda" if plan.device_kind == "gpu" else "cpu",
     )
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from nodewise.errors import InvalidModelURI, ModelNotFound, RegistryUnreachable, UnsupportedModel
 
@@ -65,7 +65,8 @@ class ResolvedModel(BaseModel):
     input_dtype: str | None = None
     input_shape: tuple[int, ...] | None = None
     artifact_bytes: int
-    tags: dict[str, str] = {}
+    tags: dict[str, str] = Field(default={}, description="The version's tags.")
+    model_tags: dict[str, str] = Field(default={}, description="The registered model's tags.")
 
 
 def resolve_model(uri: str, client: MlflowClient) -> ResolvedModel:
@@ -76,7 +77,7 @@ def resolve_model(uri: str, client: MlflowClient) -> ResolvedModel:
     """
     ref = parse_model_uri(uri)
     with _registry_errors(client):
-        version = _find_version(ref, client)
+        registered, version = _find_version(ref, client)
         artifact_uri = client.get_model_version_download_uri(ref.name, version.version)
         info = _read_mlmodel(artifact_uri)
         size = _artifact_bytes(artifact_uri)
@@ -102,10 +103,11 @@ def resolve_model(uri: str, client: MlflowClient) -> ResolvedModel:
         input_shape=shape,
         artifact_bytes=size,
         tags=dict(version.tags or {}),
+        model_tags=dict(registered.tags or {}),
     )
 
 
-def _find_version(ref: ModelURI, client: MlflowClient) -> Any:
+def _find_version(ref: ModelURI, client: MlflowClient) -> tuple[Any, Any]:
     from mlflow.exceptions import MlflowException
 
     try:
@@ -122,9 +124,9 @@ def _find_version(ref: ModelURI, client: MlflowClient) -> Any:
                 f"model {ref.name!r} has no alias {ref.alias!r} (aliases: {known}); set it with "
                 f"MlflowClient().set_registered_model_alias({ref.name!r}, {ref.alias!r}, VERSION)"
             )
-        return client.get_model_version_by_alias(ref.name, ref.alias)
+        return registered, client.get_model_version_by_alias(ref.name, ref.alias)
     try:
-        return client.get_model_version(ref.name, ref.version)
+        return registered, client.get_model_version(ref.name, ref.version)
     except MlflowException as e:
         if _is_missing(e):
             found = client.search_model_versions(f"name = '{ref.name}'", max_results=20)

@@ -32,7 +32,7 @@ _SESSION_RAY_TOKEN = secrets.token_hex(32)
 def free_port_block(size: int = 4) -> int:
     """A base port with ``size`` consecutive free ports (Ray's instance uses 4)."""
     for _ in range(200):
-        base = random.randrange(20000, 40000)
+        base = random.randrange(20000, 29000)  # below Serve's direct-ingress ports (30000+)
         if all(_free(base + i) for i in range(size)):
             return base
     raise RuntimeError("no free port block")
@@ -63,8 +63,13 @@ def prefect_harness() -> Iterator[None]:
 @pytest.fixture(scope="module")
 def settings(prefect_harness: None) -> Iterator[Settings]:
     """Settings for one module, with the environment pointed at its state folder."""
+    yield from module_settings()
+
+
+def module_settings(**overrides: object) -> Iterator[Settings]:
+    """Settings for one module (see ``settings``); a module overrides that fixture with its own values."""
     saved = dict(os.environ)
-    s = make_settings()
+    s = make_settings(**overrides)
     # Ray reads its auth token once per process: every module's local instance must use the
     # same token as the first one this test process connected to.
     (s.ray_dir).mkdir(parents=True, exist_ok=True)

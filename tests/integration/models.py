@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import mlflow.pyfunc
 import numpy as np
+import pandas as pd
 
 
 class DoubleIt(mlflow.pyfunc.PythonModel):
@@ -23,7 +24,16 @@ class BrokenOnLoad(mlflow.pyfunc.PythonModel):
         return model_input
 
 
-def register_pyfunc(model: mlflow.pyfunc.PythonModel, name: str, artifact_root: str) -> str:
+class AddColumns(mlflow.pyfunc.PythonModel):
+    """A column-schema pyfunc (a: double, b: double) -> a + b; fails (a 500) when a < -1000."""
+
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> list[float]:
+        if (model_input["a"] < -1000).any():
+            raise RuntimeError("a is below -1000: a bug in this model")
+        return (model_input["a"] + model_input["b"]).tolist()
+
+
+def register_pyfunc(model: mlflow.pyfunc.PythonModel, name: str, artifact_root: str, example: object = None) -> str:
     """Log ``model`` with an input example, register it, return models:/NAME/VERSION."""
     import sys
 
@@ -36,7 +46,7 @@ def register_pyfunc(model: mlflow.pyfunc.PythonModel, name: str, artifact_root: 
     exp_id = (
         exp.experiment_id if exp else client.create_experiment("tests", artifact_location=f"file://{artifact_root}")
     )
-    example = np.array([[1.0, 2.0, 3.0]], dtype=np.float64)
+    example = np.array([[1.0, 2.0, 3.0]], dtype=np.float64) if example is None else example
     with mlflow.start_run(experiment_id=exp_id):
         info = mlflow.pyfunc.log_model(
             name="model",

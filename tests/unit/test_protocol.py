@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from serving._protocol import BadRequest, encode_predictions, parse_body, to_tensor
+from serving._protocol import BadRequest, UnsupportedMediaType, encode_predictions, parse_body, to_tensor
 
 
 def body(payload: object) -> bytes:
@@ -38,12 +38,16 @@ def test_csv() -> None:
         (body({"inputs": [1], "instances": [1]}), "application/json", "exactly one of the keys"),
         (body({"inputs": [[1, 2], [3]]}), "application/json", "not a rectangular array"),
         (body({"dataframe_split": [1, 2]}), "application/json", '"dataframe_split" must be an object'),
-        (b"x", "application/xml", "content type 'application/xml' is not supported"),
     ],
 )
 def test_bad_bodies(raw: bytes, content_type: str, message: str) -> None:
     with pytest.raises(BadRequest, match=message):
         parse_body(raw, content_type)
+
+
+def test_unsupported_content_type_is_415_like_mlflow() -> None:
+    with pytest.raises(UnsupportedMediaType, match="content type 'application/xml' is not supported"):
+        parse_body(b"x", "application/xml")
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,120 @@
+"""Per-model Serve settings from tags, the spec built from a plan, and Serve's process environment."""
+
+from pathlib import Path
+
+import pytest
+
+from nodewise.runtime import haproxy_dir, library_environment, serve_environment
+from nodewise.settings import ServeSettings, Settings
+from serving.app import build_app
+from tasks.placement import PlacementPlan
+from tasks.ray_serve import build_spec
+from tasks.registry import ResolvedModel
+from tasks.serve_config import InvalidServeOverride, serve_settings_for
+
+GIB = 1024**3
+
+
+def model(tags: dict[str, str] | None = None, model_tags: dict[str, str] | None = None) -> ResolvedModel:
+    return ResolvedModel(
+        name="fraud",
+        version="3",
+        alias=None,
+        pinned_uri="models:/fraud/3",
+        artifact_uri="file:///nowhere",
+        run_id=None,
+        flavors=["python_function", "pytorch"],
+        flavor="pytorch",
+        pytorch_format="pickle",
+        artifact_bytes=1,
+        tags=tags or {},
+        model_tags=model_tags or {},
+    )
+
+
+def plan(replicas: int = 2, capacity: int = 6, tp: int = 1) -> PlacementPlan:
+    return PlacementPlan(
+        fits=True,
+        backend="ray_serve",
+        layout="shared-device" if tp == 1 else "multi-device",
+        needed_bytes=GIB,
+        budget_bytes=10 * GIB,
+        largest_budget_bytes=10 * GIB,
+        tp_size=tp,
+        replicas=replicas,
+        capacity_replicas=capacity,
+        num_cpus_per_replica=0.5 if tp == 1 else 1.0,
+        num_gpus_per_replica=0.0 if tp == 1 else float(tp),
+        device_kind="cpu" if tp == 1 else "gpu",
+    )
+
+
+def test_version_tags_override_model_tags_which_override_settings() -> None:
+    base = ServeSettings(max_batch_size=32, max_replicas=3)
+    merged = serve_settings_for(
+        model(
+            tags={"nodewise.serve.max_batch_size": "8", "other.tag": "x"},
+            model_tags={"nodewise.serve.max_batch_size": "16", "nodewise.serve.upscale_delay_s": "1.5"},
+        ),
+        base,
+    )
+    assert (merged.max_batch_size, merged.upscale_delay_s, merged.max_replicas) == (8, 1.5, 3)
+    assert serve_settings_for(model(), base) is base
+
+
+@pytest.mark.parametrize(
+    ("tags", "message"),
+    [
+        ({"nodewise.serve.max_replicas": "many"}, r"model version tag nodewise.serve.max_replicas='many': .*integer"),
+        ({"nodewise.serve.replicaz": "2"}, r"'nodewise.serve.replicaz' of models:/fraud/3 is not a setting"),
+        (
+            {"nodewise.serve.min_replicas": "4", "nodewise.serve.max_replicas": "2"},
+            r"max_replicas \(2\) is below min_replicas \(4\)",
+        ),
+        ({"nodewise.serve.batch_wait_timeout_s": "-1"}, r"batch_wait_timeout_s='-1': .*greater than or equal to 0"),
+    ],
+)
+def test_bad_override_tags_name_the_tag_and_the_fix(tags: dict[str, str], message: str) -> None:
+    with pytest.raises(InvalidServeOverride, match=message):
+        serve_settings_for(model(tags=tags), ServeSettings())
+
+
+def test_spec_autoscales_from_the_plan_up_to_what_the_inventory_holds(tmp_path: Path) -> None:
+    settings = Settings(state_dir=tmp_path)
+    fixed = build_spec(model(), plan(replicas=2), settings)
+    assert (fixed.min_replicas, fixed.max_replicas) == (2, 2)
+    config = build_app(fixed)._bound_deployment._deployment_config
+    assert (config.num_replicas, config.autoscaling_config) == (2, None)
+    scaled = build_spec(model(), plan(replicas=2, capacity=6), settings, ServeSettings(max_replicas=10))
+    assert (scaled.min_replicas, scaled.max_replicas) == (2, 6)
+    options = build_app(scaled)._bound_deployment._deployment_config.autoscaling_config
+    assert (options.min_replicas, options.max_replicas, options.target_ongoing_requests) == (2, 6, 16.0)
+    # The memory limit defaults to twice the planned memory, and at least that plus 1 GiB.
+    assert fixed.memory_limit_bytes == 2 * GIB
+
+
+def test_multi_device_replica_reserves_its_devices_together(tmp_path: Path) -> None:
+    spec = build_spec(model(), plan(replicas=1, capacity=2, tp=4), Settings(state_dir=tmp_path))
+    deployment = build_app(spec)._bound_deployment
+    replica = deployment._replica_config
+    assert replica.placement_group_bundles == [{"CPU": 1.0, "GPU": 1.0}] + [{"GPU": 1.0}] * 3
+    assert replica.placement_group_strategy == "STRICT_PACK"
+    assert replica.ray_actor_options["num_gpus"] == 1.0
+
+
+def test_serve_environment_reaches_haproxy_paths_inside_short_state_folders(tmp_path: Path) -> None:
+    settings = Settings(state_dir=tmp_path / ("x" * 80))
+    env = serve_environment(settings)
+    assert env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
+    assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+    hap = haproxy_dir(settings)
+    assert env["RAY_SERVE_HAPROXY_SOCKET_PATH"] == str(hap / "admin.sock")
+    # Serve adds "/<56-char node id>/metrics.sock"; HAProxy refuses socket paths of 97+ characters.
+    assert len(env["RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH"]) + 57 < 97
+    assert "/haproxy-serve" not in " ".join(env.values())
+    proxy = serve_environment(Settings(state_dir=tmp_path, serve={"ingress": "proxy"}))
+    assert proxy["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "0"
+    assert "RAY_SERVE_ENABLE_HA_PROXY" not in proxy
+    # An existing cluster keeps the switches it was started with.
+    remote = library_environment(Settings(state_dir=tmp_path, ray={"address": "10.0.0.1:6379"}))
+    assert not any(k.startswith("RAY_SERVE_") for k in remote)
