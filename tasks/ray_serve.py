@@ -82,13 +82,22 @@ def deploy_app(spec: ModelServeSpec, settings: Settings, remote_cluster: bool) -
     from serving.app import build_app
 
     serve.start(http_options={"host": settings.serve.host, "port": settings.serve.port})
-    runtime_env = {"py_modules": [str(Path(__file__).resolve().parents[1] / "serving")]} if remote_cluster else None
+    runtime_env = {"py_modules": shipped_serving_package()} if remote_cluster else None
     app = build_app(spec, runtime_env=runtime_env)
     serve._run(app, _blocking=False, name=spec.app_name, route_prefix=spec.route_prefix)
     # Our local instance never grows: unschedulable replicas fail at once. An external cluster
     # may be autoscaling, so there we wait out the timeout.
     wait_until_running(spec.app_name, settings.serve.ready_timeout_s, fail_unschedulable=not remote_cluster)
     return endpoint_url(settings, spec)
+
+
+def shipped_serving_package() -> list[str]:
+    """``serving/`` uploaded to the cluster (a gcs:// URI): an existing cluster's nodes do not
+    have nodewise's code. Serve's config accepts only URIs there, not local paths."""
+    from ray._private.runtime_env.py_modules import upload_py_modules_if_needed
+
+    local = {"py_modules": [str(Path(__file__).resolve().parents[1] / "serving")]}
+    return list(upload_py_modules_if_needed(local, include_gitignore=True)["py_modules"])
 
 
 def wait_until_running(app_name: str, timeout_s: float, fail_unschedulable: bool = True) -> None:

@@ -1,0 +1,101 @@
+"""Deploying onto an existing Ray cluster: two real nodes on this host (`ray start --head` +
+`ray start --address`), token authentication on, replicas spread over both nodes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import psutil
+import pytest
+
+from flows.deploy import deploy_model
+from nodewise.runtime import configure_process, serve_environment
+from nodewise.settings import Settings
+
+from .conftest import _SESSION_RAY_TOKEN, free_port_block, make_settings
+
+
+def _stop_processes_of(marker: str) -> None:
+    procs = [p for p in psutil.process_iter(["cmdline"]) if marker in " ".join(p.info["cmdline"] or [])]
+    for proc in procs:
+        proc.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=15)
+    for proc in alive:
+        proc.kill()
+
+
+@pytest.fixture(scope="module")
+def two_node_cluster(prefect_harness: None) -> Iterator[tuple[str, Settings]]:
+    saved = dict(os.environ)
+    temp = Path(tempfile.mkdtemp(prefix="nw2n-", dir="/tmp"))
+    port = free_port_block(5)
+    token = temp / "token"
+    token.write_text(_SESSION_RAY_TOKEN)  # this test process's Ray token (read once per process)
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    # The cluster's owner starts it with Ray Serve's switches, as the README says.
+    local_like = make_settings()
+    env = {
+        **os.environ,
+        **serve_environment(local_like),
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": str(token),
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
+    common = ["--num-cpus=1", f"--temp-dir={temp / 'ray'}", "--node-ip-address=127.0.0.1", "--disable-usage-stats"]
+    head_ports = [f"--ray-client-server-port={port + 1}", f"--dashboard-agent-listen-port={port + 2}"]
+    try:
+        subprocess.run(
+            [ray_bin, "start", "--head", f"--port={port}", "--include-dashboard=false", *common, *head_ports],
+            env=env,
+            check=True,
+            capture_output=True,
+        )
+        subprocess.run(
+            [ray_bin, "start", f"--address=127.0.0.1:{port}", f"--dashboard-agent-listen-port={port + 3}", *common],
+            env=env,
+            check=True,
+            capture_output=True,
+        )
+        settings = make_settings(ray={"address": f"127.0.0.1:{port}"}, serve={"replicas": 2})
+        configure_process(settings)
+        os.environ.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)})
+        yield f"127.0.0.1:{port}", settings
+    finally:
+        import ray
+
+        ray.shutdown()
+        _stop_processes_of(str(temp))
+        _stop_processes_of(str(local_like.state_path))
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def test_deploys_onto_an_existing_two_node_cluster_and_serves_from_both(
+    two_node_cluster: tuple[str, Settings],
+) -> None:
+    import ray
+    from ray.serve.context import _get_global_client
+
+    from nodewise.demo import register_demo_model
+    from tasks.ray_cluster import read_local_cluster
+
+    address, settings = two_node_cluster
+    model = register_demo_model(str(settings.artifact_root))
+    record = deploy_model(f"models:/{model.name}@champion", inventory=f"ray:{address}", settings=settings)
+    assert read_local_cluster(settings) is None  # nodewise started no Ray of its own
+    nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+    assert len(nodes) == 2
+    details = _get_global_client().get_serve_details()
+    replicas = details["applications"][record.app_name]["deployments"]["ModelServer"]["replicas"]
+    assert [r["state"] for r in replicas] == ["RUNNING", "RUNNING"]
+    assert {r["node_id"] for r in replicas} == nodes  # one replica on each node
+    for _ in range(20):
+        answer = httpx.post(f"{record.endpoint}/invocations", json={"inputs": np.zeros((1, 64)).tolist()}, timeout=30)
+        assert answer.status_code == 200, answer.text
