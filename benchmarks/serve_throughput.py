@@ -23,6 +23,7 @@ import contextlib
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -188,6 +189,8 @@ def main() -> None:
         except Exception as e:  # keep the other servers' numbers; say what failed
             results[name] = {"error": f"{type(e).__name__}: {e}"[:300], "log": str(log)}
             print(f"  failed: {e}; log: {log}", file=sys.stderr)
+    if not any("error" in r for r in results.values()):
+        shutil.rmtree(workdir, ignore_errors=True)  # keep the logs only when something failed
     summary = {"benchmark": "serve_throughput", "seconds_per_point": args.seconds, "servers": results}
     nw, ml1, ml2, hw = (results.get(k, {}) for k in ("nodewise", "mlflow-1", "mlflow-2", "ray-handwritten"))
     top = f"c{max(concurrencies)}"

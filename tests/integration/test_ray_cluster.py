@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -49,6 +50,7 @@ def two_node_cluster(prefect_harness: None) -> Iterator[tuple[str, Settings]]:
         "RAY_USAGE_STATS_ENABLED": "0",
     }
     common = ["--num-cpus=1", f"--temp-dir={temp / 'ray'}", "--node-ip-address=127.0.0.1", "--disable-usage-stats"]
+    made: list[Settings] = []
     head_ports = [f"--ray-client-server-port={port + 1}", f"--dashboard-agent-listen-port={port + 2}"]
     try:
         subprocess.run(
@@ -64,6 +66,7 @@ def two_node_cluster(prefect_harness: None) -> Iterator[tuple[str, Settings]]:
             capture_output=True,
         )
         settings = make_settings(ray={"address": f"127.0.0.1:{port}"}, serve={"replicas": 2})
+        made.append(settings)
         configure_process(settings)
         os.environ.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)})
         yield f"127.0.0.1:{port}", settings
@@ -72,9 +75,10 @@ def two_node_cluster(prefect_harness: None) -> Iterator[tuple[str, Settings]]:
 
         ray.shutdown()
         _stop_processes_of(str(temp))
-        _stop_processes_of(str(local_like.state_path))
         os.environ.clear()
         os.environ.update(saved)
+        for folder in (temp, local_like.state_path, *(s.state_path for s in made)):
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_deploys_onto_an_existing_two_node_cluster_and_serves_from_both(
