@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -54,17 +56,36 @@ def _ms(value: str) -> float:
 
 def run_wrk(url: str, body: bytes, connections: int, seconds: int) -> dict[str, float | int]:
     """One closed-loop run: ``connections`` clients, each sending the next request on an answer."""
+    with start_wrk(url, body, connections, seconds) as proc:
+        out, _ = proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"wrk failed (exit {proc.returncode}): {out[-500:]}")
+    return parse_wrk(out)
+
+
+@contextlib.contextmanager
+def start_wrk(url: str, body: bytes, connections: int, seconds: int) -> Iterator[subprocess.Popen]:
+    """wrk running in the background (read its report with ``communicate()``)."""
     with tempfile.TemporaryDirectory() as tmp:
         body_path = Path(tmp) / "body.json"
         body_path.write_bytes(body)
         script = Path(tmp) / "post.lua"
         script.write_text(_LUA.format(body=body_path))
-        out = subprocess.run(
+        proc = subprocess.Popen(
             [*wrk_args(connections, seconds), "-s", str(script), url],
-            capture_output=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
             text=True,
-            check=True,
-        ).stdout
+        )
+        try:
+            yield proc
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def parse_wrk(out: str) -> dict[str, float | int]:
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     lat = dict(re.findall(r"^\s+(50|99)%\s+(\S+)$", out, flags=re.M))
     total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]

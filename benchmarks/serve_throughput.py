@@ -49,11 +49,12 @@ LEVERS = {
 }
 
 
-def register(workdir: Path) -> str:
+def register(workdir: Path, seed: int = 0) -> str:
+    """Register the reference MLP (a new version each call); returns models:/NAME/VERSION."""
     import mlflow
     import torch
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     mlp = torch.nn.Sequential(
         torch.nn.Linear(784, 2048),
         torch.nn.ReLU(),
@@ -63,7 +64,12 @@ def register(workdir: Path) -> str:
         torch.nn.ReLU(),
         torch.nn.Linear(2048, 10),
     ).eval()
-    exp = mlflow.create_experiment("throughput", artifact_location=f"file://{workdir / 'artifacts'}")
+    found = mlflow.get_experiment_by_name("throughput")
+    exp = (
+        found.experiment_id
+        if found
+        else mlflow.create_experiment("throughput", artifact_location=f"file://{workdir / 'artifacts'}")
+    )
     with mlflow.start_run(experiment_id=exp):
         info = mlflow.pytorch.log_model(
             mlp,
