@@ -40,11 +40,13 @@ MODEL = "mlp-10m"
 
 from benchmarks._load import require_wrk, run_wrk, wait_ready  # noqa: E402
 
-# Lever -> the nodewise setting that turns it back to Ray Serve's default.
+# Lever -> the nodewise setting that turns it off (back to Ray Serve's default, or to the usual
+# @serve.batch wait of a hand-written app).
 LEVERS = {
     "no-haproxy-ingress": {"NODEWISE_SERVE__INGRESS": "proxy"},
     "no-throughput-mode": {"NODEWISE_SERVE__THROUGHPUT_OPTIMIZED": "false"},
     "no-batching": {"NODEWISE_SERVE__MAX_BATCH_SIZE": "1"},
+    "batch-wait-5ms": {"NODEWISE_SERVE__BATCH_WAIT_TIMEOUT_S": "0.005"},
     "max-ongoing-5": {"NODEWISE_SERVE__MAX_ONGOING_REQUESTS": "5"},
 }
 

@@ -138,7 +138,11 @@ class ServeSettings(_Section):
         default=32, description="Requests one replica takes at once (Ray's default of 5 collapses under load)."
     )
     max_batch_size: PositiveInt = Field(default=32)
-    batch_wait_timeout_s: Annotated[float, Field(ge=0.0, le=10.0)] = 0.005
+    batch_wait_timeout_s: Annotated[float, Field(ge=0.0, le=10.0)] = Field(
+        default=0.0,
+        description="How long a batch waits to fill. 0: a batch takes the requests that queued while "
+        "the previous one ran (full under load, no added latency when idle).",
+    )
     max_request_bytes: PositiveInt = Field(default=16 * 1024 * 1024, description="Larger bodies get 413.")
     max_consecutive_errors: PositiveInt = Field(
         default=5, description="Inference errors in a row after which a replica reports unhealthy."
@@ -154,7 +158,7 @@ class ServeSettings(_Section):
         description="haproxy: Ray Serve's HAProxy in front of replicas that take HTTP themselves "
         "(least-connections routing, no Python proxy hop); proxy: Ray Serve's default Python proxy. "
         "Applies to the local Ray nodewise starts; start an existing cluster with the same "
-        "RAY_SERVE_* variables (`nodewise status` prints them).",
+        "RAY_SERVE_* variables (see the README).",
     )
     throughput_optimized: bool = Field(
         default=True,

@@ -80,7 +80,7 @@ class ModelServer:
         self._consecutive_errors = 0
         return Response(encode_predictions(predictions), media_type=_JSON)
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)  # both set from the spec in __init__
     async def _predict_batch(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
         assert self.model is not None
         sizes = [a.shape[0] for a in arrays]

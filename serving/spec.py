@@ -43,7 +43,7 @@ class ModelServeSpec(BaseModel):
     torch_threads: PositiveInt = 1
     max_ongoing_requests: PositiveInt = 32
     max_batch_size: PositiveInt = 32
-    batch_wait_timeout_s: NonNegativeFloat = 0.005
+    batch_wait_timeout_s: NonNegativeFloat = 0.0
     max_request_bytes: PositiveInt = 16 * 1024 * 1024
     max_consecutive_errors: PositiveInt = 5
     memory_limit_bytes: PositiveInt | None = Field(
