@@ -43,7 +43,17 @@ def cli_env() -> Iterator[dict[str, str]]:
     state, env = user_environment("nw-e2e-")
     yield env
     subprocess.run([NODEWISE, "down"], env=env, timeout=120, check=False)
-    shutil.rmtree(state, ignore_errors=True)
+    remove_state(state)
+
+
+def remove_state(state: Path | str) -> None:
+    """The state folder, and Ray's and HAProxy's folders in /tmp when its path was too long for sockets."""
+    from nodewise.runtime import haproxy_dir, ray_temp_dir
+    from nodewise.settings import Settings
+
+    settings = Settings(state_dir=Path(state))
+    for folder in (Path(state), ray_temp_dir(settings), haproxy_dir(settings)):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def run(env: dict[str, str], *args: str, timeout: float = 400) -> subprocess.CompletedProcess[str]:
@@ -51,10 +61,16 @@ def run(env: dict[str, str], *args: str, timeout: float = 400) -> subprocess.Com
 
 
 def ray_processes(state: str) -> list[int]:
+    """Ray's and HAProxy's processes of the instance whose state folder is ``state``."""
+    from nodewise.runtime import haproxy_dir, ray_temp_dir
+    from nodewise.settings import Settings
+
+    settings = Settings(state_dir=Path(state))
+    markers = (state, str(ray_temp_dir(settings)), str(haproxy_dir(settings)))
     found = []
     for proc in psutil.process_iter(["pid", "cmdline"]):
         cmdline = " ".join(proc.info["cmdline"] or [])
-        if state in cmdline or ("nodewise-ray-" in cmdline and state in cmdline):
+        if any(marker in cmdline for marker in markers):
             found.append(proc.info["pid"])
     return found
 
@@ -117,4 +133,4 @@ def test_demo_serves_until_interrupted_then_stops_everything(sig: int) -> None:
         if proc.poll() is None:
             proc.kill()
         subprocess.run([NODEWISE, "down"], env=env, timeout=120, check=False, capture_output=True)
-        shutil.rmtree(state, ignore_errors=True)
+        remove_state(state)
