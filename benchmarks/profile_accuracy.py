@@ -29,6 +29,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks._models import reference_mlp  # noqa: E402
+
 PUBLISHED = {  # parameter counts as published (model cards, Hugging Face)
     "llama-2-7b": 6_738_415_616,
     "llama-2-13b": 13_015_864_320,
@@ -47,18 +49,7 @@ def build_zoo():
 
     torch.manual_seed(0)
     zoo = {}
-    zoo["mlp"] = (
-        torch.nn.Sequential(
-            torch.nn.Linear(784, 2048),
-            torch.nn.ReLU(),
-            torch.nn.Linear(2048, 2048),
-            torch.nn.ReLU(),
-            torch.nn.Linear(2048, 2048),
-            torch.nn.ReLU(),
-            torch.nn.Linear(2048, 10),
-        ),
-        np.random.rand(32, 784).astype("float32"),
-    )
+    zoo["mlp"] = (reference_mlp(), np.random.rand(32, 784).astype("float32"))
     zoo["cnn"] = (
         torch.nn.Sequential(
             torch.nn.Conv2d(3, 64, 3, padding=1),

@@ -39,6 +39,7 @@ BIN = Path(sys.executable).parent
 MODEL = "mlp-10m"
 
 from benchmarks._load import require_wrk, run_wrk, wait_ready  # noqa: E402
+from benchmarks._models import reference_mlp  # noqa: E402
 
 # Lever -> the nodewise setting that turns it off (back to Ray Serve's default, or to the usual
 # @serve.batch wait of a hand-written app).
@@ -57,15 +58,7 @@ def register(workdir: Path, seed: int = 0) -> str:
     import torch
 
     torch.manual_seed(seed)
-    mlp = torch.nn.Sequential(
-        torch.nn.Linear(784, 2048),
-        torch.nn.ReLU(),
-        torch.nn.Linear(2048, 2048),
-        torch.nn.ReLU(),
-        torch.nn.Linear(2048, 2048),
-        torch.nn.ReLU(),
-        torch.nn.Linear(2048, 10),
-    ).eval()
+    mlp = reference_mlp().eval()
     found = mlflow.get_experiment_by_name("throughput")
     exp = (
         found.experiment_id

@@ -134,19 +134,10 @@ def test_attention_scores_are_materialised_on_cpu_only() -> None:
 
 def test_opaque_pyfunc_holds_a_second_copy_while_loading_on_cpu_only() -> None:
     from tasks.profile_models import analytic_profile
-    from tasks.registry import ResolvedModel
 
-    model = ResolvedModel(
-        name="m",
-        version="1",
-        alias=None,
-        pinned_uri="models:/m/1",
-        artifact_uri="file:///nowhere",
-        run_id=None,
-        flavors=["python_function"],
-        flavor="python_function",
-        artifact_bytes=100 * 2**20,
-    )
+    from .factories import resolved_model
+
+    model = resolved_model(artifact_bytes=100 * 2**20)
     cpu = analytic_profile(model, device="cpu")
     assert (cpu.weight_bytes, cpu.load_copy_bytes, cpu.analytic_bytes) == (100 * 2**20, 100 * 2**20, 200 * 2**20)
     assert cpu.breakdown()["load_copy"] == 100 * 2**20

@@ -12,21 +12,19 @@ from tasks.ray_serve import build_spec
 from tasks.registry import ResolvedModel
 from tasks.serve_config import InvalidServeOverride, serve_settings_for
 
+from .factories import resolved_model
+
 GIB = 1024**3
 
 
 def model(tags: dict[str, str] | None = None, model_tags: dict[str, str] | None = None) -> ResolvedModel:
-    return ResolvedModel(
+    return resolved_model(
         name="fraud",
         version="3",
-        alias=None,
         pinned_uri="models:/fraud/3",
-        artifact_uri="file:///nowhere",
-        run_id=None,
         flavors=["python_function", "pytorch"],
         flavor="pytorch",
         pytorch_format="pickle",
-        artifact_bytes=1,
         tags=tags or {},
         model_tags=model_tags or {},
     )
