@@ -2,8 +2,9 @@
 
 Routes, under the application's route prefix (one prefix per model):
 ``POST /invocations``, ``GET /ping``, ``GET /health``, ``GET /version``.
-Errors map to statuses in one place (``_status_for``): bad input 400, body too large 413, unsupported content type 415,
-unknown route 404, model not ready 503, anything else 500 with a request id in the log.
+Errors map to statuses in one place (``_error_response``): bad input 400, body too large 413,
+unsupported content type 415, unknown route 404, model not ready 503, anything else 500 with a
+request id in the log.
 """
 
 from __future__ import annotations
