@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import socket
 import tempfile
@@ -12,6 +13,10 @@ import pytest
 
 # Before anything imports Prefect, MLflow, Ray or torch: keep their state out of $HOME.
 _SANDBOX = Path(tempfile.mkdtemp(prefix="nw-tests-"))
+# Ray reads its auth token once per process, possibly while a test module is collected (importing
+# ray.serve): from the start, this process's token is the one every test's Ray instance uses.
+RAY_TEST_TOKEN = secrets.token_hex(32)
+(_SANDBOX / "ray_token").write_text(RAY_TEST_TOKEN)
 os.environ.update(
     {
         "PREFECT_HOME": str(_SANDBOX / "prefect"),
@@ -23,6 +28,8 @@ os.environ.update(
         "TORCH_EXTENSIONS_DIR": str(_SANDBOX / "torch_extensions"),
         "RAY_USAGE_STATS_ENABLED": "0",
         "RAY_TMPDIR": str(_SANDBOX / "ray"),
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": str(_SANDBOX / "ray_token"),
         "NODEWISE_STATE_DIR": str(_SANDBOX / "state"),
     }
 )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import random
-import secrets
 import shutil
 import socket
 import tempfile
@@ -15,6 +14,7 @@ import pytest
 
 from nodewise.runtime import configure_process
 from nodewise.settings import Settings
+from tests.conftest import RAY_TEST_TOKEN
 
 
 def _free(port: int) -> bool:
@@ -26,7 +26,7 @@ def _free(port: int) -> bool:
     return True
 
 
-_SESSION_RAY_TOKEN = secrets.token_hex(32)
+_SESSION_RAY_TOKEN = RAY_TEST_TOKEN  # see tests/conftest.py
 
 
 def free_port_block(size: int = 4) -> int:
