@@ -29,7 +29,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks._models import reference_mlp  # noqa: E402
+from benchmarks._models import zoo  # noqa: E402
 
 PUBLISHED = {  # parameter counts as published (model cards, Hugging Face)
     "llama-2-7b": 6_738_415_616,
@@ -42,60 +42,15 @@ PUBLISHED = {  # parameter counts as published (model cards, Hugging Face)
 }
 
 
-def build_zoo():
-    import mlflow
-    import torch
-    import transformers
-
-    torch.manual_seed(0)
-    zoo = {}
-    zoo["mlp"] = (reference_mlp(), np.random.rand(32, 784).astype("float32"))
-    zoo["cnn"] = (
-        torch.nn.Sequential(
-            torch.nn.Conv2d(3, 64, 3, padding=1),
-            torch.nn.ReLU(),
-            torch.nn.Conv2d(64, 128, 3, padding=1),
-            torch.nn.ReLU(),
-            torch.nn.MaxPool2d(2),
-            torch.nn.Conv2d(128, 256, 3, padding=1),
-            torch.nn.ReLU(),
-            torch.nn.MaxPool2d(2),
-            torch.nn.Flatten(),
-            torch.nn.Linear(256 * 16 * 16, 512),
-            torch.nn.ReLU(),
-            torch.nn.Linear(512, 10),
-        ),
-        np.random.rand(32, 3, 64, 64).astype("float32"),
-    )
-    llama = transformers.LlamaConfig(
-        hidden_size=512,
-        intermediate_size=1408,
-        num_hidden_layers=8,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        vocab_size=32000,
-        max_position_embeddings=512,
-    )
-    zoo["tiny-llama"] = (
-        transformers.LlamaForCausalLM(llama).eval(),
-        np.random.randint(0, 32000, (4, 128)).astype("int64"),
-    )
-    bert = transformers.BertConfig(
-        hidden_size=512, num_hidden_layers=6, num_attention_heads=8, intermediate_size=2048, vocab_size=30522
-    )
-    zoo["tiny-bert"] = (transformers.BertModel(bert).eval(), np.random.randint(0, 30522, (8, 128)).astype("int64"))
-    return zoo, mlflow
-
-
 def register_all(artifacts: Path) -> dict[str, str]:
     import cloudpickle
     import mlflow
     import torch
 
-    zoo, _ = build_zoo()
+    models = zoo()
     exp = mlflow.create_experiment("zoo", artifact_location=f"file://{artifacts}")
     uris = {}
-    for name, (module, example) in zoo.items():
+    for name, (module, example) in models.items():
         with mlflow.start_run(experiment_id=exp):
             info = mlflow.pytorch.log_model(
                 module,
