@@ -1,18 +1,20 @@
-"""The ``deploy_model`` flow: registry -> profile -> placement -> Ray Serve -> smoke test -> record."""
+"""The ``deploy_model`` flow: registry -> profile -> placement -> Ray Serve or DeepSpeed/MPI -> smoke test -> record."""
 
 from __future__ import annotations
 
 from prefect import flow
 
-from nodewise.errors import DeployFailed, DoesNotFit, UnsupportedModel
+from nodewise.errors import DeployFailed, DoesNotFit
 from nodewise.settings import Settings, load_settings
+from serving.spec import DeepSpeedSpec
+from tasks.deepspeed_serve import build_deepspeed_spec, deploy_cluster_task, smoke_test_lm_task
 from tasks.inventory import read_inventory_task
-from tasks.placement import plan_placement_task
+from tasks.placement import PlacementPlan, plan_placement_task
 from tasks.profile_models import profile_model_task
 from tasks.ray_cluster import ensure_cluster_task
 from tasks.ray_serve import build_spec, deploy_app_task, rollback_task
 from tasks.records import DeploymentRecord, get_record, record_deployment_task
-from tasks.registry import resolve_model_task
+from tasks.registry import ResolvedModel, resolve_model_task
 from tasks.report import publish_report_task
 from tasks.serve_config import serve_settings_for
 from tasks.smoke import smoke_test_task
@@ -41,11 +43,8 @@ def deploy_model(
     publish_report_task(model.pinned_uri, profile, plan)
     if not plan.fits:
         raise DoesNotFit(f"{model.pinned_uri} was not deployed: {plan.explain()}")
-    if plan.backend != "ray_serve":
-        raise UnsupportedModel(
-            f"{model.pinned_uri} needs {plan.nodes} nodes ({plan.explain()}); the multi-node "
-            "DeepSpeed backend is not available in this version of nodewise"
-        )
+    if plan.backend == "deepspeed_mpi":
+        return _deploy_deepspeed(model, plan, settings)
     cluster = ensure_cluster_task(settings)
     spec = build_spec(model, plan, settings, serve)
     previous = get_record(settings.records_path, spec.app_name)
@@ -69,6 +68,40 @@ def deploy_model(
             backend="ray_serve",
             endpoint=endpoint,
             replicas=plan.replicas,
+            plan=plan.explain(),
+            spec=spec.model_dump(mode="json"),
+        ),
+    )
+
+
+def _deploy_deepspeed(model: ResolvedModel, plan: PlacementPlan, settings: Settings) -> DeploymentRecord:
+    """Several nodes: DeepSpeed tensor parallelism over MPI ranks, every rank in every request."""
+    spec = build_deepspeed_spec(model, plan, settings)
+    endpoint = deploy_cluster_task(spec, plan, settings)
+    try:
+        smoke = smoke_test_lm_task(endpoint, model, spec, settings.smoke)
+    except DeployFailed:
+        from tasks.deepspeed_cluster import stop_cluster
+
+        previous = get_record(settings.records_path, spec.app_name)
+        stop_cluster(settings, spec.app_name)
+        if previous is not None and previous.backend == "deepspeed_mpi":
+            deploy_cluster_task(DeepSpeedSpec.model_validate(previous.spec), plan, settings)
+        raise
+    print(
+        f"{model.pinned_uri} serves at {endpoint} on {plan.ranks} DeepSpeed ranks: smoke test "
+        f"{'matched the whole model' if smoke.compared else 'answered'}"
+    )
+    return record_deployment_task(
+        settings.records_path,
+        DeploymentRecord(
+            app_name=spec.app_name,
+            model_name=model.name,
+            model_version=model.version,
+            model_uri=model.pinned_uri,
+            backend="deepspeed_mpi",
+            endpoint=endpoint,
+            replicas=1,
             plan=plan.explain(),
             spec=spec.model_dump(mode="json"),
         ),

@@ -88,8 +88,20 @@ def demo(
     retrain: Annotated[
         bool, typer.Option("--retrain", help="Train and register a new version even if one exists.")
     ] = False,
+    lm: Annotated[
+        bool,
+        typer.Option(
+            "--lm/--no-lm", help="Also serve a small causal LM on two DeepSpeed ranks under mpirun (multi-node path)."
+        ),
+    ] = True,
 ) -> None:
-    """Train a small digits model, register it as @champion, deploy it and show a prediction."""
+    """Serve a small digits model on Ray Serve and a small causal LM on DeepSpeed ranks under mpirun.
+
+    The digits model is trained, registered as @champion, deployed and asked for a prediction.
+    The LM (a Llama-style model with random weights) is registered too, and placed on a declared
+    inventory of two nodes on this machine, each too small to hold it: the plan splits it over
+    both, and mpirun starts one DeepSpeed rank per node.
+    """
     settings = _settings()
     started = time.monotonic()
     from nodewise.demo import register_demo_model
@@ -100,6 +112,8 @@ def demo(
     typer.echo(f"{verb} models:/{model.name}/{model.version} (test accuracy {model.accuracy:.1%}), alias @champion")
     record = _deploy(f"models:/{model.name}@champion", None, settings)
     _show_prediction(record.endpoint)
+    if lm:
+        _demo_multi_node(settings, retrain)
     typer.echo(f"ready in {time.monotonic() - started:.1f} s")
     if detach:
         typer.echo("detached: `nodewise status` shows it, `nodewise down` stops it")
@@ -113,6 +127,43 @@ def demo(
         typer.echo("\nstopping")
         for line in _down(settings):
             typer.echo(line)
+
+
+def _demo_multi_node(settings: Settings, retrain: bool) -> None:
+    from mlflow import MlflowClient
+
+    from nodewise.demo import DEMO_LM, register_demo_lm, too_small_inventory
+    from tasks.profile_models import profile_with_cache
+    from tasks.registry import resolve_model
+
+    version = _guard(lambda: register_demo_lm(str(settings.artifact_root), retrain=retrain))
+    typer.echo(f"registered models:/{DEMO_LM}/{version} (a Llama-style causal LM, random weights), alias @champion")
+    model = _guard(lambda: resolve_model(f"models:/{DEMO_LM}@champion", MlflowClient()))
+    profile = _guard(lambda: profile_with_cache(model, batch_size=settings.serve.max_batch_size, device="cpu"))
+    inventory = too_small_inventory(
+        settings.state_path / "demo-inventory.yaml",
+        profile.total_bytes,
+        profile.per_rank_bytes(2),
+        settings.placement.headroom_fraction,
+    )
+    typer.echo(
+        f"declared inventory {inventory}: 2 nodes on this machine, each too small for one copy "
+        f"({profile.total_bytes / 2**20:.0f} MiB)"
+    )
+    record = _deploy(f"models:/{DEMO_LM}@champion", None, settings, inventory)
+    _show_generation(record.endpoint)
+
+
+def _show_generation(endpoint: str) -> None:
+    import httpx
+
+    body = {"prompt": "nodewise serves", "max_new_tokens": 12}
+    answer = httpx.post(f"{endpoint}/generate", json=body, timeout=60).json()
+    typer.echo(f"generated (random weights, so nonsense): {answer['generated_text'][0]!r}")
+    typer.echo(
+        f"try it:\n  curl -s -X POST {endpoint}/generate -H 'Content-Type: application/json' "
+        f"-d '{json.dumps(body, separators=(',', ':'))}'"
+    )
 
 
 def _stop_on_signals() -> None:
@@ -144,10 +195,10 @@ def _show_prediction(endpoint: str) -> None:
     )
 
 
-def _deploy(uri: str, replicas: int | None, settings: Settings) -> Any:
+def _deploy(uri: str, replicas: int | None, settings: Settings, inventory: str = "local") -> Any:
     from flows.deploy import deploy_model
 
-    record = _guard(lambda: deploy_model(uri, replicas=replicas, settings=settings))
+    record = _guard(lambda: deploy_model(uri, replicas=replicas, inventory=inventory, settings=settings))
     typer.echo(f"deployed {record.model_uri} (version {record.model_version}) -> {record.endpoint}")
     typer.echo(f"plan: {record.plan}")
     return record
@@ -157,13 +208,19 @@ def _deploy(uri: str, replicas: int | None, settings: Settings) -> Any:
 def deploy(
     model_uri: Annotated[str, typer.Argument(help="models:/NAME@ALIAS or models:/NAME/VERSION")],
     replicas: Annotated[int | None, typer.Option(min=1, help="Replicas wanted (the plan may give fewer).")] = None,
+    inventory: Annotated[
+        str, typer.Option(help="Where it may run: local, nvml, ray[:ADDRESS], k8s, or a YAML file of nodes")
+    ] = "local",
 ) -> None:
-    """Deploy a registered model where it fits, smoke-test it and record it."""
+    """Deploy a registered model where it fits, smoke-test it and record it.
+
+    One node holds it: Ray Serve replicas. Several nodes needed: DeepSpeed ranks under mpirun.
+    """
     from tasks.registry import parse_model_uri
 
     _guard(lambda: parse_model_uri(model_uri))  # a typo fails before anything starts
     settings = _settings()
-    _deploy(model_uri, replicas, settings)
+    _deploy(model_uri, replicas, settings, inventory)
 
 
 @app.command()
@@ -183,7 +240,8 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="Machine-readabl
     for row in rows["deployments"]:
         typer.echo(
             f"{row['app']}: {row['model_uri']} (version {row['version']}) on {row['backend']}, "
-            f"{row['replicas']} replica(s), {row['health']} at {row['endpoint']}, "
+            + (f"{row['ranks']} rank(s), " if row.get("ranks") else f"{row['replicas']} replica(s), ")
+            + f"{row['health']} at {row['endpoint']}, "
             f"deployed {row['deployed_at']}"
         )
 

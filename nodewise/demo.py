@@ -108,3 +108,114 @@ def register_demo_model(
     client.set_model_version_tag(name, version, DEMO_TAG, f"{accuracy:.4f}")
     client.set_registered_model_alias(name, alias, version)
     return DemoModel(name, version, accuracy, True)
+
+
+# -- the multi-node demo: a small Llama-style causal LM -----------------------------------------
+DEMO_LM = "nodewise-tiny-llama"
+DEMO_LM_TAG = "nodewise.demo.lm"
+_CHARS = [chr(i) for i in range(32, 127)]
+
+
+def char_tokenizer() -> object:
+    """A character-level tokenizer built in code (printable ASCII; no download)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(_CHARS)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    backend.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="</s>"
+    )
+
+
+def build_llama(
+    hidden: int = 256, layers: int = 4, heads: int = 4, max_positions: int = 512, seed: int = 0
+) -> tuple[object, object]:
+    """A randomly initialised Llama-style causal LM and its tokenizer (no download)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = char_tokenizer()
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(_CHARS) + 3,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=max_positions,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
+    return LlamaForCausalLM(config).eval(), tokenizer
+
+
+def log_llama(model: object, tokenizer: object, name: str, experiment_id: str | None = None) -> str:
+    """Register ``model`` with the transformers flavour (text-generation); returns the version."""
+    import mlflow
+    import torch
+    import transformers
+
+    requirements = [f"torch=={torch.__version__.split('+')[0]}", f"transformers=={transformers.__version__}"]
+    with mlflow.start_run(experiment_id=experiment_id, run_name=name):
+        info = mlflow.transformers.log_model(
+            {"model": model, "tokenizer": tokenizer},
+            name="model",
+            task="text-generation",
+            input_example=["nodewise serves"],
+            registered_model_name=name,
+            pip_requirements=requirements,
+        )
+    return str(info.registered_model_version)
+
+
+def register_demo_lm(artifact_root: str, name: str = DEMO_LM, alias: str = "champion", retrain: bool = False) -> str:
+    """Register the demo LM (reusing the version under ``alias`` unless ``retrain``); returns its version."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient()
+    if not retrain:
+        try:
+            current = client.get_model_version_by_alias(name, alias)
+        except MlflowException:
+            current = None
+        if current is not None and DEMO_LM_TAG in (current.tags or {}):
+            return str(current.version)
+    experiment = client.get_experiment_by_name(DEMO_EXPERIMENT)
+    experiment_id = (
+        experiment.experiment_id
+        if experiment
+        else client.create_experiment(DEMO_EXPERIMENT, artifact_location=f"file://{artifact_root}")
+    )
+    model, tokenizer = build_llama()
+    version = log_llama(model, tokenizer, name, experiment_id)
+    client.set_model_version_tag(name, version, DEMO_LM_TAG, "random weights")
+    client.set_registered_model_alias(name, alias, version)
+    return version
+
+
+def too_small_inventory(path: object, one_copy_bytes: int, per_rank_bytes: int, headroom: float) -> str:
+    """Declare two nodes on this machine, each too small for one copy but big enough for half.
+
+    The demo has one machine; this inventory is how it shows the multi-node path: the plan
+    finds no node that holds the model, splits it over both, and mpirun starts one rank per
+    "node", all on this host.
+    """
+    from pathlib import Path
+
+    import yaml
+
+    usable = (one_copy_bytes + per_rank_bytes) // 2  # between half (plus overheads) and one copy
+    host_memory = int(usable / headroom)
+    nodes = [
+        {"name": f"demo-node-{i}", "cpus": 1, "host_memory": host_memory, "address": "localhost"} for i in range(2)
+    ]
+    target = Path(str(path))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(yaml.safe_dump({"nodes": nodes}, sort_keys=False))
+    return str(target)

@@ -28,7 +28,7 @@ def library_environment(settings: Settings) -> dict[str, str]:
         "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(settings.mlflow.max_retries),
         "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
         "MLFLOW_HTTP_REQUEST_TIMEOUT": str(int(settings.mlflow.timeout_s)),
-        "TORCH_EXTENSIONS_DIR": str(settings.state_path / "torch_extensions"),
+        "TORCH_EXTENSIONS_DIR": str(settings.op_cache_path),
         "RAY_USAGE_STATS_ENABLED": "0",
         "TOKENIZERS_PARALLELISM": "false",
     }

@@ -172,6 +172,41 @@ class ServeSettings(_Section):
     )
 
 
+class DeepSpeedSettings(_Section):
+    """The multi-node backend: DeepSpeed tensor parallelism over ranks that mpirun starts."""
+
+    port: PositiveInt = Field(default=8100, le=65535, description="HTTP port of rank 0 (the endpoint).")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        default="auto", description="Weights dtype on the ranks. auto: float32 on CPU, float16 on GPU."
+    )
+    master_port: PositiveInt | None = Field(
+        default=None, ge=1024, le=65535, description="torch.distributed rendezvous port. Default: a free port."
+    )
+    heartbeat_s: PositiveFloat = Field(default=1.0, description="How often each rank reports to rank 0.")
+    heartbeat_timeout_s: PositiveFloat = Field(default=10.0, description="A rank silent this long is dead or hung.")
+    tick_s: PositiveFloat = Field(default=2.0, description="Idle ranks step together this often.")
+    request_timeout_s: PositiveFloat = Field(default=60.0, description="Longest one request may take (504).")
+    ready_timeout_s: PositiveFloat = Field(
+        default=600.0, description="Launch to every rank ready; the first launch builds DeepSpeed's op (~85 s)."
+    )
+    stop_grace_s: PositiveFloat = Field(default=10.0, description="SIGTERM to SIGKILL when stopping ranks.")
+    max_batch_size: PositiveInt = Field(default=8, description="Sequences (or prompts) per request.")
+    default_new_tokens: PositiveInt = Field(default=16, description="Tokens generated when a request names none.")
+    max_new_tokens: PositiveInt = Field(default=256, description="Most tokens one request may ask to generate.")
+    mpirun: str = Field(default="mpirun", description="Open MPI's launcher (a path or a name on PATH).")
+    mpirun_args: list[str] = Field(
+        default_factory=list, description="Extra mpirun arguments, e.g. ['--mca', 'btl_tcp_if_include', 'eth0']."
+    )
+    python: str | None = Field(
+        default=None, description="Python with nodewise installed, same path on every host. Default: this one."
+    )
+    op_cache_dir: Path | None = Field(
+        default=None,
+        description="DeepSpeed's compiled ops (TORCH_EXTENSIONS_DIR). Default: torch_extensions in the state "
+        "folder. Only the first launch that uses a folder builds them (~85 s).",
+    )
+
+
 class SmokeSettings(_Section):
     """The smoke test that follows every deploy."""
 
@@ -205,6 +240,7 @@ class Settings(BaseSettings):
     prefect: PrefectSettings = PrefectSettings()
     ray: RaySettings = RaySettings()
     serve: ServeSettings = ServeSettings()
+    deepspeed: DeepSpeedSettings = DeepSpeedSettings()
     smoke: SmokeSettings = SmokeSettings()
     placement: PlacementSettings = PlacementSettings()
 
@@ -245,6 +281,14 @@ class Settings(BaseSettings):
     @property
     def ray_dir(self) -> Path:
         return self.state_path / "ray"
+
+    @property
+    def deepspeed_dir(self) -> Path:
+        return self.state_path / "deepspeed"
+
+    @property
+    def op_cache_path(self) -> Path:
+        return (self.deepspeed.op_cache_dir or self.state_path / "torch_extensions").expanduser().resolve()
 
 
 def load_settings(**overrides: object) -> Settings:

@@ -59,3 +59,44 @@ class ModelServeSpec(BaseModel):
         if self.max_replicas < self.min_replicas:
             raise ValueError(f"max_replicas ({self.max_replicas}) must be >= min_replicas ({self.min_replicas})")
         return self
+
+
+LMFlavor = Literal["transformers", "pytorch"]
+
+
+class DeepSpeedSpec(BaseModel):
+    """What one DeepSpeed tensor-parallel cluster serves: every rank starts with this spec."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    app_name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    model_uri: str = Field(description="Pinned URI, models:/NAME/VERSION.")
+    model_name: str
+    model_version: str
+    tracking_uri: str
+    registry_uri: str
+    flavor: LMFlavor
+    tp_size: PositiveInt = Field(description="Ranks in the job; every rank holds 1/tp_size of the weights.")
+    device: Literal["cpu", "cuda"] = "cpu"
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    host: str = Field(default="127.0.0.1", description="Address rank 0's HTTP server binds to.")
+    port: int = Field(default=8100, ge=1, le=65535, description="Rank 0's HTTP port (also the heartbeat sink).")
+    torch_threads: PositiveInt = 1
+    heartbeat_s: PositiveFloat = 1.0
+    heartbeat_timeout_s: PositiveFloat = 10.0
+    tick_s: PositiveFloat = Field(default=2.0, description="Idle ranks step together this often (liveness).")
+    request_timeout_s: PositiveFloat = 60.0
+    collective_timeout_s: PositiveFloat = 600.0
+    max_request_bytes: PositiveInt = 16 * 1024 * 1024
+    max_batch_size: PositiveInt = 32
+    default_new_tokens: PositiveInt = 16
+    max_new_tokens: PositiveInt = 256
+    download_dir: str | None = Field(default=None, description="Where each rank downloads the model's artifacts.")
+
+    @model_validator(mode="after")
+    def _token_bounds(self) -> DeepSpeedSpec:
+        if self.default_new_tokens > self.max_new_tokens:
+            raise ValueError(
+                f"default_new_tokens ({self.default_new_tokens}) must be <= max_new_tokens ({self.max_new_tokens})"
+            )
+        return self

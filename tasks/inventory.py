@@ -32,6 +32,11 @@ class Node(BaseModel):
     cpus: PositiveInt
     host_memory_bytes: PositiveInt
     gpus: list[Device] = Field(default_factory=list)
+    address: str | None = Field(default=None, description="Where mpirun reaches the node. Default: its name.")
+
+    @property
+    def host(self) -> str:
+        return self.address or self.name
 
     @property
     def devices(self) -> list[Device]:

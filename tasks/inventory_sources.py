@@ -45,7 +45,10 @@ def inventory_from_yaml(path: str | Path) -> Inventory:
         cpus: 32
         host_memory: 512GiB
         gpus: [{name: A100-80GB, memory: 80GiB, count: 8}]
-      - {name: cpu-a, cpus: 16, host_memory: 64GiB}
+      - {name: cpu-a, cpus: 16, host_memory: 64GiB, address: 10.0.0.7}
+
+    ``address`` is where mpirun reaches the node (default: its name); ``localhost`` runs that
+    node's ranks on this machine.
     """
     import yaml
 
@@ -66,9 +69,11 @@ def _yaml_node(entry: Any, index: int, path: Path) -> Node:
     where = f"{path}: nodes[{index}]"
     if not isinstance(entry, dict):
         raise InvalidInventory(f"{where} must be a mapping with name, cpus, host_memory (and gpus)")
-    unknown = set(entry) - {"name", "cpus", "host_memory", "gpus"}
+    unknown = set(entry) - {"name", "cpus", "host_memory", "gpus", "address"}
     if unknown:
-        raise InvalidInventory(f"{where} has unknown keys {sorted(unknown)}; use name, cpus, host_memory, gpus")
+        raise InvalidInventory(
+            f"{where} has unknown keys {sorted(unknown)}; use name, cpus, host_memory, gpus, address"
+        )
     for key in ("cpus", "host_memory"):
         if key not in entry:
             raise InvalidInventory(f"{where} is missing {key!r}")
@@ -84,6 +89,7 @@ def _yaml_node(entry: Any, index: int, path: Path) -> Node:
         cpus=parse_cpus(entry["cpus"], f"{where}.cpus"),
         host_memory_bytes=parse_bytes(entry["host_memory"], f"{where}.host_memory"),
         gpus=gpus,
+        address=str(entry["address"]) if entry.get("address") else None,
     )
 
 

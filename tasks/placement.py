@@ -41,6 +41,7 @@ class PlacementPlan(BaseModel):
     num_gpus_per_replica: float = 0.0
     torch_threads: int = 1
     device_kind: Literal["cpu", "gpu"] = "cpu"
+    hosts: list[str] = Field(default_factory=list, description="Multi-node plans: where each node's ranks run.")
     reasons: list[str] = Field(default_factory=list)
 
     @property
@@ -201,6 +202,8 @@ def _multi_node(profile: MemoryProfile, inventory: Inventory, headroom: float, l
                 capacity_replicas=len(group) // count,
                 num_gpus_per_replica=float(per_node) if kind == "gpu" else 0.0,
                 device_kind=kind,
+                hosts=[n.host for n in group[:count]],
+                torch_threads=max(1, min(8, min(n.cpus for n in group[:count]) // per_node)),
                 reasons=[
                     f"one copy needs {_gib(profile.total_bytes)}; no single node holds it",
                     f"{count} nodes x {per_node} device(s) = {tp} tensor-parallel ranks at "

@@ -104,6 +104,13 @@ def profile_model_task(
     model: ResolvedModel, batch_size: int = 1, device: str = "cpu", dtype: str | None = None
 ) -> MemoryProfile:
     """Profile ``model`` (analytic + measured), reusing the profile cached on its version tags."""
+    return profile_with_cache(model, batch_size=batch_size, device=device, dtype=dtype)
+
+
+def profile_with_cache(
+    model: ResolvedModel, *, batch_size: int = 1, device: str = "cpu", dtype: str | None = None
+) -> MemoryProfile:
+    """The profile a deploy uses: cached on the version's tags, else analytic + measured (and cached)."""
     if device == "cuda" and not _cuda_here():
         device = "cpu"  # GPU targets elsewhere: weights and activations weigh the same on the host
     key = cache_key(dtype, batch_size, device)

@@ -16,7 +16,13 @@ def _health(endpoint: str) -> str:
         response = httpx.get(f"{endpoint}/ping", timeout=2.0)
     except httpx.TransportError:
         return "unreachable"
-    return "healthy" if response.status_code == 200 else f"unhealthy (HTTP {response.status_code})"
+    if response.status_code == 200:
+        return "healthy"
+    try:  # DeepSpeed's rank 0 says which ranks are the trouble
+        problems = "; ".join(response.json().get("problems", []))
+    except ValueError:
+        problems = ""
+    return f"unhealthy (HTTP {response.status_code}{': ' + problems if problems else ''})"
 
 
 def deployment_status(settings: Settings) -> dict[str, Any]:
@@ -33,6 +39,7 @@ def deployment_status(settings: Settings) -> dict[str, Any]:
             "version": r.model_version,
             "backend": r.backend,
             "replicas": r.replicas,
+            "ranks": r.spec.get("tp_size", 1) if r.backend == "deepspeed_mpi" else None,
             "endpoint": r.endpoint,
             "health": _health(r.endpoint),
             "deployed_at": r.deployed_at,
@@ -44,9 +51,17 @@ def deployment_status(settings: Settings) -> dict[str, Any]:
 
 
 def stop_everything(settings: Settings) -> list[str]:
-    """Delete nodewise's Serve apps and stop its local Ray instance. Returns what was done."""
+    """Stop nodewise's DeepSpeed jobs, delete its Serve apps and stop its local Ray instance.
+
+    Returns what was done.
+    """
+    from tasks.deepspeed_cluster import launched_apps, stop_cluster
+
     done = []
     records = load_records(settings.records_path)
+    for name in sorted(launched_apps(settings) | {n for n, r in records.items() if r.backend == "deepspeed_mpi"}):
+        done.extend(stop_cluster(settings, name))
+    records = {n: r for n, r in records.items() if r.backend != "deepspeed_mpi"}
     if settings.ray.address:
         if records:
             from tasks.ray_serve import delete_app

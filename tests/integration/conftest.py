@@ -41,11 +41,13 @@ def free_port_block(size: int = 4) -> int:
 def make_settings(**overrides: object) -> Settings:
     # A short state path: Ray's socket paths live under it.
     state = Path(tempfile.mkdtemp(prefix="nw-", dir="/tmp"))
-    base = free_port_block(5)
+    base = free_port_block(6)
     values: dict = {
         "state_dir": state,
         "ray": {"port": base, "num_cpus": 2},
         "serve": {"port": base + 4, "replicas": 1, "ready_timeout_s": 120},
+        # DeepSpeed's op is built once per test run (~85 s), in the run's sandbox (tests/conftest.py).
+        "deepspeed": {"port": base + 5, "op_cache_dir": os.environ["TORCH_EXTENSIONS_DIR"]},
     }
     for key, value in overrides.items():
         values[key] = {**values.get(key, {}), **value} if isinstance(value, dict) else value

@@ -1,0 +1,173 @@
+"""A causal LM on one rank: loaded from the registry, sharded with DeepSpeed AutoTP, run.
+
+Every rank runs the same calls on the same token ids; DeepSpeed's all-reduces inside the
+sharded layers make them cooperate. Only rank 0 tokenizes and decodes.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from serving.spec import DeepSpeedSpec
+
+# DeepSpeed 0.19's AutoTP refuses these architectures (a kernel-injection policy exists instead).
+AUTOTP_REFUSES = ("deberta", "flaubert", "fsmt", "gpt2", "led", "longformer", "xlm", "xlnet")
+AUTOTP_FAMILIES = "Llama, Mistral, Mixtral, Qwen2, Gemma, Phi, Falcon, OPT, BLOOM, GPT-J, GPT-NeoX, MPT, T5, BERT"
+
+
+class CannotShard(RuntimeError):
+    """AutoTP cannot split this model over the ranks."""
+
+
+class LanguageModel:
+    """The (sharded) module and, for the transformers flavour, its tokenizer."""
+
+    def __init__(self, module: Any, tokenizer: Any | None, spec: DeepSpeedSpec) -> None:
+        self.module = module
+        self.tokenizer = tokenizer
+        self.spec = spec
+        config = getattr(module, "config", None)
+        self.vocab_size: int | None = getattr(config, "vocab_size", None)
+        self.max_positions: int | None = getattr(config, "max_position_embeddings", None)
+        self.can_generate = hasattr(module, "generate") and config is not None
+
+    # -- loading -------------------------------------------------------------------------
+    @classmethod
+    def load(cls, spec: DeepSpeedSpec) -> LanguageModel:
+        """Load the registered model on the CPU in ``spec.dtype``."""
+        import mlflow
+        import torch
+
+        torch.set_num_threads(spec.torch_threads)
+        mlflow.set_tracking_uri(spec.tracking_uri)
+        mlflow.set_registry_uri(spec.registry_uri)
+        dtype = getattr(torch, spec.dtype)
+        if spec.flavor == "pytorch":
+            module = mlflow.pytorch.load_model(spec.model_uri, map_location="cpu")
+            return cls(module.to(dtype).eval(), None, spec)
+        # Everything is read into memory, so the download goes once loaded (one folder per rank).
+        with tempfile.TemporaryDirectory(prefix="nodewise-lm-", dir=spec.download_dir) as root:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=spec.model_uri, dst_path=root))
+            return cls(*_load_transformers(local, dtype), spec)
+
+    @staticmethod
+    def load_tokenizer(spec: DeepSpeedSpec) -> Any | None:
+        """The transformers flavour's tokenizer alone (None when the model was logged without one)."""
+        import mlflow
+        from transformers import AutoTokenizer
+
+        mlflow.set_tracking_uri(spec.tracking_uri)
+        mlflow.set_registry_uri(spec.registry_uri)
+        with tempfile.TemporaryDirectory(prefix="nodewise-tok-", dir=spec.download_dir) as root:
+            try:
+                local = mlflow.artifacts.download_artifacts(
+                    artifact_uri=f"{spec.model_uri}/components/tokenizer", dst_path=root
+                )
+            except Exception:  # no tokenizer component
+                return None
+            return AutoTokenizer.from_pretrained(local)
+
+    def shard(self, tp_size: int) -> None:
+        """Split the weights over ``tp_size`` ranks with DeepSpeed AutoTP (no-op for one rank)."""
+        check_shardable(self.module, tp_size)
+        if tp_size == 1:
+            if self.spec.device == "cuda":
+                self.module = self.module.to("cuda")
+            return
+        import deepspeed
+        import torch
+
+        engine = deepspeed.init_inference(
+            self.module,
+            tensor_parallel={"tp_size": tp_size},
+            dtype=getattr(torch, self.spec.dtype),
+            replace_with_kernel_inject=False,
+        )
+        self.module = engine.module
+
+    # -- running -------------------------------------------------------------------------
+    def forward(self, ids: np.ndarray) -> np.ndarray:
+        """Logits for a batch of token ids, ``[batch, seq, vocab]`` as float32."""
+        import torch
+
+        with torch.inference_mode():
+            out = self.module(torch.as_tensor(ids, device=self._device()))
+        logits = getattr(out, "logits", out)
+        return logits.float().cpu().numpy()
+
+    def generate(self, prompts: list[np.ndarray], max_new_tokens: int) -> list[list[int]]:
+        """Greedy continuation of each prompt (token ids in, new token ids out)."""
+        import torch
+
+        results = []
+        with torch.inference_mode():
+            for ids in prompts:
+                tensor = torch.as_tensor(ids, device=self._device()).reshape(1, -1)
+                out = self.module.generate(
+                    tensor,
+                    attention_mask=torch.ones_like(tensor),
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=self._pad_id(),
+                )
+                results.append(out[0, tensor.shape[1] :].tolist())
+        return results
+
+    def _device(self) -> str:
+        if self.spec.device == "cuda":
+            import torch
+
+            return f"cuda:{torch.cuda.current_device()}"
+        return "cpu"
+
+    def _pad_id(self) -> int | None:
+        config = getattr(self.module, "generation_config", None) or getattr(self.module, "config", None)
+        pad = getattr(config, "pad_token_id", None)
+        return pad if pad is not None else getattr(config, "eos_token_id", None)
+
+
+def _load_transformers(local: Path, dtype: Any) -> tuple[Any, Any]:
+    import yaml
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    flavor = yaml.safe_load((local / "MLmodel").read_text())["flavors"].get("transformers", {})
+    binary = local / flavor.get("model_binary", "model")
+    model = AutoModelForCausalLM.from_pretrained(binary, dtype=dtype).eval()
+    tokenizer_dir = local / "components" / "tokenizer"
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir) if tokenizer_dir.exists() else None
+    return model, tokenizer
+
+
+def check_shardable(module: Any, tp_size: int) -> None:
+    """Raise ``CannotShard`` with the reason when AutoTP cannot split ``module`` ``tp_size`` ways."""
+    if tp_size == 1:
+        return
+    config = getattr(module, "config", None)
+    model_type = getattr(config, "model_type", None)
+    name = type(module).__name__
+    if config is None or model_type in AUTOTP_REFUSES:
+        what = f"{name} ({model_type})" if model_type else f"{name}, a custom torch module"
+        raise CannotShard(
+            f"DeepSpeed AutoTP cannot shard {what} over {tp_size} ranks: it shards Hugging Face transformer "
+            f"models ({AUTOTP_FAMILIES}, ...), not {', '.join(AUTOTP_REFUSES)} nor custom modules; "
+            "register a supported architecture, or give the model a node that holds it whole (Ray Serve)"
+        )
+    for attr in ("num_attention_heads", "num_key_value_heads"):
+        heads = getattr(config, attr, None)
+        if heads and heads % tp_size:
+            raise CannotShard(
+                f"{name} has {attr}={heads}, which {tp_size} ranks cannot split evenly; "
+                f"use a rank count that divides {heads}"
+            )
+
+
+def local_shm_files(master_addr: str, master_port: int) -> list[str]:
+    """DeepSpeed's shared-memory all-reduce buffers of one job on this host (its ranks' segments)."""
+    prefix = f"deepspeed_allreduce_buffer_{os.getuid()}_{master_addr}_{master_port}_"
+    shm = Path("/dev/shm")
+    return sorted(str(p) for p in shm.glob(prefix + "*")) if shm.exists() else []

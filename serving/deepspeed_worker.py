@@ -1,0 +1,452 @@
+"""One rank of a DeepSpeed tensor-parallel cluster: ``python -m serving.deepspeed_worker SPEC.json``.
+
+Every rank derives its distributed environment from its launcher (``serving.dist_env``), loads
+the model and takes its shard. Rank 0 also answers HTTP (the MLflow scoring protocol on
+``POST /invocations``, ``POST /generate`` for causal LMs, ``GET /ping``, ``/health``, ``/version``):
+it validates each request, broadcasts it, every rank computes, and rank 0 replies. Idle ranks
+step together every ``tick_s`` seconds; each rank posts a heartbeat (state, step count, time
+since its last step) to rank 0 every ``heartbeat_s``, so a dead rank (no heartbeat) and a hung
+one (no step) are both seen. ``/ping`` is 200 only when every rank is ready and alive.
+
+A rank that cannot start prints one line ``nodewise-worker error: ...`` and exits 1; the
+launcher reports that line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import socket
+import sys
+import threading
+import time
+import uuid
+from concurrent.futures import Future
+from dataclasses import asdict, dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from serving._protocol import BadRequest, PayloadTooLarge, UnsupportedMediaType, encode_predictions, parse_body
+from serving.dist_env import DistEnv, DistEnvError, discover
+from serving.spec import DeepSpeedSpec
+
+ERROR_MARK = "nodewise-worker error:"
+
+
+@dataclass
+class Beat:
+    """One rank's last heartbeat, as rank 0 keeps it."""
+
+    rank: int
+    pid: int
+    host: str
+    state: str
+    steps: int
+    step_age_s: float
+    rss_bytes: int
+    error: str | None = None
+    phases: dict[str, float] = field(default_factory=dict)
+    received: float = field(default_factory=time.monotonic)
+
+
+class RankState:
+    """What this rank reports about itself."""
+
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+        self.state = "starting"
+        self.error: str | None = None
+        self.steps = 0
+        self.last_step = time.monotonic()
+        self.busy_since: float | None = None
+        self.phases: dict[str, float] = {}  # seconds each start-up phase took
+        self._mark = time.monotonic()
+
+    def enter(self, state: str) -> None:
+        """Move to ``state``, timing the phase just finished."""
+        now = time.monotonic()
+        self.phases[self.state] = round(now - self._mark, 2)
+        self.state, self._mark = state, now
+
+    def beat(self) -> dict[str, Any]:
+        import psutil
+
+        # A rank idle between ticks has an age up to tick_s; one stuck in a step grows without bound.
+        since = self.busy_since or self.last_step
+        return {
+            "rank": self.rank,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "state": self.state,
+            "steps": self.steps,
+            "step_age_s": round(time.monotonic() - since, 3),
+            "rss_bytes": psutil.Process().memory_info().rss,
+            "error": self.error,
+            "phases": self.phases,
+        }
+
+
+class ClusterView:
+    """Rank 0's picture of all ranks, from their heartbeats."""
+
+    def __init__(self, spec: DeepSpeedSpec, world_size: int) -> None:
+        self.spec = spec
+        self.world_size = world_size
+        self.beats: dict[int, Beat] = {}
+        self.lock = threading.Lock()
+        self.started = time.monotonic()
+
+    def record(self, beat: dict[str, Any]) -> None:
+        rank = int(beat["rank"])
+        if not 0 <= rank < self.world_size:
+            raise BadRequest(f"heartbeat from rank {rank}, outside 0-{self.world_size - 1}")
+        with self.lock:
+            self.beats[rank] = Beat(**{k: beat[k] for k in Beat.__dataclass_fields__ if k in beat})
+
+    def health(self) -> dict[str, Any]:
+        now = time.monotonic()
+        stall = self.spec.tick_s + self.spec.request_timeout_s
+        ranks, problems = [], []
+        with self.lock:
+            beats = dict(self.beats)
+        for rank in range(self.world_size):
+            beat = beats.get(rank)
+            if beat is None:
+                ranks.append({"rank": rank, "state": "no heartbeat"})
+                problems.append(f"rank {rank}: no heartbeat yet")
+                continue
+            age = now - beat.received
+            row = {**asdict(beat), "heartbeat_age_s": round(age, 3)}
+            row.pop("received")
+            ranks.append(row)
+            if age > self.spec.heartbeat_timeout_s:
+                problems.append(f"rank {rank} ({beat.host} pid {beat.pid}): no heartbeat for {age:.1f} s")
+            elif beat.state != "ready":
+                problems.append(f"rank {rank}: {beat.state}" + (f" ({beat.error})" if beat.error else ""))
+            elif beat.step_age_s > stall:
+                problems.append(f"rank {rank}: stuck in step {beat.steps + 1} for {beat.step_age_s:.1f} s")
+        return {
+            "ready": not problems,
+            "world_size": self.world_size,
+            "problems": problems,
+            "ranks": ranks,
+            "uptime_s": round(now - self.started, 1),
+        }
+
+
+class Frontend:
+    """Rank 0's request handling: parse and validate, then hand a command to the step loop."""
+
+    def __init__(self, spec: DeepSpeedSpec, view: ClusterView) -> None:
+        self.spec = spec
+        self.view = view
+        self.model: Any = None  # LanguageModel once loaded
+        self.commands: queue.Queue[tuple[tuple[Any, ...], Future[Any]]] = queue.Queue()
+
+    def submit(self, command: tuple[Any, ...]) -> Any:
+        if self.model is None or not self.view.health()["ready"]:
+            raise NotReady(self.view.health()["problems"] or ["the model is loading"])
+        done: Future[Any] = Future()
+        self.commands.put((command, done))
+        try:
+            return done.result(timeout=self.spec.request_timeout_s)
+        except TimeoutError as e:
+            raise RequestTimeout(f"no answer within {self.spec.request_timeout_s:.0f} s") from e
+
+    # -- /invocations ----------------------------------------------------------------------
+    def invocations(self, body: bytes, content_type: str) -> bytes:
+        data = parse_body(body, content_type)
+        if isinstance(data, dict):
+            if len(data) != 1:
+                raise BadRequest(f"this model takes one input; got named inputs {sorted(data)}")
+            data = next(iter(data.values()))
+        if hasattr(data, "to_numpy"):  # a one-column DataFrame of prompts or ids
+            data = data.to_numpy()
+            if data.ndim == 2 and data.shape[1] == 1 and data.dtype == object:
+                data = data[:, 0].astype(str)
+        array = np.asarray(data)
+        if array.dtype.kind in "US":
+            texts = [str(t) for t in array.reshape(-1)]
+            return encode_predictions(self._generate_texts(texts, self.spec.default_new_tokens))
+        ids = self._token_ids(array, "inputs")
+        if ids.ndim != 2:
+            raise BadRequest(f"inputs has shape {list(ids.shape)}; send token ids as [batch, sequence]")
+        return encode_predictions(self.submit(("forward", ids)))
+
+    # -- /generate -------------------------------------------------------------------------
+    def generate(self, body: bytes) -> bytes:
+        try:
+            payload = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise BadRequest(f"body is not valid JSON ({e})") from e
+        if not isinstance(payload, dict) or ("prompt" in payload) == ("input_ids" in payload):
+            raise BadRequest('send {"prompt": "text" or ["text", ...]} or {"input_ids": [[id, ...], ...]}')
+        new_tokens = payload.get("max_new_tokens", self.spec.default_new_tokens)
+        if not isinstance(new_tokens, int) or isinstance(new_tokens, bool) or not new_tokens >= 1:
+            raise BadRequest(f"max_new_tokens={new_tokens!r} must be a positive integer")
+        if new_tokens > self.spec.max_new_tokens:
+            raise BadRequest(
+                f"max_new_tokens={new_tokens} is over this deployment's limit of {self.spec.max_new_tokens}"
+            )
+        if "prompt" in payload:
+            prompts = payload["prompt"] if isinstance(payload["prompt"], list) else [payload["prompt"]]
+            if not prompts or not all(isinstance(p, str) for p in prompts):
+                raise BadRequest('"prompt" must be a string or a non-empty list of strings')
+            return json.dumps({"generated_text": self._generate_texts(prompts, new_tokens)}).encode()
+        rows = payload["input_ids"]
+        if not isinstance(rows, list) or not rows or not all(isinstance(r, list) and r for r in rows):
+            raise BadRequest('"input_ids" must be a non-empty list of non-empty lists of token ids')
+        prompts = [self._token_ids(np.asarray(r), "input_ids") for r in rows]
+        self._check_length(max(len(p) for p in prompts) + new_tokens)
+        return json.dumps({"output_ids": self.submit(("generate", prompts, new_tokens))}).encode()
+
+    def _generate_texts(self, texts: list[str], new_tokens: int) -> list[str]:
+        tokenizer = self.model.tokenizer if self.model else None
+        if tokenizer is None:
+            raise BadRequest("this model has no tokenizer (pytorch flavour): send token ids, not text")
+        if len(texts) > self.spec.max_batch_size:
+            raise BadRequest(f"{len(texts)} prompts is over the limit of {self.spec.max_batch_size} per request")
+        prompts = [np.asarray(tokenizer(t)["input_ids"], dtype=np.int64) for t in texts]
+        if any(p.size == 0 for p in prompts):
+            raise BadRequest("a prompt is empty after tokenization; send some text")
+        self._check_length(max(len(p) for p in prompts) + new_tokens)
+        outputs = self.submit(("generate", prompts, new_tokens))
+        return [t + tokenizer.decode(o, skip_special_tokens=True) for t, o in zip(texts, outputs, strict=True)]
+
+    def _token_ids(self, array: np.ndarray, name: str) -> np.ndarray:
+        if array.size == 0:
+            raise BadRequest(f"{name} is empty; send at least one token id")
+        if array.dtype.kind not in "iuf" or (array.dtype.kind == "f" and not np.all(np.mod(array, 1) == 0)):
+            raise BadRequest(f"{name} must be integer token ids; got {array.dtype} values")
+        ids = array.astype(np.int64)
+        vocab = self.model.vocab_size if self.model else None
+        if vocab is not None and (ids.min() < 0 or ids.max() >= vocab):
+            raise BadRequest(f"{name} holds token ids outside 0-{vocab - 1} (got {ids.min()}..{ids.max()})")
+        if ids.ndim == 2:
+            if ids.shape[0] > self.spec.max_batch_size:
+                raise BadRequest(f"{ids.shape[0]} sequences is over the limit of {self.spec.max_batch_size}")
+            self._check_length(ids.shape[1])
+        return ids
+
+    def _check_length(self, length: int) -> None:
+        limit = self.model.max_positions if self.model else None
+        if limit is not None and length > limit:
+            raise BadRequest(f"{length} tokens (prompt plus new tokens) is over the model's limit of {limit}")
+
+
+class NotReady(RuntimeError):
+    """Not every rank is ready (answered 503)."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+
+
+class RequestTimeout(RuntimeError):
+    """The ranks did not answer in time (answered 504)."""
+
+
+def _handler(frontend: Frontend) -> type[BaseHTTPRequestHandler]:
+    spec = frontend.spec
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, format: str, *args: Any) -> None:  # quiet: one line per error instead
+            pass
+
+        def do_GET(self) -> None:
+            path = self.path.split("?", 1)[0]
+            if path in ("/ping", "/health"):
+                health = frontend.view.health()
+                if frontend.model is None and health["ready"]:
+                    health = {**health, "ready": False, "problems": ["rank 0: loading"]}
+                body = health if path == "/health" else {"ready": health["ready"], "problems": health["problems"]}
+                self._reply(200 if health["ready"] else 503, json.dumps(body).encode())
+            elif path == "/version":
+                info = {"model": spec.model_name, "version": spec.model_version, "backend": "deepspeed_mpi"}
+                self._reply(200, json.dumps({**info, "tp_size": spec.tp_size}).encode())
+            else:
+                self._not_found()
+
+        def do_POST(self) -> None:
+            path = self.path.split("?", 1)[0]
+            try:
+                length = int(self.headers.get("Content-Length") or 0)
+                if length > spec.max_request_bytes:
+                    raise PayloadTooLarge(f"body of {length} bytes is over the limit of {spec.max_request_bytes}")
+                body = self.rfile.read(length)
+                if path == "/invocations":
+                    self._reply(200, frontend.invocations(body, self.headers.get("Content-Type", "")))
+                elif path == "/generate":
+                    self._reply(200, frontend.generate(body))
+                elif path == "/internal/heartbeat":
+                    frontend.view.record(json.loads(body))
+                    self._reply(200, b"{}")
+                else:
+                    self._not_found()
+            except Exception as e:  # one place maps every error to a status
+                self._error(e)
+
+        def _error(self, e: Exception) -> None:
+            status = {
+                BadRequest: 400,
+                PayloadTooLarge: 413,
+                UnsupportedMediaType: 415,
+                NotReady: 503,
+                RequestTimeout: 504,
+            }.get(type(e))
+            if status is None:
+                request_id = uuid.uuid4().hex[:12]
+                print(f"request {request_id} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+                self._reply(500, _message("INTERNAL_ERROR", f"inference failed; request id {request_id}"))
+                return
+            codes = {400: "BAD_REQUEST", 413: "PAYLOAD_TOO_LARGE", 415: "UNSUPPORTED_MEDIA_TYPE"}
+            self._reply(status, _message(codes.get(status, "UNAVAILABLE"), str(e)))
+
+        def _not_found(self) -> None:
+            message = f"no route {self.command} {self.path}; use POST /invocations, POST /generate, GET /ping"
+            self._reply(404, _message("ENDPOINT_NOT_FOUND", message))
+
+        def _reply(self, status: int, body: bytes) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    return Handler
+
+
+def _message(code: str, message: str) -> bytes:
+    return json.dumps({"error_code": code, "message": message}).encode()
+
+
+def _heartbeats(state: RankState, url: str, every_s: float, local: ClusterView | None) -> None:
+    """Post this rank's heartbeat to rank 0 (rank 0 records its own directly)."""
+    import httpx
+
+    with httpx.Client(timeout=max(1.0, every_s)) as client:
+        while True:
+            beat = state.beat()
+            try:
+                if local is not None:
+                    local.record(beat)
+                else:
+                    client.post(url, json=beat)
+            except (httpx.HTTPError, BadRequest):
+                pass  # rank 0 not listening yet, or gone: its own health shows it
+            time.sleep(every_s)
+
+
+def _step_loop(env: DistEnv, spec: DeepSpeedSpec, model: Any, state: RankState, frontend: Frontend | None) -> None:
+    """Every rank: receive the next command from rank 0, run it, and (rank 0) answer."""
+    import torch.distributed as dist
+
+    while True:
+        done: Future[Any] | None = None
+        message: list[Any] = [None]
+        if frontend is not None:
+            try:
+                message[0], done = frontend.commands.get(timeout=spec.tick_s)
+            except queue.Empty:
+                message[0] = ("tick",)
+        state.busy_since = time.monotonic()
+        dist.broadcast_object_list(message, src=0)
+        command = message[0]
+        try:
+            if command[0] == "forward":
+                result: Any = model.forward(command[1])
+            elif command[0] == "generate":
+                result = model.generate(command[1], command[2])
+            else:
+                result = None
+        except Exception as e:  # every rank fails the same way on the same input; keep serving
+            if done is not None:
+                done.set_exception(e)
+        else:
+            if done is not None:
+                done.set_result(result)
+        state.steps += 1
+        state.last_step = time.monotonic()
+        state.busy_since = None
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        print(f"{ERROR_MARK} usage: python -m serving.deepspeed_worker SPEC.json", file=sys.stderr)
+        return 2
+    try:
+        spec = DeepSpeedSpec.model_validate_json(Path(argv[0]).read_text())
+        env = discover(os.environ)
+        if env.world_size != spec.tp_size:
+            raise DistEnvError(
+                f"the launcher started {env.world_size} ranks but the spec asks for tp_size={spec.tp_size}; "
+                f"start {spec.tp_size} ranks (mpirun -np {spec.tp_size})"
+            )
+    except (OSError, ValueError) as e:
+        print(f"{ERROR_MARK} {e}", file=sys.stderr, flush=True)
+        return 2
+    os.environ.update(env.exports())
+    state = RankState(env.rank)
+    view = ClusterView(spec, env.world_size) if env.rank == 0 else None
+    frontend = Frontend(spec, view) if view is not None else None
+    if frontend is not None:
+        server = ThreadingHTTPServer((spec.host, spec.port), _handler(frontend))
+        server.daemon_threads = True
+        threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
+    url = f"http://{_url_host(env.master_addr)}:{spec.port}/internal/heartbeat"
+    threading.Thread(target=_heartbeats, args=(state, url, spec.heartbeat_s, view), daemon=True).start()
+    try:
+        model = _start(env, spec, state)
+    except Exception as e:
+        state.state, state.error = "failed", f"{type(e).__name__}: {e}"
+        print(f"{ERROR_MARK} rank {env.rank}: {e}", file=sys.stderr, flush=True)
+        time.sleep(spec.heartbeat_s * 1.5)  # let rank 0 see why
+        return 1
+    if frontend is not None:
+        frontend.model = model
+    state.enter("ready")
+    took = ", ".join(f"{k} {v:.1f} s" for k, v in state.phases.items())
+    print(
+        f"rank {env.rank}/{env.world_size} ready ({env.launcher}, master {env.master_addr}:{env.master_port}; {took})"
+    )
+    sys.stdout.flush()
+    _step_loop(env, spec, model, state, frontend)
+    return 0
+
+
+def _start(env: DistEnv, spec: DeepSpeedSpec, state: RankState) -> Any:
+    from datetime import timedelta
+
+    state.enter("importing")
+
+    import deepspeed
+    import torch
+
+    from serving._lm import LanguageModel
+
+    state.enter("joining")
+    if spec.device == "cuda":
+        torch.cuda.set_device(env.local_rank)
+    deepspeed.init_distributed(
+        dist_backend="nccl" if spec.device == "cuda" else "gloo",
+        auto_mpi_discovery=False,
+        timeout=timedelta(seconds=spec.collective_timeout_s),
+    )
+    state.enter("loading")
+    model = LanguageModel.load(spec)
+    state.enter("sharding")
+    model.shard(env.world_size)
+    return model
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

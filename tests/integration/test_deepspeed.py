@@ -1,0 +1,183 @@
+"""The multi-node backend under real mpirun (Open MPI) with DeepSpeed on gloo, on this machine.
+
+A tiny Llama registered in MLflow (transformers flavour) is deployed by the flow on a declared
+inventory of two "nodes" on this host that are each too small for it: two ranks serve it. Its
+logits equal one rank's and the whole model's; bad requests get 400 and leave every rank up;
+stopping leaves no process and no shared memory behind; a rank that cannot start is reported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import psutil
+import pytest
+
+from nodewise.errors import DeployFailed
+from nodewise.settings import Settings
+from tests.integration.conftest import module_settings
+
+
+@pytest.fixture(scope="module")
+def settings(prefect_harness: None) -> Iterator[Settings]:
+    yield from module_settings(deepspeed={"ready_timeout_s": 400, "heartbeat_timeout_s": 5})
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(settings: Settings) -> str:
+    from nodewise.demo import build_llama, log_llama
+
+    model, tokenizer = build_llama(hidden=64, layers=2, heads=4, max_positions=128)
+    return f"models:/tiny-llama/{log_llama(model, tokenizer, 'tiny-llama')}"
+
+
+@pytest.fixture(scope="module")
+def deployed(settings: Settings, tiny_llama: str) -> object:
+    from mlflow import MlflowClient
+
+    from flows.deploy import deploy_model
+    from nodewise.demo import too_small_inventory
+    from tasks.profile_models import profile_with_cache
+    from tasks.registry import resolve_model
+
+    model = resolve_model(tiny_llama, MlflowClient())
+    profile = profile_with_cache(model, batch_size=settings.serve.max_batch_size, device="cpu")
+    inventory = too_small_inventory(
+        settings.state_path / "nodes.yaml", profile.total_bytes, profile.per_rank_bytes(2), 0.9
+    )
+    return deploy_model(tiny_llama, inventory=inventory, settings=settings)
+
+
+def rank_pids(endpoint: str) -> list[int]:
+    health = httpx.get(f"{endpoint}/health", timeout=5).json()
+    assert health["ready"], health
+    return [r["pid"] for r in health["ranks"]]
+
+
+def test_the_flow_places_it_on_two_ranks_and_records_it(settings: Settings, deployed: object) -> None:
+    from tasks.status import deployment_status
+
+    assert deployed.backend == "deepspeed_mpi"
+    assert deployed.spec["tp_size"] == 2
+    assert "2 nodes x 1 device(s) = 2 tensor-parallel ranks" in deployed.plan
+    [row] = deployment_status(settings)["deployments"]
+    assert (row["backend"], row["ranks"], row["health"]) == ("deepspeed_mpi", 2, "healthy")
+    version = httpx.get(f"{deployed.endpoint}/version", timeout=5).json()
+    assert version == {"model": "tiny-llama", "version": "1", "backend": "deepspeed_mpi", "tp_size": 2}
+    health = httpx.get(f"{deployed.endpoint}/health", timeout=5).json()
+    assert {r["state"] for r in health["ranks"]} == {"ready"}
+    assert len({r["pid"] for r in health["ranks"]}) == 2
+
+
+def test_two_ranks_answer_like_one_rank_and_like_the_whole_model(
+    settings: Settings, tiny_llama: str, deployed: object
+) -> None:
+    from serving._lm import LanguageModel
+    from serving.spec import DeepSpeedSpec
+    from tasks.deepspeed_cluster import free_port, launch, stop_cluster, wait_ready
+
+    ids = [[5, 17, 33, 60, 2, 9, 44, 71], [80, 3, 3, 12, 50, 61, 7, 8]]
+    tp2 = np.asarray(
+        httpx.post(f"{deployed.endpoint}/invocations", json={"inputs": ids}, timeout=60).json()["predictions"]
+    )
+    one_rank = DeepSpeedSpec.model_validate(deployed.spec).model_copy(
+        update={"app_name": "tiny-llama-tp1", "tp_size": 1, "port": free_port()}
+    )
+    cluster = launch(one_rank, ["localhost"], 1, settings)
+    try:
+        wait_ready(cluster, 300)
+        tp1 = np.asarray(
+            httpx.post(f"{cluster.endpoint}/invocations", json={"inputs": ids}, timeout=60).json()["predictions"]
+        )
+        body = {"prompt": ["hello nodewise", "a"], "max_new_tokens": 6}
+        text1 = httpx.post(f"{cluster.endpoint}/generate", json=body, timeout=60).json()
+    finally:
+        stop_cluster(settings, "tiny-llama-tp1")
+    whole = LanguageModel.load(one_rank).forward(np.asarray(ids))
+    assert tp2.shape == (2, 8, 98)
+    np.testing.assert_allclose(tp2, tp1, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(tp2, whole, rtol=1e-4, atol=1e-5)
+    text2 = httpx.post(f"{deployed.endpoint}/generate", json=body, timeout=60).json()
+    assert text2 == text1
+    assert [t[: len(p)] for t, p in zip(text2["generated_text"], body["prompt"], strict=True)] == body["prompt"]
+    # The MLflow protocol with text, as the transformers pyfunc takes it.
+    answer = httpx.post(f"{deployed.endpoint}/invocations", json={"inputs": ["hello"]}, timeout=60).json()
+    assert answer["predictions"][0].startswith("hello")
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "message"),
+    [
+        ("/invocations", b"{not json", 400, "body is not valid JSON"),
+        ("/invocations", json.dumps({"inputs": [[1, 2, 500]]}).encode(), 400, "token ids outside 0-97"),
+        ("/invocations", json.dumps({"inputs": [list(range(3, 90)) * 2]}).encode(), 400, "over the model's limit"),
+        ("/generate", json.dumps({"prompt": "x", "max_new_tokens": 10_000}).encode(), 400, "over this deployment"),
+        ("/invocations", b"a,b\n1,2", 415, "text/plain"),
+        ("/nope", b"{}", 404, "no route POST /nope"),
+    ],
+)
+def test_bad_requests_get_a_clear_error_and_every_rank_stays_up(
+    deployed: object, path: str, body: bytes, status: int, message: str
+) -> None:
+    before = rank_pids(deployed.endpoint)
+    headers = {"Content-Type": "text/plain" if status == 415 else "application/json"}
+    response = httpx.post(f"{deployed.endpoint}{path}", content=body, headers=headers, timeout=30)
+    assert response.status_code == status, response.text
+    assert message in response.json()["message"]
+    assert rank_pids(deployed.endpoint) == before
+    ok = httpx.post(f"{deployed.endpoint}/invocations", json={"inputs": [[4, 5, 6]]}, timeout=30)
+    assert ok.status_code == 200
+
+
+def test_a_rank_that_cannot_start_is_reported_and_nothing_is_left(settings: Settings, deployed: object) -> None:
+    import mlflow
+    import torch
+
+    from serving.spec import DeepSpeedSpec
+    from tasks.deepspeed_cluster import free_port, launch, read_cluster, stop_cluster, wait_ready
+
+    with mlflow.start_run():
+        info = mlflow.pytorch.log_model(
+            torch.nn.Sequential(torch.nn.Linear(4, 4)),
+            name="model",
+            registered_model_name="custom-module",
+            serialization_format="pickle",
+            pip_requirements=["torch"],
+        )
+    spec = DeepSpeedSpec.model_validate(deployed.spec).model_copy(
+        update={
+            "app_name": "custom-module",
+            "model_uri": f"models:/custom-module/{info.registered_model_version}",
+            "flavor": "pytorch",
+            "port": free_port(),
+        }
+    )
+    cluster = launch(spec, ["localhost", "localhost"], 1, settings)
+    try:
+        with pytest.raises(DeployFailed, match="DeepSpeed AutoTP cannot shard Sequential, a custom torch module"):
+            wait_ready(cluster, 300)
+    finally:
+        stop_cluster(settings, "custom-module")
+    assert read_cluster(settings, "custom-module") is None
+    assert not psutil.pid_exists(cluster.pid) or psutil.Process(cluster.pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_stopping_leaves_no_process_and_no_shared_memory(settings: Settings, deployed: object) -> None:
+    from tasks.deepspeed_cluster import read_cluster
+    from tasks.status import stop_everything
+
+    cluster = read_cluster(settings, deployed.app_name)
+    pids = rank_pids(deployed.endpoint)
+    shm = f"deepspeed_allreduce_buffer_{os.getuid()}_{cluster.master_addr}_{cluster.master_port}_"
+    assert sorted(p.name for p in Path("/dev/shm").glob(shm + "*")) == [shm + "0", shm + "1"]
+    done = stop_everything(settings)
+    assert f"stopped DeepSpeed app {deployed.app_name} (3 process(es))" in done
+    assert not any(psutil.pid_exists(p) for p in [*pids, cluster.pid])
+    assert list(Path("/dev/shm").glob(shm + "*")) == []
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"{deployed.endpoint}/ping", timeout=2)

@@ -1,0 +1,218 @@
+"""The DeepSpeed backend's pieces that need no ranks: health from heartbeats, request validation,
+the mpirun command line, AutoTP's limits, the spec from a plan."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from nodewise.errors import UnsupportedModel
+from nodewise.settings import Settings
+from serving._lm import CannotShard, check_shardable
+from serving._protocol import BadRequest
+from serving.deepspeed_worker import ClusterView, Frontend, NotReady, RankState
+from serving.spec import DeepSpeedSpec
+from tasks.deepspeed_cluster import mpirun_command
+from tasks.deepspeed_serve import build_deepspeed_spec
+from tasks.inventory import Inventory, Node
+from tasks.inventory_sources import inventory_from_yaml
+from tasks.placement import plan_placement
+from tasks.profiling import MemoryProfile
+from tests.unit.factories import resolved_model
+
+GIB = 1024**3
+
+
+def spec(**fields: object) -> DeepSpeedSpec:
+    values: dict = {
+        "app_name": "lm",
+        "model_uri": "models:/lm/1",
+        "model_name": "lm",
+        "model_version": "1",
+        "tracking_uri": "sqlite:///x.db",
+        "registry_uri": "sqlite:///x.db",
+        "flavor": "transformers",
+        "tp_size": 2,
+        "tick_s": 1.0,
+        "request_timeout_s": 5.0,
+        "heartbeat_timeout_s": 3.0,
+    }
+    return DeepSpeedSpec(**{**values, **fields})
+
+
+def beat(rank: int, **fields: object) -> dict:
+    state = RankState(rank)
+    state.state = "ready"
+    return {**state.beat(), **fields}
+
+
+# -- health from heartbeats ----------------------------------------------------------------------
+def test_ready_only_when_every_rank_is_ready_and_alive() -> None:
+    view = ClusterView(spec(), world_size=2)
+    assert view.health()["problems"] == ["rank 0: no heartbeat yet", "rank 1: no heartbeat yet"]
+    view.record(beat(0))
+    view.record(beat(1, state="loading"))
+    assert view.health()["problems"] == ["rank 1: loading"]
+    view.record(beat(1))
+    health = view.health()
+    assert health["ready"]
+    assert health["problems"] == []
+    assert [r["rank"] for r in health["ranks"]] == [0, 1]
+
+
+def test_a_silent_rank_and_a_stuck_rank_are_named() -> None:
+    view = ClusterView(spec(), world_size=2)
+    view.record(beat(0))
+    view.record(beat(1))
+    view.beats[1].received = time.monotonic() - 4.0  # past heartbeat_timeout_s=3
+    [problem] = view.health()["problems"]
+    assert problem.startswith("rank 1 (")
+    assert "no heartbeat for 4." in problem
+    view.record(beat(1, step_age_s=7.5, steps=41))  # alive, but one step for longer than tick + request timeout
+    assert view.health()["problems"] == ["rank 1: stuck in step 42 for 7.5 s"]
+
+
+def test_a_failed_rank_reports_why_and_foreign_ranks_are_refused() -> None:
+    view = ClusterView(spec(), world_size=2)
+    view.record(beat(0))
+    view.record(beat(1, state="failed", error="CannotShard: no"))
+    assert view.health()["problems"] == ["rank 1: failed (CannotShard: no)"]
+    with pytest.raises(BadRequest, match="rank 2, outside 0-1"):
+        view.record(beat(2))
+
+
+# -- request validation on rank 0 (a stand-in for the loaded model: no ranks run here) -------------
+@pytest.fixture
+def frontend() -> Frontend:
+    view = ClusterView(spec(max_batch_size=2, max_new_tokens=8, default_new_tokens=4), world_size=1)
+    view.record(beat(0))
+    front = Frontend(view.spec, view)
+    front.model = SimpleNamespace(tokenizer=None, vocab_size=50, max_positions=16)
+    return front
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "message"),
+    [
+        ("/invocations", {"inputs": [[1, 2, 99]]}, "token ids outside 0-49 (got 1..99)"),
+        ("/invocations", {"inputs": [[1.5, 2]]}, "must be integer token ids"),
+        ("/invocations", {"inputs": [1, 2]}, "send token ids as [batch, sequence]"),
+        ("/invocations", {"inputs": [[1]] * 3}, "3 sequences is over the limit of 2"),
+        (
+            "/invocations",
+            {"inputs": [list(range(17))]},
+            "17 tokens (prompt plus new tokens) is over the model's limit of 16",
+        ),
+        ("/invocations", {"inputs": ["hello"]}, "this model has no tokenizer (pytorch flavour)"),
+        ("/generate", {"prompt": "x", "input_ids": [[1]]}, 'send {"prompt"'),
+        (
+            "/generate",
+            {"input_ids": [[1]], "max_new_tokens": 9},
+            "max_new_tokens=9 is over this deployment's limit of 8",
+        ),
+        ("/generate", {"input_ids": [[1]], "max_new_tokens": 0}, "max_new_tokens=0 must be a positive integer"),
+        ("/generate", {"input_ids": [[1] * 10], "max_new_tokens": 8}, "18 tokens (prompt plus new tokens)"),
+        ("/generate", {"input_ids": []}, "non-empty list of non-empty lists"),
+    ],
+)
+def test_bad_requests_are_refused_before_any_rank_sees_them(
+    frontend: Frontend, path: str, body: dict, message: str
+) -> None:
+    raw = json.dumps(body).encode()
+    call = frontend.generate if path == "/generate" else lambda b: frontend.invocations(b, "application/json")
+    with pytest.raises(BadRequest, match=re.escape(message)):
+        call(raw)
+    assert frontend.commands.empty()  # nothing was broadcast
+
+
+def test_not_ready_is_refused_with_the_reason(frontend: Frontend) -> None:
+    frontend.view.record(beat(0, state="loading"))
+    with pytest.raises(NotReady, match="rank 0: loading"):
+        frontend.invocations(b'{"inputs": [[1, 2]]}', "application/json")
+
+
+# -- AutoTP's limits --------------------------------------------------------------------------------
+def test_autotp_limits_are_explained() -> None:
+    import torch
+
+    with pytest.raises(CannotShard, match="cannot shard Sequential, a custom torch module over 2 ranks"):
+        check_shardable(torch.nn.Sequential(torch.nn.Linear(2, 2)), 2)
+    gpt2 = SimpleNamespace(config=SimpleNamespace(model_type="gpt2"))
+    with pytest.raises(CannotShard, match=r"SimpleNamespace \(gpt2\).*Llama"):
+        check_shardable(gpt2, 2)
+    llama = SimpleNamespace(config=SimpleNamespace(model_type="llama", num_attention_heads=6, num_key_value_heads=3))
+    with pytest.raises(CannotShard, match="num_key_value_heads=3, which 2 ranks cannot split evenly"):
+        check_shardable(llama, 2)
+    check_shardable(torch.nn.Linear(2, 2), 1)  # one rank shards nothing
+
+
+# -- the mpirun command line ------------------------------------------------------------------------
+def test_mpirun_command_for_one_machine_and_for_several_hosts() -> None:
+    local = mpirun_command("mpirun", "/py", Path("/s.json"), ["localhost", "127.0.0.1"], 1, ["MASTER_ADDR"], [])
+    assert local[local.index("-np") + 1] == "2"
+    assert local[local.index("--host") + 1] == "localhost:2"
+    assert "--oversubscribe" in local
+    assert local[-4:] == ["/py", "-m", "serving.deepspeed_worker", "/s.json"]
+    assert "LOCAL_SIZE" not in " ".join(local)  # each rank derives it: nothing hand-set
+    remote = mpirun_command("mpirun", "/py", Path("/s.json"), ["gpu-a", "gpu-b"], 4, ["MASTER_ADDR"], ["--mca", "x"])
+    assert remote[remote.index("-np") + 1] == "8"
+    assert remote[remote.index("--host") + 1] == "gpu-a:4,gpu-b:4"
+    assert "--oversubscribe" not in remote
+    assert remote[remote.index("--mca") : remote.index("--mca") + 2] == ["--mca", "x"]
+
+
+# -- plan -> spec ------------------------------------------------------------------------------------
+def test_declared_nodes_give_the_plan_its_hosts(tmp_path: Path) -> None:
+    path = tmp_path / "nodes.yaml"
+    path.write_text(
+        "nodes:\n"
+        "  - {name: a, cpus: 4, host_memory: 2GiB, address: 10.0.0.1}\n"
+        "  - {name: b, cpus: 4, host_memory: 2GiB}\n"
+    )
+    inventory = inventory_from_yaml(path)
+    plan = plan_placement(MemoryProfile(method="analytic", weight_bytes=2 * GIB), inventory)
+    assert (plan.backend, plan.hosts, plan.torch_threads) == ("deepspeed_mpi", ["10.0.0.1", "b"], 4)
+
+
+def test_spec_from_a_multi_node_plan(tmp_path: Path) -> None:
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text(json.dumps({"model_type": "llama", "num_attention_heads": 4}))
+    model = resolved_model(
+        flavors=["python_function", "transformers"], artifact_uri=tmp_path.as_uri(), name="my lm", version="3"
+    )
+    inventory = Inventory(
+        source="t", nodes=[Node(name=f"n{i}", cpus=2, host_memory_bytes=2 * GIB, address="localhost") for i in (0, 1)]
+    )
+    plan = plan_placement(MemoryProfile(method="analytic", weight_bytes=2 * GIB, attention_heads=4), inventory)
+    settings = Settings(state_dir=tmp_path, deepspeed={"port": 8200, "max_new_tokens": 64})
+    built = build_deepspeed_spec(model, plan, settings)
+    assert (built.app_name, built.flavor, built.tp_size, built.device, built.dtype) == (
+        "my-lm",
+        "transformers",
+        2,
+        "cpu",
+        "float32",
+    )
+    assert (built.host, built.port, built.max_new_tokens) == ("127.0.0.1", 8200, 64)
+
+    (tmp_path / "model" / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(UnsupportedModel, match=r"\(gpt2\) needs 2 tensor-parallel ranks, but DeepSpeed AutoTP"):
+        build_deepspeed_spec(model, plan, settings)
+    with pytest.raises(UnsupportedModel, match=r"log it with mlflow\.transformers or mlflow\.pytorch"):
+        build_deepspeed_spec(resolved_model(), plan, settings)
+
+
+def test_without_an_input_example_the_probe_token_ids_fit_any_vocabulary(tmp_path: Path) -> None:
+    from tasks.deepspeed_serve import probe_ids
+
+    (tmp_path / "MLmodel").write_text("flavors:\n  pytorch: {}\n")
+    ids = probe_ids(resolved_model(artifact_uri=tmp_path.as_uri()), spec(flavor="pytorch"))
+    assert ids.shape == (1, 8)
+    assert ids.dtype == np.int64
+    assert set(ids.reshape(-1).tolist()) <= {3, 4}
