@@ -2,7 +2,8 @@
 ``mpirun -np N -x LOCAL_SIZE=N -x MASTER_ADDR -x MASTER_PORT python _handwritten_deepspeed.py MODEL_DIR SEQ REPS``.
 
 Every rank loads the saved transformers model, AutoTP-shards it and runs the same forward pass
-REPS times (no server, no broadcast: the inputs are fixed). Rank 0 prints one JSON line: seconds
+REPS times, then generates 16 tokens greedily 10 times (no server, no broadcast: the inputs
+are fixed). Rank 0 prints one JSON line: seconds
 from process start to sharded, and per-forward latencies in ms.
 """
 
@@ -44,8 +45,13 @@ def main() -> None:
             start = time.perf_counter()
             model(ids)
             latencies.append((time.perf_counter() - start) * 1000)
+        generate = []
+        for _ in range(10):
+            start = time.perf_counter()
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False, pad_token_id=2)
+            generate.append((time.perf_counter() - start) * 1000)
     if int(os.environ.get("OMPI_COMM_WORLD_RANK", "0")) == 0:
-        print(json.dumps({"ready_s": ready_s, "latencies_ms": latencies}), flush=True)
+        print(json.dumps({"ready_s": ready_s, "latencies_ms": latencies, "generate_ms": generate}), flush=True)
 
 
 if __name__ == "__main__":

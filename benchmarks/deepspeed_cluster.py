@@ -78,7 +78,12 @@ def handwritten(model_dir: Path, ranks: int, seq: int, reps: int, op_cache: Path
     if done.returncode != 0:
         raise SystemExit(f"the hand-written peer failed:\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
     result = json.loads([ln for ln in done.stdout.splitlines() if ln.startswith("{")][-1])
-    return {"ready_s": round(result["ready_s"], 2), "wall_s": round(wall, 2), **summary(result["latencies_ms"])}
+    return {
+        "ready_s": round(result["ready_s"], 2),
+        "wall_s": round(wall, 2),
+        "forward": summary(result["latencies_ms"]),
+        "generate16": summary(result["generate_ms"]),
+    }
 
 
 def main() -> None:
@@ -102,7 +107,8 @@ def main() -> None:
     from tasks.registry import resolve_model
 
     model, tokenizer = build_llama()
-    version = log_llama(model, tokenizer, "bench-llama")
+    experiment = MlflowClient().create_experiment("bench", artifact_location=settings.artifact_root.as_uri())
+    version = log_llama(model, tokenizer, "bench-llama", experiment)
     resolved = resolve_model(f"models:/bench-llama/{version}", MlflowClient())
     profile = profile_registered(resolved, batch_size=1, device="cpu", measured=False)
     model_dir = state / "hf-model"
@@ -110,6 +116,7 @@ def main() -> None:
     spec = DeepSpeedSpec(
         app_name="bench",
         model_uri=resolved.pinned_uri,
+        artifact_uri=resolved.artifact_uri,
         model_name="bench-llama",
         model_version=version,
         tracking_uri=settings.tracking_uri,

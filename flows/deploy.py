@@ -48,13 +48,20 @@ def deploy_model(
     cluster = ensure_cluster_task(settings)
     spec = build_spec(model, plan, settings, serve)
     previous = get_record(settings.records_path, spec.app_name)
+    on_deepspeed = previous is not None and previous.backend == "deepspeed_mpi"
     remote = not cluster.owned
     try:
         endpoint = deploy_app_task(spec, settings, remote)
         smoke = smoke_test_task(endpoint, model, settings.smoke)
     except DeployFailed as e:
-        outcome = rollback_task(spec, previous.spec if previous else None, settings, remote)
+        outcome = rollback_task(spec, previous.spec if previous and not on_deepspeed else None, settings, remote)
+        if on_deepspeed:
+            outcome += f"; version {previous.model_version} keeps serving on DeepSpeed"
         raise DeployFailed(f"{e} (rolled back: {outcome})") from e
+    if on_deepspeed:  # the model moved to one node: its multi-node job goes once the replicas answer
+        from tasks.deepspeed_cluster import stop_cluster
+
+        stop_cluster(settings, spec.app_name)
     print(
         f"{model.pinned_uri} serves at {endpoint}: smoke test {'matched the model' if smoke.compared else 'answered'}"
     )
@@ -88,6 +95,9 @@ def _deploy_deepspeed(model: ResolvedModel, plan: PlacementPlan, settings: Setti
         if previous is not None and previous.backend == "deepspeed_mpi":
             deploy_cluster_task(DeepSpeedSpec.model_validate(previous.spec), plan, settings)
         raise
+    previous = get_record(settings.records_path, spec.app_name)
+    if previous is not None and previous.backend == "ray_serve":  # moved off one node: retire its replicas
+        _delete_serve_app(settings, spec.app_name)
     print(
         f"{model.pinned_uri} serves at {endpoint} on {plan.ranks} DeepSpeed ranks: smoke test "
         f"{'matched the whole model' if smoke.compared else 'answered'}"
@@ -106,3 +116,15 @@ def _deploy_deepspeed(model: ResolvedModel, plan: PlacementPlan, settings: Setti
             spec=spec.model_dump(mode="json"),
         ),
     )
+
+
+def _delete_serve_app(settings: Settings, app_name: str) -> None:
+    from tasks.ray_cluster import RayCluster, connect, read_local_cluster
+    from tasks.ray_serve import delete_app
+
+    cluster = (
+        RayCluster(address=settings.ray.address, owned=False) if settings.ray.address else read_local_cluster(settings)
+    )
+    if cluster is not None:
+        connect(cluster)
+        delete_app(app_name)

@@ -39,38 +39,45 @@ class LanguageModel:
     # -- loading -------------------------------------------------------------------------
     @classmethod
     def load(cls, spec: DeepSpeedSpec) -> LanguageModel:
-        """Load the registered model on the CPU in ``spec.dtype``."""
-        import mlflow
+        """Load the registered model on the CPU in ``spec.dtype``.
+
+        A transformers model in an artifact store this host sees as files is read in place
+        (no MLflow import, no copy); otherwise its artifacts are downloaded from the registry.
+        """
         import torch
 
         torch.set_num_threads(spec.torch_threads)
-        mlflow.set_tracking_uri(spec.tracking_uri)
-        mlflow.set_registry_uri(spec.registry_uri)
         dtype = getattr(torch, spec.dtype)
+        local = _local_artifacts(spec)
+        if spec.flavor == "transformers" and local is not None:
+            return cls(*_load_transformers(local, dtype), spec)
+        mlflow = _mlflow(spec)
         if spec.flavor == "pytorch":
             module = mlflow.pytorch.load_model(spec.model_uri, map_location="cpu")
             return cls(module.to(dtype).eval(), None, spec)
         # Everything is read into memory, so the download goes once loaded (one folder per rank).
         with tempfile.TemporaryDirectory(prefix="nodewise-lm-", dir=spec.download_dir) as root:
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=spec.model_uri, dst_path=root))
-            return cls(*_load_transformers(local, dtype), spec)
+            downloaded = Path(mlflow.artifacts.download_artifacts(artifact_uri=spec.model_uri, dst_path=root))
+            return cls(*_load_transformers(downloaded, dtype), spec)
 
     @staticmethod
     def load_tokenizer(spec: DeepSpeedSpec) -> Any | None:
         """The transformers flavour's tokenizer alone (None when the model was logged without one)."""
-        import mlflow
         from transformers import AutoTokenizer
 
-        mlflow.set_tracking_uri(spec.tracking_uri)
-        mlflow.set_registry_uri(spec.registry_uri)
+        local = _local_artifacts(spec)
+        if local is not None:
+            folder = local / "components" / "tokenizer"
+            return AutoTokenizer.from_pretrained(folder) if folder.exists() else None
+        mlflow = _mlflow(spec)
         with tempfile.TemporaryDirectory(prefix="nodewise-tok-", dir=spec.download_dir) as root:
             try:
-                local = mlflow.artifacts.download_artifacts(
+                downloaded = mlflow.artifacts.download_artifacts(
                     artifact_uri=f"{spec.model_uri}/components/tokenizer", dst_path=root
                 )
             except Exception:  # no tokenizer component
                 return None
-            return AutoTokenizer.from_pretrained(local)
+            return AutoTokenizer.from_pretrained(downloaded)
 
     def shard(self, tp_size: int) -> None:
         """Split the weights over ``tp_size`` ranks with DeepSpeed AutoTP (no-op for one rank)."""
@@ -129,6 +136,25 @@ class LanguageModel:
         config = getattr(self.module, "generation_config", None) or getattr(self.module, "config", None)
         pad = getattr(config, "pad_token_id", None)
         return pad if pad is not None else getattr(config, "eos_token_id", None)
+
+
+def _local_artifacts(spec: DeepSpeedSpec) -> Path | None:
+    uri = spec.artifact_uri or ""
+    if uri.startswith("file:"):
+        from urllib.parse import unquote, urlparse
+
+        uri = unquote(urlparse(uri).path)
+    if uri.startswith("/") and (Path(uri) / "MLmodel").exists():
+        return Path(uri)
+    return None
+
+
+def _mlflow(spec: DeepSpeedSpec) -> Any:
+    import mlflow
+
+    mlflow.set_tracking_uri(spec.tracking_uri)
+    mlflow.set_registry_uri(spec.registry_uri)
+    return mlflow
 
 
 def _load_transformers(local: Path, dtype: Any) -> tuple[Any, Any]:

@@ -91,6 +91,9 @@ class DeepSpeedSpec(BaseModel):
     max_batch_size: PositiveInt = 32
     default_new_tokens: PositiveInt = 16
     max_new_tokens: PositiveInt = 256
+    artifact_uri: str | None = Field(
+        default=None, description="The version's artifact location; read in place where it is a local folder."
+    )
     download_dir: str | None = Field(default=None, description="Where each rank downloads the model's artifacts.")
 
     @model_validator(mode="after")

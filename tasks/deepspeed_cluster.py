@@ -237,7 +237,7 @@ def wait_ready(cluster: LaunchedCluster, timeout_s: float) -> dict[str, Any]:
         last = health(cluster)
         if last.get("ready"):
             return last
-        time.sleep(0.5)
+        time.sleep(0.2)
     problems = "; ".join(last.get("problems", [])) or "no answer"
     raise DeployFailed(
         f"the DeepSpeed ranks were not ready within {timeout_s:.0f} s ({problems}); raise "

@@ -51,6 +51,7 @@ def build_deepspeed_spec(model: ResolvedModel, plan: PlacementPlan, settings: Se
     return DeepSpeedSpec(
         app_name=app_name_for(model.name),
         model_uri=model.pinned_uri,
+        artifact_uri=model.artifact_uri,
         model_name=model.name,
         model_version=model.version,
         tracking_uri=settings.tracking_uri,

@@ -24,7 +24,7 @@ NODEWISE = str(Path(sys.executable).with_name("nodewise"))
 def user_environment(prefix: str) -> tuple[Path, dict[str, str]]:
     """A fresh state folder and free ports, as a user's shell would set them; nothing of the tests'."""
     state = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
-    base = free_port_block(5)
+    base = free_port_block(6)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "NODEWISE_"))}
     env.update(
         {
@@ -32,6 +32,9 @@ def user_environment(prefix: str) -> tuple[Path, dict[str, str]]:
             "NODEWISE_RAY__PORT": str(base),
             "NODEWISE_SERVE__PORT": str(base + 4),
             "NODEWISE_SERVE__REPLICAS": "1",
+            "NODEWISE_DEEPSPEED__PORT": str(base + 5),
+            # DeepSpeed's compiled op, built once per test run (a user's machine builds it once too).
+            "NODEWISE_DEEPSPEED__OP_CACHE_DIR": os.environ["TORCH_EXTENSIONS_DIR"],
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         }
     )
@@ -61,12 +64,12 @@ def run(env: dict[str, str], *args: str, timeout: float = 400) -> subprocess.Com
 
 
 def ray_processes(state: str) -> list[int]:
-    """Ray's and HAProxy's processes of the instance whose state folder is ``state``."""
+    """Ray's, HAProxy's and the DeepSpeed ranks' processes of the state folder ``state``."""
     from nodewise.runtime import haproxy_dir, ray_temp_dir
     from nodewise.settings import Settings
 
     settings = Settings(state_dir=Path(state))
-    markers = (state, str(ray_temp_dir(settings)), str(haproxy_dir(settings)))
+    markers = (state, str(ray_temp_dir(settings)), str(haproxy_dir(settings)))  # the ranks' spec is in state
     found = []
     for proc in psutil.process_iter(["pid", "cmdline"]):
         cmdline = " ".join(proc.info["cmdline"] or [])
@@ -84,11 +87,21 @@ def test_demo_status_mistakes_and_down(cli_env: dict[str, str]) -> None:
     curl = next(line.strip() for line in out.splitlines() if line.strip().startswith("curl "))
     answer = subprocess.run(curl, shell=True, capture_output=True, text=True, timeout=30, check=True)
     assert len(json.loads(answer.stdout)["predictions"][0]) == 10
+    # The multi-node path: two DeepSpeed ranks under mpirun, on "nodes" too small for one copy.
+    assert "registered models:/nodewise-tiny-llama/1" in out
+    assert "2 nodes x 1 device(s) = 2 tensor-parallel ranks" in out
+    assert "generated (random weights, so nonsense): 'nodewise serves" in out
+    curl = [line.strip() for line in out.splitlines() if line.strip().startswith("curl ")][-1]
+    answer = subprocess.run(curl, shell=True, capture_output=True, text=True, timeout=60, check=True)
+    assert json.loads(answer.stdout)["generated_text"][0].startswith("nodewise serves")
 
     status = json.loads(run(cli_env, "status", "--json").stdout)
-    [row] = status["deployments"]
-    assert (row["app"], row["version"], row["health"]) == ("nodewise-digits", "1", "healthy")
+    rows = {row["app"]: row for row in status["deployments"]}
+    row = rows["nodewise-digits"]
+    assert (row["version"], row["backend"], row["health"]) == ("1", "ray_serve", "healthy")
     assert httpx.get(f"{row['endpoint']}/version", timeout=10).json() == {"model": "nodewise-digits", "version": "1"}
+    lm = rows["nodewise-tiny-llama"]
+    assert (lm["backend"], lm["ranks"], lm["health"]) == ("deepspeed_mpi", 2, "healthy")
 
     # The user's mistakes: one line, non-zero, no traceback, nothing deployed behind them.
     for args, line in [
@@ -102,11 +115,13 @@ def test_demo_status_mistakes_and_down(cli_env: dict[str, str]) -> None:
         assert len(errors) == 1, result.stderr
         assert errors[0].startswith(line)
         assert "Traceback" not in result.stdout + result.stderr
-    assert len(json.loads(run(cli_env, "status", "--json").stdout)["deployments"]) == 1
+    assert len(json.loads(run(cli_env, "status", "--json").stdout)["deployments"]) == 2
 
     down = run(cli_env, "down", timeout=120)
     assert down.returncode == 0, down.stderr
+    assert "stopped DeepSpeed app nodewise-tiny-llama" in down.stdout
     assert "stopped the local Ray instance" in down.stdout
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_*"))
     assert ray_processes(cli_env["NODEWISE_STATE_DIR"]) == []
     assert json.loads(run(cli_env, "status", "--json").stdout)["deployments"] == []
 
@@ -127,6 +142,7 @@ def test_demo_serves_until_interrupted_then_stops_everything(sig: int) -> None:
         proc.send_signal(sig)
         rest, _ = proc.communicate(timeout=120)
         assert proc.returncode == 0, rest
+        assert "stopped DeepSpeed app nodewise-tiny-llama" in rest
         assert "stopped the local Ray instance" in rest
         assert ray_processes(str(state)) == []
     finally:

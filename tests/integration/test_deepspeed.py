@@ -29,11 +29,19 @@ def settings(prefect_harness: None) -> Iterator[Settings]:
 
 
 @pytest.fixture(scope="module")
-def tiny_llama(settings: Settings) -> str:
+def experiment(settings: Settings) -> str:
+    """An experiment whose artifacts live in the module's state folder."""
+    from mlflow import MlflowClient
+
+    return MlflowClient().create_experiment("deepspeed-tests", artifact_location=settings.artifact_root.as_uri())
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(settings: Settings, experiment: str) -> str:
     from nodewise.demo import build_llama, log_llama
 
     model, tokenizer = build_llama(hidden=64, layers=2, heads=4, max_positions=128)
-    return f"models:/tiny-llama/{log_llama(model, tokenizer, 'tiny-llama')}"
+    return f"models:/tiny-llama/{log_llama(model, tokenizer, 'tiny-llama', experiment)}"
 
 
 @pytest.fixture(scope="module")
@@ -134,14 +142,16 @@ def test_bad_requests_get_a_clear_error_and_every_rank_stays_up(
     assert ok.status_code == 200
 
 
-def test_a_rank_that_cannot_start_is_reported_and_nothing_is_left(settings: Settings, deployed: object) -> None:
+def test_a_rank_that_cannot_start_is_reported_and_nothing_is_left(
+    settings: Settings, experiment: str, deployed: object
+) -> None:
     import mlflow
     import torch
 
     from serving.spec import DeepSpeedSpec
     from tasks.deepspeed_cluster import free_port, launch, read_cluster, stop_cluster, wait_ready
 
-    with mlflow.start_run():
+    with mlflow.start_run(experiment_id=experiment):
         info = mlflow.pytorch.log_model(
             torch.nn.Sequential(torch.nn.Linear(4, 4)),
             name="model",
@@ -165,6 +175,33 @@ def test_a_rank_that_cannot_start_is_reported_and_nothing_is_left(settings: Sett
         stop_cluster(settings, "custom-module")
     assert read_cluster(settings, "custom-module") is None
     assert not psutil.pid_exists(cluster.pid) or psutil.Process(cluster.pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_a_new_version_whose_ranks_fail_is_rolled_back(settings: Settings, experiment: str, deployed: object) -> None:
+    from mlflow import MlflowClient
+
+    from flows.deploy import deploy_model
+    from nodewise.demo import build_llama, log_llama
+    from tasks.profile_models import profile_with_cache
+    from tasks.registry import resolve_model
+
+    model, tokenizer = build_llama(hidden=64, layers=2, heads=4, max_positions=128, seed=1)
+    version = log_llama(model, tokenizer, "tiny-llama", experiment)
+    profile_with_cache(
+        resolve_model(f"models:/tiny-llama/{version}", MlflowClient()),
+        batch_size=settings.serve.max_batch_size,
+        device="cpu",
+    )  # profiled (and planned on two ranks) while its weights were whole
+    # Then its weights file is cut short (a bad copy in the store): every rank fails to load it.
+    weights = Path(MlflowClient().get_model_version_download_uri("tiny-llama", version).removeprefix("file://"))
+    weights = weights / "model" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(DeployFailed, match=r"did not start: .*\(rolled back: version 1 serves again\)"):
+        deploy_model(
+            f"models:/tiny-llama/{version}", inventory=str(settings.state_path / "nodes.yaml"), settings=settings
+        )
+    assert httpx.get(f"{deployed.endpoint}/version", timeout=5).json()["version"] == "1"
+    assert len(rank_pids(deployed.endpoint)) == 2
 
 
 def test_stopping_leaves_no_process_and_no_shared_memory(settings: Settings, deployed: object) -> None:
