@@ -67,7 +67,11 @@ def latencies(endpoint: str, path: str, body: dict, n: int) -> list[float]:
 
 
 def handwritten(model_dir: Path, ranks: int, seq: int, reps: int, op_cache: Path) -> dict:
-    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(op_cache), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29731"}
+    from serving._lm import local_shm_files
+    from tasks.deepspeed_cluster import free_port
+
+    port = free_port()
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(op_cache), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
     env["LOCAL_SIZE"] = str(ranks)
     cmd = ["mpirun", "--allow-run-as-root", "-np", str(ranks), "--oversubscribe", "--bind-to", "none"]
     cmd += ["-x", "LOCAL_SIZE", "-x", "MASTER_ADDR", "-x", "MASTER_PORT", "-x", "TORCH_EXTENSIONS_DIR"]
@@ -75,6 +79,8 @@ def handwritten(model_dir: Path, ranks: int, seq: int, reps: int, op_cache: Path
     start = time.monotonic()
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900, check=False)
     wall = time.monotonic() - start
+    for leftover in local_shm_files("127.0.0.1", port):  # DeepSpeed leaves them even on a clean exit
+        os.unlink(leftover)
     if done.returncode != 0:
         raise SystemExit(f"the hand-written peer failed:\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
     result = json.loads([ln for ln in done.stdout.splitlines() if ln.startswith("{")][-1])

@@ -117,11 +117,14 @@ def test_demo_status_mistakes_and_down(cli_env: dict[str, str]) -> None:
         assert "Traceback" not in result.stdout + result.stderr
     assert len(json.loads(run(cli_env, "status", "--json").stdout)["deployments"]) == 2
 
+    job = json.loads((Path(cli_env["NODEWISE_STATE_DIR"]) / "deepspeed/nodewise-tiny-llama/cluster.json").read_text())
+    shm = f"deepspeed_allreduce_buffer_{os.getuid()}_{job['master_addr']}_{job['master_port']}_*"
+    assert len(list(Path("/dev/shm").glob(shm))) == 2  # one all-reduce buffer per rank while serving
     down = run(cli_env, "down", timeout=120)
     assert down.returncode == 0, down.stderr
     assert "stopped DeepSpeed app nodewise-tiny-llama" in down.stdout
     assert "stopped the local Ray instance" in down.stdout
-    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_*"))
+    assert list(Path("/dev/shm").glob(shm)) == []
     assert ray_processes(cli_env["NODEWISE_STATE_DIR"]) == []
     assert json.loads(run(cli_env, "status", "--json").stdout)["deployments"] == []
 
