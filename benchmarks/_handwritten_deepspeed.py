@@ -46,7 +46,7 @@ def main() -> None:
             model(ids)
             latencies.append((time.perf_counter() - start) * 1000)
         generate = []
-        for _ in range(10):
+        for _ in range(20):
             start = time.perf_counter()
             model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False, pad_token_id=2)
             generate.append((time.perf_counter() - start) * 1000)

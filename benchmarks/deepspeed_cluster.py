@@ -53,17 +53,20 @@ def timed_launch(spec, settings, ranks: int) -> tuple[object, float, dict]:
     return cluster, time.monotonic() - start, health
 
 
-def latencies(endpoint: str, path: str, body: dict, n: int) -> list[float]:
+def latencies(endpoint: str, path: str, body: dict, n: int) -> dict[str, float]:
+    """End-to-end latency summary, and the ranks' own compute time (the Server-Timing header)."""
     import httpx
 
-    out = []
+    out, compute = [], []
     with httpx.Client(timeout=60) as client:
         client.post(f"{endpoint}{path}", json=body).raise_for_status()  # warm-up
         for _ in range(n):
             start = time.perf_counter()
-            client.post(f"{endpoint}{path}", json=body).raise_for_status()
+            response = client.post(f"{endpoint}{path}", json=body)
+            response.raise_for_status()
             out.append((time.perf_counter() - start) * 1000)
-    return out
+            compute.append(float(response.headers["server-timing"].split("dur=")[1]))
+    return {**summary(out), "compute_p50_ms": round(statistics.median(compute), 2)}
 
 
 def handwritten(model_dir: Path, ranks: int, seq: int, reps: int, op_cache: Path) -> dict:
@@ -143,10 +146,9 @@ def main() -> None:
             }
             if label != "tp2_empty_op_cache":
                 tag = f"tp{ranks}"
-                forward = latencies(cluster.endpoint, "/invocations", {"inputs": ids}, args.requests)
-                gen = latencies(cluster.endpoint, "/generate", {"input_ids": ids, "max_new_tokens": 16}, 10)
-                results[f"{tag}_forward"] = summary(forward)
-                results[f"{tag}_generate16"] = summary(gen)
+                results[f"{tag}_forward"] = latencies(cluster.endpoint, "/invocations", {"inputs": ids}, args.requests)
+                gen = {"input_ids": ids, "max_new_tokens": 16}
+                results[f"{tag}_generate16"] = latencies(cluster.endpoint, "/generate", gen, 20)
                 rss = [r["rss_bytes"] for r in health["ranks"]]
                 results[f"{tag}_rss_mib_per_rank"] = [round(b / 2**20, 1) for b in rss]
                 results[f"{tag}_plan_mib_per_rank"] = round(profile.per_rank_bytes(ranks) / 2**20, 1)

@@ -1,4 +1,5 @@
-"""Seconds from `nodewise demo --detach` to the first prediction, cold and warm, and peak memory.
+"""Seconds from `nodewise demo --detach --no-lm` (the Ray Serve part) to the first prediction, cold and warm,
+and peak memory.
 
 cold: a fresh state folder (MLflow DB, Prefect DB migrations, training, Ray start, Serve app).
 warm: the same state folder after `nodewise down` (model reused; Ray and Serve start again).
@@ -152,10 +153,10 @@ def main() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("NODEWISE_", "PREFECT_", "MLFLOW_"))}
     env.update({"NODEWISE_STATE_DIR": str(state), "NODEWISE_RAY__PORT": "26390", "NODEWISE_SERVE__PORT": "28000"})
     try:
-        cold = timed_cli(env, str(state), "demo", "--detach")
+        cold = timed_cli(env, str(state), "demo", "--detach", "--no-lm")
         hot = timed_cli(env, str(state), "deploy", "models:/nodewise-digits@champion")
         subprocess.run([str(BIN / "nodewise"), "down"], env=env, check=True, capture_output=True)
-        warm = timed_cli(env, str(state), "demo", "--detach")
+        warm = timed_cli(env, str(state), "demo", "--detach", "--no-lm")
         subprocess.run([str(BIN / "nodewise"), "down"], env=env, check=True, capture_output=True)
         peer = mlflow_serve(env, state, 28100)
     finally:
