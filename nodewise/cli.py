@@ -237,6 +237,8 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="Machine-readabl
         typer.echo(f"nothing deployed ({rows['cluster']})")
         return
     typer.echo(f"ray: {rows['cluster']}")
+    for action in rows.get("watchdog", []):
+        typer.echo(f"watchdog {action['at']}: {action['event']} {action['app']}: {action['cause']} {action['outcome']}")
     for row in rows["deployments"]:
         typer.echo(
             f"{row['app']}: {row['model_uri']} (version {row['version']}) on {row['backend']}, "
@@ -275,6 +277,50 @@ def profile(
         typer.echo(f"  {name:<12} {value / 1024**3:10.3f} GiB")
     plan = result["plan"]
     typer.echo(f"plan ({result['inventory']}): " + ("; ".join(plan["reasons"])))
+
+
+@app.command()
+def watchdog(
+    once: Annotated[bool, typer.Option("--once", help="One pass, then exit.")] = False,
+    every: Annotated[
+        float | None, typer.Option(min=1.0, help="Seconds between passes (default: watchdog.every_s, 30).")
+    ] = None,
+    reset: Annotated[
+        str | None, typer.Option(help="Clear APP's failed mark and restart budget, then exit.", metavar="APP")
+    ] = None,
+) -> None:
+    """Check every deployment; restart a sick DeepSpeed job whole, within its restart budget."""
+    settings = _settings()
+    if reset is not None:
+        from tasks.watchdog import reset as reset_app
+
+        typer.echo(_guard(lambda: reset_app(settings, reset)))
+        return
+    from flows.watchdog import watch_deployments
+
+    period = every or settings.watchdog.every_s
+    _stop_on_signals()
+    try:
+        while True:
+            actions = _guard(lambda: watch_deployments(settings=settings))
+            typer.echo(f"watchdog pass: {len(actions)} action(s)")
+            if once:
+                return
+            time.sleep(period)
+    except KeyboardInterrupt:
+        typer.echo("\nwatchdog stopped")
+
+
+@app.command()
+def logs(
+    app_name: Annotated[str, typer.Argument(help="The deployment's name, as `nodewise status` shows it")],
+    lines: Annotated[int, typer.Option(min=1, help="How many of the last lines")] = 40,
+) -> None:
+    """The recent output of a deployment: every DeepSpeed rank's, or where Ray Serve's replicas log."""
+    settings = _settings()
+    from tasks.status import deployment_logs
+
+    typer.echo(_guard(lambda: deployment_logs(settings, app_name, lines)))
 
 
 def _down(settings: Settings) -> list[str]:

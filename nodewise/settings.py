@@ -207,6 +207,19 @@ class DeepSpeedSettings(_Section):
     )
 
 
+class WatchdogSettings(_Section):
+    """The watchdog: how often it checks, how long a canary may take, how many restarts it may make."""
+
+    every_s: PositiveFloat = Field(default=30.0, description="Seconds between checks (`nodewise watchdog --every`).")
+    canary_timeout_s: PositiveFloat = Field(default=10.0, description="Deadline of one canary inference.")
+    max_restarts: PositiveInt = Field(default=3, description="Restarts of one deployment allowed per window.")
+    window_s: PositiveFloat = Field(default=600.0, description="The window the restart budget counts over.")
+    backoff_s: Annotated[float, Field(ge=0.0)] = Field(
+        default=10.0, description="Wait after a restart before the next one; doubles with each restart in the window."
+    )
+    backoff_max_s: Annotated[float, Field(ge=0.0)] = 300.0
+
+
 class SmokeSettings(_Section):
     """The smoke test that follows every deploy."""
 
@@ -241,6 +254,7 @@ class Settings(BaseSettings):
     ray: RaySettings = RaySettings()
     serve: ServeSettings = ServeSettings()
     deepspeed: DeepSpeedSettings = DeepSpeedSettings()
+    watchdog: WatchdogSettings = WatchdogSettings()
     smoke: SmokeSettings = SmokeSettings()
     placement: PlacementSettings = PlacementSettings()
 

@@ -415,7 +415,16 @@ def main(argv: list[str]) -> int:
     view = ClusterView(spec, env.world_size) if env.rank == 0 else None
     frontend = Frontend(spec, view) if view is not None else None
     if frontend is not None:
-        server = ThreadingHTTPServer((spec.host, spec.port), _handler(frontend))
+        try:
+            server = ThreadingHTTPServer((spec.host, spec.port), _handler(frontend))
+        except OSError as e:
+            print(
+                f"{ERROR_MARK} rank 0 cannot listen on {spec.host}:{spec.port} ({e.strerror}); pick a free port "
+                "(NODEWISE_DEEPSPEED__PORT)",
+                file=sys.stderr,
+                flush=True,
+            )
+            return 1
         server.daemon_threads = True
         threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
     url = f"http://{_url_host(env.master_addr)}:{spec.port}/internal/heartbeat"

@@ -161,7 +161,19 @@ def launch(spec: DeepSpeedSpec, hosts: list[str], ranks_per_host: int, settings:
         started_at=datetime.now(UTC).isoformat(timespec="seconds"),
     )
     _write_json(folder / "cluster.json", cluster.model_dump(mode="json"))
+    # Kept after a stop: a restart relaunches the same hosts with the same spec.
+    _write_json(folder / "placement.json", {"hosts": hosts, "ranks_per_host": ranks_per_host})
     return cluster
+
+
+def relaunch(settings: Settings, app_name: str, spec: DeepSpeedSpec) -> LaunchedCluster:
+    """Stop whatever runs of the app's job and launch it again where it ran (a fresh rendezvous port)."""
+    placement = cluster_dir(settings, app_name) / "placement.json"
+    if not placement.exists():
+        raise ClusterUnavailable(f"DeepSpeed app {app_name} was never launched here; deploy it first")
+    where = json.loads(placement.read_text())
+    stop_cluster(settings, app_name)
+    return launch(spec, where["hosts"], where["ranks_per_host"], settings)
 
 
 _CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
@@ -209,7 +221,16 @@ def health(cluster: LaunchedCluster, timeout_s: float = 2.0) -> dict[str, Any]:
 
 
 def log_tail(cluster: LaunchedCluster, lines: int = 40) -> str:
-    path = Path(cluster.log_path)
+    return _tail(Path(cluster.log_path), lines)
+
+
+def app_log(settings: Settings, app_name: str, lines: int = 40) -> str | None:
+    """The last ``lines`` of the app's mpirun output (every rank's), None if it was never launched."""
+    path = cluster_dir(settings, app_name) / "mpirun.log"
+    return _tail(path, lines) if path.exists() else None
+
+
+def _tail(path: Path, lines: int) -> str:
     if not path.exists():
         return ""
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])

@@ -47,7 +47,10 @@ def deployment_status(settings: Settings) -> dict[str, Any]:
         }
         for r in load_records(settings.records_path).values()
     ]
-    return {"cluster": cluster, "deployments": rows}
+    from tasks.watchdog import last_actions
+
+    watchdog = [a.model_dump() for a in last_actions(settings)]
+    return {"cluster": cluster, "deployments": rows, "watchdog": watchdog}
 
 
 def stop_everything(settings: Settings) -> list[str]:
@@ -75,3 +78,26 @@ def stop_everything(settings: Settings) -> list[str]:
         done.append("stopped the local Ray instance")
     clear_records(settings.records_path)
     return done or ["nothing to stop"]
+
+
+def deployment_logs(settings: Settings, app_name: str, lines: int = 40) -> str:
+    """The recent output of a deployment's processes.
+
+    Raises:
+        NodewiseError: no such deployment.
+    """
+    from nodewise.errors import NodewiseError
+    from tasks.deepspeed_cluster import app_log, launched_apps
+
+    records = load_records(settings.records_path)
+    record = records.get(app_name)
+    if record is not None and record.backend == "ray_serve":
+        from nodewise.runtime import ray_temp_dir
+
+        where = f"{ray_temp_dir(settings)}/session_latest/logs" if not settings.ray.address else "the cluster's nodes"
+        return f"{app_name} runs on Ray Serve: its replicas log to {where} (files named replica_{app_name}_*)"
+    text = app_log(settings, app_name, lines)
+    if text is None:
+        known = sorted(set(records) | launched_apps(settings)) or ["none"]
+        raise NodewiseError(f"no deployment named {app_name!r}; deployments: {', '.join(known)}")
+    return text

@@ -18,9 +18,10 @@ import numpy as np
 import psutil
 import pytest
 
-from nodewise.errors import DeployFailed
+from nodewise.errors import DeployFailed, NodewiseError
 from nodewise.settings import Settings
 from tests.integration.conftest import module_settings
+from tests.integration.lm import deploy_on_two_ranks, rank_pids, register_tiny_llama
 
 
 @pytest.fixture(scope="module")
@@ -38,37 +39,16 @@ def experiment(settings: Settings) -> str:
 
 @pytest.fixture(scope="module")
 def tiny_llama(settings: Settings, experiment: str) -> str:
-    from nodewise.demo import build_llama, log_llama
-
-    model, tokenizer = build_llama(hidden=64, layers=2, heads=4, max_positions=128)
-    return f"models:/tiny-llama/{log_llama(model, tokenizer, 'tiny-llama', experiment)}"
+    return register_tiny_llama(settings, "deepspeed-tests")
 
 
 @pytest.fixture(scope="module")
 def deployed(settings: Settings, tiny_llama: str) -> object:
-    from mlflow import MlflowClient
-
-    from flows.deploy import deploy_model
-    from nodewise.demo import too_small_inventory
-    from tasks.profile_models import profile_with_cache
-    from tasks.registry import resolve_model
-
-    model = resolve_model(tiny_llama, MlflowClient())
-    profile = profile_with_cache(model, batch_size=settings.serve.max_batch_size, device="cpu")
-    inventory = too_small_inventory(
-        settings.state_path / "nodes.yaml", profile.total_bytes, profile.per_rank_bytes(2), 0.9
-    )
-    return deploy_model(tiny_llama, inventory=inventory, settings=settings)
-
-
-def rank_pids(endpoint: str) -> list[int]:
-    health = httpx.get(f"{endpoint}/health", timeout=5).json()
-    assert health["ready"], health
-    return [r["pid"] for r in health["ranks"]]
+    return deploy_on_two_ranks(settings, tiny_llama)
 
 
 def test_the_flow_places_it_on_two_ranks_and_records_it(settings: Settings, deployed: object) -> None:
-    from tasks.status import deployment_status
+    from tasks.status import deployment_logs, deployment_status
 
     assert deployed.backend == "deepspeed_mpi"
     assert deployed.spec["tp_size"] == 2
@@ -80,6 +60,87 @@ def test_the_flow_places_it_on_two_ranks_and_records_it(settings: Settings, depl
     health = httpx.get(f"{deployed.endpoint}/health", timeout=5).json()
     assert {r["state"] for r in health["ranks"]} == {"ready"}
     assert len({r["pid"] for r in health["ranks"]}) == 2
+    log = deployment_logs(settings, "tiny-llama")
+    assert "rank 0/2 ready (openmpi, master 127.0.0.1:" in log
+    assert "rank 1/2 ready" in log
+    with pytest.raises(NodewiseError, match="no deployment named 'nope'; deployments: tiny-llama"):
+        deployment_logs(settings, "nope")
+
+
+def test_a_pytorch_flavour_hugging_face_module_is_sharded_too(settings: Settings, experiment: str) -> None:
+    import mlflow
+    import torch
+
+    from nodewise.demo import build_llama
+    from serving.spec import DeepSpeedSpec
+    from tasks.deepspeed_cluster import free_port, launch, stop_cluster, wait_ready
+
+    model, _ = build_llama(hidden=64, layers=2, heads=4, max_positions=128, seed=2)
+    ids = np.asarray([[3, 4, 5, 6, 7, 8]])
+    with mlflow.start_run(experiment_id=experiment):
+        info = mlflow.pytorch.log_model(
+            model,
+            name="model",
+            registered_model_name="tiny-llama-pt",
+            serialization_format="pickle",
+            pip_requirements=["torch", "transformers"],
+        )
+    spec = DeepSpeedSpec(
+        app_name="tiny-llama-pt",
+        model_uri=f"models:/tiny-llama-pt/{info.registered_model_version}",
+        model_name="tiny-llama-pt",
+        model_version=str(info.registered_model_version),
+        tracking_uri=settings.tracking_uri,
+        registry_uri=settings.registry_uri,
+        flavor="pytorch",
+        tp_size=2,
+        port=free_port(),
+    )
+    cluster = launch(spec, ["localhost", "localhost"], 1, settings)
+    try:
+        wait_ready(cluster, 300)
+        got = httpx.post(f"{cluster.endpoint}/invocations", json={"inputs": ids.tolist()}, timeout=60).json()
+        generated = httpx.post(
+            f"{cluster.endpoint}/generate", json={"input_ids": ids.tolist(), "max_new_tokens": 4}, timeout=60
+        )
+    finally:
+        stop_cluster(settings, "tiny-llama-pt")
+    with torch.inference_mode():
+        expected = model(torch.as_tensor(ids)).logits.numpy()
+        whole = model.generate(torch.as_tensor(ids), max_new_tokens=4, do_sample=False, pad_token_id=2)
+    np.testing.assert_allclose(np.asarray(got["predictions"]), expected, rtol=1e-4, atol=1e-5)
+    assert generated.json() == {"output_ids": [whole[0, ids.shape[1] :].tolist()]}
+
+
+@pytest.mark.gpu
+def test_ranks_on_cuda_answer_like_the_whole_model_on_cpu(settings: Settings, deployed: object) -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from serving._lm import LanguageModel
+    from serving.spec import DeepSpeedSpec
+    from tasks.deepspeed_cluster import free_port, launch, stop_cluster, wait_ready
+
+    ranks = 2 if torch.cuda.device_count() >= 2 else 1  # NCCL wants one GPU per rank
+    spec = DeepSpeedSpec.model_validate(deployed.spec).model_copy(
+        update={
+            "app_name": "tiny-llama-cuda",
+            "tp_size": ranks,
+            "device": "cuda",
+            "dtype": "float16",
+            "port": free_port(),
+        }
+    )
+    ids = [[5, 17, 33, 60, 2, 9, 44, 71]]
+    cluster = launch(spec, ["localhost"] * ranks, 1, settings)
+    try:
+        wait_ready(cluster, 300)
+        got = httpx.post(f"{cluster.endpoint}/invocations", json={"inputs": ids}, timeout=60).json()["predictions"]
+    finally:
+        stop_cluster(settings, "tiny-llama-cuda")
+    cpu = spec.model_copy(update={"tp_size": 1, "device": "cpu", "dtype": "float32"})
+    np.testing.assert_allclose(np.asarray(got), LanguageModel.load(cpu).forward(np.asarray(ids)), atol=2e-2)
 
 
 def test_two_ranks_answer_like_one_rank_and_like_the_whole_model(

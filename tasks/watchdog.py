@@ -1,0 +1,263 @@
+"""The watchdog: check every deployment, restart what is sick within a budget, say what it did.
+
+DeepSpeed jobs are checked through mpirun (still running?), rank 0's ``/health`` (every rank's
+heartbeat and step) and a canary inference with a deadline; a sick job is restarted whole (every
+rank stopped, all relaunched with a fresh rendezvous port, then waited for), because the
+survivors of a lost rank cannot go on alone. Ray Serve apps are checked at the app level and
+reported (replica-level restarts: not yet).
+
+Restarts are budgeted per deployment: at most ``max_restarts`` per ``window_s``, with a backoff
+that doubles after each; past the budget the deployment is marked failed and left alone until a
+deploy or ``reset`` clears it. State lives in ``<state>/watchdog.json``; one watchdog acts at a
+time (a lock file), and a restart that a killed watchdog left half-done is finished by the next.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from nodewise.errors import DeployFailed, NodewiseError
+from nodewise.settings import Settings, WatchdogSettings
+from tasks.records import DeploymentRecord, load_records
+
+ActionKind = Literal[
+    "nodewise.cluster.restarted",
+    "nodewise.deployment.degraded",
+    "nodewise.deployment.failed",
+    "nodewise.deployment.backoff",
+]
+KEEP_ACTIONS = 50
+
+
+class Action(BaseModel):
+    """One thing the watchdog saw or did."""
+
+    at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+    event: ActionKind
+    app: str
+    model_uri: str
+    version: str
+    cause: str
+    target: str = "all ranks"
+    duration_s: float | None = None
+    outcome: str = ""
+
+
+class AppWatch(BaseModel):
+    """What the watchdog remembers of one deployment."""
+
+    restarts: list[float] = Field(default_factory=list, description="Epoch seconds of recent restarts.")
+    failed: str | None = Field(default=None, description="Why the budget ran out; the watchdog leaves it alone.")
+    pending: str | None = Field(default=None, description="A restart begun and not finished.")
+    version: str | None = None
+
+
+# -- the budget (plain arithmetic) ----------------------------------------------------------------
+def budget(restarts: list[float], now: float, wd: WatchdogSettings) -> tuple[str, float]:
+    """``("allow", 0)``, ``("wait", seconds)`` until backoff ends, or ``("exhausted", 0)``."""
+    recent = [t for t in restarts if now - t < wd.window_s]
+    if len(recent) >= wd.max_restarts:
+        return "exhausted", 0.0
+    if recent:
+        backoff = min(wd.backoff_max_s, wd.backoff_s * 2 ** (len(recent) - 1))
+        left = max(recent) + backoff - now
+        if left > 0:
+            return "wait", left
+    return "allow", 0.0
+
+
+# -- state ---------------------------------------------------------------------------------------
+def _state_path(settings: Settings) -> Path:
+    return settings.state_path / "watchdog.json"
+
+
+def load_watch(settings: Settings) -> tuple[dict[str, AppWatch], list[Action]]:
+    path = _state_path(settings)
+    data = json.loads(path.read_text()) if path.exists() else {}
+    apps = {k: AppWatch.model_validate(v) for k, v in data.get("apps", {}).items()}
+    return apps, [Action.model_validate(a) for a in data.get("actions", [])]
+
+
+def save_watch(settings: Settings, apps: dict[str, AppWatch], actions: list[Action]) -> None:
+    path = _state_path(settings)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    body = {
+        "apps": {k: v.model_dump() for k, v in apps.items()},
+        "actions": [a.model_dump() for a in actions[-KEEP_ACTIONS:]],
+    }
+    tmp.write_text(json.dumps(body, indent=2))
+    os.replace(tmp, path)
+
+
+def reset(settings: Settings, app_name: str) -> str:
+    """Let the watchdog act on ``app_name`` again (clears its failed mark and its restart history)."""
+    with _exclusive(settings) as got:
+        if not got:
+            raise NodewiseError("a watchdog run holds the lock; try again in a few seconds")
+        apps, actions = load_watch(settings)
+        if app_name not in apps:
+            raise NodewiseError(
+                f"the watchdog has nothing on {app_name!r}; watched: {', '.join(sorted(apps)) or 'none'}"
+            )
+        apps[app_name] = AppWatch()
+        save_watch(settings, apps, actions)
+    return f"{app_name}: restart budget reset; the watchdog watches it again"
+
+
+@contextlib.contextmanager
+def _exclusive(settings: Settings) -> Iterator[bool]:
+    """True while this process holds the watchdog lock; False when another watchdog does."""
+    path = settings.state_path / "watchdog.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+# -- checks --------------------------------------------------------------------------------------
+CANARY_IDS = [[0, 1, 2, 3]]  # valid token ids for any vocabulary
+
+
+def check_deepspeed(settings: Settings, record: DeploymentRecord) -> str | None:
+    """Why the DeepSpeed job is sick, or None when every rank is ready and a canary answers in time."""
+    import httpx
+
+    from tasks.deepspeed_cluster import exit_code, health, read_cluster, worker_error
+
+    cluster = read_cluster(settings, record.app_name)
+    if cluster is None:
+        return "no job is running (stopped, or a restart was interrupted)"
+    code = exit_code(cluster)
+    if code is not None:
+        return f"mpirun exited (status {code}): " + (worker_error(cluster) or "a rank died, so mpirun stopped them all")
+    timeout = settings.watchdog.canary_timeout_s
+    state = health(cluster, timeout_s=timeout)
+    if not state.get("ready"):
+        return "; ".join(state.get("problems", [])) or "rank 0 says not ready"
+    try:
+        response = httpx.post(f"{cluster.endpoint}/invocations", json={"inputs": CANARY_IDS}, timeout=timeout)
+    except httpx.TimeoutException:
+        return f"canary inference took over {timeout:.0f} s"
+    except httpx.HTTPError as e:
+        return f"canary inference failed: {type(e).__name__}"
+    if response.status_code != 200:
+        return f"canary inference answered HTTP {response.status_code}: {response.text[:200]}"
+    return None
+
+
+def check_serve(record: DeploymentRecord) -> str | None:
+    """App-level check of a Ray Serve deployment: its endpoint answers ``/ping``."""
+    import httpx
+
+    try:
+        response = httpx.get(f"{record.endpoint}/ping", timeout=5)
+    except httpx.HTTPError as e:
+        return f"endpoint unreachable ({type(e).__name__})"
+    return None if response.status_code == 200 else f"/ping answered HTTP {response.status_code}"
+
+
+def restart_deepspeed(settings: Settings, record: DeploymentRecord) -> float:
+    """Stop every rank, relaunch all with a fresh rendezvous port, wait until every rank is ready."""
+    from serving.spec import DeepSpeedSpec
+    from tasks.deepspeed_cluster import relaunch, wait_ready
+
+    started = time.monotonic()
+    cluster = relaunch(settings, record.app_name, DeepSpeedSpec.model_validate(record.spec))
+    wait_ready(cluster, settings.deepspeed.ready_timeout_s)
+    return time.monotonic() - started
+
+
+# -- one pass ------------------------------------------------------------------------------------
+def watch_once(settings: Settings, emit: Callable[[Action], None] | None = None) -> list[Action]:
+    """Check every recorded deployment once; restart sick DeepSpeed jobs within their budget.
+
+    Returns the actions of this pass (each also given to ``emit``). Another watchdog holding
+    the lock makes this pass a no-op.
+    """
+    emit = emit or (lambda action: None)
+    with _exclusive(settings) as got:
+        if not got:
+            return []
+        apps, history = load_watch(settings)
+        done: list[Action] = []
+        for record in load_records(settings.records_path).values():
+            watch = apps.setdefault(record.app_name, AppWatch(version=record.model_version))
+            if watch.version != record.model_version:  # a deploy since: a fresh budget
+                watch = apps[record.app_name] = AppWatch(version=record.model_version)
+            action = _watch_one(settings, record, watch)
+            if action is not None:
+                done.append(action)
+                emit(action)
+            save_watch(settings, apps, history + done)  # after each deployment: a kill loses little
+        return done
+
+
+def _watch_one(settings: Settings, record: DeploymentRecord, watch: AppWatch) -> Action | None:
+    def action(event: ActionKind, cause: str, **extra: Any) -> Action:
+        return Action(
+            event=event,
+            app=record.app_name,
+            model_uri=record.model_uri,
+            version=record.model_version,
+            cause=cause,
+            **extra,
+        )
+
+    if watch.failed is not None:
+        return None  # past its budget: left alone until a deploy or a reset
+    if record.backend != "deepspeed_mpi":
+        cause = check_serve(record)
+        return action("nodewise.deployment.degraded", cause, target="app") if cause else None
+    cause = check_deepspeed(settings, record) if watch.pending is None else f"finishing an interrupted {watch.pending}"
+    if cause is None:
+        return None
+    verdict, wait_s = budget(watch.restarts, time.time(), settings.watchdog)
+    if verdict == "exhausted":
+        wd = settings.watchdog
+        watch.failed = f"{cause} after {wd.max_restarts} restarts in {wd.window_s:.0f} s"
+        return action("nodewise.deployment.failed", watch.failed, outcome="left alone until a deploy or a reset")
+    if verdict == "wait":
+        return action("nodewise.deployment.backoff", cause, outcome=f"next restart allowed in {wait_s:.0f} s")
+    watch.pending = "cluster restart"
+    watch.restarts.append(time.time())
+    save_pending = {record.app_name: watch}
+    _save_one(settings, save_pending)
+    try:
+        took = restart_deepspeed(settings, record)
+    except (DeployFailed, NodewiseError) as e:
+        from tasks.deepspeed_cluster import stop_cluster
+
+        stop_cluster(settings, record.app_name)  # no half-started ranks left behind
+        watch.pending = None
+        return action("nodewise.cluster.restarted", cause, outcome=f"restart failed: {e}")
+    watch.pending = None
+    return action("nodewise.cluster.restarted", cause, duration_s=round(took, 2), outcome="every rank ready")
+
+
+def _save_one(settings: Settings, changed: dict[str, AppWatch]) -> None:
+    """Persist a pending restart before starting it, so a killed watchdog's successor finishes it."""
+    apps, history = load_watch(settings)
+    apps.update(changed)
+    save_watch(settings, apps, history)
+
+
+def last_actions(settings: Settings, count: int = 5) -> list[Action]:
+    return load_watch(settings)[1][-count:]

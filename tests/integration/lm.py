@@ -1,0 +1,48 @@
+"""A tiny Llama registered and deployed on two DeepSpeed ranks, for the multi-node test modules."""
+
+from __future__ import annotations
+
+import httpx
+
+from nodewise.settings import Settings
+
+
+def register_tiny_llama(settings: Settings, experiment_name: str, seed: int = 0) -> str:
+    """Register a tiny Llama (transformers flavour) with its artifacts in the state folder."""
+    from mlflow import MlflowClient
+
+    from nodewise.demo import build_llama, log_llama
+
+    client = MlflowClient()
+    found = client.get_experiment_by_name(experiment_name)
+    experiment = (
+        found.experiment_id
+        if found
+        else client.create_experiment(experiment_name, artifact_location=settings.artifact_root.as_uri())
+    )
+    model, tokenizer = build_llama(hidden=64, layers=2, heads=4, max_positions=128, seed=seed)
+    return f"models:/tiny-llama/{log_llama(model, tokenizer, 'tiny-llama', experiment)}"
+
+
+def deploy_on_two_ranks(settings: Settings, model_uri: str) -> object:
+    """Deploy through the flow on a declared inventory of two local nodes, each too small for one copy."""
+    from mlflow import MlflowClient
+
+    from flows.deploy import deploy_model
+    from nodewise.demo import too_small_inventory
+    from tasks.profile_models import profile_with_cache
+    from tasks.registry import resolve_model
+
+    model = resolve_model(model_uri, MlflowClient())
+    profile = profile_with_cache(model, batch_size=settings.serve.max_batch_size, device="cpu")
+    inventory = too_small_inventory(
+        settings.state_path / "nodes.yaml", profile.total_bytes, profile.per_rank_bytes(2), 0.9
+    )
+    return deploy_model(model_uri, inventory=inventory, settings=settings)
+
+
+def rank_pids(endpoint: str) -> list[int]:
+    """The ranks' pids, from rank 0's /health (which must say ready)."""
+    health = httpx.get(f"{endpoint}/health", timeout=5).json()
+    assert health["ready"], health
+    return [r["pid"] for r in health["ranks"]]
