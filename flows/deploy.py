@@ -6,7 +6,7 @@ from prefect import flow
 
 from nodewise.errors import DeployFailed, DoesNotFit
 from nodewise.settings import Settings, load_settings
-from serving.spec import DeepSpeedSpec
+from serving.spec import DeepSpeedSpec, ModelServeSpec
 from tasks.deepspeed_serve import build_deepspeed_spec, deploy_cluster_task, smoke_test_lm_task
 from tasks.inventory import read_inventory_task
 from tasks.placement import PlacementPlan, plan_placement_task
@@ -65,20 +65,7 @@ def deploy_model(
     print(
         f"{model.pinned_uri} serves at {endpoint}: smoke test {'matched the model' if smoke.compared else 'answered'}"
     )
-    return record_deployment_task(
-        settings.records_path,
-        DeploymentRecord(
-            app_name=spec.app_name,
-            model_name=model.name,
-            model_version=model.version,
-            model_uri=model.pinned_uri,
-            backend="ray_serve",
-            endpoint=endpoint,
-            replicas=plan.replicas,
-            plan=plan.explain(),
-            spec=spec.model_dump(mode="json"),
-        ),
-    )
+    return _record(settings, model, plan, spec, endpoint, "ray_serve", plan.replicas)
 
 
 def _deploy_deepspeed(model: ResolvedModel, plan: PlacementPlan, settings: Settings) -> DeploymentRecord:
@@ -102,6 +89,18 @@ def _deploy_deepspeed(model: ResolvedModel, plan: PlacementPlan, settings: Setti
         f"{model.pinned_uri} serves at {endpoint} on {plan.ranks} DeepSpeed ranks: smoke test "
         f"{'matched the whole model' if smoke.compared else 'answered'}"
     )
+    return _record(settings, model, plan, spec, endpoint, "deepspeed_mpi", 1)
+
+
+def _record(
+    settings: Settings,
+    model: ResolvedModel,
+    plan: PlacementPlan,
+    spec: ModelServeSpec | DeepSpeedSpec,
+    endpoint: str,
+    backend: str,
+    replicas: int,
+) -> DeploymentRecord:
     return record_deployment_task(
         settings.records_path,
         DeploymentRecord(
@@ -109,9 +108,9 @@ def _deploy_deepspeed(model: ResolvedModel, plan: PlacementPlan, settings: Setti
             model_name=model.name,
             model_version=model.version,
             model_uri=model.pinned_uri,
-            backend="deepspeed_mpi",
+            backend=backend,
             endpoint=endpoint,
-            replicas=1,
+            replicas=replicas,
             plan=plan.explain(),
             spec=spec.model_dump(mode="json"),
         ),

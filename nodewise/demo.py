@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -56,6 +57,25 @@ def train_digits(epochs: int = 40, seed: int = 0) -> tuple[object, float]:
     return model, accuracy
 
 
+def _demo_version(client: Any, name: str, alias: str, tag: str) -> Any | None:
+    """The version under ``alias`` if the demo registered it (it carries ``tag``), else None."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        current = client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+    return current if tag in (current.tags or {}) else None
+
+
+def _demo_experiment(client: Any, artifact_root: str) -> str:
+    """The demo's experiment, created with its artifacts under the state folder."""
+    experiment = client.get_experiment_by_name(DEMO_EXPERIMENT)
+    if experiment is not None:
+        return str(experiment.experiment_id)
+    return str(client.create_experiment(DEMO_EXPERIMENT, artifact_location=f"file://{artifact_root}"))
+
+
 def register_demo_model(
     artifact_root: str, name: str = DEMO_MODEL, alias: str = "champion", retrain: bool = False
 ) -> DemoModel:
@@ -65,23 +85,13 @@ def register_demo_model(
     """
     import mlflow
     from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
     from mlflow.models import infer_signature
 
     client = MlflowClient()
-    if not retrain:
-        try:
-            current = client.get_model_version_by_alias(name, alias)
-        except MlflowException:
-            current = None
-        if current is not None and DEMO_TAG in (current.tags or {}):
-            return DemoModel(name, str(current.version), float(current.tags[DEMO_TAG]), False)
-    experiment = client.get_experiment_by_name(DEMO_EXPERIMENT)
-    experiment_id = (
-        experiment.experiment_id
-        if experiment
-        else client.create_experiment(DEMO_EXPERIMENT, artifact_location=f"file://{artifact_root}")
-    )
+    current = None if retrain else _demo_version(client, name, alias, DEMO_TAG)
+    if current is not None:
+        return DemoModel(name, str(current.version), float(current.tags[DEMO_TAG]), False)
+    experiment_id = _demo_experiment(client, artifact_root)
     model, accuracy = train_digits()
     _, _, x_test, _ = digits_split()
     import torch
@@ -176,22 +186,12 @@ def log_llama(model: object, tokenizer: object, name: str, experiment_id: str | 
 def register_demo_lm(artifact_root: str, name: str = DEMO_LM, alias: str = "champion", retrain: bool = False) -> str:
     """Register the demo LM (reusing the version under ``alias`` unless ``retrain``); returns its version."""
     from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
 
     client = MlflowClient()
-    if not retrain:
-        try:
-            current = client.get_model_version_by_alias(name, alias)
-        except MlflowException:
-            current = None
-        if current is not None and DEMO_LM_TAG in (current.tags or {}):
-            return str(current.version)
-    experiment = client.get_experiment_by_name(DEMO_EXPERIMENT)
-    experiment_id = (
-        experiment.experiment_id
-        if experiment
-        else client.create_experiment(DEMO_EXPERIMENT, artifact_location=f"file://{artifact_root}")
-    )
+    current = None if retrain else _demo_version(client, name, alias, DEMO_LM_TAG)
+    if current is not None:
+        return str(current.version)
+    experiment_id = _demo_experiment(client, artifact_root)
     model, tokenizer = build_llama()
     version = log_llama(model, tokenizer, name, experiment_id)
     client.set_model_version_tag(name, version, DEMO_LM_TAG, "random weights")
