@@ -7,7 +7,7 @@ from prefect import flow
 from nodewise.errors import DeployFailed, DoesNotFit
 from nodewise.settings import Settings, load_settings
 from serving.spec import DeepSpeedSpec, ModelServeSpec
-from tasks.deepspeed_serve import build_deepspeed_spec, deploy_cluster_task, smoke_test_lm_task
+from tasks.deepspeed_serve import build_deepspeed_spec, deploy_cluster_task
 from tasks.inventory import read_inventory_task
 from tasks.placement import PlacementPlan, plan_placement_task
 from tasks.profile_models import profile_model_task
@@ -71,17 +71,7 @@ def deploy_model(
 def _deploy_deepspeed(model: ResolvedModel, plan: PlacementPlan, settings: Settings) -> DeploymentRecord:
     """Several nodes: DeepSpeed tensor parallelism over MPI ranks, every rank in every request."""
     spec = build_deepspeed_spec(model, plan, settings)
-    endpoint = deploy_cluster_task(spec, plan, settings)
-    try:
-        smoke = smoke_test_lm_task(endpoint, model, spec, settings.smoke)
-    except DeployFailed:
-        from tasks.deepspeed_cluster import stop_cluster
-
-        previous = get_record(settings.records_path, spec.app_name)
-        stop_cluster(settings, spec.app_name)
-        if previous is not None and previous.backend == "deepspeed_mpi":
-            deploy_cluster_task(DeepSpeedSpec.model_validate(previous.spec), plan, settings)
-        raise
+    endpoint, smoke = deploy_cluster_task(spec, plan, model, settings)  # rolls back itself on failure
     previous = get_record(settings.records_path, spec.app_name)
     if previous is not None and previous.backend == "ray_serve":  # moved off one node: retire its replicas
         _delete_serve_app(settings, spec.app_name)

@@ -1,16 +1,17 @@
 """Serving a model that needs several nodes: DeepSpeed tensor parallelism over MPI ranks.
 
 ``build_deepspeed_spec`` turns a multi-node plan into the spec every rank reads;
-``deploy_cluster`` (re)launches the job and waits for every rank, putting the previous version
-back if the new one fails; ``smoke_test_lm`` compares the endpoint's logits with the model run
-whole in this process.
+``deploy_cluster`` (re)launches the job, waits for every rank and checks it (``smoke_test_lm``:
+the endpoint's logits against the model run whole in this process), putting the previous version
+back if the new one fails either.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from prefect import task
@@ -19,12 +20,15 @@ from prefect.cache_policies import NO_CACHE
 from nodewise.errors import DeployFailed, UnsupportedModel
 from nodewise.settings import Settings, SmokeSettings
 from serving._lm import AUTOTP_FAMILIES, AUTOTP_REFUSES
+from serving.dist_env import is_local_host
 from serving.spec import DeepSpeedSpec
 from tasks.deepspeed_cluster import launch, read_cluster, stop_cluster, wait_ready
 from tasks.placement import PlacementPlan
 from tasks.ray_serve import app_name_for
 from tasks.registry import ResolvedModel, artifact_file, load_input_example
 from tasks.smoke import SmokeResult, post_json
+
+T = TypeVar("T")
 
 
 def build_deepspeed_spec(model: ResolvedModel, plan: PlacementPlan, settings: Settings) -> DeepSpeedSpec:
@@ -47,7 +51,7 @@ def build_deepspeed_spec(model: ResolvedModel, plan: PlacementPlan, settings: Se
     ds = settings.deepspeed
     gpu = plan.device_kind == "gpu"
     dtype = ds.dtype if ds.dtype != "auto" else ("float16" if gpu else "float32")
-    local = all(h in ("localhost", "127.0.0.1") for h in plan.hosts) or not plan.hosts
+    local = all(is_local_host(h) for h in plan.hosts)  # the launcher's own test: ranks all on this machine
     return DeepSpeedSpec(
         app_name=app_name_for(model.name),
         model_uri=model.pinned_uri,
@@ -96,24 +100,25 @@ def _check_architecture(model: ResolvedModel, tp_size: int) -> None:
             )
 
 
-def deploy_cluster(spec: DeepSpeedSpec, plan: PlacementPlan, settings: Settings) -> str:
-    """Replace the app's job with one for ``spec``; wait until every rank is ready.
+def deploy_cluster(
+    spec: DeepSpeedSpec, plan: PlacementPlan, settings: Settings, check: Callable[[str], T]
+) -> tuple[str, T]:
+    """Replace the app's job with one for ``spec``, wait until every rank is ready, then ``check`` it.
 
     The job is replaced whole (DeepSpeed ranks cannot be swapped one by one): the old ranks stop,
-    the new ones start. If they fail, the previous spec is relaunched and ``DeployFailed`` says
-    why. Returns the endpoint URL.
+    the new ones start. If they fail to start or ``check(endpoint)`` raises ``DeployFailed``, the
+    previous spec is relaunched and ``DeployFailed`` says why. Returns the endpoint and what
+    ``check`` returned.
     """
     previous = read_cluster(settings, spec.app_name)
     previous_spec = (
-        DeepSpeedSpec.model_validate_json(Path(previous.spec_path).read_text())
-        if previous is not None and previous.spec_path
-        else None
+        DeepSpeedSpec.model_validate_json(Path(previous.spec_path).read_text()) if previous is not None else None
     )
     stop_cluster(settings, spec.app_name)
-    hosts = plan.hosts or ["localhost"] * plan.nodes
-    cluster = launch(spec, hosts, plan.devices_per_node, settings)
+    cluster = launch(spec, plan.hosts or ["localhost"] * plan.nodes, plan.devices_per_node, settings)
     try:
         wait_ready(cluster, settings.deepspeed.ready_timeout_s)
+        return cluster.endpoint, check(cluster.endpoint)
     except DeployFailed as e:
         stop_cluster(settings, spec.app_name)
         outcome = "nothing served before"
@@ -126,7 +131,6 @@ def deploy_cluster(spec: DeepSpeedSpec, plan: PlacementPlan, settings: Settings)
                 stop_cluster(settings, spec.app_name)
                 outcome = f"version {previous_spec.model_version} did not come back either: {again}"
         raise DeployFailed(f"{e} (rolled back: {outcome})") from e
-    return cluster.endpoint
 
 
 def probe_ids(model: ResolvedModel, spec: DeepSpeedSpec) -> np.ndarray:
@@ -175,14 +179,8 @@ def smoke_test_lm(endpoint: str, model: ResolvedModel, spec: DeepSpeedSpec, sett
 
 
 @task(name="deploy-to-deepspeed", cache_policy=NO_CACHE)
-def deploy_cluster_task(spec: DeepSpeedSpec, plan: PlacementPlan, settings: Settings) -> str:
-    """Launch (or replace) the model's DeepSpeed job under mpirun; return its endpoint."""
-    return deploy_cluster(spec, plan, settings)
-
-
-@task(name="smoke-test-lm", cache_policy=NO_CACHE)
-def smoke_test_lm_task(
-    endpoint: str, model: ResolvedModel, spec: DeepSpeedSpec, settings: SmokeSettings
-) -> SmokeResult:
-    """Check the ranks' logits against the whole model."""
-    return smoke_test_lm(endpoint, model, spec, settings)
+def deploy_cluster_task(
+    spec: DeepSpeedSpec, plan: PlacementPlan, model: ResolvedModel, settings: Settings
+) -> tuple[str, SmokeResult]:
+    """Launch (or replace) the model's DeepSpeed job under mpirun and smoke-test it; roll back on failure."""
+    return deploy_cluster(spec, plan, settings, lambda endpoint: smoke_test_lm(endpoint, model, spec, settings.smoke))

@@ -238,8 +238,7 @@ def _watch_one(settings: Settings, record: DeploymentRecord, watch: AppWatch) ->
         return action("nodewise.deployment.backoff", cause, outcome=f"next restart allowed in {wait_s:.0f} s")
     watch.pending = "cluster restart"
     watch.restarts.append(time.time())
-    save_pending = {record.app_name: watch}
-    _save_one(settings, save_pending)
+    _save_one(settings, {record.app_name: watch})
     try:
         took = restart_deepspeed(settings, record)
     except (DeployFailed, NodewiseError) as e:
