@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 from flows.deploy import deploy_model
-from nodewise.runtime import configure_process, serve_environment
+from nodewise.runtime import configure_process, haproxy_dir, serve_environment
 from nodewise.settings import Settings
 
 from .conftest import _SESSION_RAY_TOKEN, free_port_block, make_settings
@@ -75,6 +75,9 @@ def two_node_cluster(prefect_harness: None) -> Iterator[tuple[str, Settings]]:
 
         ray.shutdown()
         _stop_processes_of(str(temp))
+        # Serve's HAProxy runs from the HAProxy folder of ``local_like`` (its RAY_SERVE_HAPROXY_* paths),
+        # not from ``temp``: left running, it holds ports 8404/9101 and the next module's HAProxy cannot start.
+        _stop_processes_of(str(haproxy_dir(local_like)))
         os.environ.clear()
         os.environ.update(saved)
         for folder in (temp, local_like.state_path, *(s.state_path for s in made)):
