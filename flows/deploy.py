@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prefect import flow
 
 from nodewise.errors import DeployFailed, DoesNotFit
@@ -65,7 +67,7 @@ def deploy_model(
     print(
         f"{model.pinned_uri} serves at {endpoint}: smoke test {'matched the model' if smoke.compared else 'answered'}"
     )
-    return _record(settings, model, plan, spec, endpoint, "ray_serve", plan.replicas)
+    return _record(settings, model, plan, spec, endpoint, "ray_serve", plan.replicas, smoke.request)
 
 
 def _deploy_deepspeed(model: ResolvedModel, plan: PlacementPlan, settings: Settings) -> DeploymentRecord:
@@ -79,7 +81,7 @@ def _deploy_deepspeed(model: ResolvedModel, plan: PlacementPlan, settings: Setti
         f"{model.pinned_uri} serves at {endpoint} on {plan.ranks} DeepSpeed ranks: smoke test "
         f"{'matched the whole model' if smoke.compared else 'answered'}"
     )
-    return _record(settings, model, plan, spec, endpoint, "deepspeed_mpi", 1)
+    return _record(settings, model, plan, spec, endpoint, "deepspeed_mpi", 1, smoke.request)
 
 
 def _record(
@@ -90,6 +92,7 @@ def _record(
     endpoint: str,
     backend: str,
     replicas: int,
+    canary: dict[str, Any],
 ) -> DeploymentRecord:
     return record_deployment_task(
         settings.records_path,
@@ -103,6 +106,7 @@ def _record(
             replicas=replicas,
             plan=plan.explain(),
             spec=spec.model_dump(mode="json"),
+            canary=canary,
         ),
     )
 

@@ -144,12 +144,14 @@ class ServeSettings(_Section):
         "the previous one ran (full under load, no added latency when idle).",
     )
     max_request_bytes: PositiveInt = Field(default=16 * 1024 * 1024, description="Larger bodies get 413.")
-    max_consecutive_errors: PositiveInt = Field(
-        default=5, description="Inference errors in a row after which a replica reports unhealthy."
+    max_error_rate: Fraction = Field(
+        default=0.5,
+        description="Share of a replica's requests failing (HTTP 500) over the watchdog's "
+        "`error_window_s` at which the watchdog restarts that replica.",
     )
     memory_limit_bytes: PositiveInt | None = Field(
         default=None,
-        description="RSS past which a replica reports unhealthy (Serve restarts it alone). "
+        description="RSS past which the watchdog restarts a replica (alone). "
         "Default: twice the planned memory of one replica, and at least that plus 1 GiB.",
     )
     ready_timeout_s: PositiveFloat = Field(default=180.0)
@@ -218,6 +220,12 @@ class WatchdogSettings(_Section):
         default=10.0, description="Wait after a restart before the next one; doubles with each restart in the window."
     )
     backoff_max_s: Annotated[float, Field(ge=0.0)] = 300.0
+    error_window_s: PositiveFloat = Field(
+        default=60.0, le=600.0, description="The window a Ray Serve replica's error rate is measured over."
+    )
+    min_requests: PositiveInt = Field(
+        default=10, description="Requests a replica must have answered in the window before its error rate counts."
+    )
 
 
 class SmokeSettings(_Section):

@@ -5,6 +5,11 @@ Routes, under the application's route prefix (one prefix per model):
 Errors map to statuses in one place (``_error_response``): bad input 400, body too large 413,
 unsupported content type 415, unknown route 404, model not ready 503, anything else 500 with a
 request id in the log.
+
+Each replica also answers the watchdog, which calls it directly (not through the router):
+``vitals`` runs a canary inference and reports the replica's memory and its recent error rate.
+Whether that makes the replica sick is the watchdog's call (tasks/serve_watch.py), within its
+restart budget; ``check_health`` only says whether the model is loaded.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 import uuid
 from typing import Any
 
@@ -35,7 +41,7 @@ class ModelServer:
     def __init__(self, spec: dict[str, Any]) -> None:
         self.spec = ModelServeSpec.model_validate(spec)
         self.model: LoadedModel | None = None
-        self._consecutive_errors = 0
+        self.outcomes = Outcomes()
         self.model = LoadedModel.load(self.spec)
         self._predict_batch.set_max_batch_size(self.spec.max_batch_size)
         self._predict_batch.set_batch_wait_timeout_s(self.spec.batch_wait_timeout_s)
@@ -48,7 +54,9 @@ class ModelServer:
             if path == "/version" and request.method == "GET":
                 return _json(200, {"model": self.spec.model_name, "version": self.spec.model_version})
             if path == "/invocations" and request.method == "POST":
-                return await self._invocations(request)
+                response = await self._invocations(request)
+                self.outcomes.add(ok=True)
+                return response
             return _json(
                 404,
                 {
@@ -72,14 +80,36 @@ class ModelServer:
                 f"body is {len(body)} bytes; the limit is {self.spec.max_request_bytes} "
                 "(max_request_bytes): send fewer rows per request"
             )
-        assert self.model is not None
-        inputs = self.model.parse(body, request.headers.get("content-type", _JSON))
-        if self.model.batches and len(inputs) > 0:
-            predictions = await self._predict_batch(inputs)
-        else:
-            predictions = self.model.predict(inputs)
-        self._consecutive_errors = 0
+        predictions = await self._predict(body, request.headers.get("content-type", _JSON))
         return Response(encode_predictions(predictions), media_type=_JSON)
+
+    async def _predict(self, body: bytes, content_type: str) -> Any:
+        assert self.model is not None
+        inputs = self.model.parse(body, content_type)
+        if self.model.batches and len(inputs) > 0:
+            return await self._predict_batch(inputs)
+        return self.model.predict(inputs)
+
+    async def vitals(self, canary: bytes | None, window_s: float) -> dict[str, Any]:
+        """For the watchdog: one canary inference (not counted as traffic), memory, recent errors."""
+        started = time.perf_counter()
+        canary_error = None
+        if canary is not None:
+            try:
+                encode_predictions(await self._predict(canary, _JSON))
+            except Exception as e:  # the canary's failure is a finding, not this call's
+                canary_error = f"{type(e).__name__}: {e}"[:300]
+        requests, errors = self.outcomes.window(window_s)
+        return {
+            "pid": os.getpid(),
+            "rss_bytes": resident_bytes(),
+            "memory_limit_bytes": self.spec.memory_limit_bytes,
+            "requests": requests,
+            "errors": errors,
+            "window_s": window_s,
+            "canary_s": round(time.perf_counter() - started, 4),
+            "canary_error": canary_error,
+        }
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)  # both set from the spec in __init__
     async def _predict_batch(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
@@ -95,7 +125,7 @@ class ModelServer:
             return _json(415, {"error_code": "UNSUPPORTED_MEDIA_TYPE", "message": str(error)})
         if isinstance(error, PayloadTooLarge):
             return _json(413, {"error_code": "PAYLOAD_TOO_LARGE", "message": str(error)})
-        self._consecutive_errors += 1
+        self.outcomes.add(ok=False)
         request_id = uuid.uuid4().hex[:12]
         logger.exception("request %s failed", request_id)
         return _json(
@@ -110,13 +140,32 @@ class ModelServer:
         """Called by Ray Serve; raising makes Serve restart this replica alone."""
         if self.model is None:
             raise RuntimeError("model is not loaded")
-        if self._consecutive_errors >= self.spec.max_consecutive_errors:
-            raise RuntimeError(f"{self._consecutive_errors} consecutive inference errors")
-        rss = resident_bytes()
-        if self.spec.memory_limit_bytes and rss > self.spec.memory_limit_bytes:
-            raise RuntimeError(
-                f"replica memory {rss / 2**20:.0f} MiB is past its limit {self.spec.memory_limit_bytes / 2**20:.0f} MiB"
-            )
+
+
+class Outcomes:
+    """Requests answered and failed (500s: a client's 4xx is not the replica's failure), in
+    one-second buckets over the last ``keep_s`` seconds."""
+
+    def __init__(self, keep_s: int = 600) -> None:
+        self.keep_s = keep_s
+        self._buckets: dict[int, list[int]] = {}
+
+    def add(self, ok: bool, now: float | None = None) -> None:
+        second = int(time.monotonic() if now is None else now)
+        bucket = self._buckets.get(second)
+        if bucket is None:
+            bucket = self._buckets[second] = [0, 0]
+            if len(self._buckets) > self.keep_s:
+                for old in [s for s in self._buckets if s <= second - self.keep_s]:
+                    del self._buckets[old]
+        bucket[0] += 1
+        bucket[1] += not ok
+
+    def window(self, seconds: float, now: float | None = None) -> tuple[int, int]:
+        """(requests, errors) over the last ``seconds``."""
+        since = (time.monotonic() if now is None else now) - seconds
+        picked = [b for s, b in self._buckets.items() if s >= since]
+        return sum(b[0] for b in picked), sum(b[1] for b in picked)
 
 
 def resident_bytes() -> int:

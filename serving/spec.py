@@ -45,9 +45,11 @@ class ModelServeSpec(BaseModel):
     max_batch_size: PositiveInt = 32
     batch_wait_timeout_s: NonNegativeFloat = 0.0
     max_request_bytes: PositiveInt = 16 * 1024 * 1024
-    max_consecutive_errors: PositiveInt = 5
+    max_error_rate: float = Field(
+        default=0.5, gt=0.0, le=1.0, description="Share of failed requests at which the watchdog restarts a replica."
+    )
     memory_limit_bytes: PositiveInt | None = Field(
-        default=None, description="RSS past which the replica reports unhealthy."
+        default=None, description="RSS past which the watchdog restarts the replica."
     )
     max_start_attempts: PositiveInt = Field(
         default=3, description="Failed replica starts before Serve marks the deploy failed."

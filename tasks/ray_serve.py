@@ -61,7 +61,7 @@ def build_spec(
         max_batch_size=batch,
         batch_wait_timeout_s=serve.batch_wait_timeout_s,
         max_request_bytes=serve.max_request_bytes,
-        max_consecutive_errors=serve.max_consecutive_errors,
+        max_error_rate=serve.max_error_rate,
         memory_limit_bytes=memory_limit,
         device="cuda" if plan.device_kind == "gpu" else "cpu",
     )

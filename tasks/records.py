@@ -28,6 +28,9 @@ class DeploymentRecord(BaseModel):
     replicas: int
     plan: str
     spec: dict[str, Any]
+    canary: dict[str, Any] | None = Field(
+        default=None, description="The smoke test's request: the watchdog's canary inference."
+    )
     deployed_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     previous_version: str | None = None
     previous_spec: dict[str, Any] | None = None

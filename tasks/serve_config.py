@@ -25,7 +25,7 @@ OVERRIDABLE = (
     "max_batch_size",
     "batch_wait_timeout_s",
     "max_request_bytes",
-    "max_consecutive_errors",
+    "max_error_rate",
     "memory_limit_bytes",
 )
 

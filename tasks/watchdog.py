@@ -1,10 +1,12 @@
 """The watchdog: check every deployment, restart what is sick within a budget, say what it did.
 
-DeepSpeed jobs are checked through mpirun (still running?), rank 0's ``/health`` (every rank's
-heartbeat and step) and a canary inference with a deadline; a sick job is restarted whole (every
-rank stopped, all relaunched with a fresh rendezvous port, then waited for), because the
-survivors of a lost rank cannot go on alone. Ray Serve apps are checked at the app level and
-reported (replica-level restarts: not yet).
+Ray Serve apps are checked replica by replica (tasks/serve_watch.py): a hung, failing or
+leaking replica is restarted alone, one per pass, while the others keep serving; replicas that
+cannot be placed are reported as degraded with the cause. DeepSpeed jobs are checked through
+mpirun (still running?), rank 0's ``/health`` (every rank's heartbeat and step) and a canary
+inference with a deadline; a sick job is restarted whole (every rank stopped, all relaunched
+with a fresh rendezvous port, then waited for), because the survivors of a lost rank cannot go
+on alone.
 
 Restarts are budgeted per deployment: at most ``max_restarts`` per ``window_s``, with a backoff
 that doubles after each; past the budget the deployment is marked failed and left alone until a
@@ -31,8 +33,10 @@ from nodewise.settings import Settings, WatchdogSettings
 from tasks.records import DeploymentRecord, load_records
 
 ActionKind = Literal[
+    "nodewise.replica.restarted",
     "nodewise.cluster.restarted",
     "nodewise.deployment.degraded",
+    "nodewise.deployment.recovered",
     "nodewise.deployment.failed",
     "nodewise.deployment.backoff",
 ]
@@ -59,7 +63,9 @@ class AppWatch(BaseModel):
     restarts: list[float] = Field(default_factory=list, description="Epoch seconds of recent restarts.")
     failed: str | None = Field(default=None, description="Why the budget ran out; the watchdog leaves it alone.")
     pending: str | None = Field(default=None, description="A restart begun and not finished.")
+    degraded: str | None = Field(default=None, description="The degradation last reported (reported once).")
     version: str | None = None
+    deployed_at: str | None = Field(default=None, description="The deploy this budget belongs to.")
 
 
 # -- the budget (plain arithmetic) ----------------------------------------------------------------
@@ -163,17 +169,6 @@ def check_deepspeed(settings: Settings, record: DeploymentRecord) -> str | None:
     return None
 
 
-def check_serve(record: DeploymentRecord) -> str | None:
-    """App-level check of a Ray Serve deployment: its endpoint answers ``/ping``."""
-    import httpx
-
-    try:
-        response = httpx.get(f"{record.endpoint}/ping", timeout=5)
-    except httpx.HTTPError as e:
-        return f"endpoint unreachable ({type(e).__name__})"
-    return None if response.status_code == 200 else f"/ping answered HTTP {response.status_code}"
-
-
 def restart_deepspeed(settings: Settings, record: DeploymentRecord) -> float:
     """Stop every rank, relaunch all with a fresh rendezvous port, wait until every rank is ready."""
     from serving.spec import DeepSpeedSpec
@@ -187,7 +182,7 @@ def restart_deepspeed(settings: Settings, record: DeploymentRecord) -> float:
 
 # -- one pass ------------------------------------------------------------------------------------
 def watch_once(settings: Settings, emit: Callable[[Action], None] | None = None) -> list[Action]:
-    """Check every recorded deployment once; restart sick DeepSpeed jobs within their budget.
+    """Check every recorded deployment once; restart sick replicas and jobs within their budget.
 
     Returns the actions of this pass (each also given to ``emit``). Another watchdog holding
     the lock makes this pass a no-op.
@@ -199,18 +194,21 @@ def watch_once(settings: Settings, emit: Callable[[Action], None] | None = None)
         apps, history = load_watch(settings)
         done: list[Action] = []
         for record in load_records(settings.records_path).values():
-            watch = apps.setdefault(record.app_name, AppWatch(version=record.model_version))
-            if watch.version != record.model_version:  # a deploy since: a fresh budget
-                watch = apps[record.app_name] = AppWatch(version=record.model_version)
-            action = _watch_one(settings, record, watch)
-            if action is not None:
+            fresh = AppWatch(version=record.model_version, deployed_at=record.deployed_at)
+            watch = apps.setdefault(record.app_name, fresh)
+            if watch.deployed_at != record.deployed_at:  # a deploy since: a fresh budget
+                watch = apps[record.app_name] = fresh
+            for action in _watch_one(settings, record, watch):
                 done.append(action)
                 emit(action)
             save_watch(settings, apps, history + done)  # after each deployment: a kill loses little
         return done
 
 
-def _watch_one(settings: Settings, record: DeploymentRecord, watch: AppWatch) -> Action | None:
+REPLICA_PENDING = "replica restart: "
+
+
+def _watch_one(settings: Settings, record: DeploymentRecord, watch: AppWatch) -> list[Action]:
     def action(event: ActionKind, cause: str, **extra: Any) -> Action:
         return Action(
             event=event,
@@ -222,33 +220,116 @@ def _watch_one(settings: Settings, record: DeploymentRecord, watch: AppWatch) ->
         )
 
     if watch.failed is not None:
-        return None  # past its budget: left alone until a deploy or a reset
-    if record.backend != "deepspeed_mpi":
-        cause = check_serve(record)
-        return action("nodewise.deployment.degraded", cause, target="app") if cause else None
+        return []  # past its budget: left alone until a deploy or a reset
+    if record.backend == "deepspeed_mpi":
+        return _watch_deepspeed(settings, record, watch, action)
+    return _watch_serve(settings, record, watch, action)
+
+
+def _watch_deepspeed(
+    settings: Settings, record: DeploymentRecord, watch: AppWatch, action: Callable[..., Action]
+) -> list[Action]:
     cause = check_deepspeed(settings, record) if watch.pending is None else f"finishing an interrupted {watch.pending}"
     if cause is None:
-        return None
+        return []
+
+    def restart() -> tuple[float, str]:
+        try:
+            return restart_deepspeed(settings, record), "every rank ready"
+        except (DeployFailed, NodewiseError) as e:
+            from tasks.deepspeed_cluster import stop_cluster
+
+            stop_cluster(settings, record.app_name)  # no half-started ranks left behind
+            return 0.0, f"restart failed: {e}"
+
+    return [_budgeted(settings, record, watch, action, "nodewise.cluster.restarted", cause, "all ranks", restart)]
+
+
+def _watch_serve(
+    settings: Settings, record: DeploymentRecord, watch: AppWatch, action: Callable[..., Action]
+) -> list[Action]:
+    from tasks import serve_watch
+
+    why_not = serve_watch.connect_for(settings)
+    if why_not is not None:
+        return _report_degraded(watch, action, why_not)
+    if watch.pending is not None and watch.pending.startswith(REPLICA_PENDING):  # a killed watchdog's restart
+        name = watch.pending.removeprefix(REPLICA_PENDING)
+        replica = serve_watch.ReplicaView(replica_id=name.rsplit("#", 1)[-1], actor_name=name, state="STOPPING")
+        took, outcome = serve_watch.restart_replica(replica, settings)
+        watch.pending = None
+        cause = "finishing an interrupted replica restart"
+        return [
+            action(
+                "nodewise.replica.restarted",
+                cause,
+                target=replica.describe(),
+                duration_s=round(took, 2),
+                outcome=outcome,
+            )
+        ]
+    view = serve_watch.observe(record, settings.watchdog)
+    if view is None:
+        return _report_degraded(
+            watch, action, f"Serve has no app {record.app_name!r} (was Ray restarted?): run `nodewise deploy` again"
+        )
+    done = _report_degraded(watch, action, serve_watch.degraded_cause(view))
+    sick = serve_watch.pick_sick(view, float(record.spec.get("max_error_rate", 0.5)), settings.watchdog)
+    if sick is not None:
+        replica, cause = sick
+
+        def restart() -> tuple[float, str]:
+            return serve_watch.restart_replica(replica, settings)
+
+        pending = REPLICA_PENDING + replica.actor_name
+        target = replica.describe()
+        done.append(
+            _budgeted(settings, record, watch, action, "nodewise.replica.restarted", cause, target, restart, pending)
+        )
+    return done
+
+
+def _report_degraded(watch: AppWatch, action: Callable[..., Action], cause: str | None) -> list[Action]:
+    """A degradation is reported when it starts or changes, and its end once."""
+    if cause == watch.degraded:
+        return []
+    before, watch.degraded = watch.degraded, cause
+    if cause is None:
+        return [action("nodewise.deployment.recovered", f"was: {before}", target="app")]
+    return [action("nodewise.deployment.degraded", cause, target="app")]
+
+
+def _budgeted(
+    settings: Settings,
+    record: DeploymentRecord,
+    watch: AppWatch,
+    action: Callable[..., Action],
+    event: ActionKind,
+    cause: str,
+    target: str,
+    restart: Callable[[], tuple[float, str]],
+    pending: str = "cluster restart",
+) -> Action:
+    """Run ``restart`` if the deployment's budget allows it; else say why not (or mark it failed)."""
     verdict, wait_s = budget(watch.restarts, time.time(), settings.watchdog)
     if verdict == "exhausted":
         wd = settings.watchdog
         watch.failed = f"{cause} after {wd.max_restarts} restarts in {wd.window_s:.0f} s"
-        return action("nodewise.deployment.failed", watch.failed, outcome="left alone until a deploy or a reset")
+        return action(
+            "nodewise.deployment.failed", watch.failed, target=target, outcome="left alone until a deploy or a reset"
+        )
     if verdict == "wait":
-        return action("nodewise.deployment.backoff", cause, outcome=f"next restart allowed in {wait_s:.0f} s")
-    watch.pending = "cluster restart"
+        return action(
+            "nodewise.deployment.backoff", cause, target=target, outcome=f"next restart allowed in {wait_s:.0f} s"
+        )
+    watch.pending = pending
     watch.restarts.append(time.time())
     _save_one(settings, {record.app_name: watch})
     try:
-        took = restart_deepspeed(settings, record)
-    except (DeployFailed, NodewiseError) as e:
-        from tasks.deepspeed_cluster import stop_cluster
-
-        stop_cluster(settings, record.app_name)  # no half-started ranks left behind
+        took, outcome = restart()
+    finally:
         watch.pending = None
-        return action("nodewise.cluster.restarted", cause, outcome=f"restart failed: {e}")
-    watch.pending = None
-    return action("nodewise.cluster.restarted", cause, duration_s=round(took, 2), outcome="every rank ready")
+    return action(event, cause, target=target, duration_s=round(took, 2) if took else None, outcome=outcome)
 
 
 def _save_one(settings: Settings, changed: dict[str, AppWatch]) -> None:

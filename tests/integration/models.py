@@ -33,6 +33,25 @@ class AddColumns(mlflow.pyfunc.PythonModel):
         return (model_input["a"] + model_input["b"]).tolist()
 
 
+class FaultOnFlag(mlflow.pyfunc.PythonModel):
+    """Twice its input, until a flag file names the replica's pid: ``PID.fail`` makes every
+    request fail, ``PID.leak`` keeps 64 MiB more per request."""
+
+    def __init__(self, flag_dir: str) -> None:
+        self.flag_dir = flag_dir
+        self.kept: list[np.ndarray] = []
+
+    def predict(self, context, model_input: list[list[float]], params=None) -> list[list[float]]:
+        import os
+
+        flag = f"{self.flag_dir}/{os.getpid()}"
+        if os.path.exists(f"{flag}.fail"):
+            raise RuntimeError("injected fault: this replica fails every request")
+        if os.path.exists(f"{flag}.leak"):
+            self.kept.append(np.ones(8 * 2**20))  # 64 MiB, every page touched
+        return (np.asarray(model_input, dtype=float) * 2).tolist()
+
+
 def register_pyfunc(model: mlflow.pyfunc.PythonModel, name: str, artifact_root: str, example: object = None) -> str:
     """Log ``model`` with an input example, register it, return models:/NAME/VERSION."""
     import sys

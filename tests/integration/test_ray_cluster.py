@@ -106,3 +106,56 @@ def test_deploys_onto_an_existing_two_node_cluster_and_serves_from_both(
     for _ in range(20):
         answer = httpx.post(f"{record.endpoint}/invocations", json={"inputs": np.zeros((1, 64)).tolist()}, timeout=30)
         assert answer.status_code == 200, answer.text
+
+
+def test_a_lost_node_leaves_its_replica_unschedulable_and_the_watchdog_reports_it(
+    two_node_cluster: tuple[str, Settings],
+) -> None:
+    """SIGKILL of the second node's raylet: its replica cannot be placed again (another actor
+    holds the head's spare CPU), so the watchdog reports the app degraded with the cause and
+    restarts nothing."""
+    import time
+
+    import ray
+
+    from tasks.records import load_records
+    from tasks.watchdog import watch_once
+
+    _, settings = two_node_cluster
+    [record] = load_records(settings.records_path).values()  # deployed by the test above
+    head = next(n for n in ray.nodes() if "node:__internal_head__" in n["Resources"])
+    [worker] = [n for n in ray.nodes() if n["Alive"] and n["NodeID"] != head["NodeID"]]
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    @ray.remote(num_cpus=0.5)
+    class Holder:
+        def ready(self) -> bool:
+            return True
+
+    on_head = NodeAffinitySchedulingStrategy(node_id=head["NodeID"], soft=False)
+    holder = Holder.options(scheduling_strategy=on_head).remote()  # the head's last half CPU
+    assert ray.get(holder.ready.remote(), timeout=60)
+    marker = f"--node_id={worker['NodeID']}"
+    [raylet] = [
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if p.info["cmdline"] and p.info["cmdline"][0].endswith("raylet") and marker in p.info["cmdline"]
+    ]
+    raylet.kill()
+
+    degraded = []
+    deadline = time.monotonic() + 120
+    while not any("dead nodes: " in a.cause for a in degraded):
+        assert time.monotonic() < deadline, degraded
+        actions = watch_once(settings)
+        assert all(a.event == "nodewise.deployment.degraded" for a in actions), actions  # nothing restarted
+        degraded += actions
+        time.sleep(1)
+    cause = degraded[-1].cause
+    assert cause.startswith("1 of 2 replicas running"), cause
+    assert f"({worker['NodeID'][:8]})" in cause
+    again = watch_once(settings)  # an unchanged cause is not reported again
+    assert all(a.event == "nodewise.deployment.degraded" and a.cause != cause for a in again), again
+    print(f"degraded: {cause}")
+    answer = httpx.post(f"{record.endpoint}/invocations", json={"inputs": np.zeros((1, 64)).tolist()}, timeout=30)
+    assert answer.status_code == 200  # the surviving replica serves

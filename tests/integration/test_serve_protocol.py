@@ -25,7 +25,7 @@ LIMIT = 64 * 1024
 
 @pytest.fixture(scope="module")
 def settings(prefect_harness: None) -> Iterator[Settings]:
-    yield from module_settings(serve={"max_request_bytes": LIMIT, "max_consecutive_errors": 3})
+    yield from module_settings(serve={"max_request_bytes": LIMIT})
 
 
 @pytest.fixture(scope="module")
@@ -94,11 +94,11 @@ def test_column_schema_pyfunc_round_trips_and_names_wrong_fields(columns: Deploy
 def test_bad_requests_get_their_status_and_never_take_a_replica_down(
     digits: DeploymentRecord, columns: DeploymentRecord, settings: Settings
 ) -> None:
-    from ray import serve
+    from ray.serve.context import _get_global_client
 
     def replica_ids() -> list[str]:
-        app = serve.status().applications["nodewise-digits"]
-        return sorted(str(r) for r in app.deployments["ModelServer"].replica_states.items())
+        app = _get_global_client().get_serve_details()["applications"]["nodewise-digits"]
+        return sorted(r["actor_id"] for r in app["deployments"]["ModelServer"]["replicas"])
 
     before = replica_ids()
     too_big = post(digits.endpoint, b'{"inputs": [' + b"0.0," * LIMIT + b"0.0]}")
@@ -118,10 +118,16 @@ def test_bad_requests_get_their_status_and_never_take_a_replica_down(
     unknown = httpx.get(f"{digits.endpoint}/nope", timeout=10)
     assert (unknown.status_code, unknown.json()["error_code"]) == (404, "ENDPOINT_NOT_FOUND")
     assert httpx.post(f"{digits.endpoint}/ping", timeout=10).status_code == 404  # wrong method
-    # Many more bad requests than max_consecutive_errors: none counts as an inference error.
-    for _ in range(3 * settings.serve.max_consecutive_errors):
+    # Bad requests are the client's: none counts as a replica error (the watchdog's error rate).
+    for _ in range(12):
         assert post(digits.endpoint, {"inputs": [[1.0]]}).status_code == 400
     assert post(digits.endpoint, {"inputs": [[0.0] * 64]}).status_code == 200
+    from tasks.serve_watch import observe
+
+    [replica] = observe(digits, settings.watchdog).replicas
+    assert replica.vitals["errors"] == 0
+    assert replica.vitals["requests"] >= 1
+    assert replica.vitals["canary_error"] is None
     assert replica_ids() == before
 
 

@@ -1,0 +1,175 @@
+"""The watchdog on real Ray Serve replicas: faults injected into one replica's process.
+
+A hung replica (SIGSTOP) under a steady client, one that fails every request and one that
+leaks memory past its limit: each is restarted alone (the other replica keeps its actor id)
+and the endpoint keeps answering. A model whose every replica is sick burns its restart
+budget and is then marked failed and left alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from flows.deploy import deploy_model
+from nodewise.settings import Settings
+from tasks.records import DeploymentRecord
+
+from .conftest import module_settings
+from .models import FaultOnFlag, register_pyfunc
+from .steady import SteadyClient
+
+BODY = json.dumps({"inputs": [[1.0, 2.0, 3.0]]}).encode()
+LIMIT = 900 * 2**20  # a pyfunc replica here holds ~300-450 MiB
+
+
+@pytest.fixture(scope="module")
+def settings(prefect_harness: None) -> Iterator[Settings]:
+    yield from module_settings(
+        serve={"replicas": 2, "memory_limit_bytes": LIMIT},
+        watchdog={"canary_timeout_s": 5, "backoff_s": 0, "max_restarts": 10, "min_requests": 5},
+    )
+
+
+@pytest.fixture(scope="module")
+def flags(settings: Settings) -> Path:
+    folder = settings.state_path / "flags"
+    folder.mkdir()
+    return folder
+
+
+@pytest.fixture(scope="module")
+def deployed(settings: Settings, flags: Path) -> DeploymentRecord:
+    uri = register_pyfunc(FaultOnFlag(str(flags)), "faulty", str(settings.artifact_root))
+    return deploy_model(uri, settings=settings)
+
+
+def replicas(app: str) -> dict[str, dict]:
+    """RUNNING replicas by actor id."""
+    from ray.serve.context import _get_global_client
+
+    details = _get_global_client().get_serve_details()["applications"][app]["deployments"]["ModelServer"]
+    return {r["actor_id"]: r for r in details["replicas"] if str(getattr(r["state"], "value", r["state"])) == "RUNNING"}
+
+
+def answers(endpoint: str) -> bool:
+    response = httpx.post(f"{endpoint}/invocations", content=BODY, timeout=30)
+    return response.status_code == 200 and response.json() == {"predictions": [[2.0, 4.0, 6.0]]}
+
+
+def restart_one(settings: Settings, deployed: DeploymentRecord, sick: dict) -> object:
+    """One watchdog pass: exactly the sick replica is restarted, the other keeps its actor id."""
+    from tasks.watchdog import watch_once
+
+    before = replicas(deployed.app_name)
+    seen = []
+    actions = watch_once(settings, emit=seen.append)
+    restarted = [a for a in actions if a.event == "nodewise.replica.restarted"]
+    assert len(restarted) == 1, actions
+    assert seen == actions
+    assert restarted[0].target.startswith(f"replica {sick['replica_id']} (pid {sick['pid']}")
+    assert restarted[0].outcome == "replaced; 2 replicas running"
+    after = replicas(deployed.app_name)
+    assert len(after) == 2
+    assert sick["actor_id"] not in after
+    kept = set(before) - {sick["actor_id"]}
+    assert kept <= set(after)  # the healthy replica is untouched
+    assert answers(deployed.endpoint)
+    return restarted[0]
+
+
+def test_a_healthy_app_is_left_alone(settings: Settings, deployed: DeploymentRecord) -> None:
+    from tasks.watchdog import watch_once
+
+    before = set(replicas(deployed.app_name))
+    assert watch_once(settings) == []
+    assert set(replicas(deployed.app_name)) == before
+
+
+def test_a_hung_replica_is_restarted_alone_and_the_endpoint_keeps_answering(
+    settings: Settings, deployed: DeploymentRecord
+) -> None:
+    sick = next(iter(replicas(deployed.app_name).values()))
+    with SteadyClient(f"{deployed.endpoint}/invocations", BODY, workers=4) as client:
+        time.sleep(1)
+        os.kill(sick["pid"], signal.SIGSTOP)
+        action = restart_one(settings, deployed, sick)
+        assert action.cause == "canary inference took over 5 s (hung or overloaded)"
+        served_before = client.ok
+        time.sleep(2)
+    assert client.ok > served_before  # it kept answering after the restart
+    # Only requests already on the hung replica may fail (at most one per client thread).
+    assert sum(n for outcome, n in client.outcomes.items() if outcome != "200") <= 4, client.failures
+
+
+def test_a_replica_failing_every_request_is_restarted_alone(
+    settings: Settings, deployed: DeploymentRecord, flags: Path
+) -> None:
+    from tasks.serve_watch import observe, replica_problem
+
+    sick = next(iter(replicas(deployed.app_name).values()))
+    time.sleep(5.5)  # out of the window below: the earlier tests' traffic
+    (flags / f"{sick['pid']}.fail").touch()
+    for _ in range(20):
+        httpx.post(f"{deployed.endpoint}/invocations", content=BODY, timeout=30)
+    record = deployed.model_copy(update={"canary": None})  # the error rate alone makes it sick
+    recent = settings.watchdog.model_copy(update={"error_window_s": 5.0})  # these requests, not earlier traffic
+    [seen] = [r for r in observe(record, recent).replicas if r.pid == sick["pid"]]
+    assert seen.vitals["errors"] >= 5
+    assert seen.vitals["errors"] == seen.vitals["requests"]
+    problem = replica_problem(seen, deployed.spec["max_error_rate"], recent)
+    assert problem == f"{seen.vitals['errors']} of {seen.vitals['requests']} requests failed in the last 5 s"
+    action = restart_one(settings, deployed, sick)
+    assert action.cause.startswith("canary inference failed: RuntimeError")
+    assert "injected fault" in action.cause
+
+
+def test_a_replica_leaking_memory_is_restarted_alone(
+    settings: Settings, deployed: DeploymentRecord, flags: Path
+) -> None:
+    sick = next(iter(replicas(deployed.app_name).values()))
+    (flags / f"{sick['pid']}.leak").touch()
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # until this replica has taken enough requests to pass its limit
+        for _ in range(4):
+            httpx.post(f"{deployed.endpoint}/invocations", content=BODY, timeout=30)
+        from psutil import Process
+
+        if Process(sick["pid"]).memory_info().rss > LIMIT:
+            break
+    action = restart_one(settings, deployed, sick)
+    assert action.cause.startswith("memory ")
+    assert action.cause.endswith(f"MiB is past its limit {LIMIT // 2**20} MiB")
+
+
+def test_a_replica_that_stays_sick_exhausts_the_budget_and_is_left_alone(
+    settings: Settings, deployed: DeploymentRecord, flags: Path
+) -> None:
+    from tasks.status import deployment_status
+    from tasks.watchdog import load_watch, reset, watch_once
+
+    limited = settings.model_copy(update={"watchdog": settings.watchdog.model_copy(update={"max_restarts": 1})})
+    reset(settings, deployed.app_name)
+    # Every replica's pid is flagged as failing, replacements included (pids are flagged as they appear).
+    events = []
+    deadline = time.monotonic() + 180
+    while not any(a.event == "nodewise.deployment.failed" for a in events):
+        assert time.monotonic() < deadline, events
+        for replica in replicas(deployed.app_name).values():
+            (flags / f"{replica['pid']}.fail").touch()
+        events += watch_once(limited)
+    failed = events[-1]
+    assert failed.event == "nodewise.deployment.failed"
+    assert "after 1 restarts in 600 s" in failed.cause
+    assert load_watch(settings)[0][deployed.app_name].failed is not None
+    ids = set(replicas(deployed.app_name))
+    assert watch_once(limited) == []  # left alone: nothing restarted
+    assert set(replicas(deployed.app_name)) == ids
+    assert deployment_status(settings)["watchdog"][-1]["event"] == "nodewise.deployment.failed"
