@@ -152,6 +152,7 @@ def test_a_replica_leaking_memory_is_restarted_alone(
 def test_a_replica_that_stays_sick_exhausts_the_budget_and_is_left_alone(
     settings: Settings, deployed: DeploymentRecord, flags: Path
 ) -> None:
+    from flows.watchdog import watch_deployments
     from tasks.status import deployment_status
     from tasks.watchdog import load_watch, reset, watch_once
 
@@ -164,7 +165,7 @@ def test_a_replica_that_stays_sick_exhausts_the_budget_and_is_left_alone(
         assert time.monotonic() < deadline, events
         for replica in replicas(deployed.app_name).values():
             (flags / f"{replica['pid']}.fail").touch()
-        events += watch_once(limited)
+        events += watch_deployments(settings=limited)  # the flow: its actions go to Prefect as events
     failed = events[-1]
     assert failed.event == "nodewise.deployment.failed"
     assert "after 1 restarts in 600 s" in failed.cause
@@ -173,3 +174,22 @@ def test_a_replica_that_stays_sick_exhausts_the_budget_and_is_left_alone(
     assert watch_once(limited) == []  # left alone: nothing restarted
     assert set(replicas(deployed.app_name)) == ids
     assert deployment_status(settings)["watchdog"][-1]["event"] == "nodewise.deployment.failed"
+    seen = prefect_events(f"nodewise.deployment.{deployed.app_name}", ["nodewise.deployment.failed"])
+    assert seen[0].payload["cause"] == failed.cause
+    assert seen[0].payload["version"] == deployed.model_version
+
+
+def prefect_events(resource: str, names: list[str], timeout_s: float = 30) -> list:
+    """Events of ``resource`` named ``names``, read back from the Prefect API (they arrive asynchronously)."""
+    from prefect.client.orchestration import get_client
+    from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
+
+    wanted = EventFilter(event=EventNameFilter(name=names), resource=EventResourceFilter(id=[resource]))
+    deadline = time.monotonic() + timeout_s
+    with get_client(sync_client=True) as client:
+        while time.monotonic() < deadline:
+            page = client.read_events(filter=wanted, limit=50)  # the server takes at most 50
+            if page.events:
+                return page.events
+            time.sleep(1)
+    raise AssertionError(f"no {names} event for {resource} reached the Prefect API in {timeout_s:.0f} s")
