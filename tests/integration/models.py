@@ -35,7 +35,7 @@ class AddColumns(mlflow.pyfunc.PythonModel):
 
 class FaultOnFlag(mlflow.pyfunc.PythonModel):
     """Twice its input, until a flag file names the replica's pid: ``PID.fail`` makes every
-    request fail, ``PID.leak`` keeps 64 MiB more per request."""
+    request fail, ``PID.leak`` keeps more memory per request (the file's number of MiB, 64 if empty)."""
 
     def __init__(self, flag_dir: str) -> None:
         self.flag_dir = flag_dir
@@ -48,7 +48,9 @@ class FaultOnFlag(mlflow.pyfunc.PythonModel):
         if os.path.exists(f"{flag}.fail"):
             raise RuntimeError("injected fault: this replica fails every request")
         if os.path.exists(f"{flag}.leak"):
-            self.kept.append(np.ones(8 * 2**20))  # 64 MiB, every page touched
+            with open(f"{flag}.leak") as f:
+                mib = float(f.read().strip() or 64)
+            self.kept.append(np.ones(int(mib * 2**20) // 8))  # every page touched
         return (np.asarray(model_input, dtype=float) * 2).tolist()
 
 
