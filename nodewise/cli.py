@@ -280,6 +280,51 @@ def profile(
 
 
 @app.command()
+def render(
+    model_uri: Annotated[str, typer.Argument(help="models:/NAME@ALIAS or models:/NAME/VERSION")],
+    out: Annotated[str, typer.Option(help="Folder for the manifests (for `kubectl apply -f DIR`)")],
+    target: Annotated[str, typer.Option(help="What to render for: k8s")] = "k8s",
+    inventory: Annotated[
+        str, typer.Option(help="The cluster's nodes: k8s (through the API) or a YAML file of nodes")
+    ] = "k8s",
+    multi_node: Annotated[
+        str | None, typer.Option(help="Multi-node plans as mpijob or lws (default: kubernetes.multi_node)")
+    ] = None,
+    apply: Annotated[bool, typer.Option(help="Also apply them through the Kubernetes API and wait")] = False,
+    timeout: Annotated[float, typer.Option(min=1, help="Seconds --apply waits for readiness")] = 900,
+) -> None:
+    """Kubernetes manifests for MODEL, planned against the cluster's nodes: a RayService (one
+    node holds it) or an MPIJob / LeaderWorkerSet (several nodes), a Service and the watchdog's RBAC."""
+    from pathlib import Path
+
+    from tasks.registry import parse_model_uri
+
+    _guard(lambda: parse_model_uri(model_uri))
+    if target != "k8s":
+        _fail(f"--target {target!r} is not known; use --target k8s", 2)
+    if multi_node not in (None, "mpijob", "lws"):
+        _fail(f"--multi-node {multi_node!r} is not known; use mpijob or lws", 2)
+    settings = _settings()
+    from tasks.k8s_cli import manifests_for, write_manifests
+
+    objects, plan, warnings = _guard(lambda: manifests_for(model_uri, inventory, settings, multi_node))  # type: ignore[arg-type]
+    for line in warnings:
+        typer.echo(f"warning: {line}", err=True)
+    for path in _guard(lambda: write_manifests(objects, Path(out))):
+        typer.echo(f"wrote {path}")
+    typer.echo(f"plan: {plan.explain()}")
+    if apply:
+        from tasks.k8s_apply import api_client, wait_ready
+        from tasks.k8s_apply import apply as apply_objects
+
+        api = _guard(api_client)
+        for line in _guard(lambda: apply_objects(objects, api)):
+            typer.echo(line)
+        _guard(lambda: wait_ready(objects, api, timeout))
+        typer.echo("ready")
+
+
+@app.command()
 def watchdog(
     once: Annotated[bool, typer.Option("--once", help="One pass, then exit.")] = False,
     every: Annotated[

@@ -247,6 +247,22 @@ class PlacementSettings(_Section):
     headroom_fraction: Fraction = Field(default=0.9, description="Share of each device's memory a plan may fill.")
 
 
+class KubernetesSettings(_Section):
+    """The Kubernetes target: where manifests go and what they run."""
+
+    namespace: str = Field(default="default", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=63)
+    image: str = Field(
+        default="nodewise:latest",
+        description="Image every pod runs: nodewise and its dependencies installed (`pip install .`), "
+        "with Open MPI for the MPIJob's launcher and workers.",
+    )
+    ray_version: str = Field(default="2.60.0", description="KubeRay's rayVersion: the image's Ray.")
+    serve_throughput_optimized: bool = True
+    multi_node: Literal["mpijob", "lws"] = Field(
+        default="mpijob", description="Multi-node plans as a Kubeflow MPIJob or a LeaderWorkerSet."
+    )
+
+
 class Settings(BaseSettings):
     """All of nodewise's configuration."""
 
@@ -265,6 +281,7 @@ class Settings(BaseSettings):
     watchdog: WatchdogSettings = WatchdogSettings()
     smoke: SmokeSettings = SmokeSettings()
     placement: PlacementSettings = PlacementSettings()
+    kubernetes: KubernetesSettings = KubernetesSettings()
 
     @model_validator(mode="after")
     def _ports_differ(self) -> Settings:

@@ -222,3 +222,9 @@ def build_app(spec: ModelServeSpec, runtime_env: dict[str, Any] | None = None) -
         options["placement_group_strategy"] = "STRICT_PACK"
     deployment = serve.deployment(ModelServer).options(**options)
     return deployment.bind(spec.model_dump(mode="json"))
+
+
+def from_config(args: dict[str, Any]) -> Any:
+    """Serve's application builder for a config file (``import_path: serving.app:from_config``,
+    ``args: {spec: ...}``): what a KubeRay RayService's serveConfigV2 names."""
+    return build_app(ModelServeSpec.model_validate(args["spec"]))

@@ -67,9 +67,11 @@ def discover(environ: Mapping[str, str], read_text: Callable[[str], str] | None 
         env = _open_mpi(environ, read_text)
     elif "PMI_RANK" in environ:
         env = _hydra(environ, read_text)
+    elif "TORCHELASTIC_RUN_ID" in environ:  # torchrun, also inside a LeaderWorkerSet pod with several devices
+        env = _torchrun(environ)
     elif "LWS_LEADER_ADDRESS" in environ:
         env = _leader_worker_set(environ)
-    elif "TORCHELASTIC_RUN_ID" in environ or {"RANK", "WORLD_SIZE", "MASTER_ADDR"} <= set(environ):
+    elif {"RANK", "WORLD_SIZE", "MASTER_ADDR"} <= set(environ):
         env = _torchrun(environ)
     else:
         raise DistEnvError(

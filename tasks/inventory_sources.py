@@ -138,10 +138,12 @@ def _ready(status: dict[str, Any]) -> bool:
 
 def k8s_inventory() -> Inventory:
     """Read nodes through the Kubernetes API (kubeconfig, or in-cluster config)."""
+    import os
+
     from kubernetes import client, config
 
-    try:
-        config.load_kube_config()
+    try:  # KUBECONFIG as it is now (the client reads it once, at import)
+        config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))
     except (config.ConfigException, OSError, TypeError):
         try:
             config.load_incluster_config()

@@ -69,8 +69,18 @@ def read_hostfile(path: str) -> str:
         (HYDRA, DistEnv("mpich", 3, 4, 1, 2, "node-a", 29500)),
         (LWS, DistEnv("leaderworkerset", 2, 4, 0, 1, "llama-0.llama.default", 29500)),
         (TORCHRUN, DistEnv("torchrun", 5, 8, 1, 4, "10.0.0.9", 29400)),
+        # Several devices per LeaderWorkerSet pod: torchrun inside the pod; its variables win over LWS_*.
+        ({**LWS, **TORCHRUN}, DistEnv("torchrun", 5, 8, 1, 4, "10.0.0.9", 29400)),
     ],
-    ids=["openmpi-one-host", "openmpi-two-hosts", "mpijob", "mpich-hydra", "leaderworkerset", "torchrun"],
+    ids=[
+        "openmpi-one-host",
+        "openmpi-two-hosts",
+        "mpijob",
+        "mpich-hydra",
+        "leaderworkerset",
+        "torchrun",
+        "torchrun-in-lws-pod",
+    ],
 )
 def test_each_launcher_maps_to_the_same_variables(environ: dict[str, str], expected: DistEnv) -> None:
     env = discover(environ, read_hostfile)

@@ -1,0 +1,66 @@
+"""``nodewise render``: a registered model's Kubernetes manifests, planned against an inventory,
+written for ``kubectl apply -f DIR`` (and applied through the API with ``--apply``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from nodewise.errors import DoesNotFit, NodewiseError
+from nodewise.settings import Settings
+from tasks.k8s_render import MultiNode, render
+from tasks.placement import PlacementPlan, plan_placement
+
+
+def manifests_for(
+    model_uri: str, inventory: str, settings: Settings, multi_node: MultiNode | None = None
+) -> tuple[list[dict[str, Any]], PlacementPlan, list[str]]:
+    """Resolve, profile and plan ``model_uri`` on ``inventory``; render. Returns (objects, plan, warnings)."""
+    from tasks.deepspeed_serve import build_deepspeed_spec
+    from tasks.inventory_sources import read_inventory
+    from tasks.profile_models import profile_with_cache
+    from tasks.ray_serve import build_spec
+    from tasks.registry import make_client, resolve_model
+    from tasks.serve_config import serve_settings_for
+
+    model = resolve_model(model_uri, make_client(settings.tracking_uri, settings.registry_uri))
+    serve = serve_settings_for(model, settings.serve)
+    nodes = read_inventory(inventory, settings.ray.num_cpus).require_nodes()
+    profile = profile_with_cache(model, batch_size=serve.max_batch_size, device=nodes.device_class)
+    plan = plan_placement(
+        profile,
+        nodes,
+        headroom_fraction=settings.placement.headroom_fraction,
+        desired_replicas=serve.min_replicas or serve.replicas,
+    )
+    if not plan.fits:
+        raise DoesNotFit(f"{model.pinned_uri} was not rendered: {plan.explain()}")
+    if plan.backend == "deepspeed_mpi":
+        spec: Any = build_deepspeed_spec(model, plan, settings)
+    else:
+        spec = build_spec(model, plan, settings, serve)
+    warnings = []
+    if settings.tracking_uri.startswith(("sqlite:", "file:", "/")) or "127.0.0.1" in settings.tracking_uri:
+        warnings.append(
+            f"the tracking URI {settings.tracking_uri} is local to this machine and pods cannot read it: "
+            "set NODEWISE_MLFLOW__TRACKING_URI to an MLflow server the cluster reaches, and render again"
+        )
+    objects = render(spec, plan, settings.kubernetes, multi_node or settings.kubernetes.multi_node)
+    return objects, plan, warnings
+
+
+def write_manifests(objects: list[dict[str, Any]], out: Path) -> list[Path]:
+    """One YAML file per object, numbered in apply order (``kubectl apply -f DIR`` takes them in order)."""
+    if out.exists() and not out.is_dir():
+        raise NodewiseError(f"--out {out} is a file; give a folder (it is created if missing)")
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob("[0-9][0-9]-*.yaml"):  # a previous render of ours: replaced, not mixed
+        stale.unlink()
+    paths = []
+    for index, manifest in enumerate(objects):
+        path = out / f"{index:02d}-{manifest['kind'].lower()}-{manifest['metadata']['name']}.yaml"
+        path.write_text(yaml.safe_dump(manifest, sort_keys=False))
+        paths.append(path)
+    return paths

@@ -1,0 +1,186 @@
+"""Kubernetes manifests from placement plans, validated strictly offline (tests/k8s_schema.py):
+the official CRDs for RayService, MPIJob and LeaderWorkerSet, the core schemas for the rest."""
+
+from __future__ import annotations
+
+import json
+
+import jsonschema
+import pytest
+
+from nodewise.settings import KubernetesSettings, Settings
+from serving.spec import DeepSpeedSpec
+from tasks.inventory import Device, Inventory, Node
+from tasks.k8s_render import render
+from tasks.placement import plan_placement
+from tasks.profiling import MemoryProfile
+from tasks.ray_serve import build_spec
+from tests.k8s_schema import validate
+from tests.unit.factories import resolved_model
+
+GIB = 2**30
+K8S = KubernetesSettings(namespace="serving", image="registry.example/nodewise:0.1")
+
+
+def gpu_nodes(count: int, gpus: int, gib: int) -> Inventory:
+    devices = [Device(kind="gpu", name="NVIDIA H100 80GB HBM3", memory_bytes=gib * GIB) for _ in range(gpus)]
+    return Inventory(
+        source="test",
+        nodes=[Node(name=f"g{i}", cpus=32, host_memory_bytes=512 * GIB, gpus=devices) for i in range(count)],
+    )
+
+
+def serve_manifests(weights_gib: float, inventory: Inventory, replicas: int = 2) -> tuple[list[dict], object]:
+    plan = plan_placement(
+        MemoryProfile(method="analytic", weight_bytes=int(weights_gib * GIB), attention_heads=32),
+        inventory,
+        desired_replicas=replicas,
+    )
+    assert plan.backend == "ray_serve"
+    spec = build_spec(resolved_model(flavor="pytorch", flavors=["pytorch"]), plan, Settings())
+    return render(spec, plan, K8S), spec
+
+
+def multi_node(multi: str = "mpijob", gpus: int = 2) -> tuple[list[dict], object]:
+    plan = plan_placement(
+        MemoryProfile(method="analytic", weight_bytes=200 * GIB, attention_heads=32), gpu_nodes(4, gpus, 80)
+    )
+    assert plan.backend == "deepspeed_mpi"
+    spec = DeepSpeedSpec(
+        app_name="llama-70b",
+        model_uri="models:/llama-70b/3",
+        model_name="llama-70b",
+        model_version="3",
+        tracking_uri="http://mlflow.mlops:5000",
+        registry_uri="http://mlflow.mlops:5000",
+        flavor="transformers",
+        tp_size=plan.ranks,
+        device="cuda",
+        dtype="float16",
+    )
+    return render(spec, plan, K8S, multi_node=multi), plan
+
+
+def by_kind(objects: list[dict]) -> dict[str, dict]:
+    return {o["kind"]: o for o in objects}
+
+
+CASES = {
+    "rayservice-cpu": lambda: serve_manifests(
+        0.05, Inventory(source="t", nodes=[Node(name="n", cpus=8, host_memory_bytes=32 * GIB)])
+    )[0],
+    "rayservice-gpu-shared": lambda: serve_manifests(5, gpu_nodes(2, 4, 80), replicas=4)[0],
+    "rayservice-gpu-tp": lambda: serve_manifests(100, gpu_nodes(1, 8, 80), replicas=1)[0],
+    "mpijob": lambda: multi_node("mpijob")[0],
+    "leaderworkerset": lambda: multi_node("lws")[0],
+    "leaderworkerset-one-gpu-per-pod": lambda: multi_node("lws", gpus=1)[0],
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_every_rendered_manifest_validates_strictly(case: str) -> None:
+    objects = CASES[case]()
+    kinds = [o["kind"] for o in objects]
+    assert kinds[:3] == ["ServiceAccount", "Role", "RoleBinding"]
+    assert kinds[-1] == "Service"
+    for manifest in objects:
+        validate(manifest)
+        assert manifest["metadata"]["namespace"] == "serving"
+
+
+def test_strict_validation_rejects_unknown_fields_and_unquoted_quantities() -> None:
+    objects = by_kind(multi_node()[0])
+    job = json.loads(json.dumps(objects["MPIJob"]))
+    job["spec"]["slotsPerWorkr"] = 2  # a typo the API server's strict validation refuses
+    with pytest.raises(jsonschema.ValidationError, match="slotsPerWorkr"):
+        validate(job)
+    service = json.loads(json.dumps(objects["Service"]))
+    service["spec"]["ports"][0]["prot"] = 1
+    with pytest.raises(Exception, match="prot"):
+        validate(service)
+
+
+def test_rayservice_serves_the_local_spec_from_workers_with_gpu_quantities_as_strings() -> None:
+    objects, spec = serve_manifests(5, gpu_nodes(2, 4, 80), replicas=4)
+    service = by_kind(objects)["RayService"]
+    config = json.loads(service["spec"]["serveConfigV2"])
+    [app] = config["applications"]
+    assert (app["name"], app["route_prefix"], app["import_path"]) == (
+        spec.app_name,
+        spec.route_prefix,
+        "serving.app:from_config",
+    )
+    assert app["args"]["spec"] == spec.model_dump(mode="json")  # the same spec as a local deploy
+    cluster = service["spec"]["rayClusterConfig"]
+    assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"  # no replica on the head
+    [group] = cluster["workerGroupSpecs"]
+    limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert limits["nvidia.com/gpu"] == "1"  # a string quantity
+    # Each replica takes a share of one GPU: a worker pod holds 1/num_gpus replicas.
+    per_pod = round(1 / spec.num_gpus)
+    assert group["replicas"] == group["minReplicas"] == -(-spec.min_replicas // per_pod)
+
+
+def test_tensor_parallel_replica_gets_a_pod_with_all_its_gpus() -> None:
+    objects, spec = serve_manifests(100, gpu_nodes(1, 8, 80), replicas=1)
+    assert spec.tp_size > 1
+    [group] = by_kind(objects)["RayService"]["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    assert group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == str(spec.tp_size)
+
+
+def test_the_serve_config_builds_the_same_app() -> None:
+    from serving.app import from_config
+
+    objects, _spec = serve_manifests(
+        0.05, Inventory(source="t", nodes=[Node(name="n", cpus=8, host_memory_bytes=32 * GIB)])
+    )
+    [app] = json.loads(by_kind(objects)["RayService"]["spec"]["serveConfigV2"])["applications"]
+    built = from_config(app["args"])
+    assert type(built).__name__ == "Application"
+
+
+def test_mpijob_runs_every_rank_with_no_hand_set_environment() -> None:
+    objects, plan = multi_node("mpijob")
+    kinds = by_kind(objects)
+    job = kinds["MPIJob"]["spec"]
+    assert job["slotsPerWorker"] == plan.devices_per_node
+    assert job["mpiReplicaSpecs"]["Worker"]["replicas"] == plan.nodes
+    command = job["mpiReplicaSpecs"]["Launcher"]["template"]["spec"]["containers"][0]["command"]
+    assert command[command.index("-np") + 1] == str(plan.ranks)
+    assert command[-3:] == ["-m", "serving.deepspeed_worker", "/etc/nodewise/spec.json"]
+    text = json.dumps(kinds["MPIJob"])
+    for variable in ("RANK", "LOCAL_RANK", "LOCAL_SIZE", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        assert f'"{variable}"' not in text  # each rank derives them (serving/dist_env.py)
+    worker = job["mpiReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]
+    assert worker["resources"]["limits"]["nvidia.com/gpu"] == str(plan.devices_per_node)
+    spec = json.loads(kinds["ConfigMap"]["data"]["spec.json"])
+    assert (spec["host"], spec["tp_size"]) == ("0.0.0.0", plan.ranks)
+    assert kinds["Service"]["spec"]["selector"]["training.kubeflow.org/replica-index"] == "0"  # rank 0's pod
+
+
+def test_leaderworkerset_recreates_the_whole_group_and_starts_ranks_per_device() -> None:
+    objects, plan = multi_node("lws", gpus=2)
+    template = by_kind(objects)["LeaderWorkerSet"]["spec"]["leaderWorkerTemplate"]
+    assert (template["size"], template["restartPolicy"]) == (plan.nodes, "RecreateGroupOnPodRestart")
+    command = template["workerTemplate"]["spec"]["containers"][0]["command"]
+    assert command[:2] == ["sh", "-c"]
+    assert f"--nproc-per-node={plan.devices_per_node}" in command[2]
+    one, _ = multi_node("lws", gpus=1)
+    single = by_kind(one)["LeaderWorkerSet"]["spec"]["leaderWorkerTemplate"]["leaderTemplate"]
+    assert single["spec"]["containers"][0]["command"] == [
+        "python",
+        "-m",
+        "serving.deepspeed_worker",
+        "/etc/nodewise/spec.json",
+    ]
+
+
+def test_the_watchdog_role_is_least_privilege() -> None:
+    role = by_kind(multi_node()[0])["Role"]
+    for rule in role["rules"]:
+        assert "*" not in rule["verbs"]
+        assert "*" not in rule["resources"]
+        assert not {"create", "update"} & set(rule["verbs"])
+        assert "secrets" not in rule["resources"]
+    pods = next(r for r in role["rules"] if r["resources"] == ["pods"])
+    assert "delete" in pods["verbs"]  # a sick replica or a whole rank group is restarted by deleting pods
