@@ -290,7 +290,10 @@ def render(
     multi_node: Annotated[
         str | None, typer.Option(help="Multi-node plans as mpijob or lws (default: kubernetes.multi_node)")
     ] = None,
-    apply: Annotated[bool, typer.Option(help="Also apply them through the Kubernetes API and wait")] = False,
+    apply: Annotated[
+        bool, typer.Option(help="Also apply them through the Kubernetes API, wait, and let the watchdog watch them")
+    ] = False,
+    delete: Annotated[bool, typer.Option(help="Delete them through the Kubernetes API instead")] = False,
     timeout: Annotated[float, typer.Option(min=1, help="Seconds --apply waits for readiness")] = 900,
 ) -> None:
     """Kubernetes manifests for MODEL, planned against the cluster's nodes: a RayService (one
@@ -307,20 +310,31 @@ def render(
     settings = _settings()
     from tasks.k8s_cli import manifests_for, write_manifests
 
-    objects, plan, warnings = _guard(lambda: manifests_for(model_uri, inventory, settings, multi_node))  # type: ignore[arg-type]
-    for line in warnings:
+    if apply and delete:
+        _fail("--apply and --delete do opposite things; give one", 2)
+    rendered = _guard(lambda: manifests_for(model_uri, inventory, settings, multi_node))  # type: ignore[arg-type]
+    for line in rendered.warnings:
         typer.echo(f"warning: {line}", err=True)
-    for path in _guard(lambda: write_manifests(objects, Path(out))):
+    for path in _guard(lambda: write_manifests(rendered.objects, Path(out))):
         typer.echo(f"wrote {path}")
-    typer.echo(f"plan: {plan.explain()}")
-    if apply:
+    typer.echo(f"plan: {rendered.plan.explain()}")
+    if apply or delete:
         from tasks.k8s_apply import api_client, wait_ready
         from tasks.k8s_apply import apply as apply_objects
+        from tasks.k8s_apply import delete as delete_objects
+        from tasks.records import remove_record, save_record
 
         api = _guard(api_client)
-        for line in _guard(lambda: apply_objects(objects, api)):
+        record = rendered.record()
+        if delete:
+            for line in _guard(lambda: delete_objects(rendered.objects, api)):
+                typer.echo(line)
+            remove_record(settings.k8s_records_path, record.app_name)
+            return
+        for line in _guard(lambda: apply_objects(rendered.objects, api)):
             typer.echo(line)
-        _guard(lambda: wait_ready(objects, api, timeout))
+        save_record(settings.k8s_records_path, record)  # applied: the watchdog watches it from now on
+        _guard(lambda: wait_ready(rendered.objects, api, timeout))
         typer.echo("ready")
 
 

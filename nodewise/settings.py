@@ -318,6 +318,11 @@ class Settings(BaseSettings):
         return self.state_path / "deployments.json"
 
     @property
+    def k8s_records_path(self) -> Path:
+        """What ``nodewise render --apply`` put on Kubernetes (the watchdog watches it there)."""
+        return self.state_path / "k8s_deployments.json"
+
+    @property
     def ray_dir(self) -> Path:
         return self.state_path / "ray"
 

@@ -16,7 +16,6 @@ from typing import Any
 
 from nodewise.errors import DeployFailed, NodewiseError
 
-GROUP_LABELS = {"MPIJob": "training.kubeflow.org/job-name", "LeaderWorkerSet": "leaderworkerset.sigs.k8s.io/name"}
 OPERATORS = {
     "RayService": "KubeRay (https://docs.ray.io/en/latest/cluster/kubernetes/getting-started.html)",
     "MPIJob": "the Kubeflow MPI Operator (https://github.com/kubeflow/mpi-operator)",
@@ -171,12 +170,13 @@ def restart_group(api: Any, manifest: dict[str, Any]) -> list[str]:
         _wait_gone(resource, meta)
         resource.create(body=manifest, namespace=meta["namespace"])
         return [f"deleted and recreated {_where(manifest)}"]
-    label = GROUP_LABELS.get(manifest["kind"])
-    if label is None:
+    if manifest["kind"] != "LeaderWorkerSet":
         raise NodewiseError(f"{manifest['kind']} has no rank group to restart: restart its sick replica instead")
+    from tasks.k8s_render import LABEL  # on every pod template nodewise renders
+
     core = client.CoreV1Api(api)
-    listed = core.list_namespaced_pod(meta["namespace"], label_selector=f"{label}={meta['name']}").items
-    pods = [p for p in listed if (p.metadata.labels or {}).get(label) == meta["name"]]  # the selector, checked
+    listed = core.list_namespaced_pod(meta["namespace"], label_selector=f"{LABEL}={meta['name']}").items
+    pods = [p for p in listed if (p.metadata.labels or {}).get(LABEL) == meta["name"]]  # the selector, checked
     for pod in pods:
         core.delete_namespaced_pod(pod.metadata.name, meta["namespace"])
     return [f"deleted {len(pods)} pod(s) of {_where(manifest)} together"]

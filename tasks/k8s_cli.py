@@ -7,17 +7,47 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import BaseModel
 
 from nodewise.errors import DoesNotFit, NodewiseError
 from nodewise.settings import Settings
 from tasks.k8s_render import MultiNode, render
 from tasks.placement import PlacementPlan, plan_placement
+from tasks.records import DeploymentRecord
 
 
-def manifests_for(
-    model_uri: str, inventory: str, settings: Settings, multi_node: MultiNode | None = None
-) -> tuple[list[dict[str, Any]], PlacementPlan, list[str]]:
-    """Resolve, profile and plan ``model_uri`` on ``inventory``; render. Returns (objects, plan, warnings)."""
+class Rendered(BaseModel):
+    """A model's manifests and what they came from."""
+
+    objects: list[dict[str, Any]]
+    plan: PlacementPlan
+    warnings: list[str]
+    model_uri: str
+    model_name: str
+    model_version: str
+
+    def record(self) -> DeploymentRecord:
+        """What the watchdog keeps of it once applied (tasks/k8s_watch.py)."""
+        from tasks.k8s_watch import workload
+
+        main = workload(self.objects)
+        service = next(o for o in self.objects if o["kind"] == "Service")
+        meta, port = service["metadata"], service["spec"]["ports"][0]["port"]
+        return DeploymentRecord(
+            app_name=f"{main['metadata']['namespace']}/{main['metadata']['name']}",
+            model_name=self.model_name,
+            model_version=self.model_version,
+            model_uri=self.model_uri,
+            backend=f"k8s-{main['kind'].lower()}",
+            endpoint=f"http://{meta['name']}.{meta['namespace']}.svc:{port}",
+            replicas=self.plan.replicas or 1,
+            plan=self.plan.explain(),
+            spec={"objects": self.objects},
+        )
+
+
+def manifests_for(model_uri: str, inventory: str, settings: Settings, multi_node: MultiNode | None = None) -> Rendered:
+    """Resolve, profile and plan ``model_uri`` on ``inventory``; render."""
     from tasks.deepspeed_serve import build_deepspeed_spec
     from tasks.inventory_sources import read_inventory
     from tasks.profile_models import profile_with_cache
@@ -48,7 +78,14 @@ def manifests_for(
             "set NODEWISE_MLFLOW__TRACKING_URI to an MLflow server the cluster reaches, and render again"
         )
     objects = render(spec, plan, settings.kubernetes, multi_node or settings.kubernetes.multi_node)
-    return objects, plan, warnings
+    return Rendered(
+        objects=objects,
+        plan=plan,
+        warnings=warnings,
+        model_uri=model.pinned_uri,
+        model_name=model.name,
+        model_version=model.version,
+    )
 
 
 def write_manifests(objects: list[dict[str, Any]], out: Path) -> list[Path]:

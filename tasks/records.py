@@ -85,6 +85,15 @@ def save_record(path: Path, record: DeploymentRecord) -> DeploymentRecord:
         return record
 
 
+def remove_record(path: Path, app_name: str) -> bool:
+    """Forget one deployment; whether it was recorded."""
+    with _locked(path):
+        data = _read(path)
+        found = data.pop(app_name, None) is not None
+        _write(path, data)
+        return found
+
+
 def clear_records(path: Path) -> list[str]:
     with _locked(path):
         names = sorted(_read(path))

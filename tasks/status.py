@@ -47,6 +47,21 @@ def deployment_status(settings: Settings) -> dict[str, Any]:
         }
         for r in load_records(settings.records_path).values()
     ]
+    rows += [
+        {
+            "app": r.app_name,
+            "model_uri": r.model_uri,
+            "version": r.model_version,
+            "backend": r.backend,
+            "replicas": r.replicas,
+            "ranks": None,
+            "endpoint": r.endpoint,
+            "health": "on Kubernetes: the watchdog checks its pods (kubectl shows them)",
+            "deployed_at": r.deployed_at,
+            "previous_version": r.previous_version,
+        }
+        for r in load_records(settings.k8s_records_path).values()
+    ]
     from tasks.watchdog import last_actions
 
     watchdog = [a.model_dump() for a in last_actions(settings)]

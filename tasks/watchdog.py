@@ -202,6 +202,16 @@ def watch_once(settings: Settings, emit: Callable[[Action], None] | None = None)
                 done.append(action)
                 emit(action)
             save_watch(settings, apps, history + done)  # after each deployment: a kill loses little
+        for record in load_records(settings.k8s_records_path).values():  # what `render --apply` put on Kubernetes
+            fresh = AppWatch(version=record.model_version, deployed_at=record.deployed_at)
+            watch = apps.setdefault(record.app_name, fresh)
+            if watch.deployed_at != record.deployed_at:
+                watch = apps[record.app_name] = fresh
+            if watch.failed is None:
+                for action in _watch_k8s(settings, record, watch):
+                    done.append(action)
+                    emit(action)
+            save_watch(settings, apps, history + done)
         return done
 
 
@@ -286,6 +296,47 @@ def _watch_serve(
         done.append(
             _budgeted(settings, record, watch, action, "nodewise.replica.restarted", cause, target, restart, pending)
         )
+    return done
+
+
+def _watch_k8s(settings: Settings, record: DeploymentRecord, watch: AppWatch) -> list[Action]:
+    from kubernetes.client.exceptions import ApiException
+
+    from tasks import k8s_apply, k8s_watch
+
+    def action(event: ActionKind, cause: str, **extra: Any) -> Action:
+        fields = {"app": record.app_name, "model_uri": record.model_uri, "version": record.model_version}
+        return Action(event=event, cause=cause, **fields, **extra)
+
+    main = k8s_watch.workload(record.spec["objects"])
+    namespace, name = main["metadata"]["namespace"], main["metadata"]["name"]
+    watch.pending = None  # deleting pods is idempotent: a killed pass's action is simply judged again
+    try:
+        api = k8s_apply.api_client()
+        pods = k8s_watch.list_pods(api, namespace, name)
+    except (NodewiseError, ApiException) as e:
+        return _report_degraded(watch, action, f"the Kubernetes API did not answer: {str(e).splitlines()[0]}")
+    pod, cause, degraded = k8s_watch.diagnose(main["kind"], pods)
+    done = _report_degraded(watch, action, degraded)
+    if pod is None or cause is None:
+        return done
+    if main["kind"] == "RayService":  # one replica's pod: the others keep serving
+
+        def restart() -> tuple[float, str]:
+            started = time.monotonic()
+            outcome = k8s_apply.restart_pod(api, namespace, pod["metadata"]["name"])
+            return time.monotonic() - started, outcome
+
+        event, target = "nodewise.replica.restarted", f"pod {pod['metadata']['name']}"
+    else:  # a rank group: every rank together
+
+        def restart() -> tuple[float, str]:
+            started = time.monotonic()
+            outcome = "; ".join(k8s_apply.restart_group(api, main))
+            return time.monotonic() - started, outcome
+
+        event, target = "nodewise.cluster.restarted", f"all ranks of {main['kind']} {namespace}/{name}"
+    done.append(_budgeted(settings, record, watch, action, event, cause, target, restart, f"group restart: {name}"))  # type: ignore[arg-type]
     return done
 
 

@@ -85,7 +85,7 @@ def test_a_group_restart_deletes_every_pod_of_the_group_and_nothing_else(api: ob
     apply(objects, api)
     core = client.CoreV1Api(api)
     for name, group in [("llama-70b-0", "llama-70b"), ("llama-70b-0-1", "llama-70b"), ("other-0", "other")]:
-        core.create_namespaced_pod("serving", pod(name, {"leaderworkerset.sigs.k8s.io/name": group}))
+        core.create_namespaced_pod("serving", pod(name, {"nodewise.dev/app": group}))
     lws = next(o for o in objects if o["kind"] == "LeaderWorkerSet")
     assert restart_group(api, lws) == ["deleted 2 pod(s) of LeaderWorkerSet serving/llama-70b together"]
     assert pods(api) == ["other-0"]

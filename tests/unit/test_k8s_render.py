@@ -30,7 +30,7 @@ def gpu_nodes(count: int, gpus: int, gib: int) -> Inventory:
     )
 
 
-def serve_manifests(weights_gib: float, inventory: Inventory, replicas: int = 2) -> tuple[list[dict], object]:
+def serve_manifests(weights_gib: float, inventory: Inventory, replicas: int = 2) -> tuple[list[dict], object, object]:
     plan = plan_placement(
         MemoryProfile(method="analytic", weight_bytes=int(weights_gib * GIB), attention_heads=32),
         inventory,
@@ -38,7 +38,7 @@ def serve_manifests(weights_gib: float, inventory: Inventory, replicas: int = 2)
     )
     assert plan.backend == "ray_serve"
     spec = build_spec(resolved_model(flavor="pytorch", flavors=["pytorch"]), plan, Settings())
-    return render(spec, plan, K8S), spec
+    return render(spec, plan, K8S), spec, plan
 
 
 def multi_node(multi: str = "mpijob", gpus: int = 2) -> tuple[list[dict], object]:
@@ -101,7 +101,7 @@ def test_strict_validation_rejects_unknown_fields_and_unquoted_quantities() -> N
 
 
 def test_rayservice_serves_the_local_spec_from_workers_with_gpu_quantities_as_strings() -> None:
-    objects, spec = serve_manifests(5, gpu_nodes(2, 4, 80), replicas=4)
+    objects, spec, _ = serve_manifests(5, gpu_nodes(2, 4, 80), replicas=4)
     service = by_kind(objects)["RayService"]
     config = json.loads(service["spec"]["serveConfigV2"])
     [app] = config["applications"]
@@ -122,7 +122,7 @@ def test_rayservice_serves_the_local_spec_from_workers_with_gpu_quantities_as_st
 
 
 def test_tensor_parallel_replica_gets_a_pod_with_all_its_gpus() -> None:
-    objects, spec = serve_manifests(100, gpu_nodes(1, 8, 80), replicas=1)
+    objects, spec, _ = serve_manifests(100, gpu_nodes(1, 8, 80), replicas=1)
     assert spec.tp_size > 1
     [group] = by_kind(objects)["RayService"]["spec"]["rayClusterConfig"]["workerGroupSpecs"]
     assert group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == str(spec.tp_size)
@@ -131,7 +131,7 @@ def test_tensor_parallel_replica_gets_a_pod_with_all_its_gpus() -> None:
 def test_the_serve_config_builds_the_same_app() -> None:
     from serving.app import from_config
 
-    objects, _spec = serve_manifests(
+    objects, _spec, _ = serve_manifests(
         0.05, Inventory(source="t", nodes=[Node(name="n", cpus=8, host_memory_bytes=32 * GIB)])
     )
     [app] = json.loads(by_kind(objects)["RayService"]["spec"]["serveConfigV2"])["applications"]
