@@ -266,6 +266,12 @@ def _leader_worker_set(name: str, spec: DeepSpeedSpec, plan: PlacementPlan, k8s:
     group (RecreateGroupOnPodRestart)."""
     command = _lws_command(spec, plan)
     leader = _rank_pod(name, _container("rank", k8s, command, _rank_resources(plan, spec)), k8s)
+    # The leader holds rank 0: its /ping is 200 only when every rank is ready and heard from.
+    leader["spec"]["containers"][0]["readinessProbe"] = {
+        "httpGet": {"path": "/ping", "port": spec.port},
+        "periodSeconds": 10,
+        "failureThreshold": 3,
+    }
     worker = _rank_pod(name, _container("rank", k8s, list(command), _rank_resources(plan, spec)), k8s)
     return {
         "apiVersion": "leaderworkerset.x-k8s.io/v1",
