@@ -348,7 +348,7 @@ def watchdog(
         str | None, typer.Option(help="Clear APP's failed mark and restart budget, then exit.", metavar="APP")
     ] = None,
 ) -> None:
-    """Check every deployment; restart a sick DeepSpeed job whole, within its restart budget."""
+    """Check every deployment; restart a sick replica alone or a DeepSpeed job whole, within a budget."""
     settings = _settings()
     if reset is not None:
         from tasks.watchdog import reset as reset_app
@@ -371,6 +371,60 @@ def watchdog(
 
 
 @app.command()
+def receiver(
+    host: Annotated[str | None, typer.Option(help="Address to bind (default: triggers.receiver_host)")] = None,
+    port: Annotated[int | None, typer.Option(min=1, max=65535, help="Port (default: triggers.receiver_port)")] = None,
+) -> None:
+    """Take MLflow's signed webhooks at POST /webhook and announce promotions as Prefect events."""
+    settings = _settings()
+    from tasks.promotion import require_api
+    from tasks.webhook_receiver import Receiver, registry_lookup, serve
+
+    api = _guard(lambda: require_api(settings.prefect.api_url))
+    handler = _guard(lambda: Receiver(settings, api, registry_lookup(settings)))
+    host, port = host or settings.triggers.receiver_host, port or settings.triggers.receiver_port
+    try:
+        server = serve(handler, host, port)
+    except OSError as e:
+        _fail(f"cannot listen on {host}:{port} ({e.strerror}); pick another --port or NODEWISE_TRIGGERS__RECEIVER_PORT")
+    logging.getLogger("nodewise.receiver").setLevel(logging.INFO)
+    typer.echo(f"receiving MLflow webhooks at http://{host}:{port}/webhook; events go to {api}")
+    _stop_on_signals()
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        typer.echo("\nreceiver stopped")
+    finally:
+        server.server_close()
+
+
+@app.command()
+def poll(
+    once: Annotated[bool, typer.Option("--once", help="One poll, then exit.")] = False,
+    every: Annotated[float | None, typer.Option(min=1.0, help="Seconds between polls (triggers.poll_every_s)")] = None,
+) -> None:
+    """Watch the registry's aliases (for registries that send no webhooks); announce each change once."""
+    settings = _settings()
+    from tasks.promotion import Poller, require_api
+    from tasks.registry import make_client
+
+    api = _guard(lambda: require_api(settings.prefect.api_url))
+    client = make_client(settings.tracking_uri, settings.registry_uri)
+    poller = Poller(client, settings.state_path / "poller.json", alias=settings.triggers.alias)
+    _stop_on_signals()
+    try:
+        while True:
+            for event in _guard(lambda: poller.poll_once(api)):
+                p = event["payload"]
+                typer.echo(f"{p['model']}@{p['alias']} -> version {p['version']} (event {event['id']})")
+            if once:
+                return
+            time.sleep(every or settings.triggers.poll_every_s)
+    except KeyboardInterrupt:
+        typer.echo("\npoller stopped")
+
+
+@app.command()
 def logs(
     app_name: Annotated[str, typer.Argument(help="The deployment's name, as `nodewise status` shows it")],
     lines: Annotated[int, typer.Option(min=1, help="How many of the last lines")] = 40,
@@ -390,10 +444,35 @@ def _down(settings: Settings) -> list[str]:
 
 @app.command()
 def down() -> None:
-    """Stop everything nodewise started: its Serve apps and its local Ray instance, nothing else."""
+    """Stop everything nodewise started: its Serve apps, DeepSpeed jobs, local Ray instance and
+    what `nodewise up` started; nothing else (Kubernetes is left alone: `render --delete`)."""
     settings = _settings()
+    from tasks.services import down as stop_services
+
     for line in _down(settings):
         typer.echo(line)
+    for line in stop_services(settings):
+        typer.echo(line)
+
+
+@app.command()
+def up() -> None:
+    """Start the promotion pipeline here: Prefect server + deployments + worker, MLflow server with
+    webhooks, the receiver and the webhook, all on 127.0.0.1 with SQLite."""
+    settings = _settings()
+    from tasks.services import up as start_services
+
+    typer.echo("starting Prefect server, MLflow server, a worker and the webhook receiver (about a minute)")
+    services = _guard(lambda: start_services(settings))
+    typer.echo(f"Prefect UI:   {services.prefect_api.removesuffix('/api')}")
+    typer.echo(f"MLflow:       {services.mlflow}")
+    typer.echo(f"receiver:     {services.receiver}")
+    typer.echo("use them from your shell with:")
+    for name, value in services.exports().items():
+        typer.echo(f"  export {name}={value}")
+    typer.echo(
+        f"then set the alias: MlflowClient().set_registered_model_alias(NAME, {settings.triggers.alias!r}, VERSION)"
+    )
 
 
 def main() -> None:

@@ -247,6 +247,25 @@ class PlacementSettings(_Section):
     headroom_fraction: Fraction = Field(default=0.9, description="Share of each device's memory a plan may fill.")
 
 
+class TriggersSettings(_Section):
+    """Registry promotions that start deploys: MLflow webhooks, or a poller."""
+
+    alias: str = Field(default="champion", description="The alias whose promotion deploys a model.")
+    webhook_secret: str | None = Field(
+        default=None, description="The MLflow webhook's secret; the receiver refuses to start without one."
+    )
+    max_age_s: PositiveFloat = Field(default=300.0, description="Older (or future) deliveries are refused (401).")
+    receiver_host: str = "127.0.0.1"
+    receiver_port: PositiveInt = Field(default=8765, le=65535)
+    prefect_port: PositiveInt = Field(default=4200, le=65535, description="`nodewise up`'s Prefect server.")
+    mlflow_port: PositiveInt = Field(default=5000, le=65535, description="`nodewise up`'s MLflow server.")
+    webhook_events: list[str] = Field(
+        default=["model_version_alias.created"],
+        description="MLflow events that announce a promotion (add model_version.created to deploy every new version).",
+    )
+    poll_every_s: PositiveFloat = Field(default=10.0, description="Seconds between registry polls (`nodewise poll`).")
+
+
 class KubernetesSettings(_Section):
     """The Kubernetes target: where manifests go and what they run."""
 
@@ -282,6 +301,7 @@ class Settings(BaseSettings):
     smoke: SmokeSettings = SmokeSettings()
     placement: PlacementSettings = PlacementSettings()
     kubernetes: KubernetesSettings = KubernetesSettings()
+    triggers: TriggersSettings = TriggersSettings()
 
     @model_validator(mode="after")
     def _ports_differ(self) -> Settings:

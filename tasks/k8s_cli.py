@@ -88,6 +88,19 @@ def manifests_for(model_uri: str, inventory: str, settings: Settings, multi_node
     )
 
 
+def apply_rendered(model_uri: str, inventory: str, settings: Settings) -> str:
+    """Render, apply through the API, record for the watchdog, wait until ready; the endpoint."""
+    from tasks.k8s_apply import api_client, apply, wait_ready
+    from tasks.records import save_record
+
+    rendered = manifests_for(model_uri, inventory, settings)
+    api = api_client()
+    apply(rendered.objects, api)
+    record = save_record(settings.k8s_records_path, rendered.record())
+    wait_ready(rendered.objects, api, settings.serve.ready_timeout_s)
+    return record.endpoint
+
+
 def write_manifests(objects: list[dict[str, Any]], out: Path) -> list[Path]:
     """One YAML file per object, numbered in apply order (``kubectl apply -f DIR`` takes them in order)."""
     if out.exists() and not out.is_dir():

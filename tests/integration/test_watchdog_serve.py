@@ -184,10 +184,11 @@ def prefect_events(resource: str, names: list[str], timeout_s: float = 30) -> li
     from prefect.client.orchestration import get_client
     from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
 
-    wanted = EventFilter(event=EventNameFilter(name=names), resource=EventResourceFilter(id=[resource]))
     deadline = time.monotonic() + timeout_s
     with get_client(sync_client=True) as client:
         while time.monotonic() < deadline:
+            # A fresh filter each time: its default window ends when it is made.
+            wanted = EventFilter(event=EventNameFilter(name=names), resource=EventResourceFilter(id=[resource]))
             page = client.read_events(filter=wanted, limit=50)  # the server takes at most 50
             if page.events:
                 return page.events

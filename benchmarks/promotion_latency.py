@@ -1,0 +1,125 @@
+"""Seconds from setting a model's alias to the first prediction answered by the new version.
+
+One run on this machine: `nodewise up` in a fresh state folder (Prefect server, worker, MLflow
+server with webhooks, receiver), the demo's digits model registered through the MLflow server,
+then promotions by `set_registered_model_alias(name, "champion", v)`:
+1. webhook path, first promotion (Ray not running yet: its start is part of it);
+2. webhook path, Ray running (an in-place update of the Serve app);
+3. poller path (the webhook deleted, `nodewise poll` every --poll-every seconds), Ray running.
+Clocked until GET /version on the endpoint names the new version.
+Peer, same run: `nodewise deploy models:/NAME/V` run by hand right after setting the alias (what
+a hand-written webhook handler calling the deploy directly would take: no event, no trigger,
+no worker), Ray running.
+
+Usage: .venv/bin/python benchmarks/promotion_latency.py [--poll-every 5]   (last line: one JSON object)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+NODEWISE = str(Path(sys.executable).with_name("nodewise"))
+
+
+def wait_version(endpoint: str, version: str, since: float, timeout_s: float = 300) -> float:
+    import httpx
+
+    while time.monotonic() - since < timeout_s:
+        try:
+            answer = httpx.get(f"{endpoint}/version", timeout=2)
+            if answer.status_code == 200 and answer.json().get("version") == version:
+                return round(time.monotonic() - since, 1)
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"version {version} not served at {endpoint} within {timeout_s:.0f} s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--poll-every", type=float, default=5.0)
+    args = parser.parse_args()
+    state = Path(tempfile.mkdtemp(prefix="nwp-", dir="/tmp"))
+    base = 25400
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NODEWISE_", "PREFECT_", "MLFLOW_"))}
+    env.update(
+        {
+            "NODEWISE_STATE_DIR": str(state),
+            "NODEWISE_RAY__PORT": str(base),
+            "NODEWISE_SERVE__PORT": str(base + 4),
+            "NODEWISE_SERVE__REPLICAS": "1",
+            "NODEWISE_TRIGGERS__PREFECT_PORT": str(base + 10),
+            "NODEWISE_TRIGGERS__MLFLOW_PORT": str(base + 11),
+            "NODEWISE_TRIGGERS__RECEIVER_PORT": str(base + 12),
+            "NODEWISE_TRIGGERS__POLL_EVERY_S": str(args.poll_every),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        }
+    )
+    endpoint = f"http://127.0.0.1:{base + 4}/nodewise-digits"
+    mlflow_url = f"http://127.0.0.1:{base + 11}"
+    result: dict = {"benchmark": "promotion_latency", "poll_every_s": args.poll_every}
+    poller = None
+    ok = False
+    try:
+        started = time.monotonic()
+        subprocess.run([NODEWISE, "up"], env=env, check=True, timeout=600)
+        result["up_s"] = round(time.monotonic() - started, 1)
+        os.environ.update({"MLFLOW_TRACKING_URI": mlflow_url, "MLFLOW_DISABLE_TELEMETRY": "true"})
+        from mlflow import MlflowClient
+
+        from nodewise.demo import register_demo_model
+
+        client = MlflowClient(tracking_uri=mlflow_url, registry_uri=mlflow_url)
+        artifacts = str(state / "services" / "mlflow" / "artifacts")
+
+        def promote(retrain: bool) -> tuple[str, float]:
+            version = register_demo_model(artifacts, alias="staging", retrain=retrain).version
+            since = time.monotonic()
+            client.set_registered_model_alias("nodewise-digits", "champion", version)
+            return version, since
+
+        v1, since = promote(retrain=False)
+        result["webhook_first_s"] = wait_version(endpoint, v1, since)
+        v2, since = promote(retrain=True)
+        result["webhook_s"] = wait_version(endpoint, v2, since)
+        for hook in client.list_webhooks():
+            client.delete_webhook(hook.webhook_id)
+        poll_env = {**env, "NODEWISE_PREFECT__API_URL": f"http://127.0.0.1:{base + 10}/api"}
+        poll_env["NODEWISE_MLFLOW__TRACKING_URI"] = mlflow_url
+        poller = subprocess.Popen([NODEWISE, "poll"], env=poll_env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        time.sleep(args.poll_every + 5)  # its first poll announces the current alias (already serving: a no-op run)
+        v3, since = promote(retrain=True)
+        result["poller_s"] = wait_version(endpoint, v3, since)
+        # The peer: the deploy run directly, as a hand-written webhook handler would.
+        v4 = register_demo_model(artifacts, alias="staging", retrain=True).version
+        poller.terminate()
+        poller.wait(30)
+        poller = None
+        since = time.monotonic()
+        subprocess.run([NODEWISE, "deploy", f"models:/nodewise-digits/{v4}"], env=poll_env, check=True, timeout=600)
+        result["peer_direct_deploy_s"] = wait_version(endpoint, v4, since)
+        ok = True
+    finally:
+        if poller is not None:
+            poller.terminate()
+        subprocess.run([NODEWISE, "down"], env=env, timeout=300, check=False)
+        if ok:
+            shutil.rmtree(state, ignore_errors=True)
+        else:
+            print(f"state kept in {state}", file=sys.stderr)
+    result["target_under_30s_with_ray_running"] = max(result["webhook_s"], result["poller_s"]) < 30
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

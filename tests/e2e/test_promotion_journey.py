@@ -1,0 +1,125 @@
+"""Registry promotions end to end on real servers: `nodewise up` (Prefect server, work pool,
+deployments, worker, MLflow server with webhooks, receiver), then aliases set through MLflow.
+
+Setting `champion` makes that version serve; two quick promotions end with the newest serving
+and `previous` on the one it replaced; a version that cannot load fails its deploy, the
+previous version keeps serving, and the failure is recorded and sent as an event."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.e2e.test_cli_journey import NODEWISE, remove_state, user_environment
+from tests.integration.conftest import free_port_block
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def pipeline() -> Iterator[tuple[Path, dict[str, str], str, str]]:
+    state, env = user_environment("nw-up-")
+    base = free_port_block(3)
+    env.update(
+        {
+            "NODEWISE_TRIGGERS__PREFECT_PORT": str(base),
+            "NODEWISE_TRIGGERS__MLFLOW_PORT": str(base + 1),
+            "NODEWISE_TRIGGERS__RECEIVER_PORT": str(base + 2),
+        }
+    )
+    mlflow = f"http://127.0.0.1:{base + 1}"
+    try:
+        up = subprocess.run([NODEWISE, "up"], env=env, capture_output=True, text=True, timeout=600, check=False)
+        assert up.returncode == 0, up.stdout + up.stderr
+        assert f"export NODEWISE_MLFLOW__TRACKING_URI={mlflow}" in up.stdout
+        yield state, env, mlflow, f"http://127.0.0.1:{base}/api"
+    finally:
+        down = subprocess.run([NODEWISE, "down"], env=env, capture_output=True, text=True, timeout=300, check=False)
+        print(down.stdout, down.stderr)
+        remove_state(state)
+
+
+def register(mlflow: str, state: Path, what: str) -> str:
+    """Register a version of nodewise-digits through the MLflow server (in a subprocess: a user's
+    script); ``what``: ``digits`` (a retrained demo model) or ``broken`` (fails to load)."""
+    script = (
+        "import mlflow, sys; mlflow.set_tracking_uri(sys.argv[1]); root = sys.argv[2]\n"
+        "if sys.argv[3] == 'digits':\n"
+        "    from nodewise.demo import register_demo_model\n"
+        "    print(register_demo_model(root, alias='staging', retrain=True).version)\n"
+        "else:\n"
+        "    from tests.integration.models import BrokenOnLoad, register_pyfunc\n"
+        "    print(register_pyfunc(BrokenOnLoad(), 'nodewise-digits', root).rsplit('/', 1)[1])\n"
+    )
+    root = str(state / "services" / "mlflow" / "artifacts")
+    done = subprocess.run(
+        [sys.executable, "-c", script, mlflow, root, what], capture_output=True, text=True, timeout=300, cwd=ROOT
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout.strip().splitlines()[-1]
+
+
+def served(endpoint: str) -> str | None:
+    try:
+        return httpx.get(f"{endpoint}/version", timeout=2).json().get("version")
+    except (httpx.HTTPError, ValueError):
+        return None
+
+
+def wait_served(endpoint: str, version: str, timeout_s: float = 300) -> float:
+    started = time.monotonic()
+    while served(endpoint) != version:
+        assert time.monotonic() - started < timeout_s, f"version {version} not served after {timeout_s:.0f} s"
+        time.sleep(0.5)
+    return time.monotonic() - started
+
+
+def promotions(state: Path) -> list[dict]:
+    path = state / "promotions.json"
+    return json.loads(path.read_text())["history"] if path.exists() else []
+
+
+def test_promotions_deploy_the_newest_and_a_broken_version_leaves_the_previous_serving(
+    pipeline: tuple[Path, dict[str, str], str, str],
+) -> None:
+    from mlflow import MlflowClient
+
+    state, env, mlflow, prefect_api = pipeline
+    client = MlflowClient(tracking_uri=mlflow, registry_uri=mlflow)
+    endpoint = f"http://127.0.0.1:{env['NODEWISE_SERVE__PORT']}/nodewise-digits"
+
+    v1 = register(mlflow, state, "digits")
+    client.set_registered_model_alias("nodewise-digits", "champion", v1)
+    print(f"first promotion served after {wait_served(endpoint, v1):.1f} s (Ray started on the way)")
+
+    v2, v3 = register(mlflow, state, "digits"), register(mlflow, state, "digits")
+    client.set_registered_model_alias("nodewise-digits", "champion", v2)
+    client.set_registered_model_alias("nodewise-digits", "champion", v3)  # right after: the newest must win
+    wait_served(endpoint, v3)
+    time.sleep(15)  # the second run (or the first, if it saw v2) has finished: nothing moves back
+    assert served(endpoint) == v3
+    assert client.get_model_version_by_alias("nodewise-digits", "previous").version in (v1, v2)
+
+    broken = register(mlflow, state, "broken")
+    client.set_registered_model_alias("nodewise-digits", "champion", broken)
+    deadline = time.monotonic() + 300
+    while not any(p["version"] == broken for p in promotions(state)):
+        assert time.monotonic() < deadline, promotions(state)
+        time.sleep(1)
+    [failure] = [p for p in promotions(state) if p["version"] == broken]
+    assert failure["outcome"].startswith("failed: "), failure
+    assert served(endpoint) == v3  # the previous version keeps serving
+    events = httpx.post(
+        f"{prefect_api}/events/filter",
+        json={"filter": {"event": {"name": ["nodewise.deploy.failed"]}}, "limit": 50},
+        timeout=10,
+    ).json()["events"]
+    assert [e["payload"]["version"] for e in events] == [broken]
+    assert events[0]["payload"]["still_serving"] == v3

@@ -1,0 +1,211 @@
+"""Registry promotions as Prefect events, on real servers: `mlflow server` (SQLite, webhooks on)
+delivering signed webhooks to nodewise's receiver, the poller on a SQLite registry, and both
+posting to the Prefect test harness's API, where the events are read back."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from nodewise.settings import Settings
+from tasks.promotion import EVENT, Poller, sign
+from tests.integration.conftest import free_port_block, module_settings
+
+SECRET = "test-webhook-secret"
+
+
+@pytest.fixture(scope="module")
+def settings(prefect_harness: None) -> Iterator[Settings]:
+    yield from module_settings(triggers={"webhook_secret": SECRET})
+
+
+def prefect_api() -> str:
+    from prefect.settings import PREFECT_API_URL
+
+    return str(PREFECT_API_URL.value())
+
+
+def events_of(model: str, timeout_s: float = 20, at_least: int = 1) -> list:
+    """Promotion events of ``model`` in the Prefect API (they are stored asynchronously)."""
+    from prefect.client.orchestration import get_client
+    from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
+
+    deadline = time.monotonic() + timeout_s
+    with get_client(sync_client=True) as client:
+        while True:
+            # A fresh filter each time: its default window ends when it is made.
+            wanted = EventFilter(
+                event=EventNameFilter(name=[EVENT]), resource=EventResourceFilter(id=[f"mlflow.model.{model}"])
+            )
+            found = client.read_events(filter=wanted, limit=50).events
+            if len(found) >= at_least or time.monotonic() > deadline:
+                return found
+            time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(settings: Settings) -> Iterator[str]:
+    from cryptography.fernet import Fernet
+
+    port = free_port_block(1)
+    folder = settings.state_path / "mlflow-server"
+    folder.mkdir()
+    # The server must not inherit this process's MLFLOW_TRACKING_URI/REGISTRY_URI: it would look its
+    # webhooks up in that other store and deliver nothing.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env |= {
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+        "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https",
+        "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
+        "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY": Fernet.generate_key().decode(),
+    }
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{folder}/mlflow.db"]
+    cmd += ["--default-artifact-root", f"file://{folder}/artifacts", "--host", "127.0.0.1", "--port", str(port)]
+    cmd += ["--workers", "1"]
+    log = (folder / "server.log").open("w")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None, (folder / "server.log").read_text()[-2000:]
+            assert time.monotonic() < deadline, "mlflow server not healthy after 120 s"
+            time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(30)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def receiver(settings: Settings, mlflow_server: str) -> Iterator[str]:
+    from tasks.webhook_receiver import Receiver, registry_lookup, serve, start_in_thread
+
+    port = free_port_block(1)
+    on_server = settings.model_copy(
+        update={"mlflow": settings.mlflow.model_copy(update={"tracking_uri": mlflow_server})}
+    )
+    server = serve(Receiver(on_server, prefect_api(), registry_lookup(on_server)), "127.0.0.1", port)
+    start_in_thread(server)
+    yield f"http://127.0.0.1:{port}/webhook"
+    server.shutdown()
+    server.server_close()
+
+
+def register_on(tracking_uri: str, name: str, artifact_root: str) -> str:
+    """A small pyfunc registered through ``tracking_uri``; returns its version."""
+    import mlflow
+
+    from tests.integration.models import DoubleIt, register_pyfunc
+
+    previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+    try:
+        return register_pyfunc(DoubleIt(), name, artifact_root).rsplit("/", 1)[1]
+    finally:
+        mlflow.set_tracking_uri(previous[0])
+        mlflow.set_registry_uri(previous[1])
+
+
+def test_setting_the_alias_on_mlflow_server_announces_the_promotion(
+    settings: Settings, mlflow_server: str, receiver: str
+) -> None:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=mlflow_server, registry_uri=mlflow_server)
+    client.create_webhook("nodewise", receiver, events=["model_version_alias.created"], secret=SECRET)
+    version = register_on(mlflow_server, "promoted", str(settings.artifact_root))
+    started = time.monotonic()
+    client.set_registered_model_alias("promoted", "champion", version)
+    [event] = events_of("promoted")
+    assert event.payload == {"model": "promoted", "alias": "champion", "version": version, "source": "webhook"}
+    assert event.resource["nodewise.alias"] == "champion"
+    print(f"alias set -> event stored in Prefect: {time.monotonic() - started:.1f} s")
+    client.set_registered_model_alias("promoted", "staging", version)  # another alias: not announced
+    time.sleep(2)
+    assert len(events_of("promoted", timeout_s=0)) == 1
+
+
+def deliver(url: str, body: bytes, delivery: str | None = None, stamp: float | None = None, secret: str = SECRET):
+    delivery = delivery or str(uuid.uuid4())
+    stamp_text = str(int(stamp if stamp is not None else time.time()))
+    headers = {
+        "X-MLflow-Delivery-Id": delivery,
+        "X-MLflow-Timestamp": stamp_text,
+        "X-MLflow-Signature": sign(secret, delivery, stamp_text, body),
+        "Content-Type": "application/json",
+    }
+    return httpx.post(url, content=body, headers=headers, timeout=10)
+
+
+def alias_body(name: str, version: str, alias: str = "champion") -> bytes:
+    payload = {
+        "entity": "model_version_alias",
+        "action": "created",
+        "data": {"name": name, "alias": alias, "version": version},
+    }
+    return json.dumps(payload).encode()
+
+
+def test_forged_stale_replayed_malformed_and_unknown_deliveries(
+    settings: Settings, mlflow_server: str, receiver: str
+) -> None:
+    version = register_on(mlflow_server, "guarded", str(settings.artifact_root))
+    body = alias_body("guarded", version)
+    forged = deliver(receiver, body, secret="not-the-secret")
+    assert (forged.status_code, forged.json()["error"].startswith("signature does not match")) == (401, True)
+    stale = deliver(receiver, body, stamp=time.time() - 3600)
+    assert stale.status_code == 401
+    assert "past the 300 s allowed" in stale.json()["error"]
+    garbage = deliver(receiver, b"{not json")
+    assert (garbage.status_code, garbage.json()["error"].startswith("not an MLflow webhook payload")) == (400, True)
+    unknown = deliver(receiver, alias_body("no-such-model", "1"))
+    assert unknown.json() == {"ignored": "model 'no-such-model' is not in the registry"}
+    assert events_of("no-such-model", timeout_s=2) == []
+
+    delivery = str(uuid.uuid4())
+    first = deliver(receiver, body, delivery=delivery)
+    assert first.status_code == 202
+    replay = deliver(receiver, body, delivery=delivery)
+    assert (replay.status_code, replay.json()) == (200, {"ignored": f"delivery {delivery} was already taken"})
+    time.sleep(2)
+    assert [e.payload["version"] for e in events_of("guarded")] == [version]  # the replay announced nothing
+
+
+def test_the_poller_announces_each_change_once_across_restarts(settings: Settings) -> None:
+    from mlflow import MlflowClient
+
+    client = MlflowClient()  # the module's SQLite registry: no webhooks there
+    api, state = prefect_api(), settings.state_path / "poller.json"
+    v1 = register_on(settings.tracking_uri, "polled", str(settings.artifact_root))
+    v2 = register_on(settings.tracking_uri, "polled", str(settings.artifact_root))
+    client.set_registered_model_alias("polled", "champion", v1)
+    assert [e["payload"]["version"] for e in Poller(client, state, "champion").poll_once(api)] == [v1]
+    assert Poller(client, state, "champion").poll_once(api) == []  # a restarted poller: nothing new
+    client.set_registered_model_alias("polled", "champion", v2)
+    # Killed after posting, before writing it down: the next poller posts the same event again ...
+    crashed = Poller(client, state, "champion")
+    from tasks.promotion import post_events
+
+    post_events(api, crashed.changes())
+    again = Poller(client, state, "champion").poll_once(api)
+    assert [e["payload"]["version"] for e in again] == [v2]
+    # ... and Prefect holds it once: the event id is the same.
+    found = events_of("polled", at_least=2)
+    assert sorted(e.payload["version"] for e in found) == sorted([v1, v2])
+    assert Poller(client, state, "champion").poll_once(api) == []
