@@ -81,6 +81,15 @@ def wait_served(endpoint: str, version: str, timeout_s: float = 300) -> float:
     return time.monotonic() - started
 
 
+def failed_events(prefect_api: str) -> list[dict]:
+    answer = httpx.post(
+        f"{prefect_api}/events/filter",
+        json={"filter": {"event": {"name": ["nodewise.deploy.failed"]}}, "limit": 50},
+        timeout=10,
+    )
+    return answer.json()["events"]
+
+
 def promotions(state: Path) -> list[dict]:
     path = state / "promotions.json"
     return json.loads(path.read_text())["history"] if path.exists() else []
@@ -116,10 +125,9 @@ def test_promotions_deploy_the_newest_and_a_broken_version_leaves_the_previous_s
     [failure] = [p for p in promotions(state) if p["version"] == broken]
     assert failure["outcome"].startswith("failed: "), failure
     assert served(endpoint) == v3  # the previous version keeps serving
-    events = httpx.post(
-        f"{prefect_api}/events/filter",
-        json={"filter": {"event": {"name": ["nodewise.deploy.failed"]}}, "limit": 50},
-        timeout=10,
-    ).json()["events"]
+    deadline = time.monotonic() + 60  # the run sends its event as it ends: give it a moment
+    while not (events := failed_events(prefect_api)):
+        assert time.monotonic() < deadline, "no nodewise.deploy.failed event reached Prefect"
+        time.sleep(1)
     assert [e["payload"]["version"] for e in events] == [broken]
     assert events[0]["payload"]["still_serving"] == v3
