@@ -11,6 +11,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -20,6 +21,7 @@ from tasks.promotion import EVENT, Poller, sign
 from tests.integration.conftest import free_port_block, module_settings
 
 SECRET = "test-webhook-secret"
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -107,19 +109,23 @@ def receiver(settings: Settings, mlflow_server: str) -> Iterator[str]:
 
 
 def register_on(tracking_uri: str, name: str, artifact_root: str) -> str:
-    """A small pyfunc registered through ``tracking_uri``; returns its version."""
-    import mlflow
-
-    from tests.integration.models import DoubleIt, register_pyfunc
-
-    previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_registry_uri(tracking_uri)
-    try:
-        return register_pyfunc(DoubleIt(), name, artifact_root).rsplit("/", 1)[1]
-    finally:
-        mlflow.set_tracking_uri(previous[0])
-        mlflow.set_registry_uri(previous[1])
+    """A small pyfunc registered through ``tracking_uri``; returns its version. In a subprocess,
+    as a user's script: this process's MLflow globals stay pointed at the module's own store."""
+    script = (
+        "import sys, mlflow; mlflow.set_tracking_uri(sys.argv[1]); mlflow.set_registry_uri(sys.argv[1])\n"
+        "from tests.integration.models import DoubleIt, register_pyfunc\n"
+        "print(register_pyfunc(DoubleIt(), sys.argv[2], sys.argv[3]).rsplit('/', 1)[1])\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, tracking_uri, name, artifact_root],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout.strip().splitlines()[-1]
 
 
 def test_setting_the_alias_on_mlflow_server_announces_the_promotion(
