@@ -138,18 +138,14 @@ def _ready(status: dict[str, Any]) -> bool:
 
 def k8s_inventory() -> Inventory:
     """Read nodes through the Kubernetes API (kubeconfig, or in-cluster config)."""
-    import os
+    from kubernetes import client
 
-    from kubernetes import client, config
+    from tasks.k8s_apply import KubernetesUnavailable, api_client
 
-    try:  # KUBECONFIG as it is now (the client reads it once, at import)
-        config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))
-    except (config.ConfigException, OSError, TypeError):
-        try:
-            config.load_incluster_config()
-        except config.ConfigException as e:
-            raise InvalidInventory("no Kubernetes config: set KUBECONFIG or run inside a cluster") from e
-    api = client.CoreV1Api()
+    try:
+        api = client.CoreV1Api(api_client())
+    except KubernetesUnavailable as e:
+        raise InvalidInventory(f"--inventory k8s: {e}") from e
     nodes = api.api_client.sanitize_for_serialization(api.list_node().items)
     return inventory_from_k8s_nodes(nodes, source=f"k8s:{api.api_client.configuration.host}")
 

@@ -35,13 +35,13 @@ def api_client(context: str | None = None) -> Any:
 
     try:  # KUBECONFIG as it is now (the client reads it once, at import)
         config.load_kube_config(config_file=os.environ.get("KUBECONFIG"), context=context)
-    except (config.ConfigException, FileNotFoundError, TypeError):
+    except (config.ConfigException, OSError, TypeError):
         try:
             config.load_incluster_config()
         except config.ConfigException as e:
             raise KubernetesUnavailable(
-                "no Kubernetes configuration found (no kubeconfig, not running in a pod): set KUBECONFIG, "
-                "or render with --out and apply with `kubectl apply -f DIR`"
+                "no Kubernetes configuration found (no kubeconfig, not running in a pod): set KUBECONFIG "
+                "to your cluster's kubeconfig"
             ) from e
     return client.ApiClient()
 
