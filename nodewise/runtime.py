@@ -34,6 +34,8 @@ def library_environment(settings: Settings) -> dict[str, str]:
     }
     if settings.prefect.api_url:
         env["PREFECT_API_URL"] = settings.prefect.api_url
+    else:
+        env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = str(settings.prefect.ephemeral_startup_timeout_s)
     if settings.ray.address is None:
         # Our own local Ray instance: token auth on, with the token inside the state folder.
         env["RAY_AUTH_MODE"] = "token"

@@ -66,6 +66,11 @@ class PrefectSettings(_Section):
         default=None,
         description="Prefect API URL (e.g. http://127.0.0.1:4200/api). Default: ephemeral API.",
     )
+    ephemeral_startup_timeout_s: PositiveInt = Field(
+        default=120,
+        description="How long the ephemeral API may take to start. Prefect's 20 s is too short for a first "
+        "run on a busy 2-core machine (its database migrations alone take ~16 s).",
+    )
 
     @field_validator("api_url")
     @classmethod
