@@ -45,7 +45,7 @@ def summary(latencies: list[float]) -> dict[str, float]:
 
 
 def timed_launch(spec, settings, ranks: int) -> tuple[object, float, dict]:
-    from tasks.deepspeed_cluster import launch, wait_ready
+    from tasks.mpi.launcher import launch, wait_ready
 
     start = time.monotonic()
     cluster = launch(spec.model_copy(update={"tp_size": ranks}), ["localhost"] * ranks, 1, settings)
@@ -71,7 +71,7 @@ def latencies(endpoint: str, path: str, body: dict, n: int) -> dict[str, float]:
 
 def handwritten(model_dir: Path, ranks: int, seq: int, reps: int, op_cache: Path) -> dict:
     from serving._lm import local_shm_files
-    from tasks.deepspeed_cluster import free_port
+    from tasks.mpi.launcher import free_port
 
     port = free_port()
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(op_cache), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
@@ -102,18 +102,18 @@ def main() -> None:
     args = parser.parse_args()
 
     state = Path(tempfile.mkdtemp(prefix="nw-bench-ds-", dir="/tmp"))
-    from nodewise.runtime import configure_process
-    from nodewise.settings import Settings
+    from nodewise.core.runtime import configure_process
+    from nodewise.core.settings import Settings
 
     settings = Settings(state_dir=state, deepspeed={"port": 8191})
     configure_process(settings)
     from mlflow import MlflowClient
 
-    from nodewise.demo import build_llama, log_llama
+    from nodewise.cli.demo import build_llama, log_llama
     from serving.spec import DeepSpeedSpec
-    from tasks.deepspeed_cluster import stop_cluster
-    from tasks.profile_models import profile_registered
-    from tasks.registry import resolve_model
+    from tasks.mpi.launcher import stop_cluster
+    from tasks.planning.profile_models import profile_registered
+    from tasks.planning.registry import resolve_model
 
     model, tokenizer = build_llama()
     experiment = MlflowClient().create_experiment("bench", artifact_location=settings.artifact_root.as_uri())

@@ -87,7 +87,7 @@ class Watchdog:
         self._thread.start()
 
     def _run(self) -> None:
-        from tasks.watchdog import watch_once
+        from tasks.watchdog.engine import watch_once
 
         while not self._stop.is_set():
             started = time.monotonic()
@@ -183,8 +183,8 @@ def main() -> None:
     parser.add_argument("--no-deepspeed", action="store_true")
     args = parser.parse_args()
 
-    from nodewise.runtime import configure_process
-    from nodewise.settings import Settings
+    from nodewise.core.runtime import configure_process
+    from nodewise.core.settings import Settings
 
     state = Path(tempfile.mkdtemp(prefix="nwf-", dir="/tmp"))
     op_cache = os.environ.get("TORCH_EXTENSIONS_DIR") or str(ROOT / ".nodewise" / "torch_extensions")
@@ -197,7 +197,7 @@ def main() -> None:
     )
     configure_process(settings)
     from flows.deploy import deploy_model
-    from tasks.status import stop_everything
+    from nodewise.cli.status import stop_everything
     from tests.integration.models import FaultOnFlag, register_pyfunc
 
     flags = state / "flags"

@@ -1,7 +1,7 @@
 """Analytic vs measured memory on CUDA (target: within 5%), for the torch models of
 profile_accuracy.py's zoo (the generic pyfunc is left out: it is opaque by design).
 
-Analytic: nodewise's meta-device profile (``tasks.profiling.profile_module``, device "cuda":
+Analytic: nodewise's meta-device profile (``tasks.planning.profiling.profile_module``, device "cuda":
 no attention-score matrices, as SDPA kernels never hold them). Measured: the bytes PyTorch's
 allocator held at its peak (``max_memory_allocated``) while the model was moved to the GPU and
 ran its batch; the CUDA context and cuBLAS's workspace are outside both (they are the plan's
@@ -32,7 +32,7 @@ def main() -> None:
         print(json.dumps({"benchmark": "gpu_profile", "skipped": "no CUDA device on this machine"}))
         return
     from benchmarks._models import zoo
-    from tasks.profiling import profile_module
+    from tasks.planning.profiling import profile_module
 
     with torch.device("meta"):
         meta = zoo()

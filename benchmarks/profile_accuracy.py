@@ -4,7 +4,7 @@ counts from the configs of well-known open models (no weights).
 Zoo (each registered in a throw-away SQLite MLflow): MLP 784-2048x3-10, CNN, tiny Llama,
 tiny BERT-like encoder, a generic pyfunc wrapping a torch MLP. Analytic: weights + KV cache +
 activations from nodewise's meta-device profiler (no weights read). Measured: peak RSS growth of
-a fresh process that loads the model and runs the batch (tasks/_measure.py). The runtime context
+a fresh process that loads the model and runs the batch (tasks/planning/measure_subprocess.py). The runtime context
 (~0.5 GiB per process, added to both in a plan) is left out of the comparison.
 
 Configs: benchmarks/configs/*.json, transcribed from the models' public config.json files;
@@ -104,8 +104,8 @@ def register_all(artifacts: Path) -> dict[str, str]:
 def zoo_accuracy(uris: dict[str, str]) -> list[dict]:
     from mlflow import MlflowClient
 
-    from tasks.profile_models import analytic_profile, measure
-    from tasks.registry import resolve_model
+    from tasks.planning.profile_models import analytic_profile, measure
+    from tasks.planning.registry import resolve_model
 
     rows = []
     batches = {"mlp": 32, "cnn": 32, "tiny-llama": 4, "tiny-bert": 8, "pyfunc": 32}
@@ -136,7 +136,7 @@ def config_counts() -> tuple[float, list[dict]]:
     start = time.perf_counter()
     import transformers  # noqa: F401
 
-    from tasks.profiling import load_config, profile_config
+    from tasks.planning.profiling import load_config, profile_config
 
     import_seconds = time.perf_counter() - start
     rows = []

@@ -77,7 +77,7 @@ def main() -> None:
         os.environ.update({"MLFLOW_TRACKING_URI": mlflow_url, "MLFLOW_DISABLE_TELEMETRY": "true"})
         from mlflow import MlflowClient
 
-        from nodewise.demo import register_demo_model
+        from nodewise.cli.demo import register_demo_model
 
         client = MlflowClient(tracking_uri=mlflow_url, registry_uri=mlflow_url)
         artifacts = str(state / "services" / "mlflow" / "artifacts")

@@ -6,19 +6,19 @@ from typing import Any
 
 from prefect import flow
 
-from nodewise.errors import DeployFailed, DoesNotFit
-from nodewise.settings import Settings, load_settings
+from nodewise.core.errors import DeployFailed, DoesNotFit
+from nodewise.core.settings import Settings, load_settings
 from serving.spec import DeepSpeedSpec, ModelServeSpec
-from tasks.deepspeed_serve import build_deepspeed_spec, deploy_cluster_task
-from tasks.inventory import read_inventory_task
-from tasks.placement import PlacementPlan, plan_placement_task
-from tasks.profile_models import profile_model_task
-from tasks.ray_cluster import ensure_cluster_task
-from tasks.ray_serve import build_spec, deploy_app_task, rollback_task
+from tasks.mpi.deploy import build_deepspeed_spec, deploy_cluster_task
+from tasks.planning.inventory import read_inventory_task
+from tasks.planning.placement import PlacementPlan, plan_placement_task
+from tasks.planning.profile_models import profile_model_task
+from tasks.planning.registry import ResolvedModel, resolve_model_task
+from tasks.planning.report import publish_report_task
+from tasks.planning.serve_config import serve_settings_for
+from tasks.rayserve.apps import build_spec, deploy_app_task, rollback_task
+from tasks.rayserve.cluster import ensure_cluster_task
 from tasks.records import DeploymentRecord, get_record, record_deployment_task
-from tasks.registry import ResolvedModel, resolve_model_task
-from tasks.report import publish_report_task
-from tasks.serve_config import serve_settings_for
 from tasks.smoke import smoke_test_task
 
 
@@ -61,7 +61,7 @@ def deploy_model(
             outcome += f"; version {previous.model_version} keeps serving on DeepSpeed"
         raise DeployFailed(f"{e} (rolled back: {outcome})") from e
     if on_deepspeed:  # the model moved to one node: its multi-node job goes once the replicas answer
-        from tasks.deepspeed_cluster import stop_cluster
+        from tasks.mpi.launcher import stop_cluster
 
         stop_cluster(settings, spec.app_name)
     print(
@@ -112,8 +112,8 @@ def _record(
 
 
 def _delete_serve_app(settings: Settings, app_name: str) -> None:
-    from tasks.ray_cluster import RayCluster, connect, read_local_cluster
-    from tasks.ray_serve import delete_app
+    from tasks.rayserve.apps import delete_app
+    from tasks.rayserve.cluster import RayCluster, connect, read_local_cluster
 
     cluster = (
         RayCluster(address=settings.ray.address, owned=False) if settings.ray.address else read_local_cluster(settings)

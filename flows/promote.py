@@ -15,9 +15,9 @@ from typing import Literal
 from prefect import flow
 from prefect.events import emit_event
 
-from nodewise.errors import NodewiseError
-from nodewise.settings import Settings, load_settings
-from tasks.promotion import PREVIOUS_ALIAS, alias_target, model_lock, record_outcome, serving_version
+from nodewise.core.errors import NodewiseError
+from nodewise.core.settings import Settings, load_settings
+from tasks.triggers.promotion import PREVIOUS_ALIAS, alias_target, model_lock, record_outcome, serving_version
 
 
 @flow(name="deploy-registered-model", log_prints=True, validate_parameters=True)
@@ -41,7 +41,7 @@ def deploy_registered_model(
     settings = settings or load_settings()
     if not (version or alias):
         raise NodewiseError("give an alias (e.g. champion) or a version to deploy")
-    from tasks.registry import make_client
+    from tasks.planning.registry import make_client
 
     client = make_client(settings.tracking_uri, settings.registry_uri)
     history = settings.state_path / "promotions.json"
@@ -71,7 +71,7 @@ def deploy_registered_model(
 
 def _deploy(uri: str, target: str, inventory: str, settings: Settings) -> str:
     if target == "kubernetes":
-        from tasks.k8s_cli import apply_rendered
+        from tasks.k8s.deploy import apply_rendered
 
         return apply_rendered(uri, inventory, settings)
     from flows.deploy import deploy_model

@@ -7,8 +7,8 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
 
-from nodewise.settings import Settings, load_settings
-from tasks.watchdog import Action, watch_once
+from nodewise.core.settings import Settings, load_settings
+from tasks.watchdog.engine import Action, watch_once
 
 
 def emit(action: Action) -> None:

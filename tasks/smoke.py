@@ -10,9 +10,9 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
-from nodewise.errors import DeployFailed
-from nodewise.settings import SmokeSettings
-from tasks.registry import ResolvedModel, load_input_example
+from nodewise.core.errors import DeployFailed
+from nodewise.core.settings import SmokeSettings
+from tasks.planning.registry import ResolvedModel, load_input_example
 
 
 class SmokeResult(BaseModel):

@@ -52,7 +52,7 @@ def register(mlflow: str, state: Path, what: str) -> str:
     script = (
         "import mlflow, sys; mlflow.set_tracking_uri(sys.argv[1]); root = sys.argv[2]\n"
         "if sys.argv[3] == 'digits':\n"
-        "    from nodewise.demo import register_demo_model\n"
+        "    from nodewise.cli.demo import register_demo_model\n"
         "    print(register_demo_model(root, alias='staging', retrain=True).version)\n"
         "else:\n"
         "    from tests.integration.models import BrokenOnLoad, register_pyfunc\n"

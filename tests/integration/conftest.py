@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from nodewise.runtime import configure_process
-from nodewise.settings import Settings
+from nodewise.core.runtime import configure_process
+from nodewise.core.settings import Settings
 from tests.conftest import RAY_TEST_TOKEN
 
 
@@ -80,7 +80,7 @@ def module_settings(**overrides: object) -> Iterator[Settings]:
     yield s
     import ray
 
-    from tasks.status import stop_everything
+    from nodewise.cli.status import stop_everything
 
     ray.shutdown()
     stop_everything(s)
@@ -91,7 +91,7 @@ def module_settings(**overrides: object) -> Iterator[Settings]:
 
 @pytest.fixture(scope="module")
 def digits_model(settings: Settings) -> str:
-    from nodewise.demo import register_demo_model
+    from nodewise.cli.demo import register_demo_model
 
     model = register_demo_model(str(settings.artifact_root))
     return f"models:/{model.name}@champion"

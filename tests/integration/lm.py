@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import httpx
 
-from nodewise.settings import Settings
+from nodewise.core.settings import Settings
 
 
 def register_tiny_llama(settings: Settings, experiment_name: str, seed: int = 0) -> str:
     """Register a tiny Llama (transformers flavour) with its artifacts in the state folder."""
     from mlflow import MlflowClient
 
-    from nodewise.demo import build_llama, log_llama
+    from nodewise.cli.demo import build_llama, log_llama
 
     client = MlflowClient()
     found = client.get_experiment_by_name(experiment_name)
@@ -29,9 +29,9 @@ def deploy_on_two_ranks(settings: Settings, model_uri: str) -> object:
     from mlflow import MlflowClient
 
     from flows.deploy import deploy_model
-    from nodewise.demo import too_small_inventory
-    from tasks.profile_models import profile_with_cache
-    from tasks.registry import resolve_model
+    from nodewise.cli.demo import too_small_inventory
+    from tasks.planning.profile_models import profile_with_cache
+    from tasks.planning.registry import resolve_model
 
     model = resolve_model(model_uri, MlflowClient())
     profile = profile_with_cache(model, batch_size=settings.serve.max_batch_size, device="cpu")

@@ -18,8 +18,8 @@ import numpy as np
 import psutil
 import pytest
 
-from nodewise.errors import DeployFailed, NodewiseError
-from nodewise.settings import Settings
+from nodewise.core.errors import DeployFailed, NodewiseError
+from nodewise.core.settings import Settings
 from tests.integration.conftest import module_settings
 from tests.integration.lm import deploy_on_two_ranks, rank_pids, register_tiny_llama
 
@@ -48,7 +48,7 @@ def deployed(settings: Settings, tiny_llama: str) -> object:
 
 
 def test_the_flow_places_it_on_two_ranks_and_records_it(settings: Settings, deployed: object) -> None:
-    from tasks.status import deployment_logs, deployment_status
+    from nodewise.cli.status import deployment_logs, deployment_status
 
     assert deployed.backend == "deepspeed_mpi"
     assert deployed.spec["tp_size"] == 2
@@ -71,9 +71,9 @@ def test_a_pytorch_flavour_hugging_face_module_is_sharded_too(settings: Settings
     import mlflow
     import torch
 
-    from nodewise.demo import build_llama
+    from nodewise.cli.demo import build_llama
     from serving.spec import DeepSpeedSpec
-    from tasks.deepspeed_cluster import free_port, launch, stop_cluster, wait_ready
+    from tasks.mpi.launcher import free_port, launch, stop_cluster, wait_ready
 
     model, _ = build_llama(hidden=64, layers=2, heads=4, max_positions=128, seed=2)
     ids = np.asarray([[3, 4, 5, 6, 7, 8]])
@@ -120,7 +120,7 @@ def test_ranks_on_cuda_answer_like_the_whole_model_on_cpu(settings: Settings, de
         pytest.skip("needs a CUDA device")
     from serving._lm import LanguageModel
     from serving.spec import DeepSpeedSpec
-    from tasks.deepspeed_cluster import free_port, launch, stop_cluster, wait_ready
+    from tasks.mpi.launcher import free_port, launch, stop_cluster, wait_ready
 
     ranks = 2 if torch.cuda.device_count() >= 2 else 1  # NCCL wants one GPU per rank
     spec = DeepSpeedSpec.model_validate(deployed.spec).model_copy(
@@ -148,7 +148,7 @@ def test_two_ranks_answer_like_one_rank_and_like_the_whole_model(
 ) -> None:
     from serving._lm import LanguageModel
     from serving.spec import DeepSpeedSpec
-    from tasks.deepspeed_cluster import free_port, launch, stop_cluster, wait_ready
+    from tasks.mpi.launcher import free_port, launch, stop_cluster, wait_ready
 
     ids = [[5, 17, 33, 60, 2, 9, 44, 71], [80, 3, 3, 12, 50, 61, 7, 8]]
     tp2 = np.asarray(
@@ -210,7 +210,7 @@ def test_a_rank_that_cannot_start_is_reported_and_nothing_is_left(
     import torch
 
     from serving.spec import DeepSpeedSpec
-    from tasks.deepspeed_cluster import free_port, launch, read_cluster, stop_cluster, wait_ready
+    from tasks.mpi.launcher import free_port, launch, read_cluster, stop_cluster, wait_ready
 
     with mlflow.start_run(experiment_id=experiment):
         info = mlflow.pytorch.log_model(
@@ -242,9 +242,9 @@ def test_a_new_version_whose_ranks_fail_is_rolled_back(settings: Settings, exper
     from mlflow import MlflowClient
 
     from flows.deploy import deploy_model
-    from nodewise.demo import build_llama, log_llama
-    from tasks.profile_models import profile_with_cache
-    from tasks.registry import resolve_model
+    from nodewise.cli.demo import build_llama, log_llama
+    from tasks.planning.profile_models import profile_with_cache
+    from tasks.planning.registry import resolve_model
 
     model, tokenizer = build_llama(hidden=64, layers=2, heads=4, max_positions=128, seed=1)
     version = log_llama(model, tokenizer, "tiny-llama", experiment)
@@ -266,8 +266,8 @@ def test_a_new_version_whose_ranks_fail_is_rolled_back(settings: Settings, exper
 
 
 def test_stopping_leaves_no_process_and_no_shared_memory(settings: Settings, deployed: object) -> None:
-    from tasks.deepspeed_cluster import read_cluster
-    from tasks.status import stop_everything
+    from nodewise.cli.status import stop_everything
+    from tasks.mpi.launcher import read_cluster
 
     cluster = read_cluster(settings, deployed.app_name)
     pids = rank_pids(deployed.endpoint)

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from flows.deploy import deploy_model
-from nodewise.demo import digits_split
-from nodewise.errors import DeployFailed, ModelNotFound, RegistryUnreachable, UnsupportedModel
-from nodewise.settings import Settings
+from nodewise.cli.demo import digits_split
+from nodewise.cli.status import deployment_status
+from nodewise.core.errors import DeployFailed, ModelNotFound, RegistryUnreachable, UnsupportedModel
+from nodewise.core.settings import Settings
 from tasks.records import load_records
-from tasks.status import deployment_status
 
 from .models import BrokenOnLoad, DoubleIt, register_pyfunc, register_unservable
 

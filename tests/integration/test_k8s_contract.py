@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from nodewise.errors import DeployFailed
-from tasks.k8s_apply import KubernetesUnavailable, api_client, apply, delete, restart_group, restart_pod, wait_ready
+from nodewise.core.errors import DeployFailed
+from tasks.k8s.apply import KubernetesUnavailable, api_client, apply, delete, restart_group, restart_pod, wait_ready
 from tests.kube_emulator import client_for, kube_emulator, write_kubeconfig
 from tests.unit.test_k8s_render import multi_node
 
@@ -118,7 +118,7 @@ def test_the_inventory_reads_gpu_feature_discovery_labels_through_the_api(
 ) -> None:
     from kubernetes import client
 
-    from tasks.inventory_sources import read_inventory
+    from tasks.planning.inventory_sources import read_inventory
 
     with kube_emulator() as url:
         core = client.CoreV1Api(client_for(url))

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from nodewise.settings import Settings
-from tasks.k8s_cli import Rendered
-from tasks.k8s_render import LABEL
+from nodewise.core.settings import Settings
+from tasks.k8s.deploy import Rendered
+from tasks.k8s.render import LABEL
 from tasks.records import save_record
 from tests.kube_emulator import client_for, kube_emulator, write_kubeconfig
 from tests.unit.test_k8s_render import gpu_nodes, multi_node, serve_manifests
@@ -30,7 +30,7 @@ def cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[o
 
 
 def applied(settings: Settings, api: object, objects: list[dict], plan: object) -> str:
-    from tasks.k8s_apply import apply
+    from tasks.k8s.apply import apply
 
     apply(objects, api)
     rendered = Rendered(
@@ -87,7 +87,7 @@ UNSCHEDULABLE = {
 
 
 def test_a_crash_looping_ray_pod_is_deleted_alone(cluster: tuple[object, Settings]) -> None:
-    from tasks.watchdog import watch_once
+    from tasks.watchdog.engine import watch_once
 
     api, settings = cluster
     objects, _, plan = serve_manifests(5, gpu_nodes(2, 4, 80), replicas=4)
@@ -103,7 +103,7 @@ def test_a_crash_looping_ray_pod_is_deleted_alone(cluster: tuple[object, Setting
 
 
 def test_a_failed_rank_restarts_the_whole_group(cluster: tuple[object, Settings]) -> None:
-    from tasks.watchdog import watch_once
+    from tasks.watchdog.engine import watch_once
 
     api, settings = cluster
     objects, plan = multi_node("lws")
@@ -119,7 +119,7 @@ def test_a_failed_rank_restarts_the_whole_group(cluster: tuple[object, Settings]
 
 
 def test_unschedulable_pods_are_degraded_once_and_the_budget_ends_in_failed(cluster: tuple[object, Settings]) -> None:
-    from tasks.watchdog import load_watch, watch_once
+    from tasks.watchdog.engine import load_watch, watch_once
 
     api, settings = cluster
     objects, plan = multi_node("lws")

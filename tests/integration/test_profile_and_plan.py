@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 
 from flows.deploy import deploy_model
-from nodewise.errors import DoesNotFit
-from nodewise.settings import Settings
-from tasks import profile_models
-from tasks.profile_models import cache_key, profile_model_task, profile_registered
+from nodewise.core.errors import DoesNotFit
+from nodewise.core.settings import Settings
+from tasks.planning import profile_models
+from tasks.planning.profile_models import cache_key, profile_model_task, profile_registered
+from tasks.planning.registry import make_client, resolve_model
 from tasks.records import load_records
-from tasks.registry import make_client, resolve_model
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -100,8 +100,8 @@ def test_profile_command_on_a_config_and_an_inventory(settings: Settings) -> Non
 
 
 def test_inventory_from_a_real_ray_cluster(settings: Settings) -> None:
-    from tasks.inventory_sources import read_inventory
-    from tasks.ray_cluster import connect, ensure_cluster
+    from tasks.planning.inventory_sources import read_inventory
+    from tasks.rayserve.cluster import connect, ensure_cluster
 
     cluster = ensure_cluster(settings)
     connect(cluster)

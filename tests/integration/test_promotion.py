@@ -16,8 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from nodewise.settings import Settings
-from tasks.promotion import EVENT, Poller, sign
+from nodewise.core.settings import Settings
+from tasks.triggers.promotion import EVENT, Poller, sign
 from tests.integration.conftest import free_port_block, module_settings
 
 SECRET = "test-webhook-secret"
@@ -95,7 +95,7 @@ def mlflow_server(settings: Settings) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def receiver(settings: Settings, mlflow_server: str) -> Iterator[str]:
-    from tasks.webhook_receiver import Receiver, registry_lookup, serve, start_in_thread
+    from tasks.triggers.webhook_server import Receiver, registry_lookup, serve, start_in_thread
 
     port = free_port_block(1)
     on_server = settings.model_copy(
@@ -206,7 +206,7 @@ def test_the_poller_announces_each_change_once_across_restarts(settings: Setting
     client.set_registered_model_alias("polled", "champion", v2)
     # Killed after posting, before writing it down: the next poller posts the same event again ...
     crashed = Poller(client, state, "champion")
-    from tasks.promotion import post_events
+    from tasks.triggers.promotion import post_events
 
     post_events(api, crashed.changes())
     again = Poller(client, state, "champion").poll_once(api)

@@ -17,8 +17,8 @@ import psutil
 import pytest
 
 from flows.deploy import deploy_model
-from nodewise.runtime import configure_process, haproxy_dir, serve_environment
-from nodewise.settings import Settings
+from nodewise.core.runtime import configure_process, haproxy_dir, serve_environment
+from nodewise.core.settings import Settings
 
 from .conftest import _SESSION_RAY_TOKEN, free_port_block, make_settings
 
@@ -90,8 +90,8 @@ def test_deploys_onto_an_existing_two_node_cluster_and_serves_from_both(
     import ray
     from ray.serve.context import _get_global_client
 
-    from nodewise.demo import register_demo_model
-    from tasks.ray_cluster import read_local_cluster
+    from nodewise.cli.demo import register_demo_model
+    from tasks.rayserve.cluster import read_local_cluster
 
     address, settings = two_node_cluster
     model = register_demo_model(str(settings.artifact_root))
@@ -119,7 +119,7 @@ def test_a_lost_node_leaves_its_replica_unschedulable_and_the_watchdog_reports_i
     import ray
 
     from tasks.records import load_records
-    from tasks.watchdog import watch_once
+    from tasks.watchdog.engine import watch_once
 
     _, settings = two_node_cluster
     [record] = load_records(settings.records_path).values()  # deployed by the test above

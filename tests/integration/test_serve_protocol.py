@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from flows.deploy import deploy_model
-from nodewise.demo import digits_split
-from nodewise.settings import Settings
+from nodewise.cli.demo import digits_split
+from nodewise.core.settings import Settings
 from tasks.records import DeploymentRecord
 
 from .conftest import module_settings
@@ -122,7 +122,7 @@ def test_bad_requests_get_their_status_and_never_take_a_replica_down(
     for _ in range(12):
         assert post(digits.endpoint, {"inputs": [[1.0]]}).status_code == 400
     assert post(digits.endpoint, {"inputs": [[0.0] * 64]}).status_code == 200
-    from tasks.serve_watch import observe
+    from tasks.watchdog.replicas import observe
 
     [replica] = observe(digits, settings.watchdog).replicas
     assert replica.vitals["errors"] == 0

@@ -10,9 +10,9 @@ import httpx
 import pytest
 
 from flows.deploy import deploy_model
-from nodewise.demo import digits_split, register_demo_model
-from nodewise.errors import DeployFailed
-from nodewise.settings import Settings
+from nodewise.cli.demo import digits_split, register_demo_model
+from nodewise.core.errors import DeployFailed
+from nodewise.core.settings import Settings
 from tasks.records import get_record
 
 from .conftest import module_settings

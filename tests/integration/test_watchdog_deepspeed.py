@@ -17,7 +17,7 @@ import httpx
 import numpy as np
 import pytest
 
-from nodewise.settings import Settings
+from nodewise.core.settings import Settings
 from tests.integration.conftest import module_settings
 from tests.integration.lm import deploy_on_two_ranks, rank_pids, register_tiny_llama
 
@@ -42,7 +42,7 @@ def logits(endpoint: str) -> np.ndarray:
 
 
 def wait_mpirun_gone(settings: Settings, app: str, timeout_s: float = 20) -> None:
-    from tasks.deepspeed_cluster import exit_code, read_cluster
+    from tasks.mpi.launcher import exit_code, read_cluster
 
     cluster = read_cluster(settings, app)
     deadline = time.monotonic() + timeout_s
@@ -61,8 +61,8 @@ def test_a_healthy_job_is_left_alone(settings: Settings, deployed: object) -> No
 
 def test_a_killed_rank_restarts_every_rank_and_the_answers_come_back(settings: Settings, deployed: object) -> None:
     from serving._lm import local_shm_files
-    from tasks.deepspeed_cluster import read_cluster
-    from tasks.watchdog import watch_once
+    from tasks.mpi.launcher import read_cluster
+    from tasks.watchdog.engine import watch_once
 
     expected = logits(deployed.endpoint)
     old = read_cluster(settings, deployed.app_name)
@@ -87,8 +87,8 @@ def test_a_killed_rank_restarts_every_rank_and_the_answers_come_back(settings: S
 
 def test_ranks_that_die_on_every_start_stop_at_the_budget(settings: Settings, deployed: object) -> None:
     from flows.watchdog import watch_deployments
-    from tasks.status import deployment_status
-    from tasks.watchdog import reset, watch_once
+    from nodewise.cli.status import deployment_status
+    from tasks.watchdog.engine import reset, watch_once
 
     # Every rank now fails to load the model: its weights file is cut short in the store.
     weights = Path(deployed.spec["artifact_uri"].removeprefix("file://")) / "model" / "model.safetensors"

@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from flows.deploy import deploy_model
-from nodewise.settings import Settings
+from nodewise.core.settings import Settings
 from tasks.records import DeploymentRecord
 
 from .conftest import module_settings
@@ -66,7 +66,7 @@ def answers(endpoint: str) -> bool:
 
 def restart_one(settings: Settings, deployed: DeploymentRecord, sick: dict) -> object:
     """One watchdog pass: exactly the sick replica is restarted, the other keeps its actor id."""
-    from tasks.watchdog import watch_once
+    from tasks.watchdog.engine import watch_once
 
     before = replicas(deployed.app_name)
     seen = []
@@ -86,7 +86,7 @@ def restart_one(settings: Settings, deployed: DeploymentRecord, sick: dict) -> o
 
 
 def test_a_healthy_app_is_left_alone(settings: Settings, deployed: DeploymentRecord) -> None:
-    from tasks.watchdog import watch_once
+    from tasks.watchdog.engine import watch_once
 
     before = set(replicas(deployed.app_name))
     assert watch_once(settings) == []
@@ -112,7 +112,7 @@ def test_a_hung_replica_is_restarted_alone_and_the_endpoint_keeps_answering(
 def test_a_replica_failing_every_request_is_restarted_alone(
     settings: Settings, deployed: DeploymentRecord, flags: Path
 ) -> None:
-    from tasks.serve_watch import observe, replica_problem
+    from tasks.watchdog.replicas import observe, replica_problem
 
     sick = next(iter(replicas(deployed.app_name).values()))
     time.sleep(5.5)  # out of the window below: the earlier tests' traffic
@@ -153,8 +153,8 @@ def test_a_replica_that_stays_sick_exhausts_the_budget_and_is_left_alone(
     settings: Settings, deployed: DeploymentRecord, flags: Path
 ) -> None:
     from flows.watchdog import watch_deployments
-    from tasks.status import deployment_status
-    from tasks.watchdog import load_watch, reset, watch_once
+    from nodewise.cli.status import deployment_status
+    from tasks.watchdog.engine import load_watch, reset, watch_once
 
     limited = settings.model_copy(update={"watchdog": settings.watchdog.model_copy(update={"max_restarts": 1})})
     reset(settings, deployed.app_name)

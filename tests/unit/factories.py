@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tasks.registry import ResolvedModel
+from tasks.planning.registry import ResolvedModel
 
 
 def resolved_model(**fields: object) -> ResolvedModel:

@@ -12,18 +12,18 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from nodewise.errors import UnsupportedModel
-from nodewise.settings import Settings
+from nodewise.core.errors import UnsupportedModel
+from nodewise.core.settings import Settings
 from serving._lm import CannotShard, check_shardable
 from serving._protocol import BadRequest
 from serving.deepspeed_worker import ClusterView, Frontend, NotReady, RankState
 from serving.spec import DeepSpeedSpec
-from tasks.deepspeed_cluster import mpirun_command
-from tasks.deepspeed_serve import build_deepspeed_spec
-from tasks.inventory import Inventory, Node
-from tasks.inventory_sources import inventory_from_yaml
-from tasks.placement import plan_placement
-from tasks.profiling import MemoryProfile
+from tasks.mpi.deploy import build_deepspeed_spec
+from tasks.mpi.launcher import mpirun_command
+from tasks.planning.inventory import Inventory, Node
+from tasks.planning.inventory_sources import inventory_from_yaml
+from tasks.planning.placement import plan_placement
+from tasks.planning.profiling import MemoryProfile
 from tests.unit.factories import resolved_model
 
 GIB = 1024**3
@@ -209,7 +209,7 @@ def test_spec_from_a_multi_node_plan(tmp_path: Path) -> None:
 
 
 def test_without_an_input_example_the_probe_token_ids_fit_any_vocabulary(tmp_path: Path) -> None:
-    from tasks.deepspeed_serve import probe_ids
+    from tasks.mpi.deploy import probe_ids
 
     (tmp_path / "MLmodel").write_text("flavors:\n  pytorch: {}\n")
     ids = probe_ids(resolved_model(artifact_uri=tmp_path.as_uri()), spec(flavor="pytorch"))

@@ -3,10 +3,10 @@ from pathlib import Path
 
 import pytest
 
-from nodewise.errors import InvalidInventory
-from tasks.inventory_sources import inventory_from_k8s_nodes, inventory_from_yaml, parse_bytes, read_inventory
-from tasks.placement import plan_placement
-from tasks.profiling import load_config, profile_config
+from nodewise.core.errors import InvalidInventory
+from tasks.planning.inventory_sources import inventory_from_k8s_nodes, inventory_from_yaml, parse_bytes, read_inventory
+from tasks.planning.placement import plan_placement
+from tasks.planning.profiling import load_config, profile_config
 
 ROOT = Path(__file__).resolve().parents[2]
 GIB = 1024**3

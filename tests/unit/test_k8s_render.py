@@ -8,13 +8,13 @@ import json
 import jsonschema
 import pytest
 
-from nodewise.settings import KubernetesSettings, Settings
+from nodewise.core.settings import KubernetesSettings, Settings
 from serving.spec import DeepSpeedSpec
-from tasks.inventory import Device, Inventory, Node
-from tasks.k8s_render import render
-from tasks.placement import plan_placement
-from tasks.profiling import MemoryProfile
-from tasks.ray_serve import build_spec
+from tasks.k8s.render import render
+from tasks.planning.inventory import Device, Inventory, Node
+from tasks.planning.placement import plan_placement
+from tasks.planning.profiling import MemoryProfile
+from tasks.rayserve.apps import build_spec
 from tests.k8s_schema import validate
 from tests.unit.factories import resolved_model
 

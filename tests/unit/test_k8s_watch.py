@@ -1,6 +1,6 @@
 """How the watchdog reads a workload's pods on Kubernetes (plain functions of what the API returned)."""
 
-from tasks.k8s_watch import diagnose, pod_state
+from tasks.k8s.watch import diagnose, pod_state
 
 
 def pod(name: str, **status: object) -> dict:

@@ -1,7 +1,7 @@
 import pytest
 
-from nodewise.errors import InvalidModelURI
-from tasks.registry import ModelURI, parse_model_uri
+from nodewise.core.errors import InvalidModelURI
+from tasks.planning.registry import ModelURI, parse_model_uri
 
 
 @pytest.mark.parametrize(

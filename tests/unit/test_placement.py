@@ -1,9 +1,9 @@
 import pytest
 
-from nodewise.errors import InvalidInventory
-from tasks.inventory import Device, Inventory, Node
-from tasks.placement import plan_placement
-from tasks.profiling import MemoryProfile
+from nodewise.core.errors import InvalidInventory
+from tasks.planning.inventory import Device, Inventory, Node
+from tasks.planning.placement import plan_placement
+from tasks.planning.profiling import MemoryProfile
 
 GIB = 1024**3
 

@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from nodewise.errors import InvalidModelConfig
-from tasks.profiling import MemoryProfile, dtype_bytes, load_config, profile_config, profile_module
+from nodewise.core.errors import InvalidModelConfig
+from tasks.planning.profiling import MemoryProfile, dtype_bytes, load_config, profile_config, profile_module
 
 GIB = 1024**3
 
@@ -133,7 +133,7 @@ def test_attention_scores_are_materialised_on_cpu_only() -> None:
 
 
 def test_opaque_pyfunc_holds_a_second_copy_while_loading_on_cpu_only() -> None:
-    from tasks.profile_models import analytic_profile
+    from tasks.planning.profile_models import analytic_profile
 
     from .factories import resolved_model
 

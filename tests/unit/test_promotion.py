@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.promotion import Rejected, SeenDeliveries, parse_promotion, promotion_event, sign, verify
+from tasks.triggers.promotion import Rejected, SeenDeliveries, parse_promotion, promotion_event, sign, verify
 
 SECRET = "s3cret"
 BODY = json.dumps(

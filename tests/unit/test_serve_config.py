@@ -4,13 +4,13 @@ from pathlib import Path
 
 import pytest
 
-from nodewise.runtime import haproxy_dir, library_environment, serve_environment
-from nodewise.settings import ServeSettings, Settings
+from nodewise.core.runtime import haproxy_dir, library_environment, serve_environment
+from nodewise.core.settings import ServeSettings, Settings
 from serving.app import build_app
-from tasks.placement import PlacementPlan
-from tasks.ray_serve import build_spec
-from tasks.registry import ResolvedModel
-from tasks.serve_config import InvalidServeOverride, serve_settings_for
+from tasks.planning.placement import PlacementPlan
+from tasks.planning.registry import ResolvedModel
+from tasks.planning.serve_config import InvalidServeOverride, serve_settings_for
+from tasks.rayserve.apps import build_spec
 
 from .factories import resolved_model
 

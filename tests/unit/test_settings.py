@@ -1,7 +1,7 @@
 import pytest
 from pydantic import ValidationError
 
-from nodewise.settings import Settings
+from nodewise.core.settings import Settings
 
 
 def test_defaults_are_embedded(tmp_path) -> None:

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from nodewise.settings import WatchdogSettings
-from tasks.watchdog import budget
+from nodewise.core.settings import WatchdogSettings
+from tasks.watchdog.engine import budget
 
 WD = WatchdogSettings(max_restarts=3, window_s=600, backoff_s=10, backoff_max_s=25)
 
@@ -47,9 +47,9 @@ def test_prefect_yaml_is_valid_for_prefect() -> None:
 
 
 def test_resetting_an_unknown_deployment_names_what_is_watched(tmp_path: Path) -> None:
-    from nodewise.errors import NodewiseError
-    from nodewise.settings import Settings
-    from tasks.watchdog import AppWatch, reset, save_watch
+    from nodewise.core.errors import NodewiseError
+    from nodewise.core.settings import Settings
+    from tasks.watchdog.engine import AppWatch, reset, save_watch
 
     settings = Settings(state_dir=tmp_path)
     with pytest.raises(NodewiseError, match="the watchdog has nothing on 'nope'; watched: none"):

@@ -1,0 +1,484 @@
+"""The ``nodewise`` command line.
+
+User mistakes (``NodewiseError``, invalid settings) end in one ``error: ...`` line and a
+non-zero exit, with no traceback. Heavy libraries are imported only inside commands, after
+``configure_process`` has pointed them at the state folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import time
+from collections.abc import Callable
+from typing import Annotated, Any, TypeVar
+
+import typer
+from pydantic import ValidationError
+
+from nodewise.core.errors import NodewiseError
+from nodewise.core.runtime import configure_process
+from nodewise.core.settings import Settings, load_settings
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Put registered MLflow models into production on Ray Serve or DeepSpeed.",
+)
+T = TypeVar("T")
+
+
+def _fail(message: str, code: int = 1) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _settings() -> Settings:
+    try:
+        settings = load_settings()
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        env = "NODEWISE_" + "__".join(str(p).upper() for p in first["loc"])
+        _fail(f"invalid setting {where} ({first.get('input')!r}): {first['msg']}; fix {env}", 2)
+    configure_process(settings)
+    _quiet_user_errors()
+    return settings
+
+
+class _DropUserTracebacks(logging.Filter):
+    """Prefect logs a traceback for every failed run; a user's mistake needs one line, not that."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], NodewiseError):
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+def _quiet_user_errors() -> None:
+    from prefect.logging.configuration import setup_logging
+
+    setup_logging()  # Prefect's console handlers, before Ray or MLflow add any of their own
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
+    drop = _DropUserTracebacks()
+    names = ["", *[n for n in logging.root.manager.loggerDict if n.startswith("prefect")]]
+    for name in names:
+        for handler in logging.getLogger(name).handlers:
+            handler.addFilter(drop)
+
+
+def _guard(action: Callable[[], T]) -> T:
+    try:
+        return action()
+    except NodewiseError as e:
+        _fail(str(e), e.exit_code)
+        raise  # unreachable: _fail exits
+
+
+@app.command()
+def demo(
+    detach: Annotated[
+        bool, typer.Option("--detach", help="Return once serving; stop later with `nodewise down`.")
+    ] = False,
+    retrain: Annotated[
+        bool, typer.Option("--retrain", help="Train and register a new version even if one exists.")
+    ] = False,
+    lm: Annotated[
+        bool,
+        typer.Option(
+            "--lm/--no-lm", help="Also serve a small causal LM on two DeepSpeed ranks under mpirun (multi-node path)."
+        ),
+    ] = True,
+) -> None:
+    """Serve a small digits model on Ray Serve and a small causal LM on DeepSpeed ranks under mpirun.
+
+    The digits model is trained, registered as @champion, deployed and asked for a prediction.
+    The LM (a Llama-style model with random weights) is registered too, and placed on a declared
+    inventory of two nodes on this machine, each too small to hold it: the plan splits it over
+    both, and mpirun starts one DeepSpeed rank per node.
+    """
+    settings = _settings()
+    started = time.monotonic()
+    from nodewise.cli.demo import register_demo_model
+
+    typer.echo(f"state folder: {settings.state_path}")
+    model = _guard(lambda: register_demo_model(str(settings.artifact_root), retrain=retrain))
+    verb = "trained and registered" if model.trained else "reusing"
+    typer.echo(f"{verb} models:/{model.name}/{model.version} (test accuracy {model.accuracy:.1%}), alias @champion")
+    record = _deploy(f"models:/{model.name}@champion", None, settings)
+    _show_prediction(record.endpoint)
+    if lm:
+        _demo_multi_node(settings, retrain)
+    typer.echo(f"ready in {time.monotonic() - started:.1f} s")
+    if detach:
+        typer.echo("detached: `nodewise status` shows it, `nodewise down` stops it")
+        return
+    typer.echo("serving; press Ctrl-C to stop")
+    _stop_on_signals()
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        typer.echo("\nstopping")
+        for line in _down(settings):
+            typer.echo(line)
+
+
+def _demo_multi_node(settings: Settings, retrain: bool) -> None:
+    from mlflow import MlflowClient
+
+    from nodewise.cli.demo import DEMO_LM, register_demo_lm, too_small_inventory
+    from tasks.planning.profile_models import profile_with_cache
+    from tasks.planning.registry import resolve_model
+
+    version = _guard(lambda: register_demo_lm(str(settings.artifact_root), retrain=retrain))
+    typer.echo(f"registered models:/{DEMO_LM}/{version} (a Llama-style causal LM, random weights), alias @champion")
+    model = _guard(lambda: resolve_model(f"models:/{DEMO_LM}@champion", MlflowClient()))
+    profile = _guard(lambda: profile_with_cache(model, batch_size=settings.serve.max_batch_size, device="cpu"))
+    inventory = too_small_inventory(
+        settings.state_path / "demo-inventory.yaml",
+        profile.total_bytes,
+        profile.per_rank_bytes(2),
+        settings.placement.headroom_fraction,
+    )
+    typer.echo(
+        f"declared inventory {inventory}: 2 nodes on this machine, each too small for one copy "
+        f"({profile.total_bytes / 2**20:.0f} MiB)"
+    )
+    record = _deploy(f"models:/{DEMO_LM}@champion", None, settings, inventory)
+    _show_generation(record.endpoint)
+
+
+def _show_generation(endpoint: str) -> None:
+    import httpx
+
+    body = {"prompt": "nodewise serves", "max_new_tokens": 12}
+    answer = httpx.post(f"{endpoint}/generate", json=body, timeout=60).json()
+    typer.echo(f"generated (random weights, so nonsense): {answer['generated_text'][0]!r}")
+    typer.echo(
+        f"try it:\n  curl -s -X POST {endpoint}/generate -H 'Content-Type: application/json' "
+        f"-d '{json.dumps(body, separators=(',', ':'))}'"
+    )
+
+
+def _stop_on_signals() -> None:
+    """Ctrl-C and SIGTERM both stop what the demo started (even if SIGINT was inherited ignored)."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
+
+
+def _show_prediction(endpoint: str) -> None:
+    import httpx
+
+    from nodewise.cli.demo import digits_split
+
+    _, _, x_test, y_test = digits_split()
+    row = [round(float(v), 4) for v in x_test[0]]
+    body = {"inputs": [row]}
+    answer = httpx.post(f"{endpoint}/invocations", json=body, timeout=30).json()
+    logits = answer["predictions"][0]
+    predicted = max(range(len(logits)), key=logits.__getitem__)
+    typer.echo(f"endpoint: {endpoint}/invocations")
+    typer.echo(f"prediction for a test image of a {int(y_test[0])}: {predicted}")
+    typer.echo(
+        "try it:\n  curl -s -X POST " + f"{endpoint}/invocations -H 'Content-Type: application/json' "
+        f"-d '{json.dumps(body, separators=(',', ':'))}'"
+    )
+
+
+def _deploy(uri: str, replicas: int | None, settings: Settings, inventory: str = "local") -> Any:
+    from flows.deploy import deploy_model
+
+    record = _guard(lambda: deploy_model(uri, replicas=replicas, inventory=inventory, settings=settings))
+    typer.echo(f"deployed {record.model_uri} (version {record.model_version}) -> {record.endpoint}")
+    typer.echo(f"plan: {record.plan}")
+    return record
+
+
+@app.command()
+def deploy(
+    model_uri: Annotated[str, typer.Argument(help="models:/NAME@ALIAS or models:/NAME/VERSION")],
+    replicas: Annotated[int | None, typer.Option(min=1, help="Replicas wanted (the plan may give fewer).")] = None,
+    inventory: Annotated[
+        str, typer.Option(help="Where it may run: local, nvml, ray[:ADDRESS], k8s, or a YAML file of nodes")
+    ] = "local",
+) -> None:
+    """Deploy a registered model where it fits, smoke-test it and record it.
+
+    One node holds it: Ray Serve replicas. Several nodes needed: DeepSpeed ranks under mpirun.
+    """
+    from tasks.planning.registry import parse_model_uri
+
+    _guard(lambda: parse_model_uri(model_uri))  # a typo fails before anything starts
+    settings = _settings()
+    _deploy(model_uri, replicas, settings, inventory)
+
+
+@app.command()
+def status(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False) -> None:
+    """What is deployed, where, which version, and whether it answers."""
+    settings = _settings()
+    from nodewise.cli.status import deployment_status
+
+    rows = deployment_status(settings)
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    if not rows["deployments"]:
+        typer.echo(f"nothing deployed ({rows['cluster']})")
+        return
+    typer.echo(f"ray: {rows['cluster']}")
+    for action in rows.get("watchdog", []):
+        typer.echo(f"watchdog {action['at']}: {action['event']} {action['app']}: {action['cause']} {action['outcome']}")
+    for row in rows["deployments"]:
+        typer.echo(
+            f"{row['app']}: {row['model_uri']} (version {row['version']}) on {row['backend']}, "
+            + (f"{row['ranks']} rank(s), " if row.get("ranks") else f"{row['replicas']} replica(s), ")
+            + f"{row['health']} at {row['endpoint']}, "
+            f"deployed {row['deployed_at']}"
+        )
+
+
+@app.command()
+def profile(
+    model: Annotated[
+        str, typer.Argument(help="models:/NAME@ALIAS, models:/NAME/VERSION, or a transformers config.json")
+    ],
+    inventory: Annotated[str, typer.Option(help="local, nvml, ray[:ADDRESS], k8s, or a YAML file")] = "local",
+    dtype: Annotated[str | None, typer.Option(help="Weights dtype override: fp32, bf16, fp16, int8, int4")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Rows (or sequences) per forward pass")] = 1,
+    seq_len: Annotated[int | None, typer.Option(min=1, help="Tokens per sequence (causal LMs)")] = None,
+    measure: Annotated[bool, typer.Option(help="Also measure a registered model in a subprocess")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """How much memory MODEL needs, and where it would run on INVENTORY (nothing is deployed)."""
+    settings = _settings()
+    from nodewise.cli.profile import profile_and_plan
+
+    result = _guard(
+        lambda: profile_and_plan(
+            model, inventory, settings, dtype=dtype, batch_size=batch_size, seq_len=seq_len, measure=measure
+        )
+    )
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    typer.echo(f"{result['model']}: {result['param_count']:,} parameters, {result['method']} profile")
+    for name, value in result["breakdown_bytes"].items():
+        typer.echo(f"  {name:<12} {value / 1024**3:10.3f} GiB")
+    plan = result["plan"]
+    typer.echo(f"plan ({result['inventory']}): " + ("; ".join(plan["reasons"])))
+
+
+@app.command()
+def render(
+    model_uri: Annotated[str, typer.Argument(help="models:/NAME@ALIAS or models:/NAME/VERSION")],
+    out: Annotated[str, typer.Option(help="Folder for the manifests (for `kubectl apply -f DIR`)")],
+    target: Annotated[str, typer.Option(help="What to render for: k8s")] = "k8s",
+    inventory: Annotated[
+        str, typer.Option(help="The cluster's nodes: k8s (through the API) or a YAML file of nodes")
+    ] = "k8s",
+    multi_node: Annotated[
+        str | None, typer.Option(help="Multi-node plans as mpijob or lws (default: kubernetes.multi_node)")
+    ] = None,
+    apply: Annotated[
+        bool, typer.Option(help="Also apply them through the Kubernetes API, wait, and let the watchdog watch them")
+    ] = False,
+    delete: Annotated[bool, typer.Option(help="Delete them through the Kubernetes API instead")] = False,
+    timeout: Annotated[float, typer.Option(min=1, help="Seconds --apply waits for readiness")] = 900,
+) -> None:
+    """Kubernetes manifests for MODEL, planned against the cluster's nodes: a RayService (one
+    node holds it) or an MPIJob / LeaderWorkerSet (several nodes), a Service and the watchdog's RBAC."""
+    from pathlib import Path
+
+    from tasks.planning.registry import parse_model_uri
+
+    _guard(lambda: parse_model_uri(model_uri))
+    if target != "k8s":
+        _fail(f"--target {target!r} is not known; use --target k8s", 2)
+    if multi_node not in (None, "mpijob", "lws"):
+        _fail(f"--multi-node {multi_node!r} is not known; use mpijob or lws", 2)
+    settings = _settings()
+    from tasks.k8s.deploy import manifests_for, write_manifests
+
+    if apply and delete:
+        _fail("--apply and --delete do opposite things; give one", 2)
+    rendered = _guard(lambda: manifests_for(model_uri, inventory, settings, multi_node))  # type: ignore[arg-type]
+    for line in rendered.warnings:
+        typer.echo(f"warning: {line}", err=True)
+    for path in _guard(lambda: write_manifests(rendered.objects, Path(out))):
+        typer.echo(f"wrote {path}")
+    typer.echo(f"plan: {rendered.plan.explain()}")
+    if apply or delete:
+        from tasks.k8s.apply import api_client, wait_ready
+        from tasks.k8s.apply import apply as apply_objects
+        from tasks.k8s.apply import delete as delete_objects
+        from tasks.records import remove_record, save_record
+
+        api = _guard(api_client)
+        record = rendered.record()
+        if delete:
+            for line in _guard(lambda: delete_objects(rendered.objects, api)):
+                typer.echo(line)
+            remove_record(settings.k8s_records_path, record.app_name)
+            return
+        for line in _guard(lambda: apply_objects(rendered.objects, api)):
+            typer.echo(line)
+        save_record(settings.k8s_records_path, record)  # applied: the watchdog watches it from now on
+        _guard(lambda: wait_ready(rendered.objects, api, timeout))
+        typer.echo("ready")
+
+
+@app.command()
+def watchdog(
+    once: Annotated[bool, typer.Option("--once", help="One pass, then exit.")] = False,
+    every: Annotated[
+        float | None, typer.Option(min=1.0, help="Seconds between passes (default: watchdog.every_s, 30).")
+    ] = None,
+    reset: Annotated[
+        str | None, typer.Option(help="Clear APP's failed mark and restart budget, then exit.", metavar="APP")
+    ] = None,
+) -> None:
+    """Check every deployment; restart a sick replica alone or a DeepSpeed job whole, within a budget."""
+    settings = _settings()
+    if reset is not None:
+        from tasks.watchdog.engine import reset as reset_app
+
+        typer.echo(_guard(lambda: reset_app(settings, reset)))
+        return
+    from flows.watchdog import watch_deployments
+
+    period = every or settings.watchdog.every_s
+    _stop_on_signals()
+    try:
+        while True:
+            actions = _guard(lambda: watch_deployments(settings=settings))
+            typer.echo(f"watchdog pass: {len(actions)} action(s)")
+            if once:
+                return
+            time.sleep(period)
+    except KeyboardInterrupt:
+        typer.echo("\nwatchdog stopped")
+
+
+@app.command()
+def receiver(
+    host: Annotated[str | None, typer.Option(help="Address to bind (default: triggers.receiver_host)")] = None,
+    port: Annotated[int | None, typer.Option(min=1, max=65535, help="Port (default: triggers.receiver_port)")] = None,
+) -> None:
+    """Take MLflow's signed webhooks at POST /webhook and announce promotions as Prefect events."""
+    settings = _settings()
+    from tasks.triggers.promotion import require_api
+    from tasks.triggers.webhook_server import Receiver, registry_lookup, serve
+
+    api = _guard(lambda: require_api(settings.prefect.api_url))
+    handler = _guard(lambda: Receiver(settings, api, registry_lookup(settings)))
+    host, port = host or settings.triggers.receiver_host, port or settings.triggers.receiver_port
+    try:
+        server = serve(handler, host, port)
+    except OSError as e:
+        _fail(f"cannot listen on {host}:{port} ({e.strerror}); pick another --port or NODEWISE_TRIGGERS__RECEIVER_PORT")
+    logging.getLogger("nodewise.receiver").setLevel(logging.INFO)
+    typer.echo(f"receiving MLflow webhooks at http://{host}:{port}/webhook; events go to {api}")
+    _stop_on_signals()
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        typer.echo("\nreceiver stopped")
+    finally:
+        server.server_close()
+
+
+@app.command()
+def poll(
+    once: Annotated[bool, typer.Option("--once", help="One poll, then exit.")] = False,
+    every: Annotated[float | None, typer.Option(min=1.0, help="Seconds between polls (triggers.poll_every_s)")] = None,
+) -> None:
+    """Watch the registry's aliases (for registries that send no webhooks); announce each change once."""
+    settings = _settings()
+    from tasks.planning.registry import make_client
+    from tasks.triggers.promotion import Poller, require_api
+
+    api = _guard(lambda: require_api(settings.prefect.api_url))
+    client = make_client(settings.tracking_uri, settings.registry_uri)
+    poller = Poller(client, settings.state_path / "poller.json", alias=settings.triggers.alias)
+    _stop_on_signals()
+    try:
+        while True:
+            for event in _guard(lambda: poller.poll_once(api)):
+                p = event["payload"]
+                typer.echo(f"{p['model']}@{p['alias']} -> version {p['version']} (event {event['id']})")
+            if once:
+                return
+            time.sleep(every or settings.triggers.poll_every_s)
+    except KeyboardInterrupt:
+        typer.echo("\npoller stopped")
+
+
+@app.command()
+def logs(
+    app_name: Annotated[str, typer.Argument(help="The deployment's name, as `nodewise status` shows it")],
+    lines: Annotated[int, typer.Option(min=1, help="How many of the last lines")] = 40,
+) -> None:
+    """The recent output of a deployment: every DeepSpeed rank's, or where Ray Serve's replicas log."""
+    settings = _settings()
+    from nodewise.cli.status import deployment_logs
+
+    typer.echo(_guard(lambda: deployment_logs(settings, app_name, lines)))
+
+
+def _down(settings: Settings) -> list[str]:
+    from nodewise.cli.status import stop_everything
+
+    return _guard(lambda: stop_everything(settings))
+
+
+@app.command()
+def down() -> None:
+    """Stop everything nodewise started: its Serve apps, DeepSpeed jobs, local Ray instance and
+    what `nodewise up` started; nothing else (Kubernetes is left alone: `render --delete`)."""
+    settings = _settings()
+    from nodewise.cli.services import down as stop_services
+
+    for line in _down(settings):
+        typer.echo(line)
+    for line in stop_services(settings):
+        typer.echo(line)
+
+
+@app.command()
+def up() -> None:
+    """Start the promotion pipeline here: Prefect server + deployments + worker, MLflow server with
+    webhooks, the receiver and the webhook, all on 127.0.0.1 with SQLite."""
+    settings = _settings()
+    from nodewise.cli.services import up as start_services
+
+    typer.echo("starting Prefect server, MLflow server, a worker and the webhook receiver (about a minute)")
+    services = _guard(lambda: start_services(settings))
+    typer.echo(f"Prefect UI:   {services.prefect_api.removesuffix('/api')}")
+    typer.echo(f"MLflow:       {services.mlflow}")
+    typer.echo(f"receiver:     {services.receiver}")
+    typer.echo("use them from your shell with:")
+    for name, value in services.exports().items():
+        typer.echo(f"  export {name}={value}")
+    typer.echo(
+        f"then set the alias: MlflowClient().set_registered_model_alias(NAME, {settings.triggers.alias!r}, VERSION)"
+    )
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)

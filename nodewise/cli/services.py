@@ -1,0 +1,243 @@
+"""``nodewise up``: the promotion pipeline on this machine, in one go, on 127.0.0.1 with SQLite.
+
+Started, in order, each in its own session with its log in ``<state>/services/``:
+1. ``prefect server`` (its own PREFECT_HOME), then the ``nodewise-local`` process work pool and
+   ``prefect deploy --all`` (prefect.yaml: deploy-model with its promotion trigger, the watchdog);
+2. ``mlflow server`` with webhooks on (a Fernet key and the webhook secret kept in the folder);
+3. a Prefect worker for the pool, and ``nodewise receiver`` for MLflow's webhooks;
+4. the MLflow webhook (``model_version_alias.created`` -> the receiver), created once.
+Their pids go to ``services.json``; ``nodewise down`` stops them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+from pydantic import BaseModel
+
+from nodewise.core.errors import NodewiseError
+from nodewise.core.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+POOL = "nodewise-local"
+
+
+class Service(BaseModel):
+    name: str
+    pid: int
+    url: str = ""
+    log: str
+
+
+class Services(BaseModel):
+    prefect_api: str
+    mlflow: str
+    receiver: str
+    services: list[Service]
+
+    def exports(self) -> dict[str, str]:
+        """What a shell (or a flow run) needs to use them."""
+        return {
+            "NODEWISE_PREFECT__API_URL": self.prefect_api,
+            "PREFECT_API_URL": self.prefect_api,
+            "NODEWISE_MLFLOW__TRACKING_URI": self.mlflow,
+            "NODEWISE_MLFLOW__REGISTRY_URI": self.mlflow,
+            "MLFLOW_TRACKING_URI": self.mlflow,
+            "MLFLOW_REGISTRY_URI": self.mlflow,
+        }
+
+
+def _folder(settings: Settings) -> Path:
+    return settings.state_path / "services"
+
+
+def _secret(path: Path, make: str) -> str:
+    if not path.exists():
+        path.write_text(make)
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def _bin(name: str) -> str:
+    return str(Path(sys.executable).with_name(name))
+
+
+def read_services(settings: Settings) -> Services | None:
+    path = _folder(settings) / "services.json"
+    return Services.model_validate_json(path.read_text()) if path.exists() else None
+
+
+def up(settings: Settings, timeout_s: float = 120.0) -> Services:
+    """Start everything (see the module's docstring); raise NodewiseError naming what did not start."""
+    from cryptography.fernet import Fernet
+
+    if read_services(settings) is not None:
+        raise NodewiseError("`nodewise up` already ran for this state folder; `nodewise down` first")
+    t = settings.triggers
+    for port, what in (
+        (t.prefect_port, "PREFECT_PORT"),
+        (t.mlflow_port, "MLFLOW_PORT"),
+        (t.receiver_port, "RECEIVER_PORT"),
+    ):
+        if not _free(port):
+            raise NodewiseError(f"port {port} is in use; set NODEWISE_TRIGGERS__{what} to a free port")
+    folder = _folder(settings)
+    folder.mkdir(parents=True, exist_ok=True)
+    fernet = _secret(folder / "fernet.key", Fernet.generate_key().decode())
+    webhook_secret = t.webhook_secret or _secret(folder / "webhook.secret", secrets.token_hex(24))
+    prefect_api = f"http://127.0.0.1:{t.prefect_port}/api"
+    mlflow = f"http://127.0.0.1:{t.mlflow_port}"
+    receiver = f"http://127.0.0.1:{t.receiver_port}/webhook"
+    from nodewise.core.runtime import ensure_state_dir, library_environment
+
+    ensure_state_dir(settings)
+    env = {
+        **os.environ,
+        **library_environment(settings),  # flow runs reach the local Ray (its token) like the CLI does
+        "NODEWISE_STATE_DIR": str(settings.state_path),
+        "PREFECT_HOME": str(folder / "prefect"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_UI_ENABLED": "true",
+        # The worker asks for runs every 2 s instead of 10: a promotion's run starts sooner (measured
+        # in benchmarks/promotion_latency.py).
+        "PREFECT_WORKER_QUERY_SECONDS": "2",
+        "NODEWISE_PREFECT__API_URL": prefect_api,
+        "PREFECT_API_URL": prefect_api,
+        "NODEWISE_MLFLOW__TRACKING_URI": mlflow,
+        "NODEWISE_MLFLOW__REGISTRY_URI": mlflow,
+        "MLFLOW_TRACKING_URI": mlflow,
+        "MLFLOW_REGISTRY_URI": mlflow,
+        "NODEWISE_TRIGGERS__WEBHOOK_SECRET": webhook_secret,
+        "NODEWISE_TRIGGERS__RECEIVER_PORT": str(t.receiver_port),
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+        "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https",
+        "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
+        "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY": fernet,
+    }
+    started: list[Service] = []
+    try:
+        started.append(
+            _start(
+                "prefect-server",
+                [_bin("prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(t.prefect_port)],
+                env,
+                folder,
+                prefect_api,
+            )
+        )
+        _wait_http(f"{prefect_api}/health", timeout_s, folder / "prefect-server.log")
+        store = folder / "mlflow"
+        store.mkdir(exist_ok=True)
+        mlflow_cmd = [
+            _bin("mlflow"),
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{store}/mlflow.db",
+            "--default-artifact-root",
+            f"file://{store}/artifacts",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(t.mlflow_port),
+            "--workers",
+            "1",
+        ]
+        # Not the clients' MLFLOW_TRACKING_URI/REGISTRY_URI: the server would look its webhooks up there.
+        server_env = {k: v for k, v in env.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+        started.append(_start("mlflow-server", mlflow_cmd, server_env, folder, mlflow))
+        _run([_bin("prefect"), "work-pool", "create", POOL, "--type", "process", "--overwrite"], env, folder)
+        _run([_bin("prefect"), "--no-prompt", "deploy", "--all"], env, folder)
+        started.append(_start("worker", [_bin("prefect"), "worker", "start", "--pool", POOL], env, folder))
+        started.append(_start("receiver", [_bin("nodewise"), "receiver"], env, folder, receiver))
+        _wait_http(f"{mlflow}/health", timeout_s, folder / "mlflow-server.log")
+        _wait_http(receiver.replace("/webhook", "/health"), timeout_s, folder / "receiver.log")
+        _ensure_webhook(mlflow, receiver, webhook_secret)
+    except BaseException:
+        _stop(started)
+        raise
+    services = Services(prefect_api=prefect_api, mlflow=mlflow, receiver=receiver, services=started)
+    (folder / "services.json").write_text(services.model_dump_json(indent=2))
+    return services
+
+
+def down(settings: Settings) -> list[str]:
+    """Stop what ``up`` started (nothing else)."""
+    services = read_services(settings)
+    if services is None:
+        return []
+    _stop(services.services)
+    (_folder(settings) / "services.json").unlink()
+    return [f"stopped {s.name}" for s in reversed(services.services)]
+
+
+def _start(name: str, cmd: list[str], env: dict[str, str], folder: Path, url: str = "") -> Service:
+    log = folder / f"{name}.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    return Service(name=name, pid=proc.pid, url=url, log=str(log))
+
+
+def _run(cmd: list[str], env: dict[str, str], folder: Path) -> None:
+    log = folder / "setup.log"
+    with log.open("a") as out:
+        done = subprocess.run(cmd, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, timeout=300, check=False)
+    if done.returncode != 0:
+        raise NodewiseError(f"`{Path(cmd[0]).name} {' '.join(cmd[1:])}` failed; see {log}")
+
+
+def _wait_http(url: str, timeout_s: float, log: Path) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        time.sleep(0.5)
+    raise NodewiseError(f"{url} did not answer within {timeout_s:.0f} s; see {log}")
+
+
+def _ensure_webhook(mlflow: str, receiver: str, secret: str) -> None:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=mlflow, registry_uri=mlflow)
+    if any(w.url == receiver for w in client.list_webhooks()):
+        return
+    client.create_webhook("nodewise-promotions", receiver, events=["model_version_alias.created"], secret=secret)
+
+
+def _stop(services: list[Service], grace_s: float = 15.0) -> None:
+    """SIGINT each service's session (a Prefect worker wants it twice), then SIGKILL what is left."""
+    for service in reversed(services):
+        for sig in (signal.SIGINT, signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(service.pid, sig)
+            if _gone(service.pid, grace_s / 3):
+                break
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(service.pid, signal.SIGKILL)
+
+
+def _gone(pid: int, wait_s: float) -> bool:
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            return True
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+        time.sleep(0.2)
+    return False

@@ -1,0 +1,118 @@
+"""What nodewise runs right now, and stopping all of it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from nodewise.core.settings import Settings
+from tasks.rayserve.cluster import RayCluster, connect, read_local_cluster, stop_local_cluster
+from tasks.records import clear_records, load_records
+
+
+def _health(endpoint: str) -> str:
+    import httpx
+
+    try:
+        response = httpx.get(f"{endpoint}/ping", timeout=2.0)
+    except httpx.TransportError:
+        return "unreachable"
+    if response.status_code == 200:
+        return "healthy"
+    try:  # DeepSpeed's rank 0 says which ranks are the trouble
+        problems = "; ".join(response.json().get("problems", []))
+    except ValueError:
+        problems = ""
+    return f"unhealthy (HTTP {response.status_code}{': ' + problems if problems else ''})"
+
+
+def deployment_status(settings: Settings) -> dict[str, Any]:
+    """Recorded deployments with a live health check of each endpoint."""
+    if settings.ray.address:
+        cluster = f"external cluster at {settings.ray.address}"
+    else:
+        local = read_local_cluster(settings)
+        cluster = f"local instance at {local.address}" if local else "local instance not running"
+    rows = [
+        {
+            "app": r.app_name,
+            "model_uri": r.model_uri,
+            "version": r.model_version,
+            "backend": r.backend,
+            "replicas": r.replicas,
+            "ranks": r.spec.get("tp_size", 1) if r.backend == "deepspeed_mpi" else None,
+            "endpoint": r.endpoint,
+            "health": _health(r.endpoint),
+            "deployed_at": r.deployed_at,
+            "previous_version": r.previous_version,
+        }
+        for r in load_records(settings.records_path).values()
+    ]
+    rows += [
+        {
+            "app": r.app_name,
+            "model_uri": r.model_uri,
+            "version": r.model_version,
+            "backend": r.backend,
+            "replicas": r.replicas,
+            "ranks": None,
+            "endpoint": r.endpoint,
+            "health": "on Kubernetes: the watchdog checks its pods (kubectl shows them)",
+            "deployed_at": r.deployed_at,
+            "previous_version": r.previous_version,
+        }
+        for r in load_records(settings.k8s_records_path).values()
+    ]
+    from tasks.watchdog.engine import last_actions
+
+    watchdog = [a.model_dump() for a in last_actions(settings)]
+    return {"cluster": cluster, "deployments": rows, "watchdog": watchdog}
+
+
+def stop_everything(settings: Settings) -> list[str]:
+    """Stop nodewise's DeepSpeed jobs, delete its Serve apps and stop its local Ray instance.
+
+    Returns what was done.
+    """
+    from tasks.mpi.launcher import launched_apps, stop_cluster
+
+    done = []
+    records = load_records(settings.records_path)
+    for name in sorted(launched_apps(settings) | {n for n, r in records.items() if r.backend == "deepspeed_mpi"}):
+        done.extend(stop_cluster(settings, name))
+    records = {n: r for n, r in records.items() if r.backend != "deepspeed_mpi"}
+    if settings.ray.address:
+        if records:
+            from tasks.rayserve.apps import delete_app
+
+            connect(RayCluster(address=settings.ray.address, owned=False))
+            for name in records:
+                delete_app(name)
+                done.append(f"deleted Serve app {name}")
+    elif stop_local_cluster(settings):
+        done.extend(f"deleted Serve app {name}" for name in records)
+        done.append("stopped the local Ray instance")
+    clear_records(settings.records_path)
+    return done or ["nothing to stop"]
+
+
+def deployment_logs(settings: Settings, app_name: str, lines: int = 40) -> str:
+    """The recent output of a deployment's processes.
+
+    Raises:
+        NodewiseError: no such deployment.
+    """
+    from nodewise.core.errors import NodewiseError
+    from tasks.mpi.launcher import app_log, launched_apps
+
+    records = load_records(settings.records_path)
+    record = records.get(app_name)
+    if record is not None and record.backend == "ray_serve":
+        from nodewise.core.runtime import ray_temp_dir
+
+        where = f"{ray_temp_dir(settings)}/session_latest/logs" if not settings.ray.address else "the cluster's nodes"
+        return f"{app_name} runs on Ray Serve: its replicas log to {where} (files named replica_{app_name}_*)"
+    text = app_log(settings, app_name, lines)
+    if text is None:
+        known = sorted(set(records) | launched_apps(settings)) or ["none"]
+        raise NodewiseError(f"no deployment named {app_name!r}; deployments: {', '.join(known)}")
+    return text

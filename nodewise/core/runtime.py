@@ -1,0 +1,113 @@
+"""Point the libraries nodewise drives (Prefect, MLflow, Ray, torch) at the state folder.
+
+Prefect, MLflow and Ray read their configuration from environment variables, some at import
+time. ``configure_process`` writes them from the settings, once, before those imports, so that
+nothing lands in the user's home directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+from pathlib import Path
+
+from nodewise.core.settings import Settings
+
+
+def library_environment(settings: Settings) -> dict[str, str]:
+    """The environment variables that keep every library's state inside ``settings.state_dir``."""
+    env = {
+        "PREFECT_HOME": str(settings.prefect_home),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_UI_ENABLED": "false",
+        "MLFLOW_TRACKING_URI": settings.tracking_uri,
+        "MLFLOW_REGISTRY_URI": settings.registry_uri,
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(settings.mlflow.max_retries),
+        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": str(int(settings.mlflow.timeout_s)),
+        "TORCH_EXTENSIONS_DIR": str(settings.op_cache_path),
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    if settings.prefect.api_url:
+        env["PREFECT_API_URL"] = settings.prefect.api_url
+    else:
+        env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = str(settings.prefect.ephemeral_startup_timeout_s)
+    if settings.ray.address is None:
+        # Our own local Ray instance: token auth on, with the token inside the state folder.
+        env["RAY_AUTH_MODE"] = "token"
+        env["RAY_AUTH_TOKEN_PATH"] = str(ray_token_path(settings))
+        env.update(serve_environment(settings))
+    return env
+
+
+def serve_environment(settings: Settings) -> dict[str, str]:
+    """Ray Serve's own switches for ingress and throughput. They are read when Ray Serve is
+    imported, so every process of the cluster (controller, proxies, replicas) must start with
+    them: nodewise passes them to the `ray start` of its local instance."""
+    env = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1" if settings.serve.throughput_optimized else "0"}
+    if settings.serve.ingress == "haproxy":
+        env["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
+        env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] = str(settings.serve.drain_s)
+        hap = haproxy_dir(settings)
+        env.update(
+            {
+                "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(hap / "haproxy.cfg"),
+                "RAY_SERVE_HAPROXY_SOCKET_PATH": str(hap / "admin.sock"),
+                "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(hap),
+                "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(hap / "server-state"),
+                "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(hap / "metrics.sock"),
+            }
+        )
+    else:
+        env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "0"
+    return env
+
+
+def _short_dir(settings: Settings, name: str, budget: int) -> Path:
+    """``state/ray/NAME`` when its path has at most ``budget`` characters (sockets are created
+    below it and AF_UNIX paths are short), else a per-state folder in /tmp."""
+    preferred = settings.ray_dir / name
+    if len(str(preferred)) <= budget:
+        return preferred
+    digest = hashlib.sha1(str(settings.state_path).encode()).hexdigest()[:8]
+    return Path("/tmp") / f"nw{name}-{digest}"
+
+
+def ray_temp_dir(settings: Settings) -> Path:
+    """Ray's temp dir for the local instance (Ray appends ~65 characters of socket names)."""
+    return _short_dir(settings, "tmp", 40)
+
+
+def haproxy_dir(settings: Settings) -> Path:
+    """Where Ray Serve's HAProxy keeps its config, sockets and server state (not /tmp/haproxy-serve).
+    Serve adds a 56-character node id and the socket name; HAProxy takes socket paths under 97."""
+    return _short_dir(settings, "hap", 24)
+
+
+def ray_token_path(settings: Settings) -> Path:
+    return settings.ray_dir / "auth_token"
+
+
+def ensure_state_dir(settings: Settings) -> Path:
+    """Create the state folder (and the Ray token) if missing; return its absolute path."""
+    state = settings.state_path
+    for sub in (state, settings.artifact_root, settings.prefect_home, settings.ray_dir):
+        sub.mkdir(parents=True, exist_ok=True)
+    token = ray_token_path(settings)
+    if settings.ray.address is None and not token.exists():
+        token.write_text(secrets.token_hex(32))
+        token.chmod(0o600)
+    gitignore = state / ".gitignore"
+    if not gitignore.exists():
+        gitignore.write_text("*\n")
+    return state
+
+
+def configure_process(settings: Settings) -> None:
+    """Create the state folder and export the library environment into this process."""
+    ensure_state_dir(settings)
+    os.environ.update(library_environment(settings))

@@ -1,0 +1,310 @@
+"""Kubernetes manifests from a placement plan: what a cluster needs to serve one model.
+
+- a one-node plan: a KubeRay ``RayService`` (ray.io/v1) whose ``serveConfigV2`` builds the same
+  Serve app as a local deploy (``serving.app:from_config`` with the same spec);
+- a multi-node plan: a Kubeflow ``MPIJob`` (kubeflow.org/v2beta1), or a ``LeaderWorkerSet``
+  (leaderworkerset.x-k8s.io/v1), whose ranks run ``python -m serving.deepspeed_worker`` and derive
+  their distributed environment themselves (serving/dist_env.py): nothing is set by hand;
+- a Service for the endpoint, and a ServiceAccount, Role and RoleBinding with what the watchdog
+  needs and no more.
+
+Manifests are plain dicts (quantities are strings); ``render`` returns them in apply order.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, Literal
+
+from nodewise.core.settings import KubernetesSettings
+from serving.spec import DeepSpeedSpec, ModelServeSpec
+from tasks.planning.placement import PlacementPlan
+
+MultiNode = Literal["mpijob", "lws"]
+LABEL = "nodewise.dev/app"
+SPEC_PATH = "/etc/nodewise/spec.json"
+
+
+def render(
+    spec: ModelServeSpec | DeepSpeedSpec,
+    plan: PlacementPlan,
+    k8s: KubernetesSettings,
+    multi_node: MultiNode = "mpijob",
+) -> list[dict[str, Any]]:
+    """Every manifest for ``spec`` as ``plan`` places it, in the order to apply them."""
+    name = _dns(spec.app_name)
+    objects = _rbac(name, k8s)
+    if isinstance(spec, ModelServeSpec):
+        objects += [_ray_service(name, spec, plan, k8s), _service(name, k8s, {"ray.io/node-type": "head"}, 8000)]
+        objects[-1]["spec"]["selector"]["ray.io/cluster-name"] = name  # see _ray_service
+        return objects
+    objects.append(_spec_config_map(name, spec, k8s))
+    if multi_node == "lws":
+        objects.append(_leader_worker_set(name, spec, plan, k8s))
+        selector = {"leaderworkerset.sigs.k8s.io/name": name, "leaderworkerset.sigs.k8s.io/worker-index": "0"}
+    else:
+        objects.append(_mpi_job(name, spec, plan, k8s))
+        selector = {
+            "training.kubeflow.org/job-name": name,
+            "training.kubeflow.org/job-role": "worker",
+            "training.kubeflow.org/replica-index": "0",
+        }
+    objects.append(_service(name, k8s, selector, spec.port))
+    return objects
+
+
+# -- pieces ----------------------------------------------------------------------------------------
+def _meta(name: str, k8s: KubernetesSettings, **extra: Any) -> dict[str, Any]:
+    return {"name": name, "namespace": k8s.namespace, "labels": {LABEL: name}, **extra}
+
+
+def _rbac(name: str, k8s: KubernetesSettings) -> list[dict[str, Any]]:
+    """What the watchdog does on Kubernetes: read and delete pods (a sick replica or a whole
+    rank group), read and patch its own workloads. Nothing cluster-wide, no secrets."""
+    account = f"{name}-watchdog"
+    rules = [
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch", "delete"]},
+        {"apiGroups": [""], "resources": ["services", "configmaps"], "verbs": ["get", "list"]},
+        {"apiGroups": ["ray.io"], "resources": ["rayservices"], "verbs": ["get", "list", "watch", "patch"]},
+        {"apiGroups": ["kubeflow.org"], "resources": ["mpijobs"], "verbs": ["get", "list", "watch", "patch"]},
+        {
+            "apiGroups": ["leaderworkerset.x-k8s.io"],
+            "resources": ["leaderworkersets"],
+            "verbs": ["get", "list", "watch", "patch"],
+        },
+    ]
+    return [
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _meta(account, k8s)},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": _meta(account, k8s), "rules": rules},
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": _meta(account, k8s),
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": account},
+            "subjects": [{"kind": "ServiceAccount", "name": account, "namespace": k8s.namespace}],
+        },
+    ]
+
+
+def _service(name: str, k8s: KubernetesSettings, selector: dict[str, str], port: int) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _meta(f"{name}-endpoint", k8s),
+        "spec": {
+            "selector": dict(selector),
+            "ports": [{"name": "http", "port": port, "targetPort": port, "protocol": "TCP"}],
+        },
+    }
+
+
+def _container(name: str, k8s: KubernetesSettings, command: list[str] | None, resources: dict) -> dict[str, Any]:
+    container: dict[str, Any] = {"name": name, "image": k8s.image, "imagePullPolicy": "IfNotPresent"}
+    if command:
+        container["command"] = command
+    container["resources"] = resources
+    return container
+
+
+def _resources(cpus: float, memory_bytes: int, gpus: int, memory_limit_bytes: int | None = None) -> dict[str, Any]:
+    requests = {"cpu": _cpu(cpus), "memory": _mib(memory_bytes)}
+    limits = {"memory": _mib(memory_limit_bytes or memory_bytes)}
+    if gpus:
+        requests["nvidia.com/gpu"] = limits["nvidia.com/gpu"] = str(gpus)
+    return {"requests": requests, "limits": limits}
+
+
+def _ray_service(name: str, spec: ModelServeSpec, plan: PlacementPlan, k8s: KubernetesSettings) -> dict[str, Any]:
+    """One Ray cluster (a head that runs no replica, workers that do) and the Serve app on it."""
+    per_replica_gpus = spec.num_gpus  # a tensor-parallel replica's num_gpus already counts all its devices
+    if per_replica_gpus and per_replica_gpus < 1:  # several replicas share one GPU: one pod holds them
+        per_pod, pod_gpus = max(1, math.floor(1 / spec.num_gpus)), 1
+    else:
+        per_pod, pod_gpus = 1, math.ceil(per_replica_gpus)
+    pods = math.ceil(spec.min_replicas / per_pod)
+    max_pods = math.ceil(spec.max_replicas / per_pod)
+    replica_bytes = plan.needed_bytes
+    memory = per_pod * replica_bytes + 2**30  # the raylet and its agents take ~1 GiB
+    limit = per_pod * (spec.memory_limit_bytes or 2 * replica_bytes) + 2**30
+    cpus = max(1.0, per_pod * spec.num_cpus)
+    env = [{"name": "RAY_SERVE_THROUGHPUT_OPTIMIZED", "value": "1" if k8s.serve_throughput_optimized else "0"}]
+    serve_config = {
+        "applications": [
+            {
+                "name": spec.app_name,
+                "route_prefix": spec.route_prefix,
+                "import_path": "serving.app:from_config",
+                "args": {"spec": spec.model_dump(mode="json")},
+            }
+        ]
+    }
+    head = _container("ray-head", k8s, None, _resources(1, 2 * 2**30, 0))
+    head["env"] = env
+    head["ports"] = [
+        {"containerPort": 6379, "name": "gcs"},
+        {"containerPort": 8265, "name": "dashboard"},
+        {"containerPort": 8000, "name": "serve"},
+    ]
+    worker = _container("ray-worker", k8s, None, _resources(cpus, memory, pod_gpus, limit))
+    worker["env"] = env
+    return {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayService",
+        "metadata": _meta(name, k8s),
+        "spec": {
+            "serveConfigV2": json.dumps(serve_config, indent=2),
+            "rayClusterConfig": {
+                "rayVersion": k8s.ray_version,
+                "headGroupSpec": {
+                    # The head schedules no replica: losing a worker never takes the GCS with it.
+                    "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
+                    "template": {
+                        "metadata": {"labels": {LABEL: name}},
+                        "spec": {"serviceAccountName": f"{name}-watchdog", "containers": [head]},
+                    },
+                },
+                "workerGroupSpecs": [
+                    {
+                        "groupName": "replicas",
+                        "replicas": pods,
+                        "minReplicas": pods,
+                        "maxReplicas": max_pods,
+                        "rayStartParams": {},
+                        "template": {"metadata": {"labels": {LABEL: name}}, "spec": {"containers": [worker]}},
+                    }
+                ],
+            },
+        },
+    }
+
+
+def _spec_config_map(name: str, spec: DeepSpeedSpec, k8s: KubernetesSettings) -> dict[str, Any]:
+    """The spec every rank starts with; rank 0 binds all interfaces (the Service reaches it)."""
+    body = spec.model_copy(update={"host": "0.0.0.0"}).model_dump(mode="json")
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _meta(f"{name}-spec", k8s),
+        "data": {"spec.json": json.dumps(body, indent=2)},
+    }
+
+
+def _rank_pod(name: str, container: dict[str, Any], k8s: KubernetesSettings) -> dict[str, Any]:
+    container["volumeMounts"] = [{"name": "spec", "mountPath": "/etc/nodewise", "readOnly": True}]
+    container["ports"] = [{"containerPort": 8100, "name": "http"}]
+    return {
+        "metadata": {"labels": {LABEL: name}},
+        "spec": {
+            "containers": [container],
+            "volumes": [{"name": "spec", "configMap": {"name": f"{name}-spec"}}],
+        },
+    }
+
+
+def _rank_resources(plan: PlacementPlan, spec: DeepSpeedSpec) -> dict[str, Any]:
+    gpus = plan.devices_per_node if spec.device == "cuda" else 0
+    per_node = plan.needed_bytes * plan.devices_per_node
+    return _resources(max(1.0, float(plan.devices_per_node)), per_node + 2**30, gpus, 2 * per_node + 2**30)
+
+
+def _worker_command(spec: DeepSpeedSpec) -> list[str]:
+    return ["python", "-m", "serving.deepspeed_worker", SPEC_PATH]
+
+
+def _lws_command(spec: DeepSpeedSpec, plan: PlacementPlan) -> list[str]:
+    """One rank per pod reads LWS_* itself; several devices per pod start under torchrun, told
+    the group from LWS's variables (the worker then reads torchrun's)."""
+    if plan.devices_per_node == 1:
+        return _worker_command(spec)
+    launch = (
+        f"exec torchrun --nnodes={plan.nodes} --nproc-per-node={plan.devices_per_node} "
+        '--node-rank="$LWS_WORKER_INDEX" --master-addr="$LWS_LEADER_ADDRESS" --master-port=29500 '
+        f"-m serving.deepspeed_worker {SPEC_PATH}"
+    )
+    return ["sh", "-c", launch]
+
+
+def _mpi_job(name: str, spec: DeepSpeedSpec, plan: PlacementPlan, k8s: KubernetesSettings) -> dict[str, Any]:
+    """mpirun in the launcher starts every rank on the workers (slotsPerWorker = devices per node);
+    each rank derives RANK, LOCAL_RANK, MASTER_ADDR... from Open MPI and the MPIJob hostfile."""
+    mpirun = ["mpirun", "--allow-run-as-root", "-np", str(plan.ranks), "--bind-to", "none", "--map-by", "slot"]
+    mpirun += ["-x", "PATH", "-x", "LD_LIBRARY_PATH", *_worker_command(spec)]
+    launcher = _container("launcher", k8s, mpirun, _resources(0.5, 512 * 2**20, 0))
+    launcher["volumeMounts"] = [{"name": "spec", "mountPath": "/etc/nodewise", "readOnly": True}]
+    worker = _container("worker", k8s, None, _rank_resources(plan, spec))
+    launcher_pod = {
+        "metadata": {"labels": {LABEL: name}},
+        "spec": {
+            "serviceAccountName": f"{name}-watchdog",
+            "containers": [launcher],
+            "volumes": [{"name": "spec", "configMap": {"name": f"{name}-spec"}}],
+        },
+    }
+    return {
+        "apiVersion": "kubeflow.org/v2beta1",
+        "kind": "MPIJob",
+        "metadata": _meta(name, k8s),
+        "spec": {
+            "slotsPerWorker": plan.devices_per_node,
+            "mpiImplementation": "OpenMPI",
+            "runPolicy": {"cleanPodPolicy": "Running", "backoffLimit": 0},
+            "mpiReplicaSpecs": {
+                "Launcher": {"replicas": 1, "restartPolicy": "Never", "template": launcher_pod},
+                "Worker": {
+                    "replicas": plan.nodes,
+                    "restartPolicy": "Never",
+                    "template": _rank_pod(name, worker, k8s),
+                },
+            },
+        },
+    }
+
+
+def _leader_worker_set(name: str, spec: DeepSpeedSpec, plan: PlacementPlan, k8s: KubernetesSettings) -> dict:
+    """One group of ``plan.nodes`` pods, a rank per device; any pod's failure recreates the whole
+    group (RecreateGroupOnPodRestart)."""
+    command = _lws_command(spec, plan)
+    leader = _rank_pod(name, _container("rank", k8s, command, _rank_resources(plan, spec)), k8s)
+    # The leader holds rank 0: its /ping is 200 only when every rank is ready and heard from.
+    leader["spec"]["containers"][0]["readinessProbe"] = {
+        "httpGet": {"path": "/ping", "port": spec.port},
+        "periodSeconds": 10,
+        "failureThreshold": 3,
+    }
+    worker = _rank_pod(name, _container("rank", k8s, list(command), _rank_resources(plan, spec)), k8s)
+    return {
+        "apiVersion": "leaderworkerset.x-k8s.io/v1",
+        "kind": "LeaderWorkerSet",
+        "metadata": _meta(name, k8s),
+        "spec": {
+            "replicas": 1,
+            "startupPolicy": "LeaderCreated",
+            "leaderWorkerTemplate": {
+                "size": plan.nodes,
+                "restartPolicy": "RecreateGroupOnPodRestart",
+                "leaderTemplate": leader,
+                "workerTemplate": worker,
+            },
+        },
+    }
+
+
+# -- formats ---------------------------------------------------------------------------------------
+def _dns(name: str) -> str:
+    """A DNS-1035 label from an app name (lowercase, [a-z0-9-], starts with a letter, <= 45 chars
+    so that suffixes such as ``-watchdog`` and KubeRay's own stay under 63)."""
+    import re
+
+    label = re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")
+    if not label or not label[0].isalpha():
+        label = f"m-{label}".rstrip("-")
+    return label[:45].rstrip("-")
+
+
+def _cpu(cpus: float) -> str:
+    return str(int(cpus)) if float(cpus).is_integer() else f"{round(cpus * 1000)}m"
+
+
+def _mib(size: int) -> str:
+    return f"{math.ceil(size / 2**20)}Mi"

@@ -1,0 +1,186 @@
+"""Serving a model that needs several nodes: DeepSpeed tensor parallelism over MPI ranks.
+
+``build_deepspeed_spec`` turns a multi-node plan into the spec every rank reads;
+``deploy_cluster`` (re)launches the job, waits for every rank and checks it (``smoke_test_lm``:
+the endpoint's logits against the model run whole in this process), putting the previous version
+back if the new one fails either.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from nodewise.core.errors import DeployFailed, UnsupportedModel
+from nodewise.core.settings import Settings, SmokeSettings
+from serving._lm import AUTOTP_FAMILIES, AUTOTP_REFUSES
+from serving.dist_env import is_local_host
+from serving.spec import DeepSpeedSpec
+from tasks.mpi.launcher import launch, read_cluster, stop_cluster, wait_ready
+from tasks.planning.placement import PlacementPlan
+from tasks.planning.registry import ResolvedModel, artifact_file, load_input_example
+from tasks.rayserve.apps import app_name_for
+from tasks.smoke import SmokeResult, post_json
+
+T = TypeVar("T")
+
+
+def build_deepspeed_spec(model: ResolvedModel, plan: PlacementPlan, settings: Settings) -> DeepSpeedSpec:
+    """The spec for ``model`` as a multi-node ``plan`` places it.
+
+    Raises:
+        UnsupportedModel: a flavour or architecture the DeepSpeed backend cannot shard.
+    """
+    if "transformers" in model.flavors:
+        flavor = "transformers"
+        _check_architecture(model, plan.tp_size)
+    elif model.flavor == "pytorch":
+        flavor = "pytorch"
+    else:
+        raise UnsupportedModel(
+            f"{model.pinned_uri} needs {plan.nodes} nodes, and the multi-node backend shards "
+            f"transformers or pytorch models; this one has flavours {model.flavors}: log it with "
+            "mlflow.transformers or mlflow.pytorch"
+        )
+    ds = settings.deepspeed
+    gpu = plan.device_kind == "gpu"
+    dtype = ds.dtype if ds.dtype != "auto" else ("float16" if gpu else "float32")
+    local = all(is_local_host(h) for h in plan.hosts)  # the launcher's own test: ranks all on this machine
+    return DeepSpeedSpec(
+        app_name=app_name_for(model.name),
+        model_uri=model.pinned_uri,
+        artifact_uri=model.artifact_uri,
+        model_name=model.name,
+        model_version=model.version,
+        tracking_uri=settings.tracking_uri,
+        registry_uri=settings.registry_uri,
+        flavor=flavor,
+        tp_size=plan.ranks,
+        device="cuda" if gpu else "cpu",
+        dtype=dtype,
+        host="127.0.0.1" if local else "0.0.0.0",
+        port=ds.port,
+        torch_threads=plan.torch_threads,
+        heartbeat_s=ds.heartbeat_s,
+        heartbeat_timeout_s=ds.heartbeat_timeout_s,
+        tick_s=ds.tick_s,
+        request_timeout_s=ds.request_timeout_s,
+        max_request_bytes=settings.serve.max_request_bytes,
+        max_batch_size=ds.max_batch_size,
+        default_new_tokens=min(ds.default_new_tokens, ds.max_new_tokens),
+        max_new_tokens=ds.max_new_tokens,
+    )
+
+
+def _check_architecture(model: ResolvedModel, tp_size: int) -> None:
+    """Refuse before launching what AutoTP would refuse on every rank."""
+    with artifact_file(model, "model/config.json") as path:
+        if path is None:
+            return
+        config = json.loads(Path(path).read_text())
+    model_type = config.get("model_type", "?")
+    if model_type in AUTOTP_REFUSES:
+        raise UnsupportedModel(
+            f"{model.pinned_uri} ({model_type}) needs {tp_size} tensor-parallel ranks, but DeepSpeed AutoTP "
+            f"cannot shard {model_type}; it shards {AUTOTP_FAMILIES} and similar models; register one of "
+            "those, or give the model a node that holds it whole"
+        )
+    for key in ("num_key_value_heads", "num_attention_heads"):
+        heads = config.get(key)
+        if isinstance(heads, int) and heads % tp_size:
+            raise UnsupportedModel(
+                f"{model.pinned_uri} has {key}={heads}, which {tp_size} ranks cannot split evenly; "
+                "declare nodes so that the rank count divides it"
+            )
+
+
+def deploy_cluster(
+    spec: DeepSpeedSpec, plan: PlacementPlan, settings: Settings, check: Callable[[str], T]
+) -> tuple[str, T]:
+    """Replace the app's job with one for ``spec``, wait until every rank is ready, then ``check`` it.
+
+    The job is replaced whole (DeepSpeed ranks cannot be swapped one by one): the old ranks stop,
+    the new ones start. If they fail to start or ``check(endpoint)`` raises ``DeployFailed``, the
+    previous spec is relaunched and ``DeployFailed`` says why. Returns the endpoint and what
+    ``check`` returned.
+    """
+    previous = read_cluster(settings, spec.app_name)
+    previous_spec = (
+        DeepSpeedSpec.model_validate_json(Path(previous.spec_path).read_text()) if previous is not None else None
+    )
+    stop_cluster(settings, spec.app_name)
+    cluster = launch(spec, plan.hosts or ["localhost"] * plan.nodes, plan.devices_per_node, settings)
+    try:
+        wait_ready(cluster, settings.deepspeed.ready_timeout_s)
+        return cluster.endpoint, check(cluster.endpoint)
+    except DeployFailed as e:
+        stop_cluster(settings, spec.app_name)
+        outcome = "nothing served before"
+        if previous_spec is not None and previous is not None:
+            restored = launch(previous_spec, previous.hosts, previous.ranks // len(previous.hosts), settings)
+            try:
+                wait_ready(restored, settings.deepspeed.ready_timeout_s)
+                outcome = f"version {previous_spec.model_version} serves again"
+            except DeployFailed as again:
+                stop_cluster(settings, spec.app_name)
+                outcome = f"version {previous_spec.model_version} did not come back either: {again}"
+        raise DeployFailed(f"{e} (rolled back: {outcome})") from e
+
+
+def probe_ids(model: ResolvedModel, spec: DeepSpeedSpec) -> np.ndarray:
+    """Token ids to smoke-test with: the input example (tokenized for text), else a fixed probe."""
+    example, _ = load_input_example(model)
+    if example is not None:
+        array = np.asarray(example.to_numpy() if hasattr(example, "to_numpy") else example)
+        if array.dtype.kind in "iu":
+            return array.reshape(1, -1) if array.ndim == 1 else array
+        if array.dtype.kind in "USO" and spec.flavor == "transformers":
+            from serving._lm import LanguageModel
+
+            tokenizer = LanguageModel.load_tokenizer(spec)
+            if tokenizer is not None:
+                ids = tokenizer(str(array.reshape(-1)[0]))["input_ids"]
+                if ids:
+                    return np.asarray([ids], dtype=np.int64)
+    return np.arange(8, dtype=np.int64).reshape(1, -1) % 2 + 3
+
+
+def smoke_test_lm(endpoint: str, model: ResolvedModel, spec: DeepSpeedSpec, settings: SmokeSettings) -> SmokeResult:
+    """The endpoint's logits for the probe equal the whole model's own (TP changes nothing but speed).
+
+    Raises:
+        DeployFailed: no answer, an error status, or logits beyond tolerance.
+    """
+    ids = probe_ids(model, spec)
+    body: dict[str, Any] = {"inputs": ids.tolist()}
+    answer = post_json(f"{endpoint}/invocations", body, settings.timeout_s)
+    got = np.asarray(answer["predictions"], dtype=np.float32)
+    if model.artifact_bytes > settings.reference_max_bytes:
+        return SmokeResult(request=body, prediction=list(got.shape), compared=False)
+    from serving._lm import LanguageModel
+
+    reference = LanguageModel.load(spec.model_copy(update={"tp_size": 1, "device": "cpu", "dtype": "float32"}))
+    expected = reference.forward(ids)
+    if got.shape != expected.shape or not np.allclose(got, expected, rtol=settings.rtol, atol=1e-4):
+        diff = float(np.max(np.abs(got - expected))) if got.shape == expected.shape else float("inf")
+        raise DeployFailed(
+            f"smoke test: the ranks' logits differ from the whole model's (shape {list(got.shape)} vs "
+            f"{list(expected.shape)}, max abs diff {diff:.3g})"
+        )
+    return SmokeResult(
+        request=body, prediction=list(got.shape), compared=True, max_abs_diff=float(np.max(np.abs(got - expected)))
+    )
+
+
+@task(name="deploy-to-deepspeed", cache_policy=NO_CACHE)
+def deploy_cluster_task(
+    spec: DeepSpeedSpec, plan: PlacementPlan, model: ResolvedModel, settings: Settings
+) -> tuple[str, SmokeResult]:
+    """Launch (or replace) the model's DeepSpeed job under mpirun and smoke-test it; roll back on failure."""
+    return deploy_cluster(spec, plan, settings, lambda endpoint: smoke_test_lm(endpoint, model, spec, settings.smoke))

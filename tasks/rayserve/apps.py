@@ -1,0 +1,174 @@
+"""Deploying a model to Ray Serve from a placement plan."""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from nodewise.core.errors import DeployFailed
+from nodewise.core.settings import ServeSettings, Settings
+from serving.spec import ModelServeSpec
+from tasks.planning.placement import PlacementPlan
+from tasks.planning.registry import ResolvedModel
+
+_TERMINAL_BAD = ("DEPLOY_FAILED", "UNHEALTHY")
+
+
+def app_name_for(model_name: str) -> str:
+    """Serve application name for a registered model (one app, one route prefix, per model)."""
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", model_name).strip("-.") or "model"
+    return name if name[0].isalnum() else f"m{name}"
+
+
+def build_spec(
+    model: ResolvedModel, plan: PlacementPlan, settings: Settings, serve: ServeSettings | None = None
+) -> ModelServeSpec:
+    """The serving spec for ``model`` as ``plan`` places it; ``serve``: the model's own Serve
+    settings (``settings.serve`` with its tags applied, see tasks/planning/serve_config.py)."""
+    serve = serve or settings.serve
+    app = app_name_for(model.name)
+    # A torch.export ("pt2") model only takes its input example's batch size: no batching.
+    batch = 1 if model.pytorch_format == "pt2" else serve.max_batch_size
+    # Autoscaling bounds: the plan's replicas up to the asked ceiling, never past what the inventory holds.
+    ceiling = max(plan.replicas, min(serve.max_replicas or plan.replicas, plan.capacity_replicas or plan.replicas))
+    memory_limit = serve.memory_limit_bytes or max(2 * plan.needed_bytes, plan.needed_bytes + 2**30)
+    return ModelServeSpec(
+        app_name=app,
+        route_prefix=f"/{app}",
+        model_uri=model.pinned_uri,
+        model_name=model.name,
+        model_version=model.version,
+        tracking_uri=settings.tracking_uri,
+        registry_uri=settings.registry_uri,
+        flavor="pytorch" if model.flavor == "pytorch" else "python_function",
+        input_dtype=model.input_dtype,
+        input_shape=model.input_shape,
+        min_replicas=plan.replicas,
+        max_replicas=ceiling,
+        target_ongoing_requests=serve.target_ongoing_requests,
+        upscale_delay_s=serve.upscale_delay_s,
+        downscale_delay_s=serve.downscale_delay_s,
+        num_cpus=plan.num_cpus_per_replica,
+        num_gpus=plan.num_gpus_per_replica,
+        tp_size=plan.tp_size,
+        torch_threads=plan.torch_threads,
+        max_ongoing_requests=serve.max_ongoing_requests,
+        max_batch_size=batch,
+        batch_wait_timeout_s=serve.batch_wait_timeout_s,
+        max_request_bytes=serve.max_request_bytes,
+        max_error_rate=serve.max_error_rate,
+        memory_limit_bytes=memory_limit,
+        device="cuda" if plan.device_kind == "gpu" else "cpu",
+    )
+
+
+def endpoint_url(settings: Settings, spec: ModelServeSpec) -> str:
+    host = "127.0.0.1" if settings.serve.host in ("0.0.0.0", "::") else settings.serve.host
+    return f"http://{host}:{settings.serve.port}{spec.route_prefix}"
+
+
+def deploy_app(spec: ModelServeSpec, settings: Settings, remote_cluster: bool) -> str:
+    """Deploy (or update in place) the Serve app for ``spec``; wait until it is RUNNING.
+
+    Returns the endpoint URL. Raises DeployFailed if the app fails or times out.
+    """
+    from ray import serve
+
+    from serving.app import build_app
+
+    serve.start(http_options={"host": settings.serve.host, "port": settings.serve.port})
+    runtime_env = {"py_modules": shipped_serving_package()} if remote_cluster else None
+    app = build_app(spec, runtime_env=runtime_env)
+    serve._run(app, _blocking=False, name=spec.app_name, route_prefix=spec.route_prefix)
+    # Our local instance never grows: unschedulable replicas fail at once. An external cluster
+    # may be autoscaling, so there we wait out the timeout.
+    wait_until_running(spec.app_name, settings.serve.ready_timeout_s, fail_unschedulable=not remote_cluster)
+    return endpoint_url(settings, spec)
+
+
+def shipped_serving_package() -> list[str]:
+    """``serving/`` uploaded to the cluster (a gcs:// URI): an existing cluster's nodes do not
+    have nodewise's code. Serve's config accepts only URIs there, not local paths."""
+    from ray._private.runtime_env.py_modules import upload_py_modules_if_needed
+
+    local = {"py_modules": [str(Path(__file__).resolve().parents[1] / "serving")]}
+    return list(upload_py_modules_if_needed(local, include_gitignore=True)["py_modules"])
+
+
+def wait_until_running(app_name: str, timeout_s: float, fail_unschedulable: bool = True) -> None:
+    """Poll Serve until the app is RUNNING; raise DeployFailed on failure or timeout."""
+    from ray import serve
+
+    deadline = time.monotonic() + timeout_s
+    status, message = "NOT_STARTED", ""
+    while time.monotonic() < deadline:
+        app = serve.status().applications.get(app_name)
+        if app is not None:
+            status = _value(app.status)
+            # The deployments' messages hold the replica's own error; the app's is generic.
+            message = _deployment_messages(app) or app.message
+            if status == "RUNNING":
+                return
+            if status in _TERMINAL_BAD:
+                break
+            if (
+                fail_unschedulable and "to be scheduled" in message
+            ):  # Serve says so after 30 s; waiting longer will not help
+                raise DeployFailed(
+                    f"Serve app {app_name!r} cannot be placed: {_short(message)}; free capacity with "
+                    "`nodewise down` or by removing another deployment, or add nodes"
+                )
+        time.sleep(0.5)
+    else:
+        message = message or f"still {status} after {timeout_s:.0f} s"
+    raise DeployFailed(
+        f"Serve app {app_name!r} did not become RUNNING ({status}): {_short(message)}; "
+        "see the replica logs in the Ray temp dir, or raise NODEWISE_SERVE__READY_TIMEOUT_S"
+    )
+
+
+def _value(status: Any) -> str:
+    """Serve's statuses are str enums; use their value ("RUNNING")."""
+    return str(getattr(status, "value", status))
+
+
+def _deployment_messages(app: Any) -> str:
+    return " ".join(d.message for d in app.deployments.values() if getattr(d, "message", ""))
+
+
+def _short(text: str) -> str:
+    text = re.sub(r"\x1b\[[0-9;]*m", "", text)  # Ray colours its tracebacks
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    # Serve puts the replica's traceback in the message: its last line names the error.
+    return (lines[-1] if lines else text)[:400]
+
+
+def delete_app(app_name: str) -> None:
+    """Delete the Serve app (no-op if it does not exist)."""
+    from ray import serve
+
+    if app_name in serve.status().applications:
+        serve.delete(app_name)
+
+
+@task(name="deploy-to-ray-serve", cache_policy=NO_CACHE)
+def deploy_app_task(spec: ModelServeSpec, settings: Settings, remote_cluster: bool) -> str:
+    """Deploy or update the model's Serve app; return its endpoint URL."""
+    return deploy_app(spec, settings, remote_cluster)
+
+
+@task(name="roll-back", cache_policy=NO_CACHE)
+def rollback_task(
+    spec: ModelServeSpec, previous: dict[str, Any] | None, settings: Settings, remote_cluster: bool
+) -> str:
+    """Put back what served before a failed deploy: the previous spec, or nothing."""
+    if previous is None:
+        delete_app(spec.app_name)
+        return f"deleted {spec.app_name} (nothing served before)"
+    deploy_app(ModelServeSpec.model_validate(previous), settings, remote_cluster)
+    return f"restored {spec.app_name} to version {previous['model_version']}"

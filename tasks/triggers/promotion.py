@@ -1,0 +1,266 @@
+"""Registry promotions as Prefect events: MLflow webhooks verified, or alias changes polled.
+
+Both paths emit the same event, ``nodewise.model.promoted`` on the resource
+``mlflow.model.<name>`` (labels ``nodewise.model`` and ``nodewise.alias``; payload alias,
+version, source), posted to the Prefect API (``POST /api/events``). A ``deploy-model``
+deployment trigger in prefect.yaml turns it into a deploy run.
+
+Exactly once: every event has an id derived from what it announces (model, alias, version, and
+the how-manieth change of that alias it is), and Prefect stores and triggers on an event id once.
+So a webhook delivered twice, or a poller that posted and was killed before writing down that
+it had, announces nothing twice.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import fcntl
+import hashlib
+import hmac
+import json
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from nodewise.core.errors import NodewiseError
+
+EVENT = "nodewise.model.promoted"
+_IDS = uuid.UUID("5d1c3b1e-8f7a-4f0e-9a59-6e6f64657769")  # namespace of nodewise's event ids
+
+
+class Rejected(NodewiseError):
+    """A webhook delivery that is not accepted: ``status`` is the HTTP answer."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+# -- events ----------------------------------------------------------------------------------------
+def promotion_event(name: str, alias: str, version: str, source: str, change: int | str) -> dict[str, Any]:
+    """The Prefect event for "alias now points at version"; ``change`` tells one announcement from
+    another (the how-manieth change of that alias, or the webhook's delivery id)."""
+    return {
+        "id": str(uuid.uuid5(_IDS, f"{name}\n{alias}\n{version}\n{change}")),
+        "occurred": datetime.now(UTC).isoformat(),
+        "event": EVENT,
+        "resource": {
+            "prefect.resource.id": f"mlflow.model.{name}",
+            "prefect.resource.name": name,
+            "nodewise.model": name,
+            "nodewise.alias": alias,
+        },
+        "payload": {"model": name, "alias": alias, "version": str(version), "source": source},
+    }
+
+
+def post_events(api_url: str, events: list[dict[str, Any]], timeout_s: float = 10.0) -> None:
+    """Send events to the Prefect API; raise NodewiseError if it does not take them."""
+    import httpx
+
+    if not events:
+        return
+    try:
+        response = httpx.post(f"{api_url.rstrip('/')}/events", json=events, timeout=timeout_s)
+    except httpx.HTTPError as e:
+        raise NodewiseError(f"the Prefect API at {api_url} did not take the events ({type(e).__name__})") from e
+    if response.status_code >= 300:
+        raise NodewiseError(f"the Prefect API at {api_url} answered {response.status_code}: {response.text[:200]}")
+
+
+def require_api(api_url: str | None) -> str:
+    if not api_url:
+        raise NodewiseError(
+            "promotion events need a Prefect server: set NODEWISE_PREFECT__API_URL (e.g. "
+            "http://127.0.0.1:4200/api; `nodewise up` starts one)"
+        )
+    return api_url
+
+
+# -- webhooks --------------------------------------------------------------------------------------
+def sign(secret: str, delivery_id: str, timestamp: str, body: bytes) -> str:
+    """MLflow's ``X-MLflow-Signature``: ``v1,`` + base64 HMAC-SHA256 of ``id.timestamp.body``."""
+    mac = hmac.new(secret.encode(), f"{delivery_id}.{timestamp}.".encode() + body, hashlib.sha256)
+    return "v1," + base64.b64encode(mac.digest()).decode()
+
+
+def verify(headers: dict[str, str], body: bytes, secret: str, max_age_s: float, now: float | None = None) -> str:
+    """Check a delivery's signature and age; return its delivery id. Raises Rejected (401)."""
+    lower = {k.lower(): v for k, v in headers.items()}
+    delivery, stamp, signature = (
+        lower.get("x-mlflow-delivery-id"),
+        lower.get("x-mlflow-timestamp"),
+        lower.get("x-mlflow-signature"),
+    )
+    if not (delivery and stamp and signature):
+        raise Rejected(401, "missing X-MLflow-Delivery-Id, X-MLflow-Timestamp or X-MLflow-Signature")
+    if not hmac.compare_digest(sign(secret, delivery, stamp, body), signature):
+        raise Rejected(401, "signature does not match (is the webhook's secret NODEWISE_TRIGGERS__WEBHOOK_SECRET?)")
+    try:
+        age = (time.time() if now is None else now) - float(stamp)
+    except ValueError as e:
+        raise Rejected(401, f"timestamp {stamp!r} is not a number") from e
+    if abs(age) > max_age_s:
+        raise Rejected(401, f"delivery is {age:.0f} s old, past the {max_age_s:.0f} s allowed (a replay?)")
+    return delivery
+
+
+def parse_promotion(body: bytes, events: tuple[str, ...]) -> tuple[str, str, str] | None:
+    """(model, alias, version) of an alias-set payload; None for an event this receiver ignores.
+    Raises Rejected (400) on a body that is not a webhook payload."""
+    try:
+        payload = json.loads(body)
+        kind = f"{payload['entity']}.{payload['action']}"
+        data = payload["data"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise Rejected(400, f"not an MLflow webhook payload ({type(e).__name__}: {e})") from e
+    if kind not in events:
+        return None
+    try:
+        if kind == "model_version.created":
+            return str(data["name"]), "", str(data["version"])
+        return str(data["name"]), str(data["alias"]), str(data["version"])
+    except (KeyError, TypeError) as e:
+        raise Rejected(400, f"{kind} payload without {e}") from e
+
+
+class SeenDeliveries:
+    """Delivery ids already taken (a replay is ignored), kept in a file for ``keep_s`` seconds."""
+
+    def __init__(self, path: Path, keep_s: float) -> None:
+        self.path, self.keep_s = path, keep_s
+
+    def first_time(self, delivery_id: str, now: float | None = None) -> bool:
+        """Record ``delivery_id``; whether it was new."""
+        now = time.time() if now is None else now
+        with locked_json(self.path) as seen:
+            for old in [k for k, t in seen.items() if now - t > self.keep_s]:
+                del seen[old]
+            if delivery_id in seen:
+                return False
+            seen[delivery_id] = now
+            return True
+
+    def forget(self, delivery_id: str) -> None:
+        with locked_json(self.path) as seen:
+            seen.pop(delivery_id, None)
+
+
+# -- polling ---------------------------------------------------------------------------------------
+class Poller:
+    """Alias changes in a registry that sends no webhooks (SQLite, file store), as events.
+
+    State (``<state>/poller.json``): each model's aliases as last announced, and how many changes
+    of each alias were announced. A change is posted first and written down after; posting it
+    again after a crash gives the same event id, which Prefect takes once.
+    """
+
+    def __init__(self, client: Any, state: Path, alias: str | None = None) -> None:
+        self.client, self.state, self.alias = client, state, alias
+
+    def changes(self) -> list[dict[str, Any]]:
+        """Events for every alias that points somewhere new since the last ``commit``."""
+        known = _read_json(self.state)
+        events = []
+        for model in self.client.search_registered_models():
+            aliases = dict(getattr(model, "aliases", {}) or {})
+            for alias, version in sorted(aliases.items()):
+                if self.alias and alias != self.alias:
+                    continue
+                before = known.get(model.name, {}).get(alias, {})
+                if str(before.get("version")) == str(version):
+                    continue
+                change = int(before.get("changes", 0)) + 1
+                events.append(promotion_event(model.name, alias, str(version), "poller", change))
+        return events
+
+    def commit(self, events: list[dict[str, Any]]) -> None:
+        with locked_json(self.state) as known:
+            for event in events:
+                p = event["payload"]
+                entry = known.setdefault(p["model"], {}).setdefault(p["alias"], {"changes": 0})
+                entry.update(version=p["version"], changes=int(entry.get("changes", 0)) + 1)
+
+    def poll_once(self, api_url: str) -> list[dict[str, Any]]:
+        events = self.changes()
+        post_events(api_url, events)
+        self.commit(events)
+        return events
+
+
+# -- what a promotion's deploy run needs (flows/promote.py composes these) -------------------------
+PREVIOUS_ALIAS = "previous"
+KEEP_HISTORY = 50
+
+
+def alias_target(client: Any, name: str, alias: str) -> str:
+    """The version ``alias`` points at now."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(client.get_model_version_by_alias(name, alias).version)
+    except MlflowException as e:
+        raise NodewiseError(f"model {name!r} has no alias {alias!r}: set it, or give a version") from e
+
+
+def serving_version(records_path: Path, model_name: str) -> str | None:
+    """The version of ``model_name`` nodewise serves here, if any."""
+    from tasks.rayserve.apps import app_name_for
+    from tasks.records import get_record
+
+    record = get_record(records_path, app_name_for(model_name))
+    return record.model_version if record else None
+
+
+@contextlib.contextmanager
+def model_lock(folder: Path, model_name: str, timeout_s: float = 3600.0) -> Iterator[None]:
+    """One deploy of a model at a time on this machine; the next one waits its turn."""
+    folder.mkdir(parents=True, exist_ok=True)
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in model_name)
+    deadline = time.monotonic() + timeout_s
+    with open(folder / f"deploy-{safe}.lock", "w") as lock:
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise NodewiseError(
+                        f"another deploy of {model_name!r} held its lock for {timeout_s:.0f} s"
+                    ) from None
+                time.sleep(0.5)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def record_outcome(path: Path, model: str, version: str, outcome: str) -> None:
+    """The promotions' history (``<state>/promotions.json``, the last 50)."""
+    with locked_json(path) as data:
+        history = data.setdefault("history", [])
+        at = datetime.now(UTC).isoformat(timespec="seconds")
+        history.append({"at": at, "model": model, "version": version, "outcome": outcome})
+        del history[:-KEEP_HISTORY]
+
+
+# -- a JSON file under a lock ----------------------------------------------------------------------
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text() or "{}") if path.exists() else {}
+
+
+@contextlib.contextmanager
+def locked_json(path: Path) -> Iterator[dict[str, Any]]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        data = _read_json(path)
+        yield data
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+        os.replace(tmp, path)

@@ -1,0 +1,135 @@
+"""The HTTP endpoint MLflow's webhooks are sent to (``nodewise receiver``).
+
+``POST /webhook``: the signature is checked (401 if forged or stale), the body parsed (400 if it
+is not a webhook payload), a replayed delivery ignored, an event for another alias or an unknown
+model logged and ignored (200); a promotion becomes a Prefect event (202). If the Prefect API
+does not take it, the answer is 502 and the delivery is forgotten, so MLflow's retry gets
+through. ``GET /health``: 200.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from nodewise.core.errors import NodewiseError
+from nodewise.core.settings import Settings
+from tasks.triggers.promotion import Rejected, SeenDeliveries, parse_promotion, post_events, promotion_event, verify
+
+logger = logging.getLogger("nodewise.receiver")
+MAX_BODY = 1024 * 1024
+
+
+class Receiver:
+    """What the endpoint does with one delivery (no HTTP in here: testable as is)."""
+
+    def __init__(self, settings: Settings, api_url: str, known_model: Callable[[str], bool]) -> None:
+        if not settings.triggers.webhook_secret:
+            raise NodewiseError(
+                "the receiver needs the webhook's secret: set NODEWISE_TRIGGERS__WEBHOOK_SECRET to the secret "
+                "the MLflow webhook was created with"
+            )
+        self.secret = settings.triggers.webhook_secret
+        self.triggers = settings.triggers
+        self.api_url = api_url
+        self.known_model = known_model
+        self.seen = SeenDeliveries(
+            settings.state_path / "webhook_deliveries.json", keep_s=2 * settings.triggers.max_age_s
+        )
+
+    def handle(self, headers: dict[str, str], body: bytes) -> tuple[int, dict[str, Any]]:
+        try:
+            delivery = verify(headers, body, self.secret, self.triggers.max_age_s)
+            promotion = parse_promotion(body, tuple(self.triggers.webhook_events))
+        except Rejected as e:
+            logger.warning("webhook refused (%s): %s", e.status, e)
+            return e.status, {"error": str(e)}
+        if promotion is None:
+            return 200, {"ignored": "not a promotion event this receiver watches"}
+        name, alias, version = promotion
+        if alias and alias != self.triggers.alias:
+            return 200, {"ignored": f"alias {alias!r} is not the watched alias {self.triggers.alias!r}"}
+        if not self.seen.first_time(delivery):
+            logger.info("webhook delivery %s seen before: ignored", delivery)
+            return 200, {"ignored": f"delivery {delivery} was already taken"}
+        if not self.known_model(name):
+            logger.warning("webhook for model %r, which the registry does not know: ignored", name)
+            return 200, {"ignored": f"model {name!r} is not in the registry"}
+        event = promotion_event(name, alias or self.triggers.alias, version, "webhook", f"delivery:{delivery}")
+        try:
+            post_events(self.api_url, [event])
+        except NodewiseError as e:
+            self.seen.forget(delivery)  # let MLflow's retry through
+            logger.error("webhook %s not passed on: %s", delivery, e)
+            return 502, {"error": str(e)}
+        logger.info(
+            "promotion of %s@%s to version %s announced (event %s)",
+            name,
+            event["payload"]["alias"],
+            version,
+            event["id"],
+        )
+        return 202, {"event": event["id"]}
+
+
+def serve(receiver: Receiver, host: str, port: int) -> ThreadingHTTPServer:
+    """An HTTP server for ``receiver`` (not yet serving: call ``serve_forever``)."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path.rstrip("/") == "/health":
+                self._answer(200, {"status": "ok"})
+            else:
+                self._answer(404, {"error": f"no route GET {self.path}; use POST /webhook or GET /health"})
+
+        def do_POST(self) -> None:
+            if self.path.rstrip("/") != "/webhook":
+                self._answer(404, {"error": f"no route POST {self.path}; use POST /webhook"})
+                return
+            length = int(self.headers.get("Content-Length") or 0)
+            if length > MAX_BODY:
+                self._answer(413, {"error": f"body is {length} bytes; a webhook payload is under {MAX_BODY}"})
+                return
+            status, answer = receiver.handle(dict(self.headers.items()), self.rfile.read(length))
+            self._answer(status, answer)
+
+        def _answer(self, status: int, payload: dict[str, Any]) -> None:
+            body = json.dumps(payload).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            logger.debug(format, *args)
+
+    return ThreadingHTTPServer((host, port), Handler)
+
+
+def registry_lookup(settings: Settings) -> Callable[[str], bool]:
+    """Whether the registry knows a model (MLflow's client, through the configured URIs)."""
+    from mlflow.exceptions import MlflowException
+
+    from tasks.planning.registry import make_client
+
+    client = make_client(settings.tracking_uri, settings.registry_uri)
+
+    def known(name: str) -> bool:
+        try:
+            client.get_registered_model(name)
+        except MlflowException:
+            return False
+        return True
+
+    return known
+
+
+def start_in_thread(server: ThreadingHTTPServer) -> threading.Thread:
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    return thread

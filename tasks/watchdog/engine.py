@@ -1,0 +1,395 @@
+"""The watchdog: check every deployment, restart what is sick within a budget, say what it did.
+
+Ray Serve apps are checked replica by replica (tasks/watchdog/replicas.py): a hung, failing or
+leaking replica is restarted alone, one per pass, while the others keep serving; replicas that
+cannot be placed are reported as degraded with the cause. DeepSpeed jobs are checked through
+mpirun (still running?), rank 0's ``/health`` (every rank's heartbeat and step) and a canary
+inference with a deadline; a sick job is restarted whole (every rank stopped, all relaunched
+with a fresh rendezvous port, then waited for), because the survivors of a lost rank cannot go
+on alone.
+
+Restarts are budgeted per deployment: at most ``max_restarts`` per ``window_s``, with a backoff
+that doubles after each; past the budget the deployment is marked failed and left alone until a
+deploy or ``reset`` clears it. State lives in ``<state>/watchdog.json``; one watchdog acts at a
+time (a lock file), and a restart that a killed watchdog left half-done is finished by the next.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from nodewise.core.errors import DeployFailed, NodewiseError
+from nodewise.core.settings import Settings, WatchdogSettings
+from tasks.records import DeploymentRecord, load_records
+
+ActionKind = Literal[
+    "nodewise.replica.restarted",
+    "nodewise.cluster.restarted",
+    "nodewise.deployment.degraded",
+    "nodewise.deployment.recovered",
+    "nodewise.deployment.failed",
+    "nodewise.deployment.backoff",
+]
+KEEP_ACTIONS = 50
+
+
+class Action(BaseModel):
+    """One thing the watchdog saw or did."""
+
+    at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+    event: ActionKind
+    app: str
+    model_uri: str
+    version: str
+    cause: str
+    target: str = "all ranks"
+    duration_s: float | None = None
+    outcome: str = ""
+
+
+class AppWatch(BaseModel):
+    """What the watchdog remembers of one deployment."""
+
+    restarts: list[float] = Field(default_factory=list, description="Epoch seconds of recent restarts.")
+    failed: str | None = Field(default=None, description="Why the budget ran out; the watchdog leaves it alone.")
+    pending: str | None = Field(default=None, description="A restart begun and not finished.")
+    degraded: str | None = Field(default=None, description="The degradation last reported (reported once).")
+    version: str | None = None
+    deployed_at: str | None = Field(default=None, description="The deploy this budget belongs to.")
+
+
+# -- the budget (plain arithmetic) ----------------------------------------------------------------
+def budget(restarts: list[float], now: float, wd: WatchdogSettings) -> tuple[str, float]:
+    """``("allow", 0)``, ``("wait", seconds)`` until backoff ends, or ``("exhausted", 0)``."""
+    recent = [t for t in restarts if now - t < wd.window_s]
+    if len(recent) >= wd.max_restarts:
+        return "exhausted", 0.0
+    if recent:
+        backoff = min(wd.backoff_max_s, wd.backoff_s * 2 ** (len(recent) - 1))
+        left = max(recent) + backoff - now
+        if left > 0:
+            return "wait", left
+    return "allow", 0.0
+
+
+# -- state ---------------------------------------------------------------------------------------
+def _state_path(settings: Settings) -> Path:
+    return settings.state_path / "watchdog.json"
+
+
+def load_watch(settings: Settings) -> tuple[dict[str, AppWatch], list[Action]]:
+    path = _state_path(settings)
+    data = json.loads(path.read_text()) if path.exists() else {}
+    apps = {k: AppWatch.model_validate(v) for k, v in data.get("apps", {}).items()}
+    return apps, [Action.model_validate(a) for a in data.get("actions", [])]
+
+
+def save_watch(settings: Settings, apps: dict[str, AppWatch], actions: list[Action]) -> None:
+    path = _state_path(settings)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    body = {
+        "apps": {k: v.model_dump() for k, v in apps.items()},
+        "actions": [a.model_dump() for a in actions[-KEEP_ACTIONS:]],
+    }
+    tmp.write_text(json.dumps(body, indent=2))
+    os.replace(tmp, path)
+
+
+def reset(settings: Settings, app_name: str) -> str:
+    """Let the watchdog act on ``app_name`` again (clears its failed mark and its restart history)."""
+    with _exclusive(settings) as got:
+        if not got:
+            raise NodewiseError("a watchdog run holds the lock; try again in a few seconds")
+        apps, actions = load_watch(settings)
+        if app_name not in apps:
+            raise NodewiseError(
+                f"the watchdog has nothing on {app_name!r}; watched: {', '.join(sorted(apps)) or 'none'}"
+            )
+        apps[app_name] = AppWatch()
+        save_watch(settings, apps, actions)
+    return f"{app_name}: restart budget reset; the watchdog watches it again"
+
+
+@contextlib.contextmanager
+def _exclusive(settings: Settings) -> Iterator[bool]:
+    """True while this process holds the watchdog lock; False when another watchdog does."""
+    path = settings.state_path / "watchdog.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+# -- checks --------------------------------------------------------------------------------------
+CANARY_IDS = [[0, 1, 2, 3]]  # valid token ids for any vocabulary
+
+
+def check_deepspeed(settings: Settings, record: DeploymentRecord) -> str | None:
+    """Why the DeepSpeed job is sick, or None when every rank is ready and a canary answers in time."""
+    import httpx
+
+    from tasks.mpi.launcher import exit_code, health, read_cluster, worker_error
+
+    cluster = read_cluster(settings, record.app_name)
+    if cluster is None:
+        return "no job is running (stopped, or a restart was interrupted)"
+    code = exit_code(cluster)
+    if code is not None:
+        return f"mpirun exited (status {code}): " + (worker_error(cluster) or "a rank died, so mpirun stopped them all")
+    timeout = settings.watchdog.canary_timeout_s
+    state = health(cluster, timeout_s=timeout)
+    if not state.get("ready"):
+        return "; ".join(state.get("problems", [])) or "rank 0 says not ready"
+    try:
+        response = httpx.post(f"{cluster.endpoint}/invocations", json={"inputs": CANARY_IDS}, timeout=timeout)
+    except httpx.TimeoutException:
+        return f"canary inference took over {timeout:.0f} s"
+    except httpx.HTTPError as e:
+        return f"canary inference failed: {type(e).__name__}"
+    if response.status_code != 200:
+        return f"canary inference answered HTTP {response.status_code}: {response.text[:200]}"
+    return None
+
+
+def restart_deepspeed(settings: Settings, record: DeploymentRecord) -> float:
+    """Stop every rank, relaunch all with a fresh rendezvous port, wait until every rank is ready."""
+    from serving.spec import DeepSpeedSpec
+    from tasks.mpi.launcher import relaunch, wait_ready
+
+    started = time.monotonic()
+    cluster = relaunch(settings, record.app_name, DeepSpeedSpec.model_validate(record.spec))
+    wait_ready(cluster, settings.deepspeed.ready_timeout_s)
+    return time.monotonic() - started
+
+
+# -- one pass ------------------------------------------------------------------------------------
+def watch_once(settings: Settings, emit: Callable[[Action], None] | None = None) -> list[Action]:
+    """Check every recorded deployment once; restart sick replicas and jobs within their budget.
+
+    Returns the actions of this pass (each also given to ``emit``). Another watchdog holding
+    the lock makes this pass a no-op.
+    """
+    emit = emit or (lambda action: None)
+    with _exclusive(settings) as got:
+        if not got:
+            return []
+        apps, history = load_watch(settings)
+        done: list[Action] = []
+        for record in load_records(settings.records_path).values():
+            fresh = AppWatch(version=record.model_version, deployed_at=record.deployed_at)
+            watch = apps.setdefault(record.app_name, fresh)
+            if watch.deployed_at != record.deployed_at:  # a deploy since: a fresh budget
+                watch = apps[record.app_name] = fresh
+            for action in _watch_one(settings, record, watch):
+                done.append(action)
+                emit(action)
+            save_watch(settings, apps, history + done)  # after each deployment: a kill loses little
+        for record in load_records(settings.k8s_records_path).values():  # what `render --apply` put on Kubernetes
+            fresh = AppWatch(version=record.model_version, deployed_at=record.deployed_at)
+            watch = apps.setdefault(record.app_name, fresh)
+            if watch.deployed_at != record.deployed_at:
+                watch = apps[record.app_name] = fresh
+            if watch.failed is None:
+                for action in _watch_k8s(settings, record, watch):
+                    done.append(action)
+                    emit(action)
+            save_watch(settings, apps, history + done)
+        return done
+
+
+REPLICA_PENDING = "replica restart: "
+
+
+def _watch_one(settings: Settings, record: DeploymentRecord, watch: AppWatch) -> list[Action]:
+    def action(event: ActionKind, cause: str, **extra: Any) -> Action:
+        return Action(
+            event=event,
+            app=record.app_name,
+            model_uri=record.model_uri,
+            version=record.model_version,
+            cause=cause,
+            **extra,
+        )
+
+    if watch.failed is not None:
+        return []  # past its budget: left alone until a deploy or a reset
+    if record.backend == "deepspeed_mpi":
+        return _watch_deepspeed(settings, record, watch, action)
+    return _watch_serve(settings, record, watch, action)
+
+
+def _watch_deepspeed(
+    settings: Settings, record: DeploymentRecord, watch: AppWatch, action: Callable[..., Action]
+) -> list[Action]:
+    cause = check_deepspeed(settings, record) if watch.pending is None else f"finishing an interrupted {watch.pending}"
+    if cause is None:
+        return []
+
+    def restart() -> tuple[float, str]:
+        try:
+            return restart_deepspeed(settings, record), "every rank ready"
+        except (DeployFailed, NodewiseError) as e:
+            from tasks.mpi.launcher import stop_cluster
+
+            stop_cluster(settings, record.app_name)  # no half-started ranks left behind
+            return 0.0, f"restart failed: {e}"
+
+    return [_budgeted(settings, record, watch, action, "nodewise.cluster.restarted", cause, "all ranks", restart)]
+
+
+def _watch_serve(
+    settings: Settings, record: DeploymentRecord, watch: AppWatch, action: Callable[..., Action]
+) -> list[Action]:
+    from tasks.watchdog import replicas as serve_watch
+
+    why_not = serve_watch.connect_for(settings)
+    if why_not is not None:
+        return _report_degraded(watch, action, why_not)
+    if watch.pending is not None and watch.pending.startswith(REPLICA_PENDING):  # a killed watchdog's restart
+        name = watch.pending.removeprefix(REPLICA_PENDING)
+        replica = serve_watch.ReplicaView(replica_id=name.rsplit("#", 1)[-1], actor_name=name, state="STOPPING")
+        took, outcome = serve_watch.restart_replica(replica, settings)
+        watch.pending = None
+        cause = "finishing an interrupted replica restart"
+        return [
+            action(
+                "nodewise.replica.restarted",
+                cause,
+                target=replica.describe(),
+                duration_s=round(took, 2),
+                outcome=outcome,
+            )
+        ]
+    view = serve_watch.observe(record, settings.watchdog)
+    if view is None:
+        return _report_degraded(
+            watch, action, f"Serve has no app {record.app_name!r} (was Ray restarted?): run `nodewise deploy` again"
+        )
+    done = _report_degraded(watch, action, serve_watch.degraded_cause(view))
+    sick = serve_watch.pick_sick(view, float(record.spec.get("max_error_rate", 0.5)), settings.watchdog)
+    if sick is not None:
+        replica, cause = sick
+
+        def restart() -> tuple[float, str]:
+            return serve_watch.restart_replica(replica, settings)
+
+        pending = REPLICA_PENDING + replica.actor_name
+        target = replica.describe()
+        done.append(
+            _budgeted(settings, record, watch, action, "nodewise.replica.restarted", cause, target, restart, pending)
+        )
+    return done
+
+
+def _watch_k8s(settings: Settings, record: DeploymentRecord, watch: AppWatch) -> list[Action]:
+    from kubernetes.client.exceptions import ApiException
+
+    from tasks.k8s import apply as k8s_apply
+    from tasks.k8s import watch as k8s_watch
+
+    def action(event: ActionKind, cause: str, **extra: Any) -> Action:
+        fields = {"app": record.app_name, "model_uri": record.model_uri, "version": record.model_version}
+        return Action(event=event, cause=cause, **fields, **extra)
+
+    main = k8s_watch.workload(record.spec["objects"])
+    namespace, name = main["metadata"]["namespace"], main["metadata"]["name"]
+    watch.pending = None  # deleting pods is idempotent: a killed pass's action is simply judged again
+    try:
+        api = k8s_apply.api_client()
+        pods = k8s_watch.list_pods(api, namespace, name)
+    except (NodewiseError, ApiException) as e:
+        return _report_degraded(watch, action, f"the Kubernetes API did not answer: {str(e).splitlines()[0]}")
+    pod, cause, degraded = k8s_watch.diagnose(main["kind"], pods)
+    done = _report_degraded(watch, action, degraded)
+    if pod is None or cause is None:
+        return done
+    if main["kind"] == "RayService":  # one replica's pod: the others keep serving
+
+        def restart() -> tuple[float, str]:
+            started = time.monotonic()
+            outcome = k8s_apply.restart_pod(api, namespace, pod["metadata"]["name"])
+            return time.monotonic() - started, outcome
+
+        event, target = "nodewise.replica.restarted", f"pod {pod['metadata']['name']}"
+    else:  # a rank group: every rank together
+
+        def restart() -> tuple[float, str]:
+            started = time.monotonic()
+            outcome = "; ".join(k8s_apply.restart_group(api, main))
+            return time.monotonic() - started, outcome
+
+        event, target = "nodewise.cluster.restarted", f"all ranks of {main['kind']} {namespace}/{name}"
+    done.append(_budgeted(settings, record, watch, action, event, cause, target, restart, f"group restart: {name}"))  # type: ignore[arg-type]
+    return done
+
+
+def _report_degraded(watch: AppWatch, action: Callable[..., Action], cause: str | None) -> list[Action]:
+    """A degradation is reported when it starts or changes, and its end once."""
+    if cause == watch.degraded:
+        return []
+    before, watch.degraded = watch.degraded, cause
+    if cause is None:
+        return [action("nodewise.deployment.recovered", f"was: {before}", target="app")]
+    return [action("nodewise.deployment.degraded", cause, target="app")]
+
+
+def _budgeted(
+    settings: Settings,
+    record: DeploymentRecord,
+    watch: AppWatch,
+    action: Callable[..., Action],
+    event: ActionKind,
+    cause: str,
+    target: str,
+    restart: Callable[[], tuple[float, str]],
+    pending: str = "cluster restart",
+) -> Action:
+    """Run ``restart`` if the deployment's budget allows it; else say why not (or mark it failed)."""
+    verdict, wait_s = budget(watch.restarts, time.time(), settings.watchdog)
+    if verdict == "exhausted":
+        wd = settings.watchdog
+        watch.failed = f"{cause} after {wd.max_restarts} restarts in {wd.window_s:.0f} s"
+        return action(
+            "nodewise.deployment.failed", watch.failed, target=target, outcome="left alone until a deploy or a reset"
+        )
+    if verdict == "wait":
+        return action(
+            "nodewise.deployment.backoff", cause, target=target, outcome=f"next restart allowed in {wait_s:.0f} s"
+        )
+    watch.pending = pending
+    watch.restarts.append(time.time())
+    _save_one(settings, {record.app_name: watch})
+    try:
+        took, outcome = restart()
+    finally:
+        watch.pending = None
+    return action(event, cause, target=target, duration_s=round(took, 2) if took else None, outcome=outcome)
+
+
+def _save_one(settings: Settings, changed: dict[str, AppWatch]) -> None:
+    """Persist a pending restart before starting it, so a killed watchdog's successor finishes it."""
+    apps, history = load_watch(settings)
+    apps.update(changed)
+    save_watch(settings, apps, history)
+
+
+def last_actions(settings: Settings, count: int = 5) -> list[Action]:
+    return load_watch(settings)[1][-count:]
