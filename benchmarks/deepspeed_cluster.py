@@ -116,7 +116,7 @@ def main() -> None:
     from tasks.planning.registry import resolve_model
 
     model, tokenizer = build_llama()
-    experiment = MlflowClient().create_experiment("bench", artifact_location=settings.artifact_root.as_uri())
+    experiment = MlflowClient().create_experiment("bench", artifact_location=settings.state.artifacts.as_uri())
     version = log_llama(model, tokenizer, "bench-llama", experiment)
     resolved = resolve_model(f"models:/bench-llama/{version}", MlflowClient())
     profile = profile_registered(resolved, batch_size=1, device="cpu", measured=False)
@@ -157,7 +157,7 @@ def main() -> None:
         results["cold_start"] = cold
         for ranks in (1, 2):
             results[f"handwritten_tp{ranks}"] = handwritten(
-                model_dir, ranks, args.seq, args.requests, settings.op_cache_path
+                model_dir, ranks, args.seq, args.requests, settings.state.op_cache
             )
     finally:
         stop_cluster(settings, "bench")

@@ -205,7 +205,7 @@ def main() -> None:
     result: dict[str, Any] = {"benchmark": "faults", "watchdog_every_s": args.every, "clients": args.clients}
     ok = False
     try:
-        uri = register_pyfunc(FaultOnFlag(str(flags)), "faulty", str(settings.artifact_root))
+        uri = register_pyfunc(FaultOnFlag(str(flags)), "faulty", str(settings.state.artifacts))
         record = deploy_model(uri, settings=settings)
         app = record.app_name
         load = Load(f"{record.endpoint}/invocations", BODY, args.clients)

@@ -9,17 +9,25 @@ from prefect import flow
 from nodewise.core.errors import DeployFailed, DoesNotFit
 from nodewise.core.settings import Settings, load_settings
 from serving.spec import DeepSpeedSpec, ModelServeSpec
-from tasks.mpi.deploy import build_deepspeed_spec, deploy_cluster_task
-from tasks.planning.inventory import read_inventory_task
-from tasks.planning.placement import PlacementPlan, plan_placement_task
-from tasks.planning.profile_models import profile_model_task
-from tasks.planning.registry import ResolvedModel, resolve_model_task
-from tasks.planning.report import publish_report_task
+from tasks.mpi.deploy import build_deepspeed_spec
+from tasks.planning.placement import PlacementPlan
+from tasks.planning.registry import ResolvedModel
 from tasks.planning.serve_config import serve_settings_for
-from tasks.rayserve.apps import build_spec, deploy_app_task, rollback_task
-from tasks.rayserve.cluster import ensure_cluster_task
-from tasks.records import DeploymentRecord, get_record, record_deployment_task
-from tasks.smoke import smoke_test_task
+from tasks.rayserve.apps import build_spec
+from tasks.records import DeploymentRecord, get_record
+from tasks.steps import (
+    deploy_app_task,
+    deploy_cluster_task,
+    ensure_cluster_task,
+    plan_placement_task,
+    profile_model_task,
+    publish_report_task,
+    read_inventory_task,
+    record_deployment_task,
+    resolve_model_task,
+    rollback_task,
+    smoke_test_task,
+)
 
 
 @flow(name="deploy-model", log_prints=True, validate_parameters=True)
@@ -30,7 +38,8 @@ def deploy_model(
 
     Args:
         model_uri: ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``.
-        replicas: replicas wanted (default: ``serve.replicas``); the plan may give fewer.
+        replicas: replicas wanted (default: the model's ``min_replicas``, else ``serve.replicas``); the plan
+            may give fewer.
         inventory: where it may run: ``local``, ``nvml``, ``ray[:ADDRESS]``, ``k8s`` or a YAML file.
         settings: nodewise settings (default: read from the environment).
     """
@@ -39,9 +48,7 @@ def deploy_model(
     serve = serve_settings_for(model, settings.serve)  # the model's nodewise.serve.* tags applied
     nodes = read_inventory_task(inventory, settings.ray.num_cpus)
     profile = profile_model_task(model, batch_size=serve.max_batch_size, device=nodes.device_class)
-    plan = plan_placement_task(
-        profile, nodes, settings.placement.headroom_fraction, replicas or serve.min_replicas or serve.replicas
-    )
+    plan = plan_placement_task(profile, nodes, settings, serve, replicas)  # tasks/planning/plan.py's rules
     publish_report_task(model.pinned_uri, profile, plan)
     if not plan.fits:
         raise DoesNotFit(f"{model.pinned_uri} was not deployed: {plan.explain()}")
@@ -49,7 +56,7 @@ def deploy_model(
         return _deploy_deepspeed(model, plan, settings)
     cluster = ensure_cluster_task(settings)
     spec = build_spec(model, plan, settings, serve)
-    previous = get_record(settings.records_path, spec.app_name)
+    previous = get_record(settings.state.records, spec.app_name)
     on_deepspeed = previous is not None and previous.backend == "deepspeed_mpi"
     remote = not cluster.owned
     try:
@@ -74,7 +81,7 @@ def _deploy_deepspeed(model: ResolvedModel, plan: PlacementPlan, settings: Setti
     """Several nodes: DeepSpeed tensor parallelism over MPI ranks, every rank in every request."""
     spec = build_deepspeed_spec(model, plan, settings)
     endpoint, smoke = deploy_cluster_task(spec, plan, model, settings)  # rolls back itself on failure
-    previous = get_record(settings.records_path, spec.app_name)
+    previous = get_record(settings.state.records, spec.app_name)
     if previous is not None and previous.backend == "ray_serve":  # moved off one node: retire its replicas
         _delete_serve_app(settings, spec.app_name)
     print(
@@ -95,7 +102,7 @@ def _record(
     canary: dict[str, Any],
 ) -> DeploymentRecord:
     return record_deployment_task(
-        settings.records_path,
+        settings.state.records,
         DeploymentRecord(
             app_name=spec.app_name,
             model_name=model.name,
@@ -113,11 +120,9 @@ def _record(
 
 def _delete_serve_app(settings: Settings, app_name: str) -> None:
     from tasks.rayserve.apps import delete_app
-    from tasks.rayserve.cluster import RayCluster, connect, read_local_cluster
+    from tasks.rayserve.cluster import connect, current_cluster
 
-    cluster = (
-        RayCluster(address=settings.ray.address, owned=False) if settings.ray.address else read_local_cluster(settings)
-    )
+    cluster = current_cluster(settings)
     if cluster is not None:
         connect(cluster)
         delete_app(app_name)

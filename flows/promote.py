@@ -15,7 +15,7 @@ from typing import Literal
 from prefect import flow
 from prefect.events import emit_event
 
-from nodewise.core.errors import NodewiseError
+from nodewise.core.errors import InvalidInput, NodewiseError
 from nodewise.core.settings import Settings, load_settings
 from tasks.triggers.promotion import PREVIOUS_ALIAS, alias_target, model_lock, record_outcome, serving_version
 
@@ -40,15 +40,15 @@ def deploy_registered_model(
     """
     settings = settings or load_settings()
     if not (version or alias):
-        raise NodewiseError("give an alias (e.g. champion) or a version to deploy")
+        raise InvalidInput("give an alias (e.g. champion) or a version to deploy")
     from tasks.planning.registry import make_client
 
     client = make_client(settings.tracking_uri, settings.registry_uri)
-    history = settings.state_path / "promotions.json"
-    with model_lock(settings.state_path / "locks", model_name):
+    history = settings.state.promotions
+    with model_lock(settings.state, model_name):
         wanted = str(version) if version else alias_target(client, model_name, str(alias))
         uri = f"models:/{model_name}/{wanted}"
-        before = serving_version(settings.records_path, model_name)
+        before = serving_version(settings.state.records, model_name)
         if before == wanted and target == "local":
             print(f"{uri} already serves: nothing to do")
             return f"{uri} already serves"
@@ -71,9 +71,9 @@ def deploy_registered_model(
 
 def _deploy(uri: str, target: str, inventory: str, settings: Settings) -> str:
     if target == "kubernetes":
-        from tasks.k8s.deploy import apply_rendered
+        from tasks.k8s.deploy import apply_rendered, manifests_for
 
-        return apply_rendered(uri, inventory, settings)
+        return apply_rendered(manifests_for(uri, inventory, settings), settings).endpoint
     from flows.deploy import deploy_model
 
     return deploy_model(uri, inventory=inventory, settings=settings).endpoint

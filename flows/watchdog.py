@@ -2,28 +2,12 @@
 
 from __future__ import annotations
 
-from prefect import flow, task
+from prefect import flow
 from prefect.artifacts import create_table_artifact
-from prefect.cache_policies import NO_CACHE
-from prefect.events import emit_event
 
 from nodewise.core.settings import Settings, load_settings
-from tasks.watchdog.engine import Action, watch_once
-
-
-def emit(action: Action) -> None:
-    """A Prefect event per action (``nodewise.cluster.restarted``, ...), for automations to act on."""
-    emit_event(
-        event=action.event,
-        resource={"prefect.resource.id": f"nodewise.deployment.{action.app}", "prefect.resource.name": action.app},
-        payload=action.model_dump(),
-    )
-
-
-@task(name="watch-once", cache_policy=NO_CACHE)
-def watch_once_task(settings: Settings) -> list[Action]:
-    """Check every deployment; restart sick DeepSpeed jobs within their budget."""
-    return watch_once(settings, emit=emit)
+from tasks.steps import watch_once_task
+from tasks.watchdog.engine import Action
 
 
 @flow(name="watch-deployments", log_prints=True)

@@ -6,8 +6,6 @@ import time
 from typing import Any
 
 import numpy as np
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 from nodewise.core.errors import DeployFailed
@@ -109,9 +107,3 @@ def _as_array(value: Any) -> np.ndarray:
     if hasattr(value, "to_numpy"):
         value = value.to_numpy()
     return np.asarray(value, dtype=float)
-
-
-@task(name="smoke-test", cache_policy=NO_CACHE)
-def smoke_test_task(endpoint: str, model: ResolvedModel, settings: SmokeSettings) -> SmokeResult:
-    """Check the deployed endpoint against the model's own output."""
-    return smoke_test(endpoint, model, settings)

@@ -15,7 +15,6 @@ import contextlib
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,10 +23,12 @@ from pathlib import Path
 import httpx
 from pydantic import BaseModel
 
-from nodewise.core.errors import NodewiseError
+from nodewise.core.errors import Busy, ServiceFailed
+from nodewise.core.procs import port_open, session_members, stop_processes
+from nodewise.core.runtime import SOURCE_ROOT
 from nodewise.core.settings import Settings
+from nodewise.core.state import read_json, write_json
 
-ROOT = Path(__file__).resolve().parents[1]
 POOL = "nodewise-local"
 
 
@@ -56,10 +57,6 @@ class Services(BaseModel):
         }
 
 
-def _folder(settings: Settings) -> Path:
-    return settings.state_path / "services"
-
-
 def _secret(path: Path, make: str) -> str:
     if not path.exists():
         path.write_text(make)
@@ -67,35 +64,30 @@ def _secret(path: Path, make: str) -> str:
     return path.read_text().strip()
 
 
-def _free(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) != 0
-
-
 def _bin(name: str) -> str:
     return str(Path(sys.executable).with_name(name))
 
 
 def read_services(settings: Settings) -> Services | None:
-    path = _folder(settings) / "services.json"
-    return Services.model_validate_json(path.read_text()) if path.exists() else None
+    data = read_json(settings.state.services / "services.json")
+    return Services.model_validate(data) if data else None
 
 
 def up(settings: Settings, timeout_s: float = 120.0) -> Services:
-    """Start everything (see the module's docstring); raise NodewiseError naming what did not start."""
+    """Start everything (see the module's docstring); ServiceFailed naming what did not start."""
     from cryptography.fernet import Fernet
 
     if read_services(settings) is not None:
-        raise NodewiseError("`nodewise up` already ran for this state folder; `nodewise down` first")
+        raise Busy("`nodewise up` already ran for this state folder; `nodewise down` first")
     t = settings.triggers
     for port, what in (
         (t.prefect_port, "PREFECT_PORT"),
         (t.mlflow_port, "MLFLOW_PORT"),
         (t.receiver_port, "RECEIVER_PORT"),
     ):
-        if not _free(port):
-            raise NodewiseError(f"port {port} is in use; set NODEWISE_TRIGGERS__{what} to a free port")
-    folder = _folder(settings)
+        if port_open("127.0.0.1", port):
+            raise ServiceFailed(f"port {port} is in use; set NODEWISE_TRIGGERS__{what} to a free port")
+    folder = settings.state.services
     folder.mkdir(parents=True, exist_ok=True)
     fernet = _secret(folder / "fernet.key", Fernet.generate_key().decode())
     webhook_secret = t.webhook_secret or _secret(folder / "webhook.secret", secrets.token_hex(24))
@@ -170,7 +162,7 @@ def up(settings: Settings, timeout_s: float = 120.0) -> Services:
         _stop(started)
         raise
     services = Services(prefect_api=prefect_api, mlflow=mlflow, receiver=receiver, services=started)
-    (folder / "services.json").write_text(services.model_dump_json(indent=2))
+    write_json(folder / "services.json", services.model_dump(mode="json"))
     return services
 
 
@@ -180,23 +172,27 @@ def down(settings: Settings) -> list[str]:
     if services is None:
         return []
     _stop(services.services)
-    (_folder(settings) / "services.json").unlink()
+    (settings.state.services / "services.json").unlink()
     return [f"stopped {s.name}" for s in reversed(services.services)]
 
 
 def _start(name: str, cmd: list[str], env: dict[str, str], folder: Path, url: str = "") -> Service:
     log = folder / f"{name}.log"
     with log.open("w") as out:
-        proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, env=env, cwd=SOURCE_ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
     return Service(name=name, pid=proc.pid, url=url, log=str(log))
 
 
 def _run(cmd: list[str], env: dict[str, str], folder: Path) -> None:
     log = folder / "setup.log"
     with log.open("a") as out:
-        done = subprocess.run(cmd, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, timeout=300, check=False)
+        done = subprocess.run(
+            cmd, env=env, cwd=SOURCE_ROOT, stdout=out, stderr=subprocess.STDOUT, timeout=300, check=False
+        )
     if done.returncode != 0:
-        raise NodewiseError(f"`{Path(cmd[0]).name} {' '.join(cmd[1:])}` failed; see {log}")
+        raise ServiceFailed(f"`{Path(cmd[0]).name} {' '.join(cmd[1:])}` failed; see {log}")
 
 
 def _wait_http(url: str, timeout_s: float, log: Path) -> None:
@@ -206,7 +202,7 @@ def _wait_http(url: str, timeout_s: float, log: Path) -> None:
             if httpx.get(url, timeout=2).status_code == 200:
                 return
         time.sleep(0.5)
-    raise NodewiseError(f"{url} did not answer within {timeout_s:.0f} s; see {log}")
+    raise ServiceFailed(f"{url} did not answer within {timeout_s:.0f} s; see {log}")
 
 
 def _ensure_webhook(mlflow: str, receiver: str, secret: str) -> None:
@@ -219,25 +215,9 @@ def _ensure_webhook(mlflow: str, receiver: str, secret: str) -> None:
 
 
 def _stop(services: list[Service], grace_s: float = 15.0) -> None:
-    """SIGINT each service's session (a Prefect worker wants it twice), then SIGKILL what is left."""
+    """SIGINT each service's session (a Prefect worker wants it twice), then SIGTERM, then SIGKILL."""
     for service in reversed(services):
-        for sig in (signal.SIGINT, signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(service.pid, sig)
-            if _gone(service.pid, grace_s / 3):
-                break
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(service.pid, signal.SIGKILL)
-
-
-def _gone(pid: int, wait_s: float) -> bool:
-    deadline = time.monotonic() + wait_s
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(pid, 0)
-        except ProcessLookupError:
-            return True
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(pid, os.WNOHANG)
-        time.sleep(0.2)
-    return False
+        session = service.pid  # started with start_new_session: its pid is its session id
+        stop_processes(
+            lambda sid=session: session_members(sid), grace_s, (signal.SIGINT, signal.SIGINT, signal.SIGTERM)
+        )

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from nodewise.core.settings import Settings
-from tasks.rayserve.cluster import RayCluster, connect, read_local_cluster, stop_local_cluster
+from tasks.rayserve.cluster import connect, current_cluster, read_local_cluster, stop_local_cluster
 from tasks.records import clear_records, load_records
 
 
@@ -45,7 +45,7 @@ def deployment_status(settings: Settings) -> dict[str, Any]:
             "deployed_at": r.deployed_at,
             "previous_version": r.previous_version,
         }
-        for r in load_records(settings.records_path).values()
+        for r in load_records(settings.state.records).values()
     ]
     rows += [
         {
@@ -60,7 +60,7 @@ def deployment_status(settings: Settings) -> dict[str, Any]:
             "deployed_at": r.deployed_at,
             "previous_version": r.previous_version,
         }
-        for r in load_records(settings.k8s_records_path).values()
+        for r in load_records(settings.state.k8s_records).values()
     ]
     from tasks.watchdog.engine import last_actions
 
@@ -76,7 +76,7 @@ def stop_everything(settings: Settings) -> list[str]:
     from tasks.mpi.launcher import launched_apps, stop_cluster
 
     done = []
-    records = load_records(settings.records_path)
+    records = load_records(settings.state.records)
     for name in sorted(launched_apps(settings) | {n for n, r in records.items() if r.backend == "deepspeed_mpi"}):
         done.extend(stop_cluster(settings, name))
     records = {n: r for n, r in records.items() if r.backend != "deepspeed_mpi"}
@@ -84,14 +84,14 @@ def stop_everything(settings: Settings) -> list[str]:
         if records:
             from tasks.rayserve.apps import delete_app
 
-            connect(RayCluster(address=settings.ray.address, owned=False))
+            connect(current_cluster(settings))
             for name in records:
                 delete_app(name)
                 done.append(f"deleted Serve app {name}")
     elif stop_local_cluster(settings):
         done.extend(f"deleted Serve app {name}" for name in records)
         done.append("stopped the local Ray instance")
-    clear_records(settings.records_path)
+    clear_records(settings.state.records)
     return done or ["nothing to stop"]
 
 
@@ -99,20 +99,18 @@ def deployment_logs(settings: Settings, app_name: str, lines: int = 40) -> str:
     """The recent output of a deployment's processes.
 
     Raises:
-        NodewiseError: no such deployment.
+        NotDeployed: no such deployment.
     """
-    from nodewise.core.errors import NodewiseError
+    from nodewise.core.errors import NotDeployed
     from tasks.mpi.launcher import app_log, launched_apps
 
-    records = load_records(settings.records_path)
+    records = load_records(settings.state.records)
     record = records.get(app_name)
     if record is not None and record.backend == "ray_serve":
-        from nodewise.core.runtime import ray_temp_dir
-
-        where = f"{ray_temp_dir(settings)}/session_latest/logs" if not settings.ray.address else "the cluster's nodes"
+        where = f"{settings.state.ray_temp}/session_latest/logs" if not settings.ray.address else "the cluster's nodes"
         return f"{app_name} runs on Ray Serve: its replicas log to {where} (files named replica_{app_name}_*)"
     text = app_log(settings, app_name, lines)
     if text is None:
         known = sorted(set(records) | launched_apps(settings)) or ["none"]
-        raise NodewiseError(f"no deployment named {app_name!r}; deployments: {', '.join(known)}")
+        raise NotDeployed(f"no deployment named {app_name!r}; deployments: {', '.join(known)}")
     return text

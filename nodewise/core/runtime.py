@@ -7,18 +7,21 @@ nothing lands in the user's home directory.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import secrets
 from pathlib import Path
 
 from nodewise.core.settings import Settings
 
+# The folder that holds the packages nodewise, flows, tasks and serving (the repository root of a
+# checkout, site-packages of an install): subprocesses put it on PYTHONPATH, Ray ships serving/ from it.
+SOURCE_ROOT = Path(__file__).resolve().parents[2]
+
 
 def library_environment(settings: Settings) -> dict[str, str]:
     """The environment variables that keep every library's state inside ``settings.state_dir``."""
     env = {
-        "PREFECT_HOME": str(settings.prefect_home),
+        "PREFECT_HOME": str(settings.state.prefect_home),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_UI_ENABLED": "false",
         "MLFLOW_TRACKING_URI": settings.tracking_uri,
@@ -28,7 +31,7 @@ def library_environment(settings: Settings) -> dict[str, str]:
         "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(settings.mlflow.max_retries),
         "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
         "MLFLOW_HTTP_REQUEST_TIMEOUT": str(int(settings.mlflow.timeout_s)),
-        "TORCH_EXTENSIONS_DIR": str(settings.op_cache_path),
+        "TORCH_EXTENSIONS_DIR": str(settings.state.op_cache),
         "RAY_USAGE_STATS_ENABLED": "0",
         "TOKENIZERS_PARALLELISM": "false",
     }
@@ -39,7 +42,7 @@ def library_environment(settings: Settings) -> dict[str, str]:
     if settings.ray.address is None:
         # Our own local Ray instance: token auth on, with the token inside the state folder.
         env["RAY_AUTH_MODE"] = "token"
-        env["RAY_AUTH_TOKEN_PATH"] = str(ray_token_path(settings))
+        env["RAY_AUTH_TOKEN_PATH"] = str(settings.state.ray_token)
         env.update(serve_environment(settings))
     return env
 
@@ -52,7 +55,7 @@ def serve_environment(settings: Settings) -> dict[str, str]:
     if settings.serve.ingress == "haproxy":
         env["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
         env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] = str(settings.serve.drain_s)
-        hap = haproxy_dir(settings)
+        hap = settings.state.haproxy
         env.update(
             {
                 "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(hap / "haproxy.cfg"),
@@ -67,37 +70,13 @@ def serve_environment(settings: Settings) -> dict[str, str]:
     return env
 
 
-def _short_dir(settings: Settings, name: str, budget: int) -> Path:
-    """``state/ray/NAME`` when its path has at most ``budget`` characters (sockets are created
-    below it and AF_UNIX paths are short), else a per-state folder in /tmp."""
-    preferred = settings.ray_dir / name
-    if len(str(preferred)) <= budget:
-        return preferred
-    digest = hashlib.sha1(str(settings.state_path).encode()).hexdigest()[:8]
-    return Path("/tmp") / f"nw{name}-{digest}"
-
-
-def ray_temp_dir(settings: Settings) -> Path:
-    """Ray's temp dir for the local instance (Ray appends ~65 characters of socket names)."""
-    return _short_dir(settings, "tmp", 40)
-
-
-def haproxy_dir(settings: Settings) -> Path:
-    """Where Ray Serve's HAProxy keeps its config, sockets and server state (not /tmp/haproxy-serve).
-    Serve adds a 56-character node id and the socket name; HAProxy takes socket paths under 97."""
-    return _short_dir(settings, "hap", 24)
-
-
-def ray_token_path(settings: Settings) -> Path:
-    return settings.ray_dir / "auth_token"
-
-
 def ensure_state_dir(settings: Settings) -> Path:
     """Create the state folder (and the Ray token) if missing; return its absolute path."""
-    state = settings.state_path
-    for sub in (state, settings.artifact_root, settings.prefect_home, settings.ray_dir):
+    folder = settings.state
+    state = folder.root
+    for sub in (state, folder.artifacts, folder.prefect_home, folder.ray):
         sub.mkdir(parents=True, exist_ok=True)
-    token = ray_token_path(settings)
+    token = folder.ray_token
     if settings.ray.address is None and not token.exists():
         token.write_text(secrets.token_hex(32))
         token.chmod(0o600)

@@ -25,6 +25,8 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from nodewise.core.state import StateFolder
+
 Fraction = Annotated[float, Field(gt=0.0, le=1.0)]
 
 
@@ -282,6 +284,9 @@ class KubernetesSettings(_Section):
     )
     ray_version: str = Field(default="2.60.0", description="KubeRay's rayVersion: the image's Ray.")
     serve_throughput_optimized: bool = True
+    ready_timeout_s: PositiveFloat = Field(
+        default=900.0, description="How long `render --apply` (and a promotion to Kubernetes) waits for readiness."
+    )
     multi_node: Literal["mpijob", "lws"] = Field(
         default="mpijob", description="Multi-node plans as a Kubeflow MPIJob or a LeaderWorkerSet."
     )
@@ -323,41 +328,17 @@ class Settings(BaseSettings):
         return self.state_dir.expanduser().resolve()
 
     @property
+    def state(self) -> StateFolder:
+        """Every path under the state folder (nodewise/core/state.py)."""
+        return StateFolder(self.state_path, self.deepspeed.op_cache_dir)
+
+    @property
     def tracking_uri(self) -> str:
-        return self.mlflow.tracking_uri or f"sqlite:///{self.state_path / 'mlflow.db'}"
+        return self.mlflow.tracking_uri or f"sqlite:///{self.state.mlflow_db}"
 
     @property
     def registry_uri(self) -> str:
         return self.mlflow.registry_uri or self.tracking_uri
-
-    @property
-    def artifact_root(self) -> Path:
-        return self.state_path / "artifacts"
-
-    @property
-    def prefect_home(self) -> Path:
-        return self.state_path / "prefect"
-
-    @property
-    def records_path(self) -> Path:
-        return self.state_path / "deployments.json"
-
-    @property
-    def k8s_records_path(self) -> Path:
-        """What ``nodewise render --apply`` put on Kubernetes (the watchdog watches it there)."""
-        return self.state_path / "k8s_deployments.json"
-
-    @property
-    def ray_dir(self) -> Path:
-        return self.state_path / "ray"
-
-    @property
-    def deepspeed_dir(self) -> Path:
-        return self.state_path / "deepspeed"
-
-    @property
-    def op_cache_path(self) -> Path:
-        return (self.deepspeed.op_cache_dir or self.state_path / "torch_extensions").expanduser().resolve()
 
 
 def load_settings(**overrides: object) -> Settings:

@@ -14,36 +14,13 @@ import contextlib
 import time
 from typing import Any
 
-from nodewise.core.errors import DeployFailed, NodewiseError
+from nodewise.core.errors import DeployFailed, InvalidInput, KubernetesUnavailable
 
 OPERATORS = {
     "RayService": "KubeRay (https://docs.ray.io/en/latest/cluster/kubernetes/getting-started.html)",
     "MPIJob": "the Kubeflow MPI Operator (https://github.com/kubeflow/mpi-operator)",
     "LeaderWorkerSet": "LeaderWorkerSet (https://lws.sigs.k8s.io/docs/installation/)",
 }
-
-
-class KubernetesUnavailable(NodewiseError):
-    """No cluster to talk to, or it lacks what the manifests need."""
-
-
-def api_client(context: str | None = None) -> Any:
-    """A client from the kubeconfig (``KUBECONFIG`` or ~/.kube/config), else the in-cluster config."""
-    import os
-
-    from kubernetes import client, config
-
-    try:  # KUBECONFIG as it is now (the client reads it once, at import)
-        config.load_kube_config(config_file=os.environ.get("KUBECONFIG"), context=context)
-    except (config.ConfigException, OSError, TypeError):
-        try:
-            config.load_incluster_config()
-        except config.ConfigException as e:
-            raise KubernetesUnavailable(
-                "no Kubernetes configuration found (no kubeconfig, not running in a pod): set KUBECONFIG "
-                "to your cluster's kubeconfig"
-            ) from e
-    return client.ApiClient()
 
 
 def _resource(api: Any, manifest: dict[str, Any]) -> Any:
@@ -171,7 +148,7 @@ def restart_group(api: Any, manifest: dict[str, Any]) -> list[str]:
         resource.create(body=manifest, namespace=meta["namespace"])
         return [f"deleted and recreated {_where(manifest)}"]
     if manifest["kind"] != "LeaderWorkerSet":
-        raise NodewiseError(f"{manifest['kind']} has no rank group to restart: restart its sick replica instead")
+        raise InvalidInput(f"{manifest['kind']} has no rank group to restart: restart its sick replica instead")
     from tasks.k8s.render import LABEL  # on every pod template nodewise renders
 
     core = client.CoreV1Api(api)

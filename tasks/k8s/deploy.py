@@ -3,16 +3,18 @@ written for ``kubectl apply -f DIR`` (and applied through the API with ``--apply
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import BaseModel
 
-from nodewise.core.errors import DoesNotFit, NodewiseError
+from nodewise.core.errors import DoesNotFit, InvalidInput
 from nodewise.core.settings import Settings
 from tasks.k8s.render import MultiNode, render
-from tasks.planning.placement import PlacementPlan, plan_placement
+from tasks.planning.placement import PlacementPlan
+from tasks.planning.registry import ResolvedModel
 from tasks.records import DeploymentRecord
 
 
@@ -47,30 +49,20 @@ class Rendered(BaseModel):
 
 
 def manifests_for(model_uri: str, inventory: str, settings: Settings, multi_node: MultiNode | None = None) -> Rendered:
-    """Resolve, profile and plan ``model_uri`` on ``inventory``; render."""
+    """Plan ``model_uri`` on ``inventory`` (the one planning path); render."""
     from tasks.mpi.deploy import build_deepspeed_spec
-    from tasks.planning.inventory_sources import read_inventory
-    from tasks.planning.profile_models import profile_with_cache
-    from tasks.planning.registry import make_client, resolve_model
-    from tasks.planning.serve_config import serve_settings_for
+    from tasks.planning.plan import plan_model
     from tasks.rayserve.apps import build_spec
 
-    model = resolve_model(model_uri, make_client(settings.tracking_uri, settings.registry_uri))
-    serve = serve_settings_for(model, settings.serve)
-    nodes = read_inventory(inventory, settings.ray.num_cpus).require_nodes()
-    profile = profile_with_cache(model, batch_size=serve.max_batch_size, device=nodes.device_class)
-    plan = plan_placement(
-        profile,
-        nodes,
-        headroom_fraction=settings.placement.headroom_fraction,
-        desired_replicas=serve.min_replicas or serve.replicas,
-    )
+    planned = plan_model(model_uri, inventory, settings)
+    model, plan = planned.model, planned.plan
+    assert isinstance(model, ResolvedModel)
     if not plan.fits:
         raise DoesNotFit(f"{model.pinned_uri} was not rendered: {plan.explain()}")
     if plan.backend == "deepspeed_mpi":
         spec: Any = build_deepspeed_spec(model, plan, settings)
     else:
-        spec = build_spec(model, plan, settings, serve)
+        spec = build_spec(model, plan, settings, planned.serve)
     warnings = []
     if settings.tracking_uri.startswith(("sqlite:", "file:", "/")) or "127.0.0.1" in settings.tracking_uri:
         warnings.append(
@@ -88,23 +80,41 @@ def manifests_for(model_uri: str, inventory: str, settings: Settings, multi_node
     )
 
 
-def apply_rendered(model_uri: str, inventory: str, settings: Settings) -> str:
-    """Render, apply through the API, record for the watchdog, wait until ready; the endpoint."""
-    from tasks.k8s.apply import api_client, apply, wait_ready
+def apply_rendered(
+    rendered: Rendered, settings: Settings, timeout_s: float | None = None, say: Callable[[str], object] = print
+) -> DeploymentRecord:
+    """Apply ``rendered`` through the API, record it for the watchdog, wait until it is ready.
+
+    One path for ``render --apply`` and the promotion flow's ``target=kubernetes``: ``say`` gets a
+    line per object applied; ``timeout_s`` defaults to ``kubernetes.ready_timeout_s``.
+    """
+    from tasks.k8s.apply import apply, wait_ready
+    from tasks.kubeapi import api_client
     from tasks.records import save_record
 
-    rendered = manifests_for(model_uri, inventory, settings)
     api = api_client()
-    apply(rendered.objects, api)
-    record = save_record(settings.k8s_records_path, rendered.record())
-    wait_ready(rendered.objects, api, settings.serve.ready_timeout_s)
-    return record.endpoint
+    for line in apply(rendered.objects, api):
+        say(line)
+    record = save_record(settings.state.k8s_records, rendered.record())  # applied: watched from now on
+    wait_ready(rendered.objects, api, timeout_s or settings.kubernetes.ready_timeout_s)
+    return record
+
+
+def delete_rendered(rendered: Rendered, settings: Settings) -> list[str]:
+    """Delete ``rendered``'s objects through the API and stop watching them."""
+    from tasks.k8s.apply import delete
+    from tasks.kubeapi import api_client
+    from tasks.records import remove_record
+
+    done = delete(rendered.objects, api_client())
+    remove_record(settings.state.k8s_records, rendered.record().app_name)
+    return done
 
 
 def write_manifests(objects: list[dict[str, Any]], out: Path) -> list[Path]:
     """One YAML file per object, numbered in apply order (``kubectl apply -f DIR`` takes them in order)."""
     if out.exists() and not out.is_dir():
-        raise NodewiseError(f"--out {out} is a file; give a folder (it is created if missing)")
+        raise InvalidInput(f"--out {out} is a file; give a folder (it is created if missing)")
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob("[0-9][0-9]-*.yaml"):  # a previous render of ours: replaced, not mixed
         stale.unlink()

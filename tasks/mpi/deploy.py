@@ -14,8 +14,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from nodewise.core.errors import DeployFailed, UnsupportedModel
 from nodewise.core.settings import Settings, SmokeSettings
@@ -25,7 +23,7 @@ from serving.spec import DeepSpeedSpec
 from tasks.mpi.launcher import launch, read_cluster, stop_cluster, wait_ready
 from tasks.planning.placement import PlacementPlan
 from tasks.planning.registry import ResolvedModel, artifact_file, load_input_example
-from tasks.rayserve.apps import app_name_for
+from tasks.records import app_name_for
 from tasks.smoke import SmokeResult, post_json
 
 T = TypeVar("T")
@@ -176,11 +174,3 @@ def smoke_test_lm(endpoint: str, model: ResolvedModel, spec: DeepSpeedSpec, sett
     return SmokeResult(
         request=body, prediction=list(got.shape), compared=True, max_abs_diff=float(np.max(np.abs(got - expected)))
     )
-
-
-@task(name="deploy-to-deepspeed", cache_policy=NO_CACHE)
-def deploy_cluster_task(
-    spec: DeepSpeedSpec, plan: PlacementPlan, model: ResolvedModel, settings: Settings
-) -> tuple[str, SmokeResult]:
-    """Launch (or replace) the model's DeepSpeed job under mpirun and smoke-test it; roll back on failure."""
-    return deploy_cluster(spec, plan, settings, lambda endpoint: smoke_test_lm(endpoint, model, spec, settings.smoke))

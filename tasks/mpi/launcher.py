@@ -11,11 +11,8 @@ machine builds them (~85 s).
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,14 +23,15 @@ from typing import Any
 from pydantic import BaseModel
 
 from nodewise.core.errors import ClusterUnavailable, DeployFailed
-from nodewise.core.runtime import library_environment
+from nodewise.core.procs import free_port, port_open, session_members, stop_processes
+from nodewise.core.runtime import SOURCE_ROOT, library_environment
 from nodewise.core.settings import Settings
+from nodewise.core.state import atomic_write, read_json, write_json
 from serving._lm import local_shm_files
 from serving.deepspeed_worker import ERROR_MARK
 from serving.dist_env import is_local_host
 from serving.spec import DeepSpeedSpec
 
-_ROOT = Path(__file__).resolve().parents[1]
 _FORWARDED = (
     "PYTHONPATH",
     "TORCH_EXTENSIONS_DIR",
@@ -65,19 +63,7 @@ class LaunchedCluster(BaseModel):
 
 
 def cluster_dir(settings: Settings, app_name: str) -> Path:
-    return settings.deepspeed_dir / app_name
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-def _port_open(host: str, port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(0.3)
-        return s.connect_ex((host, port)) == 0
+    return settings.state.deepspeed_job(app_name)
 
 
 def mpirun_command(
@@ -113,7 +99,7 @@ def launch(spec: DeepSpeedSpec, hosts: list[str], ranks_per_host: int, settings:
             "NODEWISE_DEEPSPEED__MPIRUN to its path"
         )
     local = all(is_local_host(h) for h in hosts)
-    if local and _port_open("127.0.0.1", spec.port):
+    if local and port_open("127.0.0.1", spec.port):
         raise ClusterUnavailable(
             f"port {spec.port} is already in use by something else; set NODEWISE_DEEPSPEED__PORT to a free port"
         )
@@ -122,11 +108,11 @@ def launch(spec: DeepSpeedSpec, hosts: list[str], ranks_per_host: int, settings:
     folder = cluster_dir(settings, spec.app_name)
     folder.mkdir(parents=True, exist_ok=True)
     spec_path = folder / "spec.json"
-    spec_path.write_text(spec.model_dump_json(indent=2))
+    atomic_write(spec_path, spec.model_dump_json(indent=2))
     env = {
         **os.environ,
         **library_environment(settings),
-        "PYTHONPATH": os.pathsep.join(p for p in (str(_ROOT), os.environ.get("PYTHONPATH", "")) if p),
+        "PYTHONPATH": os.pathsep.join(p for p in (str(SOURCE_ROOT), os.environ.get("PYTHONPATH", "")) if p),
         "MASTER_ADDR": master_addr,
         "MASTER_PORT": str(master_port),
         "OMP_NUM_THREADS": str(spec.torch_threads),
@@ -160,9 +146,9 @@ def launch(spec: DeepSpeedSpec, hosts: list[str], ranks_per_host: int, settings:
         spec_path=str(spec_path),
         started_at=datetime.now(UTC).isoformat(timespec="seconds"),
     )
-    _write_json(folder / "cluster.json", cluster.model_dump(mode="json"))
+    write_json(folder / "cluster.json", cluster.model_dump(mode="json"))
     # Kept after a stop: a restart relaunches the same hosts with the same spec.
-    _write_json(folder / "placement.json", {"hosts": hosts, "ranks_per_host": ranks_per_host})
+    write_json(folder / "placement.json", {"hosts": hosts, "ranks_per_host": ranks_per_host})
     return cluster
 
 
@@ -171,7 +157,7 @@ def relaunch(settings: Settings, app_name: str, spec: DeepSpeedSpec) -> Launched
     placement = cluster_dir(settings, app_name) / "placement.json"
     if not placement.exists():
         raise ClusterUnavailable(f"DeepSpeed app {app_name} was never launched here; deploy it first")
-    where = json.loads(placement.read_text())
+    where = read_json(placement)
     stop_cluster(settings, app_name)
     return launch(spec, where["hosts"], where["ranks_per_host"], settings)
 
@@ -188,9 +174,9 @@ def read_cluster(settings: Settings, app_name: str) -> LaunchedCluster | None:
 
 def launched_apps(settings: Settings) -> set[str]:
     """Apps with a launched job on record (running or not)."""
-    if not settings.deepspeed_dir.exists():
+    if not settings.state.deepspeed.exists():
         return set()
-    return {p.parent.name for p in settings.deepspeed_dir.glob("*/cluster.json")}
+    return {p.parent.name for p in settings.state.deepspeed.glob("*/cluster.json")}
 
 
 def exit_code(cluster: LaunchedCluster) -> int | None:
@@ -291,33 +277,9 @@ def stop_cluster(settings: Settings, app_name: str) -> list[str]:
 
 def _stop_session(sid: int, grace_s: float) -> int:
     """SIGTERM every process of session ``sid`` (mpirun and its ranks), SIGKILL what remains."""
-    import psutil
-
-    def members() -> list[psutil.Process]:
-        found = []
-        for proc in psutil.process_iter():
-            with contextlib.suppress(psutil.Error, ProcessLookupError):
-                if os.getsid(proc.pid) == sid and proc.status() != psutil.STATUS_ZOMBIE:
-                    found.append(proc)
-        return found
-
-    procs = members()
-    for proc in procs:
-        with contextlib.suppress(psutil.Error):
-            proc.send_signal(signal.SIGTERM)
-    _, alive = psutil.wait_procs(procs, timeout=grace_s)
-    for proc in alive + members():
-        with contextlib.suppress(psutil.Error):
-            proc.kill()
-    psutil.wait_procs(alive, timeout=5)
+    stopped = stop_processes(lambda: session_members(sid), grace_s)
     child = _CHILDREN.get(sid)
     if child is not None:
         with contextlib.suppress(subprocess.TimeoutExpired):
             child.wait(timeout=5)
-    return len(procs)
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+    return stopped

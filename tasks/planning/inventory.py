@@ -6,8 +6,6 @@ import os
 import socket
 from typing import Literal
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt
 
 from nodewise.core.errors import InvalidInventory
@@ -105,11 +103,3 @@ def nvml_gpus() -> list[Device]:
         return devices
     finally:
         pynvml.nvmlShutdown()
-
-
-@task(name="read-inventory", cache_policy=NO_CACHE)
-def read_inventory_task(source: str = "local", num_cpus: int | None = None) -> Inventory:
-    """The inventory from ``source``: local, nvml, ray[:ADDRESS], k8s, or a YAML file."""
-    from tasks.planning.inventory_sources import read_inventory
-
-    return read_inventory(source, num_cpus).require_nodes()

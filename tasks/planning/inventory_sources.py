@@ -140,7 +140,8 @@ def k8s_inventory() -> Inventory:
     """Read nodes through the Kubernetes API (kubeconfig, or in-cluster config)."""
     from kubernetes import client
 
-    from tasks.k8s.apply import KubernetesUnavailable, api_client
+    from nodewise.core.errors import KubernetesUnavailable
+    from tasks.kubeapi import api_client
 
     try:
         api = client.CoreV1Api(api_client())

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from typing import Literal
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.planning.inventory import Inventory, Node
@@ -224,11 +222,3 @@ def _gib(value: int) -> str:
     if value >= 1024**3:
         return f"{value / 1024**3:.2f} GiB"
     return f"{value / 1024**2:.1f} MiB"
-
-
-@task(name="plan-placement", cache_policy=NO_CACHE)
-def plan_placement_task(
-    profile: MemoryProfile, inventory: Inventory, headroom_fraction: float, desired_replicas: int
-) -> PlacementPlan:
-    """Choose where the model runs."""
-    return plan_placement(profile, inventory, headroom_fraction=headroom_fraction, desired_replicas=desired_replicas)

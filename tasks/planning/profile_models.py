@@ -6,21 +6,13 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
-from nodewise.core.errors import NodewiseError
+from nodewise.core.errors import ProfilingFailed
+from nodewise.core.runtime import SOURCE_ROOT
 from tasks.planning.profiling import MemoryProfile, load_config, profile_config, profile_module
 from tasks.planning.registry import ResolvedModel, artifact_file, load_input_example, tile_example
 
 PROFILE_TAG = "nodewise.profile"
-_ROOT = Path(__file__).resolve().parents[1]
-
-
-class ProfilingFailed(NodewiseError, RuntimeError):
-    """The measurement process failed."""
 
 
 def analytic_profile(
@@ -63,7 +55,7 @@ def measure(
         device,
         str(batch_size),
     ]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(_ROOT), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SOURCE_ROOT), os.environ.get("PYTHONPATH", "")])}
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env, check=False)
     except subprocess.TimeoutExpired as e:
@@ -107,19 +99,11 @@ def store_profile(model: ResolvedModel, key: str, profile: MemoryProfile) -> Non
     MlflowClient().set_model_version_tag(model.name, model.version, key, profile.model_dump_json())
 
 
-@task(name="profile-model", cache_policy=NO_CACHE, timeout_seconds=900)
-def profile_model_task(
-    model: ResolvedModel, batch_size: int = 1, device: str = "cpu", dtype: str | None = None
-) -> MemoryProfile:
-    """Profile ``model`` (analytic + measured), reusing the profile cached on its version tags."""
-    return profile_with_cache(model, batch_size=batch_size, device=device, dtype=dtype)
-
-
 def profile_with_cache(
     model: ResolvedModel, *, batch_size: int = 1, device: str = "cpu", dtype: str | None = None
 ) -> MemoryProfile:
     """The profile a deploy uses: cached on the version's tags, else analytic + measured (and cached)."""
-    if device == "cuda" and not _cuda_here():
+    if device == "cuda" and not cuda_here():
         device = "cpu"  # GPU targets elsewhere: weights and activations weigh the same on the host
     key = cache_key(dtype, batch_size, device)
     cached = cached_profile(model, key)
@@ -130,7 +114,7 @@ def profile_with_cache(
     return profile
 
 
-def _cuda_here() -> bool:
+def cuda_here() -> bool:
     import torch
 
     return bool(torch.cuda.is_available())

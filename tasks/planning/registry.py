@@ -10,8 +10,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict, Field
 
 from nodewise.core.errors import InvalidModelURI, ModelNotFound, RegistryUnreachable, UnsupportedModel
@@ -291,7 +289,7 @@ def make_client(tracking_uri: str, registry_uri: str) -> MlflowClient:
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=registry_uri)
 
 
-def _retry_unreachable(task: Any, task_run: Any, state: Any) -> bool:
+def retry_unreachable(task: Any, task_run: Any, state: Any) -> bool:
     """Retry only when the registry did not answer; a missing model will not appear by retrying."""
     try:
         state.result()
@@ -300,15 +298,3 @@ def _retry_unreachable(task: Any, task_run: Any, state: Any) -> bool:
     except Exception:
         return False
     return False
-
-
-@task(
-    name="resolve-model",
-    retries=2,
-    retry_delay_seconds=[1, 3],
-    retry_condition_fn=_retry_unreachable,
-    cache_policy=NO_CACHE,
-)
-def resolve_model_task(uri: str, tracking_uri: str, registry_uri: str) -> ResolvedModel:
-    """Resolve ``uri`` to one pinned registered version (retried only if unreachable)."""
-    return resolve_model(uri, make_client(tracking_uri, registry_uri))

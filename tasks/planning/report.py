@@ -2,13 +2,8 @@
 
 from __future__ import annotations
 
-import base64
 import io
-import re
 from typing import Any
-
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from tasks.planning.placement import PlacementPlan
 from tasks.planning.profiling import MemoryProfile
@@ -52,17 +47,3 @@ def bar_chart_png(rows: list[dict[str, Any]], title: str) -> bytes:
     fig.savefig(buffer, format="png", dpi=80)
     plt.close(fig)
     return buffer.getvalue()
-
-
-@task(name="publish-placement-report", cache_policy=NO_CACHE)
-def publish_report_task(model_uri: str, profile: MemoryProfile, plan: PlacementPlan) -> None:
-    """Attach the breakdown table and chart to the flow run."""
-    from prefect.artifacts import create_markdown_artifact, create_table_artifact
-
-    key = re.sub(r"[^a-z0-9-]+", "-", f"placement-{model_uri}".lower()).strip("-")
-    rows = breakdown_rows(profile, plan)
-    create_table_artifact(rows, key=key, description=f"{model_uri}: {plan.explain()}")
-    png = base64.b64encode(bar_chart_png(rows, f"{model_uri} ({profile.method})")).decode()
-    create_markdown_artifact(
-        f"### {model_uri}\n\n{plan.explain()}\n\n![memory](data:image/png;base64,{png})", key=f"{key}-chart"
-    )

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pydantic import ValidationError
 
-from nodewise.core.errors import NodewiseError
+from nodewise.core.errors import InvalidServeOverride
 from nodewise.core.settings import ServeSettings
 from tasks.planning.registry import ResolvedModel
 
@@ -28,12 +28,6 @@ OVERRIDABLE = (
     "max_error_rate",
     "memory_limit_bytes",
 )
-
-
-class InvalidServeOverride(NodewiseError, ValueError):
-    """A ``nodewise.serve.*`` tag on a model that is not a valid setting."""
-
-    exit_code = 2
 
 
 def serve_settings_for(model: ResolvedModel, base: ServeSettings) -> ServeSettings:

@@ -4,25 +4,17 @@ from __future__ import annotations
 
 import re
 import time
-from pathlib import Path
 from typing import Any
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
 from nodewise.core.errors import DeployFailed
+from nodewise.core.runtime import SOURCE_ROOT
 from nodewise.core.settings import ServeSettings, Settings
 from serving.spec import ModelServeSpec
 from tasks.planning.placement import PlacementPlan
 from tasks.planning.registry import ResolvedModel
+from tasks.records import app_name_for
 
 _TERMINAL_BAD = ("DEPLOY_FAILED", "UNHEALTHY")
-
-
-def app_name_for(model_name: str) -> str:
-    """Serve application name for a registered model (one app, one route prefix, per model)."""
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", model_name).strip("-.") or "model"
-    return name if name[0].isalnum() else f"m{name}"
 
 
 def build_spec(
@@ -96,7 +88,7 @@ def shipped_serving_package() -> list[str]:
     have nodewise's code. Serve's config accepts only URIs there, not local paths."""
     from ray._private.runtime_env.py_modules import upload_py_modules_if_needed
 
-    local = {"py_modules": [str(Path(__file__).resolve().parents[1] / "serving")]}
+    local = {"py_modules": [str(SOURCE_ROOT / "serving")]}
     return list(upload_py_modules_if_needed(local, include_gitignore=True)["py_modules"])
 
 
@@ -156,16 +148,7 @@ def delete_app(app_name: str) -> None:
         serve.delete(app_name)
 
 
-@task(name="deploy-to-ray-serve", cache_policy=NO_CACHE)
-def deploy_app_task(spec: ModelServeSpec, settings: Settings, remote_cluster: bool) -> str:
-    """Deploy or update the model's Serve app; return its endpoint URL."""
-    return deploy_app(spec, settings, remote_cluster)
-
-
-@task(name="roll-back", cache_policy=NO_CACHE)
-def rollback_task(
-    spec: ModelServeSpec, previous: dict[str, Any] | None, settings: Settings, remote_cluster: bool
-) -> str:
+def rollback(spec: ModelServeSpec, previous: dict[str, Any] | None, settings: Settings, remote_cluster: bool) -> str:
     """Put back what served before a failed deploy: the previous spec, or nothing."""
     if previous is None:
         delete_app(spec.app_name)

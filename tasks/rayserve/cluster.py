@@ -7,22 +7,19 @@ state folder) so that ``nodewise down`` stops exactly them and nothing else on t
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 from nodewise.core.errors import ClusterUnavailable
-from nodewise.core.runtime import haproxy_dir, library_environment, ray_temp_dir
+from nodewise.core.procs import port_open, stop_processes, with_children
+from nodewise.core.runtime import library_environment
 from nodewise.core.settings import Settings
+from nodewise.core.state import write_json
 
 
 class RayCluster(BaseModel):
@@ -34,40 +31,39 @@ class RayCluster(BaseModel):
     pids: list[int] = []
 
 
-def _record_path(settings: Settings) -> Path:
-    return settings.ray_dir / "cluster.json"
-
-
 def read_local_cluster(settings: Settings) -> RayCluster | None:
     """The local instance nodewise started, if one is recorded and still listening."""
-    path = _record_path(settings)
+    path = settings.state.ray_cluster
     if not path.exists():
         return None
     cluster = RayCluster.model_validate_json(path.read_text())
-    if not _port_open("127.0.0.1", settings.ray.port):
+    if not port_open("127.0.0.1", settings.ray.port):
         return None
     return cluster
 
 
-def ensure_cluster(settings: Settings) -> RayCluster:
-    """The configured cluster, or the local instance (started if it is not running)."""
+def current_cluster(settings: Settings) -> RayCluster | None:
+    """Which Ray cluster nodewise talks to, in one place: the configured one (``ray.address``),
+    else its local instance if that runs now, else None."""
     if settings.ray.address:
         return RayCluster(address=settings.ray.address, owned=False)
-    existing = read_local_cluster(settings)
-    if existing is not None:
-        return existing
-    return start_local_cluster(settings)
+    return read_local_cluster(settings)
+
+
+def ensure_cluster(settings: Settings) -> RayCluster:
+    """The configured cluster, or the local instance (started if it is not running)."""
+    return current_cluster(settings) or start_local_cluster(settings)
 
 
 def start_local_cluster(settings: Settings) -> RayCluster:
     """Start a head node on this machine, recording its processes."""
     port = settings.ray.port
-    if _port_open("127.0.0.1", port):
+    if port_open("127.0.0.1", port):
         raise ClusterUnavailable(
             f"port {port} is already in use by something nodewise did not start; set "
             "NODEWISE_RAY__PORT to a free port, or NODEWISE_RAY__ADDRESS to use that cluster"
         )
-    temp_dir = ray_temp_dir(settings)
+    temp_dir = settings.state.ray_temp
     temp_dir.mkdir(parents=True, exist_ok=True)
     ray_bin = Path(sys.executable).with_name("ray")
     cmd = [
@@ -88,7 +84,7 @@ def start_local_cluster(settings: Settings) -> RayCluster:
         f"--object-store-memory={settings.ray.object_store_memory_bytes}",
     ]
     env = {**os.environ, **library_environment(settings)}
-    log = settings.ray_dir / "start.log"
+    log = settings.state.ray / "start.log"
     with log.open("w") as out:
         try:
             proc = subprocess.run(
@@ -103,7 +99,7 @@ def start_local_cluster(settings: Settings) -> RayCluster:
     cluster = RayCluster(
         address=f"127.0.0.1:{port}", owned=True, temp_dir=str(temp_dir), pids=_processes_of(temp_dir, port)
     )
-    _record_path(settings).write_text(cluster.model_dump_json(indent=2))
+    write_json(settings.state.ray_cluster, cluster.model_dump(mode="json"))
     return cluster
 
 
@@ -130,37 +126,17 @@ def connect(cluster: RayCluster, namespace: str = "nodewise") -> None:
 
 def stop_local_cluster(settings: Settings, timeout_s: float = 15.0) -> bool:
     """Stop the local instance nodewise started (only its own processes). Returns whether it ran."""
-    import psutil
 
-    path = _record_path(settings)
+    path = settings.state.ray_cluster
     if not path.exists():
         return False
     cluster = RayCluster.model_validate_json(path.read_text())
     pids = set(cluster.pids) | set(_processes_of(Path(cluster.temp_dir or "/nonexistent"), settings.ray.port))
-    pids |= set(_processes_of(haproxy_dir(settings), settings.ray.port))  # HAProxy, started by Serve
-    procs = []
-    for pid in pids:
-        try:
-            proc = psutil.Process(pid)
-            procs.extend([proc, *proc.children(recursive=True)])
-        except psutil.NoSuchProcess:
-            continue
-    for proc in procs:
-        _signal(proc, signal.SIGTERM)
-    _, alive = psutil.wait_procs(procs, timeout=timeout_s)
-    for proc in alive:
-        _signal(proc, signal.SIGKILL)
-    psutil.wait_procs(alive, timeout=5)
+    pids |= set(_processes_of(settings.state.haproxy, settings.ray.port))  # HAProxy, started by Serve
+    stopped = stop_processes(lambda: with_children(sorted(pids)), timeout_s)
     path.unlink(missing_ok=True)
-    shutil.rmtree(haproxy_dir(settings), ignore_errors=True)  # its sockets and config die with it
-    return bool(procs)
-
-
-def _signal(proc: object, sig: int) -> None:
-    import psutil
-
-    with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
-        proc.send_signal(sig)  # type: ignore[attr-defined]
+    shutil.rmtree(settings.state.haproxy, ignore_errors=True)  # its sockets and config die with it
+    return bool(stopped)
 
 
 def _processes_of(temp_dir: Path, port: int) -> list[int]:
@@ -174,17 +150,3 @@ def _processes_of(temp_dir: Path, port: int) -> list[int]:
         if marker in cmdline or ("ray.util.client.server" in cmdline and f":{port} " in cmdline + " "):
             found.append(proc.info["pid"])
     return found
-
-
-def _port_open(host: str, port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(0.5)
-        return s.connect_ex((host, port)) == 0
-
-
-@task(name="ensure-ray-cluster", cache_policy=NO_CACHE, timeout_seconds=180)
-def ensure_cluster_task(settings: Settings) -> RayCluster:
-    """Reach the configured Ray cluster, or start the local one; connect this process."""
-    cluster = ensure_cluster(settings)
-    connect(cluster)
-    return cluster

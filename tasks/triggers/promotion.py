@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import fcntl
 import hashlib
 import hmac
 import json
-import os
 import time
 import uuid
 from collections.abc import Iterator
@@ -27,18 +25,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from nodewise.core.errors import NodewiseError
+from nodewise.core.errors import ModelNotFound, PrefectUnavailable, WebhookRejected
+from nodewise.core.state import StateFolder, locked_json, read_json, wait_lock
 
 EVENT = "nodewise.model.promoted"
 _IDS = uuid.UUID("5d1c3b1e-8f7a-4f0e-9a59-6e6f64657769")  # namespace of nodewise's event ids
-
-
-class Rejected(NodewiseError):
-    """A webhook delivery that is not accepted: ``status`` is the HTTP answer."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 # -- events ----------------------------------------------------------------------------------------
@@ -60,7 +51,7 @@ def promotion_event(name: str, alias: str, version: str, source: str, change: in
 
 
 def post_events(api_url: str, events: list[dict[str, Any]], timeout_s: float = 10.0) -> None:
-    """Send events to the Prefect API; raise NodewiseError if it does not take them."""
+    """Send events to the Prefect API; PrefectUnavailable if it does not take them."""
     import httpx
 
     if not events:
@@ -68,14 +59,14 @@ def post_events(api_url: str, events: list[dict[str, Any]], timeout_s: float = 1
     try:
         response = httpx.post(f"{api_url.rstrip('/')}/events", json=events, timeout=timeout_s)
     except httpx.HTTPError as e:
-        raise NodewiseError(f"the Prefect API at {api_url} did not take the events ({type(e).__name__})") from e
+        raise PrefectUnavailable(f"the Prefect API at {api_url} did not take the events ({type(e).__name__})") from e
     if response.status_code >= 300:
-        raise NodewiseError(f"the Prefect API at {api_url} answered {response.status_code}: {response.text[:200]}")
+        raise PrefectUnavailable(f"the Prefect API at {api_url} answered {response.status_code}: {response.text[:200]}")
 
 
 def require_api(api_url: str | None) -> str:
     if not api_url:
-        raise NodewiseError(
+        raise PrefectUnavailable(
             "promotion events need a Prefect server: set NODEWISE_PREFECT__API_URL (e.g. "
             "http://127.0.0.1:4200/api; `nodewise up` starts one)"
         )
@@ -90,7 +81,7 @@ def sign(secret: str, delivery_id: str, timestamp: str, body: bytes) -> str:
 
 
 def verify(headers: dict[str, str], body: bytes, secret: str, max_age_s: float, now: float | None = None) -> str:
-    """Check a delivery's signature and age; return its delivery id. Raises Rejected (401)."""
+    """Check a delivery's signature and age; return its delivery id. Raises WebhookRejected (401)."""
     lower = {k.lower(): v for k, v in headers.items()}
     delivery, stamp, signature = (
         lower.get("x-mlflow-delivery-id"),
@@ -98,27 +89,29 @@ def verify(headers: dict[str, str], body: bytes, secret: str, max_age_s: float, 
         lower.get("x-mlflow-signature"),
     )
     if not (delivery and stamp and signature):
-        raise Rejected(401, "missing X-MLflow-Delivery-Id, X-MLflow-Timestamp or X-MLflow-Signature")
+        raise WebhookRejected(401, "missing X-MLflow-Delivery-Id, X-MLflow-Timestamp or X-MLflow-Signature")
     if not hmac.compare_digest(sign(secret, delivery, stamp, body), signature):
-        raise Rejected(401, "signature does not match (is the webhook's secret NODEWISE_TRIGGERS__WEBHOOK_SECRET?)")
+        raise WebhookRejected(
+            401, "signature does not match (is the webhook's secret NODEWISE_TRIGGERS__WEBHOOK_SECRET?)"
+        )
     try:
         age = (time.time() if now is None else now) - float(stamp)
     except ValueError as e:
-        raise Rejected(401, f"timestamp {stamp!r} is not a number") from e
+        raise WebhookRejected(401, f"timestamp {stamp!r} is not a number") from e
     if abs(age) > max_age_s:
-        raise Rejected(401, f"delivery is {age:.0f} s old, past the {max_age_s:.0f} s allowed (a replay?)")
+        raise WebhookRejected(401, f"delivery is {age:.0f} s old, past the {max_age_s:.0f} s allowed (a replay?)")
     return delivery
 
 
 def parse_promotion(body: bytes, events: tuple[str, ...]) -> tuple[str, str, str] | None:
     """(model, alias, version) of an alias-set payload; None for an event this receiver ignores.
-    Raises Rejected (400) on a body that is not a webhook payload."""
+    Raises WebhookRejected (400) on a body that is not a webhook payload."""
     try:
         payload = json.loads(body)
         kind = f"{payload['entity']}.{payload['action']}"
         data = payload["data"]
     except (ValueError, KeyError, TypeError) as e:
-        raise Rejected(400, f"not an MLflow webhook payload ({type(e).__name__}: {e})") from e
+        raise WebhookRejected(400, f"not an MLflow webhook payload ({type(e).__name__}: {e})") from e
     if kind not in events:
         return None
     try:
@@ -126,7 +119,7 @@ def parse_promotion(body: bytes, events: tuple[str, ...]) -> tuple[str, str, str
             return str(data["name"]), "", str(data["version"])
         return str(data["name"]), str(data["alias"]), str(data["version"])
     except (KeyError, TypeError) as e:
-        raise Rejected(400, f"{kind} payload without {e}") from e
+        raise WebhookRejected(400, f"{kind} payload without {e}") from e
 
 
 class SeenDeliveries:
@@ -165,7 +158,7 @@ class Poller:
 
     def changes(self) -> list[dict[str, Any]]:
         """Events for every alias that points somewhere new since the last ``commit``."""
-        known = _read_json(self.state)
+        known = read_json(self.state)
         events = []
         for model in self.client.search_registered_models():
             aliases = dict(getattr(model, "aliases", {}) or {})
@@ -205,39 +198,22 @@ def alias_target(client: Any, name: str, alias: str) -> str:
     try:
         return str(client.get_model_version_by_alias(name, alias).version)
     except MlflowException as e:
-        raise NodewiseError(f"model {name!r} has no alias {alias!r}: set it, or give a version") from e
+        raise ModelNotFound(f"model {name!r} has no alias {alias!r}: set it, or give a version") from e
 
 
 def serving_version(records_path: Path, model_name: str) -> str | None:
     """The version of ``model_name`` nodewise serves here, if any."""
-    from tasks.rayserve.apps import app_name_for
-    from tasks.records import get_record
+    from tasks.records import app_name_for, get_record
 
     record = get_record(records_path, app_name_for(model_name))
     return record.model_version if record else None
 
 
 @contextlib.contextmanager
-def model_lock(folder: Path, model_name: str, timeout_s: float = 3600.0) -> Iterator[None]:
+def model_lock(state: StateFolder, model_name: str, timeout_s: float = 3600.0) -> Iterator[None]:
     """One deploy of a model at a time on this machine; the next one waits its turn."""
-    folder.mkdir(parents=True, exist_ok=True)
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in model_name)
-    deadline = time.monotonic() + timeout_s
-    with open(folder / f"deploy-{safe}.lock", "w") as lock:
-        while True:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise NodewiseError(
-                        f"another deploy of {model_name!r} held its lock for {timeout_s:.0f} s"
-                    ) from None
-                time.sleep(0.5)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    with wait_lock(state.deploy_lock(model_name), timeout_s, f"another deploy of {model_name!r}"):
+        yield
 
 
 def record_outcome(path: Path, model: str, version: str, outcome: str) -> None:
@@ -247,20 +223,3 @@ def record_outcome(path: Path, model: str, version: str, outcome: str) -> None:
         at = datetime.now(UTC).isoformat(timespec="seconds")
         history.append({"at": at, "model": model, "version": version, "outcome": outcome})
         del history[:-KEEP_HISTORY]
-
-
-# -- a JSON file under a lock ----------------------------------------------------------------------
-def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text() or "{}") if path.exists() else {}
-
-
-@contextlib.contextmanager
-def locked_json(path: Path) -> Iterator[dict[str, Any]]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        data = _read_json(path)
-        yield data
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-        os.replace(tmp, path)

@@ -16,9 +16,9 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from nodewise.core.errors import NodewiseError
+from nodewise.core.errors import InvalidInput, NodewiseError, WebhookRejected
 from nodewise.core.settings import Settings
-from tasks.triggers.promotion import Rejected, SeenDeliveries, parse_promotion, post_events, promotion_event, verify
+from tasks.triggers.promotion import SeenDeliveries, parse_promotion, post_events, promotion_event, verify
 
 logger = logging.getLogger("nodewise.receiver")
 MAX_BODY = 1024 * 1024
@@ -29,7 +29,7 @@ class Receiver:
 
     def __init__(self, settings: Settings, api_url: str, known_model: Callable[[str], bool]) -> None:
         if not settings.triggers.webhook_secret:
-            raise NodewiseError(
+            raise InvalidInput(
                 "the receiver needs the webhook's secret: set NODEWISE_TRIGGERS__WEBHOOK_SECRET to the secret "
                 "the MLflow webhook was created with"
             )
@@ -37,15 +37,13 @@ class Receiver:
         self.triggers = settings.triggers
         self.api_url = api_url
         self.known_model = known_model
-        self.seen = SeenDeliveries(
-            settings.state_path / "webhook_deliveries.json", keep_s=2 * settings.triggers.max_age_s
-        )
+        self.seen = SeenDeliveries(settings.state.webhook_deliveries, keep_s=2 * settings.triggers.max_age_s)
 
     def handle(self, headers: dict[str, str], body: bytes) -> tuple[int, dict[str, Any]]:
         try:
             delivery = verify(headers, body, self.secret, self.triggers.max_age_s)
             promotion = parse_promotion(body, tuple(self.triggers.webhook_events))
-        except Rejected as e:
+        except WebhookRejected as e:
             logger.warning("webhook refused (%s): %s", e.status, e)
             return e.status, {"error": str(e)}
         if promotion is None:

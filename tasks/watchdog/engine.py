@@ -16,20 +16,16 @@ time (a lock file), and a restart that a killed watchdog left half-done is finis
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import json
-import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from nodewise.core.errors import DeployFailed, NodewiseError
+from nodewise.core.errors import Busy, DeployFailed, NodewiseError, NotDeployed
 from nodewise.core.settings import Settings, WatchdogSettings
+from nodewise.core.state import read_json, try_lock, write_json
 from tasks.records import DeploymentRecord, load_records
 
 ActionKind = Literal[
@@ -83,59 +79,31 @@ def budget(restarts: list[float], now: float, wd: WatchdogSettings) -> tuple[str
 
 
 # -- state ---------------------------------------------------------------------------------------
-def _state_path(settings: Settings) -> Path:
-    return settings.state_path / "watchdog.json"
-
-
 def load_watch(settings: Settings) -> tuple[dict[str, AppWatch], list[Action]]:
-    path = _state_path(settings)
-    data = json.loads(path.read_text()) if path.exists() else {}
+    data = read_json(settings.state.watchdog)
     apps = {k: AppWatch.model_validate(v) for k, v in data.get("apps", {}).items()}
     return apps, [Action.model_validate(a) for a in data.get("actions", [])]
 
 
 def save_watch(settings: Settings, apps: dict[str, AppWatch], actions: list[Action]) -> None:
-    path = _state_path(settings)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
     body = {
         "apps": {k: v.model_dump() for k, v in apps.items()},
         "actions": [a.model_dump() for a in actions[-KEEP_ACTIONS:]],
     }
-    tmp.write_text(json.dumps(body, indent=2))
-    os.replace(tmp, path)
+    write_json(settings.state.watchdog, body)  # one watchdog at a time writes it (the lock below)
 
 
 def reset(settings: Settings, app_name: str) -> str:
     """Let the watchdog act on ``app_name`` again (clears its failed mark and its restart history)."""
-    with _exclusive(settings) as got:
+    with try_lock(settings.state.watchdog_lock) as got:
         if not got:
-            raise NodewiseError("a watchdog run holds the lock; try again in a few seconds")
+            raise Busy("a watchdog run holds the lock; try again in a few seconds")
         apps, actions = load_watch(settings)
         if app_name not in apps:
-            raise NodewiseError(
-                f"the watchdog has nothing on {app_name!r}; watched: {', '.join(sorted(apps)) or 'none'}"
-            )
+            raise NotDeployed(f"the watchdog has nothing on {app_name!r}; watched: {', '.join(sorted(apps)) or 'none'}")
         apps[app_name] = AppWatch()
         save_watch(settings, apps, actions)
     return f"{app_name}: restart budget reset; the watchdog watches it again"
-
-
-@contextlib.contextmanager
-def _exclusive(settings: Settings) -> Iterator[bool]:
-    """True while this process holds the watchdog lock; False when another watchdog does."""
-    path = settings.state_path / "watchdog.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 # -- checks --------------------------------------------------------------------------------------
@@ -188,12 +156,12 @@ def watch_once(settings: Settings, emit: Callable[[Action], None] | None = None)
     the lock makes this pass a no-op.
     """
     emit = emit or (lambda action: None)
-    with _exclusive(settings) as got:
+    with try_lock(settings.state.watchdog_lock) as got:
         if not got:
             return []
         apps, history = load_watch(settings)
         done: list[Action] = []
-        for record in load_records(settings.records_path).values():
+        for record in load_records(settings.state.records).values():
             fresh = AppWatch(version=record.model_version, deployed_at=record.deployed_at)
             watch = apps.setdefault(record.app_name, fresh)
             if watch.deployed_at != record.deployed_at:  # a deploy since: a fresh budget
@@ -202,7 +170,7 @@ def watch_once(settings: Settings, emit: Callable[[Action], None] | None = None)
                 done.append(action)
                 emit(action)
             save_watch(settings, apps, history + done)  # after each deployment: a kill loses little
-        for record in load_records(settings.k8s_records_path).values():  # what `render --apply` put on Kubernetes
+        for record in load_records(settings.state.k8s_records).values():  # what `render --apply` put on Kubernetes
             fresh = AppWatch(version=record.model_version, deployed_at=record.deployed_at)
             watch = apps.setdefault(record.app_name, fresh)
             if watch.deployed_at != record.deployed_at:
@@ -304,6 +272,7 @@ def _watch_k8s(settings: Settings, record: DeploymentRecord, watch: AppWatch) ->
 
     from tasks.k8s import apply as k8s_apply
     from tasks.k8s import watch as k8s_watch
+    from tasks.kubeapi import api_client
 
     def action(event: ActionKind, cause: str, **extra: Any) -> Action:
         fields = {"app": record.app_name, "model_uri": record.model_uri, "version": record.model_version}
@@ -313,7 +282,7 @@ def _watch_k8s(settings: Settings, record: DeploymentRecord, watch: AppWatch) ->
     namespace, name = main["metadata"]["namespace"], main["metadata"]["name"]
     watch.pending = None  # deleting pods is idempotent: a killed pass's action is simply judged again
     try:
-        api = k8s_apply.api_client()
+        api = api_client()
         pods = k8s_watch.list_pods(api, namespace, name)
     except (NodewiseError, ApiException) as e:
         return _report_degraded(watch, action, f"the Kubernetes API did not answer: {str(e).splitlines()[0]}")

@@ -109,14 +109,11 @@ def _first_sentences(text: str, limit: int = 300) -> str:
 def connect_for(settings: Settings) -> str | None:
     """Connect this process to the cluster the Serve apps run on; why not, or None."""
     from nodewise.core.errors import ClusterUnavailable
-    from tasks.rayserve.cluster import RayCluster, connect, read_local_cluster
+    from tasks.rayserve.cluster import connect, current_cluster
 
-    if settings.ray.address:
-        cluster: RayCluster | None = RayCluster(address=settings.ray.address, owned=False)
-    else:
-        cluster = read_local_cluster(settings)
-        if cluster is None:
-            return "the local Ray instance is not running (`nodewise deploy` starts it)"
+    cluster = current_cluster(settings)
+    if cluster is None:
+        return "the local Ray instance is not running (`nodewise deploy` starts it)"
     try:
         connect(cluster)
     except ClusterUnavailable as e:

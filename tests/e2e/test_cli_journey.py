@@ -51,11 +51,10 @@ def cli_env() -> Iterator[dict[str, str]]:
 
 def remove_state(state: Path | str) -> None:
     """The state folder, and Ray's and HAProxy's folders in /tmp when its path was too long for sockets."""
-    from nodewise.core.runtime import haproxy_dir, ray_temp_dir
     from nodewise.core.settings import Settings
 
     settings = Settings(state_dir=Path(state))
-    for folder in (Path(state), ray_temp_dir(settings), haproxy_dir(settings)):
+    for folder in (Path(state), settings.state.ray_temp, settings.state.haproxy):
         shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -65,11 +64,10 @@ def run(env: dict[str, str], *args: str, timeout: float = 400) -> subprocess.Com
 
 def ray_processes(state: str) -> list[int]:
     """Ray's, HAProxy's and the DeepSpeed ranks' processes of the state folder ``state``."""
-    from nodewise.core.runtime import haproxy_dir, ray_temp_dir
     from nodewise.core.settings import Settings
 
     settings = Settings(state_dir=Path(state))
-    markers = (state, str(ray_temp_dir(settings)), str(haproxy_dir(settings)))  # the ranks' spec is in state
+    markers = (state, str(settings.state.ray_temp), str(settings.state.haproxy))  # the ranks' spec is in state
     found = []
     for proc in psutil.process_iter(["pid", "cmdline"]):
         cmdline = " ".join(proc.info["cmdline"] or [])

@@ -74,8 +74,8 @@ def module_settings(**overrides: object) -> Iterator[Settings]:
     s = make_settings(**overrides)
     # Ray reads its auth token once per process: every module's local instance must use the
     # same token as the first one this test process connected to.
-    (s.ray_dir).mkdir(parents=True, exist_ok=True)
-    (s.ray_dir / "auth_token").write_text(_SESSION_RAY_TOKEN)
+    (s.state.ray).mkdir(parents=True, exist_ok=True)
+    (s.state.ray / "auth_token").write_text(_SESSION_RAY_TOKEN)
     configure_process(s)
     yield s
     import ray
@@ -93,5 +93,5 @@ def module_settings(**overrides: object) -> Iterator[Settings]:
 def digits_model(settings: Settings) -> str:
     from nodewise.cli.demo import register_demo_model
 
-    model = register_demo_model(str(settings.artifact_root))
+    model = register_demo_model(str(settings.state.artifacts))
     return f"models:/{model.name}@champion"

@@ -18,7 +18,7 @@ def register_tiny_llama(settings: Settings, experiment_name: str, seed: int = 0)
     experiment = (
         found.experiment_id
         if found
-        else client.create_experiment(experiment_name, artifact_location=settings.artifact_root.as_uri())
+        else client.create_experiment(experiment_name, artifact_location=settings.state.artifacts.as_uri())
     )
     model, tokenizer = build_llama(hidden=64, layers=2, heads=4, max_positions=128, seed=seed)
     return f"models:/tiny-llama/{log_llama(model, tokenizer, 'tiny-llama', experiment)}"

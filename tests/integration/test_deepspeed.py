@@ -34,7 +34,7 @@ def experiment(settings: Settings) -> str:
     """An experiment whose artifacts live in the module's state folder."""
     from mlflow import MlflowClient
 
-    return MlflowClient().create_experiment("deepspeed-tests", artifact_location=settings.artifact_root.as_uri())
+    return MlflowClient().create_experiment("deepspeed-tests", artifact_location=settings.state.artifacts.as_uri())
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +72,9 @@ def test_a_pytorch_flavour_hugging_face_module_is_sharded_too(settings: Settings
     import torch
 
     from nodewise.cli.demo import build_llama
+    from nodewise.core.procs import free_port
     from serving.spec import DeepSpeedSpec
-    from tasks.mpi.launcher import free_port, launch, stop_cluster, wait_ready
+    from tasks.mpi.launcher import launch, stop_cluster, wait_ready
 
     model, _ = build_llama(hidden=64, layers=2, heads=4, max_positions=128, seed=2)
     ids = np.asarray([[3, 4, 5, 6, 7, 8]])
@@ -118,9 +119,10 @@ def test_ranks_on_cuda_answer_like_the_whole_model_on_cpu(settings: Settings, de
 
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
+    from nodewise.core.procs import free_port
     from serving._lm import LanguageModel
     from serving.spec import DeepSpeedSpec
-    from tasks.mpi.launcher import free_port, launch, stop_cluster, wait_ready
+    from tasks.mpi.launcher import launch, stop_cluster, wait_ready
 
     ranks = 2 if torch.cuda.device_count() >= 2 else 1  # NCCL wants one GPU per rank
     spec = DeepSpeedSpec.model_validate(deployed.spec).model_copy(
@@ -146,9 +148,10 @@ def test_ranks_on_cuda_answer_like_the_whole_model_on_cpu(settings: Settings, de
 def test_two_ranks_answer_like_one_rank_and_like_the_whole_model(
     settings: Settings, tiny_llama: str, deployed: object
 ) -> None:
+    from nodewise.core.procs import free_port
     from serving._lm import LanguageModel
     from serving.spec import DeepSpeedSpec
-    from tasks.mpi.launcher import free_port, launch, stop_cluster, wait_ready
+    from tasks.mpi.launcher import launch, stop_cluster, wait_ready
 
     ids = [[5, 17, 33, 60, 2, 9, 44, 71], [80, 3, 3, 12, 50, 61, 7, 8]]
     tp2 = np.asarray(
@@ -209,8 +212,9 @@ def test_a_rank_that_cannot_start_is_reported_and_nothing_is_left(
     import mlflow
     import torch
 
+    from nodewise.core.procs import free_port
     from serving.spec import DeepSpeedSpec
-    from tasks.mpi.launcher import free_port, launch, read_cluster, stop_cluster, wait_ready
+    from tasks.mpi.launcher import launch, read_cluster, stop_cluster, wait_ready
 
     with mlflow.start_run(experiment_id=experiment):
         info = mlflow.pytorch.log_model(

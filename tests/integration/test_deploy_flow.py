@@ -45,7 +45,9 @@ def test_prediction_over_http_equals_the_models_own_output(settings: Settings, d
 
 
 def test_bad_request_gets_400_naming_the_problem(settings: Settings, digits_model: str) -> None:
-    record = load_records(settings.records_path).get("nodewise-digits") or deploy_model(digits_model, settings=settings)
+    record = load_records(settings.state.records).get("nodewise-digits") or deploy_model(
+        digits_model, settings=settings
+    )
     answer = httpx.post(f"{record.endpoint}/invocations", json={"inputs": [[1.0, 2.0]]}, timeout=30)
     assert answer.status_code == 400
     assert "input has shape [1, 2]; this model expects [-1, 64]" in answer.json()["message"]
@@ -54,7 +56,7 @@ def test_bad_request_gets_400_naming_the_problem(settings: Settings, digits_mode
 
 
 def test_generic_pyfunc_model_is_served(settings: Settings) -> None:
-    uri = register_pyfunc(DoubleIt(), "double-it", str(settings.artifact_root))
+    uri = register_pyfunc(DoubleIt(), "double-it", str(settings.state.artifacts))
     record = deploy_model(uri, settings=settings)
     answer = httpx.post(f"{record.endpoint}/invocations", json={"inputs": [[1.0, 2.0, 3.0]]}, timeout=30)
     assert answer.status_code == 200, answer.text
@@ -76,17 +78,17 @@ def test_generic_pyfunc_model_is_served(settings: Settings) -> None:
 def test_unknown_model_alias_or_version(
     settings: Settings, digits_model: str, uri: str, error: type, message: str
 ) -> None:
-    before = load_records(settings.records_path)
+    before = load_records(settings.state.records)
     with pytest.raises(error, match=message):
         deploy_model(uri, settings=settings)
-    assert load_records(settings.records_path) == before
+    assert load_records(settings.state.records) == before
 
 
 def test_unservable_flavour_is_refused(settings: Settings) -> None:
-    uri = register_unservable("onnx-only", str(settings.artifact_root))
+    uri = register_unservable("onnx-only", str(settings.state.artifacts))
     with pytest.raises(UnsupportedModel, match=r"has flavours \['onnx_custom'\]; nodewise serves models with one of"):
         deploy_model(uri, settings=settings)
-    assert "onnx-only" not in load_records(settings.records_path)
+    assert "onnx-only" not in load_records(settings.state.records)
 
 
 def test_unreachable_registry_fails_after_bounded_retries(settings: Settings) -> None:
@@ -103,10 +105,10 @@ def test_unreachable_registry_fails_after_bounded_retries(settings: Settings) ->
 def test_a_model_that_fails_to_load_is_rolled_back(settings: Settings) -> None:
     from ray import serve
 
-    uri = register_pyfunc(BrokenOnLoad(), "broken", str(settings.artifact_root))
+    uri = register_pyfunc(BrokenOnLoad(), "broken", str(settings.state.artifacts))
     with pytest.raises(
         DeployFailed, match=r"did not become RUNNING .*this model cannot load.*rolled back: deleted broken"
     ):
         deploy_model(uri, settings=settings)
     assert "broken" not in serve.status().applications
-    assert "broken" not in load_records(settings.records_path)
+    assert "broken" not in load_records(settings.state.records)

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from nodewise.core.errors import DeployFailed
-from tasks.k8s.apply import KubernetesUnavailable, api_client, apply, delete, restart_group, restart_pod, wait_ready
+from nodewise.core.errors import DeployFailed, KubernetesUnavailable
+from tasks.k8s.apply import apply, delete, restart_group, restart_pod, wait_ready
+from tasks.kubeapi import api_client
 from tests.kube_emulator import client_for, kube_emulator, write_kubeconfig
 from tests.unit.test_k8s_render import multi_node
 

@@ -36,7 +36,7 @@ def applied(settings: Settings, api: object, objects: list[dict], plan: object) 
     rendered = Rendered(
         objects=objects, plan=plan, warnings=[], model_uri="models:/m/1", model_name="m", model_version="1"
     )
-    return save_record(settings.k8s_records_path, rendered.record()).app_name
+    return save_record(settings.state.k8s_records, rendered.record()).app_name
 
 
 def add_pod(api: object, name: str, app: str, status: dict) -> None:

@@ -55,10 +55,10 @@ def test_a_model_that_fits_nowhere_is_not_deployed(settings: Settings, digits_mo
 
     tiny = tmp_path / "tiny.yaml"
     tiny.write_text("nodes: [{name: pi, cpus: 1, host_memory: 300Mi}]\n")
-    before = load_records(settings.records_path)
+    before = load_records(settings.state.records)
     with pytest.raises(DoesNotFit, match=r"was not deployed: fits nowhere: one copy needs 5\d\d\.\d MiB; the largest"):
         deploy_model(digits_model, inventory=str(tiny), settings=settings)
-    assert load_records(settings.records_path) == before
+    assert load_records(settings.state.records) == before
     import ray
 
     if ray.is_initialized():

@@ -135,7 +135,7 @@ def test_setting_the_alias_on_mlflow_server_announces_the_promotion(
 
     client = MlflowClient(tracking_uri=mlflow_server, registry_uri=mlflow_server)
     client.create_webhook("nodewise", receiver, events=["model_version_alias.created"], secret=SECRET)
-    version = register_on(mlflow_server, "promoted", str(settings.artifact_root))
+    version = register_on(mlflow_server, "promoted", str(settings.state.artifacts))
     started = time.monotonic()
     client.set_registered_model_alias("promoted", "champion", version)
     [event] = events_of("promoted")
@@ -171,7 +171,7 @@ def alias_body(name: str, version: str, alias: str = "champion") -> bytes:
 def test_forged_stale_replayed_malformed_and_unknown_deliveries(
     settings: Settings, mlflow_server: str, receiver: str
 ) -> None:
-    version = register_on(mlflow_server, "guarded", str(settings.artifact_root))
+    version = register_on(mlflow_server, "guarded", str(settings.state.artifacts))
     body = alias_body("guarded", version)
     forged = deliver(receiver, body, secret="not-the-secret")
     assert (forged.status_code, forged.json()["error"].startswith("signature does not match")) == (401, True)
@@ -197,9 +197,9 @@ def test_the_poller_announces_each_change_once_across_restarts(settings: Setting
     from mlflow import MlflowClient
 
     client = MlflowClient()  # the module's SQLite registry: no webhooks there
-    api, state = prefect_api(), settings.state_path / "poller.json"
-    v1 = register_on(settings.tracking_uri, "polled", str(settings.artifact_root))
-    v2 = register_on(settings.tracking_uri, "polled", str(settings.artifact_root))
+    api, state = prefect_api(), settings.state.poller
+    v1 = register_on(settings.tracking_uri, "polled", str(settings.state.artifacts))
+    v2 = register_on(settings.tracking_uri, "polled", str(settings.state.artifacts))
     client.set_registered_model_alias("polled", "champion", v1)
     assert [e["payload"]["version"] for e in Poller(client, state, "champion").poll_once(api)] == [v1]
     assert Poller(client, state, "champion").poll_once(api) == []  # a restarted poller: nothing new

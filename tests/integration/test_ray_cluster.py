@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 from flows.deploy import deploy_model
-from nodewise.core.runtime import configure_process, haproxy_dir, serve_environment
+from nodewise.core.runtime import configure_process, serve_environment
 from nodewise.core.settings import Settings
 
 from .conftest import _SESSION_RAY_TOKEN, free_port_block, make_settings
@@ -77,7 +77,7 @@ def two_node_cluster(prefect_harness: None) -> Iterator[tuple[str, Settings]]:
         _stop_processes_of(str(temp))
         # Serve's HAProxy runs from the HAProxy folder of ``local_like`` (its RAY_SERVE_HAPROXY_* paths),
         # not from ``temp``: left running, it holds ports 8404/9101 and the next module's HAProxy cannot start.
-        _stop_processes_of(str(haproxy_dir(local_like)))
+        _stop_processes_of(str(local_like.state.haproxy))
         os.environ.clear()
         os.environ.update(saved)
         for folder in (temp, local_like.state_path, *(s.state_path for s in made)):
@@ -94,7 +94,7 @@ def test_deploys_onto_an_existing_two_node_cluster_and_serves_from_both(
     from tasks.rayserve.cluster import read_local_cluster
 
     address, settings = two_node_cluster
-    model = register_demo_model(str(settings.artifact_root))
+    model = register_demo_model(str(settings.state.artifacts))
     record = deploy_model(f"models:/{model.name}@champion", inventory=f"ray:{address}", settings=settings)
     assert read_local_cluster(settings) is None  # nodewise started no Ray of its own
     nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
@@ -122,7 +122,7 @@ def test_a_lost_node_leaves_its_replica_unschedulable_and_the_watchdog_reports_i
     from tasks.watchdog.engine import watch_once
 
     _, settings = two_node_cluster
-    [record] = load_records(settings.records_path).values()  # deployed by the test above
+    [record] = load_records(settings.state.records).values()  # deployed by the test above
     head = next(n for n in ray.nodes() if "node:__internal_head__" in n["Resources"])
     [worker] = [n for n in ray.nodes() if n["Alive"] and n["NodeID"] != head["NodeID"]]
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy

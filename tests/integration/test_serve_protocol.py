@@ -37,7 +37,7 @@ def digits(settings: Settings, digits_model: str) -> DeploymentRecord:
 def columns(settings: Settings) -> DeploymentRecord:
     example = pd.DataFrame({"a": [1.0, 2.0], "b": [10.0, 20.0]})
     return deploy_model(
-        register_pyfunc(AddColumns(), "add-columns", str(settings.artifact_root), example), settings=settings
+        register_pyfunc(AddColumns(), "add-columns", str(settings.state.artifacts), example), settings=settings
     )
 
 

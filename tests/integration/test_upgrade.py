@@ -34,7 +34,7 @@ def served_version(endpoint: str) -> str:
 
 
 def test_upgrade_under_a_steady_client_loses_no_request(settings: Settings) -> None:
-    root = str(settings.artifact_root)
+    root = str(settings.state.artifacts)
     v1 = register_demo_model(root)
     first = deploy_model(f"models:/{v1.name}/{v1.version}", settings=settings)
     v2 = register_demo_model(root, retrain=True)
@@ -48,21 +48,21 @@ def test_upgrade_under_a_steady_client_loses_no_request(settings: Settings) -> N
     assert client.failures == []
     assert client.ok > 50
     assert served_version(second.endpoint) == v2.version
-    record = get_record(settings.records_path, second.app_name)
+    record = get_record(settings.state.records, second.app_name)
     assert (record.model_version, record.previous_version) == (v2.version, v1.version)
 
 
 def test_a_failed_upgrade_rolls_back_and_the_old_version_keeps_serving(settings: Settings) -> None:
     from .models import BrokenOnLoad, register_pyfunc
 
-    current = get_record(settings.records_path, "nodewise-digits")
+    current = get_record(settings.state.records, "nodewise-digits")
     assert current is not None
     # A broken version of the same registered model.
-    broken = register_pyfunc(BrokenOnLoad(), "nodewise-digits", str(settings.artifact_root))
+    broken = register_pyfunc(BrokenOnLoad(), "nodewise-digits", str(settings.state.artifacts))
     with SteadyClient(f"{current.endpoint}/invocations", body()) as client:
         with pytest.raises(DeployFailed, match=r"this model cannot load.*rolled back"):
             deploy_model(broken, settings=settings)
         time.sleep(2)
     assert client.failures == []
     assert served_version(current.endpoint) == current.model_version
-    assert get_record(settings.records_path, "nodewise-digits").model_version == current.model_version
+    assert get_record(settings.state.records, "nodewise-digits").model_version == current.model_version

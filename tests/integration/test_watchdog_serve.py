@@ -47,7 +47,7 @@ def flags(settings: Settings) -> Path:
 
 @pytest.fixture(scope="module")
 def deployed(settings: Settings, flags: Path) -> DeploymentRecord:
-    uri = register_pyfunc(FaultOnFlag(str(flags)), "faulty", str(settings.artifact_root))
+    uri = register_pyfunc(FaultOnFlag(str(flags)), "faulty", str(settings.state.artifacts))
     return deploy_model(uri, settings=settings)
 
 

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks.triggers.promotion import Rejected, SeenDeliveries, parse_promotion, promotion_event, sign, verify
+from nodewise.core.errors import WebhookRejected
+from tasks.triggers.promotion import SeenDeliveries, parse_promotion, promotion_event, sign, verify
 
 SECRET = "s3cret"
 BODY = json.dumps(
@@ -34,14 +35,14 @@ def test_mlflows_signature_scheme() -> None:
 
 def test_a_good_delivery_passes_and_bad_ones_say_why() -> None:
     assert verify(headers(), BODY, SECRET, 300, now=1010) == "d-1"
-    with pytest.raises(Rejected, match="signature does not match") as forged:
+    with pytest.raises(WebhookRejected, match="signature does not match") as forged:
         verify(headers(secret="other"), BODY, SECRET, 300, now=1010)
     assert forged.value.status == 401
-    with pytest.raises(Rejected, match="signature does not match"):
+    with pytest.raises(WebhookRejected, match="signature does not match"):
         verify(headers(), BODY + b" ", SECRET, 300, now=1010)  # a body changed on the way
-    with pytest.raises(Rejected, match="delivery is 400 s old, past the 300 s allowed"):
+    with pytest.raises(WebhookRejected, match="delivery is 400 s old, past the 300 s allowed"):
         verify(headers(), BODY, SECRET, 300, now=1400)
-    with pytest.raises(Rejected, match="missing X-MLflow-Delivery-Id"):
+    with pytest.raises(WebhookRejected, match="missing X-MLflow-Delivery-Id"):
         verify({}, BODY, SECRET, 300, now=1000)
 
 
@@ -50,7 +51,7 @@ def test_payloads() -> None:
     assert parse_promotion(BODY, events) == ("m", "champion", "3")
     assert parse_promotion(b'{"entity": "registered_model", "action": "created", "data": {}}', events) is None
     for bad in (b"{oops", b"[]", b'{"entity": "model_version_alias"}'):
-        with pytest.raises(Rejected, match="not an MLflow webhook payload") as e:
+        with pytest.raises(WebhookRejected, match="not an MLflow webhook payload") as e:
             parse_promotion(bad, events)
         assert e.value.status == 400
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from nodewise.core.runtime import haproxy_dir, library_environment, serve_environment
+from nodewise.core.runtime import library_environment, serve_environment
 from nodewise.core.settings import ServeSettings, Settings
 from serving.app import build_app
 from tasks.planning.placement import PlacementPlan
@@ -105,7 +105,7 @@ def test_serve_environment_reaches_haproxy_paths_inside_short_state_folders(tmp_
     env = serve_environment(settings)
     assert env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
     assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
-    hap = haproxy_dir(settings)
+    hap = settings.state.haproxy
     assert env["RAY_SERVE_HAPROXY_SOCKET_PATH"] == str(hap / "admin.sock")
     # Serve adds "/<56-char node id>/metrics.sock"; HAProxy refuses socket paths of 97+ characters.
     assert len(env["RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH"]) + 57 < 97
