@@ -13,11 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from serving.autotp import HEAD_FIELDS, architecture_refusal, uneven_heads
 from serving.spec import DeepSpeedSpec
-
-# DeepSpeed 0.19's AutoTP refuses these architectures (a kernel-injection policy exists instead).
-AUTOTP_REFUSES = ("deberta", "flaubert", "fsmt", "gpt2", "led", "longformer", "xlm", "xlnet")
-AUTOTP_FAMILIES = "Llama, Mistral, Mixtral, Qwen2, Gemma, Phi, Falcon, OPT, BLOOM, GPT-J, GPT-NeoX, MPT, T5, BERT"
 
 
 class CannotShard(RuntimeError):
@@ -174,22 +171,15 @@ def check_shardable(module: Any, tp_size: int) -> None:
     if tp_size == 1:
         return
     config = getattr(module, "config", None)
-    model_type = getattr(config, "model_type", None)
+    model_type = getattr(config, "model_type", None) if config is not None else None
     name = type(module).__name__
-    if config is None or model_type in AUTOTP_REFUSES:
-        what = f"{name} ({model_type})" if model_type else f"{name}, a custom torch module"
-        raise CannotShard(
-            f"DeepSpeed AutoTP cannot shard {what} over {tp_size} ranks: it shards Hugging Face transformer "
-            f"models ({AUTOTP_FAMILIES}, ...), not {', '.join(AUTOTP_REFUSES)} nor custom modules; "
-            "register a supported architecture, or give the model a node that holds it whole (Ray Serve)"
-        )
-    for attr in ("num_attention_heads", "num_key_value_heads"):
-        heads = getattr(config, attr, None)
-        if heads and heads % tp_size:
-            raise CannotShard(
-                f"{name} has {attr}={heads}, which {tp_size} ranks cannot split evenly; "
-                f"use a rank count that divides {heads}"
-            )
+    what = f"{name} ({model_type})" if model_type else f"{name}, a custom torch module"
+    refused = architecture_refusal(model_type, tp_size, what)
+    if refused:
+        raise CannotShard(f"{refused}; register a supported architecture, or give the model a node that holds it whole")
+    uneven = uneven_heads(tp_size, {field: getattr(config, field, None) for field in HEAD_FIELDS})
+    if uneven:
+        raise CannotShard(f"{name} has {uneven}; use a rank count that divides it")
 
 
 def local_shm_files(master_addr: str, master_port: int) -> list[str]:

@@ -12,19 +12,9 @@ from typing import Any
 
 import numpy as np
 
+from serving.errors import BadRequest, UnsupportedMediaType, encode_json
+
 JSON_KEYS = ("dataframe_split", "dataframe_records", "instances", "inputs")
-
-
-class BadRequest(ValueError):
-    """A request the client must fix (answered 400)."""
-
-
-class UnsupportedMediaType(ValueError):
-    """A content type the protocol does not take (answered 415, as `mlflow models serve` does)."""
-
-
-class PayloadTooLarge(ValueError):
-    """A body over the configured limit (answered 413)."""
 
 
 def parse_body(body: bytes, content_type: str) -> Any:
@@ -117,14 +107,17 @@ def check_shape(array: np.ndarray, shape: tuple[int, ...]) -> None:
 
 
 def encode_predictions(predictions: Any) -> bytes:
-    """Encode model output as ``mlflow models serve`` does: ``{"predictions": ...}``."""
-    return json.dumps({"predictions": _jsonable(predictions)}).encode()
+    """Encode model output as ``mlflow models serve`` does: ``{"predictions": ...}`` (one encoder for
+    every endpoint: ``serving.errors.encode_json``)."""
+    return encode_json({"predictions": _jsonable(predictions)})
 
 
 def _jsonable(value: Any) -> Any:
     if hasattr(value, "to_dict") and hasattr(value, "columns"):  # DataFrame
         return value.to_dict(orient="records")
-    if hasattr(value, "tolist"):  # numpy array, pandas Series, torch tensor
+    if isinstance(value, np.ndarray) and value.dtype.kind in "fiub" and value.dtype.itemsize <= 8:
+        return np.ascontiguousarray(value)  # orjson writes numeric arrays itself, fast
+    if hasattr(value, "tolist"):  # other numpy arrays, pandas Series, torch tensors
         return value.tolist()
     if isinstance(value, dict):
         return {k: _jsonable(v) for k, v in value.items()}

@@ -2,7 +2,7 @@
 
 Routes, under the application's route prefix (one prefix per model):
 ``POST /invocations``, ``GET /ping``, ``GET /health``, ``GET /version``.
-Errors map to statuses in one place (``_error_response``): bad input 400, body too large 413,
+Errors map to statuses in one place (``serving/errors.py``): bad input 400, body too large 413,
 unsupported content type 415, unknown route 404, model not ready 503, anything else 500 with a
 request id in the log.
 
@@ -14,11 +14,9 @@ restart budget; ``check_health`` only says whether the model is loaded.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
-import uuid
 from typing import Any
 
 import numpy as np
@@ -27,7 +25,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from serving._model import LoadedModel
-from serving._protocol import BadRequest, PayloadTooLarge, UnsupportedMediaType, encode_predictions
+from serving._protocol import encode_predictions
+from serving.errors import NotFound, NotReady, PayloadTooLarge, encode_json, error_response
 from serving.spec import ModelServeSpec
 
 logger = logging.getLogger("ray.serve")
@@ -57,20 +56,13 @@ class ModelServer:
                 response = await self._invocations(request)
                 self.outcomes.add(ok=True)
                 return response
-            return _json(
-                404,
-                {
-                    "error_code": "ENDPOINT_NOT_FOUND",
-                    "message": f"no route {request.method} {path}; "
-                    "use POST /invocations, GET /ping, /health or /version",
-                },
-            )
-        except Exception as e:  # one place maps every error to a status
+            raise NotFound(f"no route {request.method} {path}; use POST /invocations, GET /ping, /health or /version")
+        except Exception as e:  # one place maps every error to a status (serving/errors.py)
             return self._error_response(e)
 
     def _ping(self) -> Response:
         if self.model is None:
-            return _json(503, {"error_code": "NOT_READY", "message": "model is not loaded"})
+            raise NotReady("model is not loaded")
         return Response(b"\n", status_code=200, media_type=_JSON)
 
     async def _invocations(self, request: Request) -> Response:
@@ -119,22 +111,12 @@ class ModelServer:
         return np.split(out, np.cumsum(sizes)[:-1])
 
     def _error_response(self, error: Exception) -> Response:
-        if isinstance(error, BadRequest):
-            return _json(400, {"error_code": "BAD_REQUEST", "message": str(error)})
-        if isinstance(error, UnsupportedMediaType):
-            return _json(415, {"error_code": "UNSUPPORTED_MEDIA_TYPE", "message": str(error)})
-        if isinstance(error, PayloadTooLarge):
-            return _json(413, {"error_code": "PAYLOAD_TOO_LARGE", "message": str(error)})
-        self.outcomes.add(ok=False)
-        request_id = uuid.uuid4().hex[:12]
-        logger.exception("request %s failed", request_id)
-        return _json(
-            500,
-            {
-                "error_code": "INTERNAL_ERROR",
-                "message": f"internal error; see the replica log for request id {request_id}",
-            },
-        )
+        status, body = error_response(error, self._log_failure, where="the replica log")
+        return Response(body, status_code=status, media_type=_JSON)
+
+    def _log_failure(self, request_id: str, error: Exception) -> None:
+        self.outcomes.add(ok=False)  # a 500 is the replica's failure; a client's 4xx is not
+        logger.error("request %s failed", request_id, exc_info=error)
 
     def check_health(self) -> None:
         """Called by Ray Serve; raising makes Serve restart this replica alone."""
@@ -186,7 +168,7 @@ def _subpath(request: Request) -> str:
 
 
 def _json(status: int, payload: dict[str, Any]) -> Response:
-    return Response(json.dumps(payload).encode(), status_code=status, media_type=_JSON)
+    return Response(encode_json(payload), status_code=status, media_type=_JSON)
 
 
 def build_app(spec: ModelServeSpec, runtime_env: dict[str, Any] | None = None) -> Any:

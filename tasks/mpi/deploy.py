@@ -17,7 +17,7 @@ import numpy as np
 
 from nodewise.core.errors import DeployFailed, UnsupportedModel
 from nodewise.core.settings import Settings, SmokeSettings
-from serving._lm import AUTOTP_FAMILIES, AUTOTP_REFUSES
+from serving.autotp import architecture_refusal, uneven_heads
 from serving.dist_env import is_local_host
 from serving.spec import DeepSpeedSpec
 from tasks.mpi.launcher import launch, read_cluster, stop_cluster, wait_ready
@@ -77,25 +77,21 @@ def build_deepspeed_spec(model: ResolvedModel, plan: PlacementPlan, settings: Se
 
 
 def _check_architecture(model: ResolvedModel, tp_size: int) -> None:
-    """Refuse before launching what AutoTP would refuse on every rank."""
+    """Refuse before launching what AutoTP would refuse on every rank (serving/autotp.py's rule)."""
     with artifact_file(model, "model/config.json") as path:
         if path is None:
             return
         config = json.loads(Path(path).read_text())
-    model_type = config.get("model_type", "?")
-    if model_type in AUTOTP_REFUSES:
+    model_type = str(config.get("model_type", "?"))
+    refused = architecture_refusal(model_type, tp_size, model_type)
+    if refused:
         raise UnsupportedModel(
-            f"{model.pinned_uri} ({model_type}) needs {tp_size} tensor-parallel ranks, but DeepSpeed AutoTP "
-            f"cannot shard {model_type}; it shards {AUTOTP_FAMILIES} and similar models; register one of "
-            "those, or give the model a node that holds it whole"
+            f"{model.pinned_uri} ({model_type}) needs {tp_size} tensor-parallel ranks, but {refused}; register "
+            "a supported architecture, or give the model a node that holds it whole"
         )
-    for key in ("num_key_value_heads", "num_attention_heads"):
-        heads = config.get(key)
-        if isinstance(heads, int) and heads % tp_size:
-            raise UnsupportedModel(
-                f"{model.pinned_uri} has {key}={heads}, which {tp_size} ranks cannot split evenly; "
-                "declare nodes so that the rank count divides it"
-            )
+    uneven = uneven_heads(tp_size, config)
+    if uneven:
+        raise UnsupportedModel(f"{model.pinned_uri} has {uneven}; declare nodes so that the rank count divides it")
 
 
 def deploy_cluster(

@@ -12,6 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from serving.autotp import uneven_heads
 from tasks.planning.inventory import Inventory, Node
 from tasks.planning.profiling import MemoryProfile
 
@@ -137,9 +138,15 @@ def _single_device(
 
 def _tp_candidates(profile: MemoryProfile, limit: int) -> list[int]:
     sizes = [k for k in (2, 4, 8, 16, 32, 64) if k <= limit]
-    if profile.attention_heads:
-        sizes = [k for k in sizes if profile.attention_heads % k == 0]
-    return sizes
+    return [k for k in sizes if _splits(profile, k)]
+
+
+def _splits(profile: MemoryProfile, tp: int) -> bool:
+    """Whether ``tp`` ranks split the model's heads evenly (serving/autotp.py, as the ranks check)."""
+    return (
+        uneven_heads(tp, {"num_attention_heads": profile.attention_heads, "num_key_value_heads": profile.kv_heads})
+        is None
+    )
 
 
 def _multi_device(profile: MemoryProfile, node: Node, headroom: float, largest: int) -> PlacementPlan | None:
@@ -180,7 +187,7 @@ def _multi_node(profile: MemoryProfile, inventory: Inventory, headroom: float, l
     group = [n for n in by_devices if len(n.devices) == per_node]
     for count in range(2, len(group) + 1):
         tp = count * per_node
-        if profile.attention_heads and profile.attention_heads % tp:
+        if not _splits(profile, tp):
             continue
         budget = int(min(d.memory_bytes for n in group[:count] for d in n.devices) * headroom)
         need = profile.per_rank_bytes(tp)

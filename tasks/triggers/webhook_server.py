@@ -9,7 +9,6 @@ through. ``GET /health``: 200.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from collections.abc import Callable
@@ -18,6 +17,15 @@ from typing import Any
 
 from nodewise.core.errors import InvalidInput, NodewiseError, WebhookRejected
 from nodewise.core.settings import Settings
+from serving.errors import (
+    BadRequest,
+    NotFound,
+    PayloadTooLarge,
+    Unauthorized,
+    UpstreamFailed,
+    encode_json,
+    error_response,
+)
 from tasks.triggers.promotion import SeenDeliveries, parse_promotion, post_events, promotion_event, verify
 
 logger = logging.getLogger("nodewise.receiver")
@@ -40,12 +48,13 @@ class Receiver:
         self.seen = SeenDeliveries(settings.state.webhook_deliveries, keep_s=2 * settings.triggers.max_age_s)
 
     def handle(self, headers: dict[str, str], body: bytes) -> tuple[int, dict[str, Any]]:
+        """(status, answer) for one delivery; a refusal raises a ``serving.errors.ProtocolError``."""
         try:
             delivery = verify(headers, body, self.secret, self.triggers.max_age_s)
             promotion = parse_promotion(body, tuple(self.triggers.webhook_events))
         except WebhookRejected as e:
             logger.warning("webhook refused (%s): %s", e.status, e)
-            return e.status, {"error": str(e)}
+            raise (Unauthorized if e.status == 401 else BadRequest)(str(e)) from e
         if promotion is None:
             return 200, {"ignored": "not a promotion event this receiver watches"}
         name, alias, version = promotion
@@ -63,7 +72,7 @@ class Receiver:
         except NodewiseError as e:
             self.seen.forget(delivery)  # let MLflow's retry through
             logger.error("webhook %s not passed on: %s", delivery, e)
-            return 502, {"error": str(e)}
+            raise UpstreamFailed(str(e)) from e
         logger.info(
             "promotion of %s@%s to version %s announced (event %s)",
             name,
@@ -80,23 +89,26 @@ def serve(receiver: Receiver, host: str, port: int) -> ThreadingHTTPServer:
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             if self.path.rstrip("/") == "/health":
-                self._answer(200, {"status": "ok"})
+                self._answer(200, encode_json({"status": "ok"}))
             else:
-                self._answer(404, {"error": f"no route GET {self.path}; use POST /webhook or GET /health"})
+                self._refuse(NotFound(f"no route GET {self.path}; use POST /webhook or GET /health"))
 
         def do_POST(self) -> None:
-            if self.path.rstrip("/") != "/webhook":
-                self._answer(404, {"error": f"no route POST {self.path}; use POST /webhook"})
-                return
-            length = int(self.headers.get("Content-Length") or 0)
-            if length > MAX_BODY:
-                self._answer(413, {"error": f"body is {length} bytes; a webhook payload is under {MAX_BODY}"})
-                return
-            status, answer = receiver.handle(dict(self.headers.items()), self.rfile.read(length))
-            self._answer(status, answer)
+            try:
+                if self.path.rstrip("/") != "/webhook":
+                    raise NotFound(f"no route POST {self.path}; use POST /webhook")
+                length = int(self.headers.get("Content-Length") or 0)
+                if length > MAX_BODY:
+                    raise PayloadTooLarge(f"body is {length} bytes; a webhook payload is under {MAX_BODY}")
+                status, answer = receiver.handle(dict(self.headers.items()), self.rfile.read(length))
+                self._answer(status, encode_json(answer))
+            except Exception as e:  # one place maps every error to a status (serving/errors.py)
+                self._refuse(e)
 
-        def _answer(self, status: int, payload: dict[str, Any]) -> None:
-            body = json.dumps(payload).encode()
+        def _refuse(self, error: Exception) -> None:
+            self._answer(*error_response(error, _log_failure, where="the receiver's log"))
+
+        def _answer(self, status: int, body: bytes) -> None:
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
@@ -131,3 +143,7 @@ def start_in_thread(server: ThreadingHTTPServer) -> threading.Thread:
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     return thread
+
+
+def _log_failure(request_id: str, error: Exception) -> None:
+    logger.error("webhook request %s failed", request_id, exc_info=error)

@@ -174,12 +174,12 @@ def test_forged_stale_replayed_malformed_and_unknown_deliveries(
     version = register_on(mlflow_server, "guarded", str(settings.state.artifacts))
     body = alias_body("guarded", version)
     forged = deliver(receiver, body, secret="not-the-secret")
-    assert (forged.status_code, forged.json()["error"].startswith("signature does not match")) == (401, True)
+    assert (forged.status_code, forged.json()["message"].startswith("signature does not match")) == (401, True)
     stale = deliver(receiver, body, stamp=time.time() - 3600)
     assert stale.status_code == 401
-    assert "past the 300 s allowed" in stale.json()["error"]
+    assert "past the 300 s allowed" in stale.json()["message"]
     garbage = deliver(receiver, b"{not json")
-    assert (garbage.status_code, garbage.json()["error"].startswith("not an MLflow webhook payload")) == (400, True)
+    assert (garbage.status_code, garbage.json()["message"].startswith("not an MLflow webhook payload")) == (400, True)
     unknown = deliver(receiver, alias_body("no-such-model", "1"))
     assert unknown.json() == {"ignored": "model 'no-such-model' is not in the registry"}
     assert events_of("no-such-model", timeout_s=2) == []

@@ -15,8 +15,8 @@ import pytest
 from nodewise.core.errors import UnsupportedModel
 from nodewise.core.settings import Settings
 from serving._lm import CannotShard, check_shardable
-from serving._protocol import BadRequest
-from serving.deepspeed_worker import ClusterView, Frontend, NotReady, RankState
+from serving.deepspeed_worker import ClusterView, Frontend, RankState
+from serving.errors import BadRequest, NotReady
 from serving.spec import DeepSpeedSpec
 from tasks.mpi.deploy import build_deepspeed_spec
 from tasks.mpi.launcher import mpirun_command

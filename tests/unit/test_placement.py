@@ -1,6 +1,7 @@
 import pytest
 
 from nodewise.core.errors import InvalidInventory
+from serving.autotp import uneven_heads
 from tasks.planning.inventory import Device, Inventory, Node
 from tasks.planning.placement import plan_placement
 from tasks.planning.profiling import MemoryProfile
@@ -55,6 +56,18 @@ def test_tensor_parallel_respects_attention_head_divisibility() -> None:
     plan = plan_placement(profile(130, heads=12), inv)  # tp=8 does not divide 12 heads
     assert plan.tp_size in (2, 4)
     assert 12 % plan.tp_size == 0
+
+
+def test_placement_plans_only_rank_counts_the_ranks_accept() -> None:
+    """One AutoTP rule (serving/autotp.py): 4 ranks split 48 query heads but not 6 KV heads, which
+    the ranks refuse; placement skips 4 and plans 6 (it used to plan 4 from the query heads alone)."""
+    inv = Inventory(source="test", nodes=[gpu_node(f"g{i}", gpus=2, gib=80) for i in range(4)])
+    gqa = MemoryProfile(method="analytic", weight_bytes=200 * GIB, attention_heads=48, kv_heads=6)
+    plan = plan_placement(gqa, inv)
+    assert (plan.backend, plan.nodes, plan.ranks) == ("deepspeed_mpi", 3, 6)
+    assert uneven_heads(4, {"num_attention_heads": 48, "num_key_value_heads": 6}) == (
+        "num_key_value_heads=6, which 4 ranks cannot split evenly"
+    )
 
 
 def test_too_big_for_one_node_goes_multi_node_deepspeed() -> None:

@@ -3,7 +3,8 @@ import json
 import numpy as np
 import pytest
 
-from serving._protocol import BadRequest, UnsupportedMediaType, encode_predictions, parse_body, to_tensor
+from serving._protocol import encode_predictions, parse_body, to_tensor
+from serving.errors import BadRequest, UnsupportedMediaType
 
 
 def body(payload: object) -> bytes:
