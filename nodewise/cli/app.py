@@ -110,15 +110,16 @@ def demo(
     settings = _settings(runs_flows=True)
     started = time.monotonic()
     from nodewise.cli.demo import register_demo_model
+    from nodewise.cli.demo_show import demo_multi_node, deploy_and_report, show_prediction
 
     typer.echo(f"state folder: {settings.state_path}")
     model = register_demo_model(str(settings.state.artifacts), retrain=retrain)
     verb = "trained and registered" if model.trained else "reusing"
     typer.echo(f"{verb} models:/{model.name}/{model.version} (test accuracy {model.accuracy:.1%}), alias @champion")
-    record = _deploy(f"models:/{model.name}@champion", None, settings)
-    _show_prediction(record.endpoint)
+    record = deploy_and_report(f"models:/{model.name}@champion", None, settings)
+    show_prediction(record.endpoint)
     if lm:
-        _demo_multi_node(settings, retrain)
+        demo_multi_node(settings, retrain)
     typer.echo(f"ready in {time.monotonic() - started:.1f} s")
     if detach:
         typer.echo("detached: `nodewise status` shows it, `nodewise down` stops it")
@@ -134,43 +135,6 @@ def demo(
             typer.echo(line)
 
 
-def _demo_multi_node(settings: Settings, retrain: bool) -> None:
-    from mlflow import MlflowClient
-
-    from nodewise.cli.demo import DEMO_LM, register_demo_lm, too_small_inventory
-    from tasks.planning.profile_models import profile_with_cache
-    from tasks.planning.registry import resolve_model
-
-    version = register_demo_lm(str(settings.state.artifacts), retrain=retrain)
-    typer.echo(f"registered models:/{DEMO_LM}/{version} (a Llama-style causal LM, random weights), alias @champion")
-    model = resolve_model(f"models:/{DEMO_LM}@champion", MlflowClient())
-    profile = profile_with_cache(model, batch_size=settings.serve.max_batch_size, device="cpu")
-    inventory = too_small_inventory(
-        settings.state.demo_inventory,
-        profile.total_bytes,
-        profile.per_rank_bytes(2),
-        settings.placement.headroom_fraction,
-    )
-    typer.echo(
-        f"declared inventory {inventory}: 2 nodes on this machine, each too small for one copy "
-        f"({profile.total_bytes / 2**20:.0f} MiB)"
-    )
-    record = _deploy(f"models:/{DEMO_LM}@champion", None, settings, inventory)
-    _show_generation(record.endpoint)
-
-
-def _show_generation(endpoint: str) -> None:
-    import httpx
-
-    body = {"prompt": "nodewise serves", "max_new_tokens": 12}
-    answer = httpx.post(f"{endpoint}/generate", json=body, timeout=60).json()
-    typer.echo(f"generated (random weights, so nonsense): {answer['generated_text'][0]!r}")
-    typer.echo(
-        f"try it:\n  curl -s -X POST {endpoint}/generate -H 'Content-Type: application/json' "
-        f"-d '{json.dumps(body, separators=(',', ':'))}'"
-    )
-
-
 def _stop_on_signals() -> None:
     """Ctrl-C and SIGTERM both stop what the demo started (even if SIGINT was inherited ignored)."""
 
@@ -179,34 +143,6 @@ def _stop_on_signals() -> None:
 
     signal.signal(signal.SIGINT, interrupt)
     signal.signal(signal.SIGTERM, interrupt)
-
-
-def _show_prediction(endpoint: str) -> None:
-    import httpx
-
-    from nodewise.cli.demo import digits_split
-
-    _, _, x_test, y_test = digits_split()
-    row = [round(float(v), 4) for v in x_test[0]]
-    body = {"inputs": [row]}
-    answer = httpx.post(f"{endpoint}/invocations", json=body, timeout=30).json()
-    logits = answer["predictions"][0]
-    predicted = max(range(len(logits)), key=logits.__getitem__)
-    typer.echo(f"endpoint: {endpoint}/invocations")
-    typer.echo(f"prediction for a test image of a {int(y_test[0])}: {predicted}")
-    typer.echo(
-        "try it:\n  curl -s -X POST " + f"{endpoint}/invocations -H 'Content-Type: application/json' "
-        f"-d '{json.dumps(body, separators=(',', ':'))}'"
-    )
-
-
-def _deploy(uri: str, replicas: int | None, settings: Settings, inventory: str = "local") -> Any:
-    from flows.deploy import deploy_model
-
-    record = deploy_model(uri, replicas=replicas, inventory=inventory, settings=settings)
-    typer.echo(f"deployed {record.model_uri} (version {record.model_version}) -> {record.endpoint}")
-    typer.echo(f"plan: {record.plan}")
-    return record
 
 
 @app.command()
@@ -222,10 +158,11 @@ def deploy(
     One node holds it: Ray Serve replicas. Several nodes needed: DeepSpeed ranks under mpirun.
     """
     settings = _settings(runs_flows=True)  # the library environment first: before Prefect, MLflow or Ray load
+    from nodewise.cli.demo_show import deploy_and_report
     from tasks.planning.registry import parse_model_uri
 
     parse_model_uri(model_uri)  # a typo fails before anything starts
-    _deploy(model_uri, replicas, settings, inventory)
+    deploy_and_report(model_uri, replicas, settings, inventory)
 
 
 @app.command()

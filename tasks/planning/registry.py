@@ -156,21 +156,30 @@ class _registry_errors:
     def __exit__(self, kind: type | None, error: BaseException | None, tb: Any) -> bool:
         if error is None or isinstance(error, ModelNotFound | UnsupportedModel):
             return False
-        text = str(error)
-        unreachable = (
-            "Max retries exceeded",
-            "Connection refused",
-            "ConnectionError",
-            "Failed to establish",
-            "timed out",
-            "Name or service not known",
-        )
-        if isinstance(error, ConnectionError | TimeoutError) or any(s in text for s in unreachable):
+        cause = _connection_failure(error)
+        if cause is not None:
+            why = _first_line(str(cause) or type(cause).__name__)
             raise RegistryUnreachable(
-                f"could not reach the MLflow registry at {self._uri} ({_first_line(text)}); "
+                f"could not reach the MLflow registry at {self._uri} ({why}); "
                 "start it or point NODEWISE_MLFLOW__TRACKING_URI at a running one"
             ) from error
         return False
+
+
+def _connection_failure(error: BaseException) -> BaseException | None:
+    """The connection or timeout error behind ``error``, found by type along its chain (MLflow's
+    REST client wraps requests' errors in an MlflowException, explicitly or implicitly chained)."""
+    import requests
+
+    kinds = (ConnectionError, TimeoutError, requests.exceptions.ConnectionError, requests.exceptions.Timeout)
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        if isinstance(current, kinds):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def _first_line(text: str) -> str:
