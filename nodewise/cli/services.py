@@ -77,8 +77,37 @@ def up(settings: Settings, timeout_s: float = 120.0) -> Services:
     """Start everything (see the module's docstring); ServiceFailed naming what did not start."""
     from cryptography.fernet import Fernet
 
+    from nodewise.core.runtime import ensure_state_dir
+
     if read_services(settings) is not None:
         raise Busy("`nodewise up` already ran for this state folder; `nodewise down` first")
+    _check_ports(settings)
+    folder = settings.state.services
+    folder.mkdir(parents=True, exist_ok=True)
+    t = settings.triggers
+    fernet = _secret(folder / "fernet.key", Fernet.generate_key().decode())
+    webhook_secret = t.webhook_secret or _secret(folder / "webhook.secret", secrets.token_hex(24))
+    urls = Services(
+        prefect_api=f"http://127.0.0.1:{t.prefect_port}/api",
+        mlflow=f"http://127.0.0.1:{t.mlflow_port}",
+        receiver=f"http://127.0.0.1:{t.receiver_port}/webhook",
+        services=[],
+    )
+    ensure_state_dir(settings)
+    env = _service_env(settings, urls, webhook_secret, fernet)
+    started: list[Service] = []
+    try:
+        _start_all(settings, urls, env, started, timeout_s)
+        _ensure_webhook(urls.mlflow, urls.receiver, webhook_secret)
+    except BaseException:
+        _stop(started)
+        raise
+    services = urls.model_copy(update={"services": started})
+    write_json(folder / "services.json", services.model_dump(mode="json"))
+    return services
+
+
+def _check_ports(settings: Settings) -> None:
     t = settings.triggers
     for port, what in (
         (t.prefect_port, "PREFECT_PORT"),
@@ -87,83 +116,61 @@ def up(settings: Settings, timeout_s: float = 120.0) -> Services:
     ):
         if port_open("127.0.0.1", port):
             raise ServiceFailed(f"port {port} is in use; set NODEWISE_TRIGGERS__{what} to a free port")
-    folder = settings.state.services
-    folder.mkdir(parents=True, exist_ok=True)
-    fernet = _secret(folder / "fernet.key", Fernet.generate_key().decode())
-    webhook_secret = t.webhook_secret or _secret(folder / "webhook.secret", secrets.token_hex(24))
-    prefect_api = f"http://127.0.0.1:{t.prefect_port}/api"
-    mlflow = f"http://127.0.0.1:{t.mlflow_port}"
-    receiver = f"http://127.0.0.1:{t.receiver_port}/webhook"
-    from nodewise.core.runtime import ensure_state_dir, library_environment
 
-    ensure_state_dir(settings)
-    env = {
+
+def _service_env(settings: Settings, urls: Services, webhook_secret: str, fernet: str) -> dict[str, str]:
+    """The services' environment: the library environment (flow runs reach the local Ray and its
+    token as the CLI does), pointed at the Prefect and MLflow servers started here."""
+    from nodewise.core.runtime import library_environment
+
+    return {
         **os.environ,
-        **library_environment(settings),  # flow runs reach the local Ray (its token) like the CLI does
+        **library_environment(settings),
         "NODEWISE_STATE_DIR": str(settings.state_path),
-        "PREFECT_HOME": str(folder / "prefect"),
+        "PREFECT_HOME": str(settings.state.services / "prefect"),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_UI_ENABLED": "true",
         # The worker asks for runs every 2 s instead of 10: a promotion's run starts sooner (measured
         # in benchmarks/promotion_latency.py).
         "PREFECT_WORKER_QUERY_SECONDS": "2",
-        "NODEWISE_PREFECT__API_URL": prefect_api,
-        "PREFECT_API_URL": prefect_api,
-        "NODEWISE_MLFLOW__TRACKING_URI": mlflow,
-        "NODEWISE_MLFLOW__REGISTRY_URI": mlflow,
-        "MLFLOW_TRACKING_URI": mlflow,
-        "MLFLOW_REGISTRY_URI": mlflow,
+        "NODEWISE_PREFECT__API_URL": urls.prefect_api,
+        "PREFECT_API_URL": urls.prefect_api,
+        "NODEWISE_MLFLOW__TRACKING_URI": urls.mlflow,
+        "NODEWISE_MLFLOW__REGISTRY_URI": urls.mlflow,
+        "MLFLOW_TRACKING_URI": urls.mlflow,
+        "MLFLOW_REGISTRY_URI": urls.mlflow,
         "NODEWISE_TRIGGERS__WEBHOOK_SECRET": webhook_secret,
-        "NODEWISE_TRIGGERS__RECEIVER_PORT": str(t.receiver_port),
+        "NODEWISE_TRIGGERS__RECEIVER_PORT": str(settings.triggers.receiver_port),
         "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
         "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https",
         "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
         "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY": fernet,
     }
-    started: list[Service] = []
-    try:
-        started.append(
-            _start(
-                "prefect-server",
-                [_bin("prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(t.prefect_port)],
-                env,
-                folder,
-                prefect_api,
-            )
-        )
-        _wait_http(f"{prefect_api}/health", timeout_s, folder / "prefect-server.log")
-        store = folder / "mlflow"
-        store.mkdir(exist_ok=True)
-        mlflow_cmd = [
-            _bin("mlflow"),
-            "server",
-            "--backend-store-uri",
-            f"sqlite:///{store}/mlflow.db",
-            "--default-artifact-root",
-            f"file://{store}/artifacts",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(t.mlflow_port),
-            "--workers",
-            "1",
-        ]
-        # Not the clients' MLFLOW_TRACKING_URI/REGISTRY_URI: the server would look its webhooks up there.
-        server_env = {k: v for k, v in env.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
-        started.append(_start("mlflow-server", mlflow_cmd, server_env, folder, mlflow))
-        _run([_bin("prefect"), "work-pool", "create", POOL, "--type", "process", "--overwrite"], env, folder)
-        _run([_bin("prefect"), "--no-prompt", "deploy", "--all"], env, folder)
-        started.append(_start("worker", [_bin("prefect"), "worker", "start", "--pool", POOL], env, folder))
-        started.append(_start("receiver", [_bin("nodewise"), "receiver"], env, folder, receiver))
-        _wait_http(f"{mlflow}/health", timeout_s, folder / "mlflow-server.log")
-        _wait_http(receiver.replace("/webhook", "/health"), timeout_s, folder / "receiver.log")
-        _ensure_webhook(mlflow, receiver, webhook_secret)
-    except BaseException:
-        _stop(started)
-        raise
-    services = Services(prefect_api=prefect_api, mlflow=mlflow, receiver=receiver, services=started)
-    write_json(folder / "services.json", services.model_dump(mode="json"))
-    return services
+
+
+def _start_all(
+    settings: Settings, urls: Services, env: dict[str, str], started: list[Service], timeout_s: float
+) -> None:
+    """Prefect server, MLflow server, work pool and deployments, worker, receiver; each appended to
+    ``started`` as it starts (the caller stops them if a later one fails)."""
+    folder, t = settings.state.services, settings.triggers
+    prefect = [_bin("prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(t.prefect_port)]
+    started.append(_start("prefect-server", prefect, env, folder, urls.prefect_api))
+    _wait_http(f"{urls.prefect_api}/health", timeout_s, folder / "prefect-server.log")
+    store = folder / "mlflow"
+    store.mkdir(exist_ok=True)
+    mlflow = [_bin("mlflow"), "server", "--backend-store-uri", f"sqlite:///{store}/mlflow.db"]
+    mlflow += ["--default-artifact-root", f"file://{store}/artifacts", "--host", "127.0.0.1"]
+    mlflow += ["--port", str(t.mlflow_port), "--workers", "1"]
+    # Not the clients' MLFLOW_TRACKING_URI/REGISTRY_URI: the server would look its webhooks up there.
+    server_env = {k: v for k, v in env.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    started.append(_start("mlflow-server", mlflow, server_env, folder, urls.mlflow))
+    _run([_bin("prefect"), "work-pool", "create", POOL, "--type", "process", "--overwrite"], env, folder)
+    _run([_bin("prefect"), "--no-prompt", "deploy", "--all"], env, folder)
+    started.append(_start("worker", [_bin("prefect"), "worker", "start", "--pool", POOL], env, folder))
+    started.append(_start("receiver", [_bin("nodewise"), "receiver"], env, folder, urls.receiver))
+    _wait_http(f"{urls.mlflow}/health", timeout_s, folder / "mlflow-server.log")
+    _wait_http(urls.receiver.replace("/webhook", "/health"), timeout_s, folder / "receiver.log")
 
 
 def down(settings: Settings) -> list[str]:
