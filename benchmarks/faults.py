@@ -184,7 +184,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from nodewise.core.runtime import configure_process
-    from nodewise.core.settings import Settings
+    from nodewise.core.settings import Settings, using_settings
 
     state = Path(tempfile.mkdtemp(prefix="nwf-", dir="/tmp"))
     op_cache = os.environ.get("TORCH_EXTENSIONS_DIR") or str(ROOT / ".nodewise" / "torch_extensions")
@@ -206,7 +206,8 @@ def main() -> None:
     ok = False
     try:
         uri = register_pyfunc(FaultOnFlag(str(flags)), "faulty", str(settings.state.artifacts))
-        record = deploy_model(uri, settings=settings)
+        with using_settings(settings):
+            record = deploy_model(uri)
         app = record.app_name
         load = Load(f"{record.endpoint}/invocations", BODY, args.clients)
         time.sleep(3)

@@ -7,7 +7,7 @@ from typing import Any
 from prefect import flow
 
 from nodewise.core.errors import DeployFailed, DoesNotFit
-from nodewise.core.settings import Settings, load_settings
+from nodewise.core.settings import Settings, current_settings
 from serving.spec import DeepSpeedSpec, ModelServeSpec
 from tasks.mpi.deploy import build_deepspeed_spec
 from tasks.planning.placement import PlacementPlan
@@ -31,19 +31,19 @@ from tasks.steps import (
 
 
 @flow(name="deploy-model", log_prints=True, validate_parameters=True)
-def deploy_model(
-    model_uri: str, replicas: int | None = None, inventory: str = "local", settings: Settings | None = None
-) -> DeploymentRecord:
+def deploy_model(model_uri: str, replicas: int | None = None, inventory: str = "local") -> DeploymentRecord:
     """Deploy a registered MLflow model where it fits, check it, and record it.
+
+    The settings come from the environment, or from a caller's ``using_settings`` block: never a
+    parameter (Prefect stores and shows every parameter of every run).
 
     Args:
         model_uri: ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``.
         replicas: replicas wanted (default: the model's ``min_replicas``, else ``serve.replicas``); the plan
             may give fewer.
         inventory: where it may run: ``local``, ``nvml``, ``ray[:ADDRESS]``, ``k8s`` or a YAML file.
-        settings: nodewise settings (default: read from the environment).
     """
-    settings = settings or load_settings()
+    settings = current_settings()
     model = resolve_model_task(model_uri, settings.tracking_uri, settings.registry_uri)
     serve = serve_settings_for(model, settings.serve)  # the model's nodewise.serve.* tags applied
     nodes = read_inventory_task(inventory, settings.ray.num_cpus)

@@ -16,7 +16,7 @@ from prefect import flow
 from prefect.events import emit_event
 
 from nodewise.core.errors import InvalidInput, NodewiseError
-from nodewise.core.settings import Settings, load_settings
+from nodewise.core.settings import Settings, current_settings
 from tasks.triggers.promotion import PREVIOUS_ALIAS, alias_target, model_lock, record_outcome, serving_version
 
 
@@ -27,7 +27,6 @@ def deploy_registered_model(
     version: str | None = None,
     target: Literal["local", "kubernetes"] = "local",
     inventory: str = "local",
-    settings: Settings | None = None,
 ) -> str:
     """Deploy ``model_name`` at ``alias``'s current version (or at ``version``); returns what happened.
 
@@ -38,7 +37,7 @@ def deploy_registered_model(
         target: ``local`` (this machine's Ray or mpirun) or ``kubernetes`` (render and apply).
         inventory: where it may run: ``local``, ``nvml``, ``ray[:ADDRESS]``, ``k8s`` or a YAML file.
     """
-    settings = settings or load_settings()
+    settings = current_settings()
     if not (version or alias):
         raise InvalidInput("give an alias (e.g. champion) or a version to deploy")
     from tasks.planning.registry import make_client
@@ -76,4 +75,4 @@ def _deploy(uri: str, target: str, inventory: str, settings: Settings) -> str:
         return apply_rendered(manifests_for(uri, inventory, settings), settings).endpoint
     from flows.deploy import deploy_model
 
-    return deploy_model(uri, inventory=inventory, settings=settings).endpoint
+    return deploy_model(uri, inventory=inventory).endpoint  # a subflow: the same settings context

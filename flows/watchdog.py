@@ -5,15 +5,15 @@ from __future__ import annotations
 from prefect import flow
 from prefect.artifacts import create_table_artifact
 
-from nodewise.core.settings import Settings, load_settings
+from nodewise.core.settings import current_settings
 from tasks.steps import watch_once_task
 from tasks.watchdog.engine import Action
 
 
 @flow(name="watch-deployments", log_prints=True)
-def watch_deployments(settings: Settings | None = None) -> list[Action]:
+def watch_deployments() -> list[Action]:
     """One watchdog pass over every recorded deployment (prefect.yaml schedules it every 30 s)."""
-    settings = settings or load_settings()
+    settings = current_settings()  # from the environment or the caller's using_settings: not a parameter
     actions = watch_once_task(settings)
     for a in actions:
         print(f"{a.event} {a.app} (version {a.version}): {a.cause}" + (f" -> {a.outcome}" if a.outcome else ""))

@@ -7,12 +7,11 @@ Accepts what ``mlflow models serve`` accepts on ``POST /invocations``: JSON with
 from __future__ import annotations
 
 import io
-import json
 from typing import Any
 
 import numpy as np
 
-from serving.errors import BadRequest, UnsupportedMediaType, encode_json
+from serving.errors import BadRequest, UnsupportedMediaType, decode_json, encode_json
 
 JSON_KEYS = ("dataframe_split", "dataframe_records", "instances", "inputs")
 
@@ -24,10 +23,7 @@ def parse_body(body: bytes, content_type: str) -> Any:
         return _parse_csv(body)
     if media not in ("application/json", ""):
         raise UnsupportedMediaType(f"content type {media!r} is not supported; send application/json or text/csv")
-    try:
-        payload = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BadRequest(f"body is not valid JSON ({e.msg if hasattr(e, 'msg') else e})") from e
+    payload = decode_json(body)
     if not isinstance(payload, dict):
         raise BadRequest(f"JSON body must be an object with one of the keys {list(JSON_KEYS)}")
     keys = [k for k in JSON_KEYS if k in payload]
@@ -84,12 +80,29 @@ def to_tensor(data: Any, dtype: str | None, shape: tuple[int, ...] | None) -> np
     array = data.to_numpy() if hasattr(data, "to_numpy") else np.asarray(data)
     if dtype is not None:
         try:
-            array = array.astype(dtype, copy=False)
-        except (ValueError, TypeError) as e:
+            with np.errstate(over="ignore", invalid="ignore"):
+                converted = array.astype(dtype, copy=False)
+        except (ValueError, TypeError, OverflowError) as e:
             raise BadRequest(f"input cannot be converted to {dtype}: {e}") from e
+        _check_range(array, converted, dtype)
+        array = converted
     if shape is not None:
         check_shape(array, shape)
     return array
+
+
+def _check_range(original: np.ndarray, converted: np.ndarray, dtype: str) -> None:
+    """A finite number that becomes infinite (or wraps around) in the model's dtype is refused."""
+    if converted.dtype.kind == "f" and original.dtype.kind in "fiu":
+        with np.errstate(invalid="ignore", over="ignore"):
+            overflow = np.isinf(converted) & np.isfinite(original)
+        if overflow.any():
+            where = tuple(int(i) for i in np.argwhere(overflow)[0])
+            raise BadRequest(f"input value {original[where].item()!r} at {list(where)} is outside the range of {dtype}")
+    elif converted.dtype.kind in "iu" and original.dtype.kind in "fiu":
+        info = np.iinfo(converted.dtype)
+        if original.size and (original.min() < info.min or original.max() > info.max):
+            raise BadRequest(f"input values {original.min()}..{original.max()} are outside the range of {dtype}")
 
 
 def check_shape(array: np.ndarray, shape: tuple[int, ...]) -> None:

@@ -14,7 +14,6 @@ launcher reports that line.
 
 from __future__ import annotations
 
-import json
 import os
 import queue
 import socket
@@ -31,7 +30,16 @@ import numpy as np
 
 from serving._protocol import encode_predictions, parse_body
 from serving.dist_env import DistEnv, DistEnvError, discover
-from serving.errors import BadRequest, NotFound, NotReady, PayloadTooLarge, RequestTimeout, encode_json, error_response
+from serving.errors import (
+    BadRequest,
+    NotFound,
+    NotReady,
+    RequestTimeout,
+    decode_json,
+    encode_json,
+    error_response,
+    read_body,
+)
 from serving.spec import DeepSpeedSpec
 
 ERROR_MARK = "nodewise-worker error:"
@@ -183,10 +191,7 @@ class Frontend:
 
     # -- /generate -------------------------------------------------------------------------
     def generate(self, body: bytes) -> bytes:
-        try:
-            payload = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise BadRequest(f"body is not valid JSON ({e})") from e
+        payload = decode_json(body)
         if not isinstance(payload, dict) or ("prompt" in payload) == ("input_ids" in payload):
             raise BadRequest('send {"prompt": "text" or ["text", ...]} or {"input_ids": [[id, ...], ...]}')
         new_tokens = payload.get("max_new_tokens", self.spec.default_new_tokens)
@@ -250,6 +255,7 @@ def _handler(frontend: Frontend) -> type[BaseHTTPRequestHandler]:
         # Headers and body go out as separate writes: with Nagle on, a keep-alive client waits
         # for the delayed ACK (~40 ms a request, measured) before the body arrives.
         disable_nagle_algorithm = True
+        timeout = 30  # seconds a client may pause while sending a request (then 408, never a hung thread)
 
         def log_message(self, format: str, *args: Any) -> None:  # quiet: one line per error instead
             pass
@@ -271,10 +277,7 @@ def _handler(frontend: Frontend) -> type[BaseHTTPRequestHandler]:
         def do_POST(self) -> None:
             path = self.path.split("?", 1)[0]
             try:
-                length = int(self.headers.get("Content-Length") or 0)
-                if length > spec.max_request_bytes:
-                    raise PayloadTooLarge(f"body of {length} bytes is over the limit of {spec.max_request_bytes}")
-                body = self.rfile.read(length)
+                body = read_body(self.rfile, self.headers, spec.max_request_bytes)
                 frontend.timing.ms = None
                 if path == "/invocations":
                     self._reply(200, frontend.invocations(body, self.headers.get("Content-Type", "")))
@@ -312,10 +315,7 @@ def _log_failure(request_id: str, error: Exception) -> None:
 
 
 def _json_object(body: bytes) -> dict[str, Any]:
-    try:
-        value = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise BadRequest(f"body is not valid JSON ({e})") from e
+    value = decode_json(body)
     if not isinstance(value, dict):
         raise BadRequest("body must be a JSON object")
     return value

@@ -1,5 +1,5 @@
 """The HTTP protocol surface of every nodewise endpoint, in one place: the errors a request can
-meet, their status and code, the error body, and the JSON encoder.
+meet, their status and code, the error body, reading a body, and JSON in and out.
 
 Used by the Ray Serve app (``serving/app.py``), DeepSpeed's rank 0 (``serving/deepspeed_worker.py``)
 and the webhook receiver (``tasks/triggers/webhook_server.py``). Errors are matched by
@@ -10,10 +10,13 @@ the server logs beside the traceback, never the exception's text.
 
 from __future__ import annotations
 
+import json
 import uuid
 from typing import Any
 
 import orjson
+
+MAX_JSON_DEPTH = 64  # no scoring, generation or webhook body nests deeper; a deeper one is refused
 
 
 class ProtocolError(Exception):
@@ -49,6 +52,12 @@ class UnsupportedMediaType(ProtocolError, ValueError):
     """A content type the protocol does not take (415, as ``mlflow models serve`` answers)."""
 
     status, code = 415, "UNSUPPORTED_MEDIA_TYPE"
+
+
+class ClientTimeout(ProtocolError):
+    """The client sent less than it announced, and stopped (408)."""
+
+    status, code = 408, "REQUEST_TIMEOUT"
 
 
 class UpstreamFailed(ProtocolError):
@@ -104,3 +113,70 @@ def error_response(error: BaseException, log: Any = None, where: str = "the serv
 def encode_json(payload: Any) -> bytes:
     """JSON bytes, numpy arrays included (orjson: a float32 logits array ~15x faster than json)."""
     return orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def decode_json(body: bytes) -> Any:
+    """Parse a JSON body strictly: BadRequest naming the problem for invalid JSON, non-UTF-8 bytes,
+    a key twice in one object, or nesting deeper than ``MAX_JSON_DEPTH``. NaN and Infinity are
+    taken, as ``mlflow models serve`` takes them."""
+    try:
+        value = json.loads(body, object_pairs_hook=_unique_keys)
+    except RecursionError as e:
+        raise BadRequest(f"JSON nested too deeply; nodewise takes at most {MAX_JSON_DEPTH} levels") from e
+    except UnicodeDecodeError as e:
+        raise BadRequest(f"body is not UTF-8 ({e.reason} at byte {e.start}); send UTF-8 JSON") from e
+    except json.JSONDecodeError as e:
+        raise BadRequest(f"body is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from e
+    if _depth(value) > MAX_JSON_DEPTH:
+        raise BadRequest(f"JSON nested too deeply; nodewise takes at most {MAX_JSON_DEPTH} levels")
+    return value
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    found: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in found:
+            raise BadRequest(f"key {key!r} appears twice in one JSON object; send it once")
+        found[key] = value
+    return found
+
+
+def _depth(value: Any, level: int = 0) -> int:
+    """How many containers nest in ``value`` (``[[1]]``: 2), looking no deeper than
+    ``MAX_JSON_DEPTH + 1``, into every value of an object and the first and last element of a list
+    (scoring bodies are rectangular). Each node is visited at most once: the walk is bounded by the
+    body's size."""
+    if level > MAX_JSON_DEPTH:
+        return level
+    if isinstance(value, dict):
+        return max((_depth(v, level + 1) for v in value.values()), default=level + 1)
+    if isinstance(value, list):
+        if not value:
+            return level + 1
+        first = _depth(value[0], level + 1)
+        return first if len(value) == 1 else max(first, _depth(value[-1], level + 1))
+    return level
+
+
+def read_body(rfile: Any, headers: Any, limit: int) -> bytes:
+    """The body of a request to a ``BaseHTTPRequestHandler``: its Content-Length checked (a number,
+    not negative, at most ``limit``: else 400 or 413), then exactly that many bytes (408 when the
+    client sends fewer and stops; the handler's ``timeout`` bounds the wait)."""
+    raw = headers.get("Content-Length")
+    if raw is None:
+        return b""
+    try:
+        length = int(raw)
+    except ValueError:
+        raise BadRequest(f"Content-Length {raw!r} is not a number of bytes") from None
+    if length < 0:
+        raise BadRequest(f"Content-Length {length} is negative")
+    if length > limit:
+        raise PayloadTooLarge(f"body of {length} bytes is over the limit of {limit}")
+    try:
+        body = rfile.read(length)
+    except TimeoutError as e:
+        raise ClientTimeout(f"the body stopped before its Content-Length of {length} bytes") from e
+    if len(body) < length:
+        raise ClientTimeout(f"the body has {len(body)} bytes, fewer than its Content-Length of {length}")
+    return body

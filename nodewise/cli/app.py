@@ -22,7 +22,7 @@ from pydantic import ValidationError
 
 from nodewise.core.errors import InvalidInput, InvalidSetting, NodewiseError
 from nodewise.core.runtime import configure_process
-from nodewise.core.settings import Settings, load_settings
+from nodewise.core.settings import Settings, load_settings, using_settings
 
 
 class _Commands(typer.core.TyperGroup):
@@ -292,7 +292,8 @@ def watchdog(
     _stop_on_signals()
     try:
         while True:
-            actions = watch_deployments(settings=settings)
+            with using_settings(settings):
+                actions = watch_deployments()
             typer.echo(f"watchdog pass: {len(actions)} action(s)")
             if once:
                 return

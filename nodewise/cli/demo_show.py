@@ -8,7 +8,7 @@ from typing import Any
 
 import typer
 
-from nodewise.core.settings import Settings
+from nodewise.core.settings import Settings, using_settings
 
 
 def demo_multi_node(settings: Settings, retrain: bool) -> None:
@@ -70,7 +70,8 @@ def show_prediction(endpoint: str) -> None:
 def deploy_and_report(uri: str, replicas: int | None, settings: Settings, inventory: str = "local") -> Any:
     from flows.deploy import deploy_model
 
-    record = deploy_model(uri, replicas=replicas, inventory=inventory, settings=settings)
+    with using_settings(settings):
+        record = deploy_model(uri, replicas=replicas, inventory=inventory)
     typer.echo(f"deployed {record.model_uri} (version {record.model_version}) -> {record.endpoint}")
     typer.echo(f"plan: {record.plan}")
     return record

@@ -86,7 +86,8 @@ def up(settings: Settings, timeout_s: float = 120.0) -> Services:
     folder.mkdir(parents=True, exist_ok=True)
     t = settings.triggers
     fernet = _secret(folder / "fernet.key", Fernet.generate_key().decode())
-    webhook_secret = t.webhook_secret or _secret(folder / "webhook.secret", secrets.token_hex(24))
+    given = t.webhook_secret.get_secret_value() if t.webhook_secret else None
+    webhook_secret = given or _secret(folder / "webhook.secret", secrets.token_hex(24))
     urls = Services(
         prefect_api=f"http://127.0.0.1:{t.prefect_port}/api",
         mlflow=f"http://127.0.0.1:{t.mlflow_port}",

@@ -10,6 +10,9 @@ or ``NODEWISE_RAY__ADDRESS=10.0.0.5:6379``.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -20,6 +23,7 @@ from pydantic import (
     NonNegativeInt,
     PositiveFloat,
     PositiveInt,
+    SecretStr,
     field_validator,
     model_validator,
 )
@@ -258,7 +262,7 @@ class TriggersSettings(_Section):
     """Registry promotions that start deploys: MLflow webhooks, or a poller."""
 
     alias: str = Field(default="champion", description="The alias whose promotion deploys a model.")
-    webhook_secret: str | None = Field(
+    webhook_secret: SecretStr | None = Field(
         default=None, description="The MLflow webhook's secret; the receiver refuses to start without one."
     )
     max_age_s: PositiveFloat = Field(default=300.0, description="Older (or future) deliveries are refused (401).")
@@ -344,3 +348,24 @@ class Settings(BaseSettings):
 def load_settings(**overrides: object) -> Settings:
     """Read settings from the environment, with explicit overrides on top."""
     return Settings(**overrides)  # type: ignore[arg-type]
+
+
+# Flows take only what a user chooses as parameters (Prefect stores every parameter of every run,
+# and shows it in its UI): the settings reach a flow run from the environment, or from the caller
+# through this context (a CLI command, a test), never as a parameter.
+_CURRENT: ContextVar[Settings | None] = ContextVar("nodewise_settings", default=None)
+
+
+@contextlib.contextmanager
+def using_settings(settings: Settings) -> Iterator[Settings]:
+    """Flows started inside this block (and their subflows) use ``settings``."""
+    token = _CURRENT.set(settings)
+    try:
+        yield settings
+    finally:
+        _CURRENT.reset(token)
+
+
+def current_settings() -> Settings:
+    """The settings of the caller's ``using_settings`` block, else read from the environment."""
+    return _CURRENT.get() or load_settings()

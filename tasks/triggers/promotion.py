@@ -17,7 +17,6 @@ import base64
 import contextlib
 import hashlib
 import hmac
-import json
 import time
 import uuid
 from collections.abc import Iterator
@@ -27,6 +26,7 @@ from typing import Any
 
 from nodewise.core.errors import ModelNotFound, PrefectUnavailable, WebhookRejected
 from nodewise.core.state import StateFolder, locked_json, read_json, wait_lock
+from serving.errors import decode_json
 
 EVENT = "nodewise.model.promoted"
 _IDS = uuid.UUID("5d1c3b1e-8f7a-4f0e-9a59-6e6f64657769")  # namespace of nodewise's event ids
@@ -107,7 +107,7 @@ def parse_promotion(body: bytes, events: tuple[str, ...]) -> tuple[str, str, str
     """(model, alias, version) of an alias-set payload; None for an event this receiver ignores.
     Raises WebhookRejected (400) on a body that is not a webhook payload."""
     try:
-        payload = json.loads(body)
+        payload = decode_json(body)  # strict: depth, duplicate keys, UTF-8 (serving/errors.py)
         kind = f"{payload['entity']}.{payload['action']}"
         data = payload["data"]
     except (ValueError, KeyError, TypeError) as e:

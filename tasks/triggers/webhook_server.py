@@ -20,11 +20,11 @@ from nodewise.core.settings import Settings
 from serving.errors import (
     BadRequest,
     NotFound,
-    PayloadTooLarge,
     Unauthorized,
     UpstreamFailed,
     encode_json,
     error_response,
+    read_body,
 )
 from tasks.triggers.promotion import SeenDeliveries, parse_promotion, post_events, promotion_event, verify
 
@@ -41,7 +41,7 @@ class Receiver:
                 "the receiver needs the webhook's secret: set NODEWISE_TRIGGERS__WEBHOOK_SECRET to the secret "
                 "the MLflow webhook was created with"
             )
-        self.secret = settings.triggers.webhook_secret
+        self.secret = settings.triggers.webhook_secret.get_secret_value()
         self.triggers = settings.triggers
         self.api_url = api_url
         self.known_model = known_model
@@ -87,6 +87,8 @@ def serve(receiver: Receiver, host: str, port: int) -> ThreadingHTTPServer:
     """An HTTP server for ``receiver`` (not yet serving: call ``serve_forever``)."""
 
     class Handler(BaseHTTPRequestHandler):
+        timeout = 30  # seconds a client may pause while sending (then 408, never a hung thread)
+
         def do_GET(self) -> None:
             if self.path.rstrip("/") == "/health":
                 self._answer(200, encode_json({"status": "ok"}))
@@ -97,10 +99,8 @@ def serve(receiver: Receiver, host: str, port: int) -> ThreadingHTTPServer:
             try:
                 if self.path.rstrip("/") != "/webhook":
                     raise NotFound(f"no route POST {self.path}; use POST /webhook")
-                length = int(self.headers.get("Content-Length") or 0)
-                if length > MAX_BODY:
-                    raise PayloadTooLarge(f"body is {length} bytes; a webhook payload is under {MAX_BODY}")
-                status, answer = receiver.handle(dict(self.headers.items()), self.rfile.read(length))
+                body = read_body(self.rfile, self.headers, MAX_BODY)
+                status, answer = receiver.handle(dict(self.headers.items()), body)
                 self._answer(status, encode_json(answer))
             except Exception as e:  # one place maps every error to a status (serving/errors.py)
                 self._refuse(e)

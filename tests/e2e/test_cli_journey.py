@@ -36,8 +36,10 @@ def user_environment(prefix: str) -> tuple[Path, dict[str, str]]:
             # DeepSpeed's compiled op, built once per test run (a user's machine builds it once too).
             "NODEWISE_DEEPSPEED__OP_CACHE_DIR": os.environ["TORCH_EXTENSIONS_DIR"],
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "HOME": str(state / "home"),  # a user's home: nothing of nodewise's libraries may land in it
         }
     )
+    (state / "home").mkdir()
     return state, env
 
 
@@ -89,6 +91,10 @@ def test_demo_status_mistakes_and_down(cli_env: dict[str, str]) -> None:
     assert "registered models:/nodewise-tiny-llama/1" in out
     assert "2 nodes x 1 device(s) = 2 tensor-parallel ranks" in out
     assert "generated (random weights, so nonsense): 'nodewise serves" in out
+    # No Prefect server configured: the ephemeral API keeps its state in the state folder, not in ~/.prefect.
+    home = Path(cli_env["HOME"])
+    assert (Path(cli_env["NODEWISE_STATE_DIR"]) / "prefect").is_dir()
+    assert not (home / ".prefect").exists(), sorted(p.name for p in home.iterdir())
     curl = [line.strip() for line in out.splitlines() if line.strip().startswith("curl ")][-1]
     answer = subprocess.run(curl, shell=True, capture_output=True, text=True, timeout=60, check=True)
     assert json.loads(answer.stdout)["generated_text"][0].startswith("nodewise serves")

@@ -131,3 +131,64 @@ def test_promotions_deploy_the_newest_and_a_broken_version_leaves_the_previous_s
         time.sleep(1)
     assert [e["payload"]["version"] for e in events] == [broken]
     assert events[0]["payload"]["still_serving"] == v3
+
+
+def prefect_records(prefect_api: str) -> dict[str, str]:
+    """Everything the Prefect server keeps of nodewise's runs, as text: flow runs (with their
+    parameters), task runs, logs, artifacts and events."""
+    texts = {}
+    for kind in ("flow_runs", "task_runs", "logs", "artifacts"):
+        answer = httpx.post(f"{prefect_api}/{kind}/filter", json={"limit": 200}, timeout=30)
+        assert answer.status_code == 200, answer.text
+        texts[kind] = answer.text
+    events, page = [], httpx.post(f"{prefect_api}/events/filter", json={"limit": 50}, timeout=30).json()
+    while True:
+        events.extend(page["events"])
+        if not page.get("next_page"):
+            break
+        page = httpx.get(page["next_page"], timeout=30).json()
+    texts["events"] = json.dumps(events)
+    return texts
+
+
+def test_cli_deploys_reach_the_users_prefect_and_no_secret_is_stored(
+    pipeline: tuple[Path, dict[str, str], str, str], tmp_path: Path
+) -> None:
+    state, env, mlflow, prefect_api = pipeline
+    secret = (state / "services" / "webhook.secret").read_text().strip()
+    user = {
+        **env,
+        "NODEWISE_PREFECT__API_URL": prefect_api,
+        "NODEWISE_MLFLOW__TRACKING_URI": mlflow,
+        "NODEWISE_TRIGGERS__WEBHOOK_SECRET": secret,
+    }
+    version = register(mlflow, state, "digits")
+    deploy = subprocess.run(
+        [NODEWISE, "deploy", f"models:/nodewise-digits/{version}"],
+        env=user,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert deploy.returncode == 0, deploy.stdout + deploy.stderr
+    runs = httpx.post(f"{prefect_api}/flow_runs/filter", json={"limit": 200}, timeout=30).json()
+    uris = [r["parameters"].get("model_uri") for r in runs]
+    assert f"models:/nodewise-digits/{version}" in uris  # the CLI's run is in the user's Prefect, not a temporary one
+    assert all("settings" not in r["parameters"] for r in runs)
+    out = tmp_path / "k8s"
+    render = subprocess.run(
+        [NODEWISE, "render", f"models:/nodewise-digits/{version}", "--out", str(out), "--inventory",
+         str(ROOT / "deployments/inventory/gpu-cluster.yaml")],
+        env=user, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert render.returncode == 0, render.stderr
+    stored = {
+        **prefect_records(prefect_api),
+        "deployments.json": (state / "deployments.json").read_text(),
+        "promotions.json": (state / "promotions.json").read_text(),
+        **{p.name: p.read_text() for p in out.iterdir()},
+        "cli output": deploy.stdout + deploy.stderr + render.stdout + render.stderr,
+    }
+    assert len(stored["flow_runs"]) > 1000  # there is something to look through
+    assert [where for where, text in stored.items() if secret in text] == []

@@ -245,10 +245,10 @@ def test_a_rank_that_cannot_start_is_reported_and_nothing_is_left(
 def test_a_new_version_whose_ranks_fail_is_rolled_back(settings: Settings, experiment: str, deployed: object) -> None:
     from mlflow import MlflowClient
 
-    from flows.deploy import deploy_model
     from nodewise.cli.demo import build_llama, log_llama
     from tasks.planning.profile_models import profile_with_cache
     from tasks.planning.registry import resolve_model
+    from tests.flows import deploy_model
 
     model, tokenizer = build_llama(hidden=64, layers=2, heads=4, max_positions=128, seed=1)
     version = log_llama(model, tokenizer, "tiny-llama", experiment)

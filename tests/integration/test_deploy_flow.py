@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from flows.deploy import deploy_model
 from nodewise.cli.demo import digits_split
 from nodewise.cli.status import deployment_status
 from nodewise.core.errors import DeployFailed, ModelNotFound, RegistryUnreachable, UnsupportedModel
 from nodewise.core.settings import Settings
 from tasks.records import load_records
+from tests.flows import deploy_model
 
 from .models import BrokenOnLoad, DoubleIt, register_pyfunc, register_unservable
 

@@ -16,9 +16,9 @@ import numpy as np
 import psutil
 import pytest
 
-from flows.deploy import deploy_model
 from nodewise.core.runtime import configure_process, serve_environment
 from nodewise.core.settings import Settings
+from tests.flows import deploy_model
 
 from .conftest import _SESSION_RAY_TOKEN, free_port_block, make_settings
 

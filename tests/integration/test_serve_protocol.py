@@ -12,10 +12,10 @@ import pandas as pd
 import pytest
 import torch
 
-from flows.deploy import deploy_model
 from nodewise.cli.demo import digits_split
 from nodewise.core.settings import Settings
 from tasks.records import DeploymentRecord
+from tests.flows import deploy_model
 
 from .conftest import module_settings
 from .models import AddColumns, register_pyfunc

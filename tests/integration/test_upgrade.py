@@ -9,11 +9,11 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from flows.deploy import deploy_model
 from nodewise.cli.demo import digits_split, register_demo_model
 from nodewise.core.errors import DeployFailed
 from nodewise.core.settings import Settings
 from tasks.records import get_record
+from tests.flows import deploy_model
 
 from .conftest import module_settings
 from .steady import SteadyClient

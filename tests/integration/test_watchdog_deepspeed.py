@@ -52,7 +52,7 @@ def wait_mpirun_gone(settings: Settings, app: str, timeout_s: float = 20) -> Non
 
 
 def test_a_healthy_job_is_left_alone(settings: Settings, deployed: object) -> None:
-    from flows.watchdog import watch_deployments
+    from tests.flows import watch_deployments
 
     before = rank_pids(deployed.endpoint)
     assert watch_deployments(settings=settings) == []
@@ -86,9 +86,9 @@ def test_a_killed_rank_restarts_every_rank_and_the_answers_come_back(settings: S
 
 
 def test_ranks_that_die_on_every_start_stop_at_the_budget(settings: Settings, deployed: object) -> None:
-    from flows.watchdog import watch_deployments
     from nodewise.cli.status import deployment_status
     from tasks.watchdog.engine import reset, watch_once
+    from tests.flows import watch_deployments
 
     # Every rank now fails to load the model: its weights file is cut short in the store.
     weights = Path(deployed.spec["artifact_uri"].removeprefix("file://")) / "model" / "model.safetensors"

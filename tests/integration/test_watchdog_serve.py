@@ -18,9 +18,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from flows.deploy import deploy_model
 from nodewise.core.settings import Settings
 from tasks.records import DeploymentRecord
+from tests.flows import deploy_model
 
 from .conftest import module_settings
 from .models import FaultOnFlag, register_pyfunc
@@ -152,9 +152,9 @@ def test_a_replica_leaking_memory_is_restarted_alone(
 def test_a_replica_that_stays_sick_exhausts_the_budget_and_is_left_alone(
     settings: Settings, deployed: DeploymentRecord, flags: Path
 ) -> None:
-    from flows.watchdog import watch_deployments
     from nodewise.cli.status import deployment_status
     from tasks.watchdog.engine import load_watch, reset, watch_once
+    from tests.flows import watch_deployments
 
     limited = settings.model_copy(update={"watchdog": settings.watchdog.model_copy(update={"max_restarts": 1})})
     reset(settings, deployed.app_name)
