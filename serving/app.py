@@ -27,6 +27,7 @@ from starlette.responses import Response
 from serving._model import LoadedModel
 from serving._protocol import encode_predictions
 from serving.errors import NotFound, NotReady, PayloadTooLarge, encode_json, error_response
+from serving.openapi import document, scoring_paths
 from serving.spec import ModelServeSpec
 
 logger = logging.getLogger("ray.serve")
@@ -50,13 +51,18 @@ class ModelServer:
         try:
             if path in ("/ping", "/health") and request.method == "GET":
                 return self._ping()
+            if path == "/openapi.json" and request.method == "GET":
+                title = f"nodewise: {self.spec.model_name} on Ray Serve"
+                paths = scoring_paths()
+                return _json(200, document(title, self.spec.model_version, paths, request.scope.get("root_path", "")))
             if path == "/version" and request.method == "GET":
                 return _json(200, {"model": self.spec.model_name, "version": self.spec.model_version})
             if path == "/invocations" and request.method == "POST":
                 response = await self._invocations(request)
                 self.outcomes.add(ok=True)
                 return response
-            raise NotFound(f"no route {request.method} {path}; use POST /invocations, GET /ping, /health or /version")
+            routes = "POST /invocations, GET /ping, /health, /version or /openapi.json"
+            raise NotFound(f"no route {request.method} {path}; use {routes}")
         except Exception as e:  # one place maps every error to a status (serving/errors.py)
             return self._error_response(e)
 

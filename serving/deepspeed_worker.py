@@ -40,6 +40,7 @@ from serving.errors import (
     error_response,
     read_body,
 )
+from serving.openapi import document, scoring_paths
 from serving.spec import DeepSpeedSpec
 
 ERROR_MARK = "nodewise-worker error:"
@@ -268,6 +269,9 @@ def _handler(frontend: Frontend) -> type[BaseHTTPRequestHandler]:
                     health = {**health, "ready": False, "problems": ["rank 0: loading"]}
                 body = health if path == "/health" else {"ready": health["ready"], "problems": health["problems"]}
                 self._reply(200 if health["ready"] else 503, encode_json(body))
+            elif path == "/openapi.json":
+                title = f"nodewise: {spec.model_name} on {spec.tp_size} DeepSpeed ranks"
+                self._reply(200, encode_json(document(title, spec.model_version, scoring_paths(generate=True))))
             elif path == "/version":
                 info = {"model": spec.model_name, "version": spec.model_version, "backend": "deepspeed_mpi"}
                 self._reply(200, encode_json({**info, "tp_size": spec.tp_size}))

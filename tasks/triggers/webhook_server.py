@@ -26,6 +26,7 @@ from serving.errors import (
     error_response,
     read_body,
 )
+from serving.openapi import document, webhook_paths
 from tasks.triggers.promotion import SeenDeliveries, parse_promotion, post_events, promotion_event, verify
 
 logger = logging.getLogger("nodewise.receiver")
@@ -92,6 +93,8 @@ def serve(receiver: Receiver, host: str, port: int) -> ThreadingHTTPServer:
         def do_GET(self) -> None:
             if self.path.rstrip("/") == "/health":
                 self._answer(200, encode_json({"status": "ok"}))
+            elif self.path.rstrip("/") == "/openapi.json":
+                self._answer(200, encode_json(document("nodewise webhook receiver", "1", webhook_paths())))
             else:
                 self._refuse(NotFound(f"no route GET {self.path}; use POST /webhook or GET /health"))
 

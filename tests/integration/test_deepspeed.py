@@ -283,3 +283,16 @@ def test_stopping_leaves_no_process_and_no_shared_memory(settings: Settings, dep
     assert list(Path("/dev/shm").glob(shm + "*")) == []
     with pytest.raises(httpx.TransportError):
         httpx.get(f"{deployed.endpoint}/ping", timeout=2)
+
+
+def test_fuzzing_rank_0_from_its_openapi_document_gives_no_500_and_every_rank_stays_up(deployed: object) -> None:
+    from tests.fuzzing import fuzz_endpoint
+
+    endpoint = deployed.endpoint  # type: ignore[attr-defined]
+    pids = rank_pids(endpoint)
+    report = fuzz_endpoint(f"{endpoint}/openapi.json", max_examples=15, raw_paths=("/invocations", "/generate"))
+    print(report)
+    assert report["server_errors"] == []
+    assert report["cases"] > 50
+    assert httpx.get(f"{endpoint}/ping", timeout=10).status_code == 200
+    assert rank_pids(endpoint) == pids  # no rank restarted or died

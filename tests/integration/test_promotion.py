@@ -215,3 +215,19 @@ def test_the_poller_announces_each_change_once_across_restarts(settings: Setting
     found = events_of("polled", at_least=2)
     assert sorted(e.payload["version"] for e in found) == sorted([v1, v2])
     assert Poller(client, state, "champion").poll_once(api) == []
+
+
+def test_fuzzing_the_receiver_with_signed_bodies_gives_no_500(receiver: str) -> None:
+    from tests.fuzzing import fuzz_endpoint
+
+    def signed(body: bytes) -> dict[str, str]:
+        delivery, stamp = str(uuid.uuid4()), str(int(time.time()))
+        signature = sign(SECRET, delivery, stamp, body)
+        return {"X-MLflow-Delivery-Id": delivery, "X-MLflow-Timestamp": stamp, "X-MLflow-Signature": signature}
+
+    base = receiver.removesuffix("/webhook")
+    report = fuzz_endpoint(f"{base}/openapi.json", max_examples=40, sign=signed, raw_paths=("/webhook",))
+    print(report)
+    assert report["server_errors"] == []
+    assert report["cases"] > 60
+    assert httpx.get(f"{base}/health", timeout=10).status_code == 200

@@ -138,3 +138,18 @@ def test_a_model_bug_is_a_500_with_a_request_id_and_the_replica_keeps_serving(co
     assert "see the replica log for request id" in answer.json()["message"]
     assert "below -1000" not in answer.text  # no internals leak to the client
     assert post(columns.endpoint, {"dataframe_records": [{"a": 1.0, "b": 1.0}]}).json() == {"predictions": [2.0]}
+
+
+def test_fuzzing_the_live_endpoint_from_its_openapi_document_gives_no_500(
+    digits: DeploymentRecord, settings: Settings
+) -> None:
+    from tests.fuzzing import fuzz_endpoint
+
+    document = httpx.get(f"{digits.endpoint}/openapi.json", timeout=10).json()
+    assert set(document["paths"]) == {"/invocations", "/ping", "/health", "/version"}
+    report = fuzz_endpoint(f"{digits.endpoint}/openapi.json", max_examples=25, raw_paths=("/invocations",))
+    print(report)
+    assert report["server_errors"] == []
+    assert report["cases"] > 50
+    assert httpx.get(f"{digits.endpoint}/ping", timeout=10).status_code == 200  # the replica is alive
+    assert post(digits.endpoint, {"inputs": [[0.0] * 64]}).status_code == 200
