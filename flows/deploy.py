@@ -14,7 +14,7 @@ from tasks.planning.placement import PlacementPlan
 from tasks.planning.registry import ResolvedModel
 from tasks.planning.serve_config import serve_settings_for
 from tasks.rayserve.apps import build_spec
-from tasks.records import DeploymentRecord, get_record
+from tasks.records import DeploymentRecord, deploy_lock, get_record
 from tasks.steps import (
     deploy_app_task,
     deploy_cluster_task,
@@ -45,6 +45,12 @@ def deploy_model(model_uri: str, replicas: int | None = None, inventory: str = "
     """
     settings = current_settings()
     model = resolve_model_task(model_uri, settings.tracking_uri, settings.registry_uri)
+    with deploy_lock(settings.state, model.name):  # two deploys of one model: the second waits its turn
+        return _deploy(model, replicas, inventory, settings)
+
+
+def _deploy(model: ResolvedModel, replicas: int | None, inventory: str, settings: Settings) -> DeploymentRecord:
+    """Profile, plan, deploy, smoke-test and record ``model`` (under its deploy lock)."""
     serve = serve_settings_for(model, settings.serve)  # the model's nodewise.serve.* tags applied
     nodes = read_inventory_task(inventory, settings.ray.num_cpus)
     profile = profile_model_task(model, batch_size=serve.max_batch_size, device=nodes.device_class)

@@ -17,7 +17,8 @@ from prefect.events import emit_event
 
 from nodewise.core.errors import InvalidInput, NodewiseError
 from nodewise.core.settings import Settings, current_settings
-from tasks.triggers.promotion import PREVIOUS_ALIAS, alias_target, model_lock, record_outcome, serving_version
+from tasks.records import deploy_lock
+from tasks.triggers.promotion import PREVIOUS_ALIAS, alias_target, record_outcome, serving_version
 
 
 @flow(name="deploy-registered-model", log_prints=True, validate_parameters=True)
@@ -44,7 +45,7 @@ def deploy_registered_model(
 
     client = make_client(settings.tracking_uri, settings.registry_uri)
     history = settings.state.promotions
-    with model_lock(settings.state, model_name):
+    with deploy_lock(settings.state, model_name):
         wanted = str(version) if version else alias_target(client, model_name, str(alias))
         uri = f"models:/{model_name}/{wanted}"
         before = serving_version(settings.state.records, model_name)

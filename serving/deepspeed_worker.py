@@ -218,6 +218,8 @@ class Frontend:
         tokenizer = self.model.tokenizer if self.model else None
         if tokenizer is None:
             raise BadRequest("this model has no tokenizer (pytorch flavour): send token ids, not text")
+        if not texts:
+            raise BadRequest("no prompts (an empty list or a CSV without rows); send at least one")
         if len(texts) > self.spec.max_batch_size:
             raise BadRequest(f"{len(texts)} prompts is over the limit of {self.spec.max_batch_size} per request")
         prompts = [np.asarray(tokenizer(t)["input_ids"], dtype=np.int64) for t in texts]

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, Field
 
-from nodewise.core.state import locked_json, shared_json
+from nodewise.core.state import StateFolder, locked_json, shared_json, wait_lock
 
 
 def app_name_for(model_name: str) -> str:
@@ -73,3 +75,11 @@ def clear_records(path: Path) -> list[str]:
         names = sorted(data)
         data.clear()
         return names
+
+
+@contextlib.contextmanager
+def deploy_lock(state: StateFolder, model_name: str, timeout_s: float = 3600.0) -> Iterator[None]:
+    """One deploy of a model at a time on this machine (CLI, UI or promotion): the next one waits
+    its turn, then deploys over what the first left, so both end with a consistent record."""
+    with wait_lock(state.deploy_lock(model_name), timeout_s, f"another deploy of {model_name!r}"):
+        yield

@@ -20,6 +20,7 @@ import fcntl
 import hashlib
 import json
 import os
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -210,22 +211,42 @@ def try_lock(path: Path) -> Iterator[bool]:
 
 @contextlib.contextmanager
 def wait_lock(path: Path, timeout_s: float, what: str, poll_s: float = 0.5) -> Iterator[None]:
-    """Hold the lock ``path``, waiting for it up to ``timeout_s``; LockTimeout naming ``what`` after."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    deadline = time.monotonic() + timeout_s
-    with open(path, "w") as lock:
-        while True:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise LockTimeout(f"{what} held its lock ({path}) for over {timeout_s:.0f} s") from None
-                time.sleep(poll_s)
-        try:
+    """Hold the lock ``path``, waiting for it up to ``timeout_s``; LockTimeout naming ``what`` after.
+
+    Re-entrant within one thread (a promotion's run holds its model's lock and its deploy subflow
+    takes it again); another thread or process waits."""
+    key = (str(path.absolute()), threading.get_ident())
+    with _HELD_GUARD:
+        depth = _HELD.get(key, 0)
+        _HELD[key] = depth + 1
+    try:
+        if depth:
             yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        deadline = time.monotonic() + timeout_s
+        with open(path, "w") as lock:
+            while True:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise LockTimeout(f"{what} held its lock ({path}) for over {timeout_s:.0f} s") from None
+                    time.sleep(poll_s)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+    finally:
+        with _HELD_GUARD:
+            _HELD[key] -= 1
+            if not _HELD[key]:
+                del _HELD[key]
+
+
+_HELD: dict[tuple[str, int], int] = {}  # wait_lock's locks this process holds, by (path, thread)
+_HELD_GUARD = threading.Lock()
 
 
 @contextlib.contextmanager

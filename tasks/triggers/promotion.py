@@ -14,18 +14,16 @@ it had, announces nothing twice.
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import hmac
 import time
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from nodewise.core.errors import ModelNotFound, PrefectUnavailable, WebhookRejected
-from nodewise.core.state import StateFolder, locked_json, read_json, wait_lock
+from nodewise.core.state import locked_json, read_json
 from serving.errors import decode_json
 
 EVENT = "nodewise.model.promoted"
@@ -207,13 +205,6 @@ def serving_version(records_path: Path, model_name: str) -> str | None:
 
     record = get_record(records_path, app_name_for(model_name))
     return record.model_version if record else None
-
-
-@contextlib.contextmanager
-def model_lock(state: StateFolder, model_name: str, timeout_s: float = 3600.0) -> Iterator[None]:
-    """One deploy of a model at a time on this machine; the next one waits its turn."""
-    with wait_lock(state.deploy_lock(model_name), timeout_s, f"another deploy of {model_name!r}"):
-        yield
 
 
 def record_outcome(path: Path, model: str, version: str, outcome: str) -> None:

@@ -216,3 +216,11 @@ def test_without_an_input_example_the_probe_token_ids_fit_any_vocabulary(tmp_pat
     assert ids.shape == (1, 8)
     assert ids.dtype == np.int64
     assert set(ids.reshape(-1).tolist()) <= {3, 4}
+
+
+@pytest.mark.parametrize("csv", [b"None", b"\x1a", b"3949782734"])
+def test_a_csv_without_rows_is_a_bad_request_not_a_crash(frontend: Frontend, csv: bytes) -> None:
+    """Found by the fuzz suite: a header-only CSV gave an empty prompt list, and rank 0 a 500."""
+    frontend.model = SimpleNamespace(tokenizer=lambda text: {"input_ids": [1]}, vocab_size=50, max_positions=16)
+    with pytest.raises(BadRequest, match="no prompts"):
+        frontend.invocations(csv, "text/csv")

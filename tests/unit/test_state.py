@@ -57,3 +57,30 @@ def test_every_path_lives_under_the_state_folder(tmp_path: Path) -> None:
     for name in ("records", "k8s_records", "promotions", "poller", "watchdog", "services", "deepspeed"):
         assert getattr(folder, name).is_relative_to(tmp_path)
     assert folder.deploy_lock("a/b model").name == "deploy-a_b_model.lock"
+
+
+def test_a_deploy_lock_is_reentrant_in_one_thread_and_exclusive_across_processes(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    import time
+
+    from tasks.records import deploy_lock
+
+    folder = StateFolder(tmp_path)
+    holder = (
+        "import sys, time; from pathlib import Path\n"
+        "from nodewise.core.state import StateFolder; from tasks.records import deploy_lock\n"
+        "with deploy_lock(StateFolder(Path(sys.argv[1])), 'm'):\n"
+        "    print('held', flush=True); time.sleep(3)\n"
+    )
+    other = subprocess.Popen([sys.executable, "-c", holder, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert other.stdout is not None
+        assert other.stdout.readline().strip() == "held"
+        with pytest.raises(LockTimeout, match="another deploy of 'm' held its lock"), deploy_lock(folder, "m", 0.5):
+            pass
+        started = time.monotonic()
+        with deploy_lock(folder, "m", 30), deploy_lock(folder, "m", 0.1):  # waits its turn, then re-enters
+            assert time.monotonic() - started > 1.0  # the other process held it for its 3 s
+    finally:
+        other.wait(timeout=30)
