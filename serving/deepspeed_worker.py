@@ -210,7 +210,9 @@ class Frontend:
         rows = payload["input_ids"]
         if not isinstance(rows, list) or not rows or not all(isinstance(r, list) and r for r in rows):
             raise BadRequest('"input_ids" must be a non-empty list of non-empty lists of token ids')
-        prompts = [self._token_ids(np.asarray(r), "input_ids") for r in rows]
+        if len(rows) > self.spec.max_batch_size:
+            raise BadRequest(f"{len(rows)} sequences is over the limit of {self.spec.max_batch_size} per request")
+        prompts = [self._token_row(r) for r in rows]
         self._check_length(max(len(p) for p in prompts) + new_tokens)
         return encode_json({"output_ids": self.submit(("generate", prompts, new_tokens))})
 
@@ -229,11 +231,25 @@ class Frontend:
         outputs = self.submit(("generate", prompts, new_tokens))
         return [t + tokenizer.decode(o, skip_special_tokens=True) for t, o in zip(texts, outputs, strict=True)]
 
+    def _token_row(self, row: list[Any]) -> np.ndarray:
+        """One sequence of ``input_ids``: a flat list of token ids."""
+        try:
+            array = np.asarray(row)
+        except ValueError as e:
+            raise BadRequest(f'"input_ids" rows must be flat lists of token ids ({e})') from e
+        if array.ndim != 1:
+            raise BadRequest(
+                f'"input_ids" rows must be flat lists of token ids; got a row of shape {list(array.shape)}'
+            )
+        return self._token_ids(array, "input_ids")
+
     def _token_ids(self, array: np.ndarray, name: str) -> np.ndarray:
         if array.size == 0:
             raise BadRequest(f"{name} is empty; send at least one token id")
         if array.dtype.kind not in "iuf" or (array.dtype.kind == "f" and not np.all(np.mod(array, 1) == 0)):
             raise BadRequest(f"{name} must be integer token ids; got {array.dtype} values")
+        if array.dtype.kind == "f" and np.abs(array).max() >= 2**62:  # before the cast, which would wrap
+            raise BadRequest(f"{name} holds token ids far outside any vocabulary (up to {np.abs(array).max():.3g})")
         ids = array.astype(np.int64)
         vocab = self.model.vocab_size if self.model else None
         if vocab is not None and (ids.min() < 0 or ids.max() >= vocab):

@@ -11,12 +11,14 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from nodewise.core.errors import UnsupportedModel
 from nodewise.core.settings import Settings
 from serving._lm import CannotShard, check_shardable
 from serving.deepspeed_worker import ClusterView, Frontend, RankState
-from serving.errors import BadRequest, NotReady
+from serving.errors import BadRequest, NotReady, ProtocolError
 from serving.spec import DeepSpeedSpec
 from tasks.mpi.deploy import build_deepspeed_spec
 from tasks.mpi.launcher import mpirun_command
@@ -119,6 +121,9 @@ def frontend() -> Frontend:
         ("/generate", {"input_ids": [[1]], "max_new_tokens": 0}, "max_new_tokens=0 must be a positive integer"),
         ("/generate", {"input_ids": [[1] * 10], "max_new_tokens": 8}, "18 tokens (prompt plus new tokens)"),
         ("/generate", {"input_ids": []}, "non-empty list of non-empty lists"),
+        ("/generate", {"input_ids": [[1, [2, 3]]]}, '"input_ids" rows must be flat lists of token ids'),
+        ("/generate", {"input_ids": [[[1, 2]]]}, "got a row of shape [1, 2]"),
+        ("/generate", {"input_ids": [[1]] * 3}, "3 sequences is over the limit of 2 per request"),
     ],
 )
 def test_bad_requests_are_refused_before_any_rank_sees_them(
@@ -224,3 +229,44 @@ def test_a_csv_without_rows_is_a_bad_request_not_a_crash(frontend: Frontend, csv
     frontend.model = SimpleNamespace(tokenizer=lambda text: {"input_ids": [1]}, vocab_size=50, max_positions=16)
     with pytest.raises(BadRequest, match="no prompts"):
         frontend.invocations(csv, "text/csv")
+
+
+# -- rank 0's validation under fuzzing: every request is an answer or a ProtocolError ---------------
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=30,
+)
+_KEY = st.sampled_from(["inputs", "instances", "prompt", "input_ids", "max_new_tokens", "dataframe_records"])
+
+
+class _Answering(Frontend):
+    """Rank 0 whose ranks answer at once (what they compute is not under test here)."""
+
+    def submit(self, command: tuple) -> object:
+        if command[0] == "forward":
+            return np.zeros((*command[1].shape, 3), dtype=np.float32)
+        return [[1, 2] for _ in command[1]]
+
+
+def _answering() -> Frontend:
+    view = ClusterView(spec(max_batch_size=2, max_new_tokens=8, default_new_tokens=4), world_size=1)
+    front = _Answering(view.spec, view)
+    tokenizer = SimpleNamespace(decode=lambda ids, skip_special_tokens=True: "x")
+    tokenizer.__call__ = None
+    front.model = SimpleNamespace(
+        tokenizer=lambda text: {"input_ids": [1] * min(len(text), 5)}, vocab_size=50, max_positions=16
+    )
+    front.model.tokenizer.decode = tokenizer.decode  # type: ignore[attr-defined]
+    return front
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.dictionaries(_KEY, _JSON, max_size=3), st.sampled_from(["invocations", "generate"]))
+def test_any_request_is_an_answer_or_a_client_error(payload: dict, route: str) -> None:
+    front, raw = _answering(), json.dumps(payload).encode()
+    try:
+        answer = front.generate(raw) if route == "generate" else front.invocations(raw, "application/json")
+    except ProtocolError:
+        return
+    assert json.loads(answer)
