@@ -206,6 +206,19 @@ def test_bad_requests_get_a_clear_error_and_every_rank_stays_up(
     assert ok.status_code == 200
 
 
+def test_fuzzing_rank_0_from_its_openapi_document_gives_no_500_and_every_rank_stays_up(deployed: object) -> None:
+    from tests.fuzzing import fuzz_endpoint
+
+    endpoint = deployed.endpoint  # type: ignore[attr-defined]
+    pids = rank_pids(endpoint)
+    report = fuzz_endpoint(f"{endpoint}/openapi.json", max_examples=15, raw_paths=("/invocations", "/generate"))
+    print(report)
+    assert report["server_errors"] == []
+    assert report["cases"] > 50
+    assert httpx.get(f"{endpoint}/ping", timeout=10).status_code == 200
+    assert rank_pids(endpoint) == pids  # no rank restarted or died
+
+
 def test_a_rank_that_cannot_start_is_reported_and_nothing_is_left(
     settings: Settings, experiment: str, deployed: object
 ) -> None:
@@ -283,16 +296,3 @@ def test_stopping_leaves_no_process_and_no_shared_memory(settings: Settings, dep
     assert list(Path("/dev/shm").glob(shm + "*")) == []
     with pytest.raises(httpx.TransportError):
         httpx.get(f"{deployed.endpoint}/ping", timeout=2)
-
-
-def test_fuzzing_rank_0_from_its_openapi_document_gives_no_500_and_every_rank_stays_up(deployed: object) -> None:
-    from tests.fuzzing import fuzz_endpoint
-
-    endpoint = deployed.endpoint  # type: ignore[attr-defined]
-    pids = rank_pids(endpoint)
-    report = fuzz_endpoint(f"{endpoint}/openapi.json", max_examples=15, raw_paths=("/invocations", "/generate"))
-    print(report)
-    assert report["server_errors"] == []
-    assert report["cases"] > 50
-    assert httpx.get(f"{endpoint}/ping", timeout=10).status_code == 200
-    assert rank_pids(endpoint) == pids  # no rank restarted or died
