@@ -23,10 +23,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import signal
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -183,28 +181,18 @@ def main() -> None:
     parser.add_argument("--no-deepspeed", action="store_true")
     args = parser.parse_args()
 
-    from nodewise.core.runtime import configure_process
-    from nodewise.core.settings import Settings, using_settings
+    from benchmarks._instance import local_instance
+    from nodewise.core.settings import using_settings
 
-    state = Path(tempfile.mkdtemp(prefix="nwf-", dir="/tmp"))
-    op_cache = os.environ.get("TORCH_EXTENSIONS_DIR") or str(ROOT / ".nodewise" / "torch_extensions")
-    settings = Settings(
-        state_dir=state,
-        ray={"port": 24310, "num_cpus": 2},
-        serve={"port": 24314, "replicas": 2, "memory_limit_bytes": LIMIT},
-        deepspeed={"port": 24315, "op_cache_dir": op_cache},
-        watchdog={"every_s": args.every, "canary_timeout_s": 5, "backoff_s": 0, "max_restarts": 20},
-    )
-    configure_process(settings)
-    from flows.deploy import deploy_model
-    from nodewise.cli.status import stop_everything
-    from tests.integration.models import FaultOnFlag, register_pyfunc
-
-    flags = state / "flags"
-    flags.mkdir()
     result: dict[str, Any] = {"benchmark": "faults", "watchdog_every_s": args.every, "clients": args.clients}
-    ok = False
-    try:
+    watchdog = {"every_s": args.every, "canary_timeout_s": 5, "backoff_s": 0, "max_restarts": 20}
+    serve = {"replicas": 2, "memory_limit_bytes": LIMIT}
+    with local_instance("nwf-", 24310, serve=serve, watchdog=watchdog) as settings:
+        from flows.deploy import deploy_model
+        from tests.integration.models import FaultOnFlag, register_pyfunc
+
+        flags = settings.state.root / "flags"
+        flags.mkdir()
         uri = register_pyfunc(FaultOnFlag(str(flags)), "faulty", str(settings.state.artifacts))
         with using_settings(settings):
             record = deploy_model(uri)
@@ -233,16 +221,6 @@ def main() -> None:
         if not args.no_deepspeed:
             result["deepspeed"] = deepspeed_fault(settings, dog, args.clients)
         dog.stop()
-        ok = True
-    finally:
-        import ray
-
-        ray.shutdown()
-        stop_everything(settings)
-        if ok:
-            shutil.rmtree(state, ignore_errors=True)
-        else:
-            print(f"state kept in {state}", file=sys.stderr)
     targets = result.get("ray_serve", {}).get("nodewise", {})
     hung = targets.get("hung", {})
     result["targets"] = {

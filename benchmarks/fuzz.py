@@ -16,10 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -35,23 +32,12 @@ def main() -> None:
     parser.add_argument("--no-deepspeed", action="store_true")
     args = parser.parse_args()
 
-    from nodewise.cli.status import stop_everything
-    from nodewise.core.runtime import configure_process
-    from nodewise.core.settings import Settings, using_settings
+    from benchmarks._instance import local_instance
+    from nodewise.core.settings import using_settings
 
-    state = Path(tempfile.mkdtemp(prefix="nwz-", dir="/tmp"))
-    op_cache = os.environ.get("TORCH_EXTENSIONS_DIR") or str(ROOT / ".nodewise" / "torch_extensions")
-    settings = Settings(
-        state_dir=state,
-        ray={"port": 24410, "num_cpus": 2},
-        serve={"port": 24414, "replicas": 1},
-        deepspeed={"port": 24415, "op_cache_dir": op_cache},
-        triggers={"webhook_secret": "fuzz-" + uuid.uuid4().hex, "receiver_port": 24416},
-    )
-    configure_process(settings)
     result: dict[str, Any] = {"benchmark": "fuzz", "examples_per_operation": args.examples, "endpoints": {}}
-    ok = False
-    try:
+    triggers = {"webhook_secret": "fuzz-" + uuid.uuid4().hex, "receiver_port": 24416}
+    with local_instance("nwz-", 24410, serve={"replicas": 1}, triggers=triggers) as settings:
         from flows.deploy import deploy_model
         from nodewise.cli.demo import register_demo_model
 
@@ -62,16 +48,6 @@ def main() -> None:
         if not args.no_deepspeed:
             result["endpoints"]["deepspeed_rank0"] = fuzz_rank0(settings, args.examples)
         result["endpoints"]["receiver"] = fuzz_receiver(settings, args.examples)
-        ok = True
-    finally:
-        import ray
-
-        ray.shutdown()
-        stop_everything(settings)
-        if ok:
-            shutil.rmtree(state, ignore_errors=True)
-        else:
-            print(f"state kept in {state}", file=sys.stderr)
     endpoints = result["endpoints"].values()
     result["totals"] = {
         "cases": sum(e["cases"] for e in endpoints),

@@ -222,6 +222,13 @@ class Frontend:
             raise BadRequest("this model has no tokenizer (pytorch flavour): send token ids, not text")
         if not texts:
             raise BadRequest("no prompts (an empty list or a CSV without rows); send at least one")
+        for text in texts:
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:  # JSON's "\\udb93": a half of a pair, no character at all
+                raise BadRequest(
+                    f"a prompt holds {e.object[e.start : e.end]!a}, a lone surrogate; send valid Unicode"
+                ) from e
         if len(texts) > self.spec.max_batch_size:
             raise BadRequest(f"{len(texts)} prompts is over the limit of {self.spec.max_batch_size} per request")
         prompts = [np.asarray(tokenizer(t)["input_ids"], dtype=np.int64) for t in texts]

@@ -270,3 +270,14 @@ def test_any_request_is_an_answer_or_a_client_error(payload: dict, route: str) -
     except ProtocolError:
         return
     assert json.loads(answer)
+
+
+def test_a_prompt_with_a_lone_surrogate_is_a_bad_request(frontend: Frontend) -> None:
+    """Found by benchmarks/fuzz.py: JSON's "\\udb93" reached the tokenizer, which cannot encode it (a 500)."""
+    frontend.model = SimpleNamespace(
+        tokenizer=lambda text: {"input_ids": list(text.encode())}, vocab_size=50, max_positions=16
+    )
+    with pytest.raises(BadRequest, match="lone surrogate"):
+        frontend.invocations(b'{"inputs": ["ok \\udb93"]}', "application/json")
+    with pytest.raises(BadRequest, match="lone surrogate"):
+        frontend.generate(b'{"prompt": "\\udcf5"}')
