@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -30,6 +31,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--examples", type=int, default=500, help="cases per operation and generation mode")
     parser.add_argument("--no-deepspeed", action="store_true")
+    parser.add_argument("--only", choices=["ray_serve", "deepspeed_rank0", "receiver"], help="fuzz one endpoint")
     args = parser.parse_args()
 
     from benchmarks._instance import local_instance
@@ -44,10 +46,13 @@ def main() -> None:
         model = register_demo_model(str(settings.state.artifacts))
         with using_settings(settings):
             record = deploy_model(f"models:/{model.name}@champion")
-        result["endpoints"]["ray_serve"] = fuzz_serve(record.endpoint, args.examples)
-        if not args.no_deepspeed:
+        wanted = [args.only] if args.only else ["ray_serve", "deepspeed_rank0", "receiver"]
+        if "ray_serve" in wanted:
+            result["endpoints"]["ray_serve"] = fuzz_serve(record.endpoint, args.examples)
+        if "deepspeed_rank0" in wanted and not args.no_deepspeed:
             result["endpoints"]["deepspeed_rank0"] = fuzz_rank0(settings, args.examples)
-        result["endpoints"]["receiver"] = fuzz_receiver(settings, args.examples)
+        if "receiver" in wanted:
+            result["endpoints"]["receiver"] = fuzz_receiver(settings, args.examples)
     endpoints = result["endpoints"].values()
     result["totals"] = {
         "cases": sum(e["cases"] for e in endpoints),
@@ -63,6 +68,11 @@ def _timed(fuzz: Any) -> dict[str, Any]:
     report = fuzz()
     report["seconds"] = round(time.monotonic() - started, 1)
     report["server_errors"] = report["server_errors"][:20]
+    failing = report.pop("failing_requests")
+    if failing:  # kept whole, to replay
+        path = Path(tempfile.gettempdir()) / f"nodewise-fuzz-failures-{uuid.uuid4().hex[:8]}.json"
+        path.write_text(json.dumps(failing, indent=1))
+        report["failing_requests_file"] = str(path)
     print(json.dumps(report), file=sys.stderr, flush=True)
     return report
 
@@ -93,6 +103,11 @@ def fuzz_rank0(settings: Any, examples: int) -> dict[str, Any]:
     before = rank_pids(record.endpoint)
     raw = ("/invocations", "/generate")
     report = _timed(lambda: fuzz_endpoint(f"{record.endpoint}/openapi.json", examples, raw_paths=raw))
+    if report["server_errors"]:  # what rank 0 logged for them (its request ids), for the record
+        from tasks.mpi.launcher import app_log
+
+        failed = [line for line in (app_log(settings, record.app_name, 400) or "").splitlines() if "failed:" in line]
+        report["rank0_log"] = failed[-10:]
     alive = httpx.get(f"{record.endpoint}/ping", timeout=10).status_code == 200
     report["same_processes_after"] = alive and rank_pids(record.endpoint) == before
     return report

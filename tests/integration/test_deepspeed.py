@@ -211,7 +211,8 @@ def test_fuzzing_rank_0_from_its_openapi_document_gives_no_500_and_every_rank_st
 
     endpoint = deployed.endpoint  # type: ignore[attr-defined]
     pids = rank_pids(endpoint)
-    report = fuzz_endpoint(f"{endpoint}/openapi.json", max_examples=15, raw_paths=("/invocations", "/generate"))
+    raw = ("/invocations", "/generate")
+    report = fuzz_endpoint(f"{endpoint}/openapi.json", max_examples=15, raw_paths=raw, planned=(503,))
     print(report)
     assert report["server_errors"] == []
     assert report["cases"] > 50
