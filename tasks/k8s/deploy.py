@@ -14,7 +14,6 @@ from nodewise.core.errors import DoesNotFit, InvalidInput
 from nodewise.core.settings import Settings
 from tasks.k8s.render import MultiNode, render
 from tasks.planning.placement import PlacementPlan
-from tasks.planning.registry import ResolvedModel
 from tasks.records import DeploymentRecord
 
 
@@ -56,7 +55,8 @@ def manifests_for(model_uri: str, inventory: str, settings: Settings, multi_node
 
     planned = plan_model(model_uri, inventory, settings)
     model, plan = planned.model, planned.plan
-    assert isinstance(model, ResolvedModel)
+    if model is None:  # plan_model of a models:/ URI always resolves one
+        raise InvalidInput(f"{model_uri!r} is not a registered model; render takes models:/NAME@ALIAS or /VERSION")
     if not plan.fits:
         raise DoesNotFit(f"{model.pinned_uri} was not rendered: {plan.explain()}")
     if plan.backend == "deepspeed_mpi":

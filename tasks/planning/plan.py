@@ -16,6 +16,7 @@ from nodewise.core.settings import ServeSettings, Settings
 from tasks.planning.inventory import Inventory
 from tasks.planning.placement import PlacementPlan, plan_placement
 from tasks.planning.profiling import MemoryProfile
+from tasks.planning.registry import ResolvedModel
 
 
 def desired_replicas(serve: ServeSettings, replicas: int | None = None) -> int:
@@ -40,7 +41,7 @@ class ModelPlan:
     """What planning found: the model (None for a bare config), its settings, nodes, profile and plan."""
 
     name: str
-    model: object | None  # a tasks.planning.registry.ResolvedModel for a registered model
+    model: ResolvedModel | None
     serve: ServeSettings
     nodes: Inventory
     profile: MemoryProfile
