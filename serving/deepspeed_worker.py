@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from serving._protocol import encode_predictions, parse_body
-from serving.dist_env import DistEnv, DistEnvError, discover
+from serving.dist_env import DistEnv, DistEnvError, discover, rendezvous_url
 from serving.errors import (
     BadRequest,
     NotFound,
@@ -437,7 +437,7 @@ def main(argv: list[str]) -> int:
     url = f"http://{_url_host(env.master_addr)}:{spec.port}/internal/heartbeat"
     threading.Thread(target=_heartbeats, args=(state, url, spec.heartbeat_s, view), daemon=True).start()
     try:
-        model = _start(env, spec, state)
+        model = _start(env, spec, state, Path(argv[0]).resolve().parent)
     except Exception as e:
         state.error = f"{type(e).__name__}: {e}"
         state.enter("failed")
@@ -456,7 +456,7 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def _start(env: DistEnv, spec: DeepSpeedSpec, state: RankState) -> Any:
+def _start(env: DistEnv, spec: DeepSpeedSpec, state: RankState, folder: Path) -> Any:
     from datetime import timedelta
 
     state.enter("importing")
@@ -473,6 +473,9 @@ def _start(env: DistEnv, spec: DeepSpeedSpec, state: RankState) -> Any:
         dist_backend="nccl" if spec.device == "cuda" else "gloo",
         auto_mpi_discovery=False,
         timeout=timedelta(seconds=spec.collective_timeout_s),
+        init_method=rendezvous_url(env, folder),  # None: env://, torch's TCP store on MASTER_ADDR
+        rank=env.rank,
+        world_size=env.world_size,
     )
     state.enter("loading")
     model = LanguageModel.load(spec)

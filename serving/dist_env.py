@@ -237,6 +237,23 @@ def _check_preset(environ: Mapping[str, str], env: DistEnv) -> None:
             )
 
 
+RENDEZVOUS_PREFIX = "rendezvous-"
+
+
+def rendezvous_url(env: DistEnv, folder: Path) -> str | None:
+    """How the ranks meet, when not torch's TCP store: a file in the job's folder.
+
+    With rank 0 on a loopback address every rank runs on this machine, and a file store keeps the
+    rendezvous off the network (torch's TCP store listens on every interface). Ranks on several
+    hosts get None: ``env://``, the TCP store at MASTER_ADDR:MASTER_PORT, which they must reach.
+    The file is named after the launch's port, fresh on every launch; the launcher removes old ones.
+    """
+    if env.master_addr not in _LOCAL_HOSTS:
+        return None
+    path = folder / f"{RENDEZVOUS_PREFIX}{env.master_port}"
+    return f"file://{path}"  # rank and world size go to init_process_group itself
+
+
 def is_local_host(host: str) -> bool:
     """Whether ``host`` names this machine."""
     return host in _LOCAL_HOSTS or host in (socket.gethostname(), socket.getfqdn())

@@ -43,6 +43,11 @@ def library_environment(settings: Settings) -> dict[str, str]:
         # Our own local Ray instance: token auth on, with the token inside the state folder.
         env["RAY_AUTH_MODE"] = "token"
         env["RAY_AUTH_TOKEN_PATH"] = str(settings.state.ray_token)
+        if settings.ray.local_only:
+            # Ray's switch for a one-machine instance: its node address is 127.0.0.1, so the GCS,
+            # raylet, agents and every worker listen on loopback (`ray start --node-ip-address=127.0.0.1`
+            # alone is replaced by the machine's address).
+            env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
         env.update(serve_environment(settings))
     return env
 
@@ -65,9 +70,19 @@ def serve_environment(settings: Settings) -> dict[str, str]:
                 "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(hap / "metrics.sock"),
             }
         )
+        if haproxy_bind_host(settings):
+            env["RAY_SERVE_HAPROXY_BINARY_PATH"] = str(settings.state.haproxy_launcher)
     else:
         env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "0"
     return env
+
+
+def haproxy_bind_host(settings: Settings) -> str | None:
+    """Where HAProxy's stats and metrics pages should listen, when not on every interface: Serve's
+    host, for a local instance whose Serve host is not a wildcard. (Ray's config template binds them
+    to ``*``; the launcher script rewrites those two lines.)"""
+    wildcard = settings.serve.host in ("0.0.0.0", "::", "")
+    return None if wildcard or not settings.ray.local_only else settings.serve.host
 
 
 def ensure_state_dir(settings: Settings) -> Path:

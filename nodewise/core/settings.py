@@ -114,6 +114,13 @@ class RaySettings(_Section):
         description="Object store size of the local instance (Ray's minimum is 75 MiB).",
     )
     start_timeout_s: PositiveFloat = Field(default=90.0)
+    local_only: bool = Field(
+        default=True,
+        description="The local instance listens on 127.0.0.1 only: no other machine can join it or reach "
+        "its ports (Ray's own switch, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, and HAProxy's stats and metrics "
+        "pages moved to Serve's host). False: it listens on this machine's address, so that other nodes "
+        "can join it with `ray start --address`.",
+    )
 
     @field_validator("address")
     @classmethod

@@ -102,6 +102,12 @@ class StateFolder:
         return self.ray / "auth_token"
 
     @property
+    def haproxy_launcher(self) -> Path:
+        """The script Ray Serve starts HAProxy through (RAY_SERVE_HAPROXY_BINARY_PATH): it moves the
+        stats and metrics pages off the wildcard address, then runs HAProxy."""
+        return self.ray / "haproxy"
+
+    @property
     def ray_cluster(self) -> Path:
         return self.ray / "cluster.json"
 

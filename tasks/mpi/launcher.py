@@ -29,7 +29,7 @@ from nodewise.core.settings import Settings
 from nodewise.core.state import atomic_write, read_json, write_json
 from serving._lm import local_shm_files
 from serving.deepspeed_worker import ERROR_MARK
-from serving.dist_env import is_local_host
+from serving.dist_env import RENDEZVOUS_PREFIX, is_local_host
 from serving.spec import DeepSpeedSpec
 
 _FORWARDED = (
@@ -109,6 +109,7 @@ def launch(spec: DeepSpeedSpec, hosts: list[str], ranks_per_host: int, settings:
     folder.mkdir(parents=True, exist_ok=True)
     spec_path = folder / "spec.json"
     atomic_write(spec_path, spec.model_dump_json(indent=2))
+    _remove_rendezvous_files(folder)  # a killed launch's file would confuse this one's ranks
     env = {
         **os.environ,
         **library_environment(settings),
@@ -270,9 +271,16 @@ def stop_cluster(settings: Settings, app_name: str) -> list[str]:
     for path in local_shm_files(cluster.master_addr, cluster.master_port):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
+    _remove_rendezvous_files(cluster_dir(settings, app_name))
     (cluster_dir(settings, app_name) / "cluster.json").unlink(missing_ok=True)
     _CHILDREN.pop(cluster.pid, None)
     return done
+
+
+def _remove_rendezvous_files(folder: Path) -> None:
+    """The file store the ranks of a one-machine job met through (serving/dist_env.py)."""
+    for path in folder.glob(RENDEZVOUS_PREFIX + "*"):
+        path.unlink(missing_ok=True)
 
 
 def _stop_session(sid: int, grace_s: float) -> int:

