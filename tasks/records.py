@@ -81,5 +81,10 @@ def clear_records(path: Path) -> list[str]:
 def deploy_lock(state: StateFolder, model_name: str, timeout_s: float = 3600.0) -> Iterator[None]:
     """One deploy of a model at a time on this machine (CLI, UI or promotion): the next one waits
     its turn, then deploys over what the first left, so both end with a consistent record."""
-    with wait_lock(state.deploy_lock(model_name), timeout_s, f"another deploy of {model_name!r}"):
+    what = f"another deploy of {model_name!r}"
+
+    def waiting() -> None:
+        print(f"{what} is running on this machine: this one waits for it, then deploys")
+
+    with wait_lock(state.deploy_lock(model_name), timeout_s, what, on_wait=waiting):
         yield

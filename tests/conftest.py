@@ -30,6 +30,9 @@ os.environ.update(
         "RAY_TMPDIR": str(_SANDBOX / "ray"),
         "RAY_AUTH_MODE": "token",
         "RAY_AUTH_TOKEN_PATH": str(_SANDBOX / "ray_token"),
+        # Read once per process too: every Ray of the tests is a one-machine Ray (node address
+        # 127.0.0.1), as nodewise's local instance is, so this process's driver matches each of them.
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
         "NODEWISE_STATE_DIR": str(_SANDBOX / "state"),
     }
 )

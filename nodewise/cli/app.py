@@ -392,12 +392,15 @@ def down() -> None:
 @app.command()
 def up() -> None:
     """Start the promotion pipeline here: Prefect server + deployments + worker, MLflow server with
-    webhooks, the receiver and the webhook, all on 127.0.0.1 with SQLite."""
+    webhooks, the receiver and the webhook, all on 127.0.0.1 with SQLite. Run again while it is
+    up, it starts again only what has stopped."""
     settings = _settings()
     from nodewise.cli.services import up as start_services
 
     typer.echo("starting Prefect server, MLflow server, a worker and the webhook receiver (about a minute)")
     services = start_services(settings)
+    if services.restarted:
+        typer.echo(f"started again what had stopped: {', '.join(services.restarted)}; the others kept running")
     typer.echo(f"Prefect UI:   {services.prefect_api.removesuffix('/api')}")
     typer.echo(f"MLflow:       {services.mlflow}")
     typer.echo(f"receiver:     {services.receiver}")

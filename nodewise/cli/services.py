@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import httpx
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from nodewise.core.errors import Busy, ServiceFailed
 from nodewise.core.procs import port_open, session_members, stop_processes
@@ -37,6 +37,8 @@ class Service(BaseModel):
     pid: int
     url: str = ""
     log: str
+    cmd: list[str] = []
+    health: str = ""
 
 
 class Services(BaseModel):
@@ -44,6 +46,7 @@ class Services(BaseModel):
     mlflow: str
     receiver: str
     services: list[Service]
+    restarted: list[str] = Field(default=[], exclude=True, description="What this `up` started again.")
 
     def exports(self) -> dict[str, str]:
         """What a shell (or a flow run) needs to use them."""
@@ -73,21 +76,31 @@ def read_services(settings: Settings) -> Services | None:
     return Services.model_validate(data) if data else None
 
 
+def _webhook_secret(settings: Settings) -> str:
+    given = settings.triggers.webhook_secret
+    if given:
+        return given.get_secret_value()
+    return _secret(settings.state.services / "webhook.secret", secrets.token_hex(24))
+
+
 def up(settings: Settings, timeout_s: float = 120.0) -> Services:
-    """Start everything (see the module's docstring); ServiceFailed naming what did not start."""
+    """Start everything (see the module's docstring); ServiceFailed naming what did not start.
+
+    Run again while it is up, it starts again only the services that have stopped (a crashed or
+    killed Prefect server, say), with the same command, state and ports; Busy if none has."""
     from cryptography.fernet import Fernet
 
     from nodewise.core.runtime import ensure_state_dir
 
-    if read_services(settings) is not None:
-        raise Busy("`nodewise up` already ran for this state folder; `nodewise down` first")
+    running = read_services(settings)
+    if running is not None:
+        return _restart_stopped(settings, running, timeout_s)
     _check_ports(settings)
     folder = settings.state.services
     folder.mkdir(parents=True, exist_ok=True)
     t = settings.triggers
     fernet = _secret(folder / "fernet.key", Fernet.generate_key().decode())
-    given = t.webhook_secret.get_secret_value() if t.webhook_secret else None
-    webhook_secret = given or _secret(folder / "webhook.secret", secrets.token_hex(24))
+    webhook_secret = _webhook_secret(settings)
     urls = Services(
         prefect_api=f"http://127.0.0.1:{t.prefect_port}/api",
         mlflow=f"http://127.0.0.1:{t.mlflow_port}",
@@ -95,7 +108,7 @@ def up(settings: Settings, timeout_s: float = 120.0) -> Services:
         services=[],
     )
     ensure_state_dir(settings)
-    env = _service_env(settings, urls, webhook_secret, fernet)
+    env = _service_env(settings, urls, _webhook_secret(settings), fernet)
     started: list[Service] = []
     try:
         _start_all(settings, urls, env, started, timeout_s)
@@ -146,6 +159,8 @@ def _service_env(settings: Settings, urls: Services, webhook_secret: str, fernet
         "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https",
         "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
         "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY": fernet,
+        # A delivery the receiver answers 5xx (502: Prefect did not take the event) is sent again.
+        "MLFLOW_WEBHOOK_REQUEST_MAX_RETRIES": str(settings.triggers.webhook_retries),
     }
 
 
@@ -156,22 +171,28 @@ def _start_all(
     ``started`` as it starts (the caller stops them if a later one fails)."""
     folder, t = settings.state.services, settings.triggers
     prefect = [_bin("prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(t.prefect_port)]
-    started.append(_start("prefect-server", prefect, env, folder, urls.prefect_api))
-    _wait_http(f"{urls.prefect_api}/health", timeout_s, folder / "prefect-server.log")
+    started.append(_start("prefect-server", prefect, env, folder, urls.prefect_api, f"{urls.prefect_api}/health"))
+    _wait_http(started[-1].health, timeout_s, folder / "prefect-server.log")
     store = folder / "mlflow"
     store.mkdir(exist_ok=True)
     mlflow = [_bin("mlflow"), "server", "--backend-store-uri", f"sqlite:///{store}/mlflow.db"]
     mlflow += ["--default-artifact-root", f"file://{store}/artifacts", "--host", "127.0.0.1"]
     mlflow += ["--port", str(t.mlflow_port), "--workers", "1"]
-    # Not the clients' MLFLOW_TRACKING_URI/REGISTRY_URI: the server would look its webhooks up there.
-    server_env = {k: v for k, v in env.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
-    started.append(_start("mlflow-server", mlflow, server_env, folder, urls.mlflow))
+    mlflow_env = _mlflow_server_env(env)
+    started.append(_start("mlflow-server", mlflow, mlflow_env, folder, urls.mlflow, f"{urls.mlflow}/health"))
     _run([_bin("prefect"), "work-pool", "create", POOL, "--type", "process", "--overwrite"], env, folder)
     _run([_bin("prefect"), "--no-prompt", "deploy", "--all"], env, folder)
     started.append(_start("worker", [_bin("prefect"), "worker", "start", "--pool", POOL], env, folder))
-    started.append(_start("receiver", [_bin("nodewise"), "receiver"], env, folder, urls.receiver))
+    receiver_health = urls.receiver.replace("/webhook", "/health")
+    started.append(_start("receiver", [_bin("nodewise"), "receiver"], env, folder, urls.receiver, receiver_health))
     _wait_http(f"{urls.mlflow}/health", timeout_s, folder / "mlflow-server.log")
-    _wait_http(urls.receiver.replace("/webhook", "/health"), timeout_s, folder / "receiver.log")
+    _wait_http(receiver_health, timeout_s, folder / "receiver.log")
+
+
+def _mlflow_server_env(env: dict[str, str]) -> dict[str, str]:
+    """The MLflow server's: not the clients' MLFLOW_TRACKING_URI/REGISTRY_URI (the server would look
+    its webhooks up there)."""
+    return {k: v for k, v in env.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
 
 
 def down(settings: Settings) -> list[str]:
@@ -184,13 +205,45 @@ def down(settings: Settings) -> list[str]:
     return [f"stopped {s.name}" for s in reversed(services.services)]
 
 
-def _start(name: str, cmd: list[str], env: dict[str, str], folder: Path, url: str = "") -> Service:
+def _start(name: str, cmd: list[str], env: dict[str, str], folder: Path, url: str = "", health: str = "") -> Service:
     log = folder / f"{name}.log"
-    with log.open("w") as out:
+    with log.open("a") as out:  # a restart appends: the log of the run that stopped stays readable
         proc = subprocess.Popen(
             cmd, env=env, cwd=SOURCE_ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
-    return Service(name=name, pid=proc.pid, url=url, log=str(log))
+    return Service(name=name, pid=proc.pid, url=url, log=str(log), cmd=cmd, health=health)
+
+
+def _running(service: Service) -> bool:
+    import psutil
+
+    try:
+        proc = psutil.Process(service.pid)
+        return proc.status() != psutil.STATUS_ZOMBIE and proc.cmdline() == service.cmd
+    except psutil.Error:
+        return False
+
+
+def _restart_stopped(settings: Settings, running: Services, timeout_s: float) -> Services:
+    """Start again the recorded services that are no longer running (see ``up``)."""
+    stopped = [s for s in running.services if not _running(s)]
+    if not stopped:
+        raise Busy("`nodewise up` already runs for this state folder (every service is running); `nodewise down` first")
+    if any(not s.cmd for s in stopped):
+        raise Busy("these services were started by an older nodewise: run `nodewise down`, then `nodewise up`")
+    folder = settings.state.services
+    env = _service_env(settings, running, _webhook_secret(settings), (folder / "fernet.key").read_text().strip())
+    restarted = []
+    for old in stopped:
+        service_env = _mlflow_server_env(env) if old.name == "mlflow-server" else env
+        new = _start(old.name, old.cmd, service_env, folder, old.url, old.health)
+        if new.health:
+            _wait_http(new.health, timeout_s, Path(new.log))
+        restarted.append(new)
+    by_name = {s.name: s for s in restarted}
+    services = running.model_copy(update={"services": [by_name.get(s.name, s) for s in running.services]})
+    write_json(folder / "services.json", services.model_dump(mode="json"))
+    return services.model_copy(update={"restarted": [s.name for s in restarted]})
 
 
 def _run(cmd: list[str], env: dict[str, str], folder: Path) -> None:

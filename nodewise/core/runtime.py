@@ -49,6 +49,9 @@ def library_environment(settings: Settings) -> dict[str, str]:
             # alone is replaced by the machine's address).
             env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
         env.update(serve_environment(settings))
+        if settings.serve.ingress == "haproxy" and haproxy_bind_host(settings):
+            # HAProxy through nodewise's launcher (written by `start_local_cluster`; see there).
+            env["RAY_SERVE_HAPROXY_BINARY_PATH"] = str(settings.state.haproxy_launcher)
     return env
 
 
@@ -70,8 +73,6 @@ def serve_environment(settings: Settings) -> dict[str, str]:
                 "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(hap / "metrics.sock"),
             }
         )
-        if haproxy_bind_host(settings):
-            env["RAY_SERVE_HAPROXY_BINARY_PATH"] = str(settings.state.haproxy_launcher)
     else:
         env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "0"
     return env

@@ -282,6 +282,12 @@ class TriggersSettings(_Section):
         description="MLflow events that announce a promotion (add model_version.created to deploy every new version).",
     )
     poll_every_s: PositiveFloat = Field(default=10.0, description="Seconds between registry polls (`nodewise poll`).")
+    webhook_retries: Annotated[int, Field(ge=0, le=20)] = Field(
+        default=8,
+        description="How often `nodewise up`'s MLflow server resends a webhook the receiver did not take "
+        "(a 5xx, e.g. 502 while Prefect is down), with backoff 2, 4, 8 ... 60 s: 8 covers about 3 minutes "
+        "(MLflow's default, 3, about 6 s).",
+    )
 
 
 class KubernetesSettings(_Section):

@@ -22,7 +22,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -216,8 +216,11 @@ def try_lock(path: Path) -> Iterator[bool]:
 
 
 @contextlib.contextmanager
-def wait_lock(path: Path, timeout_s: float, what: str, poll_s: float = 0.5) -> Iterator[None]:
+def wait_lock(
+    path: Path, timeout_s: float, what: str, poll_s: float = 0.5, on_wait: Callable[[], None] | None = None
+) -> Iterator[None]:
     """Hold the lock ``path``, waiting for it up to ``timeout_s``; LockTimeout naming ``what`` after.
+    ``on_wait`` is called once, when the lock is found held (to say that this one waits).
 
     Re-entrant within one thread (a promotion's run holds its model's lock and its deploy subflow
     takes it again); another thread or process waits."""
@@ -237,6 +240,9 @@ def wait_lock(path: Path, timeout_s: float, what: str, poll_s: float = 0.5) -> I
                     fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     break
                 except BlockingIOError:
+                    if on_wait is not None:
+                        on_wait()
+                        on_wait = None
                     if time.monotonic() > deadline:
                         raise LockTimeout(f"{what} held its lock ({path}) for over {timeout_s:.0f} s") from None
                     time.sleep(poll_s)

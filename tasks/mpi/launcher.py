@@ -261,20 +261,37 @@ def _last_line(cluster: LaunchedCluster) -> str:
 def stop_cluster(settings: Settings, app_name: str) -> list[str]:
     """Stop every process of the app's job and remove its shared memory; idempotent."""
     cluster = read_cluster(settings, app_name)
-    if cluster is None:
+    folder = cluster_dir(settings, app_name)
+    # Also any mpirun of this app that no record names: a launcher killed between starting it and
+    # recording it (a watchdog killed mid-restart) must not leave a second group running.
+    sessions = set(job_sessions(folder / "spec.json"))
+    if cluster is not None:
+        sessions.add(cluster.pid)
+    if cluster is None and not sessions:
         return []
-    done = []
-    killed = _stop_session(cluster.pid, settings.deepspeed.stop_grace_s)
-    if killed:
-        done.append(f"stopped DeepSpeed app {app_name} ({killed} process(es))")
+    killed = sum(_stop_session(sid, settings.deepspeed.stop_grace_s) for sid in sorted(sessions))
+    done = [f"stopped DeepSpeed app {app_name} ({killed} process(es))"] if killed else []
     # mpirun cannot clean up after ranks it killed: their shm all-reduce buffers stay behind.
-    for path in local_shm_files(cluster.master_addr, cluster.master_port):
+    for path in local_shm_files(cluster.master_addr, cluster.master_port) if cluster else []:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-    _remove_rendezvous_files(cluster_dir(settings, app_name))
+    _remove_rendezvous_files(folder)
     (cluster_dir(settings, app_name) / "cluster.json").unlink(missing_ok=True)
     _CHILDREN.pop(cluster.pid, None)
     return done
+
+
+def job_sessions(spec_path: Path) -> list[int]:
+    """The mpirun sessions on this machine running the job of ``spec_path`` (each mpirun leads its own)."""
+    import psutil
+
+    marker = str(spec_path)
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        with contextlib.suppress(psutil.Error, OSError):
+            if marker in (proc.info["cmdline"] or []) and os.getsid(proc.info["pid"]) == proc.info["pid"]:
+                found.append(proc.info["pid"])
+    return sorted(found)
 
 
 def _remove_rendezvous_files(folder: Path) -> None:

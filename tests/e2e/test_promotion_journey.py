@@ -3,11 +3,15 @@ deployments, worker, MLflow server with webhooks, receiver), then aliases set th
 
 Setting `champion` makes that version serve; two quick promotions end with the newest serving
 and `previous` on the one it replaced; a version that cannot load fails its deploy, the
-previous version keeps serving, and the failure is recorded and sent as an event."""
+previous version keeps serving, and the failure is recorded and sent as an event. Faults of the
+pipeline itself: the Prefect server down when a webhook arrives (502, MLflow sends it again, one
+deploy once Prefect is back), the registry down during a watchdog pass, and two CLI deploys of
+one model at once."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -192,3 +196,101 @@ def test_cli_deploys_reach_the_users_prefect_and_no_secret_is_stored(
     }
     assert len(stored["flow_runs"]) > 1000  # there is something to look through
     assert [where for where, text in stored.items() if secret in text] == []
+
+
+def service(state: Path, name: str) -> dict:
+    services = json.loads((state / "services" / "services.json").read_text())["services"]
+    return next(s for s in services if s["name"] == name)
+
+
+def stop_service(state: Path, name: str) -> None:
+    """Kill one of `nodewise up`'s services (its whole session), as a crash would."""
+    import psutil
+
+    sid = service(state, name)["pid"]
+    members = [p for p in psutil.process_iter() if _session(p.pid) == sid]
+    for proc in members:
+        proc.kill()
+    psutil.wait_procs(members, timeout=30)
+
+
+def _session(pid: int) -> int | None:
+    try:
+        return os.getsid(pid)
+    except OSError:
+        return None
+
+
+def deploy_runs(prefect_api: str, uri: str) -> list[dict]:
+    runs = httpx.post(f"{prefect_api}/flow_runs/filter", json={"limit": 200}, timeout=30).json()
+    return [r for r in runs if r["parameters"].get("model_uri") == uri]
+
+
+def test_prefect_down_when_the_webhook_arrives_gives_502_then_exactly_one_deploy(
+    pipeline: tuple[Path, dict[str, str], str, str],
+) -> None:
+    from mlflow import MlflowClient
+
+    state, env, mlflow, prefect_api = pipeline
+    client = MlflowClient(tracking_uri=mlflow, registry_uri=mlflow)
+    endpoint = f"http://127.0.0.1:{env['NODEWISE_SERVE__PORT']}/nodewise-digits"
+    version = register(mlflow, state, "digits")
+    receiver_log = Path(service(state, "receiver")["log"])
+    refused_before = receiver_log.read_text().count("not passed on")
+
+    stop_service(state, "prefect-server")
+    client.set_registered_model_alias("nodewise-digits", "champion", version)
+    deadline = time.monotonic() + 60
+    while receiver_log.read_text().count("not passed on") < refused_before + 2:  # 502, and MLflow sent it again
+        assert time.monotonic() < deadline, receiver_log.read_text()[-2000:]
+        time.sleep(0.5)
+    assert served(endpoint) != version  # nothing deployed while Prefect was down
+
+    up = subprocess.run([NODEWISE, "up"], env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert up.returncode == 0, up.stdout + up.stderr
+    assert "started again what had stopped: prefect-server" in up.stdout
+    print(f"served {wait_served(endpoint, version, timeout_s=300):.1f} s after Prefect came back")
+    time.sleep(10)  # a second delivery's run, had there been one, would have started by now
+    assert len(deploy_runs(prefect_api, f"models:/nodewise-digits/{version}")) == 1
+    assert [p["version"] for p in promotions(state)].count(version) == 1
+
+
+def test_the_watchdog_with_the_registry_down_changes_nothing(pipeline: tuple[Path, dict[str, str], str, str]) -> None:
+    state, env, mlflow, prefect_api = pipeline
+    endpoint = f"http://127.0.0.1:{env['NODEWISE_SERVE__PORT']}/nodewise-digits"
+    before = served(endpoint)
+    records = (state / "deployments.json").read_text()
+    stop_service(state, "mlflow-server")
+    user = {**env, "NODEWISE_PREFECT__API_URL": prefect_api, "NODEWISE_MLFLOW__TRACKING_URI": mlflow}
+    watch = subprocess.run(
+        [NODEWISE, "watchdog", "--once"], env=user, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert watch.returncode == 0, watch.stdout + watch.stderr
+    assert "Traceback" not in watch.stdout + watch.stderr
+    assert served(endpoint) == before  # the watchdog needs no registry: it checks what is deployed
+    assert (state / "deployments.json").read_text() == records
+    up = subprocess.run([NODEWISE, "up"], env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert "started again what had stopped: mlflow-server" in up.stdout, up.stdout + up.stderr
+
+
+def test_two_cli_deploys_of_one_model_at_once_end_consistent(pipeline: tuple[Path, dict[str, str], str, str]) -> None:
+    state, env, mlflow, prefect_api = pipeline
+    endpoint = f"http://127.0.0.1:{env['NODEWISE_SERVE__PORT']}/nodewise-digits"
+    user = {**env, "NODEWISE_PREFECT__API_URL": prefect_api, "NODEWISE_MLFLOW__TRACKING_URI": mlflow}
+    first, second = register(mlflow, state, "digits"), register(mlflow, state, "digits")
+    procs = [
+        subprocess.Popen(
+            [NODEWISE, "deploy", f"models:/nodewise-digits/{v}"],
+            env=user,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for v in (first, second)
+    ]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    assert sum("this one waits for it, then deploys" in out for out in outputs) == 1, outputs
+    record = json.loads((state / "deployments.json").read_text())["nodewise-digits"]
+    assert served(endpoint) == record["model_version"]  # what is recorded is what serves
+    assert {record["model_version"], record["previous_version"]} == {first, second}

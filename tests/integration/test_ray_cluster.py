@@ -43,7 +43,8 @@ def two_node_cluster(prefect_harness: None) -> Iterator[tuple[str, Settings]]:
     # The cluster's owner starts it with Ray Serve's switches, as the README says.
     local_like = make_settings()
     env = {
-        **os.environ,
+        # A cluster other machines may join (not nodewise's one-machine local instance).
+        **{k: v for k, v in os.environ.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"},
         **serve_environment(local_like),
         "RAY_AUTH_MODE": "token",
         "RAY_AUTH_TOKEN_PATH": str(token),

@@ -2,13 +2,16 @@
 
 `kill -9` of one rank: mpirun stops the others, the watchdog restarts every rank (fresh
 rendezvous port) and the endpoint answers the same logits. A job whose ranks die on every
-start: restarts stop at the budget and the deployment is marked failed, then left alone.
+start: restarts stop at the budget and the deployment is marked failed, then left alone. A
+watchdog killed in the middle of a restart: the next pass finishes it, and one group runs.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -113,3 +116,53 @@ def test_ranks_that_die_on_every_start_stop_at_the_budget(settings: Settings, de
     [action] = watch_once(settings)
     assert (action.event, action.outcome) == ("nodewise.cluster.restarted", "every rank ready")
     assert len(rank_pids(deployed.endpoint)) == 2
+
+
+# A watchdog pass in its own process, as `nodewise watchdog --once` runs it (same settings).
+WATCH_ONCE = (
+    "import sys\n"
+    "from nodewise.core.settings import Settings\n"
+    "from nodewise.core.runtime import configure_process\n"
+    "settings = Settings.model_validate_json(open(sys.argv[1]).read())\n"
+    "configure_process(settings)\n"
+    "from tasks.watchdog.engine import watch_once\n"
+    "watch_once(settings)\n"
+)
+
+
+def test_a_watchdog_killed_mid_restart_is_finished_by_the_next_pass_with_one_group(
+    settings: Settings, deployed: object, tmp_path: Path
+) -> None:
+    from tasks.mpi.launcher import cluster_dir, job_sessions, read_cluster
+    from tasks.watchdog.engine import load_watch, watch_once
+
+    spec_path = cluster_dir(settings, deployed.app_name) / "spec.json"
+    expected = logits(deployed.endpoint)
+    old = read_cluster(settings, deployed.app_name)
+    os.kill(rank_pids(deployed.endpoint)[1], signal.SIGKILL)
+    wait_mpirun_gone(settings, deployed.app_name)
+
+    saved = tmp_path / "settings.json"
+    saved.write_text(settings.model_dump_json())
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    watchdog = subprocess.Popen([sys.executable, "-c", WATCH_ONCE, str(saved)], env=env)
+    deadline = time.monotonic() + 120
+    while (now := read_cluster(settings, deployed.app_name)) is None or now.pid == old.pid:
+        assert watchdog.poll() is None, "the watchdog ended before it relaunched the ranks"
+        assert time.monotonic() < deadline, "the watchdog did not relaunch the ranks"
+        time.sleep(0.1)
+    watchdog.kill()  # mid-restart: the new ranks are starting, the restart is not finished
+    watchdog.wait(timeout=30)
+    half_started = now.pid
+    assert load_watch(settings)[0][deployed.app_name].pending == "cluster restart"
+
+    [action] = watch_once(settings)
+    assert (action.event, action.cause) == ("nodewise.cluster.restarted", "finishing an interrupted cluster restart")
+    assert action.outcome == "every rank ready"
+    final = read_cluster(settings, deployed.app_name)
+    assert final.pid != half_started
+    assert job_sessions(spec_path) == [final.pid]  # one group: the half-started one was stopped, not doubled
+    assert len(rank_pids(deployed.endpoint)) == 2
+    np.testing.assert_allclose(logits(deployed.endpoint), expected, rtol=1e-5, atol=1e-6)
+    assert load_watch(settings)[0][deployed.app_name].pending is None
+    assert watch_once(settings) == []  # healthy

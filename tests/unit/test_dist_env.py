@@ -147,9 +147,8 @@ def test_ranks_of_one_machine_meet_through_a_file_and_several_hosts_through_tcp(
     from serving.dist_env import rendezvous_url
 
     def env(master_addr: str) -> DistEnv:
-        return DistEnv(
-            rank=1, world_size=2, local_rank=1, local_size=2, launcher="mpirun", master_addr=master_addr, master_port=4321
-        )
+        where = {"master_addr": master_addr, "master_port": 4321}
+        return DistEnv(rank=1, world_size=2, local_rank=1, local_size=2, launcher="mpirun", **where)
 
     assert rendezvous_url(env("127.0.0.1"), tmp_path) == f"file://{tmp_path}/rendezvous-4321"  # nothing listens
     assert rendezvous_url(env("10.0.0.5"), tmp_path) is None  # env://: the TCP store other hosts reach

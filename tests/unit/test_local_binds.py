@@ -50,8 +50,10 @@ def test_the_launcher_moves_stats_and_metrics_to_serves_host_then_runs_haproxy(t
     fake.write_text('#!/bin/sh\necho "args: $*"\ncat "$3"\n')
     fake.chmod(0o755)
     text = launcher.read_text()
-    assert text.splitlines()[-1].startswith("exec ") and "haproxy" in text.splitlines()[-1]  # the real one
-    launcher.write_text("\n".join(text.splitlines()[:-1] + [f'exec {fake} "$@"']) + "\n")
+    *script, last = text.splitlines()
+    assert last.startswith("exec ")
+    assert "haproxy" in last  # the real binary
+    launcher.write_text("\n".join([*script, f'exec {fake} "$@"']) + "\n")
     config = tmp_path / "haproxy.cfg"
     config.write_text(RENDERED)
     ran = subprocess.run([str(launcher), "-db", "-f", str(config), "-sf", "123"], capture_output=True, text=True)
