@@ -35,6 +35,22 @@ class _Commands(typer.core.TyperGroup):
         except NodewiseError as e:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(e.exit_code) from None
+        except RuntimeError as e:
+            if not str(e).startswith(_EPHEMERAL_TIMEOUT):
+                raise
+            waited = os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "?")
+            exited = " (it exited)" if "exited with code" in str(e) else ""
+            typer.echo(
+                f"error: Prefect's temporary server did not answer within {waited} s{exited}; start a server "
+                "(`prefect server start`, or `nodewise up`) and set NODEWISE_PREFECT__API_URL to its API, or "
+                "raise NODEWISE_PREFECT__EPHEMERAL_STARTUP_TIMEOUT_S",
+                err=True,
+            )
+            raise typer.Exit(3) from None
+
+
+# What Prefect raises (a bare RuntimeError) when its ephemeral API does not come up in time.
+_EPHEMERAL_TIMEOUT = "Timed out while attempting to connect to ephemeral Prefect API server"
 
 
 app = typer.Typer(

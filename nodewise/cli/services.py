@@ -217,10 +217,15 @@ def _start(name: str, cmd: list[str], env: dict[str, str], folder: Path, url: st
 def _running(service: Service) -> bool:
     import psutil
 
-    try:
+    try:  # still the process `up` started: alive, leading its own session, running that program
         proc = psutil.Process(service.pid)
-        return proc.status() != psutil.STATUS_ZOMBIE and proc.cmdline() == service.cmd
-    except psutil.Error:
+        program = Path(service.cmd[0]).name if service.cmd else service.name
+        return (
+            proc.status() != psutil.STATUS_ZOMBIE
+            and os.getsid(service.pid) == service.pid
+            and any(Path(part).name == program for part in proc.cmdline())
+        )
+    except (psutil.Error, OSError):
         return False
 
 
