@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from serving.autotp import HEAD_FIELDS, architecture_refusal, uneven_heads
-from serving.spec import DeepSpeedSpec
+from serving.spec import DeepSpeedSpec, resolve_uri
 
 
 class CannotShard(RuntimeError):
@@ -149,8 +149,8 @@ def _local_artifacts(spec: DeepSpeedSpec) -> Path | None:
 def _mlflow(spec: DeepSpeedSpec) -> Any:
     import mlflow
 
-    mlflow.set_tracking_uri(spec.tracking_uri)
-    mlflow.set_registry_uri(spec.registry_uri)
+    mlflow.set_tracking_uri(resolve_uri(spec.tracking_uri, "MLFLOW_TRACKING_URI"))
+    mlflow.set_registry_uri(resolve_uri(spec.registry_uri, "MLFLOW_REGISTRY_URI"))
     return mlflow
 
 

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from serving._protocol import BadRequest, UnsupportedMediaType, parse_body, to_tensor
-from serving.spec import ModelServeSpec
+from serving.spec import ModelServeSpec, resolve_uri
 
 
 class LoadedModel:
@@ -22,8 +22,8 @@ class LoadedModel:
         """Load the model that ``spec`` names, on ``spec.device``."""
         import mlflow
 
-        mlflow.set_tracking_uri(spec.tracking_uri)
-        mlflow.set_registry_uri(spec.registry_uri)
+        mlflow.set_tracking_uri(resolve_uri(spec.tracking_uri, "MLFLOW_TRACKING_URI"))
+        mlflow.set_registry_uri(resolve_uri(spec.registry_uri, "MLFLOW_REGISTRY_URI"))
         if spec.flavor == "pytorch":
             import torch
 

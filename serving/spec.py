@@ -6,11 +6,39 @@ importable without Prefect or anything else of nodewise's.
 
 from __future__ import annotations
 
+import os
 from typing import Literal
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveFloat, PositiveInt, model_validator
 
 Flavor = Literal["pytorch", "python_function"]
+
+HIDDEN = "***"
+
+
+def redact_uri(uri: str) -> str:
+    """``uri`` with the password of its user part hidden (``postgresql://me:***@db/mlflow``): what a
+    spec, and so every record and log of it, keeps. A URI without one is returned as it is."""
+    parts = urlsplit(uri)
+    if parts.password is None:
+        return uri
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=f"{parts.username}:{HIDDEN}@{host}"))
+
+
+def resolve_uri(stored: str, variable: str) -> str:
+    """The URI a serving process uses: ``stored`` itself, or, where its password is hidden, the whole
+    URI from the environment variable ``variable`` (which must name the same server and user)."""
+    if urlsplit(stored).password != HIDDEN:
+        return stored
+    given = os.environ.get(variable, "")
+    if given and redact_uri(given) == stored:
+        return given
+    raise ValueError(
+        f"the spec keeps no password for {stored}; start the serving processes with {variable} set to the "
+        "whole URI (nodewise's local Ray and mpirun pass it on)"
+    )
 
 
 class ModelServeSpec(BaseModel):

@@ -19,7 +19,7 @@ from nodewise.core.errors import DeployFailed, UnsupportedModel
 from nodewise.core.settings import Settings, SmokeSettings
 from serving.autotp import architecture_refusal, uneven_heads
 from serving.dist_env import is_local_host
-from serving.spec import DeepSpeedSpec
+from serving.spec import DeepSpeedSpec, redact_uri
 from tasks.mpi.launcher import launch, read_cluster, stop_cluster, wait_ready
 from tasks.planning.placement import PlacementPlan
 from tasks.planning.registry import ResolvedModel, artifact_file, load_input_example
@@ -56,8 +56,8 @@ def build_deepspeed_spec(model: ResolvedModel, plan: PlacementPlan, settings: Se
         artifact_uri=model.artifact_uri,
         model_name=model.name,
         model_version=model.version,
-        tracking_uri=settings.tracking_uri,
-        registry_uri=settings.registry_uri,
+        tracking_uri=redact_uri(settings.tracking_uri),  # its password reaches the ranks in their environment
+        registry_uri=redact_uri(settings.registry_uri),
         flavor=flavor,
         tp_size=plan.ranks,
         device="cuda" if gpu else "cpu",

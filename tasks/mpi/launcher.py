@@ -41,6 +41,8 @@ _FORWARDED = (
     "TOKENIZERS_PARALLELISM",
     "HF_HUB_OFFLINE",
     "MLFLOW_DISABLE_TELEMETRY",
+    "MLFLOW_TRACKING_URI",  # the spec hides a URI's password: remote ranks get the whole URI here
+    "MLFLOW_REGISTRY_URI",
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR",
 )
 

@@ -9,7 +9,7 @@ from typing import Any
 from nodewise.core.errors import DeployFailed
 from nodewise.core.runtime import SOURCE_ROOT
 from nodewise.core.settings import ServeSettings, Settings
-from serving.spec import ModelServeSpec
+from serving.spec import ModelServeSpec, redact_uri
 from tasks.planning.placement import PlacementPlan
 from tasks.planning.registry import ResolvedModel
 from tasks.records import app_name_for
@@ -35,8 +35,8 @@ def build_spec(
         model_uri=model.pinned_uri,
         model_name=model.name,
         model_version=model.version,
-        tracking_uri=settings.tracking_uri,
-        registry_uri=settings.registry_uri,
+        tracking_uri=redact_uri(settings.tracking_uri),  # its password reaches the replicas in their environment
+        registry_uri=redact_uri(settings.registry_uri),
         flavor="pytorch" if model.flavor == "pytorch" else "python_function",
         input_dtype=model.input_dtype,
         input_shape=model.input_shape,
@@ -74,7 +74,19 @@ def deploy_app(spec: ModelServeSpec, settings: Settings, remote_cluster: bool) -
     from serving.app import build_app
 
     serve.start(http_options={"host": settings.serve.host, "port": settings.serve.port})
-    runtime_env = {"py_modules": shipped_serving_package()} if remote_cluster else None
+    runtime_env: dict[str, Any] | None = None
+    if remote_cluster:  # an existing cluster's nodes have neither nodewise's code nor its environment
+        runtime_env = {"py_modules": shipped_serving_package()}
+        hidden = {
+            name: uri
+            for name, uri in (
+                ("MLFLOW_TRACKING_URI", settings.tracking_uri),
+                ("MLFLOW_REGISTRY_URI", settings.registry_uri),
+            )
+            if redact_uri(uri) != uri
+        }
+        if hidden:  # the whole URIs go in the replicas' environment, never in the spec
+            runtime_env["env_vars"] = hidden
     app = build_app(spec, runtime_env=runtime_env)
     serve._run(app, _blocking=False, name=spec.app_name, route_prefix=spec.route_prefix)
     # Our local instance never grows: unschedulable replicas fail at once. An external cluster
