@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from serving._protocol import encode_predictions, parse_body
-from serving.dist_env import DistEnv, DistEnvError, discover, rendezvous_url
+from serving.dist_env import DistEnv, DistEnvError, discover, network_exports, rendezvous_url, route_source
 from serving.errors import (
     BadRequest,
     NotFound,
@@ -41,7 +41,7 @@ from serving.errors import (
     read_body,
 )
 from serving.openapi import document, scoring_paths
-from serving.spec import DeepSpeedSpec
+from serving.spec import SPEC_ENV, DeepSpeedSpec
 
 ERROR_MARK = "nodewise-worker error:"
 
@@ -52,11 +52,12 @@ class Beat:
 
     rank: int
     pid: int
-    host: str
+    host: str  # the rank's address on the route to rank 0: hosts that share a name still differ
     state: str
     steps: int
     step_age_s: float
     rss_bytes: int
+    hostname: str = ""
     error: str | None = None
     phases: dict[str, float] = field(default_factory=dict)
     received: float = field(default_factory=time.monotonic)
@@ -65,8 +66,9 @@ class Beat:
 class RankState:
     """What this rank reports about itself."""
 
-    def __init__(self, rank: int) -> None:
+    def __init__(self, rank: int, address: str) -> None:
         self.rank = rank
+        self.address = address
         self.state = "starting"
         self.error: str | None = None
         self.steps = 0
@@ -91,7 +93,8 @@ class RankState:
         return {
             "rank": self.rank,
             "pid": os.getpid(),
-            "host": socket.gethostname(),
+            "host": self.address,
+            "hostname": socket.gethostname(),
             "state": self.state,
             "steps": self.steps,
             "step_age_s": round(time.monotonic() - since, 3),
@@ -180,7 +183,10 @@ class Frontend:
         if hasattr(data, "to_numpy"):  # a one-column DataFrame of prompts or ids
             data = data.to_numpy()
             if data.ndim == 2 and data.shape[1] == 1 and data.dtype == object:
-                data = data[:, 0].astype(str)
+                column = data[:, 0]
+                if not all(isinstance(v, str | int | float) for v in column):
+                    raise BadRequest("a one-column DataFrame holds one prompt (a string) per row; got nested values")
+                data = column.astype(str)
         array = np.asarray(data)
         if array.dtype.kind in "US":
             texts = [str(t) for t in array.reshape(-1)]
@@ -403,22 +409,26 @@ def _step_loop(env: DistEnv, spec: DeepSpeedSpec, model: Any, state: RankState, 
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 1:
-        print(f"{ERROR_MARK} usage: python -m serving.deepspeed_worker SPEC.json", file=sys.stderr)
+    if len(argv) not in (1, 2) or (len(argv) == 2 and not argv[1].startswith("--launch=")):
+        # --launch=ID names one launch of the job in every rank's command line (for its cleanup)
+        print(f"{ERROR_MARK} usage: python -m serving.deepspeed_worker SPEC.json [--launch=ID]", file=sys.stderr)
         return 2
     try:
-        spec = DeepSpeedSpec.model_validate_json(Path(argv[0]).read_text())
+        # The launcher passes the spec in the environment (other hosts lack its state folder); the
+        # path also names the job in every rank's command line (how a stop finds them on any host).
+        spec = DeepSpeedSpec.model_validate_json(os.environ.get(SPEC_ENV) or Path(argv[0]).read_text())
         env = discover(os.environ)
         if env.world_size != spec.tp_size:
             raise DistEnvError(
                 f"the launcher started {env.world_size} ranks but the spec asks for tp_size={spec.tp_size}; "
                 f"start {spec.tp_size} ranks (mpirun -np {spec.tp_size})"
             )
+        network = network_exports(env, os.environ)
     except (OSError, ValueError) as e:
         print(f"{ERROR_MARK} {e}", file=sys.stderr, flush=True)
         return 2
-    os.environ.update(env.exports())
-    state = RankState(env.rank)
+    os.environ.update({**env.exports(), **network})
+    state = RankState(env.rank, route_source(env.master_addr) or "?")
     view = ClusterView(spec, env.world_size) if env.rank == 0 else None
     frontend = Frontend(spec, view) if view is not None else None
     if frontend is not None:
@@ -477,6 +487,14 @@ def _start(env: DistEnv, spec: DeepSpeedSpec, state: RankState, folder: Path) ->
         rank=env.rank,
         world_size=env.world_size,
     )
+    if not env.all_local:
+        # DeepSpeed's shared-memory all-reduce assumes every rank on one host and has no fallback
+        # (its kernel runs on buffers only a one-host job sets up): ranks on several hosts all-reduce
+        # through gloo over TCP instead.
+        from deepspeed.comm import comm as ds_comm
+
+        if getattr(ds_comm, "cdb", None) is not None:
+            ds_comm.cdb.shm_vector_kernel_level = 0
     state.enter("loading")
     model = LanguageModel.load(spec)
     state.enter("sharding")

@@ -10,6 +10,7 @@ variable, never a hang or a crash later.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -257,3 +258,46 @@ def rendezvous_url(env: DistEnv, folder: Path) -> str | None:
 def is_local_host(host: str) -> bool:
     """Whether ``host`` names this machine."""
     return host in _LOCAL_HOSTS or host in (socket.gethostname(), socket.getfqdn())
+
+
+def route_source(peer: str) -> str | None:
+    """This host's address on the route to ``peer`` (no packet is sent), None if there is no route."""
+    family = socket.AF_INET6 if ":" in peer else socket.AF_INET
+    with contextlib.suppress(OSError), socket.socket(family, socket.SOCK_DGRAM) as s:
+        s.connect((peer, 9))
+        return str(s.getsockname()[0])
+    return None
+
+
+def interface_with(address: str) -> str | None:
+    """The network interface that holds ``address``."""
+    import psutil
+
+    for name, addresses in psutil.net_if_addrs().items():
+        if any(a.address.split("%", 1)[0] == address for a in addresses):
+            return name
+    return None
+
+
+def network_exports(env: DistEnv, environ: Mapping[str, str]) -> dict[str, str]:
+    """Which interface gloo (and NCCL's bootstrap) use: the one that reaches rank 0.
+
+    Without GLOO_SOCKET_IFNAME gloo binds the address this host's *name* resolves to, which on many
+    machines is not one the other hosts can reach (Debian maps it to 127.0.1.1; hosts that share a
+    name all resolve to one). The interface on the route to MASTER_ADDR is one they share. A value
+    the user set is kept; a one-host job needs none.
+    """
+    if env.all_local:
+        return {}
+    source = route_source(env.master_addr)
+    interface = interface_with(source) if source else None
+    if interface is None:
+        raise DistEnvError(
+            f"no route from this host to rank 0's host MASTER_ADDR={env.master_addr}; check the address "
+            "(the inventory's `address:`) and this host's network"
+        )
+    out = {}
+    for name in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+        if not environ.get(name):
+            out[name] = interface
+    return out

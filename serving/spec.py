@@ -94,6 +94,9 @@ class ModelServeSpec(BaseModel):
 LMFlavor = Literal["transformers", "pytorch"]
 
 
+SPEC_ENV = "NODEWISE_DEEPSPEED_SPEC"  # the spec's JSON, for ranks on hosts without the launcher's files
+
+
 class DeepSpeedSpec(BaseModel):
     """What one DeepSpeed tensor-parallel cluster serves: every rank starts with this spec."""
 

@@ -199,8 +199,12 @@ def register_demo_lm(artifact_root: str, name: str = DEMO_LM, alias: str = "cham
     return version
 
 
-def too_small_inventory(path: object, one_copy_bytes: int, per_rank_bytes: int, headroom: float) -> str:
+def too_small_inventory(
+    path: object, one_copy_bytes: int, per_rank_bytes: int, headroom: float, addresses: list[str] | None = None
+) -> str:
     """Declare two nodes on this machine, each too small for one copy but big enough for half.
+
+    ``addresses``: the nodes' addresses instead (other hosts; a third one is a spare).
 
     The demo has one machine; this inventory is how it shows the multi-node path: the plan
     finds no node that holds the model, splits it over both, and mpirun starts one rank per
@@ -213,7 +217,8 @@ def too_small_inventory(path: object, one_copy_bytes: int, per_rank_bytes: int, 
     usable = (one_copy_bytes + per_rank_bytes) // 2  # between half (plus overheads) and one copy
     host_memory = int(usable / headroom)
     nodes = [
-        {"name": f"demo-node-{i}", "cpus": 1, "host_memory": host_memory, "address": "localhost"} for i in range(2)
+        {"name": f"demo-node-{i}", "cpus": 1, "host_memory": host_memory, "address": address}
+        for i, address in enumerate(addresses or ["localhost", "localhost"])
     ]
     target = Path(str(path))
     target.parent.mkdir(parents=True, exist_ok=True)

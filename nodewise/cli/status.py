@@ -47,6 +47,10 @@ def deployment_status(settings: Settings) -> dict[str, Any]:
         }
         for r in load_records(settings.state.records).values()
     ]
+    for row in rows:
+        if row["backend"] == "deepspeed_mpi":
+            row.update(_where_ranks_run(settings, row["app"]))
+            row["health"] = _health(row["endpoint"])
     rows += [
         {
             "app": r.app_name,
@@ -66,6 +70,26 @@ def deployment_status(settings: Settings) -> dict[str, Any]:
 
     watchdog = [a.model_dump() for a in last_actions(settings)]
     return {"cluster": cluster, "deployments": rows, "watchdog": watchdog}
+
+
+def _where_ranks_run(settings: Settings, app_name: str) -> dict[str, Any]:
+    """A DeepSpeed job's hosts now: each rank's, the spares, and rank 0's endpoint (it moves with rank 0)."""
+    from nodewise.core.errors import ClusterUnavailable
+    from tasks.mpi.launcher import read_cluster, read_placement
+
+    try:
+        placement = read_placement(settings, app_name)
+    except ClusterUnavailable:
+        return {}
+    where: dict[str, Any] = {
+        "hosts": placement.hosts,
+        "rank_hosts": [h for h in placement.hosts for _ in range(placement.ranks_per_host)],
+        "spare_hosts": placement.spares,
+    }
+    cluster = read_cluster(settings, app_name)
+    if cluster is not None:
+        where["endpoint"] = cluster.endpoint
+    return where
 
 
 def stop_everything(settings: Settings) -> list[str]:

@@ -66,9 +66,17 @@ class RegistryUnreachable(NodewiseError, ConnectionError):
 
 
 class ClusterUnavailable(NodewiseError, ConnectionError):
-    """The Ray cluster could not be started or reached."""
+    """The Ray cluster or the hosts of a multi-node job could not be started or reached."""
 
     exit_code = 3
+
+
+class NotEnoughHosts(ClusterUnavailable):
+    """Too few of a multi-node job's hosts (with its spares) answer to relaunch it."""
+
+    def __init__(self, message: str, down: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.down = down or {}
 
 
 class KubernetesUnavailable(NodewiseError, ConnectionError):

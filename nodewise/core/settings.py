@@ -220,6 +220,15 @@ class DeepSpeedSettings(_Section):
     python: str | None = Field(
         default=None, description="Python with nodewise installed, same path on every host. Default: this one."
     )
+    remote_shell: str = Field(
+        default="ssh",
+        min_length=1,
+        description="How mpirun and nodewise reach other hosts (mpirun's plm_rsh_agent), called as "
+        "`REMOTE_SHELL HOST CMD...`: ssh (the default) with keys for every host, or an agent of your own.",
+    )
+    host_check_timeout_s: PositiveFloat = Field(
+        default=5.0, description="A host that does not run `true` through the remote shell this fast is down."
+    )
     op_cache_dir: Path | None = Field(
         default=None,
         description="DeepSpeed's compiled ops (TORCH_EXTENSIONS_DIR). Default: torch_extensions in the state "

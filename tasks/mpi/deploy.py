@@ -20,7 +20,7 @@ from nodewise.core.settings import Settings, SmokeSettings
 from serving.autotp import architecture_refusal, uneven_heads
 from serving.dist_env import is_local_host
 from serving.spec import DeepSpeedSpec, redact_uri
-from tasks.mpi.launcher import launch, read_cluster, stop_cluster, wait_ready
+from tasks.mpi.launcher import Placement, choose_hosts, launch, read_cluster, stop_cluster, wait_ready
 from tasks.planning.placement import PlacementPlan
 from tasks.planning.registry import ResolvedModel, artifact_file, load_input_example
 from tasks.records import app_name_for
@@ -108,8 +108,13 @@ def deploy_cluster(
     previous_spec = (
         DeepSpeedSpec.model_validate_json(Path(previous.spec_path).read_text()) if previous is not None else None
     )
+    planned = Placement(
+        hosts=plan.hosts or ["localhost"] * plan.nodes, ranks_per_host=plan.devices_per_node, spares=plan.spare_hosts
+    )
+    hosts, _ = choose_hosts(planned, settings)  # a node that is down now is replaced by a spare, or refused
+    spares = [h for h in [*planned.hosts, *planned.spares] if h not in hosts]
     stop_cluster(settings, spec.app_name)
-    cluster = launch(spec, plan.hosts or ["localhost"] * plan.nodes, plan.devices_per_node, settings)
+    cluster = launch(spec, hosts, plan.devices_per_node, settings, spares=spares)
     try:
         wait_ready(cluster, settings.deepspeed.ready_timeout_s)
         return cluster.endpoint, check(cluster.endpoint)

@@ -11,7 +11,10 @@ machine builds them (~85 s).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import secrets
+import shlex
 import shutil
 import subprocess
 import sys
@@ -22,7 +25,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from nodewise.core.errors import ClusterUnavailable, DeployFailed
+from nodewise.core.errors import ClusterUnavailable, DeployFailed, NotEnoughHosts
 from nodewise.core.procs import free_port, port_open, session_members, stop_processes
 from nodewise.core.runtime import SOURCE_ROOT, library_environment
 from nodewise.core.settings import Settings
@@ -30,7 +33,8 @@ from nodewise.core.state import atomic_write, read_json, write_json
 from serving._lm import local_shm_files
 from serving.deepspeed_worker import ERROR_MARK
 from serving.dist_env import RENDEZVOUS_PREFIX, is_local_host
-from serving.spec import DeepSpeedSpec
+from serving.spec import SPEC_ENV, DeepSpeedSpec
+from tasks.mpi.supervise import EXIT_FILE
 
 _FORWARDED = (
     "PYTHONPATH",
@@ -44,6 +48,7 @@ _FORWARDED = (
     "MLFLOW_TRACKING_URI",  # the spec hides a URI's password: remote ranks get the whole URI here
     "MLFLOW_REGISTRY_URI",
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR",
+    SPEC_ENV,  # the spec itself: other hosts do not have this machine's state folder
 )
 
 
@@ -51,7 +56,7 @@ class LaunchedCluster(BaseModel):
     """What was launched for one app, as recorded in ``cluster.json``."""
 
     app_name: str
-    pid: int
+    pid: int  # the supervisor's (tasks/mpi/supervise.py), which leads the job's session on this machine
     hosts: list[str]
     ranks: int
     master_addr: str
@@ -59,6 +64,7 @@ class LaunchedCluster(BaseModel):
     port: int
     endpoint: str
     command: list[str]
+    launch_id: str = ""  # in every rank's command line: a cleanup of this launch spares the next one
     log_path: str
     spec_path: str
     started_at: str
@@ -76,6 +82,8 @@ def mpirun_command(
     ranks_per_host: int,
     env_names: list[str],
     extra: list[str],
+    remote_shell: str = "ssh",
+    launch_id: str = "",
 ) -> list[str]:
     """The mpirun command line: one rank per device, ``ranks_per_host`` on each host, in host order."""
     local = all(is_local_host(h) for h in hosts)
@@ -86,13 +94,21 @@ def mpirun_command(
     cmd += ["-np", str(len(hosts) * ranks_per_host), "--host", host_arg, "--map-by", "slot", "--bind-to", "none"]
     if local:
         cmd.append("--oversubscribe")  # "nodes" of one machine: a core may hold several ranks
+    else:
+        cmd += ["--mca", "plm_rsh_agent", remote_shell]  # how mpirun starts its daemon on each host
     for name in env_names:
         cmd += ["-x", name]
-    return [*cmd, *extra, python, "-m", "serving.deepspeed_worker", str(spec_path)]
+    worker = [python, "-m", "serving.deepspeed_worker", str(spec_path)]
+    return [*cmd, *extra, *worker, *([f"--launch={launch_id}"] if launch_id else [])]
 
 
-def launch(spec: DeepSpeedSpec, hosts: list[str], ranks_per_host: int, settings: Settings) -> LaunchedCluster:
-    """Start the ranks under mpirun and record them; returns at once (see ``wait_ready``)."""
+def launch(
+    spec: DeepSpeedSpec, hosts: list[str], ranks_per_host: int, settings: Settings, spares: list[str] | None = None
+) -> LaunchedCluster:
+    """Start the ranks under mpirun and record them; returns at once (see ``wait_ready``).
+
+    ``spares``: other hosts able to take a host's place when one is down at a restart.
+    """
     ds = settings.deepspeed
     mpirun = shutil.which(ds.mpirun)
     if mpirun is None:
@@ -112,6 +128,7 @@ def launch(spec: DeepSpeedSpec, hosts: list[str], ranks_per_host: int, settings:
     spec_path = folder / "spec.json"
     atomic_write(spec_path, spec.model_dump_json(indent=2))
     _remove_rendezvous_files(folder)  # a killed launch's file would confuse this one's ranks
+    (folder / EXIT_FILE).unlink(missing_ok=True)
     env = {
         **os.environ,
         **library_environment(settings),
@@ -121,17 +138,30 @@ def launch(spec: DeepSpeedSpec, hosts: list[str], ranks_per_host: int, settings:
         "OMP_NUM_THREADS": str(spec.torch_threads),
         "TOKENIZERS_PARALLELISM": "false",
         "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+        SPEC_ENV: spec.model_dump_json(),
     }
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE"):  # derived by each rank, never inherited
         env.pop(name, None)
     names = [n for n in _FORWARDED if n in env]
-    cmd = mpirun_command(mpirun, ds.python or sys.executable, spec_path, hosts, ranks_per_host, names, ds.mpirun_args)
+    launch_id = secrets.token_hex(4)
+    python = ds.python or sys.executable
+    cmd = mpirun_command(
+        mpirun, python, spec_path, hosts, ranks_per_host, names, ds.mpirun_args, ds.remote_shell, launch_id
+    )
+    supervisor = [sys.executable, "-m", "tasks.mpi.supervise", str(folder)]
+    if env.get("PREFECT_API_URL"):
+        supervisor += ["--events", env["PREFECT_API_URL"]]
     log_path = folder / "mpirun.log"
     with open(log_path, "ab") as log:
         log.write(f"\n=== {datetime.now(UTC).isoformat(timespec='seconds')} {' '.join(cmd)}\n".encode())
         log.flush()
         process = subprocess.Popen(
-            cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            [*supervisor, "--", *cmd],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
         )
     _CHILDREN[process.pid] = process
     endpoint_host = "127.0.0.1" if local else hosts[0]
@@ -145,24 +175,90 @@ def launch(spec: DeepSpeedSpec, hosts: list[str], ranks_per_host: int, settings:
         port=spec.port,
         endpoint=f"http://{endpoint_host}:{spec.port}",
         command=cmd,
+        launch_id=launch_id,
         log_path=str(log_path),
         spec_path=str(spec_path),
         started_at=datetime.now(UTC).isoformat(timespec="seconds"),
     )
     write_json(folder / "cluster.json", cluster.model_dump(mode="json"))
-    # Kept after a stop: a restart relaunches the same hosts with the same spec.
-    write_json(folder / "placement.json", {"hosts": hosts, "ranks_per_host": ranks_per_host})
+    # Kept after a stop: a restart relaunches on these hosts (or spares) with the same spec.
+    if spares is None:
+        spares = read_json(folder / "placement.json").get("spares", []) if (folder / "placement.json").exists() else []
+    placement = Placement(hosts=hosts, ranks_per_host=ranks_per_host, spares=[h for h in spares if h not in hosts])
+    write_json(folder / "placement.json", placement.model_dump())
     return cluster
 
 
-def relaunch(settings: Settings, app_name: str, spec: DeepSpeedSpec) -> LaunchedCluster:
-    """Stop whatever runs of the app's job and launch it again where it ran (a fresh rendezvous port)."""
-    placement = cluster_dir(settings, app_name) / "placement.json"
-    if not placement.exists():
+class Placement(BaseModel):
+    """Where the app's ranks run, and which other hosts may stand in for one that is down."""
+
+    hosts: list[str]
+    ranks_per_host: int
+    spares: list[str] = []
+
+
+def read_placement(settings: Settings, app_name: str) -> Placement:
+    path = cluster_dir(settings, app_name) / "placement.json"
+    if not path.exists():
         raise ClusterUnavailable(f"DeepSpeed app {app_name} was never launched here; deploy it first")
-    where = read_json(placement)
+    return Placement.model_validate(read_json(path))
+
+
+def host_down(host: str, settings: Settings) -> str | None:
+    """Why ``host`` cannot take ranks now (the remote shell cannot run ``true`` on it), None if it can."""
+    if is_local_host(host):
+        return None
+    ds = settings.deepspeed
+    argv = [*shlex.split(ds.remote_shell), host, "true"]
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=ds.host_check_timeout_s, check=False)
+    except subprocess.TimeoutExpired:
+        return f"{host} did not answer `{ds.remote_shell} {host} true` within {ds.host_check_timeout_s:.0f} s"
+    except OSError as e:
+        return f"remote shell {ds.remote_shell!r} cannot run ({e.strerror}); set NODEWISE_DEEPSPEED__REMOTE_SHELL"
+    if done.returncode != 0:
+        why = (done.stderr.strip().splitlines() or [f"status {done.returncode}"])[-1][:200]
+        return f"{host} is unreachable through {ds.remote_shell!r} ({why})"
+    return None
+
+
+def choose_hosts(placement: Placement, settings: Settings) -> tuple[list[str], dict[str, str]]:
+    """The hosts a relaunch uses: the current ones that are up, then spares in order, as many as before.
+
+    Returns them and why each skipped host is down. Raises ``NotEnoughHosts`` when too few are up.
+    """
+    wanted = len(placement.hosts)
+    chosen: list[str] = []
+    down: dict[str, str] = {}
+    for host in [*placement.hosts, *placement.spares]:
+        if len(chosen) == wanted:
+            break
+        why = host_down(host, settings)
+        if why is None:
+            chosen.append(host)
+        else:
+            down[host] = why
+    if len(chosen) < wanted:
+        raise NotEnoughHosts(
+            f"not enough nodes: the job needs {wanted} host(s) and only {len(chosen)} of "
+            f"{len(placement.hosts) + len(placement.spares)} answer (down: {', '.join(down)}); it is "
+            "relaunched when one comes back, or add a spare node of the same kind to the inventory",
+            down=down,
+        )
+    return chosen, down
+
+
+def relaunch(settings: Settings, app_name: str, spec: DeepSpeedSpec) -> LaunchedCluster:
+    """Stop whatever runs of the app's job and launch it again (a fresh rendezvous port).
+
+    On the same hosts; a host that is down is replaced by a spare (``choose_hosts``), and too few
+    hosts up raise ``NotEnoughHosts`` with nothing stopped that still served.
+    """
+    placement = read_placement(settings, app_name)
+    hosts, _ = choose_hosts(placement, settings)
     stop_cluster(settings, app_name)
-    return launch(spec, where["hosts"], where["ranks_per_host"], settings)
+    spares = [h for h in [*placement.hosts, *placement.spares] if h not in hosts]
+    return launch(spec, hosts, placement.ranks_per_host, settings, spares=spares)
 
 
 _CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
@@ -183,7 +279,7 @@ def launched_apps(settings: Settings) -> set[str]:
 
 
 def exit_code(cluster: LaunchedCluster) -> int | None:
-    """mpirun's exit status, or None while it runs (-1: gone, status unknown to this process)."""
+    """mpirun's exit status, or None while it runs (-1: gone, status unknown)."""
     child = _CHILDREN.get(cluster.pid)
     if child is not None:
         return child.poll()
@@ -191,10 +287,23 @@ def exit_code(cluster: LaunchedCluster) -> int | None:
 
     try:
         proc = psutil.Process(cluster.pid)
-        if proc.status() == psutil.STATUS_ZOMBIE or "mpirun" not in " ".join(proc.cmdline()):
-            return -1
+        command = " ".join(proc.cmdline())
+        if proc.status() != psutil.STATUS_ZOMBIE and ("tasks.mpi.supervise" in command or "mpirun" in command):
+            return None
     except psutil.Error:
-        return -1
+        pass
+    ended = Path(cluster.spec_path).parent / EXIT_FILE  # the supervisor's record of how mpirun ended
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        return int(json.loads(ended.read_text())["status"])
+    return -1
+
+
+def exited_at(cluster: LaunchedCluster) -> float | None:
+    """When mpirun exited by itself (epoch seconds, from the supervisor's record), None if it did not."""
+    ended = Path(cluster.spec_path).parent / EXIT_FILE
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        record = json.loads(ended.read_text())
+        return None if record.get("stopped") else float(record["t"])
     return None
 
 
@@ -273,6 +382,8 @@ def stop_cluster(settings: Settings, app_name: str) -> list[str]:
         return []
     killed = sum(_stop_session(sid, settings.deepspeed.stop_grace_s) for sid in sorted(sessions))
     done = [f"stopped DeepSpeed app {app_name} ({killed} process(es))"] if killed else []
+    if cluster is not None:
+        done += stop_remote_ranks(settings, dict.fromkeys(cluster.hosts, cluster.launch_id), cluster.spec_path)
     # mpirun cannot clean up after ranks it killed: their shm all-reduce buffers stay behind.
     for path in local_shm_files(cluster.master_addr, cluster.master_port) if cluster else []:
         with contextlib.suppress(FileNotFoundError):
@@ -281,6 +392,57 @@ def stop_cluster(settings: Settings, app_name: str) -> list[str]:
     (cluster_dir(settings, app_name) / "cluster.json").unlink(missing_ok=True)
     _CHILDREN.pop(cluster.pid, None)
     return done
+
+
+def stop_remote_ranks(settings: Settings, launches: dict[str, str], spec_path: str) -> list[str]:
+    """Kill ranks of the job's launches left on other hosts (``{host: launch id}``): mpirun killed
+    hard, or a host cut off when it stopped.
+
+    Through the remote shell, by the launch's command line (a later launch on the same host is
+    spared); a host that does not answer is noted in ``leftovers.json`` and tried again at the
+    next stop or watchdog pass (``clean_leftovers``).
+    """
+    folder = Path(spec_path).parent
+    pending = _leftovers(folder)
+    pending.update({h: launch for h, launch in launches.items() if not is_local_host(h)})
+    if not pending:
+        return []
+    ds = settings.deepspeed
+    still: dict[str, str] = {}
+    for host, launch in sorted(pending.items()):
+        # "[s]erving": the pattern matches the ranks, not the shell that runs pkill with it
+        pattern = f"[s]erving.deepspeed_worker {spec_path}" + (f" --launch={launch}" if launch else "")
+        argv = [*shlex.split(ds.remote_shell), host, f"pkill -KILL -f -- {shlex.quote(pattern)}; true"]
+        try:
+            ok = subprocess.run(argv, capture_output=True, timeout=ds.host_check_timeout_s, check=False).returncode == 0
+        except (subprocess.TimeoutExpired, OSError):
+            ok = False
+        if not ok:
+            still[host] = launch
+    if not still:
+        (folder / LEFTOVERS).unlink(missing_ok=True)
+        return []
+    write_json(folder / LEFTOVERS, still)
+    return [f"could not reach {', '.join(still)} to stop ranks left there; tried again at the next pass"]
+
+
+def clean_leftovers(settings: Settings, app_name: str) -> list[str]:
+    """Stop ranks an earlier stop could not reach (a host that was cut off and is back)."""
+    folder = cluster_dir(settings, app_name)
+    before = _leftovers(folder)
+    if not before:
+        return []
+    notes = stop_remote_ranks(settings, {}, str(folder / "spec.json"))
+    cleaned = sorted(set(before) - set(_leftovers(folder)))
+    return [f"stopped ranks left on {', '.join(cleaned)}"] if cleaned else notes
+
+
+def _leftovers(folder: Path) -> dict[str, str]:
+    path = folder / LEFTOVERS
+    return {str(k): str(v) for k, v in read_json(path).items()} if path.exists() else {}
+
+
+LEFTOVERS = "leftovers.json"
 
 
 def job_sessions(spec_path: Path) -> list[int]:

@@ -41,6 +41,10 @@ class PlacementPlan(BaseModel):
     torch_threads: int = 1
     device_kind: Literal["cpu", "gpu"] = "cpu"
     hosts: list[str] = Field(default_factory=list, description="Multi-node plans: where each node's ranks run.")
+    spare_hosts: list[str] = Field(
+        default_factory=list,
+        description="Multi-node plans: other nodes of the same kind that can take a node's place when it is down.",
+    )
     reasons: list[str] = Field(default_factory=list)
 
     @property
@@ -208,6 +212,9 @@ def _multi_node(profile: MemoryProfile, inventory: Inventory, headroom: float, l
                 num_gpus_per_replica=float(per_node) if kind == "gpu" else 0.0,
                 device_kind=kind,
                 hosts=[n.host for n in group[:count]],
+                spare_hosts=[
+                    n.host for n in group[count:] if min(d.memory_bytes for d in n.devices) * headroom >= need
+                ],
                 torch_threads=max(1, min(8, min(n.cpus for n in group[:count]) // per_node)),
                 reasons=[
                     f"one copy needs {_gib(profile.total_bytes)}; no single node holds it",

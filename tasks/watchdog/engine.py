@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from nodewise.core.errors import Busy, DeployFailed, NodewiseError, NotDeployed
+from nodewise.core.errors import Busy, DeployFailed, NodewiseError, NotDeployed, NotEnoughHosts
 from nodewise.core.settings import Settings, WatchdogSettings
 from nodewise.core.state import read_json, try_lock, write_json
 from tasks.records import DeploymentRecord, load_records
@@ -51,6 +51,8 @@ class Action(BaseModel):
     target: str = "all ranks"
     duration_s: float | None = None
     outcome: str = ""
+    hosts_before: list[str] | None = Field(default=None, description="A multi-node job's hosts before a restart.")
+    hosts_after: list[str] | None = Field(default=None, description="... and after it (a host that is down replaced).")
 
 
 class AppWatch(BaseModel):
@@ -137,15 +139,16 @@ def check_deepspeed(settings: Settings, record: DeploymentRecord) -> str | None:
     return None
 
 
-def restart_deepspeed(settings: Settings, record: DeploymentRecord) -> float:
-    """Stop every rank, relaunch all with a fresh rendezvous port, wait until every rank is ready."""
+def restart_deepspeed(settings: Settings, record: DeploymentRecord) -> tuple[float, list[str]]:
+    """Stop every rank, relaunch all with a fresh rendezvous port (a host that is down replaced by a
+    spare), wait until every rank is ready. Returns the seconds it took and the hosts it runs on."""
     from serving.spec import DeepSpeedSpec
     from tasks.mpi.launcher import relaunch, wait_ready
 
     started = time.monotonic()
     cluster = relaunch(settings, record.app_name, DeepSpeedSpec.model_validate(record.spec))
     wait_ready(cluster, settings.deepspeed.ready_timeout_s)
-    return time.monotonic() - started
+    return time.monotonic() - started, cluster.hosts
 
 
 # -- one pass ------------------------------------------------------------------------------------
@@ -207,20 +210,40 @@ def _watch_one(settings: Settings, record: DeploymentRecord, watch: AppWatch) ->
 def _watch_deepspeed(
     settings: Settings, record: DeploymentRecord, watch: AppWatch, action: Callable[..., Action]
 ) -> list[Action]:
+    from tasks.mpi.launcher import choose_hosts, clean_leftovers, read_cluster, read_placement, stop_cluster
+
+    clean_leftovers(settings, record.app_name)  # ranks a partition kept out of reach of the last stop
     cause = check_deepspeed(settings, record) if watch.pending is None else f"finishing an interrupted {watch.pending}"
     if cause is None:
-        return []
+        return _report_degraded(watch, action, None)
+    running = read_cluster(settings, record.app_name)
+    try:
+        placement = read_placement(settings, record.app_name)
+        choose_hosts(placement, settings)
+    except NotEnoughHosts as e:
+        stop_cluster(settings, record.app_name)  # the survivors cannot go on alone; relaunched when hosts return
+        done = _report_degraded(watch, action, str(e))
+        for a in done:
+            a.outcome = "; ".join(e.down.values())  # why each host is down (the cause stays the same per pass)
+        return done
+    except NodewiseError as e:
+        return _report_degraded(watch, action, str(e))
+    before = running.hosts if running is not None else placement.hosts
+    after: list[str] = []
 
     def restart() -> tuple[float, str]:
         try:
-            return restart_deepspeed(settings, record), "every rank ready"
+            took, hosts = restart_deepspeed(settings, record)
+            after.extend(hosts)
+            return took, "every rank ready"
         except (DeployFailed, NodewiseError) as e:
-            from tasks.mpi.launcher import stop_cluster
-
             stop_cluster(settings, record.app_name)  # no half-started ranks left behind
             return 0.0, f"restart failed: {e}"
 
-    return [_budgeted(settings, record, watch, action, "nodewise.cluster.restarted", cause, "all ranks", restart)]
+    done = _budgeted(settings, record, watch, action, "nodewise.cluster.restarted", cause, "all ranks", restart)
+    if done.event == "nodewise.cluster.restarted":
+        done.hosts_before, done.hosts_after = before, after or None
+    return [done]
 
 
 def _watch_serve(

@@ -49,7 +49,7 @@ def spec(**fields: object) -> DeepSpeedSpec:
 
 
 def beat(rank: int, **fields: object) -> dict:
-    state = RankState(rank)
+    state = RankState(rank, "127.0.0.1")
     state.state = "ready"
     return {**state.beat(), **fields}
 
@@ -165,11 +165,28 @@ def test_mpirun_command_for_one_machine_and_for_several_hosts() -> None:
     assert "--oversubscribe" in local
     assert local[-4:] == ["/py", "-m", "serving.deepspeed_worker", "/s.json"]
     assert "LOCAL_SIZE" not in " ".join(local)  # each rank derives it: nothing hand-set
-    remote = mpirun_command("mpirun", "/py", Path("/s.json"), ["gpu-a", "gpu-b"], 4, ["MASTER_ADDR"], ["--mca", "x"])
+    remote = mpirun_command(
+        "mpirun", "/py", Path("/s.json"), ["gpu-a", "gpu-b"], 4, ["MASTER_ADDR"], ["--mca", "x"], "/agent", "ab12"
+    )
     assert remote[remote.index("-np") + 1] == "8"
     assert remote[remote.index("--host") + 1] == "gpu-a:4,gpu-b:4"
     assert "--oversubscribe" not in remote
-    assert remote[remote.index("--mca") : remote.index("--mca") + 2] == ["--mca", "x"]
+    assert remote[remote.index("--mca") : remote.index("--mca") + 3] == ["--mca", "plm_rsh_agent", "/agent"]
+    assert remote[remote.index("x") - 1 : remote.index("x") + 1] == ["--mca", "x"]
+    assert remote[-5:] == ["/py", "-m", "serving.deepspeed_worker", "/s.json", "--launch=ab12"]
+
+
+def test_spare_nodes_of_the_same_kind_are_planned_as_stand_ins(tmp_path: Path) -> None:
+    path = tmp_path / "nodes.yaml"
+    path.write_text(
+        "nodes:\n"
+        "  - {name: a, cpus: 4, host_memory: 2GiB, address: 10.0.0.1}\n"
+        "  - {name: b, cpus: 4, host_memory: 2GiB, address: 10.0.0.2}\n"
+        "  - {name: c, cpus: 4, host_memory: 2GiB, address: 10.0.0.3}\n"
+        "  - {name: d, cpus: 4, host_memory: 1GiB, address: 10.0.0.4}\n"  # too small for a half
+    )
+    plan = plan_placement(MemoryProfile(method="analytic", weight_bytes=2 * GIB), inventory_from_yaml(path))
+    assert (plan.hosts, plan.spare_hosts) == (["10.0.0.1", "10.0.0.2"], ["10.0.0.3"])
 
 
 # -- plan -> spec ------------------------------------------------------------------------------------

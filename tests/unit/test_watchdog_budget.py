@@ -44,6 +44,11 @@ def test_prefect_yaml_is_valid_for_prefect() -> None:
     assert watch.entrypoint == "flows/watchdog.py:watch_deployments"
     assert watch.schedules[0].interval.total_seconds() == 30
     assert watch.concurrency_limit.limit == 1
+    from prefect.events import DeploymentEventTrigger
+
+    [trigger] = [DeploymentEventTrigger.model_validate(t) for t in data["deployments"][1]["triggers"]]
+    assert trigger.expect == {"nodewise.cluster.exited"}  # what tasks/mpi/supervise.py posts
+    assert trigger.match.model_dump()["prefect.resource.id"] == "nodewise.deployment.*"
 
 
 def test_resetting_an_unknown_deployment_names_what_is_watched(tmp_path: Path) -> None:

@@ -1,0 +1,229 @@
+"""The multi-node backend across real network hosts: DeepSpeed ranks in separate namespaces.
+
+Three namespace hosts on a bridge (tests/hosts.py); mpirun reaches them through its remote-shell
+agent, as it reaches machines through ssh. The flow plans the tiny Llama on two of them (the third
+is a spare): each host runs one rank (its own LOCAL_RANK 0 / LOCAL_SIZE 1), gloo talks TCP between
+them, rank 0 answers on its host's address. Then one journey of faults: a node dies (the spare
+takes its place), a second dies (too few nodes: degraded, relaunched when one returns), a host is
+cut off (the hang is seen, the group restarts on reachable hosts, and nothing is left on the cut
+host once it is back). Lean by design; benchmarks/multihost.py measures the rest.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from nodewise.core.settings import Settings
+from tests import hosts as netns
+from tests.integration.conftest import module_settings
+from tests.integration.lm import register_tiny_llama
+
+pytestmark = pytest.mark.multihost
+
+
+@pytest.fixture(scope="module")
+def lan() -> Iterator[netns.Hosts]:
+    if not netns.available():
+        pytest.skip(netns.why_unavailable())
+    with netns.hosts(3) as made:
+        yield made
+
+
+@pytest.fixture(scope="module")
+def settings(prefect_harness: None, lan: netns.Hosts) -> Iterator[Settings]:
+    from prefect.settings import PREFECT_API_URL
+
+    yield from module_settings(
+        prefect={"api_url": PREFECT_API_URL.value()},  # the ranks' supervisor posts its event there
+        deepspeed={
+            "ready_timeout_s": 400,
+            "heartbeat_timeout_s": 5,
+            "remote_shell": str(lan.agent),
+            "mpirun_args": lan.mpirun_args(),
+            "host_check_timeout_s": 3,
+            "stop_grace_s": 3,
+        },
+        watchdog={"canary_timeout_s": 5, "backoff_s": 0, "max_restarts": 10},
+    )
+
+
+@pytest.fixture(scope="module")
+def deployed(settings: Settings, lan: netns.Hosts) -> Any:
+    from mlflow import MlflowClient
+
+    from nodewise.cli.demo import too_small_inventory
+    from tasks.planning.profile_models import profile_with_cache
+    from tasks.planning.registry import resolve_model
+    from tests.flows import deploy_model
+
+    model_uri = register_tiny_llama(settings, "multihost-tests")
+    model = resolve_model(model_uri, MlflowClient())
+    profile = profile_with_cache(model, batch_size=settings.serve.max_batch_size, device="cpu")
+    inventory = too_small_inventory(
+        settings.state_path / "nodes.yaml", profile.total_bytes, profile.per_rank_bytes(2), 0.9, lan.addresses
+    )
+    return deploy_model(model_uri, inventory=inventory, settings=settings)
+
+
+def _ranks(endpoint: str) -> list[dict[str, Any]]:
+    health = httpx.get(f"{endpoint}/health", timeout=5).json()
+    assert health["ready"], health
+    return health["ranks"]
+
+
+def _host_of(lan: netns.Hosts, pid: int) -> str | None:
+    return next((h.address for h in lan.hosts if pid in h.pids()), None)
+
+
+def _watch_until(settings: Settings, wanted: str, deadline_s: float) -> list[Any]:
+    from tasks.watchdog.engine import watch_once
+
+    seen: list[Any] = []
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        seen += watch_once(settings)
+        if any(a.event == wanted for a in seen):
+            return seen
+        time.sleep(0.5)
+    raise AssertionError(f"no {wanted} within {deadline_s} s; the watchdog did: {[a.model_dump() for a in seen]}")
+
+
+def test_ranks_on_two_hosts_cooperate_and_answer_like_the_whole_model(
+    settings: Settings, lan: netns.Hosts, deployed: Any
+) -> None:
+    from nodewise.cli.status import deployment_status
+    from serving._lm import LanguageModel
+    from serving.spec import DeepSpeedSpec
+
+    h0, h1, h2 = lan.addresses
+    assert deployed.backend == "deepspeed_mpi"
+    assert deployed.endpoint.startswith(f"http://{h0}:")  # rank 0 answers on its host's address
+    ranks = _ranks(deployed.endpoint)
+    assert [(r["rank"], r["host"]) for r in ranks] == [(0, h0), (1, h1)]  # heartbeats from each host
+    assert [_host_of(lan, r["pid"]) for r in ranks] == [h0, h1]  # each rank is a process on its host
+    assert lan[2].pids() == []  # the spare runs nothing
+    log = (settings.state.deepspeed_job(deployed.app_name) / "mpirun.log").read_text()
+    assert f"master {h0}:" in log
+
+    ids = np.asarray([[3, 4, 5, 6, 7, 8]])
+    whole = LanguageModel.load(
+        DeepSpeedSpec.model_validate(deployed.spec).model_copy(update={"tp_size": 1, "device": "cpu"})
+    )
+    got = httpx.post(f"{deployed.endpoint}/invocations", json={"inputs": ids.tolist()}, timeout=60).json()
+    np.testing.assert_allclose(np.asarray(got["predictions"]), whole.forward(ids), rtol=1e-4, atol=1e-5)
+    generated = httpx.post(
+        f"{deployed.endpoint}/generate", json={"input_ids": ids.tolist(), "max_new_tokens": 4}, timeout=60
+    ).json()
+    assert generated == {"output_ids": whole.generate([ids[0]], 4)}
+
+    bad = httpx.post(f"{deployed.endpoint}/invocations", json={"inputs": [[10**9]]}, timeout=30)
+    assert bad.status_code == 400, bad.text
+    assert [r["pid"] for r in _ranks(deployed.endpoint)] == [r["pid"] for r in ranks]  # every rank still up
+
+    [row] = deployment_status(settings)["deployments"]
+    assert (row["hosts"], row["rank_hosts"], row["spare_hosts"]) == ([h0, h1], [h0, h1], [h2])
+    assert row["health"] == "healthy"
+
+
+def test_a_dead_node_is_replaced_by_the_spare_and_told_at_once(
+    settings: Settings, lan: netns.Hosts, deployed: Any
+) -> None:
+    from tasks.mpi.launcher import exited_at, read_cluster
+
+    h0, h1, h2 = lan.addresses
+    killed_at = time.time()
+    assert lan.kill_host(lan[1]) >= 1  # the node of rank 1 dies
+    cluster = read_cluster(settings, deployed.app_name)
+    deadline = time.monotonic() + 60
+    while exited_at(cluster) is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert exited_at(cluster) is not None, "mpirun did not exit after its host died"
+    event = _exited_event(deployed.app_name, since=killed_at)
+    assert event["payload"]["hosts"] == [h0, h1]
+
+    actions = _watch_until(settings, "nodewise.cluster.restarted", 180)
+    [restart] = [a for a in actions if a.event == "nodewise.cluster.restarted"]
+    assert restart.outcome == "every rank ready", restart
+    assert (restart.hosts_before, restart.hosts_after) == ([h0, h1], [h0, h2])
+    ranks = _ranks(deployed.endpoint)
+    assert [(r["host"], _host_of(lan, r["pid"])) for r in ranks] == [(h0, h0), (h2, h2)]
+    assert lan[1].pids() == []
+
+
+def test_too_few_nodes_is_degraded_until_a_node_returns(settings: Settings, lan: netns.Hosts, deployed: Any) -> None:
+    h0, h1, _ = lan.addresses
+    lan.kill_host(lan[2])  # the spare, now serving, dies too: one of three hosts is left
+    actions = _watch_until(settings, "nodewise.deployment.degraded", 120)
+    [degraded] = [a for a in actions if a.event == "nodewise.deployment.degraded"]
+    assert "not enough nodes: the job needs 2 host(s) and only 1 of 3 answer" in degraded.cause
+    assert lan.leftovers() == {}  # the survivor on h0 was stopped: it cannot go on alone
+    assert _watch_until_quiet(settings) == []  # reported once, not at every pass
+
+    lan.revive(lan[1])
+    actions = _watch_until(settings, "nodewise.cluster.restarted", 180)
+    [restart] = [a for a in actions if a.event == "nodewise.cluster.restarted"]
+    assert restart.hosts_after == [h0, h1], restart
+    assert [r["host"] for r in _ranks(deployed.endpoint)] == [h0, h1]
+    recovered = _watch_until(settings, "nodewise.deployment.recovered", 30)
+    assert recovered[-1].event == "nodewise.deployment.recovered"
+    lan.revive(lan[2])
+
+
+def test_a_cut_off_host_is_seen_hanging_and_left_clean_when_it_returns(
+    settings: Settings, lan: netns.Hosts, deployed: Any
+) -> None:
+    h0, _, h2 = lan.addresses
+    lan.cut(lan[1])  # a partition: rank 1 lives on, unreachable; rank 0 blocks in its next collective
+    actions = _watch_until(settings, "nodewise.cluster.restarted", 240)
+    [restart] = [a for a in actions if a.event == "nodewise.cluster.restarted"]
+    assert restart.outcome == "every rank ready", restart
+    assert restart.hosts_after == [h0, h2]
+    assert lan[1].pids(), "the cut-off host's rank should still be running while it is unreachable"
+    lan.mend(lan[1])
+    from tasks.watchdog.engine import watch_once
+
+    watch_once(settings)  # the next pass reaches the host again and stops the rank left there
+    deadline = time.monotonic() + 30  # its orted then finds mpirun gone and exits (~2 s)
+    while lan[1].pids() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert lan[1].processes() == []
+
+    from nodewise.cli.status import stop_everything
+
+    stop_everything(settings)
+    assert lan.leftovers() == {}  # `down` leaves nothing on any host
+
+
+def _watch_until_quiet(settings: Settings) -> list[Any]:
+    from tasks.watchdog.engine import watch_once
+
+    return watch_once(settings) + watch_once(settings)
+
+
+def _exited_event(app: str, since: float, timeout_s: float = 15) -> dict[str, Any]:
+    """The ``nodewise.cluster.exited`` event the supervisor posted, read back from Prefect's API."""
+    from datetime import UTC, datetime
+
+    from prefect.settings import PREFECT_API_URL
+
+    body = {
+        "filter": {
+            "event": {"name": ["nodewise.cluster.exited"]},
+            "occurred": {"since": datetime.fromtimestamp(since - 5, UTC).isoformat()},
+            "any_resource": {"id": [f"nodewise.deployment.{app}"]},
+        },
+        "limit": 10,
+    }
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        found = httpx.post(f"{PREFECT_API_URL.value()}/events/filter", json=body, timeout=10).json()
+        if found.get("events"):
+            return found["events"][0]
+        time.sleep(0.5)
+    raise AssertionError(f"no nodewise.cluster.exited event for {app} within {timeout_s} s")
