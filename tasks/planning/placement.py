@@ -197,6 +197,12 @@ def _multi_node(profile: MemoryProfile, inventory: Inventory, headroom: float, l
         need = profile.per_rank_bytes(tp)
         if need <= budget and _host_memory_ok(group[:count], need):
             kind: Literal["cpu", "gpu"] = "gpu" if group[0].gpus else "cpu"
+            spares = [n for n in group[count:] if min(d.memory_bytes for d in n.devices) * headroom >= need]
+            standby = (
+                [f"spare node(s) {', '.join(n.name for n in spares)}: a restart puts a dead node's ranks there"]
+                if spares
+                else []
+            )
             return PlacementPlan(
                 fits=True,
                 backend="deepspeed_mpi",
@@ -212,15 +218,14 @@ def _multi_node(profile: MemoryProfile, inventory: Inventory, headroom: float, l
                 num_gpus_per_replica=float(per_node) if kind == "gpu" else 0.0,
                 device_kind=kind,
                 hosts=[n.host for n in group[:count]],
-                spare_hosts=[
-                    n.host for n in group[count:] if min(d.memory_bytes for d in n.devices) * headroom >= need
-                ],
+                spare_hosts=[n.host for n in spares],
                 torch_threads=max(1, min(8, min(n.cpus for n in group[:count]) // per_node)),
                 reasons=[
                     f"one copy needs {_gib(profile.total_bytes)}; no single node holds it",
                     f"{count} nodes x {per_node} device(s) = {tp} tensor-parallel ranks at "
                     f"{_gib(need)} each ({_gib(budget)} usable per device)",
                     "served by DeepSpeed over MPI: every rank takes part in every request",
+                    *standby,
                 ],
             )
     return None

@@ -292,7 +292,7 @@ def test_stopping_leaves_no_process_and_no_shared_memory(settings: Settings, dep
     shm = f"deepspeed_allreduce_buffer_{os.getuid()}_{cluster.master_addr}_{cluster.master_port}_"
     assert sorted(p.name for p in Path("/dev/shm").glob(shm + "*")) == [shm + "0", shm + "1"]
     done = stop_everything(settings)
-    assert f"stopped DeepSpeed app {deployed.app_name} (3 process(es))" in done
+    assert f"stopped DeepSpeed app {deployed.app_name} (4 process(es))" in done  # supervisor, mpirun, 2 ranks
     assert not any(psutil.pid_exists(p) for p in [*pids, cluster.pid])
     assert list(Path("/dev/shm").glob(shm + "*")) == []
     with pytest.raises(httpx.TransportError):
