@@ -45,7 +45,11 @@ def launch_timed(spec: Any, hosts: list[str], settings: Any) -> tuple[Any, float
 
     start = time.monotonic()
     cluster = launch(spec, hosts, 1, settings)
-    wait_ready(cluster, 900)
+    try:
+        wait_ready(cluster, 900)
+    except Exception:
+        shutil.copy(cluster.log_path, f"/tmp/multihost-failed-launch-{int(time.time())}.log")  # kept to look at
+        raise
     return cluster, time.monotonic() - start
 
 
@@ -206,7 +210,7 @@ def main() -> None:
         from nodewise.core.runtime import configure_process
         from nodewise.core.settings import Settings
         from serving.spec import DeepSpeedSpec
-        from tasks.planning.profile_models import profile_registered
+        from tasks.planning.profile_models import profile_with_cache
         from tasks.planning.registry import resolve_model
         from tests.flows import deploy_model
 
@@ -247,7 +251,7 @@ def main() -> None:
             stop_cluster(settings, "bench")
             results["speed"] = speed(spec, settings, lan, args.seq, args.requests)
 
-            profile = profile_registered(resolved, batch_size=1, device="cpu", measured=False)
+            profile = profile_with_cache(resolved, batch_size=settings.serve.max_batch_size, device="cpu")
             inventory = too_small_inventory(
                 state / "nodes.yaml", profile.total_bytes, profile.per_rank_bytes(2), 0.9, lan.addresses
             )

@@ -202,8 +202,18 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="Machine-readabl
             f"{row['app']}: {row['model_uri']} (version {row['version']}) on {row['backend']}, "
             + (f"{row['ranks']} rank(s), " if row.get("ranks") else f"{row['replicas']} replica(s), ")
             + f"{row['health']} at {row['endpoint']}, "
-            f"deployed {row['deployed_at']}"
+            f"deployed {row['deployed_at']}" + _where(row)
         )
+
+
+def _where(row: dict[str, Any]) -> str:
+    """Where a deployment's ranks or replicas run, for `nodewise status`."""
+    if row.get("rank_hosts"):
+        spares = f"; spare {', '.join(row['spare_hosts'])}" if row.get("spare_hosts") else ""
+        return f"; ranks on {', '.join(row['rank_hosts'])}{spares}"
+    if row.get("replica_nodes"):
+        return "; replicas on " + ", ".join(f"{r['node']} ({r['state'].lower()})" for r in row["replica_nodes"])
+    return ""
 
 
 @app.command()

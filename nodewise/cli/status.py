@@ -51,6 +51,12 @@ def deployment_status(settings: Settings) -> dict[str, Any]:
         if row["backend"] == "deepspeed_mpi":
             row.update(_where_ranks_run(settings, row["app"]))
             row["health"] = _health(row["endpoint"])
+    from tasks.watchdog.replicas import replica_nodes
+
+    placed = replica_nodes(settings, [r["app"] for r in rows if r["backend"] != "deepspeed_mpi"])
+    for row in rows:
+        if row["app"] in placed:
+            row["replica_nodes"] = placed[row["app"]]
     rows += [
         {
             "app": r.app_name,

@@ -365,7 +365,11 @@ def wait_ready(cluster: LaunchedCluster, timeout_s: float) -> dict[str, Any]:
 
 
 def _last_line(cluster: LaunchedCluster) -> str:
-    tail = [line for line in log_tail(cluster, 20).splitlines() if line.strip()]
+    tail = [
+        line
+        for line in log_tail(cluster, 20).splitlines()
+        if line.strip() and not line.startswith("nodewise: mpirun exited")  # the supervisor's own line
+    ]
     return tail[-1][:300] if tail else "no output"
 
 

@@ -121,6 +121,20 @@ def connect_for(settings: Settings) -> str | None:
     return None
 
 
+def replica_nodes(settings: Settings, app_names: list[str]) -> dict[str, list[dict[str, Any]]]:
+    """Each app's replicas as Serve places them (state, node address, pid); {} when Ray is not up."""
+    if not app_names or connect_for(settings) is not None:
+        return {}
+    from ray.serve.context import _get_global_client
+
+    apps = _get_global_client().get_serve_details().get("applications", {})
+    out: dict[str, list[dict[str, Any]]] = {}
+    for name in app_names:
+        replicas = apps.get(name, {}).get("deployments", {}).get(DEPLOYMENT, {}).get("replicas", [])
+        out[name] = [{"state": _value(r["state"]), "node": r.get("node_ip"), "pid": r.get("pid")} for r in replicas]
+    return out
+
+
 def observe(record: DeploymentRecord, wd: WatchdogSettings) -> AppView | None:
     """The app's replicas with every RUNNING replica's vitals (None: Serve has no such app)."""
     import json
