@@ -7,12 +7,14 @@ non-zero exit, with no traceback. Heavy libraries are imported only inside comma
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from typing import Annotated, Any
 
 import click
@@ -187,7 +189,8 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="Machine-readabl
     settings = _settings()
     from nodewise.cli.status import deployment_status
 
-    rows = deployment_status(settings)
+    with _stdout_to_stderr():  # Ray's driver may print while connecting: --json output stays parseable
+        rows = deployment_status(settings)
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
@@ -204,6 +207,20 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="Machine-readabl
             + f"{row['health']} at {row['endpoint']}, "
             f"deployed {row['deployed_at']}" + _where(row)
         )
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """File descriptor 1 points at stderr meanwhile (libraries' C++ logs too), then back."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def _where(row: dict[str, Any]) -> str:

@@ -280,6 +280,9 @@ def launched_apps(settings: Settings) -> set[str]:
 
 def exit_code(cluster: LaunchedCluster) -> int | None:
     """mpirun's exit status, or None while it runs (-1: gone, status unknown)."""
+    ended = Path(cluster.spec_path).parent / EXIT_FILE  # written by the supervisor as mpirun exits
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        return int(json.loads(ended.read_text())["status"])  # (each launch removes the last one's)
     child = _CHILDREN.get(cluster.pid)
     if child is not None:
         return child.poll()
