@@ -11,14 +11,14 @@ if ! "$PYTHON" -c 'import sys; sys.exit(0 if (3, 11) <= sys.version_info[:2] < (
     exit 1
 fi
 
-if ! command -v mpirun >/dev/null 2>&1; then
+if ! command -v mpirun >/dev/null 2>&1 || ! command -v ip >/dev/null 2>&1; then
     SUDO=""
     [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1 && SUDO="sudo"
     if [ "$(id -u)" -eq 0 ] || [ -n "$SUDO" ]; then
-        echo "setup: installing Open MPI (openmpi-bin) for the multi-node DeepSpeed backend"
+        echo "setup: installing Open MPI (openmpi-bin) for the multi-node DeepSpeed backend, iproute2 for the multihost tests"
         log=$(mktemp)
         if ! { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
-                $SUDO apt-get install -y -qq openmpi-bin libopenmpi-dev; } >"$log" 2>&1; then
+                $SUDO apt-get install -y -qq openmpi-bin libopenmpi-dev iproute2; } >"$log" 2>&1; then
             cat "$log" >&2; echo "error: installing Open MPI failed (above)" >&2; exit 1
         fi
         rm -f "$log"
