@@ -95,6 +95,25 @@ def handwritten(model_dir: Path, ranks: int, seq: int, reps: int, op_cache: Path
     }
 
 
+def bench_spec(resolved: object, settings: object, host: str) -> object:
+    """The TP=2 spec of the registered bench LM (rank 0 on ``host``, port 8191)."""
+    from serving.spec import DeepSpeedSpec
+
+    return DeepSpeedSpec(
+        app_name="bench",
+        model_uri=resolved.pinned_uri,
+        artifact_uri=resolved.artifact_uri,
+        model_name=resolved.name,
+        model_version=resolved.version,
+        tracking_uri=settings.tracking_uri,
+        registry_uri=settings.registry_uri,
+        flavor="transformers",
+        tp_size=2,
+        host=host,
+        port=8191,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--requests", type=int, default=100)
@@ -110,7 +129,6 @@ def main() -> None:
     from mlflow import MlflowClient
 
     from nodewise.cli.demo import build_llama, log_llama
-    from serving.spec import DeepSpeedSpec
     from tasks.mpi.launcher import stop_cluster
     from tasks.planning.profile_models import profile_registered
     from tasks.planning.registry import resolve_model
@@ -122,18 +140,7 @@ def main() -> None:
     profile = profile_registered(resolved, batch_size=1, device="cpu", measured=False)
     model_dir = state / "hf-model"
     model.save_pretrained(model_dir)  # type: ignore[attr-defined]
-    spec = DeepSpeedSpec(
-        app_name="bench",
-        model_uri=resolved.pinned_uri,
-        artifact_uri=resolved.artifact_uri,
-        model_name="bench-llama",
-        model_version=version,
-        tracking_uri=settings.tracking_uri,
-        registry_uri=settings.registry_uri,
-        flavor="transformers",
-        tp_size=2,
-        port=8191,
-    )
+    spec = bench_spec(resolved, settings, host="127.0.0.1")
     ids = [[(i % 90) + 3 for i in range(args.seq)]]
     results: dict = {"model": "llama hidden=256 layers=4 heads=4 vocab=98, fp32, CPU", "seq": args.seq}
     try:

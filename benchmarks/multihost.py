@@ -36,7 +36,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.deepspeed_cluster import latencies  # noqa: E402
+from benchmarks.deepspeed_cluster import bench_spec, latencies  # noqa: E402
 from benchmarks.faults import Load, Watchdog  # noqa: E402
 
 
@@ -213,7 +213,6 @@ def main() -> None:
         from nodewise.cli.status import stop_everything
         from nodewise.core.runtime import configure_process
         from nodewise.core.settings import Settings
-        from serving.spec import DeepSpeedSpec
         from tasks.planning.profile_models import profile_with_cache
         from tasks.planning.registry import resolve_model
         from tests.flows import deploy_model
@@ -236,19 +235,7 @@ def main() -> None:
             experiment = MlflowClient().create_experiment("bench", artifact_location=settings.state.artifacts.as_uri())
             version = log_llama(model, tokenizer, "bench-llama", experiment)
             resolved = resolve_model(f"models:/bench-llama/{version}", MlflowClient())
-            spec = DeepSpeedSpec(
-                app_name="bench",
-                model_uri=resolved.pinned_uri,
-                artifact_uri=resolved.artifact_uri,
-                model_name="bench-llama",
-                model_version=version,
-                tracking_uri=settings.tracking_uri,
-                registry_uri=settings.registry_uri,
-                flavor="transformers",
-                tp_size=2,
-                host="0.0.0.0",
-                port=8191,
-            )
+            spec = bench_spec(resolved, settings, host="0.0.0.0")
             launch_timed(spec, ["localhost", "localhost"], settings)  # builds the op cache once, untimed
             from tasks.mpi.launcher import stop_cluster
 

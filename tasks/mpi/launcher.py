@@ -280,9 +280,9 @@ def launched_apps(settings: Settings) -> set[str]:
 
 def exit_code(cluster: LaunchedCluster) -> int | None:
     """mpirun's exit status, or None while it runs (-1: gone, status unknown)."""
-    ended = Path(cluster.spec_path).parent / EXIT_FILE  # written by the supervisor as mpirun exits
-    with contextlib.suppress(OSError, ValueError, KeyError):
-        return int(json.loads(ended.read_text())["status"])  # (each launch removes the last one's)
+    record = _exit_record(cluster)  # written by the supervisor as mpirun exits (each launch removes it)
+    if record is not None:
+        return int(record["status"])
     child = _CHILDREN.get(cluster.pid)
     if child is not None:
         return child.poll()
@@ -295,18 +295,22 @@ def exit_code(cluster: LaunchedCluster) -> int | None:
             return None
     except psutil.Error:
         pass
-    ended = Path(cluster.spec_path).parent / EXIT_FILE  # the supervisor's record of how mpirun ended
-    with contextlib.suppress(OSError, ValueError, KeyError):
-        return int(json.loads(ended.read_text())["status"])
-    return -1
+    record = _exit_record(cluster)  # it may have exited since the first look
+    return int(record["status"]) if record is not None else -1
 
 
 def exited_at(cluster: LaunchedCluster) -> float | None:
     """When mpirun exited by itself (epoch seconds, from the supervisor's record), None if it did not."""
-    ended = Path(cluster.spec_path).parent / EXIT_FILE
-    with contextlib.suppress(OSError, ValueError, KeyError):
-        record = json.loads(ended.read_text())
-        return None if record.get("stopped") else float(record["t"])
+    record = _exit_record(cluster)
+    return None if record is None or record.get("stopped") else float(record["t"])
+
+
+def _exit_record(cluster: LaunchedCluster) -> dict[str, Any] | None:
+    """The supervisor's ``exit.json`` for this launch: status, time, whether it was a stop."""
+    with contextlib.suppress(OSError, ValueError):
+        record = json.loads((Path(cluster.spec_path).parent / EXIT_FILE).read_text())
+        if isinstance(record, dict) and "status" in record and "t" in record:
+            return record
     return None
 
 
