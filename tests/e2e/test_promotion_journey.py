@@ -3,7 +3,8 @@ deployments, worker, MLflow server with webhooks, receiver), then aliases set th
 
 Setting `champion` makes that version serve; two quick promotions end with the newest serving
 and `previous` on the one it replaced; a version that cannot load fails its deploy, the
-previous version keeps serving, and the failure is recorded and sent as an event. Faults of the
+previous version keeps serving, and the failure is recorded and sent as an event. A DeepSpeed
+job's exit event runs the watchdog through prefect.yaml's trigger. Faults of the
 pipeline itself: the Prefect server down when a webhook arrives (502, MLflow sends it again, one
 deploy once Prefect is back), the registry down during a watchdog pass, and two CLI deploys of
 one model at once."""
@@ -135,6 +136,45 @@ def test_promotions_deploy_the_newest_and_a_broken_version_leaves_the_previous_s
         time.sleep(1)
     assert [e["payload"]["version"] for e in events] == [broken]
     assert events[0]["payload"]["still_serving"] == v3
+
+
+def test_a_job_that_exits_runs_the_watchdog_at_once_through_prefect_yamls_trigger(
+    pipeline: tuple[Path, dict[str, str], str, str],
+) -> None:
+    """What mpirun's supervisor posts when a job dies (tasks/mpi/supervise.py) starts a watchdog run
+    through the trigger `nodewise up` deployed from prefect.yaml, not at the next scheduled pass."""
+    from datetime import UTC, datetime
+
+    from tasks.mpi.supervise import exited_event, post_event
+
+    _, _, _, prefect_api = pipeline
+    watch = httpx.get(f"{prefect_api}/deployments/name/watch-deployments/watch-deployments", timeout=10).json()
+    posted = time.time()
+    assert post_event(prefect_api, exited_event("nodewise-tiny-llama", 137, ["127.0.0.1"], datetime.now(UTC))) is None
+    deadline = time.monotonic() + 180
+    while True:
+        runs = httpx.post(
+            f"{prefect_api}/flow_runs/filter",
+            json={"deployments": {"id": {"any_": [watch["id"]]}}, "limit": 50},
+            timeout=30,
+        ).json()
+        triggered = [r for r in runs if not r["auto_scheduled"] and _epoch(r["created"]) >= posted - 1]
+        if triggered and triggered[0]["state_type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+            break
+        assert time.monotonic() < deadline, [(r["name"], r["state_type"], r["auto_scheduled"]) for r in runs]
+        time.sleep(0.5)
+    [run] = triggered
+    assert run["state_type"] == "COMPLETED", run["state"]
+    print(
+        f"exited event -> watchdog run created {_epoch(run['created']) - posted:.1f} s, "
+        f"started {_epoch(run['start_time']) - posted:.1f} s, finished {_epoch(run['end_time']) - posted:.1f} s"
+    )
+
+
+def _epoch(stamp: str) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(stamp).timestamp()
 
 
 def prefect_records(prefect_api: str) -> dict[str, str]:

@@ -6,7 +6,10 @@ deploys onto it with `nodewise deploy --inventory ray:ADDRESS` (a CLI process: a
 head's host, as a user runs it), three replicas spread over the three nodes. Then one worker host
 dies (its processes killed, off the network) under a steady client: requests keep being answered
 by the surviving replicas, the failures are at most the requests that host had in flight, and
-Serve recreates the lost replica on the head, which has room.
+Serve recreates the lost replica on a surviving node with room (the head or the other worker: Serve
+picks, and either is right). The head notices a dead node through Ray's health checks; the test
+cluster shortens them (RAY_health_check_*, the knob the README names for users) so that takes
+seconds, not Ray's default of about a minute.
 """
 
 from __future__ import annotations
@@ -47,6 +50,15 @@ nodes = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]
 print(json.dumps({"replicas": [{"state": str(r["state"]), "node": r.get("node_ip")} for r in details["replicas"]],
                   "nodes": sorted(nodes.values())}))
 """
+
+
+# Ray's GCS marks a node dead after `failure_threshold` health checks in a row miss their timeout;
+# the defaults (every 3 s, 10 s timeout, 5 misses) take about a minute for a host off the network.
+_FAST_NODE_DEATH = {
+    "RAY_health_check_period_ms": "1000",
+    "RAY_health_check_timeout_ms": "2000",
+    "RAY_health_check_failure_threshold": "3",
+}
 
 
 class Cluster:
@@ -91,7 +103,7 @@ def cluster() -> Iterator[Cluster]:
                 [RAY, "start", "--head", f"--port={port}", f"--node-ip-address={lan.this_host}", "--num-cpus=2",
                  "--include-dashboard=false", f"--temp-dir={head_temp}", "--disable-usage-stats",
                  f"--ray-client-server-port={port + 1}", f"--dashboard-agent-listen-port={port + 2}"],
-                env=env, check=True, capture_output=True, timeout=180,
+                env={**env, **_FAST_NODE_DEATH}, check=True, capture_output=True, timeout=180,
             )  # fmt: skip
             for i, host in enumerate(lan.hosts):
                 node_temp = temp / f"node{i}"
@@ -193,6 +205,8 @@ def test_a_dead_node_loses_only_its_replica_and_serve_recreates_it_where_there_i
     failed = [o for o in window if o != "200"]
     print(f"serve node loss: {len(failed)} of {len(window)} failed; 3 replicas again after {healthy_after_s:.1f} s")
     assert w1 not in after["nodes"]
-    assert sorted(r["node"] for r in after["replicas"] if r["state"].endswith("RUNNING")) == sorted([head, head, w0])
+    survivors = [r["node"] for r in after["replicas"] if r["state"].endswith("RUNNING")]
+    assert len(survivors) == 3, after  # the lost replica recreated ...
+    assert set(survivors) <= {head, w0}, after  # ... on a node that is alive, wherever Serve found room
     assert len(window) > 20
     assert len(failed) <= 2, (len(failed), len(window), failed[:5])  # at most the 2 clients' requests in flight
