@@ -310,6 +310,11 @@ class KubernetesSettings(_Section):
     )
     ray_version: str = Field(default="2.60.0", description="KubeRay's rayVersion: the image's Ray.")
     serve_throughput_optimized: bool = True
+    idle_node_timeout_s: PositiveInt = Field(
+        default=60,
+        description="With autoscaling (max_replicas above min_replicas), how long a RayService worker pod "
+        "stays idle before KubeRay's autoscaler removes it (its idleTimeoutSeconds).",
+    )
     ready_timeout_s: PositiveFloat = Field(
         default=900.0, description="How long `render --apply` (and a promotion to Kubernetes) waits for readiness."
     )

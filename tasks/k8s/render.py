@@ -148,6 +148,12 @@ def _ray_service(name: str, spec: ModelServeSpec, plan: PlacementPlan, k8s: Kube
     ]
     worker = _container("ray-worker", k8s, None, _resources(cpus, memory, pod_gpus, limit))
     worker["env"] = env
+    cluster: dict[str, Any] = {"rayVersion": k8s.ray_version}
+    if max_pods > pods:
+        # Serve's autoscaler asks for replicas; KubeRay's in-tree autoscaler (Ray's own) adds the
+        # worker pods they need, up to maxReplicas, and removes pods idle for idleTimeoutSeconds.
+        cluster["enableInTreeAutoscaling"] = True
+        cluster["autoscalerOptions"] = {"upscalingMode": "Default", "idleTimeoutSeconds": k8s.idle_node_timeout_s}
     return {
         "apiVersion": "ray.io/v1",
         "kind": "RayService",
@@ -155,7 +161,7 @@ def _ray_service(name: str, spec: ModelServeSpec, plan: PlacementPlan, k8s: Kube
         "spec": {
             "serveConfigV2": json.dumps(serve_config, indent=2),
             "rayClusterConfig": {
-                "rayVersion": k8s.ray_version,
+                **cluster,
                 "headGroupSpec": {
                     # The head schedules no replica: losing a worker never takes the GCS with it.
                     "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},

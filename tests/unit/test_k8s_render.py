@@ -30,14 +30,17 @@ def gpu_nodes(count: int, gpus: int, gib: int) -> Inventory:
     )
 
 
-def serve_manifests(weights_gib: float, inventory: Inventory, replicas: int = 2) -> tuple[list[dict], object, object]:
+def serve_manifests(
+    weights_gib: float, inventory: Inventory, replicas: int = 2, max_replicas: int | None = None
+) -> tuple[list[dict], object, object]:
     plan = plan_placement(
         MemoryProfile(method="analytic", weight_bytes=int(weights_gib * GIB), attention_heads=32),
         inventory,
         desired_replicas=replicas,
     )
     assert plan.backend == "ray_serve"
-    spec = build_spec(resolved_model(flavor="pytorch", flavors=["pytorch"]), plan, Settings())
+    settings = Settings(serve={"max_replicas": max_replicas})
+    spec = build_spec(resolved_model(flavor="pytorch", flavors=["pytorch"]), plan, settings)
     return render(spec, plan, K8S), spec, plan
 
 
@@ -71,6 +74,7 @@ CASES = {
     )[0],
     "rayservice-gpu-shared": lambda: serve_manifests(5, gpu_nodes(2, 4, 80), replicas=4)[0],
     "rayservice-gpu-tp": lambda: serve_manifests(100, gpu_nodes(1, 8, 80), replicas=1)[0],
+    "rayservice-autoscaling": lambda: serve_manifests(60, gpu_nodes(4, 1, 80), replicas=1, max_replicas=4)[0],
     "mpijob": lambda: multi_node("mpijob")[0],
     "leaderworkerset": lambda: multi_node("lws")[0],
     "leaderworkerset-one-gpu-per-pod": lambda: multi_node("lws", gpus=1)[0],
@@ -119,6 +123,20 @@ def test_rayservice_serves_the_local_spec_from_workers_with_gpu_quantities_as_st
     # Each replica takes a share of one GPU: a worker pod holds 1/num_gpus replicas.
     per_pod = round(1 / spec.num_gpus)
     assert group["replicas"] == group["minReplicas"] == -(-spec.min_replicas // per_pod)
+
+
+def test_an_autoscaled_model_turns_on_kuberays_autoscaler_with_the_plans_bounds() -> None:
+    objects, spec, _ = serve_manifests(60, gpu_nodes(4, 1, 80), replicas=1, max_replicas=8)
+    cluster = by_kind(objects)["RayService"]["spec"]["rayClusterConfig"]
+    assert (spec.min_replicas, spec.max_replicas) == (1, 4)  # capped at what the inventory holds
+    assert cluster["enableInTreeAutoscaling"] is True
+    assert cluster["autoscalerOptions"]["idleTimeoutSeconds"] == 60
+    [group] = cluster["workerGroupSpecs"]
+    assert (group["replicas"], group["minReplicas"], group["maxReplicas"]) == (1, 1, 4)  # one GPU replica a pod
+    [app] = json.loads(by_kind(objects)["RayService"]["spec"]["serveConfigV2"])["applications"]
+    assert (app["args"]["spec"]["min_replicas"], app["args"]["spec"]["max_replicas"]) == (1, 4)
+    fixed, _, _ = serve_manifests(60, gpu_nodes(4, 1, 80), replicas=2)
+    assert "enableInTreeAutoscaling" not in by_kind(fixed)["RayService"]["spec"]["rayClusterConfig"]
 
 
 def test_tensor_parallel_replica_gets_a_pod_with_all_its_gpus() -> None:
