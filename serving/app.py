@@ -200,6 +200,7 @@ def build_app(spec: ModelServeSpec, runtime_env: dict[str, Any] | None = None) -
             "target_ongoing_requests": spec.target_ongoing_requests,
             "upscale_delay_s": spec.upscale_delay_s,
             "downscale_delay_s": spec.downscale_delay_s,
+            "look_back_period_s": spec.look_back_period_s,
         }
     else:
         options["num_replicas"] = spec.min_replicas

@@ -65,6 +65,7 @@ class ModelServeSpec(BaseModel):
     target_ongoing_requests: PositiveFloat = 16.0
     upscale_delay_s: NonNegativeFloat = 5.0
     downscale_delay_s: NonNegativeFloat = 60.0
+    look_back_period_s: PositiveFloat = 12.0
     tp_size: PositiveInt = Field(default=1, description="Devices one replica spans (a placement group of them).")
     num_cpus: NonNegativeFloat = 1.0
     num_gpus: NonNegativeFloat = 0.0

@@ -59,7 +59,11 @@ def serve_environment(settings: Settings) -> dict[str, str]:
     """Ray Serve's own switches for ingress and throughput. They are read when Ray Serve is
     imported, so every process of the cluster (controller, proxies, replicas) must start with
     them: nodewise passes them to the `ray start` of its local instance."""
-    env = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1" if settings.serve.throughput_optimized else "0"}
+    env = {
+        "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1" if settings.serve.throughput_optimized else "0",
+        # Autoscaling reads what replicas report (HAProxy's ingress has no handle to count at)
+        "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": str(settings.serve.metrics_push_interval_s),
+    }
     if settings.serve.ingress == "haproxy":
         env["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
         env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] = str(settings.serve.drain_s)

@@ -152,6 +152,17 @@ class ServeSettings(_Section):
     )
     upscale_delay_s: Annotated[float, Field(ge=0.0)] = 5.0
     downscale_delay_s: Annotated[float, Field(ge=0.0)] = 60.0
+    look_back_period_s: PositiveFloat = Field(
+        default=12.0,
+        description="Autoscaling: the window Serve averages requests in flight over (Ray's default is 30 s). "
+        "Ray warns below 10 s (its deprecated metrics_interval_s).",
+    )
+    metrics_push_interval_s: PositiveFloat = Field(
+        default=2.0,
+        description="Autoscaling: how often each replica reports its requests in flight to Serve's "
+        "controller (Ray's default is 10 s). Local instance only; start an existing cluster with "
+        "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S.",
+    )
     max_ongoing_requests: PositiveInt = Field(
         default=32, description="Requests one replica takes at once (Ray's default of 5 collapses under load)."
     )

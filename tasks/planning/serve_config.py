@@ -21,6 +21,7 @@ OVERRIDABLE = (
     "target_ongoing_requests",
     "upscale_delay_s",
     "downscale_delay_s",
+    "look_back_period_s",
     "max_ongoing_requests",
     "max_batch_size",
     "batch_wait_timeout_s",

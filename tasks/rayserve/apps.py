@@ -45,6 +45,7 @@ def build_spec(
         target_ongoing_requests=serve.target_ongoing_requests,
         upscale_delay_s=serve.upscale_delay_s,
         downscale_delay_s=serve.downscale_delay_s,
+        look_back_period_s=serve.look_back_period_s,
         num_cpus=plan.num_cpus_per_replica,
         num_gpus=plan.num_gpus_per_replica,
         tp_size=plan.tp_size,

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import time
+
 import httpx
 import mlflow
 import numpy as np
@@ -112,3 +115,45 @@ def test_a_model_that_fails_to_load_is_rolled_back(settings: Settings) -> None:
         deploy_model(uri, settings=settings)
     assert "broken" not in serve.status().applications
     assert "broken" not in load_records(settings.state.records)
+
+
+def test_replicas_follow_a_load_step_up_and_back_down_with_no_request_lost(settings: Settings) -> None:
+    """Autoscaling bounds and pace from the model's own nodewise.serve.* tags; a closed-loop load
+    step adds a replica, the end of the load removes it, and no request fails on the way."""
+    from mlflow import MlflowClient
+    from ray.serve.context import _get_global_client
+
+    from nodewise.cli.demo import register_demo_model
+
+    from .steady import SteadyClient
+
+    model = register_demo_model(str(settings.state.artifacts), name="digits-autoscaled")
+    client = MlflowClient()
+    for key, value in {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,
+                       "upscale_delay_s": 0, "downscale_delay_s": 3}.items():  # fmt: skip
+        client.set_registered_model_tag(model.name, f"nodewise.serve.{key}", str(value))
+    record = deploy_model(f"models:/{model.name}/{model.version}", settings=settings)
+
+    def running() -> int:
+        details = _get_global_client().get_serve_details()["applications"][record.app_name]
+        replicas = details["deployments"]["ModelServer"]["replicas"]
+        return sum(str(getattr(r["state"], "value", r["state"])) == "RUNNING" for r in replicas)
+
+    def wait_for(replicas: int, timeout_s: float) -> float:
+        started = time.monotonic()
+        while running() != replicas:
+            assert time.monotonic() - started < timeout_s, f"not {replicas} replica(s) after {timeout_s:.0f} s"
+            time.sleep(0.5)
+        return time.monotonic() - started
+
+    assert running() == 1
+    _, _, x_test, _ = digits_split()
+    body = json.dumps({"inputs": x_test[:1].tolist()}).encode()
+    with SteadyClient(f"{record.endpoint}/invocations", body, workers=4) as load:
+        up_s = wait_for(2, 90)
+        time.sleep(2)  # both serve
+    down_s = wait_for(1, 90)
+    print(f"autoscaling: 1 -> 2 replicas {up_s:.1f} s after the step, back to 1 {down_s:.1f} s after it ended")
+    assert load.failures == []
+    assert load.ok > 50
+    assert httpx.post(f"{record.endpoint}/invocations", content=body, timeout=30).status_code == 200

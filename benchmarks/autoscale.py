@@ -1,0 +1,253 @@
+"""Replicas following traffic: a load step against the demo model, autoscaling against a fixed replica.
+
+One run on this machine, one local nodewise instance, the demo digits MLP registered twice:
+- ``autoscaled``: Serve's autoscaler between ``--min`` and ``--max`` replicas, with nodewise's
+  settings (``target_ongoing_requests``, ``upscale_delay_s``, ``downscale_delay_s``; flags below);
+- ``fixed`` (the peer, same run, same load): ``--min`` replicas and no autoscaling.
+Each gets the same profile: idle ``--idle`` s, then ``--clients`` closed-loop clients for
+``--hold`` s, then nothing until its replicas are back at ``--min`` (or ``--settle`` s passed).
+A sampler reads Serve's replica states every 0.5 s. Per 5 s window: requests/s, p99, failures,
+replicas running. Figures: seconds from the step to the first added replica RUNNING (Serve
+routes to it from then on), seconds from the end of the load back to ``--min``, requests/s
+in the last ``--tail`` s of the hold against the fixed peer's, failed requests.
+A PNG (replicas and req/s over time, both runs) is written beside ``--out``.
+
+Usage: .venv/bin/python benchmarks/autoscale.py [--clients 8] [--max 3] [--out autoscale.json]
+(last line: one JSON object)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+class Clients:
+    """``n`` closed-loop clients, started and stopped on demand; (end time, outcome, latency) kept."""
+
+    def __init__(self, url: str, body: bytes, n: int) -> None:
+        self.url, self.body, self.n = url, body, n
+        self.log: list[tuple[float, str, float]] = []
+        self._lock, self._stop = threading.Lock(), threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        self._stop.clear()
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(self.n)]
+        for thread in self._threads:
+            thread.start()
+
+    def _run(self) -> None:
+        import httpx
+
+        headers = {"Content-Type": "application/json"}
+        with httpx.Client(timeout=30) as client:
+            while not self._stop.is_set():
+                began = time.perf_counter()
+                try:
+                    outcome = str(client.post(self.url, content=self.body, headers=headers).status_code)
+                except httpx.HTTPError as e:
+                    outcome = type(e).__name__
+                with self._lock:
+                    self.log.append((time.time(), outcome, time.perf_counter() - began))
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(35)
+
+
+class Sampler:
+    """Serve's RUNNING replicas of ``app`` every 0.5 s (and any other state they are in)."""
+
+    def __init__(self, app: str) -> None:
+        self.app, self.samples = app, []  # (time, running, all replicas)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        from ray.serve.context import _get_global_client
+
+        client = _get_global_client()
+        while not self._stop.is_set():
+            details = client.get_serve_details()["applications"][self.app]["deployments"]["ModelServer"]
+            states = [str(getattr(r["state"], "value", r["state"])) for r in details["replicas"]]
+            self.samples.append((time.time(), states.count("RUNNING"), len(states)))
+            time.sleep(0.5)
+
+    def running_now(self) -> int:
+        return self.samples[-1][1] if self.samples else 0
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
+def profile(record: Any, body: bytes, args: argparse.Namespace, floor: int) -> dict[str, Any]:
+    """The load profile against one deployment; its figures and its time series."""
+    clients = Clients(f"{record.endpoint}/invocations", body, args.clients)
+    sampler = Sampler(record.app_name)
+    t0 = time.time()
+    time.sleep(args.idle)
+    step = time.time()
+    clients.start()
+    time.sleep(args.hold)
+    clients.stop()
+    load_end = time.time()
+    deadline = time.monotonic() + args.settle
+    while time.monotonic() < deadline:
+        if all(r == floor for _, r, n in sampler.samples[-4:]) and sampler.samples[-1][2] == floor:
+            break
+        time.sleep(0.5)
+    sampler.stop()
+    up = next((t - step for t, r, _ in sampler.samples if t >= step and r > floor), None)
+    decided = next((t - step for t, _, n in sampler.samples if t >= step and n > floor), None)
+    peak = max((r for t, r, _ in sampler.samples if step <= t <= load_end), default=0)
+    above = [t for t, r, _ in sampler.samples if t >= load_end and r > floor]
+    down = (max(above) - load_end + 0.5) if above else 0.0
+    tail = [(t, o, s) for t, o, s in clients.log if load_end - args.tail <= t <= load_end]
+    windows = series(clients.log, sampler.samples, t0)
+    return {
+        "step_to_scale_up_decided_s": None if decided is None else round(decided, 1),  # a replica STARTING
+        "step_to_new_replica_running_s": None if up is None else round(up, 1),
+        "peak_replicas": peak,
+        "load_end_to_min_replicas_s": round(down, 1) if peak > floor else None,
+        "requests": len(clients.log),
+        "failed": sum(o != "200" for _, o, _ in clients.log),
+        "failed_outcomes": sorted({o for _, o, _ in clients.log if o != "200"}),
+        "tail_req_per_s": round(len(tail) / args.tail, 1),
+        "tail_p99_ms": round(percentile([s for _, _, s in tail], 99) * 1000, 1),
+        "windows": windows,
+    }
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def series(log: list[tuple[float, str, float]], samples: list[tuple[float, int, int]], t0: float) -> list[dict]:
+    """Per 5 s window from ``t0``: requests/s, p99 ms, failures and the most replicas running."""
+    end = max([t for t, _, _ in log] + [t for t, _, _ in samples] + [t0])
+    rows: list[dict] = []
+    start = t0
+    while start < end:
+        stop = start + 5
+        lats = [s for t, o, s in log if start <= t < stop]
+        # a window past the last sample keeps the last count seen
+        reps = [r for t, r, _ in samples if start <= t < stop] or [rows[-1]["replicas"] if rows else 0]
+        rows.append(
+            {
+                "t_s": round(start - t0),
+                "req_per_s": round(len(lats) / 5, 1),
+                "p99_ms": round(percentile(lats, 99) * 1000, 1),
+                "failed": sum(o != "200" for t, o, _ in log if start <= t < stop),
+                "replicas": max(reps, default=0),
+            }
+        )
+        start = stop
+    return rows
+
+
+def plot(results: dict[str, dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (top, bottom) = plt.subplots(2, 1, sharex=True, figsize=(8, 5.5))
+    for name, figures in results.items():
+        rows = figures["windows"]
+        xs = [r["t_s"] for r in rows]
+        top.step(xs, [r["replicas"] for r in rows], where="post", label=name)
+        bottom.plot(xs, [r["req_per_s"] for r in rows], marker=".", label=name)
+    top.set_ylabel("replicas running")
+    top.set_title("demo MLP, a load step: replicas and throughput per 5 s window")
+    top.legend()
+    bottom.set_ylabel("requests/s")
+    bottom.set_xlabel("seconds from the start of the profile")
+    bottom.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--min", type=int, default=1)
+    parser.add_argument("--max", type=int, default=3)
+    parser.add_argument("--target", type=float, default=None, help="target_ongoing_requests (default: settings')")
+    parser.add_argument("--upscale-delay", type=float, default=None)
+    parser.add_argument("--downscale-delay", type=float, default=None)
+    parser.add_argument("--idle", type=float, default=10.0)
+    parser.add_argument("--hold", type=float, default=60.0)
+    parser.add_argument("--tail", type=float, default=20.0, help="seconds at the end of the hold for throughput")
+    parser.add_argument("--settle", type=float, default=180.0)
+    parser.add_argument("--out", type=Path, default=Path("autoscale.json"))
+    args = parser.parse_args()
+
+    from benchmarks._instance import local_instance
+    from nodewise.cli.demo import digits_split, register_demo_model
+    from nodewise.core.settings import using_settings
+
+    _, _, x_test, _ = digits_split()
+    body = json.dumps({"inputs": x_test[:1].tolist()}).encode()
+    auto = {"min_replicas": args.min, "max_replicas": args.max}
+    for key, value in (("target_ongoing_requests", args.target), ("upscale_delay_s", args.upscale_delay),
+                       ("downscale_delay_s", args.downscale_delay)):  # fmt: skip
+        if value is not None:
+            auto[key] = value
+    results: dict[str, dict] = {}
+    with local_instance("nwa-", 24410) as settings:
+        from flows.deploy import deploy_model
+
+        root = str(settings.state.artifacts)
+        for name, serve in (("fixed", {"replicas": args.min}), ("autoscaled", auto)):
+            model = register_demo_model(root, name=f"digits-{name}")
+            run_settings = settings.model_copy(update={"serve": settings.serve.model_copy(update=serve)})
+            with using_settings(run_settings):
+                record = deploy_model(f"models:/{model.name}/{model.version}")
+            results[name] = profile(record, body, args, args.min)
+            brief = {k: v for k, v in results[name].items() if k != "windows"}
+            print(f"{name}: {brief}", file=sys.stderr, flush=True)
+        used = run_settings.serve
+    png = args.out.with_suffix(".png")
+    plot(results, png)
+    args.out.write_text(json.dumps(results, indent=1))
+    a, f = results["autoscaled"], results["fixed"]
+    summary = {
+        "benchmark": "autoscale",
+        "clients": args.clients,
+        "autoscaling": {
+            "min_replicas": args.min,
+            "max_replicas": args.max,
+            "target_ongoing_requests": used.target_ongoing_requests,
+            "upscale_delay_s": used.upscale_delay_s,
+            "downscale_delay_s": used.downscale_delay_s,
+        },
+        **{name: {k: v for k, v in r.items() if k != "windows"} for name, r in results.items()},
+        "throughput_ratio_tail": round(a["tail_req_per_s"] / max(f["tail_req_per_s"], 1e-9), 2),
+        "plot": str(png),
+        "series": str(args.out),
+        "targets": {
+            "zero_failed": a["failed"] == 0 and f["failed"] == 0,
+            "new_replica_within_15s": (a["step_to_new_replica_running_s"] or 1e9) <= 15,
+            "throughput_1_8x": a["tail_req_per_s"] >= 1.8 * f["tail_req_per_s"],
+        },
+    }
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
