@@ -11,6 +11,7 @@ from nodewise.core.settings import Settings, current_settings
 from serving.spec import DeepSpeedSpec, ModelServeSpec
 from tasks.mpi.deploy import build_deepspeed_spec
 from tasks.planning.placement import PlacementPlan
+from tasks.planning.plan import requested
 from tasks.planning.registry import ResolvedModel
 from tasks.planning.serve_config import serve_settings_for
 from tasks.rayserve.apps import build_spec
@@ -39,8 +40,8 @@ def deploy_model(model_uri: str, replicas: int | None = None, inventory: str = "
 
     Args:
         model_uri: ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``.
-        replicas: replicas wanted (default: the model's ``min_replicas``, else ``serve.replicas``); the plan
-            may give fewer.
+        replicas: a fixed number of replicas (default: the model's ``replicas``, else autoscaling from
+            its ``min_replicas`` up to ``max_replicas``); the plan may give fewer.
         inventory: where it may run: ``local``, ``nvml``, ``ray[:ADDRESS]``, ``k8s`` or a YAML file.
     """
     settings = current_settings()
@@ -51,7 +52,7 @@ def deploy_model(model_uri: str, replicas: int | None = None, inventory: str = "
 
 def _deploy(model: ResolvedModel, replicas: int | None, inventory: str, settings: Settings) -> DeploymentRecord:
     """Profile, plan, deploy, smoke-test and record ``model`` (under its deploy lock)."""
-    serve = serve_settings_for(model, settings.serve)  # the model's nodewise.serve.* tags applied
+    serve = requested(serve_settings_for(model, settings.serve), replicas)  # its nodewise.serve.* tags applied
     nodes = read_inventory_task(inventory, settings.ray.num_cpus)
     profile = profile_model_task(model, batch_size=serve.max_batch_size, device=nodes.device_class)
     plan = plan_placement_task(profile, nodes, settings, serve, replicas)  # tasks/planning/plan.py's rules

@@ -203,7 +203,7 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="Machine-readabl
     for row in rows["deployments"]:
         typer.echo(
             f"{row['app']}: {row['model_uri']} (version {row['version']}) on {row['backend']}, "
-            + (f"{row['ranks']} rank(s), " if row.get("ranks") else f"{row['replicas']} replica(s), ")
+            + (f"{row['ranks']} rank(s), " if row.get("ranks") else _replicas(row))
             + f"{row['health']} at {row['endpoint']}, "
             f"deployed {row['deployed_at']}" + _where(row)
         )
@@ -221,6 +221,15 @@ def _stdout_to_stderr() -> Iterator[None]:
         sys.stdout.flush()
         os.dup2(saved, 1)
         os.close(saved)
+
+
+def _replicas(row: dict[str, Any]) -> str:
+    """How many replicas serve, for `nodewise status`: the running ones and the bounds when autoscaling."""
+    bounds = row.get("autoscaling")
+    if not bounds:
+        return f"{row['replicas']} replica(s), "
+    running = sum(r["state"] == "RUNNING" for r in row.get("replica_nodes", []))
+    return f"{running} replica(s) running (autoscaling {bounds['min_replicas']}-{bounds['max_replicas']}), "
 
 
 def _where(row: dict[str, Any]) -> str:

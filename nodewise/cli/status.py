@@ -32,6 +32,7 @@ def deployment_status(settings: Settings) -> dict[str, Any]:
     else:
         local = read_local_cluster(settings)
         cluster = f"local instance at {local.address}" if local else "local instance not running"
+    records = list(load_records(settings.state.records).values())
     rows = [
         {
             "app": r.app_name,
@@ -45,12 +46,17 @@ def deployment_status(settings: Settings) -> dict[str, Any]:
             "deployed_at": r.deployed_at,
             "previous_version": r.previous_version,
         }
-        for r in load_records(settings.state.records).values()
+        for r in records
     ]
-    for row in rows:
+    for row, record in zip(rows, records, strict=True):
         if row["backend"] == "deepspeed_mpi":
             row.update(_where_ranks_run(settings, row["app"]))
             row["health"] = _health(row["endpoint"])
+        elif record.spec.get("max_replicas", 1) > record.spec.get("min_replicas", 1):
+            row["autoscaling"] = {
+                "min_replicas": record.spec["min_replicas"],
+                "max_replicas": record.spec["max_replicas"],
+            }
     from tasks.watchdog.replicas import replica_nodes
 
     placed = replica_nodes(settings, [r["app"] for r in rows if r["backend"] != "deepspeed_mpi"])

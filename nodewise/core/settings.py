@@ -138,17 +138,21 @@ class ServeSettings(_Section):
 
     host: str = Field(default="127.0.0.1", description="Address Serve's HTTP proxy binds to.")
     port: PositiveInt = Field(default=8000, le=65535)
-    replicas: PositiveInt = Field(default=2, description="Replicas per model when the plan allows.")
-    min_replicas: PositiveInt | None = Field(
-        default=None, description="Autoscaling floor. Default: the replicas the plan gives (`replicas`)."
-    )
-    max_replicas: PositiveInt | None = Field(
+    replicas: PositiveInt | None = Field(
         default=None,
-        description="Autoscaling ceiling, capped at what the inventory holds. Default: min_replicas "
-        "(a fixed number of replicas).",
+        description="A fixed number of replicas (no autoscaling) when set. Default: autoscale between "
+        "min_replicas and max_replicas.",
+    )
+    min_replicas: PositiveInt = Field(default=1, description="Autoscaling floor.")
+    max_replicas: PositiveInt = Field(
+        default=4,
+        description="Autoscaling ceiling; the plan caps it at what the inventory holds (memory, devices, "
+        "and on CPU nodes half a Ray CPU per replica).",
     )
     target_ongoing_requests: PositiveFloat = Field(
-        default=16.0, description="Autoscaling target: requests in flight per replica."
+        default=8.0,
+        description="Autoscaling target: requests in flight per replica (a batching replica takes up to "
+        "max_ongoing_requests; see benchmarks/README for the measurement behind 8).",
     )
     upscale_delay_s: Annotated[float, Field(ge=0.0)] = 5.0
     downscale_delay_s: Annotated[float, Field(ge=0.0)] = 60.0
@@ -201,6 +205,15 @@ class ServeSettings(_Section):
         description="With haproxy ingress, how long a stopping replica keeps answering while "
         "HAProxy stops sending it requests (Ray's default is 30 s).",
     )
+
+    @model_validator(mode="after")
+    def _bounds_in_order(self) -> ServeSettings:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(
+                f"max_replicas ({self.max_replicas}) is below min_replicas ({self.min_replicas}); "
+                "raise max_replicas or lower min_replicas"
+            )
+        return self
 
 
 class DeepSpeedSettings(_Section):

@@ -103,12 +103,14 @@ def _single_device(
     nodes = gpu_nodes or inventory.nodes
     per_device = {id(n): [int(d.memory_bytes * headroom) // need for d in n.devices] for n in nodes}
     capacity = sum(sum(fits) for fits in per_device.values())
-    replicas = max(1, min(desired, capacity))
-    cpus = sum(n.cpus for n in nodes)
     # Ray CPUs are scheduling tokens: reserving half a core per replica lets a second model
     # share the node (FACTS: with 1 CPU each, two replicas fill a 2-core machine). Torch threads
     # follow the cores each replica really has.
     cpu_share = 0.5 if kind == "cpu" else 1.0
+    if kind == "cpu":  # more replicas than the nodes' CPU tokens would wait unscheduled
+        capacity = min(capacity, sum(int(n.cpus / cpu_share) for n in nodes))
+    replicas = max(1, min(desired, capacity))
+    cpus = sum(n.cpus for n in nodes)
     threads = max(1, min(8, cpus // replicas))
     per_gpu = max(max(v) for v in per_device.values())
     num_gpus = 0.0 if kind == "cpu" else (1.0 if per_gpu <= 1 else round(1.0 / min(per_gpu, 8), 3))
@@ -119,7 +121,8 @@ def _single_device(
         f"one copy needs {_gib(need)} ({profile.method}: weights {_gib(profile.weight_bytes)}, "
         f"kv cache {_gib(profile.kv_cache_bytes)}, activations {_gib(profile.activation_bytes)}, "
         f"runtime {_gib(profile.runtime_bytes)}), which fits {where} ({_gib(budget)} usable)",
-        f"by memory the inventory holds {capacity} replica(s); serving {replicas} with Ray Serve",
+        f"by {'memory and CPUs' if kind == 'cpu' else 'memory'} the inventory holds {capacity} replica(s); "
+        f"serving {replicas} with Ray Serve",
     ]
     if num_gpus and num_gpus < 1:
         reasons.append(f"{per_gpu} replicas fit one GPU: each asks for num_gpus={num_gpus}")

@@ -20,8 +20,13 @@ from tasks.planning.registry import ResolvedModel
 
 
 def desired_replicas(serve: ServeSettings, replicas: int | None = None) -> int:
-    """Replicas wanted: an explicit request, else the autoscaling floor, else ``serve.replicas``."""
-    return replicas or serve.min_replicas or serve.replicas
+    """Replicas to start: an explicit request, else a fixed ``serve.replicas``, else the autoscaling floor."""
+    return replicas or serve.replicas or serve.min_replicas
+
+
+def requested(serve: ServeSettings, replicas: int | None) -> ServeSettings:
+    """``serve`` with an explicit request for ``replicas`` (``deploy --replicas``): a fixed count."""
+    return serve if replicas is None else serve.model_copy(update={"replicas": replicas})
 
 
 def place(
@@ -66,7 +71,8 @@ def plan_model(
         model: a registered model's URI, or the path of a config JSON (analytic profile only).
         inventory: ``local``, ``nvml``, ``ray[:ADDRESS]``, ``k8s`` or a YAML file of nodes.
         settings: nodewise settings; a registered model's ``nodewise.serve.*`` tags apply on top.
-        replicas: replicas wanted (default: the model's ``min_replicas`` or ``replicas``).
+        replicas: a fixed number of replicas (default: the model's ``replicas``, else autoscaling
+            from its ``min_replicas``).
         batch_size: rows per forward pass to profile (default: the model's ``max_batch_size``).
         dtype: weights dtype override (fp32, bf16, fp16, int8, int4).
         seq_len: tokens per sequence (config JSONs of causal LMs).
@@ -88,7 +94,7 @@ def plan_model(
         )
     from tasks.planning.profiling import load_config, profile_config
 
-    serve = settings.serve
+    serve = requested(settings.serve, replicas)
     profile = profile_config(
         load_config(model), dtype=dtype, batch_size=batch_size or 1, seq_len=seq_len, device=nodes.device_class
     )
@@ -110,7 +116,7 @@ def _plan_registered(
     from tasks.planning.serve_config import serve_settings_for
 
     model = resolve_model(uri, make_client(settings.tracking_uri, settings.registry_uri))
-    serve = serve_settings_for(model, settings.serve)
+    serve = requested(serve_settings_for(model, settings.serve), replicas)
     rows = batch_size or serve.max_batch_size
     if cached and measure:
         profile = profile_with_cache(model, batch_size=rows, device=nodes.device_class, dtype=dtype)

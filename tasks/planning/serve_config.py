@@ -16,6 +16,7 @@ from tasks.planning.registry import ResolvedModel
 
 PREFIX = "nodewise.serve."
 OVERRIDABLE = (
+    "replicas",
     "min_replicas",
     "max_replicas",
     "target_ongoing_requests",
@@ -54,9 +55,7 @@ def serve_settings_for(model: ResolvedModel, base: ServeSettings) -> ServeSettin
         where, tag, raw = found.get(str(error["loc"][0]) if error["loc"] else "", ("", "", ""))
         what = f"{where} tag {tag}={raw!r}" if tag else f"the nodewise.serve.* tags of {model.pinned_uri}"
         raise InvalidServeOverride(f"{what}: {error['msg']}; fix or delete the tag in the MLflow registry") from e
-    if merged.min_replicas and merged.max_replicas and merged.max_replicas < merged.min_replicas:
-        raise InvalidServeOverride(
-            f"{model.pinned_uri}: max_replicas ({merged.max_replicas}) is below min_replicas "
-            f"({merged.min_replicas}); fix the nodewise.serve.* tags or NODEWISE_SERVE__* settings"
-        )
+    if merged.replicas is not None and "replicas" not in found and found.keys() & {"min_replicas", "max_replicas"}:
+        # The model's own autoscaling bounds win over a fixed count set for every model.
+        merged = merged.model_copy(update={"replicas": None})
     return merged

@@ -26,8 +26,10 @@ def build_spec(
     app = app_name_for(model.name)
     # A torch.export ("pt2") model only takes its input example's batch size: no batching.
     batch = 1 if model.pytorch_format == "pt2" else serve.max_batch_size
-    # Autoscaling bounds: the plan's replicas up to the asked ceiling, never past what the inventory holds.
-    ceiling = max(plan.replicas, min(serve.max_replicas or plan.replicas, plan.capacity_replicas or plan.replicas))
+    # A fixed count (serve.replicas), or autoscaling from the plan's replicas up to max_replicas,
+    # never past what the inventory holds.
+    capacity = plan.capacity_replicas or plan.replicas
+    ceiling = plan.replicas if serve.replicas is not None else max(plan.replicas, min(serve.max_replicas, capacity))
     memory_limit = serve.memory_limit_bytes or max(2 * plan.needed_bytes, plan.needed_bytes + 2**30)
     return ModelServeSpec(
         app_name=app,
@@ -49,7 +51,8 @@ def build_spec(
         num_cpus=plan.num_cpus_per_replica,
         num_gpus=plan.num_gpus_per_replica,
         tp_size=plan.tp_size,
-        torch_threads=plan.torch_threads,
+        # the plan's threads share the cores among its replicas; autoscaled, among the most there can be
+        torch_threads=max(1, plan.torch_threads * plan.replicas // ceiling),
         max_ongoing_requests=serve.max_ongoing_requests,
         max_batch_size=batch,
         batch_wait_timeout_s=serve.batch_wait_timeout_s,

@@ -119,11 +119,15 @@ def test_a_model_that_fails_to_load_is_rolled_back(settings: Settings) -> None:
 
 def test_replicas_follow_a_load_step_up_and_back_down_with_no_request_lost(settings: Settings) -> None:
     """Autoscaling bounds and pace from the model's own nodewise.serve.* tags; a closed-loop load
-    step adds a replica, the end of the load removes it, and no request fails on the way."""
+    step adds a replica, the end of the load removes it, and no request fails on the way. The
+    watchdog, passing while the new replica starts, restarts nothing and reports nothing: a
+    scale-up is not a sick replica."""
     from mlflow import MlflowClient
     from ray.serve.context import _get_global_client
 
     from nodewise.cli.demo import register_demo_model
+    from nodewise.cli.status import deployment_status
+    from tasks.watchdog.engine import watch_once
 
     from .steady import SteadyClient
 
@@ -134,24 +138,34 @@ def test_replicas_follow_a_load_step_up_and_back_down_with_no_request_lost(setti
         client.set_registered_model_tag(model.name, f"nodewise.serve.{key}", str(value))
     record = deploy_model(f"models:/{model.name}/{model.version}", settings=settings)
 
-    def running() -> int:
+    def states() -> list[str]:
         details = _get_global_client().get_serve_details()["applications"][record.app_name]
-        replicas = details["deployments"]["ModelServer"]["replicas"]
-        return sum(str(getattr(r["state"], "value", r["state"])) == "RUNNING" for r in replicas)
+        return [
+            str(getattr(r["state"], "value", r["state"])) for r in details["deployments"]["ModelServer"]["replicas"]
+        ]
 
-    def wait_for(replicas: int, timeout_s: float) -> float:
-        started = time.monotonic()
+    def running() -> int:
+        return states().count("RUNNING")
+
+    def wait_for(replicas: int, timeout_s: float, watch: bool = False) -> float:
+        started, watched = time.monotonic(), []
         while running() != replicas:
             assert time.monotonic() - started < timeout_s, f"not {replicas} replica(s) after {timeout_s:.0f} s"
+            if watch and not watched and len(states()) > running():  # a replica is starting: a pass now
+                watched = watch_once(settings)
+                assert [a for a in watched if a.app == record.app_name] == [], watched
             time.sleep(0.5)
         return time.monotonic() - started
 
     assert running() == 1
     _, _, x_test, _ = digits_split()
     body = json.dumps({"inputs": x_test[:1].tolist()}).encode()
+    [row] = [r for r in deployment_status(settings)["deployments"] if r["app"] == record.app_name]
+    assert row["autoscaling"] == {"min_replicas": 1, "max_replicas": 2}
     with SteadyClient(f"{record.endpoint}/invocations", body, workers=4) as load:
-        up_s = wait_for(2, 90)
+        up_s = wait_for(2, 90, watch=True)
         time.sleep(2)  # both serve
+        assert [a for a in watch_once(settings) if a.app == record.app_name] == []
     down_s = wait_for(1, 90)
     print(f"autoscaling: 1 -> 2 replicas {up_s:.1f} s after the step, back to 1 {down_s:.1f} s after it ended")
     assert load.failures == []

@@ -39,7 +39,7 @@ def serve_manifests(
         desired_replicas=replicas,
     )
     assert plan.backend == "ray_serve"
-    settings = Settings(serve={"max_replicas": max_replicas})
+    settings = Settings(serve={"replicas": replicas} if max_replicas is None else {"max_replicas": max_replicas})
     spec = build_spec(resolved_model(flavor="pytorch", flavors=["pytorch"]), plan, settings)
     return render(spec, plan, K8S), spec, plan
 
@@ -135,7 +135,7 @@ def test_an_autoscaled_model_turns_on_kuberays_autoscaler_with_the_plans_bounds(
     assert (group["replicas"], group["minReplicas"], group["maxReplicas"]) == (1, 1, 4)  # one GPU replica a pod
     [app] = json.loads(by_kind(objects)["RayService"]["spec"]["serveConfigV2"])["applications"]
     assert (app["args"]["spec"]["min_replicas"], app["args"]["spec"]["max_replicas"]) == (1, 4)
-    fixed, _, _ = serve_manifests(60, gpu_nodes(4, 1, 80), replicas=2)
+    fixed, _, _ = serve_manifests(60, gpu_nodes(4, 1, 80), replicas=2)  # a fixed count
     assert "enableInTreeAutoscaling" not in by_kind(fixed)["RayService"]["spec"]["rayClusterConfig"]
 
 

@@ -30,8 +30,10 @@ def test_small_model_on_a_cpu_node_uses_ray_serve_with_the_desired_replicas() ->
     assert plan.num_cpus_per_replica == 0.5  # half a Ray CPU: another model can share the node
     assert plan.torch_threads == 1
     assert plan.num_gpus_per_replica == 0.0
-    # 16 GiB * 0.9 = 14.4 GiB usable; one copy = 0.01 GiB + 0.5 GiB runtime -> 28 copies
-    assert plan.capacity_replicas == int(14.4 * GIB) // (int(0.01 * GIB) + GIB // 2)
+    # 16 GiB * 0.9 = 14.4 GiB usable; one copy = 0.01 GiB + 0.5 GiB runtime -> 28 copies by memory,
+    # but 2 CPUs hold 4 half-CPU replicas
+    assert int(14.4 * GIB) // (int(0.01 * GIB) + GIB // 2) == 28
+    assert plan.capacity_replicas == 4
 
 
 def test_several_replicas_share_one_gpu_by_fraction() -> None:

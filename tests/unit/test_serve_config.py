@@ -77,16 +77,19 @@ def test_bad_override_tags_name_the_tag_and_the_fix(tags: dict[str, str], messag
         serve_settings_for(model(tags=tags), ServeSettings())
 
 
-def test_spec_autoscales_from_the_plan_up_to_what_the_inventory_holds(tmp_path: Path) -> None:
+def test_spec_autoscales_by_default_up_to_what_the_inventory_holds(tmp_path: Path) -> None:
     settings = Settings(state_dir=tmp_path)
-    fixed = build_spec(model(), plan(replicas=2), settings)
+    auto = build_spec(model(), plan(replicas=1, capacity=6), settings)
+    assert (auto.min_replicas, auto.max_replicas) == (1, 4)  # the default ceiling, 4
+    options = build_app(auto)._bound_deployment._deployment_config.autoscaling_config
+    assert (options.min_replicas, options.max_replicas, options.target_ongoing_requests) == (1, 4, 8.0)
+    assert (options.upscale_delay_s, options.look_back_period_s) == (5.0, 12.0)
+    scaled = build_spec(model(), plan(replicas=2, capacity=6), settings, ServeSettings(max_replicas=10))
+    assert (scaled.min_replicas, scaled.max_replicas) == (2, 6)  # capped at what the inventory holds
+    fixed = build_spec(model(), plan(replicas=2), settings, ServeSettings(replicas=2))
     assert (fixed.min_replicas, fixed.max_replicas) == (2, 2)
     config = build_app(fixed)._bound_deployment._deployment_config
     assert (config.num_replicas, config.autoscaling_config) == (2, None)
-    scaled = build_spec(model(), plan(replicas=2, capacity=6), settings, ServeSettings(max_replicas=10))
-    assert (scaled.min_replicas, scaled.max_replicas) == (2, 6)
-    options = build_app(scaled)._bound_deployment._deployment_config.autoscaling_config
-    assert (options.min_replicas, options.max_replicas, options.target_ongoing_requests) == (2, 6, 16.0)
     # The memory limit defaults to twice the planned memory, and at least that plus 1 GiB.
     assert fixed.memory_limit_bytes == 2 * GIB
 

@@ -32,6 +32,7 @@ def test_environment_with_nested_delimiter(monkeypatch: pytest.MonkeyPatch) -> N
         ({"ray": {"port": 80}}, r"greater than or equal to 1024"),
         ({"serve": {"port": 70000}}, r"less than or equal to 65535"),
         ({"serve": {"replicas": 0}}, r"greater than 0"),
+        ({"serve": {"min_replicas": 6}}, r"max_replicas \(4\) is below min_replicas \(6\); raise max_replicas"),
         ({"serve": {"batch_wait_timeout_s": -1}}, r"greater than or equal to 0"),
         ({"placement": {"headroom_fraction": 1.5}}, r"less than or equal to 1"),
         ({"placement": {"headroom_fraction": 0}}, r"greater than 0"),
