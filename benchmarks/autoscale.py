@@ -12,7 +12,7 @@ routes to it from then on), seconds from the end of the load back to ``--min``, 
 in the last ``--tail`` s of the hold against the fixed peer's, failed requests.
 A PNG (replicas and req/s over time, both runs) is written beside ``--out``.
 
-Usage: .venv/bin/python benchmarks/autoscale.py [--clients 8] [--max 3] [--out autoscale.json]
+Usage: .venv/bin/python benchmarks/autoscale.py [--clients 16] [--max 3] [--out autoscale.json]
 (last line: one JSON object)
 """
 
@@ -184,7 +184,7 @@ def plot(results: dict[str, dict], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--min", type=int, default=1)
     parser.add_argument("--max", type=int, default=3)
     parser.add_argument("--target", type=float, default=None, help="target_ongoing_requests (default: settings')")

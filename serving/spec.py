@@ -62,7 +62,7 @@ class ModelServeSpec(BaseModel):
     )
     min_replicas: PositiveInt = 1
     max_replicas: PositiveInt = 1
-    target_ongoing_requests: PositiveFloat = 16.0
+    target_ongoing_requests: PositiveFloat = 4.0
     upscale_delay_s: NonNegativeFloat = 5.0
     downscale_delay_s: NonNegativeFloat = 60.0
     look_back_period_s: PositiveFloat = 12.0

@@ -150,9 +150,9 @@ class ServeSettings(_Section):
         "and on CPU nodes half a Ray CPU per replica).",
     )
     target_ongoing_requests: PositiveFloat = Field(
-        default=8.0,
+        default=4.0,
         description="Autoscaling target: requests in flight per replica (a batching replica takes up to "
-        "max_ongoing_requests; see benchmarks/README for the measurement behind 8).",
+        "max_ongoing_requests; see benchmarks/README for the measurement behind 4).",
     )
     upscale_delay_s: Annotated[float, Field(ge=0.0)] = 5.0
     downscale_delay_s: Annotated[float, Field(ge=0.0)] = 60.0
