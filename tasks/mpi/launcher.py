@@ -38,6 +38,7 @@ from tasks.mpi.supervise import EXIT_FILE
 
 _FORWARDED = (
     "PYTHONPATH",
+    "PYTHONFAULTHANDLER",
     "TORCH_EXTENSIONS_DIR",
     "MASTER_ADDR",
     "MASTER_PORT",
@@ -96,6 +97,11 @@ def mpirun_command(
         cmd.append("--oversubscribe")  # "nodes" of one machine: a core may hold several ranks
     else:
         cmd += ["--mca", "plm_rsh_agent", remote_shell]  # how mpirun starts its daemon on each host
+        # Open MPI 4.1's daemon on another host maps hwloc's topology at "the biggest hole" of its
+        # address space and now and then segfaults there (hwloc_shmem_topology_write, mpirun then
+        # exits 139; seen in 1 of ~15 cross-host launches here). The ranks are not bound to cores
+        # (--bind-to none), so they need no shared topology: skip it.
+        cmd += ["--mca", "rtc_hwloc_vmhole", "none"]
     for name in env_names:
         cmd += ["-x", name]
     worker = [python, "-m", "serving.deepspeed_worker", str(spec_path)]
@@ -137,6 +143,7 @@ def launch(
         "MASTER_PORT": str(master_port),
         "OMP_NUM_THREADS": str(spec.torch_threads),
         "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONFAULTHANDLER": "1",  # a rank that crashes in native code leaves its Python stack in mpirun.log
         "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
         SPEC_ENV: spec.model_dump_json(),
     }

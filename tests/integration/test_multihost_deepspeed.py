@@ -83,8 +83,8 @@ def _host_of(lan: netns.Hosts, pid: int) -> str | None:
 
 def _restarted(settings: Settings, deadline_s: float) -> tuple[Any, Any]:
     """The first cluster restart and the one that got every rank ready (the same one, or a retry at
-    a later pass: a cross-host launch occasionally has a rank segfault at start-up, an open bug, and
-    the watchdog's budget retries it)."""
+    a later pass: a launch that fails, e.g. a host's Open MPI daemon that could not start, is
+    retried within the watchdog's budget)."""
     seen: list[Any] = []
     deadline = time.monotonic() + deadline_s
     while time.monotonic() < deadline:
