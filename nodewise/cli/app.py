@@ -73,7 +73,10 @@ def _settings(runs_flows: bool = False) -> Settings:
         first = e.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
         env = "NODEWISE_" + "__".join(str(p).upper() for p in first["loc"])
-        raise InvalidSetting(f"invalid setting {where} ({first.get('input')!r}): {first['msg']}; fix {env}") from e
+        message = first["msg"].removeprefix("Value error, ")
+        if isinstance(first.get("input"), dict):  # a rule across the fields of one section
+            raise InvalidSetting(f"invalid settings in {where}: {message} ({env}__*)") from e
+        raise InvalidSetting(f"invalid setting {where} ({first.get('input')!r}): {message}; fix {env}") from e
     configure_process(settings)
     if runs_flows:
         _quiet_user_errors()

@@ -49,3 +49,31 @@ def test_invalid_environment_value(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("NODEWISE_SERVE__PORT", "abc")
     with pytest.raises(ValidationError, match="valid integer"):
         Settings()
+
+
+@pytest.mark.parametrize(
+    ("env", "line"),
+    [
+        ({"NODEWISE_SERVE__PORT": "70000"}, "error: invalid setting serve.port ('70000'): Input should be less than"),
+        (
+            {"NODEWISE_SERVE__MIN_REPLICAS": "6"},
+            "error: invalid settings in serve: max_replicas (4) is below min_replicas (6); raise max_replicas "
+            "or lower min_replicas (NODEWISE_SERVE__*)",
+        ),
+    ],
+)
+def test_a_bad_setting_is_one_line_naming_the_variable(tmp_path, env: dict[str, str], line: str) -> None:
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cli = str(Path(sys.executable).with_name("nodewise"))
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("NODEWISE_")}
+    done = subprocess.run(
+        [cli, "status"], env={**clean, "NODEWISE_STATE_DIR": str(tmp_path), **env},
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr.strip().startswith(line), done.stderr
+    assert "Traceback" not in done.stderr
