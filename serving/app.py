@@ -195,7 +195,8 @@ def build_app(spec: ModelServeSpec, runtime_env: dict[str, Any] | None = None) -
     if spec.max_replicas > spec.min_replicas:
         options["autoscaling_config"] = {
             "min_replicas": spec.min_replicas,
-            "initial_replicas": spec.min_replicas,
+            # a model that scales to zero starts with one replica: the deploy proves it loads
+            "initial_replicas": max(1, spec.min_replicas),
             "max_replicas": spec.max_replicas,
             "target_ongoing_requests": spec.target_ongoing_requests,
             "upscale_delay_s": spec.upscale_delay_s,

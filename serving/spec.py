@@ -10,7 +10,16 @@ import os
 from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveFloat, PositiveInt, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    model_validator,
+)
 
 Flavor = Literal["pytorch", "python_function"]
 
@@ -60,7 +69,7 @@ class ModelServeSpec(BaseModel):
     input_shape: tuple[int, ...] | None = Field(
         default=None, description="Tensor input shape from the signature; -1 for any size."
     )
-    min_replicas: PositiveInt = 1
+    min_replicas: NonNegativeInt = Field(default=1, description="0: scaled to zero when idle.")
     max_replicas: PositiveInt = 1
     target_ongoing_requests: PositiveFloat = 4.0
     upscale_delay_s: NonNegativeFloat = 5.0

@@ -42,7 +42,7 @@ def deployment_status(settings: Settings) -> dict[str, Any]:
             "replicas": r.replicas,
             "ranks": r.spec.get("tp_size", 1) if r.backend == "deepspeed_mpi" else None,
             "endpoint": r.endpoint,
-            "health": _health(r.endpoint),
+            "health": None,
             "deployed_at": r.deployed_at,
             "previous_version": r.previous_version,
         }
@@ -60,9 +60,13 @@ def deployment_status(settings: Settings) -> dict[str, Any]:
     from tasks.watchdog.replicas import replica_nodes
 
     placed = replica_nodes(settings, [r["app"] for r in rows if r["backend"] != "deepspeed_mpi"])
-    for row in rows:
+    for row, record in zip(rows, records, strict=True):
         if row["app"] in placed:
             row["replica_nodes"] = placed[row["app"]]
+        if row["health"] is None:
+            # a model scaled to zero has no replica to answer: a ping would start one
+            idle = record.spec.get("min_replicas") == 0 and row["app"] in placed and not placed[row["app"]]
+            row["health"] = "scaled to zero (the next request starts a replica)" if idle else _health(row["endpoint"])
     rows += [
         {
             "app": r.app_name,

@@ -49,7 +49,7 @@ def library_environment(settings: Settings) -> dict[str, str]:
             # alone is replaced by the machine's address).
             env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
         env.update(serve_environment(settings))
-        if settings.serve.ingress == "haproxy" and haproxy_bind_host(settings):
+        if settings.serve.ingress == "haproxy":
             # HAProxy through nodewise's launcher (written by `start_local_cluster`; see there).
             env["RAY_SERVE_HAPROXY_BINARY_PATH"] = str(settings.state.haproxy_launcher)
     return env

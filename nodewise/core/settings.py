@@ -143,7 +143,12 @@ class ServeSettings(_Section):
         description="A fixed number of replicas (no autoscaling) when set. Default: autoscale between "
         "min_replicas and max_replicas.",
     )
-    min_replicas: PositiveInt = Field(default=1, description="Autoscaling floor.")
+    min_replicas: NonNegativeInt = Field(
+        default=1,
+        description="Autoscaling floor. 0 (opt-in, per model with the tag nodewise.serve.min_replicas=0): "
+        "an idle model releases all its replicas; the next request waits for one to start "
+        "(up to cold_start_timeout_s). A deploy still starts one replica, to prove the model loads.",
+    )
     max_replicas: PositiveInt = Field(
         default=4,
         description="Autoscaling ceiling; the plan caps it at what the inventory holds (memory, devices, "
@@ -188,6 +193,12 @@ class ServeSettings(_Section):
         "Default: twice the planned memory of one replica, and at least that plus 1 GiB.",
     )
     ready_timeout_s: PositiveFloat = Field(default=180.0)
+    cold_start_timeout_s: PositiveFloat = Field(
+        default=60.0,
+        description="How long a request waits for a replica when none is up (a model scaled to zero, "
+        "or all its replicas down) before it is answered 503 with Retry-After. Local instance "
+        "with haproxy ingress (HAProxy applies it).",
+    )
     ingress: Literal["haproxy", "proxy"] = Field(
         default="haproxy",
         description="haproxy: Ray Serve's HAProxy in front of replicas that take HTTP themselves "
@@ -334,6 +345,12 @@ class KubernetesSettings(_Section):
     )
     ray_version: str = Field(default="2.60.0", description="KubeRay's rayVersion: the image's Ray.")
     serve_throughput_optimized: bool = True
+    serve_metrics_push_interval_s: PositiveFloat = Field(
+        default=2.0,
+        description="How often each replica in the RayService reports its requests in flight to Serve's "
+        "autoscaler (the pods' RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S; Ray's default is 10 s). "
+        "The local counterpart is serve.metrics_push_interval_s.",
+    )
     idle_node_timeout_s: PositiveInt = Field(
         default=60,
         description="With autoscaling (max_replicas above min_replicas), how long a RayService worker pod "

@@ -122,13 +122,20 @@ def _ray_service(name: str, spec: ModelServeSpec, plan: PlacementPlan, k8s: Kube
         per_pod, pod_gpus = max(1, math.floor(1 / spec.num_gpus)), 1
     else:
         per_pod, pod_gpus = 1, math.ceil(per_replica_gpus)
-    pods = math.ceil(spec.min_replicas / per_pod)
+    pods = math.ceil(spec.min_replicas / per_pod)  # 0 for a model that scales to zero
     max_pods = math.ceil(spec.max_replicas / per_pod)
     replica_bytes = plan.needed_bytes
     memory = per_pod * replica_bytes + 2**30  # the raylet and its agents take ~1 GiB
     limit = per_pod * (spec.memory_limit_bytes or 2 * replica_bytes) + 2**30
     cpus = max(1.0, per_pod * spec.num_cpus)
-    env = [{"name": "RAY_SERVE_THROUGHPUT_OPTIMIZED", "value": "1" if k8s.serve_throughput_optimized else "0"}]
+    env = [
+        {"name": "RAY_SERVE_THROUGHPUT_OPTIMIZED", "value": "1" if k8s.serve_throughput_optimized else "0"},
+        # read when Serve is imported: the autoscaler sees load within seconds, not Ray's 10 s
+        {
+            "name": "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S",
+            "value": str(k8s.serve_metrics_push_interval_s),
+        },
+    ]
     serve_config = {
         "applications": [
             {
@@ -173,7 +180,7 @@ def _ray_service(name: str, spec: ModelServeSpec, plan: PlacementPlan, k8s: Kube
                 "workerGroupSpecs": [
                     {
                         "groupName": "replicas",
-                        "replicas": pods,
+                        "replicas": max(1, pods),  # Serve starts at least one replica (serving/app.py)
                         "minReplicas": pods,
                         "maxReplicas": max_pods,
                         "rayStartParams": {},

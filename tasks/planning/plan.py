@@ -20,8 +20,9 @@ from tasks.planning.registry import ResolvedModel
 
 
 def desired_replicas(serve: ServeSettings, replicas: int | None = None) -> int:
-    """Replicas to start: an explicit request, else a fixed ``serve.replicas``, else the autoscaling floor."""
-    return replicas or serve.replicas or serve.min_replicas
+    """Replicas to start: an explicit request, else a fixed ``serve.replicas``, else the autoscaling
+    floor; at least one (a model that scales to zero still starts one replica, to prove it loads)."""
+    return replicas or serve.replicas or max(1, serve.min_replicas)
 
 
 def requested(serve: ServeSettings, replicas: int | None) -> ServeSettings:

@@ -29,7 +29,10 @@ def build_spec(
     # A fixed count (serve.replicas), or autoscaling from the plan's replicas up to max_replicas,
     # never past what the inventory holds.
     capacity = plan.capacity_replicas or plan.replicas
-    ceiling = plan.replicas if serve.replicas is not None else max(plan.replicas, min(serve.max_replicas, capacity))
+    fixed = serve.replicas is not None
+    ceiling = plan.replicas if fixed else max(plan.replicas, min(serve.max_replicas, capacity))
+    # scale to zero (opt-in): the floor is 0, the plan's replicas are only the first ones
+    floor = 0 if not fixed and serve.min_replicas == 0 else plan.replicas
     memory_limit = serve.memory_limit_bytes or max(2 * plan.needed_bytes, plan.needed_bytes + 2**30)
     return ModelServeSpec(
         app_name=app,
@@ -42,7 +45,7 @@ def build_spec(
         flavor="pytorch" if model.flavor == "pytorch" else "python_function",
         input_dtype=model.input_dtype,
         input_shape=model.input_shape,
-        min_replicas=plan.replicas,
+        min_replicas=floor,
         max_replicas=ceiling,
         target_ongoing_requests=serve.target_ongoing_requests,
         upscale_delay_s=serve.upscale_delay_s,

@@ -7,6 +7,7 @@ state folder) so that ``nodewise down`` stops exactly them and nothing else on t
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import shutil
@@ -106,27 +107,85 @@ def start_local_cluster(settings: Settings) -> RayCluster:
 
 
 _LAUNCHER = """#!/bin/sh
-# Written by nodewise (tasks/rayserve/cluster.py) for its local Ray instance: Ray Serve's HAProxy
-# config binds the stats and metrics pages to every interface ("bind *:8404", "bind :9101"); this
-# moves them to {host}, where Serve itself listens, then runs HAProxy.
+# Written by nodewise (tasks/rayserve/cluster.py) for its local Ray instance. Ray Serve starts
+# HAProxy through this script, each time with a freshly generated config; the script edits it:
+#  - the stats and metrics pages bind to {host} instead of every interface ("bind *:8404");
+#  - cold starts (see COLD_START_LINES there) are bounded and answered 503 with Retry-After;
+# then runs HAProxy.
 cfg=
 prev=
 for arg in "$@"; do
   [ "$prev" = "-f" ] && cfg=$arg
   prev=$arg
 done
-if [ -n "$cfg" ] && [ -f "$cfg" ]; then
-  sed -i -E 's/^([[:space:]]*bind[[:space:]]+)(\\*|0\\.0\\.0\\.0)?:([0-9])/\\1{host}:\\3/' "$cfg"
+if [ -n "$cfg" ] && [ -f "$cfg" ] && ! grep -q 'nodewise: cold start' "$cfg"; then
+  {bind_rewrite}sed -i -E -f {rules} "$cfg"
 fi
 exec {binary} "$@"
 """
 
+_BIND_REWRITE = "sed -i -E 's/^([[:space:]]*bind[[:space:]]+)(\\*|0\\.0\\.0\\.0)?:([0-9])/\\1{host}:\\3/' \"$cfg\"\n  "
+
+# A model's backend whose replicas are all gone (scaled to zero, or all down) sends requests to its
+# backup server, Serve's proxy, which holds them until a replica starts. These lines, added to
+# every model's backend, bound that wait (Serve's per-request timeout header, for those requests
+# only) and turn its 408 into a 503 with Retry-After. HAProxy's own ``nbsrv`` counts the backup
+# server when no other is up, so a Lua fetch counts the replicas (HAProxy 2.8, ray[serve]'s, has
+# Lua). tests/unit checks the edited config with ``haproxy -c``.
+COLD_START_LINES = (
+    "# nodewise: cold start: no replica up, so Serve's proxy holds the request until one starts",
+    "http-request set-var(txn.nodewise_cold) bool(true) if { lua.nodewise_replicas_up eq 0 }",
+    # a client that says how long it waits (Serve's own header) keeps its value
+    "http-request set-header x-request-timeout-seconds @TIMEOUT@ if { var(txn.nodewise_cold) -m bool } "
+    "!{ req.hdr(x-request-timeout-seconds) -m found }",
+    'http-response return status 503 content-type application/json string "@BODY@" hdr Retry-After @RETRY@ '
+    "if { var(txn.nodewise_cold) -m bool } { status 408 }",
+)
+
+REPLICAS_UP_LUA = """-- Written by nodewise (tasks/rayserve/cluster.py): the current backend's servers that are up,
+-- its backup server (Serve's proxy) not counted.
+core.register_fetches("nodewise_replicas_up", function(txn)
+  local backend = core.backends[txn.f:be_name()]
+  if backend == nil then return 0 end
+  local up = 0
+  for _, server in pairs(backend.servers) do
+    local stats = server:get_stats()
+    if stats.bck == 0 and string.sub(stats.status, 1, 2) == "UP" then up = up + 1 end
+  end
+  return up
+end)
+"""
+
+
+def cold_start_rules(timeout_s: float, retry_after_s: int, lua_path: Path) -> str:
+    """The sed script that loads REPLICAS_UP_LUA and adds COLD_START_LINES to every model's
+    backend in Serve's HAProxy config."""
+    message = (
+        f"no replica of this model became ready within {timeout_s:g} s (it was scaled to zero, "
+        f"or all its replicas are down); retry after {retry_after_s} s"
+    )
+    body = json.dumps({"error_code": "NOT_READY", "message": message}).replace('"', '\\"')  # HAProxy's \"
+    lines = [
+        "    "
+        + line.replace("@TIMEOUT@", f"{timeout_s:g}").replace("@RETRY@", str(retry_after_s)).replace("@BODY@", body)
+        for line in COLD_START_LINES
+    ]
+    # sed: skip Serve's own backends, append the lines after every other "backend NAME"
+    # (a backslash ends each appended line but the last; sed turns "\\" back into one)
+    text = "\\\n".join(line.replace("\\", "\\\\") for line in lines)
+    return (
+        f"/^global$/a\\\n    lua-load {lua_path}\n"
+        "/^backend (default_backend|grpc_fallback_backend)$/b\n"
+        "/^backend .*-via-ingress-request-router$/b\n"
+        f"/^backend [^ ]+$/a\\\n{text}\n"
+    )
+
 
 def write_haproxy_launcher(settings: Settings) -> Path | None:
-    """The script HAProxy is started through (see ``haproxy_bind_host``), or None when not needed."""
-    host = haproxy_bind_host(settings)
-    if host is None or settings.serve.ingress != "haproxy":
+    """The script HAProxy is started through (with haproxy ingress), or None when not used."""
+    if settings.serve.ingress != "haproxy" or settings.ray.address:
         return None
+    host = haproxy_bind_host(settings)
     # The binary ray[serve] ships, as Serve resolves it, without the variable that names this script.
     saved = os.environ.pop("RAY_SERVE_HAPROXY_BINARY_PATH", None)
     try:
@@ -140,9 +199,19 @@ def write_haproxy_launcher(settings: Settings) -> Path | None:
             os.environ["RAY_SERVE_HAPROXY_BINARY_PATH"] = saved
     path = settings.state.haproxy_launcher
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(_LAUNCHER.format(host=host, binary=shlex.quote(binary)))
+    rules = path.with_name("haproxy-rules.sed")
+    lua = path.with_name("haproxy-replicas-up.lua")
+    lua.write_text(REPLICAS_UP_LUA)
+    rules.write_text(cold_start_rules(settings.serve.cold_start_timeout_s, COLD_START_RETRY_AFTER_S, lua))
+    bind = _BIND_REWRITE.format(host=host) if host else ""
+    path.write_text(
+        _LAUNCHER.format(host=host or "*", bind_rewrite=bind, rules=shlex.quote(str(rules)), binary=shlex.quote(binary))
+    )
     path.chmod(0o755)
     return path
+
+
+COLD_START_RETRY_AFTER_S = 5
 
 
 def connect(cluster: RayCluster, namespace: str = "nodewise") -> None:

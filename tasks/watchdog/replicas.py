@@ -182,7 +182,7 @@ def observe(record: DeploymentRecord, wd: WatchdogSettings) -> AppView | None:
         app=record.app_name,
         status=_value(deployment.get("status", app.get("status", ""))),
         message=deployment.get("message", "") or app.get("message", ""),
-        target=deployment.get("target_num_replicas") or record.replicas,
+        target=record.replicas if deployment.get("target_num_replicas") is None else deployment["target_num_replicas"],
         replicas=replicas,
         dead_nodes=_dead_nodes({r.node_id for r in replicas}),
     )

@@ -171,3 +171,53 @@ def test_replicas_follow_a_load_step_up_and_back_down_with_no_request_lost(setti
     assert load.failures == []
     assert load.ok > 50
     assert httpx.post(f"{record.endpoint}/invocations", content=body, timeout=30).status_code == 200
+
+
+def test_a_model_scaled_to_zero_releases_its_replicas_and_answers_after_a_cold_start(settings: Settings) -> None:
+    """Opt-in per model (nodewise.serve.min_replicas=0): the deploy proves the model loads with
+    one replica, idling releases it, status says so without waking it, the watchdog restarts
+    nothing, and a request then waits for a new replica. A client that will not wait that long
+    (Serve's x-request-timeout-seconds) gets 503 with Retry-After, not an error page."""
+    from mlflow import MlflowClient
+    from ray.serve.context import _get_global_client
+
+    from nodewise.cli.demo import register_demo_model
+    from tasks.watchdog.engine import watch_once
+
+    model = register_demo_model(str(settings.state.artifacts), name="digits-idle")
+    client = MlflowClient()
+    for key, value in {"min_replicas": 0, "max_replicas": 1, "downscale_delay_s": 1}.items():
+        client.set_registered_model_tag(model.name, f"nodewise.serve.{key}", str(value))
+    record = deploy_model(f"models:/{model.name}/{model.version}", settings=settings)
+    _, _, x_test, _ = digits_split()
+    body = json.dumps({"inputs": x_test[:1].tolist()}).encode()
+    assert httpx.post(f"{record.endpoint}/invocations", content=body, timeout=30).status_code == 200
+
+    def replicas() -> int:
+        details = _get_global_client().get_serve_details()["applications"][record.app_name]
+        return len(details["deployments"]["ModelServer"]["replicas"])
+
+    started = time.monotonic()
+    while replicas() > 0:
+        assert time.monotonic() - started < 90, "still has replicas 90 s after its last request"
+        time.sleep(0.5)
+    idle_s = time.monotonic() - started
+    [row] = [r for r in deployment_status(settings)["deployments"] if r["app"] == record.app_name]
+    assert row["health"].startswith("scaled to zero")
+    assert row["autoscaling"] == {"min_replicas": 0, "max_replicas": 1}
+    assert replicas() == 0  # status did not wake it
+    assert [a for a in watch_once(settings) if a.app == record.app_name] == []
+
+    impatient = httpx.post(
+        f"{record.endpoint}/invocations", content=body, headers={"x-request-timeout-seconds": "0.3"}, timeout=30
+    )
+    assert impatient.status_code == 503, impatient.text
+    assert impatient.headers["retry-after"] == "5"
+    assert impatient.json()["error_code"] == "NOT_READY"
+    assert "scaled to zero" in impatient.json()["message"]
+    started = time.monotonic()
+    answer = httpx.post(f"{record.endpoint}/invocations", content=body, timeout=90)
+    cold_s = time.monotonic() - started
+    assert answer.status_code == 200, answer.text
+    assert len(answer.json()["predictions"]) == 1
+    print(f"scale to zero: no replica {idle_s:.1f} s after the last request; a request then answered in {cold_s:.1f} s")

@@ -31,7 +31,11 @@ def gpu_nodes(count: int, gpus: int, gib: int) -> Inventory:
 
 
 def serve_manifests(
-    weights_gib: float, inventory: Inventory, replicas: int = 2, max_replicas: int | None = None
+    weights_gib: float,
+    inventory: Inventory,
+    replicas: int = 2,
+    max_replicas: int | None = None,
+    min_replicas: int | None = None,
 ) -> tuple[list[dict], object, object]:
     plan = plan_placement(
         MemoryProfile(method="analytic", weight_bytes=int(weights_gib * GIB), attention_heads=32),
@@ -39,7 +43,8 @@ def serve_manifests(
         desired_replicas=replicas,
     )
     assert plan.backend == "ray_serve"
-    settings = Settings(serve={"replicas": replicas} if max_replicas is None else {"max_replicas": max_replicas})
+    serve = {"replicas": replicas} if max_replicas is None else {"max_replicas": max_replicas}
+    settings = Settings(serve=serve if min_replicas is None else {**serve, "min_replicas": min_replicas})
     spec = build_spec(resolved_model(flavor="pytorch", flavors=["pytorch"]), plan, settings)
     return render(spec, plan, K8S), spec, plan
 
@@ -75,6 +80,7 @@ CASES = {
     "rayservice-gpu-shared": lambda: serve_manifests(5, gpu_nodes(2, 4, 80), replicas=4)[0],
     "rayservice-gpu-tp": lambda: serve_manifests(100, gpu_nodes(1, 8, 80), replicas=1)[0],
     "rayservice-autoscaling": lambda: serve_manifests(60, gpu_nodes(4, 1, 80), replicas=1, max_replicas=4)[0],
+    "rayservice-scale-to-zero": lambda: serve_manifests(60, gpu_nodes(4, 1, 80), 1, max_replicas=4, min_replicas=0)[0],
     "mpijob": lambda: multi_node("mpijob")[0],
     "leaderworkerset": lambda: multi_node("lws")[0],
     "leaderworkerset-one-gpu-per-pod": lambda: multi_node("lws", gpus=1)[0],
@@ -137,6 +143,18 @@ def test_an_autoscaled_model_turns_on_kuberays_autoscaler_with_the_plans_bounds(
     assert (app["args"]["spec"]["min_replicas"], app["args"]["spec"]["max_replicas"]) == (1, 4)
     fixed, _, _ = serve_manifests(60, gpu_nodes(4, 1, 80), replicas=2)  # a fixed count
     assert "enableInTreeAutoscaling" not in by_kind(fixed)["RayService"]["spec"]["rayClusterConfig"]
+
+
+def test_a_model_that_scales_to_zero_starts_one_worker_pod_and_may_release_it() -> None:
+    objects, spec, _ = serve_manifests(60, gpu_nodes(4, 1, 80), replicas=1, max_replicas=4, min_replicas=0)
+    assert (spec.min_replicas, spec.max_replicas) == (0, 4)
+    cluster = by_kind(objects)["RayService"]["spec"]["rayClusterConfig"]
+    [group] = cluster["workerGroupSpecs"]
+    assert (group["replicas"], group["minReplicas"], group["maxReplicas"]) == (1, 0, 4)
+    assert cluster["enableInTreeAutoscaling"] is True
+    # every pod reports load every 2 s, as the local instance's replicas do
+    [env] = [c["env"] for c in group["template"]["spec"]["containers"]]
+    assert {"name": "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "value": "2.0"} in env
 
 
 def test_tensor_parallel_replica_gets_a_pod_with_all_its_gpus() -> None:

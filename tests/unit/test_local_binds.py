@@ -31,9 +31,10 @@ def test_the_local_instance_is_a_one_machine_ray_and_an_existing_cluster_is_left
     assert env["RAY_SERVE_HAPROXY_BINARY_PATH"] == str(tmp_path / "ray" / "haproxy")
     joinable = library_environment(Settings(state_dir=tmp_path, ray={"local_only": False}))
     assert "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in joinable
-    assert "RAY_SERVE_HAPROXY_BINARY_PATH" not in joinable
+    # HAProxy still starts through the launcher (it bounds cold starts), which leaves binds alone
+    assert joinable["RAY_SERVE_HAPROXY_BINARY_PATH"] == str(tmp_path / "ray" / "haproxy")
     on_the_network = library_environment(Settings(state_dir=tmp_path, serve={"host": "0.0.0.0"}))
-    assert "RAY_SERVE_HAPROXY_BINARY_PATH" not in on_the_network  # the user asked for every interface
+    assert on_the_network["RAY_SERVE_HAPROXY_BINARY_PATH"] == str(tmp_path / "ray" / "haproxy")
     existing = library_environment(Settings(state_dir=tmp_path, ray={"address": "10.0.0.5:6379"}))
     assert not any(k.startswith(("RAY_ENABLE", "RAY_SERVE_")) for k in existing)
 
@@ -63,8 +64,15 @@ def test_the_launcher_moves_stats_and_metrics_to_serves_host_then_runs_haproxy(t
     assert binds == [f"bind {host}:9101", "bind 127.0.0.1:8000", f"bind {host}:8404"]
 
 
-def test_no_launcher_where_every_interface_is_wanted(tmp_path: Path) -> None:
+def test_binds_are_left_alone_where_every_interface_is_wanted(tmp_path: Path) -> None:
     from tasks.rayserve import cluster
 
-    assert cluster.write_haproxy_launcher(Settings(state_dir=tmp_path, serve={"host": "0.0.0.0"})) is None
+    for settings in (
+        Settings(state_dir=tmp_path, serve={"host": "0.0.0.0"}),  # the user asked for every interface
+        Settings(state_dir=tmp_path, ray={"local_only": False}),  # other hosts join this Ray
+    ):
+        launcher = cluster.write_haproxy_launcher(settings)
+        assert launcher is not None
+        assert "bind[[:space:]]" not in launcher.read_text()
+        assert "haproxy-rules.sed" in launcher.read_text()  # cold starts are still bounded
     assert cluster.write_haproxy_launcher(Settings(state_dir=tmp_path, serve={"ingress": "proxy"})) is None

@@ -94,6 +94,25 @@ def test_spec_autoscales_by_default_up_to_what_the_inventory_holds(tmp_path: Pat
     assert fixed.memory_limit_bytes == 2 * GIB
 
 
+def test_scale_to_zero_is_opt_in_and_a_deploy_still_starts_one_replica(tmp_path: Path) -> None:
+    from tasks.planning.plan import desired_replicas
+
+    zero = ServeSettings(min_replicas=0)
+    assert desired_replicas(zero) == 1  # the deploy proves the model loads
+    spec = build_spec(model(), plan(replicas=1, capacity=6), Settings(state_dir=tmp_path), zero)
+    assert (spec.min_replicas, spec.max_replicas) == (0, 4)
+    options = build_app(spec)._bound_deployment._deployment_config.autoscaling_config
+    assert (options.min_replicas, options.initial_replicas, options.max_replicas) == (0, 1, 4)
+    # a fixed count wins over the floor; the default floor is 1
+    fixed = build_spec(
+        model(), plan(replicas=2), Settings(state_dir=tmp_path), ServeSettings(min_replicas=0, replicas=2)
+    )
+    assert (fixed.min_replicas, fixed.max_replicas) == (2, 2)
+    assert ServeSettings().min_replicas == 1
+    tagged = serve_settings_for(model(model_tags={"nodewise.serve.min_replicas": "0"}), ServeSettings())
+    assert tagged.min_replicas == 0
+
+
 def test_multi_device_replica_reserves_its_devices_together(tmp_path: Path) -> None:
     spec = build_spec(model(), plan(replicas=1, capacity=2, tp=4), Settings(state_dir=tmp_path))
     deployment = build_app(spec)._bound_deployment
