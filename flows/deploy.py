@@ -53,7 +53,8 @@ def deploy_model(model_uri: str, replicas: int | None = None, inventory: str = "
 def _deploy(model: ResolvedModel, replicas: int | None, inventory: str, settings: Settings) -> DeploymentRecord:
     """Profile, plan, deploy, smoke-test and record ``model`` (under its deploy lock)."""
     serve = requested(serve_settings_for(model, settings.serve), replicas)  # its nodewise.serve.* tags applied
-    nodes = read_inventory_task(inventory, settings.ray.num_cpus)
+    ray = settings.ray
+    nodes = read_inventory_task(inventory, ray.num_cpus, ray.max_added_nodes, ray.added_node_cpus)
     profile = profile_model_task(model, batch_size=serve.max_batch_size, device=nodes.device_class)
     plan = plan_placement_task(profile, nodes, settings, serve, replicas)  # tasks/planning/plan.py's rules
     publish_report_task(model.pinned_uri, profile, plan)

@@ -48,9 +48,11 @@ def resolve_model_task(uri: str, tracking_uri: str, registry_uri: str) -> Resolv
 
 
 @task(name="read-inventory", cache_policy=NO_CACHE)
-def read_inventory_task(source: str = "local", num_cpus: int | None = None) -> Inventory:
+def read_inventory_task(
+    source: str = "local", num_cpus: int | None = None, added_nodes: int = 0, added_node_cpus: int = 1
+) -> Inventory:
     """The inventory from ``source``: local, nvml, ray[:ADDRESS], k8s, or a YAML file."""
-    return read_inventory(source, num_cpus).require_nodes()
+    return read_inventory(source, num_cpus, added_nodes, added_node_cpus).require_nodes()
 
 
 @task(name="profile-model", cache_policy=NO_CACHE, timeout_seconds=900)

@@ -200,7 +200,7 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="Machine-readabl
     if not rows["deployments"]:
         typer.echo(f"nothing deployed ({rows['cluster']})")
         return
-    typer.echo(f"ray: {rows['cluster']}")
+    typer.echo(f"ray: {rows['cluster']}" + _nodes(rows.get("nodes")))
     for action in rows.get("watchdog", []):
         typer.echo(f"watchdog {action['at']}: {action['event']} {action['app']}: {action['cause']} {action['outcome']}")
     for row in rows["deployments"]:
@@ -224,6 +224,19 @@ def _stdout_to_stderr() -> Iterator[None]:
         sys.stdout.flush()
         os.dup2(saved, 1)
         os.close(saved)
+
+
+def _nodes(nodes: dict[str, Any] | None) -> str:
+    """The Ray nodes, for `nodewise status`: how many run, how many the autoscaler added and removed."""
+    if not nodes:
+        return ""
+    workers = sum(not n["head"] for n in nodes["alive"])
+    text = f"; {len(nodes['alive'])} node(s) alive"
+    if nodes.get("max_added_nodes"):
+        text += f" ({workers} added by Ray's autoscaler, at most {nodes['max_added_nodes']})"
+    if nodes["removed"]:
+        text += f", {len(nodes['removed'])} removed"
+    return text
 
 
 def _replicas(row: dict[str, Any]) -> str:

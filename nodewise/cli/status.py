@@ -83,9 +83,14 @@ def deployment_status(settings: Settings) -> dict[str, Any]:
         for r in load_records(settings.state.k8s_records).values()
     ]
     from tasks.watchdog.engine import last_actions
+    from tasks.watchdog.replicas import cluster_nodes
 
     watchdog = [a.model_dump() for a in last_actions(settings)]
-    return {"cluster": cluster, "deployments": rows, "watchdog": watchdog}
+    out: dict[str, Any] = {"cluster": cluster, "deployments": rows, "watchdog": watchdog}
+    nodes = cluster_nodes(settings) if rows and any(r["backend"] == "ray_serve" for r in rows) else None
+    if nodes is not None:
+        out["nodes"] = {**nodes, "max_added_nodes": None if settings.ray.address else settings.ray.max_added_nodes}
+    return out
 
 
 def _where_ranks_run(settings: Settings, app_name: str) -> dict[str, Any]:

@@ -114,6 +114,17 @@ class RaySettings(_Section):
         description="Object store size of the local instance (Ray's minimum is 75 MiB).",
     )
     start_timeout_s: PositiveFloat = Field(default=90.0)
+    max_added_nodes: NonNegativeInt = Field(
+        default=0,
+        description="Node autoscaling of the local instance: how many worker nodes Ray's own autoscaler may "
+        "add when the replicas Serve wants do not fit the running nodes (it removes them after "
+        "idle_node_timeout_s). The nodes are Ray nodes on this machine (Ray's fake multi-node provider, "
+        "the one its autoscaler tests use). 0: the local instance never grows.",
+    )
+    added_node_cpus: PositiveInt = Field(default=1, description="CPUs each node the autoscaler adds offers.")
+    idle_node_timeout_s: PositiveFloat = Field(
+        default=60.0, description="How long an added node stays idle before the autoscaler removes it."
+    )
     local_only: bool = Field(
         default=True,
         description="The local instance listens on 127.0.0.1 only: no other machine can join it or reach "

@@ -69,18 +69,19 @@ class Inventory(BaseModel):
         return self
 
 
-def local_inventory(num_cpus: int | None = None) -> Inventory:
-    """This machine: its host memory and CPUs, plus its GPUs as NVML reports them."""
+def local_inventory(num_cpus: int | None = None, added_nodes: int = 0, added_node_cpus: int = 1) -> Inventory:
+    """This machine: its host memory and CPUs, plus its GPUs as NVML reports them; and the
+    ``added_nodes`` CPU nodes Ray's autoscaler may add to the local instance (on this machine)."""
     import psutil
 
     gpus = nvml_gpus()
-    node = Node(
-        name=socket.gethostname(),
-        cpus=num_cpus or os.cpu_count() or 1,
-        host_memory_bytes=psutil.virtual_memory().total,
-        gpus=gpus,
-    )
-    return Inventory(source="local", nodes=[node])
+    name = socket.gethostname()
+    memory = psutil.virtual_memory().total
+    node = Node(name=name, cpus=num_cpus or os.cpu_count() or 1, host_memory_bytes=memory, gpus=gpus)
+    added = [
+        Node(name=f"{name}-added-{i + 1}", cpus=added_node_cpus, host_memory_bytes=memory) for i in range(added_nodes)
+    ]
+    return Inventory(source="local", nodes=[node, *added])
 
 
 def nvml_gpus() -> list[Device]:

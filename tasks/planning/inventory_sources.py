@@ -194,10 +194,13 @@ def ray_inventory(address: str | None = None) -> Inventory:
     return Inventory(source=f"ray:{address or 'auto'}", nodes=nodes)
 
 
-def read_inventory(source: str, num_cpus: int | None = None) -> Inventory:
-    """``local``, ``nvml``, ``ray[:ADDRESS]``, ``k8s``, or a YAML file path."""
+def read_inventory(
+    source: str, num_cpus: int | None = None, added_nodes: int = 0, added_node_cpus: int = 1
+) -> Inventory:
+    """``local``, ``nvml``, ``ray[:ADDRESS]``, ``k8s``, or a YAML file path. ``local`` counts the
+    nodes Ray's autoscaler may add to the local instance (``ray.max_added_nodes``)."""
     if source in ("local", "nvml"):
-        inventory = local_inventory(num_cpus)
+        inventory = local_inventory(num_cpus, added_nodes, added_node_cpus)
         if source == "nvml" and not inventory.nodes[0].gpus:
             raise InvalidInventory("NVML found no NVIDIA GPU here; use --inventory local, a YAML file, ray or k8s")
         return inventory

@@ -85,7 +85,8 @@ def plan_model(
 
     if dtype is not None:
         dtype_bytes(dtype)  # fail fast on an unknown dtype, before any work
-    nodes = read_inventory(inventory, settings.ray.num_cpus).require_nodes()
+    ray = settings.ray
+    nodes = read_inventory(inventory, ray.num_cpus, ray.max_added_nodes, ray.added_node_cpus).require_nodes()
     if model.startswith("models:/"):
         return _plan_registered(model, nodes, settings, replicas, batch_size, dtype, measure, cached)
     if not (model.endswith(".json") or Path(model).is_dir()):

@@ -96,9 +96,10 @@ def deploy_app(spec: ModelServeSpec, settings: Settings, remote_cluster: bool) -
             runtime_env["env_vars"] = hidden
     app = build_app(spec, runtime_env=runtime_env)
     serve._run(app, _blocking=False, name=spec.app_name, route_prefix=spec.route_prefix)
-    # Our local instance never grows: unschedulable replicas fail at once. An external cluster
-    # may be autoscaling, so there we wait out the timeout.
-    wait_until_running(spec.app_name, settings.serve.ready_timeout_s, fail_unschedulable=not remote_cluster)
+    # Our local instance grows only with ray.max_added_nodes: otherwise unschedulable replicas fail
+    # at once. An external cluster may be autoscaling, so there we wait out the timeout.
+    grows = remote_cluster or settings.ray.max_added_nodes > 0
+    wait_until_running(spec.app_name, settings.serve.ready_timeout_s, fail_unschedulable=not grows)
     return endpoint_url(settings, spec)
 
 

@@ -87,6 +87,9 @@ def start_local_cluster(settings: Settings) -> RayCluster:
         f"--object-store-memory={settings.ray.object_store_memory_bytes}",
     ]
     env = {**os.environ, **library_environment(settings)}
+    if settings.ray.max_added_nodes:
+        cmd.append(f"--autoscaling-config={write_autoscaling_config(settings)}")
+        env.update(AUTOSCALING_ENV)
     log = settings.state.ray / "start.log"
     with log.open("w") as out:
         try:
@@ -104,6 +107,63 @@ def start_local_cluster(settings: Settings) -> RayCluster:
     )
     write_json(settings.state.ray_cluster, cluster.model_dump(mode="json"))
     return cluster
+
+
+# Ray's fake multi-node provider refuses to start without RAY_FAKE_CLUSTER; the autoscaler looks
+# at demand every second (Ray's default is 5 s).
+AUTOSCALING_ENV = {"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
+ADDED_NODE_TYPE = "nodewise.added"
+
+
+def write_autoscaling_config(settings: Settings) -> Path:
+    """The cluster config Ray's autoscaler runs the local instance with (``ray start --head
+    --autoscaling-config``): a head of ``ray.num_cpus`` and up to ``ray.max_added_nodes`` worker
+    nodes of ``ray.added_node_cpus``, started on this machine by Ray's fake multi-node provider.
+
+    The provider is named as an external module: the ``fake_multinode`` type needs a defaults file
+    that Ray's wheel does not ship. The wheel's provider class is the same either way."""
+    ray = settings.ray
+    head_cpus = ray.num_cpus or os.cpu_count() or 1
+    config = {
+        "cluster_name": "nodewise-local",
+        "max_workers": ray.max_added_nodes,
+        "upscaling_speed": 1.0,
+        "idle_timeout_minutes": ray.idle_node_timeout_s / 60,
+        "provider": {
+            "type": "external",
+            "module": "ray.autoscaler._private.fake_multi_node.node_provider.FakeMultiNodeProvider",
+            "gcs_address": f"127.0.0.1:{ray.port}",
+            "use_node_id_as_ip": True,
+            "disable_node_updaters": True,
+            "disable_launch_config_check": True,
+        },
+        "available_node_types": {
+            "ray.head.default": {"resources": {"CPU": head_cpus}, "node_config": {}, "max_workers": 0},
+            ADDED_NODE_TYPE: {
+                "resources": {"CPU": ray.added_node_cpus},
+                "node_config": {},
+                "min_workers": 0,
+                "max_workers": ray.max_added_nodes,
+            },
+        },
+        "head_node_type": "ray.head.default",
+        "auth": {},
+        "docker": {},
+        "file_mounts": {},
+        "cluster_synced_files": [],
+        "file_mounts_sync_continuously": False,
+        "rsync_exclude": [],
+        "rsync_filter": [],
+        "initialization_commands": [],
+        "setup_commands": [],
+        "head_setup_commands": [],
+        "worker_setup_commands": [],
+        "head_start_ray_commands": [],
+        "worker_start_ray_commands": [],
+    }
+    path = settings.state.ray / "autoscaling.json"
+    path.write_text(json.dumps(config, indent=2))
+    return path
 
 
 _LAUNCHER = """#!/bin/sh

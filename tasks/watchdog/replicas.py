@@ -135,6 +135,26 @@ def replica_nodes(settings: Settings, app_names: list[str]) -> dict[str, list[di
     return out
 
 
+def cluster_nodes(settings: Settings) -> dict[str, Any] | None:
+    """The Ray nodes now: the live ones (the head first) and those gone (removed by the autoscaler,
+    or dead); None when Ray is not up."""
+    if connect_for(settings) is not None:
+        return None
+    import ray
+
+    alive, gone = [], []
+    for node in ray.nodes():
+        view = {
+            "node_id": node["NodeID"],
+            "address": node["NodeManagerAddress"],
+            "cpus": node.get("Resources", {}).get("CPU", 0.0),
+            "head": "node:__internal_head__" in node.get("Resources", {}),
+        }
+        (alive if node["Alive"] else gone).append(view)
+    alive.sort(key=lambda n: not n["head"])
+    return {"alive": alive, "removed": gone}
+
+
 def observe(record: DeploymentRecord, wd: WatchdogSettings) -> AppView | None:
     """The app's replicas with every RUNNING replica's vitals (None: Serve has no such app)."""
     import json
