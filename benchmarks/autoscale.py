@@ -11,8 +11,13 @@ replicas running. Figures: seconds from the step to the first added replica RUNN
 routes to it from then on), seconds from the end of the load back to ``--min``, requests/s
 in the last ``--tail`` s of the hold against the fixed peer's, failed requests.
 A PNG (replicas and req/s over time, both runs) is written beside ``--out``.
+With ``--added-nodes N`` the local instance's head offers ``--head-cpus`` and Ray's autoscaler
+may add N nodes (ray.max_added_nodes): the Ray nodes alive are sampled and plotted too.
+Last, a model that scales to zero (min_replicas 0): seconds from its last request to no replica,
+and from a request to its answer (the cold start).
 
 Usage: .venv/bin/python benchmarks/autoscale.py [--clients 16] [--max 3] [--out autoscale.json]
+       [--added-nodes 1 --head-cpus 1]
 (last line: one JSON object)
 """
 
@@ -70,11 +75,13 @@ class Sampler:
 
     def __init__(self, app: str) -> None:
         self.app, self.samples = app, []  # (time, running, all replicas)
+        self.nodes: list[tuple[float, int]] = []  # (time, Ray nodes alive)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
+        import ray
         from ray.serve.context import _get_global_client
 
         client = _get_global_client()
@@ -82,6 +89,7 @@ class Sampler:
             details = client.get_serve_details()["applications"][self.app]["deployments"]["ModelServer"]
             states = [str(getattr(r["state"], "value", r["state"])) for r in details["replicas"]]
             self.samples.append((time.time(), states.count("RUNNING"), len(states)))
+            self.nodes.append((time.time(), sum(n["Alive"] for n in ray.nodes())))
             time.sleep(0.5)
 
     def running_now(self) -> int:
@@ -115,8 +123,13 @@ def profile(record: Any, body: bytes, args: argparse.Namespace, floor: int) -> d
     above = [t for t, r, _ in sampler.samples if t >= load_end and r > floor]
     down = (max(above) - load_end + 0.5) if above else 0.0
     tail = [(t, o, s) for t, o, s in clients.log if load_end - args.tail <= t <= load_end]
-    windows = series(clients.log, sampler.samples, t0)
+    windows = series(clients.log, sampler.samples, t0, sampler.nodes)
+    nodes_up = next((t - step for t, n in sampler.nodes if t >= step and n > sampler.nodes[0][1]), None)
     return {
+        "nodes_at_start": sampler.nodes[0][1] if sampler.nodes else None,
+        "peak_nodes": max((n for t, n in sampler.nodes if step <= t <= load_end), default=None),
+        "step_to_node_added_s": None if nodes_up is None else round(nodes_up, 1),
+        "nodes_at_end": sampler.nodes[-1][1] if sampler.nodes else None,
         "step_to_scale_up_decided_s": None if decided is None else round(decided, 1),  # a replica STARTING
         "step_to_new_replica_running_s": None if up is None else round(up, 1),
         "peak_replicas": peak,
@@ -130,6 +143,33 @@ def profile(record: Any, body: bytes, args: argparse.Namespace, floor: int) -> d
     }
 
 
+def cold_start(record: Any, body: bytes) -> dict[str, Any]:
+    """A model that scales to zero: seconds from its last request to no replica, then from one
+    request to its answer (a replica started for it)."""
+    import httpx
+    from ray.serve.context import _get_global_client
+
+    def replicas() -> int:
+        details = _get_global_client().get_serve_details()["applications"][record.app_name]
+        return len(details["deployments"]["ModelServer"]["replicas"])
+
+    last = time.monotonic()
+    httpx.post(f"{record.endpoint}/invocations", content=body, timeout=60).raise_for_status()
+    while replicas() > 0:
+        if time.monotonic() - last > 180:
+            return {"error": "still had replicas 180 s after its last request"}
+        time.sleep(0.25)
+    idle_s = time.monotonic() - last
+    began = time.monotonic()
+    answer = httpx.post(f"{record.endpoint}/invocations", content=body, timeout=120)
+    return {
+        "downscale_delay_s": record.spec["downscale_delay_s"],
+        "last_request_to_zero_replicas_s": round(idle_s, 1),
+        "cold_request_status": answer.status_code,
+        "cold_start_to_first_answer_s": round(time.monotonic() - began, 2),
+    }
+
+
 def percentile(values: list[float], q: float) -> float:
     if not values:
         return 0.0
@@ -137,8 +177,13 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
-def series(log: list[tuple[float, str, float]], samples: list[tuple[float, int, int]], t0: float) -> list[dict]:
-    """Per 5 s window from ``t0``: requests/s, p99 ms, failures and the most replicas running."""
+def series(
+    log: list[tuple[float, str, float]],
+    samples: list[tuple[float, int, int]],
+    t0: float,
+    nodes: list[tuple[float, int]] | None = None,
+) -> list[dict]:
+    """Per 5 s window from ``t0``: requests/s, p99 ms, failures, the most replicas running and Ray nodes alive."""
     end = max([t for t, _, _ in log] + [t for t, _, _ in samples] + [t0])
     rows: list[dict] = []
     start = t0
@@ -154,6 +199,7 @@ def series(log: list[tuple[float, str, float]], samples: list[tuple[float, int, 
                 "p99_ms": round(percentile(lats, 99) * 1000, 1),
                 "failed": sum(o != "200" for t, o, _ in log if start <= t < stop),
                 "replicas": max(reps, default=0),
+                "nodes": max([n for t, n in nodes or [] if start <= t < stop] or [rows[-1]["nodes"] if rows else 0]),
             }
         )
         start = stop
@@ -170,9 +216,11 @@ def plot(results: dict[str, dict], path: Path) -> None:
     for name, figures in results.items():
         rows = figures["windows"]
         xs = [r["t_s"] for r in rows]
-        top.step(xs, [r["replicas"] for r in rows], where="post", label=name)
+        top.step(xs, [r["replicas"] for r in rows], where="post", label=f"{name}: replicas")
+        if any(r.get("nodes", 1) > 1 for r in rows):
+            top.step(xs, [r["nodes"] for r in rows], where="post", linestyle="--", label=f"{name}: Ray nodes")
         bottom.plot(xs, [r["req_per_s"] for r in rows], marker=".", label=name)
-    top.set_ylabel("replicas running")
+    top.set_ylabel("replicas running / nodes")
     top.set_title("demo MLP, a load step: replicas and throughput per 5 s window")
     top.legend()
     bottom.set_ylabel("requests/s")
@@ -195,6 +243,11 @@ def main() -> None:
     parser.add_argument("--tail", type=float, default=20.0, help="seconds at the end of the hold for throughput")
     parser.add_argument("--settle", type=float, default=180.0)
     parser.add_argument("--out", type=Path, default=Path("autoscale.json"))
+    parser.add_argument(
+        "--added-nodes", type=int, default=0, help="nodes Ray's autoscaler may add (ray.max_added_nodes); 0: none"
+    )
+    parser.add_argument("--head-cpus", type=int, default=2, help="CPUs the head node offers (ray.num_cpus)")
+    parser.add_argument("--zero-idle", type=float, default=2.0, help="downscale delay of the scale-to-zero model")
     args = parser.parse_args()
 
     from benchmarks._instance import local_instance
@@ -209,7 +262,8 @@ def main() -> None:
         if value is not None:
             auto[key] = value
     results: dict[str, dict] = {}
-    with local_instance("nwa-", 24410) as settings:
+    ray = {"num_cpus": args.head_cpus, "max_added_nodes": args.added_nodes, "idle_node_timeout_s": 10}
+    with local_instance("nwa-", 24410, ray=ray) as settings:
         from flows.deploy import deploy_model
 
         root = str(settings.state.artifacts)
@@ -222,6 +276,12 @@ def main() -> None:
             brief = {k: v for k, v in results[name].items() if k != "windows"}
             print(f"{name}: {brief}", file=sys.stderr, flush=True)
         used = run_settings.serve
+        zero = {"min_replicas": 0, "max_replicas": 1, "downscale_delay_s": args.zero_idle}
+        model = register_demo_model(root, name="digits-zero")
+        with using_settings(settings.model_copy(update={"serve": settings.serve.model_copy(update=zero)})):
+            record = deploy_model(f"models:/{model.name}/{model.version}")
+        cold = cold_start(record, body)
+        print(f"scale to zero: {cold}", file=sys.stderr, flush=True)
     png = args.out.with_suffix(".png")
     plot(results, png)
     args.out.write_text(json.dumps(results, indent=1))
@@ -229,6 +289,7 @@ def main() -> None:
     summary = {
         "benchmark": "autoscale",
         "clients": args.clients,
+        "nodes": {"head_cpus": args.head_cpus, "max_added_nodes": args.added_nodes},
         "autoscaling": {
             "min_replicas": args.min,
             "max_replicas": args.max,
@@ -237,6 +298,7 @@ def main() -> None:
             "downscale_delay_s": used.downscale_delay_s,
         },
         **{name: {k: v for k, v in r.items() if k != "windows"} for name, r in results.items()},
+        "scale_to_zero": cold,
         "throughput_ratio_tail": round(a["tail_req_per_s"] / max(f["tail_req_per_s"], 1e-9), 2),
         "plot": str(png),
         "series": str(args.out),
