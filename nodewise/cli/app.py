@@ -303,6 +303,13 @@ def render(
         bool, typer.Option(help="Also apply them through the Kubernetes API, wait, and let the watchdog watch them")
     ] = False,
     delete: Annotated[bool, typer.Option(help="Delete them through the Kubernetes API instead")] = False,
+    allow_local: Annotated[
+        bool,
+        typer.Option(
+            help="Render even though the tracking URI or the model's artifacts are on this machine "
+            "(a kind or minikube cluster here); refused otherwise, since pods elsewhere cannot read them"
+        ),
+    ] = False,
     timeout: Annotated[
         float | None, typer.Option(min=1, help="Seconds --apply waits for readiness (kubernetes.ready_timeout_s)")
     ] = None,
@@ -323,7 +330,7 @@ def render(
         raise InvalidInput("--apply and --delete do opposite things; give one")
     from tasks.k8s.deploy import apply_rendered, delete_rendered, manifests_for, write_manifests
 
-    rendered = manifests_for(model_uri, inventory, settings, multi_node)  # type: ignore[arg-type]
+    rendered = manifests_for(model_uri, inventory, settings, multi_node, allow_local)  # type: ignore[arg-type]
     for line in rendered.warnings:
         typer.echo(f"warning: {line}", err=True)
     for path in write_manifests(rendered.objects, Path(out)):

@@ -356,6 +356,11 @@ class KubernetesSettings(_Section):
     )
     ray_version: str = Field(default="2.60.0", description="KubeRay's rayVersion: the image's Ray.")
     serve_throughput_optimized: bool = True
+    allow_local: bool = Field(
+        default=False,
+        description="Render (and promote to Kubernetes) even though the tracking URI or a model's artifacts "
+        "are on this machine: for a kind or minikube cluster here. Otherwise refused (`render --allow-local`).",
+    )
     serve_metrics_push_interval_s: PositiveFloat = Field(
         default=2.0,
         description="How often each replica in the RayService reports its requests in flight to Serve's "

@@ -47,16 +47,66 @@ class Rendered(BaseModel):
         )
 
 
-def manifests_for(model_uri: str, inventory: str, settings: Settings, multi_node: MultiNode | None = None) -> Rendered:
-    """Plan ``model_uri`` on ``inventory`` (the one planning path); render."""
+_LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1", "0.0.0.0", "")
+_ALLOW_LOCAL = "or pass --allow-local for a cluster on this machine (kind, minikube)"
+
+
+def local_location(uri: str) -> bool:
+    """Whether ``uri`` names something only this machine can read: a file, SQLite, or a server on
+    loopback. ``mlflow-artifacts:``, ``s3://``, ``gs://`` and remote servers are not local."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(uri)
+    if parts.scheme in ("", "file", "sqlite"):
+        return True
+    if parts.scheme in ("http", "https") or "+" in parts.scheme or parts.scheme in ("postgresql", "mysql", "mssql"):
+        return (parts.hostname or "") in _LOCAL_HOSTS
+    return False
+
+
+def refuse_local_tracking(settings: Settings) -> None:
+    """Pods cannot read this machine's registry: refuse before any work, naming the fix."""
+    from serving.spec import redact_uri
+
+    if local_location(settings.tracking_uri):
+        raise InvalidInput(
+            f"the tracking URI {redact_uri(settings.tracking_uri)} is local to this machine and pods cannot "
+            "read it: set NODEWISE_MLFLOW__TRACKING_URI to an MLflow server the cluster reaches, " + _ALLOW_LOCAL
+        )
+
+
+def refuse_local_artifacts(artifact_uri: str, model: str) -> None:
+    """The model's files must be where pods read them (the server's mlflow-artifacts:, S3, GCS)."""
+    if local_location(artifact_uri):
+        raise InvalidInput(
+            f"{model}'s artifacts are at {artifact_uri}, on this machine's disk, and pods cannot read them: "
+            "log models to an artifact store the cluster reaches (`mlflow server --serve-artifacts`, "
+            "whose mlflow-artifacts: URIs go through the server, or S3/GCS), " + _ALLOW_LOCAL
+        )
+
+
+def manifests_for(
+    model_uri: str,
+    inventory: str,
+    settings: Settings,
+    multi_node: MultiNode | None = None,
+    allow_local: bool = False,
+) -> Rendered:
+    """Plan ``model_uri`` on ``inventory`` (the one planning path); render. Refuses a tracking URI
+    or artifact store only this machine reaches, unless ``allow_local`` (then it warns)."""
     from tasks.mpi.deploy import build_deepspeed_spec
     from tasks.planning.plan import plan_model
     from tasks.rayserve.apps import build_spec
 
+    allow_local = allow_local or settings.kubernetes.allow_local
+    if not allow_local:
+        refuse_local_tracking(settings)
     planned = plan_model(model_uri, inventory, settings)
     model, plan = planned.model, planned.plan
     if model is None:  # plan_model of a models:/ URI always resolves one
         raise InvalidInput(f"{model_uri!r} is not a registered model; render takes models:/NAME@ALIAS or /VERSION")
+    if not allow_local:
+        refuse_local_artifacts(model.artifact_uri, model.pinned_uri)
     if not plan.fits:
         raise DoesNotFit(f"{model.pinned_uri} was not rendered: {plan.explain()}")
     if plan.backend == "deepspeed_mpi":
@@ -64,10 +114,12 @@ def manifests_for(model_uri: str, inventory: str, settings: Settings, multi_node
     else:
         spec = build_spec(model, plan, settings, planned.serve)
     warnings = []
-    if settings.tracking_uri.startswith(("sqlite:", "file:", "/")) or "127.0.0.1" in settings.tracking_uri:
+    if local_location(settings.tracking_uri) or local_location(model.artifact_uri):
+        from serving.spec import redact_uri
+
         warnings.append(
-            f"the tracking URI {settings.tracking_uri} is local to this machine and pods cannot read it: "
-            "set NODEWISE_MLFLOW__TRACKING_URI to an MLflow server the cluster reaches, and render again"
+            f"--allow-local: the tracking URI {redact_uri(settings.tracking_uri)} or the artifacts at "
+            f"{model.artifact_uri} are on this machine; only pods on this machine can read them"
         )
     objects = render(spec, plan, settings.kubernetes, multi_node or settings.kubernetes.multi_node)
     return Rendered(

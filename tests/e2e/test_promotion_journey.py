@@ -223,7 +223,7 @@ def test_cli_deploys_reach_the_users_prefect_and_no_secret_is_stored(
     out = tmp_path / "k8s"
     render = subprocess.run(
         [NODEWISE, "render", f"models:/nodewise-digits/{version}", "--out", str(out), "--inventory",
-         str(ROOT / "deployments/inventory/gpu-cluster.yaml")],
+         str(ROOT / "deployments/inventory/gpu-cluster.yaml"), "--allow-local"],
         env=user, capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip
     assert render.returncode == 0, render.stderr

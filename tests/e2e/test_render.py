@@ -40,7 +40,15 @@ def nodewise(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
 def test_render_writes_strictly_valid_manifests_in_apply_order(user: tuple[Path, dict[str, str]]) -> None:
     state, env = user
     out = state / "k8s"
-    done = nodewise(env, "render", "models:/nodewise-digits@champion", "--inventory", GPU_CLUSTER, "--out", str(out))
+    args = ["models:/nodewise-digits@champion", "--inventory", GPU_CLUSTER, "--out", str(out)]
+    refused = nodewise(env, "render", *args)
+    assert refused.returncode == 2
+    assert refused.stderr.count("\n") == 1
+    assert refused.stderr.startswith("error: the tracking URI sqlite:///")
+    assert "NODEWISE_MLFLOW__TRACKING_URI" in refused.stderr
+    assert "--allow-local" in refused.stderr
+    assert not out.exists()  # nothing half-written
+    done = nodewise(env, "render", *args, "--allow-local")
     assert done.returncode == 0, done.stderr
     files = sorted(out.glob("*.yaml"))
     assert [f.name.split("-", 2)[1] for f in files] == [
@@ -52,7 +60,7 @@ def test_render_writes_strictly_valid_manifests_in_apply_order(user: tuple[Path,
     ]
     for path in files:
         validate(yaml.safe_load(path.read_text()))
-    assert "the tracking URI sqlite:///" in done.stderr  # pods cannot read a local registry: said so
+    assert "warning: --allow-local: the tracking URI sqlite:///" in done.stderr  # still said
     assert "plan: " in done.stdout
 
 
@@ -60,7 +68,16 @@ def test_render_mistakes_are_one_line(user: tuple[Path, dict[str, str]]) -> None
     state, env = user
     wrong = nodewise(env, "render", "models:/nodewise-digits@champion", "--target", "ecs", "--out", str(state / "x"))
     assert (wrong.returncode, wrong.stderr.strip()) == (2, "error: --target 'ecs' is not known; use --target k8s")
-    typo = nodewise(env, "render", "models:/nodewise-digits@champin", "--inventory", GPU_CLUSTER, "--out", str(state))
+    typo = nodewise(
+        env,
+        "render",
+        "models:/nodewise-digits@champin",
+        "--inventory",
+        GPU_CLUSTER,
+        "--out",
+        str(state),
+        "--allow-local",
+    )
     assert typo.returncode != 0
     assert typo.stderr.count("\n") == 1
     assert typo.stderr.startswith("error: ")
@@ -74,6 +91,7 @@ def test_render_apply_creates_the_objects_then_names_what_is_not_ready(
     with kube_emulator() as url:
         env = {**env, "KUBECONFIG": str(write_kubeconfig(tmp_path / "config", url))}
         args = ["models:/nodewise-digits@champion", "--inventory", GPU_CLUSTER, "--out", str(state / "k8s")]
+        args.append("--allow-local")
         done = nodewise(env, "render", *args, "--apply", "--timeout", "2")
     assert "created RayService default/nodewise-digits" in done.stdout
     assert done.returncode == 1

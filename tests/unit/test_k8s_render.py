@@ -220,3 +220,43 @@ def test_the_watchdog_role_is_least_privilege() -> None:
         assert "secrets" not in rule["resources"]
     pods = next(r for r in role["rules"] if r["resources"] == ["pods"])
     assert "delete" in pods["verbs"]  # a sick replica or a whole rank group is restarted by deleting pods
+
+
+@pytest.mark.parametrize(
+    ("uri", "local"),
+    [
+        ("sqlite:////home/me/.nodewise/mlflow.db", True),
+        ("/home/me/mlruns", True),
+        ("file:///home/me/mlruns/1/abc/artifacts", True),
+        ("http://127.0.0.1:5000", True),
+        ("http://localhost:5000", True),
+        ("postgresql://me:secret@localhost/mlflow", True),
+        ("http://mlflow.serving.svc:5000", False),
+        ("https://mlflow.example.com", False),
+        ("postgresql+psycopg2://me:secret@db.internal/mlflow", False),
+        ("mlflow-artifacts:/1/abc/artifacts", False),
+        ("s3://bucket/models/1", False),
+        ("gs://bucket/models/1", False),
+    ],
+)
+def test_what_only_this_machine_can_read_is_told_apart(uri: str, local: bool) -> None:
+    from tasks.k8s.deploy import local_location
+
+    assert local_location(uri) is local
+
+
+def test_a_local_tracking_uri_is_refused_naming_the_fix_without_its_password() -> None:
+    from nodewise.core.errors import InvalidInput
+    from tasks.k8s.deploy import refuse_local_artifacts, refuse_local_tracking
+
+    local = Settings(mlflow={"tracking_uri": "postgresql://me:hunter2@127.0.0.1/mlflow"})
+    with pytest.raises(InvalidInput) as refused:
+        refuse_local_tracking(local)
+    message = str(refused.value)
+    assert "hunter2" not in message
+    assert "NODEWISE_MLFLOW__TRACKING_URI" in message
+    assert "--allow-local" in message
+    refuse_local_tracking(Settings(mlflow={"tracking_uri": "http://mlflow.serving.svc:5000"}))
+    with pytest.raises(InvalidInput, match="mlflow-artifacts"):
+        refuse_local_artifacts("file:///home/me/mlruns/1/abc/artifacts", "models:/fraud/3")
+    refuse_local_artifacts("mlflow-artifacts:/1/abc/artifacts", "models:/fraud/3")
