@@ -113,7 +113,8 @@ def profile(record: Any, body: bytes, args: argparse.Namespace, floor: int) -> d
     load_end = time.time()
     deadline = time.monotonic() + args.settle
     while time.monotonic() < deadline:
-        if all(r == floor for _, r, n in sampler.samples[-4:]) and sampler.samples[-1][2] == floor:
+        settled = all(r == floor for _, r, n in sampler.samples[-4:]) and sampler.samples[-1][2] == floor
+        if settled and (not sampler.nodes or sampler.nodes[-1][1] <= sampler.nodes[0][1]):  # added nodes gone too
             break
         time.sleep(0.5)
     sampler.stop()
@@ -130,6 +131,7 @@ def profile(record: Any, body: bytes, args: argparse.Namespace, floor: int) -> d
         "peak_nodes": max((n for t, n in sampler.nodes if step <= t <= load_end), default=None),
         "step_to_node_added_s": None if nodes_up is None else round(nodes_up, 1),
         "nodes_at_end": sampler.nodes[-1][1] if sampler.nodes else None,
+        "load_end_to_nodes_removed_s": nodes_down(sampler.nodes, load_end),
         "step_to_scale_up_decided_s": None if decided is None else round(decided, 1),  # a replica STARTING
         "step_to_new_replica_running_s": None if up is None else round(up, 1),
         "peak_replicas": peak,
@@ -141,6 +143,14 @@ def profile(record: Any, body: bytes, args: argparse.Namespace, floor: int) -> d
         "tail_p99_ms": round(percentile([s for _, _, s in tail], 99) * 1000, 1),
         "windows": windows,
     }
+
+
+def nodes_down(nodes: list[tuple[float, int]], load_end: float) -> float | None:
+    """Seconds from the end of the load to the last sample with more nodes than at the start."""
+    if not nodes or max(n for _, n in nodes) <= nodes[0][1]:
+        return None
+    above = [t for t, n in nodes if t >= load_end and n > nodes[0][1]]
+    return round(max(above) - load_end + 0.5, 1) if above else 0.0
 
 
 def cold_start(record: Any, body: bytes) -> dict[str, Any]:

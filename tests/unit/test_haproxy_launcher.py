@@ -37,7 +37,10 @@ def test_the_launcher_bounds_cold_starts_in_model_backends_only_and_haproxy_acce
         assert checked.returncode == 0, checked.stdout + checked.stderr
     parts = sections(cfg.read_text())
     model = parts["backend http-a"]
-    assert "http-request set-var(txn.nodewise_cold) bool(true) if { lua.nodewise_replicas_up eq 0 }" in model
+    assert (
+        "http-request set-var(txn.nodewise_cold) bool(true) if { nbsrv() le 1 } { lua.nodewise_replicas_up eq 0 }"
+        in model
+    )
     assert (
         "http-request set-header x-request-timeout-seconds 45 if { var(txn.nodewise_cold) -m bool } "
         "!{ req.hdr(x-request-timeout-seconds) -m found }"
@@ -47,7 +50,7 @@ def test_the_launcher_bounds_cold_starts_in_model_backends_only_and_haproxy_acce
     assert "within 45 s" in answer
     assert sum("nodewise_cold" in line for line in cfg.read_text().splitlines()) == 3  # not twice
     assert not any("nodewise" in line for line in parts["backend default_backend"])
-    assert any(line.startswith("lua-load ") for line in parts["global"])
+    assert any(line.startswith("lua-load-per-thread ") for line in parts["global"])
     # the stats and metrics pages moved to Serve's host (127.0.0.1 by default)
     assert "bind 127.0.0.1:8404" in parts["listen stats"]
     assert "bind 127.0.0.1:9101" in parts["frontend prometheus"]
