@@ -355,6 +355,14 @@ class KubernetesSettings(_Section):
         "with Open MPI for the MPIJob's launcher and workers.",
     )
     ray_version: str = Field(default="2.60.0", description="KubeRay's rayVersion: the image's Ray.")
+    credentials_secret: str | None = Field(
+        default=None,
+        pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+        max_length=253,
+        description="A Kubernetes Secret (in the namespace) every pod takes its environment from: "
+        "MLFLOW_TRACKING_URI with its password, MLFLOW_TRACKING_USERNAME/PASSWORD/TOKEN, AWS_*... "
+        "Rendered manifests name it, never a value; required when the tracking URI carries a password.",
+    )
     serve_throughput_optimized: bool = True
     allow_local: bool = Field(
         default=False,

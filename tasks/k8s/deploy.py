@@ -3,6 +3,7 @@ written for ``kubectl apply -f DIR`` (and applied through the API with ``--apply
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,27 @@ def refuse_local_artifacts(artifact_uri: str, model: str) -> None:
         )
 
 
+SECRET_VARIABLES = ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME")
+
+
+def require_secret_reference(settings: Settings) -> None:
+    """A password (in the tracking URI, or MLflow's credential variables here) reaches pods only
+    through a Kubernetes Secret they reference: refuse to render without one."""
+    from serving.spec import redact_uri
+
+    if settings.kubernetes.credentials_secret:
+        return
+    has_password = any(redact_uri(u) != u for u in (settings.tracking_uri, settings.registry_uri))
+    variables = [v for v in SECRET_VARIABLES if os.environ.get(v)]
+    if has_password or variables:
+        what = "the tracking URI carries a password" if has_password else f"{', '.join(variables)} is set"
+        raise InvalidInput(
+            f"{what}, which nodewise never writes into a manifest: put the credentials in a Secret "
+            f"(kubectl -n {settings.kubernetes.namespace} create secret generic nodewise-mlflow "
+            "--from-literal=MLFLOW_TRACKING_URI=...) and set NODEWISE_KUBERNETES__CREDENTIALS_SECRET=nodewise-mlflow"
+        )
+
+
 def manifests_for(
     model_uri: str,
     inventory: str,
@@ -101,6 +123,7 @@ def manifests_for(
     allow_local = allow_local or settings.kubernetes.allow_local
     if not allow_local:
         refuse_local_tracking(settings)
+    require_secret_reference(settings)
     planned = plan_model(model_uri, inventory, settings)
     model, plan = planned.model, planned.plan
     if model is None:  # plan_model of a models:/ URI always resolves one

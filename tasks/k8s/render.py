@@ -22,6 +22,8 @@ from serving.spec import DeepSpeedSpec, ModelServeSpec
 from tasks.planning.placement import PlacementPlan
 
 MultiNode = Literal["mpijob", "lws"]
+# What the credentials Secret must hold for an MPIJob (mpirun passes these on to the ranks).
+CREDENTIAL_VARIABLES = ("MLFLOW_TRACKING_URI",)
 LABEL = "nodewise.dev/app"
 SPEC_PATH = "/etc/nodewise/spec.json"
 
@@ -103,6 +105,8 @@ def _container(name: str, k8s: KubernetesSettings, command: list[str] | None, re
     container: dict[str, Any] = {"name": name, "image": k8s.image, "imagePullPolicy": "IfNotPresent"}
     if command:
         container["command"] = command
+    if k8s.credentials_secret:  # the registry's credentials, by reference: no value is ever rendered
+        container["envFrom"] = [{"secretRef": {"name": k8s.credentials_secret}}]
     container["resources"] = resources
     return container
 
@@ -242,7 +246,10 @@ def _mpi_job(name: str, spec: DeepSpeedSpec, plan: PlacementPlan, k8s: Kubernete
     """mpirun in the launcher starts every rank on the workers (slotsPerWorker = devices per node);
     each rank derives RANK, LOCAL_RANK, MASTER_ADDR... from Open MPI and the MPIJob hostfile."""
     mpirun = ["mpirun", "--allow-run-as-root", "-np", str(plan.ranks), "--bind-to", "none", "--map-by", "slot"]
-    mpirun += ["-x", "PATH", "-x", "LD_LIBRARY_PATH", *_worker_command(spec)]
+    mpirun += ["-x", "PATH", "-x", "LD_LIBRARY_PATH"]
+    if k8s.credentials_secret:  # ranks started over ssh do not see the worker pod's environment
+        mpirun += [arg for key in CREDENTIAL_VARIABLES for arg in ("-x", key)]
+    mpirun += _worker_command(spec)
     launcher = _container("launcher", k8s, mpirun, _resources(0.5, 512 * 2**20, 0))
     launcher["volumeMounts"] = [{"name": "spec", "mountPath": "/etc/nodewise", "readOnly": True}]
     worker = _container("worker", k8s, None, _rank_resources(plan, spec))

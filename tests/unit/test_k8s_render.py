@@ -20,6 +20,7 @@ from tests.unit.factories import resolved_model
 
 GIB = 2**30
 K8S = KubernetesSettings(namespace="serving", image="registry.example/nodewise:0.1")
+WITH_SECRET = K8S.model_copy(update={"credentials_secret": "nodewise-mlflow"})
 
 
 def gpu_nodes(count: int, gpus: int, gib: int) -> Inventory:
@@ -49,7 +50,7 @@ def serve_manifests(
     return render(spec, plan, K8S), spec, plan
 
 
-def multi_node(multi: str = "mpijob", gpus: int = 2) -> tuple[list[dict], object]:
+def multi_node(multi: str = "mpijob", gpus: int = 2, k8s: KubernetesSettings = K8S) -> tuple[list[dict], object]:
     plan = plan_placement(
         MemoryProfile(method="analytic", weight_bytes=200 * GIB, attention_heads=32), gpu_nodes(4, gpus, 80)
     )
@@ -66,7 +67,7 @@ def multi_node(multi: str = "mpijob", gpus: int = 2) -> tuple[list[dict], object
         device="cuda",
         dtype="float16",
     )
-    return render(spec, plan, K8S, multi_node=multi), plan
+    return render(spec, plan, k8s, multi_node=multi), plan
 
 
 def by_kind(objects: list[dict]) -> dict[str, dict]:
@@ -82,6 +83,8 @@ CASES = {
     "rayservice-autoscaling": lambda: serve_manifests(60, gpu_nodes(4, 1, 80), replicas=1, max_replicas=4)[0],
     "rayservice-scale-to-zero": lambda: serve_manifests(60, gpu_nodes(4, 1, 80), 1, max_replicas=4, min_replicas=0)[0],
     "mpijob": lambda: multi_node("mpijob")[0],
+    "mpijob-credentials-secret": lambda: multi_node("mpijob", k8s=WITH_SECRET)[0],
+    "leaderworkerset-credentials-secret": lambda: multi_node("lws", k8s=WITH_SECRET)[0],
     "leaderworkerset": lambda: multi_node("lws")[0],
     "leaderworkerset-one-gpu-per-pod": lambda: multi_node("lws", gpus=1)[0],
 }
@@ -260,3 +263,55 @@ def test_a_local_tracking_uri_is_refused_naming_the_fix_without_its_password() -
     with pytest.raises(InvalidInput, match="mlflow-artifacts"):
         refuse_local_artifacts("file:///home/me/mlruns/1/abc/artifacts", "models:/fraud/3")
     refuse_local_artifacts("mlflow-artifacts:/1/abc/artifacts", "models:/fraud/3")
+
+
+def containers(objects: list[dict]) -> list[dict]:
+    """Every container of every pod template in ``objects``, however deep the template sits."""
+    found: list[dict] = []
+
+    def walk(node: object) -> None:
+        if isinstance(node, dict):
+            if isinstance(node.get("containers"), list):
+                found.extend(node["containers"])
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(objects)
+    return found
+
+
+def test_credentials_reach_every_pod_by_reference_to_a_secret_never_by_value() -> None:
+    for objects in (multi_node("mpijob", k8s=WITH_SECRET)[0], multi_node("lws", k8s=WITH_SECRET)[0]):
+        pods = containers(objects)
+        assert pods
+        assert all(c["envFrom"] == [{"secretRef": {"name": "nodewise-mlflow"}}] for c in pods)
+    [launcher] = [c for c in containers(multi_node("mpijob", k8s=WITH_SECRET)[0]) if c["name"] == "launcher"]
+    command = launcher["command"]
+    assert command[command.index("MLFLOW_TRACKING_URI") - 1] == "-x"  # mpirun hands it to the ranks
+    assert all("envFrom" not in c for c in containers(multi_node("mpijob")[0]))  # none asked for
+
+
+def test_a_password_is_refused_unless_a_secret_carries_it() -> None:
+    from nodewise.core.errors import InvalidInput
+    from tasks.k8s.deploy import require_secret_reference
+
+    tracking = {"tracking_uri": "postgresql://me:hunter2@db.internal/mlflow"}
+    with pytest.raises(InvalidInput) as refused:
+        require_secret_reference(Settings(mlflow=tracking))
+    assert "hunter2" not in str(refused.value)
+    assert "NODEWISE_KUBERNETES__CREDENTIALS_SECRET" in str(refused.value)
+    require_secret_reference(Settings(mlflow=tracking, kubernetes={"credentials_secret": "nodewise-mlflow"}))
+    require_secret_reference(Settings(mlflow={"tracking_uri": "http://mlflow.mlops:5000"}))
+
+
+def test_mlflows_credential_variables_need_the_secret_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    from nodewise.core.errors import InvalidInput
+    from tasks.k8s.deploy import require_secret_reference
+
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "tok-123")
+    with pytest.raises(InvalidInput, match="MLFLOW_TRACKING_TOKEN is set") as refused:
+        require_secret_reference(Settings(mlflow={"tracking_uri": "http://mlflow.mlops:5000"}))
+    assert "tok-123" not in str(refused.value)
