@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Build nodewise's image without a Docker daemon or a registry, and run it once.
+#
+#   scripts/build-image.sh [--variant cpu|cuda] [--tag nodewise:0.1.0] [--base IMAGE]
+#
+# 1. A base: a Debian 12 root filesystem made with debootstrap (from the Debian mirror, a package
+#    registry) and imported as localhost/nodewise-base:bookworm, once; --base uses another image.
+# 2. buildah bud --isolation chroot of deployments/image/Containerfile, from the committed tree
+#    (git archive HEAD: nothing uncommitted, no .venv, no state folder goes in).
+# 3. buildah run --isolation chroot of the image: `nodewise --help` (OCI runtimes cannot set
+#    rlimits on these machines, so `podman run` fails; buildah's chroot isolation works).
+# Prints build seconds and the image size. Needs root, buildah and debootstrap (apt-get install
+# buildah debootstrap); not run in CI (it downloads a Debian base and the whole stack).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+variant=cpu
+tag=nodewise:$(sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+base=localhost/nodewise-base:bookworm
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --variant) variant=$2; shift 2 ;;
+        --tag) tag=$2; shift 2 ;;
+        --base) base=$2; shift 2 ;;
+        *) echo "error: unknown argument $1; use --variant cpu|cuda, --tag NAME:TAG, --base IMAGE" >&2; exit 2 ;;
+    esac
+done
+case "$variant" in cpu|cuda) ;; *) echo "error: --variant $variant is not known; use cpu or cuda" >&2; exit 2 ;; esac
+for tool in buildah git; do
+    command -v "$tool" >/dev/null || { echo "error: $tool not found; apt-get install buildah" >&2; exit 1; }
+done
+
+work=$(mktemp -d /tmp/nodewise-image.XXXXXX)
+trap 'rm -rf "$work"' EXIT
+
+if ! buildah inspect --type image "$base" >/dev/null 2>&1; then
+    [ "$base" = localhost/nodewise-base:bookworm ] || { echo "error: base image $base not found" >&2; exit 1; }
+    command -v debootstrap >/dev/null || { echo "error: debootstrap not found; apt-get install debootstrap" >&2; exit 1; }
+    echo "build-image: making the Debian 12 base with debootstrap (once)"
+    started=$(date +%s)
+    debootstrap --variant=minbase bookworm "$work/rootfs" "${DEBIAN_MIRROR:-http://deb.debian.org/debian}" \
+        >"$work/debootstrap.log" 2>&1 || { tail -20 "$work/debootstrap.log" >&2; exit 1; }
+    rm -rf "$work/rootfs/var/cache/apt/archives/"*.deb "$work/rootfs/var/lib/apt/lists/"*
+    ctr=$(buildah from scratch)
+    mnt=$(buildah mount "$ctr")
+    cp -a "$work/rootfs/." "$mnt/"
+    buildah umount "$ctr" >/dev/null
+    buildah config --env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin --cmd /bin/bash "$ctr"
+    buildah commit --quiet "$ctr" "$base" >/dev/null
+    buildah rm "$ctr" >/dev/null
+    rm -rf "$work/rootfs"
+    echo "build-image: base $base in $(( $(date +%s) - started )) s"
+fi
+
+mkdir "$work/context"
+git archive --format=tar HEAD | tar -x -C "$work/context"
+echo "build-image: building $tag ($variant) from $(git rev-parse --short HEAD)"
+started=$(date +%s)
+buildah bud --isolation chroot --layers=false \
+    --build-arg BASE="$base" --build-arg VARIANT="$variant" --build-arg REVISION="$(git rev-parse HEAD)" \
+    -f deployments/image/Containerfile -t "$tag" "$work/context"
+seconds=$(( $(date +%s) - started ))
+size=$(buildah inspect --type image --format '{{.Size}}' "$tag" 2>/dev/null || echo "?")
+echo "build-image: $tag built in ${seconds} s"
+buildah images --format '{{.Name}}:{{.Tag}} {{.Size}}' "$tag" || true
+
+echo "build-image: running the image (buildah run --isolation chroot): nodewise --help"
+ctr=$(buildah from "$tag")
+trap 'buildah rm "$ctr" >/dev/null 2>&1 || true; rm -rf "$work"' EXIT
+buildah run --isolation chroot "$ctr" -- /usr/local/bin/nodewise-entrypoint nodewise --help | head -5
+echo "{\"image\": \"$tag\", \"variant\": \"$variant\", \"build_s\": $seconds, \"size\": \"$size\"}"
