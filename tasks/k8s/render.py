@@ -24,6 +24,7 @@ from tasks.planning.placement import PlacementPlan
 MultiNode = Literal["mpijob", "lws"]
 # What the credentials Secret must hold for an MPIJob (mpirun passes these on to the ranks).
 CREDENTIAL_VARIABLES = ("MLFLOW_TRACKING_URI",)
+IMAGE_SSH_DIR = "/home/nodewise/.ssh"  # deployments/image: its user's home
 LABEL = "nodewise.dev/app"
 SPEC_PATH = "/etc/nodewise/spec.json"
 
@@ -253,6 +254,9 @@ def _mpi_job(name: str, spec: DeepSpeedSpec, plan: PlacementPlan, k8s: Kubernete
     launcher = _container("launcher", k8s, mpirun, _resources(0.5, 512 * 2**20, 0))
     launcher["volumeMounts"] = [{"name": "spec", "mountPath": "/etc/nodewise", "readOnly": True}]
     worker = _container("worker", k8s, None, _rank_resources(plan, spec))
+    # The image's entry point runs sshd for the launcher's mpirun (port 2222, as this user, with
+    # the key the operator mounts at sshAuthMountPath: deployments/image/entrypoint.sh).
+    worker["args"] = ["sshd"]
     launcher_pod = {
         "metadata": {"labels": {LABEL: name}},
         "spec": {
@@ -268,6 +272,7 @@ def _mpi_job(name: str, spec: DeepSpeedSpec, plan: PlacementPlan, k8s: Kubernete
         "spec": {
             "slotsPerWorker": plan.devices_per_node,
             "mpiImplementation": "OpenMPI",
+            "sshAuthMountPath": IMAGE_SSH_DIR,  # the image's user is not root
             "runPolicy": {"cleanPodPolicy": "Running", "backoffLimit": 0},
             "mpiReplicaSpecs": {
                 "Launcher": {"replicas": 1, "restartPolicy": "Never", "template": launcher_pod},

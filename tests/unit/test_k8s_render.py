@@ -4,6 +4,7 @@ the official CRDs for RayService, MPIJob and LeaderWorkerSet, the core schemas f
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import jsonschema
 import pytest
@@ -19,6 +20,7 @@ from tests.k8s_schema import validate
 from tests.unit.factories import resolved_model
 
 GIB = 2**30
+ROOT = Path(__file__).resolve().parents[2]
 K8S = KubernetesSettings(namespace="serving", image="registry.example/nodewise:0.1")
 WITH_SECRET = K8S.model_copy(update={"credentials_secret": "nodewise-mlflow"})
 
@@ -315,3 +317,14 @@ def test_mlflows_credential_variables_need_the_secret_too(monkeypatch: pytest.Mo
     with pytest.raises(InvalidInput, match="MLFLOW_TRACKING_TOKEN is set") as refused:
         require_secret_reference(Settings(mlflow={"tracking_uri": "http://mlflow.mlops:5000"}))
     assert "tok-123" not in str(refused.value)
+
+
+def test_mpijob_workers_run_the_images_sshd_where_the_operator_mounts_its_key() -> None:
+    job = by_kind(multi_node("mpijob")[0])["MPIJob"]["spec"]
+    assert job["sshAuthMountPath"] == "/home/nodewise/.ssh"  # the image's user (deployments/image)
+    [worker] = job["mpiReplicaSpecs"]["Worker"]["template"]["spec"]["containers"]
+    assert worker["args"] == ["sshd"]  # deployments/image/entrypoint.sh
+    assert "command" not in worker  # the image's entry point stays
+    entry = (ROOT / "deployments" / "image" / "entrypoint.sh").read_text()
+    assert 'if [ "$1" = "sshd" ]' in entry
+    assert '"$HOME/.ssh/id_rsa"' in entry
