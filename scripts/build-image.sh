@@ -52,11 +52,26 @@ if ! buildah inspect --type image "$base" >/dev/null 2>&1; then
     echo "build-image: base $base in $(( $(date +%s) - started )) s"
 fi
 
+# The host's file-based pip mirrors (pip config: find-links, extra-index-url), mounted read-only
+# for the build only: where PyTorch's index is not reachable, torch's CPU build comes from there.
+mirror_args=()
+find_links=$(pip config get global.find-links 2>/dev/null || true)
+extra_index=$(pip config get global.extra-index-url 2>/dev/null || true)
+for entry in $find_links $extra_index; do
+    dir=${entry#file://}
+    dir=${dir%/simple}
+    [ -d "$dir" ] && mirror_args+=(--volume "$dir:$dir:ro")
+done
+if [ ${#mirror_args[@]} -gt 0 ]; then
+    mirror_args+=(--build-arg "PIP_FIND_LINKS=$find_links" --build-arg "PIP_EXTRA_INDEX_URL=$extra_index")
+    echo "build-image: using this machine's pip mirrors: $find_links $extra_index"
+fi
+
 mkdir "$work/context"
 git archive --format=tar HEAD | tar -x -C "$work/context"
 echo "build-image: building $tag ($variant) from $(git rev-parse --short HEAD)"
 started=$(date +%s)
-buildah bud --isolation chroot --layers=false \
+buildah bud --isolation chroot --layers=false "${mirror_args[@]}" \
     --build-arg BASE="$base" --build-arg VARIANT="$variant" --build-arg REVISION="$(git rev-parse HEAD)" \
     -f deployments/image/Containerfile -t "$tag" "$work/context"
 seconds=$(( $(date +%s) - started ))
