@@ -62,6 +62,10 @@ for entry in $find_links $extra_index; do
     dir=${dir%/simple}
     [ -d "$dir" ] && mirror_args+=(--volume "$dir:$dir:ro")
 done
+cert=$(pip config get global.cert 2>/dev/null || true)
+if [ -n "$cert" ] && [ -f "$cert" ]; then  # a proxy's CA (not baked in: mounted for the build)
+    mirror_args+=(--volume "$cert:/run/nodewise-build-ca.crt:ro" --build-arg PIP_CERT=/run/nodewise-build-ca.crt)
+fi
 if [ ${#mirror_args[@]} -gt 0 ]; then
     mirror_args+=(--build-arg "PIP_FIND_LINKS=$find_links" --build-arg "PIP_EXTRA_INDEX_URL=$extra_index")
     echo "build-image: using this machine's pip mirrors: $find_links $extra_index"
