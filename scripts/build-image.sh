@@ -62,7 +62,7 @@ for entry in $find_links $extra_index; do
     dir=${dir%/simple}
     [ -d "$dir" ] && mirror_args+=(--volume "$dir:$dir:ro")
 done
-cert=$(pip config get global.cert 2>/dev/null || true)
+cert=${PIP_CERT:-$(pip config list 2>/dev/null | sed -n "s/^global\.cert='\(.*\)'$/\1/p")}
 if [ -n "$cert" ] && [ -f "$cert" ]; then  # a proxy's CA (not baked in: mounted for the build)
     mirror_args+=(--volume "$cert:/run/nodewise-build-ca.crt:ro" --build-arg PIP_CERT=/run/nodewise-build-ca.crt)
 fi
