@@ -79,12 +79,15 @@ buildah bud --isolation chroot --layers=false "${mirror_args[@]}" \
     --build-arg BASE="$base" --build-arg VARIANT="$variant" --build-arg REVISION="$(git rev-parse HEAD)" \
     -f deployments/image/Containerfile -t "$tag" "$work/context"
 seconds=$(( $(date +%s) - started ))
-size=$(buildah inspect --type image --format '{{.Size}}' "$tag" 2>/dev/null || echo "?")
+size=$(buildah images --noheading --format '{{.Size}}' "$tag" 2>/dev/null | head -1)
 echo "build-image: $tag built in ${seconds} s"
-buildah images --format '{{.Name}}:{{.Tag}} {{.Size}}' "$tag" || true
 
 echo "build-image: running the image (buildah run --isolation chroot): nodewise --help"
 ctr=$(buildah from "$tag")
 trap 'buildah rm "$ctr" >/dev/null 2>&1 || true; rm -rf "$work"' EXIT
-buildah run --isolation chroot "$ctr" -- /usr/local/bin/nodewise-entrypoint nodewise --help | head -5
-echo "{\"image\": \"$tag\", \"variant\": \"$variant\", \"build_s\": $seconds, \"size\": \"$size\"}"
+help=$(buildah run --isolation chroot "$ctr" -- /usr/local/bin/nodewise-entrypoint nodewise --help)
+printf '%s\n' "$help" | sed -n '1,5p'
+buildah run --isolation chroot "$ctr" -- python -c \
+    'import ray, deepspeed, mlflow, prefect, serving.app, serving.deepspeed_worker; print("imports OK: ray", ray.__version__)'
+echo "build-image: runs as $(buildah run --isolation chroot "$ctr" -- id -un)"
+echo "{\"image\": \"$tag\", \"variant\": \"$variant\", \"build_s\": $seconds, \"size\": \"${size:-?}\"}"
