@@ -15,8 +15,8 @@ import os, signal, sys, time
 from nodewise.cli.app import _stop_on_signals
 signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited ignored, as under nohup or a shell's `&`
 _stop_on_signals()
-print("waiting", flush=True)
-try:
+try:  # the signal may land while "waiting" is still being printed: inside the try too
+    print("waiting", flush=True)
     time.sleep(60)
 except KeyboardInterrupt:
     print("stopping", flush=True)
