@@ -192,11 +192,18 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="Machine-readabl
     settings = _settings()
     from nodewise.cli.status import deployment_status
 
-    with _stdout_to_stderr():  # Ray's driver may print while connecting: --json output stays parseable
-        rows = deployment_status(settings)
     if as_json:
-        typer.echo(json.dumps(rows, indent=2))
+        # Ray's driver may print while connecting, and its threads later still: stdout (fd 1)
+        # points at stderr for the rest of this process; the JSON goes to the real stdout alone.
+        sys.stdout.flush()
+        real = os.fdopen(os.dup(1), "w")
+        os.dup2(2, 1)
+        rows = deployment_status(settings)
+        real.write(json.dumps(rows, indent=2) + "\n")
+        real.flush()
         return
+    with _stdout_to_stderr():  # Ray's driver may print while connecting
+        rows = deployment_status(settings)
     if not rows["deployments"]:
         typer.echo(f"nothing deployed ({rows['cluster']})")
         return
