@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_MASTER_PORT = 29500
+# Where Open MPI (4.x, 5.x) is told its hostfile; a Kubeflow MPIJob sets the first in its launcher.
+HOSTFILE_VARIABLES = ("OMPI_MCA_orte_default_hostfile", "PRTE_MCA_prte_default_hostfile")
 _LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
 
 
@@ -88,8 +90,8 @@ def discover(environ: Mapping[str, str], read_text: Callable[[str], str] | None 
 def _open_mpi(environ: Mapping[str, str], read_text: Callable[[str], str]) -> DistEnv:
     world = _int(environ, "OMPI_COMM_WORLD_SIZE")
     local_size = _int(environ, "OMPI_COMM_WORLD_LOCAL_SIZE")
-    hostfile = environ.get("OMPI_MCA_orte_default_hostfile") or environ.get("PRTE_MCA_prte_default_hostfile")
-    launcher = "mpijob" if hostfile and "OMPI_MCA_orte_default_hostfile" in environ else "openmpi"
+    hostfile = next((environ[name] for name in HOSTFILE_VARIABLES if environ.get(name)), None)
+    launcher = "mpijob" if hostfile and HOSTFILE_VARIABLES[0] in environ else "openmpi"
     return DistEnv(
         launcher=launcher,
         rank=_int(environ, "OMPI_COMM_WORLD_RANK"),
@@ -165,7 +167,7 @@ def _master_addr(
     if environ.get("MASTER_ADDR", "").strip():
         return environ["MASTER_ADDR"].strip()
     if hostfile:
-        return _first_host(hostfile, read_text)
+        return first_host(hostfile, read_text)
     if local_size == world:
         return "127.0.0.1"
     raise DistEnvError(
@@ -174,12 +176,16 @@ def _master_addr(
     )
 
 
-def _first_host(hostfile: str, read_text: Callable[[str], str]) -> str:
+def first_host(hostfile: str, read_text: Callable[[str], str] | None = None) -> str:
     """Rank 0's host: the first host of the hostfile (ranks are placed by slot, in file order)."""
     try:
-        text = read_text(hostfile)
+        text = (read_text or (lambda p: Path(p).read_text()))(hostfile)
     except OSError as e:
-        raise DistEnvError(f"hostfile {hostfile} cannot be read ({e.strerror}); mount it or set MASTER_ADDR") from e
+        raise DistEnvError(
+            f"hostfile {hostfile} cannot be read ({e.strerror}); an MPIJob mounts it in the launcher only, "
+            "so start mpirun through `python -m serving.mpijob_launcher` (it passes MASTER_ADDR on, as "
+            "`nodewise render` does) or set MASTER_ADDR"
+        ) from e
     for line in text.splitlines():
         line = line.split("#", 1)[0].strip()
         if line:

@@ -246,8 +246,13 @@ def _lws_command(spec: DeepSpeedSpec, plan: PlacementPlan) -> list[str]:
 def _mpi_job(name: str, spec: DeepSpeedSpec, plan: PlacementPlan, k8s: KubernetesSettings) -> dict[str, Any]:
     """mpirun in the launcher starts every rank on the workers (slotsPerWorker = devices per node);
     each rank derives RANK, LOCAL_RANK, MASTER_ADDR... from Open MPI and the MPIJob hostfile."""
-    mpirun = ["mpirun", "--allow-run-as-root", "-np", str(plan.ranks), "--bind-to", "none", "--map-by", "slot"]
-    mpirun += ["-x", "PATH", "-x", "LD_LIBRARY_PATH"]
+    # The operator's hostfile is mounted in the launcher only: serving.mpijob_launcher reads rank
+    # 0's host from it and mpirun passes it on (-x MASTER_ADDR); ranks over ssh see no pod env.
+    mpirun = ["python", "-m", "serving.mpijob_launcher"]
+    mpirun += ["mpirun", "--allow-run-as-root", "-np", str(plan.ranks), "--bind-to", "none", "--map-by", "slot"]
+    mpirun += ["-x", "PATH", "-x", "MASTER_ADDR"]
+    if spec.device == "cuda":  # the GPU driver's libraries, where the device plugin puts them
+        mpirun += ["-x", "LD_LIBRARY_PATH"]
     if k8s.credentials_secret:  # ranks started over ssh do not see the worker pod's environment
         mpirun += [arg for key in CREDENTIAL_VARIABLES for arg in ("-x", key)]
     mpirun += _worker_command(spec)

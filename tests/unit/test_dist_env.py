@@ -35,9 +35,14 @@ MPIJOB = {  # Kubeflow MPIJob v2beta1 launcher's mpirun, rank 2 on the second wo
     "OMPI_COMM_WORLD_SIZE": "4",
     "OMPI_COMM_WORLD_LOCAL_RANK": "0",
     "OMPI_COMM_WORLD_LOCAL_SIZE": "2",
+    # the operator's launcher variables, which mpirun forwards to every rank (OMPI_MCA_*)
     "OMPI_MCA_orte_default_hostfile": "/etc/mpi/hostfile",
     "OMPI_MCA_orte_keep_fqdn_hostnames": "true",
+    "OMPI_MCA_plm_rsh_args": "-o ConnectionAttempts=10",
 }
+# What `nodewise render`'s launcher command adds: serving.mpijob_launcher read the hostfile in the
+# launcher pod and mpirun passed MASTER_ADDR on (-x); the worker pods have no hostfile.
+MPIJOB_RENDERED = {**MPIJOB, "MASTER_ADDR": "llama-worker-0.llama.default.svc"}
 MPIJOB_HOSTFILE = "llama-worker-0.llama.default.svc slots=2\nllama-worker-1.llama.default.svc slots=2\n"
 HYDRA = {"PMI_RANK": "3", "PMI_SIZE": "4", "MPI_LOCALRANKID": "1", "MPI_LOCALNRANKS": "2", "MASTER_ADDR": "node-a"}
 LWS = {  # LeaderWorkerSet, size 4, worker pod 2 of group 0
@@ -68,6 +73,7 @@ def read_hostfile(path: str) -> str:
         (OPEN_MPI_LOCAL, DistEnv("openmpi", 1, 2, 1, 2, "127.0.0.1", 29500)),
         (OPEN_MPI_TWO_HOSTS, DistEnv("openmpi", 3, 4, 1, 2, "10.0.0.5", 41000)),
         (MPIJOB, DistEnv("mpijob", 2, 4, 0, 2, "llama-worker-0.llama.default.svc", 29500)),
+        (MPIJOB_RENDERED, DistEnv("mpijob", 2, 4, 0, 2, "llama-worker-0.llama.default.svc", 29500)),
         (HYDRA, DistEnv("mpich", 3, 4, 1, 2, "node-a", 29500)),
         (LWS, DistEnv("leaderworkerset", 2, 4, 0, 1, "llama-0.llama.default", 29500)),
         (TORCHRUN, DistEnv("torchrun", 5, 8, 1, 4, "10.0.0.9", 29400)),
@@ -78,6 +84,7 @@ def read_hostfile(path: str) -> str:
         "openmpi-one-host",
         "openmpi-two-hosts",
         "mpijob",
+        "mpijob-rendered",
         "mpich-hydra",
         "leaderworkerset",
         "torchrun",
@@ -137,8 +144,9 @@ def test_hostfile_problems_are_clear() -> None:
     def missing(path: str) -> str:
         raise FileNotFoundError(2, "No such file or directory")
 
-    with pytest.raises(DistEnvError, match=r"hostfile /etc/mpi/hostfile cannot be read .*set MASTER_ADDR"):
-        discover(MPIJOB, missing)
+    with pytest.raises(DistEnvError, match=r"hostfile /etc/mpi/hostfile cannot be read .*serving.mpijob_launcher"):
+        discover(MPIJOB, missing)  # a worker pod, launched without nodewise's launcher entry
+    assert discover(MPIJOB_RENDERED, missing).master_addr == "llama-worker-0.llama.default.svc"
     with pytest.raises(DistEnvError, match="lists no host"):
         discover(MPIJOB, lambda path: "# nothing\n\n")
 

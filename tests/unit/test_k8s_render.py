@@ -187,11 +187,16 @@ def test_mpijob_runs_every_rank_with_no_hand_set_environment() -> None:
     assert job["slotsPerWorker"] == plan.devices_per_node
     assert job["mpiReplicaSpecs"]["Worker"]["replicas"] == plan.nodes
     command = job["mpiReplicaSpecs"]["Launcher"]["template"]["spec"]["containers"][0]["command"]
+    # rank 0's host comes from the operator's hostfile, read in the launcher (the only pod that has it)
+    assert command[:4] == ["python", "-m", "serving.mpijob_launcher", "mpirun"]
     assert command[command.index("-np") + 1] == str(plan.ranks)
+    assert command[command.index("MASTER_ADDR") - 1] == "-x"  # passed on by name, never a value
     assert command[-3:] == ["-m", "serving.deepspeed_worker", "/etc/nodewise/spec.json"]
+    assert "LD_LIBRARY_PATH" in command  # a CUDA plan: the driver's libraries reach the ranks
     text = json.dumps(kinds["MPIJob"])
     for variable in ("RANK", "LOCAL_RANK", "LOCAL_SIZE", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        assert f'"{variable}"' not in text  # each rank derives them (serving/dist_env.py)
+        assert f'"name": "{variable}"' not in text  # no pod sets them: each rank derives them (serving/dist_env.py)
+        assert f"{variable}=" not in text
     worker = job["mpiReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]
     assert worker["resources"]["limits"]["nvidia.com/gpu"] == str(plan.devices_per_node)
     spec = json.loads(kinds["ConfigMap"]["data"]["spec.json"])
