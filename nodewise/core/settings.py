@@ -11,6 +11,7 @@ or ``NODEWISE_RAY__ADDRESS=10.0.0.5:6379``.
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator
 from contextvars import ContextVar
 from pathlib import Path
@@ -29,6 +30,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from nodewise import __version__
 from nodewise.core.state import StateFolder
 
 Fraction = Annotated[float, Field(gt=0.0, le=1.0)]
@@ -345,14 +347,22 @@ class TriggersSettings(_Section):
     )
 
 
+# An image as Kubernetes takes it: [registry[:port]/]path[:tag][@sha256:digest]
+IMAGE_REFERENCE = re.compile(
+    r"[a-z0-9]+([._-][a-z0-9]+)*(\.[a-z0-9-]+)*(:[0-9]+)?(/[a-z0-9]+([._-]{1,2}[a-z0-9]+)*)*"
+    r"(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(@sha256:[a-f0-9]{64})?"
+)
+
+
 class KubernetesSettings(_Section):
     """The Kubernetes target: where manifests go and what they run."""
 
     namespace: str = Field(default="default", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=63)
     image: str = Field(
-        default="nodewise:latest",
-        description="Image every pod runs: nodewise and its dependencies installed (`pip install .`), "
-        "with Open MPI for the MPIJob's launcher and workers.",
+        default=f"nodewise:{__version__}",
+        description="Image every pod runs (deployments/image, scripts/build-image.sh tags nodewise:VERSION): "
+        "a registry path the nodes pull from, best pinned by digest (REGISTRY/nodewise@sha256:...), "
+        "which no later push can change under a running job.",
     )
     ray_version: str = Field(default="2.60.0", description="KubeRay's rayVersion: the image's Ray.")
     credentials_secret: str | None = Field(
@@ -386,6 +396,16 @@ class KubernetesSettings(_Section):
     multi_node: Literal["mpijob", "lws"] = Field(
         default="mpijob", description="Multi-node plans as a Kubeflow MPIJob or a LeaderWorkerSet."
     )
+
+    @field_validator("image")
+    @classmethod
+    def _image_reference(cls, value: str) -> str:
+        if not IMAGE_REFERENCE.fullmatch(value):
+            raise ValueError(
+                f"{value!r} is not an image reference; write [REGISTRY[:PORT]/]PATH[:TAG][@sha256:DIGEST], "
+                "e.g. registry.example.com/ml/nodewise@sha256:<64 hex digits> or nodewise:0.1.0"
+            )
+        return value
 
 
 class Settings(BaseSettings):

@@ -77,3 +77,34 @@ def test_a_bad_setting_is_one_line_naming_the_variable(tmp_path, env: dict[str, 
     assert done.returncode == 2
     assert done.stderr.strip().startswith(line), done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        "nodewise:0.1.0",
+        "localhost/nodewise:0.1.0",
+        "ghcr.io/org/ml/nodewise:1.2-cuda",
+        "registry.example.com:5000/ml/nodewise@sha256:" + "ab" * 32,
+        "registry.example.com/nodewise:0.1.0@sha256:" + "0" * 64,
+    ],
+)
+def test_an_image_may_be_pinned_by_tag_or_digest(image: str) -> None:
+    from nodewise.core.settings import KubernetesSettings
+
+    assert KubernetesSettings(image=image).image == image
+
+
+@pytest.mark.parametrize("image", ["Nodewise:latest", "nodewise:", "a b", "nodewise@sha256:abc", "-x/nodewise"])
+def test_a_malformed_image_is_refused_naming_the_form(image: str) -> None:
+    from nodewise.core.settings import KubernetesSettings
+
+    with pytest.raises(ValueError, match=r"is not an image reference; write \[REGISTRY"):
+        KubernetesSettings(image=image)
+
+
+def test_the_default_image_is_the_version_the_build_script_tags() -> None:
+    from nodewise import __version__
+    from nodewise.core.settings import KubernetesSettings
+
+    assert KubernetesSettings().image == f"nodewise:{__version__}"
