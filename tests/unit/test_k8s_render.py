@@ -333,3 +333,35 @@ def test_mpijob_workers_run_the_images_sshd_where_the_operator_mounts_its_key() 
     entry = (ROOT / "deployments" / "image" / "entrypoint.sh").read_text()
     assert 'if [ "$1" = "sshd" ]' in entry
     assert '"$HOME/.ssh/id_rsa"' in entry
+
+
+def test_no_credential_reaches_a_rendered_file(tmp_path: Path) -> None:
+    from tasks.k8s.deploy import write_manifests
+    from tasks.mpi.deploy import build_deepspeed_spec
+
+    settings = Settings(
+        mlflow={"tracking_uri": "https://me:hunter2@mlflow.mlops:5000"},
+        kubernetes={"credentials_secret": "nodewise-mlflow"},
+    )
+    model = resolved_model(flavor="transformers", flavors=["transformers"])
+    serve_plan = plan_placement(
+        MemoryProfile(method="analytic", weight_bytes=GIB, attention_heads=32), gpu_nodes(1, 1, 80)
+    )
+    serve = build_spec(model, serve_plan, settings)
+    big = plan_placement(
+        MemoryProfile(method="analytic", weight_bytes=200 * GIB, attention_heads=32), gpu_nodes(4, 2, 80)
+    )
+    ranks = build_deepspeed_spec(model, big, settings)
+    objects = render(serve, serve_plan, settings.kubernetes)
+    objects += render(ranks, big, settings.kubernetes, multi_node="mpijob")
+    objects += render(ranks, big, settings.kubernetes, multi_node="lws")
+    written = write_manifests(objects, tmp_path)
+    assert written
+    for path in written:
+        text = Path(path).read_text()
+        assert "hunter2" not in text, path
+        if "containers:" in text:  # every workload names the Secret instead
+            assert "secretRef:\n" in text, path
+            assert "name: nodewise-mlflow" in text, path
+    for spec in (serve, ranks):
+        assert spec.tracking_uri == "https://me:***@mlflow.mlops:5000"  # the pods read the real one from the Secret
