@@ -95,3 +95,17 @@ def digits_model(settings: Settings) -> str:
 
     model = register_demo_model(str(settings.state.artifacts))
     return f"models:/{model.name}@champion"
+
+
+def registered_with_serve_tags(settings: Settings, name: str, **serve: float) -> tuple[str, str]:
+    """The demo digits model registered as ``name`` with ``nodewise.serve.*`` tags (how a user
+    sets per-model serving options in the registry); returns (name, version)."""
+    from mlflow import MlflowClient
+
+    from nodewise.cli.demo import register_demo_model
+
+    model = register_demo_model(str(settings.state.artifacts), name=name)
+    client = MlflowClient()
+    for key, value in serve.items():
+        client.set_registered_model_tag(model.name, f"nodewise.serve.{key}", str(value))
+    return model.name, model.version

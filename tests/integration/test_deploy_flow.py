@@ -17,6 +17,7 @@ from nodewise.core.errors import DeployFailed, ModelNotFound, RegistryUnreachabl
 from nodewise.core.settings import Settings
 from tasks.records import load_records
 from tests.flows import deploy_model
+from tests.integration.conftest import registered_with_serve_tags
 
 from .models import BrokenOnLoad, DoubleIt, register_pyfunc, register_unservable
 
@@ -122,21 +123,18 @@ def test_replicas_follow_a_load_step_up_and_back_down_with_no_request_lost(setti
     step adds a replica, the end of the load removes it, and no request fails on the way. The
     watchdog, passing while the new replica starts, restarts nothing and reports nothing: a
     scale-up is not a sick replica."""
-    from mlflow import MlflowClient
     from ray.serve.context import _get_global_client
 
-    from nodewise.cli.demo import register_demo_model
     from nodewise.cli.status import deployment_status
     from tasks.watchdog.engine import watch_once
 
     from .steady import SteadyClient
 
-    model = register_demo_model(str(settings.state.artifacts), name="digits-autoscaled")
-    client = MlflowClient()
-    for key, value in {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,
-                       "upscale_delay_s": 0, "downscale_delay_s": 3}.items():  # fmt: skip
-        client.set_registered_model_tag(model.name, f"nodewise.serve.{key}", str(value))
-    record = deploy_model(f"models:/{model.name}/{model.version}", settings=settings)
+    name, version = registered_with_serve_tags(
+        settings, "digits-autoscaled", min_replicas=1, max_replicas=2, target_ongoing_requests=1,
+        upscale_delay_s=0, downscale_delay_s=3,
+    )  # fmt: skip
+    record = deploy_model(f"models:/{name}/{version}", settings=settings)
 
     def states() -> list[str]:
         details = _get_global_client().get_serve_details()["applications"][record.app_name]
@@ -178,17 +176,14 @@ def test_a_model_scaled_to_zero_releases_its_replicas_and_answers_after_a_cold_s
     one replica, idling releases it, status says so without waking it, the watchdog restarts
     nothing, and a request then waits for a new replica. A client that will not wait that long
     (Serve's x-request-timeout-seconds) gets 503 with Retry-After, not an error page."""
-    from mlflow import MlflowClient
     from ray.serve.context import _get_global_client
 
-    from nodewise.cli.demo import register_demo_model
     from tasks.watchdog.engine import watch_once
 
-    model = register_demo_model(str(settings.state.artifacts), name="digits-idle")
-    client = MlflowClient()
-    for key, value in {"min_replicas": 0, "max_replicas": 1, "downscale_delay_s": 1}.items():
-        client.set_registered_model_tag(model.name, f"nodewise.serve.{key}", str(value))
-    record = deploy_model(f"models:/{model.name}/{model.version}", settings=settings)
+    name, version = registered_with_serve_tags(
+        settings, "digits-idle", min_replicas=0, max_replicas=1, downscale_delay_s=1
+    )
+    record = deploy_model(f"models:/{name}/{version}", settings=settings)
     _, _, x_test, _ = digits_split()
     body = json.dumps({"inputs": x_test[:1].tolist()}).encode()
     assert httpx.post(f"{record.endpoint}/invocations", content=body, timeout=30).status_code == 200

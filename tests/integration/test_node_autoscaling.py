@@ -20,7 +20,7 @@ from nodewise.cli.status import deployment_status
 from nodewise.core.settings import Settings
 from tests.flows import deploy_model
 
-from .conftest import module_settings
+from .conftest import module_settings, registered_with_serve_tags
 from .steady import SteadyClient
 
 
@@ -37,17 +37,13 @@ def settings(prefect_harness: None) -> Iterator[Settings]:
 def test_a_load_step_adds_a_ray_node_for_the_replica_that_does_not_fit_and_idle_removes_it(
     settings: Settings,
 ) -> None:
-    from mlflow import MlflowClient
     from ray.serve.context import _get_global_client
 
-    from nodewise.cli.demo import register_demo_model
-
-    model = register_demo_model(str(settings.state.artifacts), name="digits-nodes")
-    client = MlflowClient()
-    for key, value in {"min_replicas": 2, "max_replicas": 3, "target_ongoing_requests": 1,
-                       "upscale_delay_s": 0, "downscale_delay_s": 3}.items():  # fmt: skip
-        client.set_registered_model_tag(model.name, f"nodewise.serve.{key}", str(value))
-    record = deploy_model(f"models:/{model.name}/{model.version}", settings=settings)
+    name, version = registered_with_serve_tags(
+        settings, "digits-nodes", min_replicas=2, max_replicas=3, target_ongoing_requests=1,
+        upscale_delay_s=0, downscale_delay_s=3,
+    )  # fmt: skip
+    record = deploy_model(f"models:/{name}/{version}", settings=settings)
     assert record.spec["max_replicas"] == 3  # the inventory counts the node that may be added
 
     def nodes() -> dict:
