@@ -1,0 +1,360 @@
+"""Continuous (iteration-level) batching for a causal LM: one engine, plain Python and torch.
+
+Requests join the running batch at the next step and leave it when they finish, each with its
+own KV cache rows; one forward pass per step decodes one token for every running sequence.
+
+- **The batch cache.** Every running sequence is a row of one key/value tensor per layer,
+  ``[batch, kv_heads, length, head_dim]``, left-padded to the longest row. ``attention_mask``
+  masks each row's padding and ``position_ids`` give each row its true position, so a row's
+  tokens are what it would get served alone. A sequence that joins is prefilled alone (its
+  prompt in one pass) and its cache padded into the batch; one that leaves is dropped from it,
+  and padding every row shares is trimmed.
+- **The token budget.** Each admitted sequence holds ``len(prompt) + max_tokens`` tokens of the
+  budget (its KV cache at worst), released when it finishes. ``max_tokens_in_flight`` comes
+  from the plan's KV-cache budget. What does not fit waits, first come first served; a request
+  larger than the whole budget is refused when it arrives (``BudgetError``).
+- **Sampling** per request (``SamplingParams``): greedy by default; temperature, top-k, top-p
+  and a seed (a ``torch.Generator`` per sequence, so the same seed gives the same tokens
+  whatever else runs in the batch); ``max_tokens``; stop strings (with a ``decode`` function);
+  the model's end-of-sequence ids.
+- **Streaming and cancellation.** Each ``Sequence`` has a queue of events (``("token", id)``,
+  then ``("end", reason)``); ``cancel()`` frees its slot at the next step.
+
+The engine knows nothing of HTTP, Prefect or ranks: the servers drive ``step()`` (or
+``start()`` a thread that does) and a tensor-parallel module is used like any other.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+_IDS = itertools.count()
+
+
+class SamplingError(ValueError):
+    """A sampling parameter is out of range (the servers answer 400)."""
+
+
+class BudgetError(ValueError):
+    """A request needs more tokens than the engine can ever hold (the servers answer 400)."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request's tokens are chosen. ``temperature`` 0 is greedy (the default)."""
+
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k cut
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        def bad(name: str, value: object, allowed: str) -> SamplingError:
+            return SamplingError(f"{name}={value!r} is out of range; use {allowed}")
+
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise bad("max_tokens", self.max_tokens, "an integer >= 1")
+        if not isinstance(self.temperature, int | float) or not 0 <= self.temperature <= 100:
+            raise bad("temperature", self.temperature, "a number from 0 (greedy) to 100")
+        if not isinstance(self.top_p, int | float) or not 0 < self.top_p <= 1:
+            raise bad("top_p", self.top_p, "a number in (0, 1]")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise bad("top_k", self.top_k, "an integer >= 0 (0: off)")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise bad("seed", self.seed, "an integer")
+        if len(self.stop) > 4 or any(not isinstance(s, str) or not s for s in self.stop):
+            raise bad("stop", list(self.stop), "up to 4 non-empty strings")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request: its prompt, what it generated so far, and its events for a reader."""
+
+    prompt: list[int]
+    params: SamplingParams
+    id: str = field(default_factory=lambda: f"seq-{next(_IDS)}")
+    tokens: list[int] = field(default_factory=list)
+    text: str | None = None  # set when stop strings are checked (what the client gets)
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled"
+    events: queue.Queue[tuple[str, Any]] = field(default_factory=queue.Queue)
+    arrived: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+    finished_at: float | None = None
+    cancelled: bool = False
+    generator: torch.Generator | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def cancel(self) -> None:
+        """The reader is gone: the engine drops this sequence at its next step."""
+        self.cancelled = True
+
+    def wait(self, timeout: float | None = None) -> Sequence:
+        """Block until finished (for a caller that does not stream); returns self."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.done:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise TimeoutError(f"{self.id} did not finish within {timeout} s")
+            try:
+                kind, _ = self.events.get(timeout=left)
+            except queue.Empty:
+                continue
+            if kind == "end":
+                break
+        return self
+
+
+class Engine:
+    """Continuous batching over ``module`` (a transformers causal LM, sharded or not)."""
+
+    def __init__(
+        self,
+        module: Any,
+        *,
+        max_tokens_in_flight: int,
+        eos_token_ids: Seq[int] = (),
+        max_batch: int = 64,
+        decode: Callable[[list[int]], str] | None = None,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        if max_tokens_in_flight < 2:
+            raise ValueError(f"max_tokens_in_flight={max_tokens_in_flight} must be at least 2")
+        self.module = module
+        self.max_tokens_in_flight = max_tokens_in_flight
+        self.eos = frozenset(int(t) for t in eos_token_ids)
+        self.max_batch = max_batch
+        self.decode = decode
+        self.device = torch.device(device)
+        self._lock = threading.Condition()
+        self._waiting: deque[Sequence] = deque()
+        self._rows: list[Sequence] = []  # the batch, in cache row order
+        self._pads: list[int] = []  # left padding of each row
+        self._keys: list[torch.Tensor] = []  # per layer, [rows, kv_heads, length, head_dim]
+        self._values: list[torch.Tensor] = []
+        self._held = 0  # tokens of the budget held by running sequences
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.steps = 0
+
+    # -- what servers call -----------------------------------------------------------------------
+    def add(self, prompt: Seq[int], params: SamplingParams | None = None, request_id: str | None = None) -> Sequence:
+        """Queue a request; it joins the batch at a step where its tokens fit the budget."""
+        params = params or SamplingParams()
+        prompt = [int(t) for t in prompt]
+        if not prompt:
+            raise BudgetError("the prompt is empty; give at least one token")
+        need = len(prompt) + params.max_tokens
+        if need > self.max_tokens_in_flight:
+            raise BudgetError(
+                f"the prompt ({len(prompt)} tokens) plus max_tokens ({params.max_tokens}) is {need} tokens, over "
+                f"the {self.max_tokens_in_flight} this server holds at once; shorten the prompt or lower max_tokens"
+            )
+        seq = Sequence(prompt=prompt, params=params, **({"id": request_id} if request_id else {}))
+        if not params.greedy:
+            seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,)).item())
+            seq.generator = torch.Generator().manual_seed(seed)
+        with self._lock:
+            self._waiting.append(seq)
+            self._lock.notify_all()
+        return seq
+
+    def has_work(self) -> bool:
+        with self._lock:
+            return bool(self._waiting or self._rows)
+
+    @property
+    def running(self) -> int:
+        return len(self._rows)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def start(self) -> None:
+        """Run steps on a thread of its own while there is work; sleep when there is none."""
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopping = True
+            self._lock.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not (self._waiting or self._rows or self._stopping):
+                    self._lock.wait()
+                if self._stopping:
+                    return
+            self.step()
+
+    # -- one step ---------------------------------------------------------------------------------
+    def step(self) -> None:
+        """Drop cancelled sequences, admit what fits, prefill the newcomers, decode one token for all."""
+        self._drop([i for i, s in enumerate(self._rows) if s.cancelled], "cancelled")
+        for seq in self._admit():
+            self._prefill(seq)
+        if self._rows:
+            self._decode()
+        self.steps += 1
+
+    def _admit(self) -> list[Sequence]:
+        admitted = []
+        with self._lock:
+            while self._waiting and len(self._rows) + len(admitted) < self.max_batch:
+                head = self._waiting[0]
+                if head.cancelled:
+                    self._waiting.popleft()
+                    self._finish(head, "cancelled")
+                    continue
+                need = len(head.prompt) + head.params.max_tokens
+                if self._held + need > self.max_tokens_in_flight:
+                    break  # first come, first served: the head waits for room
+                self._waiting.popleft()
+                self._held += need
+                admitted.append(head)
+        return admitted
+
+    @torch.inference_mode()
+    def _prefill(self, seq: Sequence) -> None:
+        ids = torch.tensor([seq.prompt], dtype=torch.long, device=self.device)
+        out = self.module(input_ids=ids, use_cache=True, logits_to_keep=1)
+        token = self._sample(seq, out.logits[0, -1])
+        cache = out.cache
+        if self._append(seq, token):
+            return  # done on its first token: never joins the batch
+        keys = [layer.keys for layer in cache.layers]
+        values = [layer.values for layer in cache.layers]
+        self._join(seq, keys, values, len(seq.prompt))
+
+    @torch.inference_mode()
+    def _decode(self) -> None:
+        from transformers import DynamicCache
+
+        rows, length = len(self._rows), self._keys[0].shape[-2]
+        last = torch.tensor([[s.tokens[-1]] for s in self._rows], dtype=torch.long, device=self.device)
+        pads = torch.tensor(self._pads, device=self.device)
+        mask = (torch.arange(length + 1, device=self.device)[None, :] >= pads[:, None]).long()
+        positions = (length - pads)[:, None]
+        cache = DynamicCache(ddp_cache_data=list(zip(self._keys, self._values, strict=True)))
+        out = self.module(input_ids=last, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
+        self._keys = [layer.keys for layer in out.cache.layers]
+        self._values = [layer.values for layer in out.cache.layers]
+        logits = out.logits[:, -1]
+        finished = [i for i in range(rows) if self._append(self._rows[i], self._sample(self._rows[i], logits[i]))]
+        self._drop(finished, None)
+
+    # -- the batch cache ------------------------------------------------------------------------
+    def _join(self, seq: Sequence, keys: list[torch.Tensor], values: list[torch.Tensor], length: int) -> None:
+        if not self._rows:
+            self._rows, self._pads, self._keys, self._values = [seq], [0], keys, values
+            return
+        current = self._keys[0].shape[-2]
+        if length > current:  # the newcomer is longest: pad every row on the left
+            grow = length - current
+            self._keys = [_pad_left(k, grow) for k in self._keys]
+            self._values = [_pad_left(v, grow) for v in self._values]
+            self._pads = [p + grow for p in self._pads]
+            current = length
+        pad = current - length
+        self._keys = [torch.cat([k, _pad_left(n, pad)]) for k, n in zip(self._keys, keys, strict=True)]
+        self._values = [torch.cat([v, _pad_left(n, pad)]) for v, n in zip(self._values, values, strict=True)]
+        self._rows.append(seq)
+        self._pads.append(pad)
+
+    def _drop(self, indices: list[int], reason: str | None) -> None:
+        if not indices:
+            return
+        for i in indices:
+            seq = self._rows[i]
+            if reason is not None:
+                self._finish(seq, reason)
+            with self._lock:
+                self._held -= len(seq.prompt) + seq.params.max_tokens
+        keep = [i for i in range(len(self._rows)) if i not in set(indices)]
+        if not keep:
+            self._rows, self._pads, self._keys, self._values = [], [], [], []
+            return
+        index = torch.tensor(keep, device=self.device)
+        trim = min(self._pads[i] for i in keep)  # padding every remaining row shares
+        self._keys = [k.index_select(0, index)[:, :, trim:] for k in self._keys]
+        self._values = [v.index_select(0, index)[:, :, trim:] for v in self._values]
+        self._rows = [self._rows[i] for i in keep]
+        self._pads = [self._pads[i] - trim for i in keep]
+
+    # -- tokens -----------------------------------------------------------------------------------
+    def _sample(self, seq: Sequence, logits: torch.Tensor) -> int:
+        params = seq.params
+        if params.greedy:
+            return int(torch.argmax(logits).item())
+        scores = logits.float() / params.temperature
+        if params.top_k and params.top_k < scores.shape[-1]:
+            cut = torch.topk(scores, params.top_k).values[-1]
+            scores = scores.masked_fill(scores < cut, -math.inf)
+        if params.top_p < 1:
+            ordered, order = torch.sort(scores, descending=True)
+            cumulative = torch.softmax(ordered, dim=-1).cumsum(dim=-1)
+            outside = cumulative - torch.softmax(ordered, dim=-1) >= params.top_p  # keep the first that crosses
+            scores = scores.masked_fill(torch.zeros_like(outside).scatter(0, order, outside), -math.inf)
+        probs = torch.softmax(scores, dim=-1)
+        return int(torch.multinomial(probs, 1, generator=seq.generator).item())
+
+    def _append(self, seq: Sequence, token: int) -> bool:
+        """Record ``token``; True when ``seq`` has finished (and its end is sent)."""
+        if seq.first_token_at is None:
+            seq.first_token_at = time.monotonic()
+        seq.tokens.append(token)
+        if token in self.eos:
+            self._finish(seq, "stop")
+            return True
+        if seq.params.stop and self.decode is not None:
+            text = self.decode(seq.tokens)
+            cuts = [i for i in (text.find(s) for s in seq.params.stop) if i >= 0]
+            if cuts:
+                seq.text = text[: min(cuts)]
+                self._finish(seq, "stop")
+                return True
+        seq.events.put(("token", token))
+        if len(seq.tokens) >= seq.params.max_tokens:
+            self._finish(seq, "length")
+            return True
+        return False
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        seq.finish_reason = reason
+        seq.finished_at = time.monotonic()
+        seq.events.put(("end", reason))
+
+
+def _pad_left(tensor: torch.Tensor, width: int) -> torch.Tensor:
+    if width == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[-2] = width
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=-2)
