@@ -122,6 +122,31 @@ class LanguageModel:
                 results.append(out[0, tensor.shape[1] :].tolist())
         return results
 
+    def engine(self) -> Any:
+        """The continuous-batching engine over this (sharded) module; every rank makes the same one.
+
+        Its token budget is what the deployment already allowed at once: ``max_batch_size``
+        sequences of the model's full length (the plan's KV-cache budget is not yet passed on).
+        """
+        from serving.engine import Engine
+
+        config = getattr(self.module, "generation_config", None)
+        eos = getattr(config, "eos_token_id", None)
+        eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        tokenizer = self.tokenizer
+        return Engine(
+            self.module,
+            max_tokens_in_flight=self.tokens_in_flight,
+            eos_token_ids=eos_ids,
+            max_batch=self.spec.max_batch_size,
+            decode=(lambda ids: tokenizer.decode(ids, skip_special_tokens=True)) if tokenizer is not None else None,
+            device=self._device(),
+        )
+
+    @property
+    def tokens_in_flight(self) -> int:
+        return self.spec.max_batch_size * (self.max_positions or 2048)
+
     def _device(self) -> str:
         if self.spec.device == "cuda":
             import torch

@@ -14,6 +14,7 @@ launcher reports that line.
 
 from __future__ import annotations
 
+import itertools
 import os
 import queue
 import socket
@@ -44,6 +45,7 @@ from serving.openapi import document, scoring_paths
 from serving.spec import SPEC_ENV, DeepSpeedSpec
 
 ERROR_MARK = "nodewise-worker error:"
+_REQUEST_IDS = itertools.count()
 
 
 @dataclass
@@ -161,6 +163,7 @@ class Frontend:
         self.model: Any = None  # LanguageModel once loaded
         self.commands: queue.Queue[tuple[tuple[Any, ...], Future[Any]]] = queue.Queue()
         self.timing = threading.local()  # the ranks' compute time of this thread's last request
+        self.sequences: dict[str, Future[Any]] = {}  # the engine's requests by id, until they finish
 
     def submit(self, command: tuple[Any, ...]) -> Any:
         if self.model is None or not self.view.health()["ready"]:
@@ -172,6 +175,41 @@ class Frontend:
             return result
         except TimeoutError as e:
             raise RequestTimeout(f"no answer within {self.spec.request_timeout_s:.0f} s") from e
+
+    def generate_ids(self, prompts: list[np.ndarray], new_tokens: int) -> list[list[int]]:
+        """New token ids for each prompt (greedy). A model that can generate goes through the
+        continuous-batching engine: each prompt joins the batch every rank runs, so concurrent
+        requests share decoding steps; otherwise the whole request is one step."""
+        if self.model is None or not self.model.can_generate:
+            return self.submit(("generate", prompts, new_tokens))
+        if self.model is None or not self.view.health()["ready"]:
+            raise NotReady(self.view.health()["problems"] or ["the model is loading"])
+        budget = self.model.tokens_in_flight
+        for prompt in prompts:
+            if len(prompt) + new_tokens > budget:
+                raise BadRequest(
+                    f"{len(prompt)} prompt tokens plus max_new_tokens={new_tokens} is over the {budget} tokens "
+                    "this deployment holds at once; shorten the prompt or ask for fewer tokens"
+                )
+        waits = []
+        for prompt in prompts:
+            request_id = f"r{next(_REQUEST_IDS)}"
+            done: Future[Any] = Future()
+            self.commands.put((("add", request_id, [int(t) for t in prompt], new_tokens), done))
+            waits.append((request_id, done))
+        deadline = time.monotonic() + self.spec.request_timeout_s
+        outputs, slowest = [], 0.0
+        for _, done in waits:
+            try:
+                tokens, ms = done.result(timeout=max(0.0, deadline - time.monotonic()))
+            except TimeoutError as e:
+                for other, _ in waits:  # free their slots at the next step
+                    self.commands.put((("cancel", other), Future()))
+                raise RequestTimeout(f"no answer within {self.spec.request_timeout_s:.0f} s") from e
+            outputs.append(tokens)
+            slowest = max(slowest, ms)
+        self.timing.ms = slowest
+        return outputs
 
     # -- /invocations ----------------------------------------------------------------------
     def invocations(self, body: bytes, content_type: str) -> bytes:
@@ -220,7 +258,7 @@ class Frontend:
             raise BadRequest(f"{len(rows)} sequences is over the limit of {self.spec.max_batch_size} per request")
         prompts = [self._token_row(r) for r in rows]
         self._check_length(max(len(p) for p in prompts) + new_tokens)
-        return encode_json({"output_ids": self.submit(("generate", prompts, new_tokens))})
+        return encode_json({"output_ids": self.generate_ids(prompts, new_tokens)})
 
     def _generate_texts(self, texts: list[str], new_tokens: int) -> list[str]:
         tokenizer = self.model.tokenizer if self.model else None
@@ -241,7 +279,7 @@ class Frontend:
         if any(p.size == 0 for p in prompts):
             raise BadRequest("a prompt is empty after tokenization; send some text")
         self._check_length(max(len(p) for p in prompts) + new_tokens)
-        outputs = self.submit(("generate", prompts, new_tokens))
+        outputs = self.generate_ids(prompts, new_tokens)
         return [t + tokenizer.decode(o, skip_special_tokens=True) for t, o in zip(texts, outputs, strict=True)]
 
     def _token_row(self, row: list[Any]) -> np.ndarray:
@@ -375,20 +413,38 @@ def _heartbeats(state: RankState, url: str, every_s: float, local: ClusterView |
 
 
 def _step_loop(env: DistEnv, spec: DeepSpeedSpec, model: Any, state: RankState, frontend: Frontend | None) -> None:
-    """Every rank: receive the next command from rank 0, run it, and (rank 0) answer."""
+    """Every rank: receive the next step's plan from rank 0, run it, and (rank 0) answer.
+
+    A plan is one broadcast: a command (a forward pass, or a tick when idle), the generation
+    requests that join the engine's batch, and those cancelled. Every rank then runs the same
+    engine step, so a decoding step costs one collective round for the whole batch.
+    """
     import torch.distributed as dist
 
+    engine = model.engine() if model.can_generate else None
+    sequences: dict[str, Any] = {}
+    held: list[tuple[tuple[Any, ...], Future[Any]]] = []  # rank 0: commands waiting for their step
     while True:
         done: Future[Any] | None = None
-        message: list[Any] = [None]
+        command: tuple[Any, ...] = ("tick",)
+        adds: list[tuple[str, list[int], int]] = []
+        cancels: list[str] = []
         if frontend is not None:
-            try:
-                message[0], done = frontend.commands.get(timeout=spec.tick_s)
-            except queue.Empty:
-                message[0] = ("tick",)
+            busy = bool(held) or (engine is not None and engine.has_work())
+            for item, future in _drain(frontend.commands, 0 if busy else spec.tick_s):
+                if item[0] == "add":
+                    adds.append(item[1:])
+                    frontend.sequences[item[1]] = future
+                elif item[0] == "cancel":
+                    cancels.append(item[1])
+                else:
+                    held.append((item, future))
+            if held:
+                command, done = held.pop(0)
+        message: list[Any] = [(command, adds, cancels)]
         state.busy_since = time.monotonic()
         dist.broadcast_object_list(message, src=0)
-        command = message[0]
+        command, adds, cancels = message[0]
         started = time.perf_counter()
         try:
             if command[0] == "forward":
@@ -403,9 +459,59 @@ def _step_loop(env: DistEnv, spec: DeepSpeedSpec, model: Any, state: RankState, 
         else:
             if done is not None:
                 done.set_result((result, (time.perf_counter() - started) * 1000))
+        if engine is not None and (adds or cancels or engine.has_work()):
+            engine = _engine_step(engine, model, sequences, adds, cancels, frontend)
         state.steps += 1
         state.last_step = time.monotonic()
         state.busy_since = None
+
+
+def _drain(commands: queue.Queue[Any], wait_s: float) -> list[Any]:
+    """What the HTTP threads queued: block up to ``wait_s`` for the first item, then take the rest."""
+    items = []
+    try:
+        items.append(commands.get(timeout=wait_s) if wait_s > 0 else commands.get_nowait())
+        while True:
+            items.append(commands.get_nowait())
+    except queue.Empty:
+        return items
+
+
+def _engine_step(
+    engine: Any,
+    model: Any,
+    sequences: dict[str, Any],
+    adds: list[tuple[str, list[int], int]],
+    cancels: list[str],
+    frontend: Frontend | None,
+) -> Any:
+    """One step of the engine on every rank; rank 0 answers the requests that finished.
+    Returns the engine to go on with (a fresh one after an error, which every rank meets alike)."""
+    from serving.engine import SamplingParams
+
+    try:
+        for request_id, prompt, new_tokens in adds:
+            sequences[request_id] = engine.add(prompt, SamplingParams(max_tokens=new_tokens), request_id=request_id)
+        for request_id in cancels:
+            if request_id in sequences:
+                sequences[request_id].cancel()
+        engine.step()
+    except Exception as e:
+        for request_id in list(sequences):
+            future = frontend.sequences.pop(request_id, None) if frontend is not None else None
+            if future is not None and not future.done():
+                future.set_exception(e)
+        sequences.clear()
+        return model.engine()
+    for request_id in [r for r, seq in sequences.items() if seq.done]:
+        seq = sequences.pop(request_id)
+        future = frontend.sequences.pop(request_id, None) if frontend is not None else None
+        if future is not None and not future.done():
+            if seq.finish_reason == "cancelled":
+                future.cancel()
+            else:
+                future.set_result((seq.tokens, ((seq.finished_at or 0) - seq.arrived) * 1000))
+    return engine
 
 
 def main(argv: list[str]) -> int:

@@ -182,6 +182,29 @@ def test_two_ranks_answer_like_one_rank_and_like_the_whole_model(
     assert answer["predictions"][0].startswith("hello")
 
 
+def test_concurrent_generations_are_batched_and_each_equals_its_prompt_served_alone(deployed: object) -> None:
+    """8 clients at once: their requests join the engine's batch as they arrive (some mid-way
+    through others) and every rank decodes them together; each answer is what Hugging Face's
+    generate gives that prompt alone on the whole model."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from serving._lm import LanguageModel
+    from serving.spec import DeepSpeedSpec
+
+    prompts = [[(7 * i + j) % 90 + 3 for j in range(3 + 2 * i)] for i in range(8)]
+
+    def one(prompt: list[int]) -> list[int]:
+        body = {"input_ids": [prompt], "max_new_tokens": 12}
+        answer = httpx.post(f"{deployed.endpoint}/generate", json=body, timeout=120)
+        assert answer.status_code == 200, answer.text
+        return answer.json()["output_ids"][0]
+
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(one, prompts))
+    whole = LanguageModel.load(DeepSpeedSpec.model_validate(deployed.spec).model_copy(update={"tp_size": 1}))
+    assert got == whole.generate([np.asarray(p) for p in prompts], 12)  # one prompt at a time
+
+
 @pytest.mark.parametrize(
     ("path", "body", "status", "message"),
     [
