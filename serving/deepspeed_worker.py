@@ -180,7 +180,7 @@ class Frontend:
         """New token ids for each prompt (greedy). A model that can generate goes through the
         continuous-batching engine: each prompt joins the batch every rank runs, so concurrent
         requests share decoding steps; otherwise the whole request is one step."""
-        if self.model is None or not self.model.can_generate:
+        if not getattr(self.model, "can_generate", False) or not self.spec.batching:
             return self.submit(("generate", prompts, new_tokens))
         if self.model is None or not self.view.health()["ready"]:
             raise NotReady(self.view.health()["problems"] or ["the model is loading"])
@@ -421,7 +421,7 @@ def _step_loop(env: DistEnv, spec: DeepSpeedSpec, model: Any, state: RankState, 
     """
     import torch.distributed as dist
 
-    engine = model.engine() if model.can_generate else None
+    engine = model.engine() if model.can_generate and spec.batching else None
     sequences: dict[str, Any] = {}
     held: list[tuple[tuple[Any, ...], Future[Any]]] = []  # rank 0: commands waiting for their step
     while True:

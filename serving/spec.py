@@ -134,6 +134,11 @@ class DeepSpeedSpec(BaseModel):
     max_batch_size: PositiveInt = 32
     default_new_tokens: PositiveInt = 16
     max_new_tokens: PositiveInt = 256
+    batching: bool = Field(
+        default=True,
+        description="Generation through the continuous-batching engine (serving/engine.py); false: one "
+        "request at a time, each a whole step (the serial mode benchmarks compare with).",
+    )
     artifact_uri: str | None = Field(
         default=None, description="The version's artifact location; read in place where it is a local folder."
     )

@@ -261,6 +261,10 @@ class DeepSpeedSettings(_Section):
     max_batch_size: PositiveInt = Field(default=8, description="Sequences (or prompts) per request.")
     default_new_tokens: PositiveInt = Field(default=16, description="Tokens generated when a request names none.")
     max_new_tokens: PositiveInt = Field(default=256, description="Most tokens one request may ask to generate.")
+    batching: bool = Field(
+        default=True,
+        description="Concurrent generations share decoding steps (continuous batching); false: one at a time.",
+    )
     mpirun: str = Field(default="mpirun", description="Open MPI's launcher (a path or a name on PATH).")
     mpirun_args: list[str] = Field(
         default_factory=list, description="Extra mpirun arguments, e.g. ['--mca', 'btl_tcp_if_include', 'eth0']."

@@ -73,6 +73,7 @@ def build_deepspeed_spec(model: ResolvedModel, plan: PlacementPlan, settings: Se
         max_batch_size=ds.max_batch_size,
         default_new_tokens=min(ds.default_new_tokens, ds.max_new_tokens),
         max_new_tokens=ds.max_new_tokens,
+        batching=ds.batching,
     )
 
 

@@ -301,3 +301,12 @@ def test_a_prompt_with_a_lone_surrogate_is_a_bad_request(frontend: Frontend) -> 
         frontend.invocations(b'{"inputs": ["ok \\udb93"]}', "application/json")
     with pytest.raises(BadRequest, match="lone surrogate"):
         frontend.generate(b'{"prompt": "\\udcf5"}')
+
+
+def test_a_generation_over_the_engines_token_budget_is_a_bad_request(frontend: Frontend) -> None:
+    frontend.model = SimpleNamespace(
+        tokenizer=None, vocab_size=50, max_positions=16, can_generate=True, tokens_in_flight=10
+    )
+    with pytest.raises(BadRequest, match=r"5 prompt tokens plus max_new_tokens=8 is over the 10 tokens .* at once"):
+        frontend.generate(b'{"input_ids": [[1, 2, 3, 4, 5]], "max_new_tokens": 8}')
+    assert frontend.commands.empty()  # nothing reached the ranks

@@ -1,0 +1,184 @@
+"""LLM serving on the multi-node backend: continuous batching against serial, and against
+Hugging Face's generate with a static batch.
+
+One run on this machine. The demo's Llama-style LM (random weights; ``--hidden/--layers`` for a
+bigger one) registered in a fresh MLflow, served by DeepSpeed at TP=2 under mpirun, twice:
+batching on (the engine, ``serving/engine.py``) and off (``NODEWISE_DEEPSPEED__BATCHING=false``:
+one request at a time, each a whole step, the backend before the engine). Closed-loop clients
+at each concurrency (``--concurrency 1,4,16``) send ``POST /generate`` with token ids (prompts of
+8-32 tokens, ``--new-tokens`` greedy tokens each) for ``--requests`` requests per client.
+Measured: output tokens/s, requests/s, request latency p50/p99, and each request's latency
+against the same prompt's at concurrency 1 (the slowest ratio).
+Peer in the same run: Hugging Face ``generate`` on the same weights in one process, the same
+prompts in static batches of the concurrency's size (left-padded), its output tokens/s.
+Not measured yet: time to first token and inter-token latency (streaming is not built yet).
+
+Usage: .venv/bin/python benchmarks/llm_serving.py [--concurrency 1,4,16] [--requests 6]
+(last line: one JSON object)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.deepspeed_cluster import bench_spec, percentile  # noqa: E402
+
+
+def make_prompts(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    import random
+
+    rng = random.Random(seed)
+    return [[rng.randrange(3, vocab) for _ in range(rng.randint(8, 32))] for _ in range(n)]
+
+
+def closed_loop(endpoint: str, prompts: list[list[int]], clients: int, new_tokens: int) -> dict[str, Any]:
+    """``clients`` threads, each sending its share of ``prompts`` one after another."""
+    import httpx
+
+    latencies: dict[int, float] = {}
+    tokens = [0]
+    errors: list[str] = []
+    lock = threading.Lock()
+
+    def client(k: int) -> None:
+        with httpx.Client(timeout=600) as http:
+            for i in range(k, len(prompts), clients):
+                start = time.perf_counter()
+                body = {"input_ids": [prompts[i]], "max_new_tokens": new_tokens}
+                answer = http.post(f"{endpoint}/generate", json=body)
+                took = time.perf_counter() - start
+                with lock:
+                    if answer.status_code != 200:
+                        errors.append(f"{answer.status_code}: {answer.text[:200]}")
+                        continue
+                    latencies[i] = took
+                    tokens[0] += len(answer.json()["output_ids"][0])
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    values = list(latencies.values())
+    return {
+        "clients": clients,
+        "requests": len(values),
+        "errors": errors[:3],
+        "output_tokens_per_s": round(tokens[0] / wall, 1),
+        "requests_per_s": round(len(values) / wall, 2),
+        "latency_p50_ms": round(statistics.median(values) * 1000, 1) if values else None,
+        "latency_p99_ms": round(percentile(values, 99) * 1000, 1) if values else None,
+        "_by_prompt": latencies,
+    }
+
+
+def hf_static(model_dir: Path, prompts: list[list[int]], batch: int, new_tokens: int) -> dict[str, Any]:
+    """The peer: Hugging Face's generate in this process, static batches of ``batch`` prompts."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(2)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    produced = 0
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for i in range(0, len(prompts), batch):
+            group = prompts[i : i + batch]
+            width = max(len(p) for p in group)
+            ids = torch.tensor([[2] * (width - len(p)) + p for p in group])
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in group])
+            out = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, pad_token_id=2)
+            produced += (out.shape[1] - width) * len(group)
+    wall = time.perf_counter() - start
+    return {"batch": batch, "output_tokens_per_s": round(produced / wall, 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--concurrency", default="1,4,16")
+    parser.add_argument("--requests", type=int, default=6, help="requests per client")
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    args = parser.parse_args()
+    levels = [int(c) for c in args.concurrency.split(",")]
+
+    state = Path(tempfile.mkdtemp(prefix="nw-bench-llm-", dir="/tmp"))
+    from nodewise.core.runtime import configure_process
+    from nodewise.core.settings import Settings
+
+    op_cache = ROOT / ".nodewise" / "bench-op-cache"  # DeepSpeed's op, built once across runs
+    settings = Settings(state_dir=state, deepspeed={"port": 8191, "op_cache_dir": str(op_cache)})
+    configure_process(settings)
+    from mlflow import MlflowClient
+
+    from nodewise.cli.demo import build_llama, log_llama
+    from tasks.mpi.launcher import launch, stop_cluster, wait_ready
+    from tasks.planning.registry import resolve_model
+
+    model, tokenizer = build_llama(hidden=args.hidden, layers=args.layers, heads=max(4, args.hidden // 64))
+    params = sum(p.numel() for p in model.parameters())
+    experiment = MlflowClient().create_experiment("bench", artifact_location=settings.state.artifacts.as_uri())
+    version = log_llama(model, tokenizer, "bench-llama", experiment)
+    resolved = resolve_model(f"models:/bench-llama/{version}", MlflowClient())
+    model_dir = state / "hf-model"
+    model.save_pretrained(model_dir)
+    vocab = model.config.vocab_size
+    result: dict[str, Any] = {
+        "model": f"llama hidden={args.hidden} layers={args.layers} params={params / 1e6:.1f}M fp32, CPU",
+        "new_tokens": args.new_tokens,
+        "tp": 2,
+    }
+    alone: dict[int, float] = {}
+    try:
+        for mode, batching in (("batching", True), ("serial", False)):
+            spec = bench_spec(resolved, settings, host="127.0.0.1").model_copy(update={"batching": batching})
+            cluster = launch(spec, ["localhost", "localhost"], 1, settings)
+            wait_ready(cluster, 900)
+            rows = []
+            for clients in levels:
+                prompts = make_prompts(clients * args.requests, vocab)
+                row = closed_loop(cluster.endpoint, prompts, clients, args.new_tokens)
+                by_prompt = row.pop("_by_prompt")
+                if mode == "batching" and clients == 1:
+                    alone = by_prompt
+                if mode == "batching" and clients > 1 and alone:
+                    # the same prompt list prefix at concurrency 1: compare request by request
+                    common = [i for i in by_prompt if i in alone]
+                    if common:
+                        row["slowest_vs_alone"] = round(max(by_prompt[i] / alone[i] for i in common), 2)
+                rows.append(row)
+                print(json.dumps({mode: row}), file=sys.stderr, flush=True)
+            result[mode] = rows
+            stop_cluster(settings, "bench")
+        result["hf_generate_static_batch"] = [
+            hf_static(model_dir, make_prompts(c * args.requests, vocab), c, args.new_tokens) for c in levels
+        ]
+        by = {r["clients"]: r for r in result["batching"]}
+        serial = {r["clients"]: r for r in result["serial"]}
+        top = max(levels)
+        result["speedup_vs_serial_at_max_concurrency"] = round(
+            by[top]["output_tokens_per_s"] / serial[top]["output_tokens_per_s"], 2
+        )
+    finally:
+        stop_cluster(settings, "bench")
+        shutil.rmtree(state, ignore_errors=True)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
