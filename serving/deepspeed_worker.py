@@ -17,6 +17,7 @@ from __future__ import annotations
 import itertools
 import os
 import queue
+import random
 import socket
 import sys
 import threading
@@ -176,7 +177,9 @@ class Frontend:
         except TimeoutError as e:
             raise RequestTimeout(f"no answer within {self.spec.request_timeout_s:.0f} s") from e
 
-    def generate_ids(self, prompts: list[np.ndarray], new_tokens: int) -> list[list[int]]:
+    def generate_ids(
+        self, prompts: list[np.ndarray], new_tokens: int, sampling: dict[str, Any] | None = None
+    ) -> list[list[int]]:
         """New token ids for each prompt (greedy). A model that can generate goes through the
         continuous-batching engine: each prompt joins the batch every rank runs, so concurrent
         requests share decoding steps; otherwise the whole request is one step."""
@@ -195,7 +198,7 @@ class Frontend:
         for prompt in prompts:
             request_id = f"r{next(_REQUEST_IDS)}"
             done: Future[Any] = Future()
-            self.commands.put((("add", request_id, [int(t) for t in prompt], new_tokens), done))
+            self.commands.put((("add", request_id, [int(t) for t in prompt], new_tokens, sampling or {}), done))
             waits.append((request_id, done))
         deadline = time.monotonic() + self.spec.request_timeout_s
         outputs, slowest = [], 0.0
@@ -246,11 +249,12 @@ class Frontend:
             raise BadRequest(
                 f"max_new_tokens={new_tokens} is over this deployment's limit of {self.spec.max_new_tokens}"
             )
+        sampling = self._sampling(payload, new_tokens)
         if "prompt" in payload:
             prompts = payload["prompt"] if isinstance(payload["prompt"], list) else [payload["prompt"]]
             if not prompts or not all(isinstance(p, str) for p in prompts):
                 raise BadRequest('"prompt" must be a string or a non-empty list of strings')
-            return encode_json({"generated_text": self._generate_texts(prompts, new_tokens)})
+            return encode_json({"generated_text": self._generate_texts(prompts, new_tokens, sampling)})
         rows = payload["input_ids"]
         if not isinstance(rows, list) or not rows or not all(isinstance(r, list) and r for r in rows):
             raise BadRequest('"input_ids" must be a non-empty list of non-empty lists of token ids')
@@ -258,9 +262,34 @@ class Frontend:
             raise BadRequest(f"{len(rows)} sequences is over the limit of {self.spec.max_batch_size} per request")
         prompts = [self._token_row(r) for r in rows]
         self._check_length(max(len(p) for p in prompts) + new_tokens)
-        return encode_json({"output_ids": self.generate_ids(prompts, new_tokens)})
+        return encode_json({"output_ids": self.generate_ids(prompts, new_tokens, sampling)})
 
-    def _generate_texts(self, texts: list[str], new_tokens: int) -> list[str]:
+    def _sampling(self, payload: dict[str, Any], new_tokens: int) -> dict[str, Any]:
+        """The request's sampling parameters (serving/engine.py's), checked; rank 0 picks the seed
+        of a sampled request that names none, so every rank draws the same tokens."""
+        from serving.engine import SamplingError, SamplingParams
+
+        fields = {k: payload[k] for k in ("temperature", "top_p", "top_k", "seed") if k in payload}
+        if "stop" in payload:
+            stop = payload["stop"]
+            fields["stop"] = tuple(stop) if isinstance(stop, list) else (stop,)
+        try:
+            params = SamplingParams(max_tokens=new_tokens, **fields)
+        except SamplingError as e:
+            raise BadRequest(str(e)) from e
+        if params.stop and (self.model is None or self.model.tokenizer is None):
+            raise BadRequest('stop strings need the model\'s tokenizer (pytorch flavour has none); drop "stop"')
+        if not params.greedy or params.stop:
+            if not (getattr(self.model, "can_generate", False) and self.spec.batching):
+                raise BadRequest(
+                    "sampling and stop strings need the batching engine (NODEWISE_DEEPSPEED__BATCHING=true); "
+                    "this deployment decodes greedily only"
+                )
+            if not params.greedy and params.seed is None:
+                fields["seed"] = random.getrandbits(62)
+        return fields
+
+    def _generate_texts(self, texts: list[str], new_tokens: int, sampling: dict[str, Any] | None = None) -> list[str]:
         tokenizer = self.model.tokenizer if self.model else None
         if tokenizer is None:
             raise BadRequest("this model has no tokenizer (pytorch flavour): send token ids, not text")
@@ -279,8 +308,10 @@ class Frontend:
         if any(p.size == 0 for p in prompts):
             raise BadRequest("a prompt is empty after tokenization; send some text")
         self._check_length(max(len(p) for p in prompts) + new_tokens)
-        outputs = self.generate_ids(prompts, new_tokens)
-        return [t + tokenizer.decode(o, skip_special_tokens=True) for t, o in zip(texts, outputs, strict=True)]
+        outputs = self.generate_ids(prompts, new_tokens, sampling)
+        stops = (sampling or {}).get("stop", ())
+        decoded = [tokenizer.decode(o, skip_special_tokens=True) for o in outputs]
+        return [t + _cut(d, stops) for t, d in zip(texts, decoded, strict=True)]
 
     def _token_row(self, row: list[Any]) -> np.ndarray:
         """One sequence of ``input_ids``: a flat list of token ids."""
@@ -427,7 +458,7 @@ def _step_loop(env: DistEnv, spec: DeepSpeedSpec, model: Any, state: RankState, 
     while True:
         done: Future[Any] | None = None
         command: tuple[Any, ...] = ("tick",)
-        adds: list[tuple[str, list[int], int]] = []
+        adds: list[tuple[str, list[int], int, dict[str, Any]]] = []
         cancels: list[str] = []
         if frontend is not None:
             busy = bool(held) or (engine is not None and engine.has_work())
@@ -466,6 +497,12 @@ def _step_loop(env: DistEnv, spec: DeepSpeedSpec, model: Any, state: RankState, 
         state.busy_since = None
 
 
+def _cut(text: str, stops: tuple[str, ...] | list[str]) -> str:
+    """``text`` up to the first stop string it holds (the stop string itself is not returned)."""
+    cuts = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return text[: min(cuts)] if cuts else text
+
+
 def _drain(commands: queue.Queue[Any], wait_s: float) -> list[Any]:
     """What the HTTP threads queued: block up to ``wait_s`` for the first item, then take the rest."""
     items = []
@@ -481,7 +518,7 @@ def _engine_step(
     engine: Any,
     model: Any,
     sequences: dict[str, Any],
-    adds: list[tuple[str, list[int], int]],
+    adds: list[tuple[str, list[int], int, dict[str, Any]]],
     cancels: list[str],
     frontend: Frontend | None,
 ) -> Any:
@@ -490,8 +527,9 @@ def _engine_step(
     from serving.engine import SamplingParams
 
     try:
-        for request_id, prompt, new_tokens in adds:
-            sequences[request_id] = engine.add(prompt, SamplingParams(max_tokens=new_tokens), request_id=request_id)
+        for request_id, prompt, new_tokens, sampling in adds:
+            params = SamplingParams(max_tokens=new_tokens, **sampling)
+            sequences[request_id] = engine.add(prompt, params, request_id=request_id)
         for request_id in cancels:
             if request_id in sequences:
                 sequences[request_id].cancel()

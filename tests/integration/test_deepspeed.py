@@ -205,6 +205,28 @@ def test_concurrent_generations_are_batched_and_each_equals_its_prompt_served_al
     assert got == whole.generate([np.asarray(p) for p in prompts], 12)  # one prompt at a time
 
 
+def test_sampling_is_reproducible_by_seed_and_stop_strings_end_the_text(deployed: object) -> None:
+    """Every rank draws the same tokens (rank 0 picks a seed when none is given); the same seed
+    gives the same tokens again, whatever else is in the batch; a stop string ends the text."""
+
+    def generate(body: dict) -> dict:
+        answer = httpx.post(f"{deployed.endpoint}/generate", json=body, timeout=120)
+        assert answer.status_code == 200, answer.text
+        return answer.json()
+
+    sampled = {"input_ids": [[5, 17, 33]], "max_new_tokens": 12, "temperature": 0.8, "top_p": 0.9, "seed": 11}
+    first = generate(sampled)["output_ids"][0]
+    assert generate(sampled)["output_ids"][0] == first
+    assert generate({**sampled, "seed": 12})["output_ids"][0] != first
+    assert len(generate({**sampled, "seed": None})["output_ids"][0]) == 12  # a seed drawn by rank 0
+    greedy = generate({"prompt": "hello nodewise", "max_new_tokens": 12})["generated_text"][0]
+    tail = greedy[len("hello nodewise") :]
+    stop = tail[3:5]
+    assert stop
+    cut = generate({"prompt": "hello nodewise", "max_new_tokens": 12, "stop": stop})["generated_text"][0]
+    assert cut == "hello nodewise" + tail[: tail.find(stop)]
+
+
 @pytest.mark.parametrize(
     ("path", "body", "status", "message"),
     [
@@ -212,6 +234,8 @@ def test_concurrent_generations_are_batched_and_each_equals_its_prompt_served_al
         ("/invocations", json.dumps({"inputs": [[1, 2, 500]]}).encode(), 400, "token ids outside 0-97"),
         ("/invocations", json.dumps({"inputs": [list(range(3, 90)) * 2]}).encode(), 400, "over the model's limit"),
         ("/generate", json.dumps({"prompt": "x", "max_new_tokens": 10_000}).encode(), 400, "over this deployment"),
+        ("/generate", json.dumps({"prompt": "x", "temperature": -1}).encode(), 400, "temperature=-1 is out of range"),
+        ("/generate", json.dumps({"input_ids": [[5]], "top_p": 2}).encode(), 400, "top_p=2 is out of range"),
         ("/invocations", b"a,b\n1,2", 415, "text/plain"),
         ("/nope", b"{}", 404, "no route POST /nope"),
     ],
