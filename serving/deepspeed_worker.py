@@ -116,6 +116,8 @@ class ClusterView:
         self.beats: dict[int, Beat] = {}
         self.lock = threading.Lock()
         self.started = time.monotonic()
+        # the batch as of the last step, and how many sequences ended by reason (length, stop, cancelled)
+        self.engine: dict[str, int] = {"running": 0, "waiting": 0}
 
     def record(self, beat: dict[str, Any]) -> None:
         rank = int(beat["rank"])
@@ -151,6 +153,7 @@ class ClusterView:
             "world_size": self.world_size,
             "problems": problems,
             "ranks": ranks,
+            "engine": dict(self.engine),
             "uptime_s": round(now - self.started, 1),
         }
 
@@ -165,6 +168,7 @@ class Frontend:
         self.commands: queue.Queue[tuple[tuple[Any, ...], Future[Any]]] = queue.Queue()
         self.timing = threading.local()  # the ranks' compute time of this thread's last request
         self.sequences: dict[str, Future[Any]] = {}  # the engine's requests by id, until they finish
+        self.streams: dict[str, queue.Queue[tuple[str, Any]]] = {}  # where a streamed request's tokens go
 
     def submit(self, command: tuple[Any, ...]) -> Any:
         if self.model is None or not self.view.health()["ready"]:
@@ -250,6 +254,11 @@ class Frontend:
                 f"max_new_tokens={new_tokens} is over this deployment's limit of {self.spec.max_new_tokens}"
             )
         sampling = self._sampling(payload, new_tokens)
+        stream = payload.get("stream", False)
+        if not isinstance(stream, bool):
+            raise BadRequest(f"stream={stream!r} must be true or false")
+        if stream:
+            return self._stream_one(payload, new_tokens, sampling)
         if "prompt" in payload:
             prompts = payload["prompt"] if isinstance(payload["prompt"], list) else [payload["prompt"]]
             if not prompts or not all(isinstance(p, str) for p in prompts):
@@ -263,6 +272,69 @@ class Frontend:
         prompts = [self._token_row(r) for r in rows]
         self._check_length(max(len(p) for p in prompts) + new_tokens)
         return encode_json({"output_ids": self.generate_ids(prompts, new_tokens, sampling)})
+
+    def _stream_one(self, payload: dict[str, Any], new_tokens: int, sampling: dict[str, Any]) -> Any:
+        """A streamed generation: one prompt, its tokens as Server-Sent Events while they come.
+        Returns (request id, an iterator of events); the handler writes them and cancels the
+        request if the client goes away."""
+        if not (getattr(self.model, "can_generate", False) and self.spec.batching):
+            raise BadRequest("streaming needs the batching engine (NODEWISE_DEEPSPEED__BATCHING=true)")
+        tokenizer = self.model.tokenizer
+        if "prompt" in payload:
+            if not isinstance(payload["prompt"], str):
+                raise BadRequest('a streamed request takes one "prompt" string')
+            if tokenizer is None:
+                raise BadRequest("this model has no tokenizer (pytorch flavour): send input_ids, not text")
+            prompt = np.asarray(tokenizer(payload["prompt"])["input_ids"], dtype=np.int64)
+            if prompt.size == 0:
+                raise BadRequest("the prompt is empty after tokenization; send some text")
+        else:
+            rows = payload["input_ids"]
+            if not isinstance(rows, list) or len(rows) != 1 or not isinstance(rows[0], list) or not rows[0]:
+                raise BadRequest('a streamed request takes one sequence: {"input_ids": [[id, ...]]}')
+            prompt = self._token_row(rows[0])
+        self._check_length(len(prompt) + new_tokens)
+        if len(prompt) + new_tokens > self.model.tokens_in_flight:
+            raise BadRequest(
+                f"{len(prompt)} prompt tokens plus max_new_tokens={new_tokens} is over the "
+                f"{self.model.tokens_in_flight} tokens this deployment holds at once"
+            )
+        if not self.view.health()["ready"]:
+            raise NotReady(self.view.health()["problems"])
+        request_id = f"r{next(_REQUEST_IDS)}"
+        events: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self.streams[request_id] = events
+        self.commands.put((("add", request_id, [int(t) for t in prompt], new_tokens, sampling), Future()))
+        return request_id, self._events(request_id, events, len(prompt), sampling.get("stop", ()))
+
+    def _events(self, request_id: str, events: queue.Queue[tuple[str, Any]], prompt_tokens: int, stops: Any) -> Any:
+        tokenizer = self.model.tokenizer
+        tokens: list[int] = []
+        sent = ""
+        deadline = time.monotonic() + self.spec.request_timeout_s
+        while True:
+            try:
+                kind, value = events.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                self.cancel(request_id)
+                yield _sse({"error": {"message": f"no token within {self.spec.request_timeout_s:.0f} s"}})
+                return
+            if kind == "token":
+                tokens.append(value)
+                event: dict[str, Any] = {"token_id": value}
+                if tokenizer is not None:
+                    text = _cut(tokenizer.decode(tokens, skip_special_tokens=True), stops)
+                    event["text"], sent = text[len(sent) :], text
+                yield _sse(event)
+            else:
+                usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(tokens)}
+                yield _sse({"finish_reason": value, "usage": usage})
+                yield b"data: [DONE]\n\n"
+                return
+
+    def cancel(self, request_id: str) -> None:
+        """The client is gone: the request leaves the batch at the next step."""
+        self.commands.put((("cancel", request_id), Future()))
 
     def _sampling(self, payload: dict[str, Any], new_tokens: int) -> dict[str, Any]:
         """The request's sampling parameters (serving/engine.py's), checked; rank 0 picks the seed
@@ -386,7 +458,11 @@ def _handler(frontend: Frontend) -> type[BaseHTTPRequestHandler]:
                 if path == "/invocations":
                     self._reply(200, frontend.invocations(body, self.headers.get("Content-Type", "")))
                 elif path == "/generate":
-                    self._reply(200, frontend.generate(body))
+                    answer = frontend.generate(body)
+                    if isinstance(answer, bytes):
+                        self._reply(200, answer)
+                    else:
+                        self._stream(*answer)
                 elif path == "/internal/heartbeat":
                     frontend.view.record(_json_object(body))
                     self._reply(200, b"{}")
@@ -400,6 +476,22 @@ def _handler(frontend: Frontend) -> type[BaseHTTPRequestHandler]:
 
         def _not_found(self) -> NotFound:
             return NotFound(f"no route {self.command} {self.path}; use POST /invocations, POST /generate, GET /ping")
+
+        def _stream(self, request_id: str, events: Any) -> None:
+            """Server-Sent Events, chunked; a client gone (a write fails) cancels the request."""
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Cache-Control", "no-cache")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            try:
+                for event in events:
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(event), event))
+                    self.wfile.flush()
+                self.wfile.write(b"0\r\n\r\n")
+            except OSError:  # BrokenPipeError, ConnectionResetError: the reader left
+                frontend.cancel(request_id)
+                self.close_connection = True
 
         def _reply(self, status: int, body: bytes) -> None:
             self.send_response(status)
@@ -497,6 +589,10 @@ def _step_loop(env: DistEnv, spec: DeepSpeedSpec, model: Any, state: RankState, 
         state.busy_since = None
 
 
+def _sse(event: dict[str, Any]) -> bytes:
+    return b"data: " + encode_json(event) + b"\n\n"
+
+
 def _cut(text: str, stops: tuple[str, ...] | list[str]) -> str:
     """``text`` up to the first stop string it holds (the stop string itself is not returned)."""
     cuts = [i for i in (text.find(s) for s in stops) if i >= 0]
@@ -529,18 +625,23 @@ def _engine_step(
     try:
         for request_id, prompt, new_tokens, sampling in adds:
             params = SamplingParams(max_tokens=new_tokens, **sampling)
-            sequences[request_id] = engine.add(prompt, params, request_id=request_id)
+            seq = sequences[request_id] = engine.add(prompt, params, request_id=request_id)
+            if frontend is not None and request_id in frontend.streams:
+                seq.events = frontend.streams.pop(request_id)  # before any step: no event is lost
         for request_id in cancels:
             if request_id in sequences:
                 sequences[request_id].cancel()
         engine.step()
     except Exception as e:
-        for request_id in list(sequences):
+        for request_id, seq in list(sequences.items()):
+            seq.events.put(("end", "error"))
             future = frontend.sequences.pop(request_id, None) if frontend is not None else None
             if future is not None and not future.done():
                 future.set_exception(e)
         sequences.clear()
         return model.engine()
+    if frontend is not None:
+        frontend.view.engine = {"running": engine.running, "waiting": engine.waiting, **engine.finished}
     for request_id in [r for r, seq in sequences.items() if seq.done]:
         seq = sequences.pop(request_id)
         future = frontend.sequences.pop(request_id, None) if frontend is not None else None

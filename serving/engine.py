@@ -155,6 +155,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.steps = 0
+        self.finished: dict[str, int] = {}  # how many sequences ended, by reason
 
     # -- what servers call -----------------------------------------------------------------------
     def add(self, prompt: Seq[int], params: SamplingParams | None = None, request_id: str | None = None) -> Sequence:
@@ -347,6 +348,7 @@ class Engine:
         return False
 
     def _finish(self, seq: Sequence, reason: str) -> None:
+        self.finished[reason] = self.finished.get(reason, 0) + 1
         seq.finish_reason = reason
         seq.finished_at = time.monotonic()
         seq.events.put(("end", reason))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -227,6 +228,38 @@ def test_sampling_is_reproducible_by_seed_and_stop_strings_end_the_text(deployed
     assert cut == "hello nodewise" + tail[: tail.find(stop)]
 
 
+def test_tokens_stream_as_server_sent_events_and_a_client_that_leaves_frees_its_slot(deployed: object) -> None:
+    url = f"{deployed.endpoint}/generate"
+    body = {"input_ids": [[5, 17, 33]], "max_new_tokens": 12}
+    whole = httpx.post(url, json=body, timeout=120).json()["output_ids"][0]
+    data = []
+    with httpx.stream("POST", url, json={**body, "stream": True}, timeout=120) as answer:
+        assert answer.status_code == 200
+        assert answer.headers["content-type"].startswith("text/event-stream")
+        data = [line[len("data: ") :] for line in answer.iter_lines() if line.startswith("data: ")]
+    assert data[-1] == "[DONE]"
+    *tokens, last = [json.loads(d) for d in data[:-1]]
+    streamed = [t["token_id"] for t in tokens]
+    assert streamed == whole[: len(streamed)]  # the end-of-sequence token, if any, is not streamed
+    assert last["finish_reason"] in ("length", "stop")
+    assert last["usage"] == {"prompt_tokens": 3, "completion_tokens": len(streamed)}
+    assert all("text" in t for t in tokens)  # the transformers flavour: each event's new text too
+
+    def cancelled() -> int:
+        return httpx.get(f"{deployed.endpoint}/health", timeout=30).json()["engine"].get("cancelled", 0)
+
+    before = cancelled()
+    long = {"input_ids": [[5, 17, 33]], "max_new_tokens": 120, "stream": True, "temperature": 1.0, "seed": 3}
+    with httpx.stream("POST", url, json=long, timeout=120) as answer:
+        next(line for line in answer.iter_lines() if line.startswith("data: "))  # one token, then leave
+    deadline = time.monotonic() + 30
+    while cancelled() == before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert cancelled() == before + 1
+    health = httpx.get(f"{deployed.endpoint}/health", timeout=30).json()
+    assert health["ready"], health["problems"]  # every rank still up
+
+
 @pytest.mark.parametrize(
     ("path", "body", "status", "message"),
     [
@@ -236,6 +269,7 @@ def test_sampling_is_reproducible_by_seed_and_stop_strings_end_the_text(deployed
         ("/generate", json.dumps({"prompt": "x", "max_new_tokens": 10_000}).encode(), 400, "over this deployment"),
         ("/generate", json.dumps({"prompt": "x", "temperature": -1}).encode(), 400, "temperature=-1 is out of range"),
         ("/generate", json.dumps({"input_ids": [[5]], "top_p": 2}).encode(), 400, "top_p=2 is out of range"),
+        ("/generate", json.dumps({"input_ids": [[5], [6]], "stream": True}).encode(), 400, "takes one sequence"),
         ("/invocations", b"a,b\n1,2", 415, "text/plain"),
         ("/nope", b"{}", 404, "no route POST /nope"),
     ],
