@@ -45,6 +45,13 @@ GENERATE_REQUEST = {
         "prompt": _TEXTS,
         "input_ids": {"type": "array", "items": {"type": "array", "items": {"type": "integer"}}},
         "max_new_tokens": {"type": "integer", "minimum": 1},
+        # sampling (serving/engine.py's SamplingParams); temperature 0 is greedy
+        "temperature": {"type": "number", "minimum": 0, "maximum": 100},
+        "top_p": {"type": "number", "minimum": 0, "exclusiveMinimum": True, "maximum": 1},
+        "top_k": {"type": "integer", "minimum": 0},
+        "seed": {"type": "integer", "nullable": True},
+        "stop": {"oneOf": [{"type": "string", "minLength": 1}, {"type": "array", "items": {"type": "string"}}]},
+        "stream": {"type": "boolean", "description": "tokens as Server-Sent Events (one prompt)"},
     },
 }
 
