@@ -171,8 +171,7 @@ class Frontend:
         self.streams: dict[str, queue.Queue[tuple[str, Any]]] = {}  # where a streamed request's tokens go
 
     def submit(self, command: tuple[Any, ...]) -> Any:
-        if self.model is None or not self.view.health()["ready"]:
-            raise NotReady(self.view.health()["problems"] or ["the model is loading"])
+        self._check_ready()
         done: Future[Any] = Future()
         self.commands.put((command, done))
         try:
@@ -189,15 +188,9 @@ class Frontend:
         requests share decoding steps; otherwise the whole request is one step."""
         if not getattr(self.model, "can_generate", False) or not self.spec.batching:
             return self.submit(("generate", prompts, new_tokens))
-        if self.model is None or not self.view.health()["ready"]:
-            raise NotReady(self.view.health()["problems"] or ["the model is loading"])
-        budget = self.model.tokens_in_flight
         for prompt in prompts:
-            if len(prompt) + new_tokens > budget:
-                raise BadRequest(
-                    f"{len(prompt)} prompt tokens plus max_new_tokens={new_tokens} is over the {budget} tokens "
-                    "this deployment holds at once; shorten the prompt or ask for fewer tokens"
-                )
+            self._check_budget(len(prompt), new_tokens)
+        self._check_ready()
         waits = []
         for prompt in prompts:
             request_id = f"r{next(_REQUEST_IDS)}"
@@ -294,13 +287,8 @@ class Frontend:
                 raise BadRequest('a streamed request takes one sequence: {"input_ids": [[id, ...]]}')
             prompt = self._token_row(rows[0])
         self._check_length(len(prompt) + new_tokens)
-        if len(prompt) + new_tokens > self.model.tokens_in_flight:
-            raise BadRequest(
-                f"{len(prompt)} prompt tokens plus max_new_tokens={new_tokens} is over the "
-                f"{self.model.tokens_in_flight} tokens this deployment holds at once"
-            )
-        if not self.view.health()["ready"]:
-            raise NotReady(self.view.health()["problems"])
+        self._check_budget(len(prompt), new_tokens)
+        self._check_ready()
         request_id = f"r{next(_REQUEST_IDS)}"
         events: queue.Queue[tuple[str, Any]] = queue.Queue()
         self.streams[request_id] = events
@@ -331,6 +319,20 @@ class Frontend:
                 yield _sse({"finish_reason": value, "usage": usage})
                 yield b"data: [DONE]\n\n"
                 return
+
+    def _check_budget(self, prompt_tokens: int, new_tokens: int) -> None:
+        """One request the engine could never hold is a 400 here, before any rank sees it."""
+        budget = self.model.tokens_in_flight
+        if prompt_tokens + new_tokens > budget:
+            raise BadRequest(
+                f"{prompt_tokens} prompt tokens plus max_new_tokens={new_tokens} is over the {budget} tokens "
+                "this deployment holds at once; shorten the prompt or ask for fewer tokens"
+            )
+
+    def _check_ready(self) -> None:
+        health = self.view.health()
+        if self.model is None or not health["ready"]:
+            raise NotReady(health["problems"] or ["the model is loading"])
 
     def cancel(self, request_id: str) -> None:
         """The client is gone: the request leaves the batch at the next step."""
