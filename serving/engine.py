@@ -73,8 +73,10 @@ class SamplingParams:
             raise bad("top_p", self.top_p, "a number in (0, 1]")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
             raise bad("top_k", self.top_k, "an integer >= 0 (0: off)")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise bad("seed", self.seed, "an integer")
+        if self.seed is not None and (
+            isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63
+        ):
+            raise bad("seed", self.seed, "an integer from 0 to 2**63 - 1")
         if len(self.stop) > 4 or any(not isinstance(s, str) or not s for s in self.stop):
             raise bad("stop", list(self.stop), "up to 4 non-empty strings")
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -146,11 +148,13 @@ def test_stop_strings_and_end_of_sequence_end_a_request(model) -> None:
         ({"top_p": 0}, "top_p=0 is out of range; use a number in (0, 1]"),
         ({"top_k": -2}, "top_k=-2 is out of range"),
         ({"seed": "x"}, "seed='x' is out of range; use an integer"),
+        ({"seed": 2**64}, "seed=18446744073709551616 is out of range; use an integer from 0 to 2**63 - 1"),
+        ({"seed": -1}, "seed=-1 is out of range"),
         ({"stop": ("",)}, "stop=[''] is out of range"),
     ],
 )
 def test_bad_sampling_parameters_name_the_value_and_the_range(fields: dict, message: str) -> None:
-    with pytest.raises(SamplingError, match=message.replace("(", r"\(").replace("[", r"\[")):
+    with pytest.raises(SamplingError, match=re.escape(message)):
         SamplingParams(**fields)
 
 
