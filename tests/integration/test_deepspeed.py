@@ -219,7 +219,8 @@ def test_sampling_is_reproducible_by_seed_and_stop_strings_end_the_text(deployed
     first = generate(sampled)["output_ids"][0]
     assert generate(sampled)["output_ids"][0] == first
     assert generate({**sampled, "seed": 12})["output_ids"][0] != first
-    assert len(generate({**sampled, "seed": None})["output_ids"][0]) == 12  # a seed drawn by rank 0
+    drawn = generate({**sampled, "seed": None})["output_ids"][0]  # a seed drawn by rank 0 for every rank
+    assert 1 <= len(drawn) <= 12  # fewer when it samples the end-of-sequence token (id 2)
     greedy = generate({"prompt": "hello nodewise", "max_new_tokens": 12})["generated_text"][0]
     tail = greedy[len("hello nodewise") :]
     stop = tail[3:5]
