@@ -191,12 +191,7 @@ class Frontend:
         for prompt in prompts:
             self._check_budget(len(prompt), new_tokens)
         self._check_ready()
-        waits = []
-        for prompt in prompts:
-            request_id = f"r{next(_REQUEST_IDS)}"
-            done: Future[Any] = Future()
-            self.commands.put((("add", request_id, [int(t) for t in prompt], new_tokens, sampling or {}), done))
-            waits.append((request_id, done))
+        waits = [self._add(prompt, new_tokens, sampling or {}) for prompt in prompts]
         deadline = time.monotonic() + self.spec.request_timeout_s
         outputs, slowest = [], 0.0
         for _, done in waits:
@@ -272,15 +267,10 @@ class Frontend:
         request if the client goes away."""
         if not (getattr(self.model, "can_generate", False) and self.spec.batching):
             raise BadRequest("streaming needs the batching engine (NODEWISE_DEEPSPEED__BATCHING=true)")
-        tokenizer = self.model.tokenizer
         if "prompt" in payload:
             if not isinstance(payload["prompt"], str):
                 raise BadRequest('a streamed request takes one "prompt" string')
-            if tokenizer is None:
-                raise BadRequest("this model has no tokenizer (pytorch flavour): send input_ids, not text")
-            prompt = np.asarray(tokenizer(payload["prompt"])["input_ids"], dtype=np.int64)
-            if prompt.size == 0:
-                raise BadRequest("the prompt is empty after tokenization; send some text")
+            [prompt] = self._tokenize([payload["prompt"]])  # the same checks as a prompt not streamed
         else:
             rows = payload["input_ids"]
             if not isinstance(rows, list) or len(rows) != 1 or not isinstance(rows[0], list) or not rows[0]:
@@ -289,10 +279,8 @@ class Frontend:
         self._check_length(len(prompt) + new_tokens)
         self._check_budget(len(prompt), new_tokens)
         self._check_ready()
-        request_id = f"r{next(_REQUEST_IDS)}"
         events: queue.Queue[tuple[str, Any]] = queue.Queue()
-        self.streams[request_id] = events
-        self.commands.put((("add", request_id, [int(t) for t in prompt], new_tokens, sampling), Future()))
+        request_id, _ = self._add(prompt, new_tokens, sampling, events)
         return request_id, self._events(request_id, events, len(prompt), sampling.get("stop", ()))
 
     def _events(self, request_id: str, events: queue.Queue[tuple[str, Any]], prompt_tokens: int, stops: Any) -> Any:
@@ -319,6 +307,22 @@ class Frontend:
                 yield _sse({"finish_reason": value, "usage": usage})
                 yield b"data: [DONE]\n\n"
                 return
+
+    def _add(
+        self,
+        prompt: np.ndarray,
+        new_tokens: int,
+        sampling: dict[str, Any],
+        stream: queue.Queue[tuple[str, Any]] | None = None,
+    ) -> tuple[str, Future[Any]]:
+        """Queue one prompt to join the engine's batch at the next step; its id and its answer.
+        ``stream`` receives its tokens as they come."""
+        request_id = f"r{next(_REQUEST_IDS)}"
+        if stream is not None:
+            self.streams[request_id] = stream
+        done: Future[Any] = Future()
+        self.commands.put((("add", request_id, [int(t) for t in prompt], new_tokens, sampling), done))
+        return request_id, done
 
     def _check_budget(self, prompt_tokens: int, new_tokens: int) -> None:
         """One request the engine could never hold is a 400 here, before any rank sees it."""
@@ -364,6 +368,15 @@ class Frontend:
         return fields
 
     def _generate_texts(self, texts: list[str], new_tokens: int, sampling: dict[str, Any] | None = None) -> list[str]:
+        prompts = self._tokenize(texts)
+        self._check_length(max(len(p) for p in prompts) + new_tokens)
+        outputs = self.generate_ids(prompts, new_tokens, sampling)
+        stops = (sampling or {}).get("stop", ())
+        decoded = [self.model.tokenizer.decode(o, skip_special_tokens=True) for o in outputs]
+        return [t + _cut(d, stops) for t, d in zip(texts, decoded, strict=True)]
+
+    def _tokenize(self, texts: list[str]) -> list[np.ndarray]:
+        """Token ids of each prompt text, every way a text can be unusable a 400."""
         tokenizer = self.model.tokenizer if self.model else None
         if tokenizer is None:
             raise BadRequest("this model has no tokenizer (pytorch flavour): send token ids, not text")
@@ -381,11 +394,7 @@ class Frontend:
         prompts = [np.asarray(tokenizer(t)["input_ids"], dtype=np.int64) for t in texts]
         if any(p.size == 0 for p in prompts):
             raise BadRequest("a prompt is empty after tokenization; send some text")
-        self._check_length(max(len(p) for p in prompts) + new_tokens)
-        outputs = self.generate_ids(prompts, new_tokens, sampling)
-        stops = (sampling or {}).get("stop", ())
-        decoded = [tokenizer.decode(o, skip_special_tokens=True) for o in outputs]
-        return [t + _cut(d, stops) for t, d in zip(texts, decoded, strict=True)]
+        return prompts
 
     def _token_row(self, row: list[Any]) -> np.ndarray:
         """One sequence of ``input_ids``: a flat list of token ids."""

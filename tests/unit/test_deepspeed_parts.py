@@ -310,3 +310,18 @@ def test_a_generation_over_the_engines_token_budget_is_a_bad_request(frontend: F
     with pytest.raises(BadRequest, match=r"5 prompt tokens plus max_new_tokens=8 is over the 10 tokens .* at once"):
         frontend.generate(b'{"input_ids": [[1, 2, 3, 4, 5]], "max_new_tokens": 8}')
     assert frontend.commands.empty()  # nothing reached the ranks
+
+
+def test_a_streamed_prompt_gets_the_same_text_checks_as_any_prompt(frontend: Frontend) -> None:
+    frontend.model = SimpleNamespace(
+        tokenizer=lambda text: {"input_ids": list(text.encode())},
+        vocab_size=50,
+        max_positions=16,
+        can_generate=True,
+        tokens_in_flight=64,
+    )
+    with pytest.raises(BadRequest, match="lone surrogate"):
+        frontend.generate(b'{"prompt": "ok \\udb93", "stream": true}')
+    with pytest.raises(BadRequest, match="empty after tokenization"):
+        frontend.generate(b'{"prompt": "", "stream": true}')
+    assert frontend.commands.empty()  # nothing reached the ranks
