@@ -300,7 +300,8 @@ class Engine:
                 self._finish(seq, reason)
             with self._lock:
                 self._held -= len(seq.prompt) + seq.params.max_tokens
-        keep = [i for i in range(len(self._rows)) if i not in set(indices)]
+        leaving = set(indices)
+        keep = [i for i in range(len(self._rows)) if i not in leaving]
         if not keep:
             self._rows, self._pads, self._keys, self._values = [], [], [], []
             return
