@@ -124,28 +124,22 @@ class LanguageModel:
 
     def engine(self) -> Any:
         """The continuous-batching engine over this (sharded) module; every rank makes the same one.
-
-        Its token budget is what the deployment already allowed at once: ``max_batch_size``
-        sequences of the model's full length (the plan's KV-cache budget is not yet passed on).
-        """
+        Its token budget is the plan's (``spec.max_tokens_in_flight``: the KV cache the plan counted)."""
         from serving.engine import Engine
 
-        config = getattr(self.module, "generation_config", None)
-        eos = getattr(config, "eos_token_id", None)
-        eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-        tokenizer = self.tokenizer
-        return Engine(
+        return Engine.for_model(
             self.module,
+            self.tokenizer,
             max_tokens_in_flight=self.tokens_in_flight,
-            eos_token_ids=eos_ids,
             max_batch=self.spec.max_batch_size,
-            decode=(lambda ids: tokenizer.decode(ids, skip_special_tokens=True)) if tokenizer is not None else None,
             device=self._device(),
         )
 
     @property
     def tokens_in_flight(self) -> int:
-        return self.spec.max_batch_size * (self.max_positions or 2048)
+        """Tokens the engine holds at once: the plan's KV-cache count, else ``max_batch_size``
+        sequences of the model's full length."""
+        return self.spec.max_tokens_in_flight or self.spec.max_batch_size * (self.max_positions or 2048)
 
     def _device(self) -> str:
         if self.spec.device == "cuda":

@@ -39,6 +39,13 @@ class LoadedModel:
         """Whether requests can be concatenated row-wise into one forward pass."""
         return self.spec.flavor == "pytorch"
 
+    def pipeline(self) -> Any:
+        """The transformers pipeline under an MLflow transformers pyfunc (its model and tokenizer)."""
+        pipeline = getattr(getattr(self._model, "_model_impl", None), "pipeline", None)
+        if pipeline is None or getattr(pipeline, "model", None) is None:
+            raise TypeError(f"{self.spec.model_uri} is not a transformers pipeline model; the engine cannot serve it")
+        return pipeline
+
     def parse(self, body: bytes, content_type: str) -> Any:
         """Parse and validate a scoring request into this model's input.
 

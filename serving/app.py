@@ -210,7 +210,12 @@ def build_app(spec: ModelServeSpec, runtime_env: dict[str, Any] | None = None) -
         per_device = {"GPU": 1.0} if spec.num_gpus else {"CPU": 1.0}
         options["placement_group_bundles"] = [{"CPU": spec.num_cpus, **per_device}] + [per_device] * (spec.tp_size - 1)
         options["placement_group_strategy"] = "STRICT_PACK"
-    deployment = serve.deployment(ModelServer).options(**options)
+    server: type[ModelServer] = ModelServer
+    if spec.engine:  # a causal LM: the batching engine and the OpenAI routes in every replica
+        from serving.llm_app import LLMServer
+
+        server = LLMServer
+    deployment = serve.deployment(server).options(**options)
     return deployment.bind(spec.model_dump(mode="json"))
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import itertools
 import os
 import queue
-import random
 import socket
 import sys
 import threading
@@ -42,10 +41,13 @@ from serving.errors import (
     error_response,
     read_body,
 )
+from serving.openai_api import cut_at_stop, openai_error
+from serving.openai_api import models as openai_models
 from serving.openapi import document, scoring_paths
 from serving.spec import SPEC_ENV, DeepSpeedSpec
 
 ERROR_MARK = "nodewise-worker error:"
+_OPENAI_ROUTES = {"/v1/completions": "completion", "/v1/chat/completions": "chat"}
 _REQUEST_IDS = itertools.count()
 
 
@@ -261,6 +263,51 @@ class Frontend:
         self._check_length(max(len(p) for p in prompts) + new_tokens)
         return encode_json({"output_ids": self.generate_ids(prompts, new_tokens, sampling)})
 
+    # -- the OpenAI routes (serving/openai_api.py) -----------------------------------------
+    def openai(self, kind: Any, body: bytes) -> Any:
+        """``/v1/completions`` or ``/v1/chat/completions``: the JSON answer, or (request id, SSE
+        chunks) for a streamed one, whose handler cancels the request if the client goes away."""
+        from serving import openai_api
+
+        if self.model is not None and not (self.model.can_generate and self.spec.batching):
+            raise BadRequest(
+                "the OpenAI routes need a generating model and the batching engine "
+                "(NODEWISE_DEEPSPEED__BATCHING=true); use POST /invocations"
+            )
+        self._check_ready()
+        model = self.model
+        limits = openai_api.Limits(
+            model=self.spec.model_name,
+            default_max_tokens=self.spec.default_new_tokens,
+            max_new_tokens=self.spec.max_new_tokens,
+            max_prompts=self.spec.max_batch_size,
+            max_positions=model.max_positions,
+            vocab_size=model.vocab_size,
+            tokens_in_flight=model.tokens_in_flight,
+        )
+        request = openai_api.parse_request(kind, decode_json(body), limits, model.tokenizer)
+        queued = []
+        for prompt in request.prompts:
+            events: queue.Queue[tuple[str, Any]] = queue.Queue()
+            request_id, _ = self._add(np.asarray(prompt), request.max_tokens, request.sampling, events)
+            queued.append((request_id, events))
+        decode = _decoder(model.tokenizer)
+        timeout = self.spec.request_timeout_s
+
+        def events_of(request_id: str, events: queue.Queue[tuple[str, Any]]) -> Any:
+            return openai_api.events_of(events, timeout, lambda: self.cancel(request_id))
+
+        if request.stream:
+            [(request_id, events)] = queued
+            return request_id, openai_api.stream(request, events_of(request_id, events), decode)
+        try:
+            results = [openai_api.collect(events_of(r, e)) for r, e in queued]
+        except RequestTimeout:
+            for request_id, _ in queued:
+                self.cancel(request_id)
+            raise
+        return encode_json(openai_api.response(request, results, decode))
+
     def _stream_one(self, payload: dict[str, Any], new_tokens: int, sampling: dict[str, Any]) -> Any:
         """A streamed generation: one prompt, its tokens as Server-Sent Events while they come.
         Returns (request id, an iterator of events); the handler writes them and cancels the
@@ -284,9 +331,10 @@ class Frontend:
         return request_id, self._events(request_id, events, len(prompt), sampling.get("stop", ()))
 
     def _events(self, request_id: str, events: queue.Queue[tuple[str, Any]], prompt_tokens: int, stops: Any) -> Any:
-        tokenizer = self.model.tokenizer
-        tokens: list[int] = []
-        sent = ""
+        from serving.openai_api import TextStream
+
+        text = TextStream(_decoder(self.model.tokenizer), tuple(stops)) if self.model.tokenizer is not None else None
+        count = 0
         deadline = time.monotonic() + self.spec.request_timeout_s
         while True:
             try:
@@ -296,14 +344,15 @@ class Frontend:
                 yield _sse({"error": {"message": f"no token within {self.spec.request_timeout_s:.0f} s"}})
                 return
             if kind == "token":
-                tokens.append(value)
+                count += 1
                 event: dict[str, Any] = {"token_id": value}
-                if tokenizer is not None:
-                    text = _cut(tokenizer.decode(tokens, skip_special_tokens=True), stops)
-                    event["text"], sent = text[len(sent) :], text
+                if text is not None:  # held back while it could be the start of a stop string
+                    event["text"] = text.add(value)
                 yield _sse(event)
             else:
-                usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(tokens)}
+                if text is not None and (rest := text.flush()):
+                    yield _sse({"text": rest})
+                usage = {"prompt_tokens": prompt_tokens, "completion_tokens": count}
                 yield _sse({"finish_reason": value, "usage": usage})
                 yield b"data: [DONE]\n\n"
                 return
@@ -343,28 +392,19 @@ class Frontend:
         self.commands.put((("cancel", request_id), Future()))
 
     def _sampling(self, payload: dict[str, Any], new_tokens: int) -> dict[str, Any]:
-        """The request's sampling parameters (serving/engine.py's), checked; rank 0 picks the seed
-        of a sampled request that names none, so every rank draws the same tokens."""
-        from serving.engine import SamplingError, SamplingParams
+        """The request's sampling parameters (serving/engine.py's), checked; a sampled one without a
+        seed gets one drawn here, on rank 0, so every rank draws the same tokens."""
+        from serving.engine import SamplingParams
+        from serving.openai_api import sampling_fields
 
-        fields = {k: payload[k] for k in ("temperature", "top_p", "top_k", "seed") if k in payload}
-        if "stop" in payload:
-            stop = payload["stop"]
-            fields["stop"] = tuple(stop) if isinstance(stop, list) else (stop,)
-        try:
-            params = SamplingParams(max_tokens=new_tokens, **fields)
-        except SamplingError as e:
-            raise BadRequest(str(e)) from e
-        if params.stop and (self.model is None or self.model.tokenizer is None):
-            raise BadRequest('stop strings need the model\'s tokenizer (pytorch flavour has none); drop "stop"')
-        if not params.greedy or params.stop:
-            if not (getattr(self.model, "can_generate", False) and self.spec.batching):
-                raise BadRequest(
-                    "sampling and stop strings need the batching engine (NODEWISE_DEEPSPEED__BATCHING=true); "
-                    "this deployment decodes greedily only"
-                )
-            if not params.greedy and params.seed is None:
-                fields["seed"] = random.getrandbits(62)
+        fields = sampling_fields(payload, self.model.tokenizer if self.model is not None else None)
+        params = SamplingParams(max_tokens=new_tokens, **fields)
+        engine = getattr(self.model, "can_generate", False) and self.spec.batching
+        if (not params.greedy or params.stop) and not engine:
+            raise BadRequest(
+                "sampling and stop strings need the batching engine (NODEWISE_DEEPSPEED__BATCHING=true); "
+                "this deployment decodes greedily only"
+            )
         return fields
 
     def _generate_texts(self, texts: list[str], new_tokens: int, sampling: dict[str, Any] | None = None) -> list[str]:
@@ -373,7 +413,7 @@ class Frontend:
         outputs = self.generate_ids(prompts, new_tokens, sampling)
         stops = (sampling or {}).get("stop", ())
         decoded = [self.model.tokenizer.decode(o, skip_special_tokens=True) for o in outputs]
-        return [t + _cut(d, stops) for t, d in zip(texts, decoded, strict=True)]
+        return [t + cut_at_stop(d, stops)[0] for t, d in zip(texts, decoded, strict=True)]
 
     def _tokenize(self, texts: list[str]) -> list[np.ndarray]:
         """Token ids of each prompt text, every way a text can be unusable a 400."""
@@ -455,6 +495,10 @@ def _handler(frontend: Frontend) -> type[BaseHTTPRequestHandler]:
             elif path == "/openapi.json":
                 title = f"nodewise: {spec.model_name} on {spec.tp_size} DeepSpeed ranks"
                 self._reply(200, encode_json(document(title, spec.model_version, scoring_paths(generate=True))))
+            elif path == "/v1/models":
+                created = int(time.time() - (time.monotonic() - frontend.view.started))
+                positions = frontend.model.max_positions if frontend.model is not None else None
+                self._reply(200, encode_json(openai_models(spec.model_name, created, positions)))
             elif path == "/version":
                 info = {"model": spec.model_name, "version": spec.model_version, "backend": "deepspeed_mpi"}
                 self._reply(200, encode_json({**info, "tp_size": spec.tp_size}))
@@ -474,6 +518,16 @@ def _handler(frontend: Frontend) -> type[BaseHTTPRequestHandler]:
                         self._reply(200, answer)
                     else:
                         self._stream(*answer)
+                elif path in _OPENAI_ROUTES:
+                    try:
+                        answer = frontend.openai(_OPENAI_ROUTES[path], body)
+                    except Exception as e:  # OpenAI's error shape on its routes
+                        self._reply(*openai_error(e, _log_failure, where="rank 0's log (nodewise logs APP)"))
+                        return
+                    if isinstance(answer, bytes):
+                        self._reply(200, answer)
+                    else:
+                        self._stream(*answer)
                 elif path == "/internal/heartbeat":
                     frontend.view.record(_json_object(body))
                     self._reply(200, b"{}")
@@ -486,7 +540,10 @@ def _handler(frontend: Frontend) -> type[BaseHTTPRequestHandler]:
             self._reply(*error_response(e, _log_failure, where="rank 0's log (nodewise logs APP)"))
 
         def _not_found(self) -> NotFound:
-            return NotFound(f"no route {self.command} {self.path}; use POST /invocations, POST /generate, GET /ping")
+            return NotFound(
+                f"no route {self.command} {self.path}; use POST /invocations, POST /generate, "
+                "POST /v1/completions, POST /v1/chat/completions, GET /v1/models or GET /ping"
+            )
 
         def _stream(self, request_id: str, events: Any) -> None:
             """Server-Sent Events, chunked; a client gone (a write fails) cancels the request."""
@@ -600,14 +657,14 @@ def _step_loop(env: DistEnv, spec: DeepSpeedSpec, model: Any, state: RankState, 
         state.busy_since = None
 
 
+def _decoder(tokenizer: Any) -> Any:
+    if tokenizer is None:
+        return lambda ids: ""  # token ids only (pytorch flavour): no text to give
+    return lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
+
+
 def _sse(event: dict[str, Any]) -> bytes:
     return b"data: " + encode_json(event) + b"\n\n"
-
-
-def _cut(text: str, stops: tuple[str, ...] | list[str]) -> str:
-    """``text`` up to the first stop string it holds (the stop string itself is not returned)."""
-    cuts = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return text[: min(cuts)] if cuts else text
 
 
 def _drain(commands: queue.Queue[Any], wait_s: float) -> list[Any]:

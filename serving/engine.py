@@ -159,6 +159,24 @@ class Engine:
         self.steps = 0
         self.finished: dict[str, int] = {}  # how many sequences ended, by reason
 
+    @classmethod
+    def for_model(
+        cls, module: Any, tokenizer: Any | None, *, max_tokens_in_flight: int, max_batch: int, device: str = "cpu"
+    ) -> Engine:
+        """An engine over a transformers causal LM: its end-of-sequence ids from the model's
+        ``generation_config``, its text (for stop strings) from ``tokenizer`` when it has one."""
+        config = getattr(module, "generation_config", None)
+        eos = getattr(config, "eos_token_id", None)
+        eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        return cls(
+            module,
+            max_tokens_in_flight=max_tokens_in_flight,
+            eos_token_ids=eos_ids,
+            max_batch=max_batch,
+            decode=(lambda ids: tokenizer.decode(ids, skip_special_tokens=True)) if tokenizer is not None else None,
+            device=device,
+        )
+
     # -- what servers call -----------------------------------------------------------------------
     def add(self, prompt: Seq[int], params: SamplingParams | None = None, request_id: str | None = None) -> Sequence:
         """Queue a request; it joins the batch at a step where its tokens fit the budget."""
@@ -337,6 +355,9 @@ class Engine:
         if token in self.eos:
             self._finish(seq, "stop")
             return True
+        # A reader sees every token but an end-of-sequence one, the one that completes a stop
+        # string included: it cuts the text itself (and held back what could begin one).
+        seq.events.put(("token", token))
         if seq.params.stop and self.decode is not None:
             text = self.decode(seq.tokens)
             cuts = [i for i in (text.find(s) for s in seq.params.stop) if i >= 0]
@@ -344,7 +365,6 @@ class Engine:
                 seq.text = text[: min(cuts)]
                 self._finish(seq, "stop")
                 return True
-        seq.events.put(("token", token))
         if len(seq.tokens) >= seq.params.max_tokens:
             self._finish(seq, "length")
             return True

@@ -93,6 +93,17 @@ class ModelServeSpec(BaseModel):
         default=3, description="Failed replica starts before Serve marks the deploy failed."
     )
     device: str = "cpu"
+    engine: bool = Field(
+        default=False,
+        description="A transformers text-generation model served through the continuous-batching engine "
+        "(serving/llm_app.py: the OpenAI routes, requests batched by decoding step within each replica).",
+    )
+    max_tokens_in_flight: PositiveInt | None = Field(
+        default=None, description="The engine's token budget per replica: the KV cache the plan counted."
+    )
+    default_new_tokens: PositiveInt = 16
+    max_new_tokens: PositiveInt = 256
+    request_timeout_s: PositiveFloat = 60.0
 
     @model_validator(mode="after")
     def _replica_bounds(self) -> ModelServeSpec:
@@ -138,6 +149,11 @@ class DeepSpeedSpec(BaseModel):
         default=True,
         description="Generation through the continuous-batching engine (serving/engine.py); false: one "
         "request at a time, each a whole step (the serial mode benchmarks compare with).",
+    )
+    max_tokens_in_flight: PositiveInt | None = Field(
+        default=None,
+        description="Tokens (prompt plus new) the batching engine holds at once: the KV cache the plan "
+        "counted. None: max_batch_size sequences of the model's full length.",
     )
     artifact_uri: str | None = Field(
         default=None, description="The version's artifact location; read in place where it is a local folder."

@@ -124,6 +124,11 @@ def register_demo_model(
 DEMO_LM = "nodewise-tiny-llama"
 DEMO_LM_TAG = "nodewise.demo.lm"
 _CHARS = [chr(i) for i in range(32, 127)]
+# "user: hi | assistant:" (the character vocabulary has no newline)
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }} | {% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
 
 
 def char_tokenizer() -> object:
@@ -135,9 +140,11 @@ def char_tokenizer() -> object:
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")
     backend.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(
+    tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="</s>"
     )
+    tokenizer.chat_template = CHAT_TEMPLATE  # what /v1/chat/completions renders a conversation with
+    return tokenizer
 
 
 def build_llama(

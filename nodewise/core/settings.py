@@ -229,6 +229,16 @@ class ServeSettings(_Section):
         description="With haproxy ingress, how long a stopping replica keeps answering while "
         "HAProxy stops sending it requests (Ray's default is 30 s).",
     )
+    engine: bool = Field(
+        default=True,
+        description="A transformers text-generation model (one that fits one node) is served by the "
+        "continuous-batching engine in each replica, with the OpenAI routes; false: one MLflow pyfunc "
+        "call per request on /invocations only.",
+    )
+    default_new_tokens: PositiveInt = Field(
+        default=16, description="Engine: tokens generated when a request names none."
+    )
+    max_new_tokens: PositiveInt = Field(default=256, description="Engine: most tokens one request may ask to generate.")
 
     @model_validator(mode="after")
     def _bounds_in_order(self) -> ServeSettings:

@@ -74,6 +74,7 @@ def build_deepspeed_spec(model: ResolvedModel, plan: PlacementPlan, settings: Se
         default_new_tokens=min(ds.default_new_tokens, ds.max_new_tokens),
         max_new_tokens=ds.max_new_tokens,
         batching=ds.batching,
+        max_tokens_in_flight=plan.kv_tokens or None,
     )
 
 

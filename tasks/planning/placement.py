@@ -46,6 +46,11 @@ class PlacementPlan(BaseModel):
         description="Multi-node plans: other nodes of the same kind that can take a node's place when it is down.",
     )
     reasons: list[str] = Field(default_factory=list)
+    kv_tokens: int = Field(
+        default=0,
+        description="Causal LMs: tokens of KV cache the profile counted per copy; the generation engine "
+        "holds at most this many tokens (prompts plus new tokens) at once.",
+    )
 
     @property
     def ranks(self) -> int:
@@ -64,6 +69,13 @@ def plan_placement(
     desired_replicas: int = 2,
 ) -> PlacementPlan:
     """Choose the smallest layout of ``inventory`` that holds ``profile`` with headroom."""
+    plan = _choose(profile, inventory, headroom_fraction, desired_replicas)
+    return plan.model_copy(update={"kv_tokens": profile.kv_tokens})
+
+
+def _choose(
+    profile: MemoryProfile, inventory: Inventory, headroom_fraction: float, desired_replicas: int
+) -> PlacementPlan:
     inventory.require_nodes()
     budgets = [(node, int(d.memory_bytes * headroom_fraction)) for node in inventory.nodes for d in node.devices]
     largest = max(b for _, b in budgets)

@@ -63,6 +63,7 @@ class ResolvedModel(BaseModel):
     input_dtype: str | None = None
     input_shape: tuple[int, ...] | None = None
     artifact_bytes: int
+    task: str | None = Field(default=None, description="A transformers model's pipeline task (text-generation).")
     tags: dict[str, str] = Field(default={}, description="The version's tags.")
     model_tags: dict[str, str] = Field(default={}, description="The registered model's tags.")
 
@@ -100,6 +101,7 @@ def resolve_model(uri: str, client: MlflowClient) -> ResolvedModel:
         input_dtype=dtype,
         input_shape=shape,
         artifact_bytes=size,
+        task=info.flavors.get("transformers", {}).get("task"),
         tags=dict(version.tags or {}),
         model_tags=dict(registered.tags or {}),
     )

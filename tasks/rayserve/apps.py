@@ -63,6 +63,10 @@ def build_spec(
         max_error_rate=serve.max_error_rate,
         memory_limit_bytes=memory_limit,
         device="cuda" if plan.device_kind == "gpu" else "cpu",
+        engine=serve.engine and model.task == "text-generation",
+        max_tokens_in_flight=plan.kv_tokens or None,
+        default_new_tokens=min(serve.default_new_tokens, serve.max_new_tokens),
+        max_new_tokens=serve.max_new_tokens,
     )
 
 

@@ -46,3 +46,11 @@ def rank_pids(endpoint: str) -> list[int]:
     health = httpx.get(f"{endpoint}/health", timeout=5).json()
     assert health["ready"], health
     return [r["pid"] for r in health["ranks"]]
+
+
+def load_whole_llama(model_uri: str) -> tuple[object, object]:
+    """The registered LM whole, in this process: its module and tokenizer (what a replica must match)."""
+    import mlflow
+
+    components = mlflow.transformers.load_model(model_uri, return_type="components")
+    return components["model"].eval(), components["tokenizer"]

@@ -261,6 +261,30 @@ def test_tokens_stream_as_server_sent_events_and_a_client_that_leaves_frees_its_
     assert health["ready"], health["problems"]  # every rank still up
 
 
+def test_the_openai_client_works_against_rank_0(deployed: object) -> None:
+    """The unchanged ``openai`` client: models, completions and chat, streamed and not, 8 at once
+    each equal to its prompt served alone, sampling and stop strings, errors in OpenAI's shape with
+    every rank up, and a client that leaves mid-stream freeing its slot."""
+    from tests.integration import openai_checks as check
+
+    endpoint = deployed.endpoint  # type: ignore[attr-defined]
+    pids = rank_pids(endpoint)
+    api = check.client(endpoint)
+    check.check_models_and_usage(api, "tiny-llama")
+    alone = check.check_concurrent_equal_alone(api, "tiny-llama")
+    served = httpx.post(f"{endpoint}/generate", json={"prompt": "hello nodewise", "max_new_tokens": 12}, timeout=60)
+    assert served.json()["generated_text"][0] == "hello nodewise" + alone["hello nodewise"][0]  # one engine
+    check.check_chat(api, "tiny-llama")
+    check.check_sampling_and_stop(api, "tiny-llama")
+    check.check_errors(api, "tiny-llama")
+
+    def cancelled() -> int:
+        return httpx.get(f"{endpoint}/health", timeout=30).json()["engine"].get("cancelled", 0)
+
+    check.check_a_client_that_leaves_frees_its_slot(endpoint, "tiny-llama", cancelled)
+    assert rank_pids(endpoint) == pids
+
+
 @pytest.mark.parametrize(
     ("path", "body", "status", "message"),
     [

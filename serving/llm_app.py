@@ -1,0 +1,136 @@
+"""A Ray Serve replica for a causal LM that fits one node: the continuous-batching engine inside.
+
+Concurrent requests to one replica share decoding steps (``serving/engine.py``, on a thread of
+the replica); Serve routes across replicas as for any model. Routes, under the app's prefix:
+``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /v1/models`` (``serving/openai_api.py``,
+the same code as DeepSpeed's rank 0), and everything ``ModelServer`` answers: ``/invocations``
+still runs the model's MLflow pyfunc (its pipeline, over the same weights the engine uses).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from serving import openai_api
+from serving.app import ModelServer, _json, _subpath
+from serving.engine import Engine, SamplingParams
+
+_ROUTES = {"/v1/completions": "completion", "/v1/chat/completions": "chat"}
+_END = object()
+
+
+class LLMServer(ModelServer):
+    """One replica of a transformers text-generation model, batching within itself."""
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        import torch
+
+        super().__init__(spec)
+        torch.set_num_threads(self.spec.torch_threads)
+        assert self.model is not None
+        pipeline = self.model.pipeline()
+        self.module, self.tokenizer = pipeline.model, pipeline.tokenizer
+        config = getattr(self.module, "config", None)
+        self.max_positions: int | None = getattr(config, "max_position_embeddings", None)
+        self.vocab_size: int | None = getattr(config, "vocab_size", None)
+        budget = self.spec.max_tokens_in_flight or self.spec.max_batch_size * (self.max_positions or 2048)
+        self.engine = Engine.for_model(
+            self.module,
+            self.tokenizer,
+            max_tokens_in_flight=budget,
+            max_batch=self.spec.max_batch_size,
+            device=self.spec.device,
+        )
+        self.engine.start()
+        self.started = int(time.time())
+        self.limits = openai_api.Limits(
+            model=self.spec.model_name,
+            default_max_tokens=self.spec.default_new_tokens,
+            max_new_tokens=self.spec.max_new_tokens,
+            max_prompts=self.spec.max_batch_size,
+            max_positions=self.max_positions,
+            vocab_size=self.vocab_size,
+            tokens_in_flight=budget,
+        )
+
+    async def __call__(self, request: Request) -> Response:
+        path = _subpath(request)
+        if path == "/health" and request.method == "GET":  # this replica's batch, for a person or a test
+            engine = self.engine
+            batch = {"running": engine.running, "waiting": engine.waiting, **engine.finished}
+            return _json(200, {"ready": True, "engine": batch, "tokens_in_flight": engine.max_tokens_in_flight})
+        if path == "/v1/models" and request.method == "GET":
+            return _json(200, openai_api.models(self.spec.model_name, self.started, self.max_positions))
+        if path in _ROUTES and request.method == "POST":
+            try:
+                response = await self._openai(_ROUTES[path], request)
+            except Exception as e:  # OpenAI's error shape on its routes
+                status, body = openai_api.openai_error(e, self._log_failure, where="the replica log")
+                return Response(body, status_code=status, media_type="application/json")
+            self.outcomes.add(ok=True)
+            return response
+        return await super().__call__(request)
+
+    async def _openai(self, kind: Any, request: Request) -> Response:
+        from serving.errors import PayloadTooLarge, decode_json
+
+        body = await request.body()
+        if len(body) > self.spec.max_request_bytes:
+            raise PayloadTooLarge(f"body is {len(body)} bytes; the limit is {self.spec.max_request_bytes}")
+        parsed = openai_api.parse_request(kind, decode_json(body), self.limits, self.tokenizer)
+        params = SamplingParams(max_tokens=parsed.max_tokens, **parsed.sampling)
+        sequences = [self.engine.add(prompt, params) for prompt in parsed.prompts]
+        timeout = self.spec.request_timeout_s
+        decode = self._decode
+        if parsed.stream:
+            [seq] = sequences
+            chunks = openai_api.stream(parsed, openai_api.events_of(seq.events, timeout, seq.cancel), decode)
+            return StreamingResponse(_async(chunks, seq.cancel), media_type="text/event-stream")
+
+        def results() -> list[tuple[list[int], str]]:
+            return [openai_api.collect(openai_api.events_of(s.events, timeout, s.cancel)) for s in sequences]
+
+        try:
+            answers = await asyncio.to_thread(results)
+        except BaseException:  # a timeout, or the client gone (cancelled): free every slot
+            for seq in sequences:
+                seq.cancel()
+            raise
+        return _json(200, openai_api.response(parsed, answers, decode))
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    async def vitals(self, canary: bytes | None, window_s: float) -> dict[str, Any]:
+        report = await super().vitals(canary, window_s)
+        return {**report, "engine": {"running": self.engine.running, "waiting": self.engine.waiting}}
+
+    def check_health(self) -> None:
+        super().check_health()
+        thread = self.engine._thread
+        if thread is None or not thread.is_alive():
+            raise RuntimeError("the generation engine's thread is not running")
+
+    def __del__(self) -> None:
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.stop()
+
+
+async def _async(chunks: Iterator[bytes], on_close: Any) -> AsyncIterator[bytes]:
+    """The SSE chunks without blocking the replica's event loop; a client gone (Serve cancels the
+    request) or a finished stream frees the sequence's slot."""
+    try:
+        while True:
+            chunk = await asyncio.to_thread(next, chunks, _END)
+            if chunk is _END:
+                return
+            yield chunk  # type: ignore[misc]
+    finally:
+        on_close()

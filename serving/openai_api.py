@@ -1,0 +1,464 @@
+"""The OpenAI-compatible API, in one place for both backends: ``POST /v1/completions``,
+``POST /v1/chat/completions`` and ``GET /v1/models``.
+
+A server parses a body with ``parse_request`` into a ``GenerationRequest`` (each prompt as token
+ids, the sampling fields of ``serving/engine.py``), queues each prompt on its engine, and hands
+the engine's events (``("token", id)`` ... ``("end", reason)``) to ``response`` (one JSON body)
+or ``stream`` (Server-Sent Events, as OpenAI sends them). Errors keep ``serving/errors.py``'s
+statuses with OpenAI's body (``openai_error``), so the ``openai`` client raises the class it
+would raise against OpenAI (``BadRequestError`` for a 400, ``NotFoundError`` for an unknown model).
+
+What the engine cannot do is refused by name with a 400, not ignored: ``n`` or ``best_of`` over 1,
+``echo``, ``logprobs``, penalties, ``logit_bias``, ``suffix``, tools and structured output.
+Fields this API does not know are ignored, as vLLM ignores them. ``top_k`` is taken as vLLM and
+SGLang take it (``extra_body={"top_k": 20}`` with the client).
+"""
+
+from __future__ import annotations
+
+import queue
+import random
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from serving.errors import BadRequest, NotFound, RequestTimeout, encode_json, error_response
+
+Kind = Literal["completion", "chat"]
+Events = Iterator[tuple[str, Any]]
+Decode = Callable[[list[int]], str]
+
+# What the engine does not do, and the value that means "not asked for".
+_UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    "n": (None, 1),
+    "best_of": (None, 1),
+    "echo": (None, False),
+    "logprobs": (None, False),
+    "top_logprobs": (None, 0),
+    "presence_penalty": (None, 0, 0.0),
+    "frequency_penalty": (None, 0, 0.0),
+    "logit_bias": (None, {}),
+    "suffix": (None, ""),
+    "tools": (None, []),
+    "functions": (None, []),
+    "tool_choice": (None, "none", "auto"),
+    "response_format": (None, {"type": "text"}),
+}
+
+
+class InvalidParameter(BadRequest):
+    """A 400 that names the request field at fault (OpenAI's ``param``)."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class ModelNotFound(NotFound):
+    """The request names a model this endpoint does not serve (404, ``model_not_found``)."""
+
+    code = "MODEL_NOT_FOUND"
+
+
+@dataclass
+class GenerationRequest:
+    """One OpenAI request, checked: what the engine runs and how the answer is shaped."""
+
+    kind: Kind
+    model: str
+    prompts: list[list[int]]
+    max_tokens: int
+    sampling: dict[str, Any]  # SamplingParams fields other than max_tokens
+    stream: bool = False
+    include_usage: bool = False
+    id: str = field(default_factory=lambda: f"{uuid.uuid4().hex[:24]}")
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def stops(self) -> tuple[str, ...]:
+        return tuple(self.sampling.get("stop", ()))
+
+    @property
+    def object(self) -> str:
+        return "chat.completion" if self.kind == "chat" else "text_completion"
+
+    @property
+    def response_id(self) -> str:
+        return ("chatcmpl-" if self.kind == "chat" else "cmpl-") + self.id
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What the serving endpoint allows: checked before any prompt reaches the engine."""
+
+    model: str
+    default_max_tokens: int
+    max_new_tokens: int
+    max_prompts: int
+    max_positions: int | None = None
+    vocab_size: int | None = None
+    tokens_in_flight: int | None = None
+
+
+def parse_request(kind: Kind, payload: Any, limits: Limits, tokenizer: Any) -> GenerationRequest:
+    """``payload`` (a decoded JSON body) as a ``GenerationRequest``; a 400 naming the field when it is
+    not one the engine can run, a 404 when it names another model."""
+    if not isinstance(payload, dict):
+        raise BadRequest("the body must be a JSON object")
+    model = payload.get("model", limits.model)
+    if model != limits.model:
+        raise ModelNotFound(f"the model {model!r} is not served here; this endpoint serves {limits.model!r}")
+    for name, defaults in _UNSUPPORTED.items():
+        if name in payload and payload[name] not in defaults:
+            raise InvalidParameter(name, f"{name}={payload[name]!r} is not supported by nodewise; leave it out")
+    prompts = _chat_prompt(payload, tokenizer) if kind == "chat" else _completion_prompts(payload, tokenizer, limits)
+    stream = payload.get("stream") or False
+    if not isinstance(stream, bool):
+        raise InvalidParameter("stream", f"stream={stream!r} must be true or false")
+    if stream and len(prompts) > 1:
+        raise InvalidParameter("prompt", f"a streamed request takes one prompt; got {len(prompts)}")
+    options = payload.get("stream_options") or {}
+    if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
+        raise InvalidParameter("stream_options", 'stream_options must be {"include_usage": true or false}')
+    longest = max(len(p) for p in prompts)
+    max_tokens = _max_tokens(kind, payload, limits, longest)
+    sampling = sampling_fields(payload, tokenizer)
+    if limits.max_positions is not None and longest + max_tokens > limits.max_positions:
+        raise InvalidParameter(
+            "max_tokens",
+            f"the prompt ({longest} tokens) plus max_tokens={max_tokens} is over the model's context of "
+            f"{limits.max_positions} tokens; shorten the prompt or lower max_tokens",
+        )
+    if limits.tokens_in_flight is not None and longest + max_tokens > limits.tokens_in_flight:
+        raise InvalidParameter(
+            "max_tokens",
+            f"the prompt ({longest} tokens) plus max_tokens={max_tokens} is over the {limits.tokens_in_flight} "
+            "tokens this deployment holds at once; shorten the prompt or lower max_tokens",
+        )
+    return GenerationRequest(
+        kind, model, prompts, max_tokens, sampling, stream, bool(options.get("include_usage", False))
+    )
+
+
+def _completion_prompts(payload: dict[str, Any], tokenizer: Any, limits: Limits) -> list[list[int]]:
+    """``prompt``: a string, a list of strings, a list of token ids, or a list of such lists."""
+    if "prompt" not in payload:
+        raise InvalidParameter("prompt", '"prompt" is required: a string, a list of strings or of token ids')
+    prompt = payload["prompt"]
+    if isinstance(prompt, str):
+        items: list[Any] = [prompt]
+    elif isinstance(prompt, list) and prompt and all(_is_id(t) for t in prompt):
+        items = [prompt]
+    elif isinstance(prompt, list) and prompt:
+        items = prompt
+    else:
+        raise InvalidParameter("prompt", '"prompt" must be a string, a non-empty list of strings or of token ids')
+    if len(items) > limits.max_prompts:
+        raise InvalidParameter("prompt", f"{len(items)} prompts is over the limit of {limits.max_prompts} a request")
+    prompts = []
+    for item in items:
+        if isinstance(item, str):
+            prompts.append(_encode(tokenizer, item))
+        elif isinstance(item, list) and item and all(_is_id(t) for t in item):
+            if limits.vocab_size is not None and not all(0 <= t < limits.vocab_size for t in item):
+                raise InvalidParameter("prompt", f"token ids must be within 0-{limits.vocab_size - 1}")
+            prompts.append([int(t) for t in item])
+        else:
+            raise InvalidParameter("prompt", "each prompt must be a string or a non-empty list of token ids")
+    return prompts
+
+
+def _chat_prompt(payload: dict[str, Any], tokenizer: Any) -> list[list[int]]:
+    """The conversation through the model's own chat template, ending where the assistant speaks."""
+    messages = payload.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise InvalidParameter("messages", '"messages" must be a non-empty list of {"role": ..., "content": ...}')
+    plain = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise InvalidParameter("messages", f"messages[{i}] must be an object with a string role")
+        plain.append({"role": message["role"], "content": _content(message.get("content"), i)})
+    if tokenizer is None:
+        raise BadRequest("this model has no tokenizer (pytorch flavour); chat needs one: use /v1/completions")
+    if not getattr(tokenizer, "chat_template", None):
+        raise BadRequest(
+            "this model's tokenizer has no chat template, so a conversation cannot be turned into a prompt; "
+            "use /v1/completions, or register the model with a tokenizer that has a chat_template"
+        )
+    for text in (m["content"] for m in plain):
+        _check_text(text)
+    try:
+        encoded = tokenizer.apply_chat_template(plain, add_generation_prompt=True, tokenize=True)
+    except Exception as e:  # jinja2's TemplateError: the template refuses these messages (roles, order)
+        raise InvalidParameter("messages", f"the model's chat template refused the messages: {e}") from e
+    ids = encoded["input_ids"] if hasattr(encoded, "keys") else encoded
+    ids = [int(t) for t in (ids[0] if ids and isinstance(ids[0], list) else ids)]
+    if not ids:
+        raise InvalidParameter("messages", "the chat template made an empty prompt of these messages")
+    return [ids]
+
+
+def _content(content: Any, index: int) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(p, dict) for p in content):
+        if any(p.get("type") != "text" or not isinstance(p.get("text"), str) for p in content):
+            raise InvalidParameter("messages", f"messages[{index}] holds a non-text part; this model takes text only")
+        return "".join(p["text"] for p in content)
+    raise InvalidParameter("messages", f"messages[{index}].content must be a string or a list of text parts")
+
+
+def _max_tokens(kind: Kind, payload: dict[str, Any], limits: Limits, prompt_tokens: int) -> int:
+    name = "max_completion_tokens" if payload.get("max_completion_tokens") is not None else "max_tokens"
+    value = payload.get(name)
+    if value is None:
+        if kind == "completion":  # OpenAI's default for completions
+            return min(limits.default_max_tokens, limits.max_new_tokens)
+        room = limits.max_new_tokens  # a chat answer may run to the deployment's limit, within the context
+        if limits.max_positions is not None:
+            room = min(room, limits.max_positions - prompt_tokens)
+        if room < 1:
+            raise InvalidParameter("messages", f"the conversation ({prompt_tokens} tokens) fills the model's context")
+        return room
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidParameter(name, f"{name}={value!r} must be an integer >= 1")
+    if value > limits.max_new_tokens:
+        raise InvalidParameter(
+            name, f"{name}={value} is over this deployment's limit of {limits.max_new_tokens} new tokens"
+        )
+    return value
+
+
+def sampling_fields(payload: dict[str, Any], tokenizer: Any) -> dict[str, Any]:
+    """The engine's sampling fields of a request (all but ``max_tokens``), checked by
+    ``SamplingParams`` (the engine's own rules). A sampled request without a seed gets one here, so
+    every rank of a cluster draws the same tokens."""
+    from serving.engine import SamplingError, SamplingParams
+
+    fields = {k: payload[k] for k in ("temperature", "top_p", "top_k", "seed") if payload.get(k) is not None}
+    if fields.get("top_k") == -1:  # vLLM's "off"
+        fields["top_k"] = 0
+    stop = payload.get("stop")
+    if stop is not None:
+        fields["stop"] = tuple(stop) if isinstance(stop, list) else (stop,)
+    try:
+        params = SamplingParams(**fields)
+    except (SamplingError, TypeError) as e:
+        param = next((k for k in fields if str(e).startswith(f"{k}=")), None) or "stop"
+        raise InvalidParameter(param, str(e)) from e
+    if not params.greedy and params.seed is None:  # drawn here: every rank of a cluster uses the same
+        fields["seed"] = random.getrandbits(62)
+    if fields.get("stop") and tokenizer is None:
+        raise InvalidParameter("stop", "stop strings need the model's tokenizer (pytorch flavour has none)")
+    return fields
+
+
+def _is_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_text(text: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise BadRequest(f"a prompt holds {e.object[e.start : e.end]!a}, a lone surrogate; send valid Unicode") from e
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    if tokenizer is None:
+        raise InvalidParameter("prompt", "this model has no tokenizer (pytorch flavour): send token ids, not text")
+    _check_text(text)
+    ids = [int(t) for t in tokenizer(text)["input_ids"]]
+    if not ids:
+        raise InvalidParameter("prompt", "a prompt is empty after tokenization; send some text")
+    return ids
+
+
+# -- answers ------------------------------------------------------------------------------------
+
+
+class TextStream:
+    """The text of a growing list of tokens, handed out in pieces that never have to be taken back:
+    it stops at the first stop string, holds back an end that could begin one, and holds back a
+    trailing replacement character (a character whose bytes are not all decoded yet)."""
+
+    def __init__(self, decode: Decode, stops: tuple[str, ...] = ()) -> None:
+        self.decode = decode
+        self.stops = stops
+        self.tokens: list[int] = []
+        self.sent = ""
+        self.stopped = False
+
+    def add(self, token: int) -> str:
+        if self.stopped:
+            return ""
+        self.tokens.append(token)
+        text, self.stopped = cut_at_stop(self.decode(self.tokens), self.stops)
+        if not self.stopped:
+            text = text[: len(text) - _held(text, self.stops)]
+        return self._emit(text)
+
+    def flush(self) -> str:
+        """What is left at the end (the held-back tail, now known not to begin a stop string)."""
+        text, _ = cut_at_stop(self.decode(self.tokens), self.stops)
+        return self._emit(text)
+
+    def _emit(self, text: str) -> str:
+        # Only what grew past what was sent (a decoder that rewrites earlier text is not followed back).
+        if len(text) <= len(self.sent):
+            return ""
+        piece, self.sent = text[len(self.sent) :], text
+        return piece
+
+
+def cut_at_stop(text: str, stops: tuple[str, ...] | list[str]) -> tuple[str, bool]:
+    """``text`` up to its first stop string (the stop string not included), and whether it had one."""
+    cuts = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return (text[: min(cuts)], True) if cuts else (text, False)
+
+
+def _held(text: str, stops: tuple[str, ...]) -> int:
+    """How many characters at the end of ``text`` to hold back."""
+    held = 0
+    for stop in stops:
+        for size in range(min(len(stop) - 1, len(text)), held, -1):
+            if text.endswith(stop[:size]):
+                held = size
+                break
+    if text[len(text) - held - 1 : len(text) - held] == "\ufffd":
+        held += 1
+    return held
+
+
+def collect(events: Events) -> tuple[list[int], str]:
+    """The tokens and the finish reason of one sequence's events."""
+    tokens: list[int] = []
+    for kind, value in events:
+        if kind == "token":
+            tokens.append(value)
+        elif value == "error":
+            raise RuntimeError("the engine's step failed (every sequence in it ended)")
+        else:
+            return tokens, _finish_reason(value)
+    return tokens, "length"
+
+
+def response(request: GenerationRequest, results: list[tuple[list[int], str]], decode: Decode) -> dict[str, Any]:
+    """The whole answer: one choice per prompt, and the usage counts."""
+    choices = []
+    for index, (tokens, reason) in enumerate(results):
+        text, _ = cut_at_stop(decode(tokens), request.stops)
+        if request.kind == "chat":
+            message = {"role": "assistant", "content": text}
+            choices.append({"index": index, "message": message, "finish_reason": reason, "logprobs": None})
+        else:
+            choices.append({"index": index, "text": text, "finish_reason": reason, "logprobs": None})
+    completion = sum(len(tokens) for tokens, _ in results)
+    return {**_head(request), "choices": choices, "usage": _usage(request, completion)}
+
+
+def stream(request: GenerationRequest, events: Events, decode: Decode) -> Iterator[bytes]:
+    """Server-Sent Events for one prompt: a chunk per piece of text, the finish reason, the usage
+    when asked for (``stream_options.include_usage``), then ``data: [DONE]``. An engine failure
+    mid-stream is an ``error`` event (the ``openai`` client raises it)."""
+    text = TextStream(decode, request.stops)
+    count = 0
+    if request.kind == "chat":
+        yield _chunk(request, {"role": "assistant", "content": ""}, None)
+    try:
+        for kind, value in events:
+            if kind == "token":
+                count += 1
+                piece = text.add(value)
+                if piece:
+                    yield _chunk(request, _delta(request, piece), None)
+                continue
+            if value == "error":
+                yield sse({"error": {"message": "the generation failed; see the server log", "type": "server_error"}})
+                return
+            rest = text.flush()
+            if rest:
+                yield _chunk(request, _delta(request, rest), None)
+            yield _chunk(request, {} if request.kind == "chat" else {"text": ""}, _finish_reason(value))
+            break
+    except RequestTimeout as e:  # the answer has begun: the failure is an event, not a status
+        yield sse({"error": {"message": str(e), "type": "server_error", "code": "timeout"}})
+        return
+    if request.include_usage:
+        yield sse({**_head(request, chunk=True), "choices": [], "usage": _usage(request, count)})
+    yield b"data: [DONE]\n\n"
+
+
+def events_of(q: queue.Queue[tuple[str, Any]], timeout_s: float, cancel: Callable[[], None]) -> Events:
+    """One sequence's events from its queue, until its end; past ``timeout_s`` the sequence is
+    cancelled and ``RequestTimeout`` raised."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            kind, value = q.get(timeout=max(0.001, deadline - time.monotonic()))
+        except queue.Empty:
+            cancel()
+            raise RequestTimeout(f"no token within {timeout_s:.0f} s") from None
+        yield kind, value
+        if kind == "end":
+            return
+
+
+def models(model: str, created: int, max_positions: int | None) -> dict[str, Any]:
+    """``GET /v1/models``: the one model this endpoint serves."""
+    entry = {"id": model, "object": "model", "created": created, "owned_by": "nodewise"}
+    if max_positions is not None:
+        entry["max_model_len"] = max_positions
+    return {"object": "list", "data": [entry]}
+
+
+def openai_error(error: BaseException, log: Any = None, where: str = "the server log") -> tuple[int, bytes]:
+    """(status, body) for ``error`` in OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``,
+    with the status (and request id for an unplanned error) of ``serving/errors.py``."""
+    status, body = error_response(error, log, where)
+    from serving.errors import decode_json
+
+    plain = decode_json(body)
+    kind = {401: "authentication_error", 404: "not_found_error"}.get(
+        status, "invalid_request_error" if status < 500 else "server_error"
+    )
+    detail = {
+        "message": plain["message"],
+        "type": kind,
+        "param": getattr(error, "param", None),
+        "code": plain["error_code"].lower(),
+    }
+    return status, encode_json({"error": detail})
+
+
+def sse(event: dict[str, Any]) -> bytes:
+    return b"data: " + encode_json(event) + b"\n\n"
+
+
+def _chunk(request: GenerationRequest, delta: dict[str, Any], reason: str | None) -> bytes:
+    if request.kind == "chat":
+        choice = {"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}
+    else:
+        choice = {"index": 0, "text": delta.get("text", ""), "finish_reason": reason, "logprobs": None}
+    return sse({**_head(request, chunk=True), "choices": [choice]})
+
+
+def _delta(request: GenerationRequest, piece: str) -> dict[str, Any]:
+    return {"content": piece} if request.kind == "chat" else {"text": piece}
+
+
+def _head(request: GenerationRequest, chunk: bool = False) -> dict[str, Any]:
+    kind = request.object + (".chunk" if chunk and request.kind == "chat" else "")
+    return {"id": request.response_id, "object": kind, "created": request.created, "model": request.model}
+
+
+def _usage(request: GenerationRequest, completion_tokens: int) -> dict[str, int]:
+    prompt = sum(len(p) for p in request.prompts)
+    return {"prompt_tokens": prompt, "completion_tokens": completion_tokens, "total_tokens": prompt + completion_tokens}
+
+
+def _finish_reason(reason: str) -> str:
+    """The engine's reason as OpenAI names it ("stop", "length"); a cancelled one counts as "abort"."""
+    return {"cancelled": "abort", "error": "error"}.get(reason, reason)

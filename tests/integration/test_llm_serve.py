@@ -1,0 +1,89 @@
+"""A causal LM that fits one node, on real Ray Serve: the batching engine inside the replica.
+
+The flow deploys a tiny Llama (transformers flavour, text-generation) where it fits: one node,
+so Ray Serve. Its replica runs ``serving/engine.py`` and answers the OpenAI routes (the real
+``openai`` client), while ``/invocations`` still runs the model's MLflow pyfunc. The plan's
+KV-cache count is the engine's token budget; a request that does not fit waits and completes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from nodewise.core.settings import Settings
+from tests.flows import deploy_model
+from tests.integration import openai_checks as check
+from tests.integration.conftest import module_settings
+from tests.integration.lm import register_tiny_llama
+
+# 4 rows profiled: the plan counts KV for 4 x 128 tokens, and the engine holds no more
+ROWS = 4
+
+
+@pytest.fixture(scope="module")
+def settings(prefect_harness: None) -> Iterator[Settings]:
+    yield from module_settings(serve={"max_batch_size": ROWS, "replicas": 1, "max_new_tokens": 100})
+
+
+@pytest.fixture(scope="module")
+def deployed(settings: Settings) -> object:
+    from mlflow import MlflowClient
+
+    MlflowClient().create_experiment("llm-serve-tests", artifact_location=settings.state.artifacts.as_uri())
+    return deploy_model(register_tiny_llama(settings, "llm-serve-tests"), settings=settings)
+
+
+def test_the_plan_sends_it_to_ray_serve_with_the_engine_and_its_kv_budget(deployed: object) -> None:
+    assert deployed.backend == "ray_serve"
+    assert deployed.spec["engine"] is True
+    assert deployed.spec["max_tokens_in_flight"] == ROWS * 128  # the KV cache the profile counted
+    health = httpx.get(f"{deployed.endpoint}/health", timeout=30).json()
+    assert health["tokens_in_flight"] == ROWS * 128
+    # the MLflow scoring protocol still works (the model's own pyfunc, over the same weights)
+    scored = httpx.post(f"{deployed.endpoint}/invocations", json={"inputs": ["hello"]}, timeout=60)
+    assert scored.status_code == 200, scored.text
+    assert isinstance(scored.json()["predictions"][0], str)
+
+
+def test_the_openai_client_works_against_the_replica(deployed: object) -> None:
+    from serving.engine import Engine, SamplingParams
+    from tests.integration.lm import load_whole_llama
+
+    endpoint = deployed.endpoint  # type: ignore[attr-defined]
+    api = check.client(endpoint)
+    check.check_models_and_usage(api, "tiny-llama")
+    alone = check.check_concurrent_equal_alone(api, "tiny-llama")
+    # and alone is what the model gives in this process, decoded greedily
+    module, tokenizer = load_whole_llama(deployed.spec["model_uri"])
+    engine = Engine.for_model(module, tokenizer, max_tokens_in_flight=4096, max_batch=8)
+    seq = engine.add(tokenizer("hello nodewise")["input_ids"], SamplingParams(max_tokens=12))
+    while not seq.done:
+        engine.step()
+    assert alone["hello nodewise"][0] == tokenizer.decode(seq.tokens, skip_special_tokens=True)
+    check.check_chat(api, "tiny-llama")
+    check.check_sampling_and_stop(api, "tiny-llama")
+    check.check_errors(api, "tiny-llama")
+
+    def cancelled() -> int:
+        return httpx.get(f"{endpoint}/health", timeout=30).json()["engine"].get("cancelled", 0)
+
+    check.check_a_client_that_leaves_frees_its_slot(endpoint, "tiny-llama", cancelled)
+
+
+def test_requests_over_the_token_budget_wait_then_complete(deployed: object) -> None:
+    """Five requests of 120 tokens each (prompt plus max_tokens) against a budget of 512: four run,
+    the fifth waits for room, and all five get what they get alone."""
+    api = check.client(deployed.endpoint)  # type: ignore[attr-defined]
+    prompts = [("abcdefghij" * 2)[i:] + "z" * (20 + i) for i in range(5)]
+    alone = [check.complete(api, "tiny-llama", p, stream=False, max_tokens=80) for p in prompts]
+    assert all(len(p) + 80 > 512 // 5 for p in prompts)  # five together are over the budget
+    with ThreadPoolExecutor(5) as pool:
+        together = list(pool.map(lambda p: check.complete(api, "tiny-llama", p, False, 80), prompts))
+    assert together == alone
+    health = httpx.get(f"{deployed.endpoint}/health", timeout=30).json()  # type: ignore[attr-defined]
+    assert health["engine"]["running"] == 0
+    assert health["engine"]["waiting"] == 0
