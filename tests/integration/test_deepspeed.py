@@ -219,6 +219,18 @@ def test_sampling_is_reproducible_by_seed_and_stop_strings_end_the_text(deployed
     first = generate(sampled)["output_ids"][0]
     assert generate(sampled)["output_ids"][0] == first
     assert generate({**sampled, "seed": 12})["output_ids"][0] != first
+    # the same seed gives the same tokens at TP=1: the whole model in this process, through the engine
+    from serving._lm import LanguageModel
+    from serving.engine import SamplingParams
+    from serving.spec import DeepSpeedSpec
+
+    whole = LanguageModel.load(DeepSpeedSpec.model_validate(deployed.spec).model_copy(update={"tp_size": 1}))
+    engine = whole.engine()
+    params = {k: v for k, v in sampled.items() if k not in ("input_ids", "max_new_tokens")}
+    seq = engine.add([5, 17, 33], SamplingParams(max_tokens=12, **params))
+    while not seq.done:
+        engine.step()
+    assert seq.tokens == first
     drawn = generate({**sampled, "seed": None})["output_ids"][0]  # a seed drawn by rank 0 for every rank
     assert 1 <= len(drawn) <= 12  # fewer when it samples the end-of-sequence token (id 2)
     greedy = generate({"prompt": "hello nodewise", "max_new_tokens": 12})["generated_text"][0]
