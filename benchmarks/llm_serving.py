@@ -7,22 +7,27 @@ batching on (the engine, ``serving/engine.py``) and off (``NODEWISE_DEEPSPEED__B
 one request at a time, each a whole step, the backend before the engine). Closed-loop clients
 at each concurrency (``--concurrency 1,4,16``) send ``POST /generate`` with token ids (prompts of
 8-32 tokens, ``--new-tokens`` greedy tokens each) for ``--requests`` requests per client.
-Measured: output tokens/s, requests/s, request latency p50/p99, and each request's latency
-against the same prompt's at concurrency 1 (the slowest ratio).
+Tokens/s side by side: both modes answer ``POST /generate`` whole. Then batching again, streamed
+through ``POST /v1/completions`` (the OpenAI route), for time to first token and between tokens
+(serial mode cannot stream: its first token comes with its last). Then the same LM on Ray Serve,
+one replica with the engine inside (``serving/llm_app.py``), streamed.
+Measured: output tokens/s, requests/s, request latency p50/p99, time to first token and
+inter-token latency p50/p99 (between streamed chunks), and each request's latency against the
+same prompt's at concurrency 1 (the slowest ratio).
 Peer in the same run: Hugging Face ``generate`` on the same weights in one process, the same
 prompts in static batches of the concurrency's size (left-padded), its output tokens/s.
-Not measured yet: time to first token and inter-token latency (streaming is not built yet).
+A larger model: ``--hidden 2048 --layers 8`` (about 1.3 GB in fp32) with fewer requests.
 
-Usage: .venv/bin/python benchmarks/llm_serving.py [--concurrency 1,4,16] [--requests 6]
+Usage: .venv/bin/python benchmarks/llm_serving.py [--concurrency 1,4,16] [--requests 6] [--no-serve]
 (last line: one JSON object)
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import shutil
-import statistics
 import sys
 import tempfile
 import threading
@@ -43,28 +48,64 @@ def make_prompts(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
     return [[rng.randrange(3, vocab) for _ in range(rng.randint(8, 32))] for _ in range(n)]
 
 
-def closed_loop(endpoint: str, prompts: list[list[int]], clients: int, new_tokens: int) -> dict[str, Any]:
-    """``clients`` threads, each sending its share of ``prompts`` one after another."""
+def closed_loop(
+    endpoint: str, prompts: list[list[int]], clients: int, new_tokens: int, stream: bool, model: str = "bench-llama"
+) -> dict[str, Any]:
+    """``clients`` threads, each sending its share of ``prompts`` one after another: streamed
+    through ``POST /v1/completions`` (time to first token and between tokens measured), or whole
+    through ``POST /generate`` (serial mode has no streaming: its first token comes with its last)."""
     import httpx
 
     latencies: dict[int, float] = {}
+    first: list[float] = []
+    gaps: list[float] = []
     tokens = [0]
     errors: list[str] = []
     lock = threading.Lock()
+
+    def streamed(http: Any, i: int) -> tuple[float, list[float], int]:
+        body = {"model": model, "prompt": prompts[i], "max_tokens": new_tokens, "stream": True}
+        body["stream_options"] = {"include_usage": True}
+        start = time.perf_counter()
+        marks, count = [], 0
+        with http.stream("POST", f"{endpoint}/v1/completions", json=body) as answer:
+            if answer.status_code != 200:
+                raise RuntimeError(f"{answer.status_code}: {answer.read()[:200]!r}")
+            for line in answer.iter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                event = json.loads(line[6:])
+                if event.get("usage"):
+                    count = event["usage"]["completion_tokens"]
+                elif event["choices"] and event["choices"][0]["text"]:
+                    marks.append(time.perf_counter() - start)
+        return marks[0] if marks else time.perf_counter() - start, marks, count
 
     def client(k: int) -> None:
         with httpx.Client(timeout=600) as http:
             for i in range(k, len(prompts), clients):
                 start = time.perf_counter()
-                body = {"input_ids": [prompts[i]], "max_new_tokens": new_tokens}
-                answer = http.post(f"{endpoint}/generate", json=body)
+                try:
+                    if stream:
+                        ttft, marks, count = streamed(http, i)
+                    else:
+                        answer = http.post(
+                            f"{endpoint}/generate", json={"input_ids": [prompts[i]], "max_new_tokens": new_tokens}
+                        )
+                        if answer.status_code != 200:
+                            raise RuntimeError(f"{answer.status_code}: {answer.text[:200]}")
+                        count, marks = len(answer.json()["output_ids"][0]), []
+                        ttft = time.perf_counter() - start
+                except (RuntimeError, httpx.HTTPError) as e:
+                    with lock:
+                        errors.append(str(e))
+                    continue
                 took = time.perf_counter() - start
                 with lock:
-                    if answer.status_code != 200:
-                        errors.append(f"{answer.status_code}: {answer.text[:200]}")
-                        continue
                     latencies[i] = took
-                    tokens[0] += len(answer.json()["output_ids"][0])
+                    tokens[0] += count
+                    first.append(ttft)
+                    gaps.extend(b - a for a, b in itertools.pairwise(marks))
 
     threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
     start = time.perf_counter()
@@ -74,16 +115,49 @@ def closed_loop(endpoint: str, prompts: list[list[int]], clients: int, new_token
         t.join()
     wall = time.perf_counter() - start
     values = list(latencies.values())
+
+    def ms(values: list[float], q: float) -> float | None:
+        return round(percentile(values, q) * 1000, 1) if values else None
+
     return {
         "clients": clients,
         "requests": len(values),
         "errors": errors[:3],
         "output_tokens_per_s": round(tokens[0] / wall, 1),
         "requests_per_s": round(len(values) / wall, 2),
-        "latency_p50_ms": round(statistics.median(values) * 1000, 1) if values else None,
-        "latency_p99_ms": round(percentile(values, 99) * 1000, 1) if values else None,
+        "latency_p50_ms": ms(values, 50),
+        "latency_p99_ms": ms(values, 99),
+        "ttft_p50_ms": ms(first, 50),
+        "ttft_p99_ms": ms(first, 99),
+        "itl_p50_ms": ms(gaps, 50),
+        "itl_p99_ms": ms(gaps, 99),
         "_by_prompt": latencies,
     }
+
+
+def serve_replica(resolved: Any, settings: Any) -> str:
+    """The same LM on Ray Serve (nodewise's local Ray, HAProxy ingress): one replica with the engine
+    inside (serving/llm_app.py), two torch threads."""
+    from serving.spec import ModelServeSpec
+    from tasks.rayserve.apps import deploy_app
+    from tasks.rayserve.cluster import ensure_cluster
+
+    ensure_cluster(settings)
+    spec = ModelServeSpec(
+        app_name="bench-llama",
+        route_prefix="/bench-llama",
+        model_uri=resolved.pinned_uri,
+        model_name=resolved.name,
+        model_version=resolved.version,
+        tracking_uri=settings.tracking_uri,
+        registry_uri=settings.registry_uri,
+        flavor="python_function",
+        num_cpus=1,
+        torch_threads=2,
+        engine=True,
+        max_ongoing_requests=64,
+    )
+    return deploy_app(spec, settings, remote_cluster=False)
 
 
 def hf_static(model_dir: Path, prompts: list[list[int]], batch: int, new_tokens: int) -> dict[str, Any]:
@@ -114,6 +188,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--no-serve", action="store_true", help="skip the Ray Serve replica")
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
 
@@ -143,39 +218,61 @@ def main() -> None:
         "new_tokens": args.new_tokens,
         "tp": 2,
     }
-    alone: dict[int, float] = {}
+
+    def run_levels(mode: str, endpoint: str, stream: bool) -> list[dict[str, Any]]:
+        alone: dict[int, float] = {}
+        rows = []
+        for clients in levels:
+            prompts = make_prompts(clients * args.requests, vocab)
+            row = closed_loop(endpoint, prompts, clients, args.new_tokens, stream)
+            by_prompt = row.pop("_by_prompt")
+            if clients == min(levels):
+                alone = by_prompt
+            elif alone:
+                # the same prompt list prefix at the lowest concurrency: compare request by request
+                common = [i for i in by_prompt if i in alone]
+                if common:
+                    row["slowest_vs_alone"] = round(max(by_prompt[i] / alone[i] for i in common), 2)
+            rows.append(row)
+            print(json.dumps({mode: row}), file=sys.stderr, flush=True)
+        return rows
+
     try:
         for mode, batching in (("batching", True), ("serial", False)):
             spec = bench_spec(resolved, settings, host="127.0.0.1").model_copy(update={"batching": batching})
             cluster = launch(spec, ["localhost", "localhost"], 1, settings)
             wait_ready(cluster, 900)
-            rows = []
-            for clients in levels:
-                prompts = make_prompts(clients * args.requests, vocab)
-                row = closed_loop(cluster.endpoint, prompts, clients, args.new_tokens)
-                by_prompt = row.pop("_by_prompt")
-                if mode == "batching" and clients == 1:
-                    alone = by_prompt
-                if mode == "batching" and clients > 1 and alone:
-                    # the same prompt list prefix at concurrency 1: compare request by request
-                    common = [i for i in by_prompt if i in alone]
-                    if common:
-                        row["slowest_vs_alone"] = round(max(by_prompt[i] / alone[i] for i in common), 2)
-                rows.append(row)
-                print(json.dumps({mode: row}), file=sys.stderr, flush=True)
-            result[mode] = rows
+            # the same route for both modes (whole answers from /generate): tokens/s side by side
+            result[mode] = run_levels(mode, cluster.endpoint, stream=False)
+            if batching:  # and streamed through /v1/completions: time to first token, between tokens
+                result["batching_streamed"] = run_levels("batching_streamed", cluster.endpoint, stream=True)
             stop_cluster(settings, "bench")
+        if not args.no_serve:
+            endpoint = serve_replica(resolved, settings)
+            result["ray_serve_1_replica_streamed"] = run_levels("ray_serve", endpoint, stream=True)
         result["hf_generate_static_batch"] = [
             hf_static(model_dir, make_prompts(c * args.requests, vocab), c, args.new_tokens) for c in levels
         ]
         by = {r["clients"]: r for r in result["batching"]}
         serial = {r["clients"]: r for r in result["serial"]}
-        top = max(levels)
+        top, low = max(levels), min(levels)
         result["speedup_vs_serial_at_max_concurrency"] = round(
             by[top]["output_tokens_per_s"] / serial[top]["output_tokens_per_s"], 2
         )
+        streamed = {r["clients"]: r for r in result["batching_streamed"]}
+        result["ttft_p99_ratio_max_vs_min_concurrency"] = round(
+            streamed[top]["ttft_p99_ms"] / streamed[low]["ttft_p99_ms"], 2
+        )
+        result["targets"] = {
+            "tokens_per_s_5x_serial_at_16": result["speedup_vs_serial_at_max_concurrency"] >= 5,
+            "ttft_p99_at_16_within_3x_of_c1": result["ttft_p99_ratio_max_vs_min_concurrency"] <= 3,
+            "no_request_over_2x_alone_at_4": by.get(4, {}).get("slowest_vs_alone", 0) <= 2,
+        }
     finally:
+        from nodewise.cli.status import stop_everything
+
         stop_cluster(settings, "bench")
+        stop_everything(settings)
         shutil.rmtree(state, ignore_errors=True)
     print(json.dumps(result))
 
