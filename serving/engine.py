@@ -6,9 +6,10 @@ own KV cache rows; one forward pass per step decodes one token for every running
 - **The batch cache.** Every running sequence is a row of one key/value tensor per layer,
   ``[batch, kv_heads, length, head_dim]``, left-padded to the longest row. ``attention_mask``
   masks each row's padding and ``position_ids`` give each row its true position, so a row's
-  tokens are what it would get served alone. A sequence that joins is prefilled alone (its
-  prompt in one pass) and its cache padded into the batch; one that leaves is dropped from it,
-  and padding every row shares is trimmed.
+  tokens are what it would get served alone. The sequences that join at a step are prefilled
+  together (their prompts left-padded in one pass, so a burst of arrivals costs one pass, not
+  one each) and their rows padded into the batch; one that leaves is dropped from it, and
+  padding every row shares is trimmed.
 - **The token budget.** Each admitted sequence holds ``len(prompt) + max_tokens`` tokens of the
   budget (its KV cache at worst), released when it finishes. ``max_tokens_in_flight`` comes
   from the plan's KV-cache budget. What does not fit waits, first come first served; a request
@@ -239,8 +240,9 @@ class Engine:
     def step(self) -> None:
         """Drop cancelled sequences, admit what fits, prefill the newcomers, decode one token for all."""
         self._drop([i for i, s in enumerate(self._rows) if s.cancelled], "cancelled")
-        for seq in self._admit():
-            self._prefill(seq)
+        admitted = self._admit()
+        if admitted:
+            self._prefill(admitted)
         if self._rows:
             self._decode()
         self.steps += 1
@@ -263,16 +265,29 @@ class Engine:
         return admitted
 
     @torch.inference_mode()
-    def _prefill(self, seq: Sequence) -> None:
-        ids = torch.tensor([seq.prompt], dtype=torch.long, device=self.device)
-        out = self.module(input_ids=ids, use_cache=True, logits_to_keep=1)
-        token = self._sample(seq, out.logits[0, -1])
-        cache = out.cache
-        if self._append(seq, token):
-            return  # done on its first token: never joins the batch
-        keys = [layer.keys for layer in cache.layers]
-        values = [layer.values for layer in cache.layers]
-        self._join(seq, keys, values, len(seq.prompt))
+    def _prefill(self, seqs: list[Sequence]) -> None:
+        """The newcomers' prompts in one forward pass (left-padded to the longest, each row masked
+        and positioned as if alone), their first tokens, and their cache rows into the batch."""
+        width = max(len(s.prompt) for s in seqs)
+        pads = [width - len(s.prompt) for s in seqs]
+        ids = torch.tensor([[0] * p + s.prompt for s, p in zip(seqs, pads, strict=True)], device=self.device)
+        kwargs: dict[str, Any] = {}
+        if any(pads):
+            pad = torch.tensor(pads, device=self.device)[:, None]
+            span = torch.arange(width, device=self.device)[None, :]
+            kwargs = {"attention_mask": (span >= pad).long(), "position_ids": (span - pad).clamp(min=0)}
+        out = self.module(input_ids=ids, use_cache=True, logits_to_keep=1, **kwargs)
+        logits = out.logits[:, -1]
+        staying = [i for i, seq in enumerate(seqs) if not self._append(seq, self._sample(seq, logits[i]))]
+        if not staying:
+            return  # all done on their first token: none joins the batch
+        keys = [layer.keys for layer in out.cache.layers]
+        values = [layer.values for layer in out.cache.layers]
+        if len(staying) < len(seqs):
+            index = torch.tensor(staying, device=self.device)
+            keys = [k.index_select(0, index) for k in keys]
+            values = [v.index_select(0, index) for v in values]
+        self._join([seqs[i] for i in staying], keys, values, [pads[i] for i in staying])
 
     @torch.inference_mode()
     def _decode(self) -> None:
@@ -292,22 +307,25 @@ class Engine:
         self._drop(finished, None)
 
     # -- the batch cache ------------------------------------------------------------------------
-    def _join(self, seq: Sequence, keys: list[torch.Tensor], values: list[torch.Tensor], length: int) -> None:
+    def _join(
+        self, seqs: list[Sequence], keys: list[torch.Tensor], values: list[torch.Tensor], pads: list[int]
+    ) -> None:
+        """Add prefilled rows (``pads``: each row's left padding) to the batch cache."""
         if not self._rows:
-            self._rows, self._pads, self._keys, self._values = [seq], [0], keys, values
+            self._rows, self._pads, self._keys, self._values = list(seqs), list(pads), keys, values
             return
-        current = self._keys[0].shape[-2]
-        if length > current:  # the newcomer is longest: pad every row on the left
-            grow = length - current
+        current, width = self._keys[0].shape[-2], keys[0].shape[-2]
+        if width > current:  # the newcomers are longer: pad every row on the left
+            grow = width - current
             self._keys = [_pad_left(k, grow) for k in self._keys]
             self._values = [_pad_left(v, grow) for v in self._values]
             self._pads = [p + grow for p in self._pads]
-            current = length
-        pad = current - length
-        self._keys = [torch.cat([k, _pad_left(n, pad)]) for k, n in zip(self._keys, keys, strict=True)]
-        self._values = [torch.cat([v, _pad_left(n, pad)]) for v, n in zip(self._values, values, strict=True)]
-        self._rows.append(seq)
-        self._pads.append(pad)
+            current = width
+        shift = current - width
+        self._keys = [torch.cat([k, _pad_left(n, shift)]) for k, n in zip(self._keys, keys, strict=True)]
+        self._values = [torch.cat([v, _pad_left(n, shift)]) for v, n in zip(self._values, values, strict=True)]
+        self._rows.extend(seqs)
+        self._pads.extend(p + shift for p in pads)
 
     def _drop(self, indices: list[int], reason: str | None) -> None:
         if not indices:

@@ -65,6 +65,12 @@ class LLMServer(ModelServer):
             engine = self.engine
             batch = {"running": engine.running, "waiting": engine.waiting, **engine.finished}
             return _json(200, {"ready": True, "engine": batch, "tokens_in_flight": engine.max_tokens_in_flight})
+        if path == "/openapi.json" and request.method == "GET":
+            from serving.openapi import document, openai_paths, scoring_paths
+
+            title = f"nodewise: {self.spec.model_name} on Ray Serve (batching engine)"
+            paths = {**scoring_paths(), **openai_paths()}
+            return _json(200, document(title, self.spec.model_version, paths, request.scope.get("root_path", "")))
         if path == "/v1/models" and request.method == "GET":
             return _json(200, openai_api.models(self.spec.model_name, self.started, self.max_positions))
         if path in _ROUTES and request.method == "POST":

@@ -130,7 +130,96 @@ def scoring_paths(generate: bool = False) -> dict[str, Any]:
                 },
             }
         }
+        paths.update(openai_paths())
     return paths
+
+
+_OPENAI_ERROR = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["message", "type"],
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "param": {"type": "string", "nullable": True},
+                "code": {"type": "string", "nullable": True},
+            },
+        }
+    },
+}
+_SAMPLING = {
+    "max_tokens": {"type": "integer", "minimum": 1, "nullable": True},
+    "temperature": {"type": "number", "minimum": 0, "maximum": 100, "nullable": True},
+    "top_p": {"type": "number", "minimum": 0, "exclusiveMinimum": True, "maximum": 1, "nullable": True},
+    "top_k": {"type": "integer", "minimum": -1, "nullable": True},
+    "seed": {"type": "integer", "nullable": True},
+    "stop": {"oneOf": [{"type": "string", "minLength": 1}, {"type": "array", "items": {"type": "string"}}]},
+    "stream": {"type": "boolean"},
+    "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}},
+}
+_IDS = {"type": "array", "items": {"type": "integer", "minimum": 0}}
+COMPLETION_REQUEST = {
+    "type": "object",
+    "required": ["prompt"],
+    "properties": {
+        "model": {"type": "string"},
+        "prompt": {
+            "oneOf": [
+                {"type": "string"},
+                {"type": "array", "items": {"type": "string"}},
+                _IDS,
+                {"type": "array", "items": _IDS},
+            ]
+        },
+        **_SAMPLING,
+    },
+}
+CHAT_REQUEST = {
+    "type": "object",
+    "required": ["messages"],
+    "properties": {
+        "model": {"type": "string"},
+        "messages": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["role", "content"],
+                "properties": {"role": {"type": "string"}, "content": {"type": "string"}},
+            },
+        },
+        "max_completion_tokens": {"type": "integer", "minimum": 1, "nullable": True},
+        **_SAMPLING,
+    },
+}
+
+
+def openai_paths() -> dict[str, Any]:
+    """The OpenAI-compatible routes (serving/openai_api.py), errors in OpenAI's shape."""
+
+    def errors(*statuses: int) -> dict[str, Any]:
+        content = {"application/json": {"schema": _OPENAI_ERROR}}
+        return {str(s): {"description": _REASONS[s], "content": content} for s in statuses}
+
+    def post(summary: str, schema: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "post": {
+                "summary": summary,
+                "requestBody": {"required": True, "content": {"application/json": {"schema": schema}}},
+                "responses": {
+                    "200": _json_response(summary + " (text/event-stream when stream is true)"),
+                    **errors(400, 404, 408, 413, 500, 503, 504),
+                },
+            }
+        }
+
+    return {
+        "/v1/completions": post("an OpenAI completion", COMPLETION_REQUEST),
+        "/v1/chat/completions": post("an OpenAI chat completion, through the model's chat template", CHAT_REQUEST),
+        "/v1/models": _get("the model served, as OpenAI lists models"),
+    }
 
 
 def webhook_paths() -> dict[str, Any]:

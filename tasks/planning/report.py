@@ -16,7 +16,11 @@ def breakdown_rows(profile: MemoryProfile, plan: PlacementPlan) -> list[dict[str
     per_rank = plan.tp_size
     rows = [
         {"component": "weights", "MiB": round(profile.weight_bytes / per_rank / MIB, 1)},
-        {"component": "kv cache", "MiB": round(profile.kv_bytes_per_rank(per_rank) / MIB, 1)},
+        {
+            # the generation engine holds at most these tokens at once (its budget is this count)
+            "component": f"kv cache ({profile.kv_tokens} tokens in flight)" if profile.kv_tokens else "kv cache",
+            "MiB": round(profile.kv_bytes_per_rank(per_rank) / MIB, 1),
+        },
         {"component": "activations", "MiB": round(profile.activation_bytes / MIB, 1)},
         {"component": "runtime", "MiB": round(profile.runtime_bytes / MIB, 1)},
     ]

@@ -108,3 +108,14 @@ def check_a_client_that_leaves_frees_its_slot(endpoint: str, model: str, cancell
     while cancelled() == before and time.monotonic() < deadline:
         time.sleep(0.2)
     assert cancelled() == before + 1
+
+
+def check_over_budget_waits(api: openai.OpenAI, model: str, budget: int) -> None:
+    """Five requests of 120 tokens each (prompt plus max_tokens) against a budget that holds four:
+    the fifth waits for room, and all five get what they get alone."""
+    prompts = [("abcdefghij" * 2)[i:] + "z" * (20 + i) for i in range(5)]
+    assert 4 * 120 <= budget < 5 * 120  # four fit at once, five do not
+    alone = [complete(api, model, p, stream=False, max_tokens=80) for p in prompts]
+    with ThreadPoolExecutor(5) as pool:
+        together = list(pool.map(lambda p: complete(api, model, p, False, 80), prompts))
+    assert together == alone

@@ -27,7 +27,10 @@ from tests.integration.lm import deploy_on_two_ranks, rank_pids, register_tiny_l
 
 @pytest.fixture(scope="module")
 def settings(prefect_harness: None) -> Iterator[Settings]:
-    yield from module_settings(deepspeed={"ready_timeout_s": 400, "heartbeat_timeout_s": 5})
+    # 4 rows profiled: the plan counts KV for 4 x 128 tokens, the engine's budget
+    yield from module_settings(
+        deepspeed={"ready_timeout_s": 400, "heartbeat_timeout_s": 5}, serve={"max_batch_size": 4}
+    )
 
 
 @pytest.fixture(scope="module")
@@ -294,6 +297,8 @@ def test_the_openai_client_works_against_rank_0(deployed: object) -> None:
         return httpx.get(f"{endpoint}/health", timeout=30).json()["engine"].get("cancelled", 0)
 
     check.check_a_client_that_leaves_frees_its_slot(endpoint, "tiny-llama", cancelled)
+    assert deployed.spec["max_tokens_in_flight"] == 4 * 128  # the KV cache the plan counted
+    check.check_over_budget_waits(api, "tiny-llama", 4 * 128)
     assert rank_pids(endpoint) == pids
 
 

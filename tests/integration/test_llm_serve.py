@@ -9,7 +9,6 @@ KV-cache count is the engine's token budget; a request that does not fit waits a
 from __future__ import annotations
 
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -75,15 +74,19 @@ def test_the_openai_client_works_against_the_replica(deployed: object) -> None:
 
 
 def test_requests_over_the_token_budget_wait_then_complete(deployed: object) -> None:
-    """Five requests of 120 tokens each (prompt plus max_tokens) against a budget of 512: four run,
-    the fifth waits for room, and all five get what they get alone."""
-    api = check.client(deployed.endpoint)  # type: ignore[attr-defined]
-    prompts = [("abcdefghij" * 2)[i:] + "z" * (20 + i) for i in range(5)]
-    alone = [check.complete(api, "tiny-llama", p, stream=False, max_tokens=80) for p in prompts]
-    assert all(len(p) + 80 > 512 // 5 for p in prompts)  # five together are over the budget
-    with ThreadPoolExecutor(5) as pool:
-        together = list(pool.map(lambda p: check.complete(api, "tiny-llama", p, False, 80), prompts))
-    assert together == alone
+    check.check_over_budget_waits(check.client(deployed.endpoint), "tiny-llama", ROWS * 128)  # type: ignore[attr-defined]
     health = httpx.get(f"{deployed.endpoint}/health", timeout=30).json()  # type: ignore[attr-defined]
     assert health["engine"]["running"] == 0
     assert health["engine"]["waiting"] == 0
+
+
+def test_fuzzing_the_replica_from_its_openapi_document_gives_no_500(deployed: object) -> None:
+    from tests.fuzzing import fuzz_endpoint
+
+    endpoint = deployed.endpoint  # type: ignore[attr-defined]
+    raw = ("/v1/completions", "/v1/chat/completions")
+    report = fuzz_endpoint(f"{endpoint}/openapi.json", max_examples=10, raw_paths=raw)
+    print(report)
+    assert report["server_errors"] == []
+    assert report["cases"] > 50
+    assert httpx.get(f"{endpoint}/health", timeout=30).json()["ready"]
