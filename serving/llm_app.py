@@ -3,8 +3,9 @@
 Concurrent requests to one replica share decoding steps (``serving/engine.py``, on a thread of
 the replica); Serve routes across replicas as for any model. Routes, under the app's prefix:
 ``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /v1/models`` (``serving/openai_api.py``,
-the same code as DeepSpeed's rank 0), and everything ``ModelServer`` answers: ``/invocations``
-still runs the model's MLflow pyfunc (its pipeline, over the same weights the engine uses).
+the same code as DeepSpeed's rank 0), and everything ``ModelServer`` answers. ``/invocations`` is
+parsed as MLflow parses it, and its text prompts go through the engine too (the prompt and its
+greedy continuation, as rank 0 answers them); the pyfunc is loaded for its pipeline's weights.
 """
 
 from __future__ import annotations
@@ -110,6 +111,30 @@ class LLMServer(ModelServer):
             raise
         return _json(200, openai_api.response(parsed, answers, decode))
 
+    async def _predict(self, body: bytes, content_type: str) -> Any:
+        """``/invocations`` (and the watchdog's canary): text prompts through the engine, each
+        answered with the prompt and its greedy continuation of ``default_new_tokens``, as
+        DeepSpeed's rank 0 answers them; parsed as MLflow parses them, checked as the OpenAI
+        routes check a prompt."""
+        assert self.model is not None
+        texts = _texts(self.model.parse(body, content_type))
+        payload = {"prompt": texts, "max_tokens": self.spec.default_new_tokens}
+        parsed = openai_api.parse_request("completion", payload, self.limits, self.tokenizer)
+        params = SamplingParams(max_tokens=parsed.max_tokens)
+        sequences = [self.engine.add(prompt, params) for prompt in parsed.prompts]
+        timeout = self.spec.request_timeout_s
+
+        def results() -> list[tuple[list[int], str]]:
+            return [openai_api.collect(openai_api.events_of(s.events, timeout, s.cancel)) for s in sequences]
+
+        try:
+            answers = await asyncio.to_thread(results)
+        except BaseException:
+            for seq in sequences:
+                seq.cancel()
+            raise
+        return [text + self._decode(tokens) for text, (tokens, _) in zip(texts, answers, strict=True)]
+
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
@@ -127,6 +152,25 @@ class LLMServer(ModelServer):
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.stop()
+
+
+def _texts(data: Any) -> list[str]:
+    """The prompts of a parsed scoring request: one string, a list of them, or a one-column table."""
+    from serving.errors import BadRequest
+
+    if hasattr(data, "to_numpy"):  # a DataFrame (dataframe_split, dataframe_records, CSV)
+        if getattr(data, "shape", (0, 0))[1] != 1:
+            raise BadRequest("this model takes one column of text prompts")
+        data = data.iloc[:, 0].tolist()
+    if isinstance(data, dict) and len(data) == 1:
+        data = next(iter(data.values()))
+    if isinstance(data, str):
+        data = [data]
+    if hasattr(data, "tolist"):
+        data = data.tolist()
+    if not isinstance(data, list) or not data or not all(isinstance(t, str) for t in data):
+        raise BadRequest('this model takes text prompts: send {"inputs": ["a prompt", ...]}')
+    return data
 
 
 async def _async(chunks: Iterator[bytes], on_close: Any) -> AsyncIterator[bytes]:

@@ -42,10 +42,15 @@ def test_the_plan_sends_it_to_ray_serve_with_the_engine_and_its_kv_budget(deploy
     assert deployed.spec["max_tokens_in_flight"] == ROWS * 128  # the KV cache the profile counted
     health = httpx.get(f"{deployed.endpoint}/health", timeout=30).json()
     assert health["tokens_in_flight"] == ROWS * 128
-    # the MLflow scoring protocol still works (the model's own pyfunc, over the same weights)
-    scored = httpx.post(f"{deployed.endpoint}/invocations", json={"inputs": ["hello"]}, timeout=60)
+    # the MLflow scoring protocol still works: the prompt and its greedy continuation, from the engine
+    scored = httpx.post(f"{deployed.endpoint}/invocations", json={"inputs": ["hello", "ok"]}, timeout=60)
     assert scored.status_code == 200, scored.text
-    assert isinstance(scored.json()["predictions"][0], str)
+    api = check.client(deployed.endpoint)
+    expected = [p + check.complete(api, "tiny-llama", p, stream=False, max_tokens=16)[0] for p in ("hello", "ok")]
+    assert scored.json()["predictions"] == expected
+    bad = httpx.post(f"{deployed.endpoint}/invocations", json={"inputs": [[1, 2]]}, timeout=60)
+    assert bad.status_code == 400
+    assert "text prompts" in bad.json()["message"]
 
 
 def test_the_openai_client_works_against_the_replica(deployed: object) -> None:
