@@ -6,7 +6,9 @@ then promotions by `set_registered_model_alias(name, "champion", v)`:
 1. webhook path, first promotion (Ray not running yet: its start is part of it);
 2. webhook path, Ray running (an in-place update of the Serve app);
 3. poller path (the webhook deleted, `nodewise poll` every --poll-every seconds), Ray running.
-Clocked until GET /version on the endpoint names the new version.
+Clocked until GET /version on the endpoint names the new version. For the second, the seconds
+are broken down by stage from Prefect's record of the runs (event and trigger, worker and
+process start, each task of the deploy, what came after).
 Peer, same run: `nodewise deploy models:/NAME/V` run by hand right after setting the alias (what
 a hand-written webhook handler calling the deploy directly would take: no event, no trigger,
 no worker), Ray running.
@@ -43,6 +45,34 @@ def wait_version(endpoint: str, version: str, since: float, timeout_s: float = 3
             pass
         time.sleep(0.2)
     raise RuntimeError(f"version {version} not served at {endpoint} within {timeout_s:.0f} s")
+
+
+def stages(api_url: str, alias_set_at: float, answered_at: float) -> dict[str, float]:
+    """Where the seconds from the alias set (wall clock ``alias_set_at``) to the first answer from
+    the new version (``answered_at``) went, from the Prefect API's record of the runs it started:
+    the event and its trigger (until the run exists), the worker (until the run's process starts),
+    the deploy flow's tasks one by one, and what came after them (Serve's routing, the clock)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
+        runs = [r for r in client.read_flow_runs(limit=50) if r.created and r.created.timestamp() >= alias_set_at]
+        outer = min((r for r in runs if r.parent_task_run_id is None), key=lambda r: r.created)
+        inner = [r for r in runs if r.parent_task_run_id is not None and r.start_time]
+        ids = [outer.id, *(r.id for r in inner)]
+        tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)))
+    out = {
+        "event_and_trigger_s": round(outer.created.timestamp() - alias_set_at, 2),
+        "worker_and_process_start_s": round(outer.start_time.timestamp() - outer.created.timestamp(), 2),
+    }
+    last_end = outer.start_time.timestamp()
+    for task in sorted((t for t in tasks if t.start_time and t.end_time), key=lambda t: t.start_time):
+        name = task.name.rsplit("-", 1)[0]  # "profile-model-716" -> "profile-model"
+        out[f"task {name}_s"] = round(task.end_time.timestamp() - task.start_time.timestamp(), 2)
+        last_end = max(last_end, task.end_time.timestamp())
+    out["after_the_tasks_s"] = round(answered_at - last_end, 2)
+    return out
 
 
 def main() -> None:
@@ -91,7 +121,9 @@ def main() -> None:
         v1, since = promote(retrain=False)
         result["webhook_first_s"] = wait_version(endpoint, v1, since)
         v2, since = promote(retrain=True)
+        alias_set_at = time.time() - (time.monotonic() - since)
         result["webhook_s"] = wait_version(endpoint, v2, since)
+        result["webhook_stages"] = stages(f"http://127.0.0.1:{base + 10}/api", alias_set_at, time.time())
         for hook in client.list_webhooks():
             client.delete_webhook(hook.webhook_id)
         poll_env = {**env, "NODEWISE_PREFECT__API_URL": f"http://127.0.0.1:{base + 10}/api"}

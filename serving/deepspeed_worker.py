@@ -276,15 +276,7 @@ class Frontend:
             )
         self._check_ready()
         model = self.model
-        limits = openai_api.Limits(
-            model=self.spec.model_name,
-            default_max_tokens=self.spec.default_new_tokens,
-            max_new_tokens=self.spec.max_new_tokens,
-            max_prompts=self.spec.max_batch_size,
-            max_positions=model.max_positions,
-            vocab_size=model.vocab_size,
-            tokens_in_flight=model.tokens_in_flight,
-        )
+        limits = openai_api.Limits.of(self.spec, model.module, model.tokens_in_flight)
         request = openai_api.parse_request(kind, decode_json(body), limits, model.tokenizer)
         queued = []
         for prompt in request.prompts:

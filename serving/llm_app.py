@@ -39,7 +39,6 @@ class LLMServer(ModelServer):
         self.module, self.tokenizer = pipeline.model, pipeline.tokenizer
         config = getattr(self.module, "config", None)
         self.max_positions: int | None = getattr(config, "max_position_embeddings", None)
-        self.vocab_size: int | None = getattr(config, "vocab_size", None)
         budget = self.spec.max_tokens_in_flight or self.spec.max_batch_size * (self.max_positions or 2048)
         self.engine = Engine.for_model(
             self.module,
@@ -50,15 +49,7 @@ class LLMServer(ModelServer):
         )
         self.engine.start()
         self.started = int(time.time())
-        self.limits = openai_api.Limits(
-            model=self.spec.model_name,
-            default_max_tokens=self.spec.default_new_tokens,
-            max_new_tokens=self.spec.max_new_tokens,
-            max_prompts=self.spec.max_batch_size,
-            max_positions=self.max_positions,
-            vocab_size=self.vocab_size,
-            tokens_in_flight=budget,
-        )
+        self.limits = openai_api.Limits.of(self.spec, self.module, budget)
 
     async def __call__(self, request: Request) -> Response:
         path = _subpath(request)

@@ -101,6 +101,20 @@ class Limits:
     vocab_size: int | None = None
     tokens_in_flight: int | None = None
 
+    @classmethod
+    def of(cls, spec: Any, module: Any, tokens_in_flight: int) -> Limits:
+        """The limits of a serving spec (either backend's: both name these fields alike) and its model."""
+        config = getattr(module, "config", None)
+        return cls(
+            model=spec.model_name,
+            default_max_tokens=spec.default_new_tokens,
+            max_new_tokens=spec.max_new_tokens,
+            max_prompts=spec.max_batch_size,
+            max_positions=getattr(config, "max_position_embeddings", None),
+            vocab_size=getattr(config, "vocab_size", None),
+            tokens_in_flight=tokens_in_flight,
+        )
+
 
 def parse_request(kind: Kind, payload: Any, limits: Limits, tokenizer: Any) -> GenerationRequest:
     """``payload`` (a decoded JSON body) as a ``GenerationRequest``; a 400 naming the field when it is

@@ -20,3 +20,10 @@ def watch_deployments(*, settings: Settings) -> Any:
 
     with using_settings(settings):
         return flow()
+
+
+def profile_new_version(model_name: str, version: str, *, settings: Settings, **kwargs: Any) -> Any:
+    from flows.profile_version import profile_new_version as flow
+
+    with using_settings(settings):
+        return flow(model_name, version, **kwargs)

@@ -432,7 +432,8 @@ def poll(
         while True:
             for event in poller.poll_once(api):
                 p = event["payload"]
-                typer.echo(f"{p['model']}@{p['alias']} -> version {p['version']} (event {event['id']})")
+                what = f"{p['model']}@{p['alias']} ->" if "alias" in p else f"{p['model']}: new"
+                typer.echo(f"{what} version {p['version']} (event {event['id']})")
             if once:
                 return
             time.sleep(every or settings.triggers.poll_every_s)

@@ -277,7 +277,9 @@ def _ensure_webhook(mlflow: str, receiver: str, secret: str) -> None:
     client = MlflowClient(tracking_uri=mlflow, registry_uri=mlflow)
     if any(w.url == receiver for w in client.list_webhooks()):
         return
-    client.create_webhook("nodewise-promotions", receiver, events=["model_version_alias.created"], secret=secret)
+    # an alias set (a promotion) and a new version (profiled at once, so its promotion is quick)
+    events = ["model_version_alias.created", "model_version.created"]
+    client.create_webhook("nodewise-promotions", receiver, events=events, secret=secret)
 
 
 def _stop(services: list[Service], grace_s: float = 15.0) -> None:

@@ -27,6 +27,7 @@ from nodewise.core.state import locked_json, read_json
 from serving.errors import decode_json
 
 EVENT = "nodewise.model.promoted"
+CREATED = "nodewise.model.version_created"  # a new version: profile it now, not when it is promoted
 _IDS = uuid.UUID("5d1c3b1e-8f7a-4f0e-9a59-6e6f64657769")  # namespace of nodewise's event ids
 
 
@@ -45,6 +46,22 @@ def promotion_event(name: str, alias: str, version: str, source: str, change: in
             "nodewise.alias": alias,
         },
         "payload": {"model": name, "alias": alias, "version": str(version), "source": source},
+    }
+
+
+def created_event(name: str, version: str, source: str) -> dict[str, Any]:
+    """The Prefect event for "version was created" (one id per version: announced once, whoever
+    announces it)."""
+    return {
+        "id": str(uuid.uuid5(_IDS, f"{name}\n{version}\ncreated")),
+        "occurred": datetime.now(UTC).isoformat(),
+        "event": CREATED,
+        "resource": {
+            "prefect.resource.id": f"mlflow.model.{name}",
+            "prefect.resource.name": name,
+            "nodewise.model": name,
+        },
+        "payload": {"model": name, "version": str(version), "source": source},
     }
 
 
@@ -99,6 +116,18 @@ def verify(headers: dict[str, str], body: bytes, secret: str, max_age_s: float, 
     if abs(age) > max_age_s:
         raise WebhookRejected(401, f"delivery is {age:.0f} s old, past the {max_age_s:.0f} s allowed (a replay?)")
     return delivery
+
+
+def parse_created(body: bytes) -> tuple[str, str] | None:
+    """(model, version) of a ``model_version.created`` payload; None for any other delivery (what
+    ``parse_promotion`` refuses, it refuses)."""
+    try:
+        payload = decode_json(body)
+        if f"{payload['entity']}.{payload['action']}" != "model_version.created":
+            return None
+        return str(payload["data"]["name"]), str(payload["data"]["version"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def parse_promotion(body: bytes, events: tuple[str, ...]) -> tuple[str, str, str] | None:
@@ -170,18 +199,44 @@ class Poller:
                 events.append(promotion_event(model.name, alias, str(version), "poller", change))
         return events
 
-    def commit(self, events: list[dict[str, Any]]) -> None:
+    def new_versions(self) -> tuple[list[dict[str, Any]], dict[str, int]]:
+        """Events for the versions created since the last ``commit``, and each model's newest version.
+        A model seen for the first time announces nothing: its versions predate the poller."""
+        known = read_json(self.state)
+        events, newest = [], {}
+        for model in self.client.search_registered_models():
+            found = self.client.search_model_versions(f"name = '{model.name}'", max_results=200)
+            numbers = sorted(int(v.version) for v in found)
+            if not numbers:
+                continue
+            newest[model.name] = numbers[-1]
+            seen = known.get(model.name, {}).get(_SEEN)
+            if seen is None:
+                continue
+            events += [created_event(model.name, str(n), "poller") for n in numbers if n > int(seen)]
+        return events, newest
+
+    def commit(self, events: list[dict[str, Any]], newest: dict[str, int] | None = None) -> None:
         with locked_json(self.state) as known:
             for event in events:
                 p = event["payload"]
+                if event["event"] != EVENT:
+                    continue
                 entry = known.setdefault(p["model"], {}).setdefault(p["alias"], {"changes": 0})
                 entry.update(version=p["version"], changes=int(entry.get("changes", 0)) + 1)
+            for name, number in (newest or {}).items():
+                known.setdefault(name, {})[_SEEN] = number
 
     def poll_once(self, api_url: str) -> list[dict[str, Any]]:
-        events = self.changes()
+        """Post the alias changes and the new versions; return them."""
+        created, newest = self.new_versions()
+        events = self.changes() + created
         post_events(api_url, events)
-        self.commit(events)
+        self.commit(events, newest)
         return events
+
+
+_SEEN = "@newest_version"  # in a model's entry of the poller's state ("@" is in no alias name)
 
 
 # -- what a promotion's deploy run needs (flows/promote.py composes these) -------------------------

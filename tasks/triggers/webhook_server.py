@@ -27,7 +27,15 @@ from serving.errors import (
     read_body,
 )
 from serving.openapi import document, webhook_paths
-from tasks.triggers.promotion import SeenDeliveries, parse_promotion, post_events, promotion_event, verify
+from tasks.triggers.promotion import (
+    SeenDeliveries,
+    created_event,
+    parse_created,
+    parse_promotion,
+    post_events,
+    promotion_event,
+    verify,
+)
 
 logger = logging.getLogger("nodewise.receiver")
 MAX_BODY = 1024 * 1024
@@ -49,39 +57,44 @@ class Receiver:
         self.seen = SeenDeliveries(settings.state.webhook_deliveries, keep_s=2 * settings.triggers.max_age_s)
 
     def handle(self, headers: dict[str, str], body: bytes) -> tuple[int, dict[str, Any]]:
-        """(status, answer) for one delivery; a refusal raises a ``serving.errors.ProtocolError``."""
+        """(status, answer) for one delivery; a refusal raises a ``serving.errors.ProtocolError``.
+
+        An alias set on the watched alias announces a promotion; a new version
+        (``model_version.created``) announces its creation, so it is profiled before anyone
+        promotes it (and, with ``model_version.created`` in ``webhook_events``, a promotion too)."""
         try:
             delivery = verify(headers, body, self.secret, self.triggers.max_age_s)
             promotion = parse_promotion(body, tuple(self.triggers.webhook_events))
         except WebhookRejected as e:
             logger.warning("webhook refused (%s): %s", e.status, e)
             raise (Unauthorized if e.status == 401 else BadRequest)(str(e)) from e
-        if promotion is None:
+        created = parse_created(body)
+        if promotion is None and created is None:
             return 200, {"ignored": "not a promotion event this receiver watches"}
-        name, alias, version = promotion
-        if alias and alias != self.triggers.alias:
-            return 200, {"ignored": f"alias {alias!r} is not the watched alias {self.triggers.alias!r}"}
+        if promotion is not None and promotion[1] and promotion[1] != self.triggers.alias:
+            if created is None:
+                return 200, {"ignored": f"alias {promotion[1]!r} is not the watched alias {self.triggers.alias!r}"}
+            promotion = None
+        name, version = (promotion[0], promotion[2]) if promotion is not None else created  # type: ignore[misc]
         if not self.seen.first_time(delivery):
             logger.info("webhook delivery %s seen before: ignored", delivery)
             return 200, {"ignored": f"delivery {delivery} was already taken"}
         if not self.known_model(name):
             logger.warning("webhook for model %r, which the registry does not know: ignored", name)
             return 200, {"ignored": f"model {name!r} is not in the registry"}
-        event = promotion_event(name, alias or self.triggers.alias, version, "webhook", f"delivery:{delivery}")
+        events = [created_event(name, version, "webhook")] if created is not None else []
+        if promotion is not None:
+            alias = promotion[1] or self.triggers.alias
+            events.append(promotion_event(name, alias, version, "webhook", f"delivery:{delivery}"))
         try:
-            post_events(self.api_url, [event])
+            post_events(self.api_url, events)
         except NodewiseError as e:
             self.seen.forget(delivery)  # let MLflow's retry through
             logger.error("webhook %s not passed on: %s", delivery, e)
             raise UpstreamFailed(str(e)) from e
-        logger.info(
-            "promotion of %s@%s to version %s announced (event %s)",
-            name,
-            event["payload"]["alias"],
-            version,
-            event["id"],
-        )
-        return 202, {"event": event["id"]}
+        for event in events:
+            logger.info("%s %s version %s (event %s)", event["event"], name, version, event["id"])
+        return 202, {"event": events[-1]["id"], "events": [e["id"] for e in events]}
 
 
 def serve(receiver: Receiver, host: str, port: int) -> ThreadingHTTPServer:

@@ -93,6 +93,23 @@ def check_errors(api: openai.OpenAI, model: str) -> None:
         api.completions.create(model="gpt-4o", prompt="x")
 
 
+def check_everything(endpoint: str, model: str) -> dict[str, tuple[str, str]]:
+    """Every check above against ``endpoint`` (rank 0, or a Serve route); what each of
+    ``PROMPTS`` gets alone (greedy, 12 tokens)."""
+    api = client(endpoint)
+    check_models_and_usage(api, model)
+    alone = check_concurrent_equal_alone(api, model)
+    check_chat(api, model)
+    check_sampling_and_stop(api, model)
+    check_errors(api, model)
+
+    def cancelled() -> int:  # both backends' /health count the engine's sequences by how they ended
+        return httpx.get(f"{endpoint}/health", timeout=30).json()["engine"].get("cancelled", 0)
+
+    check_a_client_that_leaves_frees_its_slot(endpoint, model, cancelled)
+    return alone
+
+
 def check_a_client_that_leaves_frees_its_slot(endpoint: str, model: str, cancelled: Callable[[], int]) -> None:
     """A streamed request whose client goes after its first chunk is cancelled (counted by the
     server's engine) instead of generating on to its max_tokens."""

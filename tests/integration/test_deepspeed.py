@@ -284,21 +284,11 @@ def test_the_openai_client_works_against_rank_0(deployed: object) -> None:
 
     endpoint = deployed.endpoint  # type: ignore[attr-defined]
     pids = rank_pids(endpoint)
-    api = check.client(endpoint)
-    check.check_models_and_usage(api, "tiny-llama")
-    alone = check.check_concurrent_equal_alone(api, "tiny-llama")
+    alone = check.check_everything(endpoint, "tiny-llama")
     served = httpx.post(f"{endpoint}/generate", json={"prompt": "hello nodewise", "max_new_tokens": 12}, timeout=60)
     assert served.json()["generated_text"][0] == "hello nodewise" + alone["hello nodewise"][0]  # one engine
-    check.check_chat(api, "tiny-llama")
-    check.check_sampling_and_stop(api, "tiny-llama")
-    check.check_errors(api, "tiny-llama")
-
-    def cancelled() -> int:
-        return httpx.get(f"{endpoint}/health", timeout=30).json()["engine"].get("cancelled", 0)
-
-    check.check_a_client_that_leaves_frees_its_slot(endpoint, "tiny-llama", cancelled)
     assert deployed.spec["max_tokens_in_flight"] == 4 * 128  # the KV cache the plan counted
-    check.check_over_budget_waits(api, "tiny-llama", 4 * 128)
+    check.check_over_budget_waits(check.client(endpoint), "tiny-llama", 4 * 128)
     assert rank_pids(endpoint) == pids
 
 

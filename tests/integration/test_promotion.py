@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from nodewise.core.settings import Settings
-from tasks.triggers.promotion import EVENT, Poller, sign
+from tasks.triggers.promotion import CREATED, EVENT, Poller, sign
 from tests.integration.conftest import free_port_block, module_settings
 
 SECRET = "test-webhook-secret"
@@ -35,8 +35,8 @@ def prefect_api() -> str:
     return str(PREFECT_API_URL.value())
 
 
-def events_of(model: str, timeout_s: float = 20, at_least: int = 1) -> list:
-    """Promotion events of ``model`` in the Prefect API (they are stored asynchronously)."""
+def events_of(model: str, timeout_s: float = 20, at_least: int = 1, event: str = EVENT) -> list:
+    """Promotion events (or ``event``s) of ``model`` in the Prefect API (they are stored asynchronously)."""
     from prefect.client.orchestration import get_client
     from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
 
@@ -45,7 +45,7 @@ def events_of(model: str, timeout_s: float = 20, at_least: int = 1) -> list:
         while True:
             # A fresh filter each time: its default window ends when it is made.
             wanted = EventFilter(
-                event=EventNameFilter(name=[EVENT]), resource=EventResourceFilter(id=[f"mlflow.model.{model}"])
+                event=EventNameFilter(name=[event]), resource=EventResourceFilter(id=[f"mlflow.model.{model}"])
             )
             found = client.read_events(filter=wanted, limit=50).events
             if len(found) >= at_least or time.monotonic() > deadline:
@@ -67,6 +67,8 @@ def mlflow_server(settings: Settings) -> Iterator[str]:
         "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
         "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https",
         "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
+        # the server caches each event's webhooks (60 s by default): a test's new webhook is seen at once
+        "MLFLOW_WEBHOOK_CACHE_TTL": "1",
         "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY": Fernet.generate_key().decode(),
     }
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{folder}/mlflow.db"]
@@ -191,6 +193,51 @@ def test_forged_stale_replayed_malformed_and_unknown_deliveries(
     assert (replay.status_code, replay.json()) == (200, {"ignored": f"delivery {delivery} was already taken"})
     time.sleep(2)
     assert [e.payload["version"] for e in events_of("guarded")] == [version]  # the replay announced nothing
+
+
+def test_a_new_version_is_announced_by_its_webhook_and_not_as_a_promotion(
+    settings: Settings, mlflow_server: str, receiver: str
+) -> None:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=mlflow_server, registry_uri=mlflow_server)
+    client.create_webhook("nodewise-created", receiver, events=["model_version.created"], secret=SECRET)
+    version = register_on(mlflow_server, "fresh", str(settings.state.artifacts))
+    [event] = events_of("fresh", event=CREATED)
+    assert event.payload == {"model": "fresh", "version": version, "source": "webhook"}
+    assert events_of("fresh", timeout_s=0) == []  # created is not promoted
+
+
+def test_the_poller_announces_a_new_version_once_and_the_flow_profiles_it(settings: Settings) -> None:
+    """The poller (no webhooks) announces a version created after it first saw the model, once;
+    the profile-new-version flow caches the profile a deploy of it looks up."""
+    from mlflow import MlflowClient
+
+    from tasks.planning.profile_models import cache_key, profile_with_cache
+    from tasks.planning.registry import resolve_model
+    from tests.flows import profile_new_version
+
+    client = MlflowClient()
+    api, state = prefect_api(), settings.state_path / "poller-created.json"
+    register_on(settings.tracking_uri, "grown", str(settings.state.artifacts))
+
+    def created() -> list[str]:  # an alias no test sets: alias changes stay out of it
+        return [e["payload"]["version"] for e in Poller(client, state, "none-here").poll_once(api)]
+
+    assert created() == []  # the versions it found on first sight predate it
+    v2 = register_on(settings.tracking_uri, "grown", str(settings.state.artifacts))
+    assert created() == [v2]
+    assert created() == []
+    assert [e.payload["version"] for e in events_of("grown", event=CREATED)] == [v2]
+
+    profile_new_version("grown", v2, settings=settings)
+    key = cache_key(None, settings.serve.max_batch_size, "cpu")
+    assert key in client.get_model_version("grown", v2).tags
+    model = resolve_model(f"models:/grown/{v2}", client)
+    started = time.monotonic()
+    cached = profile_with_cache(model, batch_size=settings.serve.max_batch_size, device="cpu")
+    assert time.monotonic() - started < 1.0  # read from the tags, not measured again
+    assert cached.total_bytes > 0
 
 
 def test_the_poller_announces_each_change_once_across_restarts(settings: Settings) -> None:

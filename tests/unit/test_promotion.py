@@ -85,7 +85,38 @@ def test_prefect_yaml_triggers_deploy_model_on_the_watched_alias() -> None:
     model = PrefectYamlModel.model_validate(data)
     deploy = next(d for d in model.deployments if d.name == "deploy-model")
     assert deploy.entrypoint == "flows/promote.py:deploy_registered_model"
-    [trigger] = data["deployments"][0]["triggers"]
+    [trigger] = next(d for d in data["deployments"] if d["name"] == "deploy-model")["triggers"]
     assert trigger["expect"] == ["nodewise.model.promoted"]
     assert trigger["match"] == {"prefect.resource.id": "mlflow.model.*", "nodewise.alias": "champion"}
     assert trigger["parameters"]["model_name"] == "{{ event.payload.model }}"
+
+
+def test_prefect_yaml_profiles_a_version_when_it_is_created() -> None:
+    import inspect
+
+    import yaml
+
+    from flows.profile_version import profile_new_version
+
+    data = yaml.safe_load((Path(__file__).resolve().parents[2] / "prefect.yaml").read_text())
+    deploy = next(d for d in data["deployments"] if d["name"] == "profile-new-version")
+    assert deploy["entrypoint"] == "flows/profile_version.py:profile_new_version"
+    [trigger] = deploy["triggers"]
+    assert trigger["expect"] == ["nodewise.model.version_created"]
+    assert trigger["parameters"]["version"] == "{{ event.payload.version }}"
+    assert set(trigger["parameters"]) == set(inspect.signature(profile_new_version.fn).parameters)
+
+
+def test_a_created_version_is_one_event_whoever_announces_it() -> None:
+    import json
+
+    from tasks.triggers.promotion import CREATED, created_event, parse_created
+
+    by_webhook, by_poller = created_event("m", "3", "webhook"), created_event("m", "3", "poller")
+    assert by_webhook["id"] == by_poller["id"] != created_event("m", "4", "poller")["id"]
+    assert by_webhook["event"] == CREATED
+    body = {"entity": "model_version", "action": "created", "data": {"name": "m", "version": "3"}}
+    assert parse_created(json.dumps(body).encode()) == ("m", "3")
+    alias = {"entity": "model_version_alias", "action": "created", "data": {"name": "m", "alias": "a", "version": "3"}}
+    assert parse_created(json.dumps(alias).encode()) is None
+    assert parse_created(b"{not json") is None

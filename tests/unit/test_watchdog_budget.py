@@ -46,7 +46,8 @@ def test_prefect_yaml_is_valid_for_prefect() -> None:
     assert watch.concurrency_limit.limit == 1
     from prefect.events import DeploymentEventTrigger
 
-    [trigger] = [DeploymentEventTrigger.model_validate(t) for t in data["deployments"][1]["triggers"]]
+    raw = next(d for d in data["deployments"] if d["name"] == "watch-deployments")
+    [trigger] = [DeploymentEventTrigger.model_validate(t) for t in raw["triggers"]]
     assert trigger.expect == {"nodewise.cluster.exited"}  # what tasks/mpi/supervise.py posts
     assert trigger.match.model_dump()["prefect.resource.id"] == "nodewise.deployment.*"
 
