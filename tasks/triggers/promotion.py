@@ -35,33 +35,31 @@ _IDS = uuid.UUID("5d1c3b1e-8f7a-4f0e-9a59-6e6f64657769")  # namespace of nodewis
 def promotion_event(name: str, alias: str, version: str, source: str, change: int | str) -> dict[str, Any]:
     """The Prefect event for "alias now points at version"; ``change`` tells one announcement from
     another (the how-manieth change of that alias, or the webhook's delivery id)."""
-    return {
-        "id": str(uuid.uuid5(_IDS, f"{name}\n{alias}\n{version}\n{change}")),
-        "occurred": datetime.now(UTC).isoformat(),
-        "event": EVENT,
-        "resource": {
-            "prefect.resource.id": f"mlflow.model.{name}",
-            "prefect.resource.name": name,
-            "nodewise.model": name,
-            "nodewise.alias": alias,
-        },
-        "payload": {"model": name, "alias": alias, "version": str(version), "source": source},
-    }
+    payload = {"model": name, "alias": alias, "version": str(version), "source": source}
+    return _model_event(EVENT, f"{name}\n{alias}\n{version}\n{change}", payload, {"nodewise.alias": alias})
 
 
 def created_event(name: str, version: str, source: str) -> dict[str, Any]:
     """The Prefect event for "version was created" (one id per version: announced once, whoever
     announces it)."""
+    payload = {"model": name, "version": str(version), "source": source}
+    return _model_event(CREATED, f"{name}\n{version}\ncreated", payload, {})
+
+
+def _model_event(event: str, key: str, payload: dict[str, str], labels: dict[str, str]) -> dict[str, Any]:
+    """An event on the resource ``mlflow.model.<name>``, its id derived from ``key`` (what it announces)."""
+    name = payload["model"]
     return {
-        "id": str(uuid.uuid5(_IDS, f"{name}\n{version}\ncreated")),
+        "id": str(uuid.uuid5(_IDS, key)),
         "occurred": datetime.now(UTC).isoformat(),
-        "event": CREATED,
+        "event": event,
         "resource": {
             "prefect.resource.id": f"mlflow.model.{name}",
             "prefect.resource.name": name,
             "nodewise.model": name,
+            **labels,
         },
-        "payload": {"model": name, "version": str(version), "source": source},
+        "payload": payload,
     }
 
 
