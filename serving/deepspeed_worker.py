@@ -41,7 +41,7 @@ from serving.errors import (
     error_response,
     read_body,
 )
-from serving.openai_api import cut_at_stop, openai_error
+from serving.openai_api import cut_at_stop, openai_error, sse
 from serving.openai_api import models as openai_models
 from serving.openapi import document, scoring_paths
 from serving.spec import SPEC_ENV, DeepSpeedSpec
@@ -333,19 +333,19 @@ class Frontend:
                 kind, value = events.get(timeout=max(0.01, deadline - time.monotonic()))
             except queue.Empty:
                 self.cancel(request_id)
-                yield _sse({"error": {"message": f"no token within {self.spec.request_timeout_s:.0f} s"}})
+                yield sse({"error": {"message": f"no token within {self.spec.request_timeout_s:.0f} s"}})
                 return
             if kind == "token":
                 count += 1
                 event: dict[str, Any] = {"token_id": value}
                 if text is not None:  # held back while it could be the start of a stop string
                     event["text"] = text.add(value)
-                yield _sse(event)
+                yield sse(event)
             else:
                 if text is not None and (rest := text.flush()):
-                    yield _sse({"text": rest})
+                    yield sse({"text": rest})
                 usage = {"prompt_tokens": prompt_tokens, "completion_tokens": count}
-                yield _sse({"finish_reason": value, "usage": usage})
+                yield sse({"finish_reason": value, "usage": usage})
                 yield b"data: [DONE]\n\n"
                 return
 
@@ -653,10 +653,6 @@ def _decoder(tokenizer: Any) -> Any:
     if tokenizer is None:
         return lambda ids: ""  # token ids only (pytorch flavour): no text to give
     return lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
-
-
-def _sse(event: dict[str, Any]) -> bytes:
-    return b"data: " + encode_json(event) + b"\n\n"
 
 
 def _drain(commands: queue.Queue[Any], wait_s: float) -> list[Any]:

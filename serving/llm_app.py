@@ -90,16 +90,7 @@ class LLMServer(ModelServer):
             [seq] = sequences
             chunks = openai_api.stream(parsed, openai_api.events_of(seq.events, timeout, seq.cancel), decode)
             return StreamingResponse(_async(chunks, seq.cancel), media_type="text/event-stream")
-
-        def results() -> list[tuple[list[int], str]]:
-            return [openai_api.collect(openai_api.events_of(s.events, timeout, s.cancel)) for s in sequences]
-
-        try:
-            answers = await asyncio.to_thread(results)
-        except BaseException:  # a timeout, or the client gone (cancelled): free every slot
-            for seq in sequences:
-                seq.cancel()
-            raise
+        answers = await self._answers(sequences)
         return _json(200, openai_api.response(parsed, answers, decode))
 
     async def _predict(self, body: bytes, content_type: str) -> Any:
@@ -112,19 +103,23 @@ class LLMServer(ModelServer):
         payload = {"prompt": texts, "max_tokens": self.spec.default_new_tokens}
         parsed = openai_api.parse_request("completion", payload, self.limits, self.tokenizer)
         params = SamplingParams(max_tokens=parsed.max_tokens)
-        sequences = [self.engine.add(prompt, params) for prompt in parsed.prompts]
+        answers = await self._answers([self.engine.add(prompt, params) for prompt in parsed.prompts])
+        return [text + self._decode(tokens) for text, (tokens, _) in zip(texts, answers, strict=True)]
+
+    async def _answers(self, sequences: list[Any]) -> list[tuple[list[int], str]]:
+        """Each sequence's tokens and finish reason, waited for off the event loop; a timeout, or the
+        client gone (the request cancelled), frees every slot."""
         timeout = self.spec.request_timeout_s
 
         def results() -> list[tuple[list[int], str]]:
             return [openai_api.collect(openai_api.events_of(s.events, timeout, s.cancel)) for s in sequences]
 
         try:
-            answers = await asyncio.to_thread(results)
+            return await asyncio.to_thread(results)
         except BaseException:
             for seq in sequences:
                 seq.cancel()
             raise
-        return [text + self._decode(tokens) for text, (tokens, _) in zip(texts, answers, strict=True)]
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
