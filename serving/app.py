@@ -14,6 +14,8 @@ restart budget; ``check_health`` only says whether the model is loaded.
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import logging
 import os
 import time
@@ -28,9 +30,13 @@ from serving._model import LoadedModel
 from serving._protocol import encode_predictions
 from serving.errors import NotFound, NotReady, PayloadTooLarge, encode_json, error_response
 from serving.openapi import document, scoring_paths
+from serving.rollout import RolloutConfig, RolloutStats
 from serving.spec import ModelServeSpec
 
 logger = logging.getLogger("ray.serve")
+
+VERSION_HEADER = "x-nodewise-version"  # the model version that answered (a canary's share is visible)
+_BACKGROUND: set[asyncio.Task[None]] = set()  # shadow calls in flight (a reference keeps each alive)
 
 _JSON = "application/json"
 
@@ -42,6 +48,8 @@ class ModelServer:
         self.spec = ModelServeSpec.model_validate(spec)
         self.model: LoadedModel | None = None
         self.outcomes = Outcomes()
+        self.rollout: RolloutStats | None = None  # a challenger beside this champion (serving/rollout.py)
+        self._challenger: Any = None
         self.model = LoadedModel.load(self.spec)
         self._predict_batch.set_max_batch_size(self.spec.max_batch_size)
         self._predict_batch.set_batch_wait_timeout_s(self.spec.batch_wait_timeout_s)
@@ -78,8 +86,95 @@ class ModelServer:
                 f"body is {len(body)} bytes; the limit is {self.spec.max_request_bytes} "
                 "(max_request_bytes): send fewer rows per request"
             )
-        predictions = await self._predict(body, request.headers.get("content-type", _JSON))
-        return Response(encode_predictions(predictions), media_type=_JSON)
+        content_type = request.headers.get("content-type", _JSON)
+        if self.rollout is not None:
+            return await self._rollout_invocations(self.rollout, body, content_type)
+        predictions = await self._predict(body, content_type)
+        return Response(encode_predictions(predictions), media_type=_JSON, headers=self._version_header)
+
+    @property
+    def _version_header(self) -> dict[str, str]:
+        return {VERSION_HEADER: self.spec.model_version}
+
+    # -- a challenger beside this champion (serving/rollout.py) -----------------------------------
+    def reconfigure(self, config: dict[str, Any]) -> None:
+        """Serve's ``user_config``: ``{"rollout": RolloutConfig or None}``. Stats restart with a new epoch."""
+        raw = (config or {}).get("rollout")
+        if raw is None:
+            self.rollout, self._challenger = None, None
+            return
+        cfg = RolloutConfig.model_validate(raw)
+        if self.rollout is None or self.rollout.cfg.epoch != cfg.epoch:
+            self.rollout = RolloutStats(cfg)
+        else:
+            self.rollout.cfg = cfg
+        self._challenger = None  # the handle is made on first use (the app may still be starting)
+
+    def rollout_stats(self) -> dict[str, Any] | None:
+        """For the decision flow, which calls every replica directly."""
+        return None if self.rollout is None else self.rollout.snapshot()
+
+    async def score(self, body: bytes, content_type: str) -> dict[str, Any]:
+        """A champion's call to this challenger: the answer and the time it took here, never raising."""
+        started = time.perf_counter()
+        try:
+            answer = encode_predictions(await self._predict(body, content_type))
+        except Exception as e:
+            status, error = error_response(e, self._log_failure, where="the challenger's replica log")
+            detail = f"{type(e).__name__}: {e}"[:300]  # for the rollout's record (operators), never a client
+            return {
+                "ok": False,
+                "status": status,
+                "body": error,
+                "detail": detail,
+                "seconds": time.perf_counter() - started,
+            }
+        self.outcomes.add(ok=True)
+        seconds = time.perf_counter() - started
+        return {"ok": True, "status": 200, "body": answer, "seconds": seconds, "version": self.spec.model_version}
+
+    async def _rollout_invocations(self, stats: RolloutStats, body: bytes, content_type: str) -> Response:
+        if stats.cfg.mode == "canary" and stats.pick_challenger():
+            answer = await self._ask_challenger(stats, body, content_type)
+            if answer["ok"]:
+                stats.challenger_answered += 1
+                stats.requests += 1
+                return Response(answer["body"], media_type=_JSON, headers={VERSION_HEADER: answer["version"]})
+            # the challenger failed (counted): the champion answers, the client sees no failure
+        started = time.perf_counter()
+        try:
+            own = encode_predictions(await self._predict(body, content_type))
+        except Exception:
+            stats.champion_done(time.perf_counter() - started, ok=False)
+            raise
+        stats.champion_done(time.perf_counter() - started, ok=True)
+        if stats.cfg.mode == "shadow" and stats.pick_challenger():
+            if stats.in_flight >= stats.cfg.max_shadow_in_flight:
+                stats.skipped += 1
+            else:
+                task = asyncio.get_running_loop().create_task(self._shadow(stats, body, content_type, own))
+                _BACKGROUND.add(task)
+                task.add_done_callback(_BACKGROUND.discard)
+        return Response(own, media_type=_JSON, headers=self._version_header)
+
+    async def _shadow(self, stats: RolloutStats, body: bytes, content_type: str, own: bytes) -> None:
+        stats.in_flight += 1
+        try:
+            answer = await self._ask_challenger(stats, body, content_type)
+            if answer["ok"]:
+                stats.compare(own, answer["body"])
+        finally:
+            stats.in_flight -= 1
+
+    async def _ask_challenger(self, stats: RolloutStats, body: bytes, content_type: str) -> dict[str, Any]:
+        try:
+            if self._challenger is None:
+                self._challenger = serve.get_app_handle(stats.cfg.challenger_app).options(method_name="score")
+            answer = await self._challenger.remote(body, content_type)
+        except Exception as e:  # the challenger's app is gone or failing: its failure, counted
+            answer = {"ok": False, "status": 503, "body": f"{type(e).__name__}: {e}".encode(), "seconds": 0.0}
+        stats.challenger_done(answer)
+        return answer
 
     async def _predict(self, body: bytes, content_type: str) -> Any:
         assert self.model is not None
@@ -177,10 +272,25 @@ def _json(status: int, payload: dict[str, Any]) -> Response:
     return Response(encode_json(payload), status_code=status, media_type=_JSON)
 
 
-def build_app(spec: ModelServeSpec, runtime_env: dict[str, Any] | None = None) -> Any:
-    """Build the Serve application for ``spec`` (not yet running)."""
+def build_app(
+    spec: ModelServeSpec,
+    runtime_env: dict[str, Any] | None = None,
+    rollout: RolloutConfig | None = None,
+    versioned: bool = False,
+) -> Any:
+    """Build the Serve application for ``spec`` (not yet running); ``rollout``: a challenger beside it.
+
+    ``versioned``: the deployment's version is the hash of what its replicas start from (the spec
+    and the runtime environment), so that deployed again with the same spec and another
+    ``rollout``, Serve only reconfigures the running replicas, and another spec rolls them. Ray
+    Serve 2.60 removed ``version`` from ``options()`` (``serve.run`` draws a random one, restarting
+    every replica on each deploy), so it is set on the deployment object, the field ``serve.run``
+    reads; a config file's app (``from_config``) gets its version from Serve.
+    """
+    payload = spec.model_dump(mode="json")
     options: dict[str, Any] = {
         "name": "ModelServer",
+        "user_config": {"rollout": None if rollout is None else rollout.model_dump(mode="json")},
         "ray_actor_options": {
             "num_cpus": spec.num_cpus,
             # A multi-device replica's actor holds the first device of its bundles.
@@ -216,7 +326,9 @@ def build_app(spec: ModelServeSpec, runtime_env: dict[str, Any] | None = None) -
 
         server = LLMServer
     deployment = serve.deployment(server).options(**options)
-    return deployment.bind(spec.model_dump(mode="json"))
+    if versioned:
+        deployment._version = hashlib.sha256(encode_json({"spec": payload, "env": runtime_env})).hexdigest()[:16]
+    return deployment.bind(payload)
 
 
 def from_config(args: dict[str, Any]) -> Any:

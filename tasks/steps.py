@@ -146,3 +146,44 @@ def emit_action(action: Action) -> None:
 def watch_once_task(settings: Settings) -> list[Action]:
     """Check every deployment; restart what is sick within its budget; each action an event."""
     return watch_once(settings, emit=emit_action)
+
+
+# -- rollouts (a challenger beside the champion) ---------------------------------------------------
+@task(name="deploy-challenger", cache_policy=NO_CACHE)
+def deploy_challenger_task(
+    spec: ModelServeSpec, settings: Settings, remote_cluster: bool, canary: dict[str, Any] | None
+) -> None:
+    """Start the challenger's Serve app (no HTTP route) and check it answers the champion's smoke request."""
+    from tasks.rollout.serve import deploy_challenger
+
+    deploy_challenger(spec, settings, remote_cluster, canary)
+
+
+@task(name="route-champion", cache_policy=NO_CACHE)
+def route_task(record: DeploymentRecord, settings: Settings, remote_cluster: bool, rollout: Any) -> None:
+    """Reconfigure the champion's replicas: the challenger's share and mode, or no challenger."""
+    from tasks.rollout.serve import route
+
+    route(record, settings, remote_cluster, rollout)
+
+
+@task(name="gather-rollout-stats", cache_policy=NO_CACHE, timeout_seconds=60)
+def gather_stats_task(app_name: str) -> list[dict[str, Any]]:
+    """Every running champion replica's comparison stats."""
+    from tasks.rollout.serve import gather
+
+    return gather(app_name)
+
+
+@task(name="publish-rollout-report", cache_policy=NO_CACHE)
+def publish_rollout_task(rollout: Any, summary: Any, decision: Any) -> None:
+    """The comparison as a table artifact and a markdown artifact with its chart."""
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    from tasks.rollout.report import comparison_rows, latency_chart_png, markdown
+
+    key = re.sub(r"[^a-z0-9-]+", "-", f"rollout-{rollout.model_name}".lower()).strip("-")
+    description = f"{rollout.describe()}: {decision.action} ({decision.reason})"
+    create_table_artifact(comparison_rows(summary), key=key, description=description[:500])
+    chart = latency_chart_png(rollout, summary)
+    create_markdown_artifact(markdown(rollout, summary, decision, chart), key=f"{key}-chart")

@@ -27,3 +27,17 @@ def profile_new_version(model_name: str, version: str, *, settings: Settings, **
 
     with using_settings(settings):
         return flow(model_name, version, **kwargs)
+
+
+def start_rollout(model_name: str, *, settings: Settings, **kwargs: Any) -> Any:
+    from flows.rollout import start_rollout as flow
+
+    with using_settings(settings):
+        return flow(model_name, **kwargs)
+
+
+def decide_rollouts(*, settings: Settings, **kwargs: Any) -> Any:
+    from flows.rollout import decide_rollouts as flow
+
+    with using_settings(settings):
+        return flow(**kwargs)

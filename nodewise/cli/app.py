@@ -426,7 +426,7 @@ def poll(
 
     api = require_api(settings.prefect.api_url)
     client = make_client(settings.tracking_uri, settings.registry_uri)
-    poller = Poller(client, settings.state.poller, alias=settings.triggers.alias)
+    poller = Poller(client, settings.state.poller, alias=(settings.triggers.alias, settings.rollout.challenger_alias))
     _stop_on_signals()
     try:
         while True:

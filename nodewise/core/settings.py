@@ -361,6 +361,59 @@ class TriggersSettings(_Section):
     )
 
 
+class RolloutSettings(_Section):
+    """A challenger beside the champion (shadow or canary traffic) and the decision on it.
+
+    Every field but ``challenger_alias`` and ``every_s`` can be set per model with a tag
+    ``nodewise.rollout.<field>`` on the registered model or on the challenger's version (it wins);
+    ``nodewise.rollout.mode`` and ``nodewise.rollout.share`` are the usual ones."""
+
+    challenger_alias: str = Field(
+        default="challenger", pattern=r"^[A-Za-z0-9_-]+$", description="The alias that starts a rollout."
+    )
+    mode: Literal["shadow", "canary"] = Field(
+        default="shadow",
+        description="shadow: the challenger gets a copy of requests, clients see only the champion's answers; "
+        "canary: the challenger answers a share of requests.",
+    )
+    share: list[Fraction] = Field(
+        default=[1.0],
+        min_length=1,
+        description="shadow: the share of requests copied (one value); canary: the shares in steps, e.g. "
+        "0.05,0.25,0.5 (each step is judged on its own requests; passing the last one promotes).",
+    )
+    compare: Literal["class", "allclose", "distance"] = Field(
+        default="allclose",
+        description="Shadow agreement per row: class (same argmax or label), allclose (rtol/atol), "
+        "distance (mean |a-b| <= max_distance).",
+    )
+    rtol: Annotated[float, Field(ge=0.0)] = 1e-3
+    atol: Annotated[float, Field(ge=0.0)] = 1e-5
+    max_distance: Annotated[float, Field(ge=0.0)] = 0.1
+    min_requests: PositiveInt = Field(
+        default=200, description="Challenger calls (per canary step) before the decision is taken."
+    )
+    max_error_rate: Annotated[float, Field(ge=0.0, le=1.0)] = Field(
+        default=0.01, description="The challenger's failed share of its calls at most this (else rolled back)."
+    )
+    max_p99_ratio: PositiveFloat = Field(
+        default=1.5, description="The challenger's p99 latency at most this times the champion's."
+    )
+    min_agreement: Annotated[float, Field(ge=0.0, le=1.0)] = Field(
+        default=0.99, description="Shadow: rows the challenger answers like the champion, at least this share."
+    )
+    every_s: PositiveFloat = Field(default=30.0, description="Seconds between decisions (the flow's schedule).")
+
+    @field_validator("share", mode="before")
+    @classmethod
+    def _comma_list(cls, value: object) -> object:
+        if isinstance(value, str) and not value.lstrip().startswith("["):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, int | float):
+            return [value]
+        return value
+
+
 # An image as Kubernetes takes it: [registry[:port]/]path[:tag][@sha256:digest]
 IMAGE_REFERENCE = re.compile(
     r"[a-z0-9]+([._-][a-z0-9]+)*(\.[a-z0-9-]+)*(:[0-9]+)?(/[a-z0-9]+([._-]{1,2}[a-z0-9]+)*)*"
@@ -442,6 +495,7 @@ class Settings(BaseSettings):
     placement: PlacementSettings = PlacementSettings()
     kubernetes: KubernetesSettings = KubernetesSettings()
     triggers: TriggersSettings = TriggersSettings()
+    rollout: RolloutSettings = RolloutSettings()
 
     @model_validator(mode="after")
     def _ports_differ(self) -> Settings:

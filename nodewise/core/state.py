@@ -72,6 +72,11 @@ class StateFolder:
         return self.root / "promotions.json"
 
     @property
+    def rollouts(self) -> Path:
+        """Challengers beside their champions, and decisions being carried out (tasks/rollout/)."""
+        return self.root / "rollouts.json"
+
+    @property
     def poller(self) -> Path:
         return self.root / "poller.json"
 

@@ -9,6 +9,7 @@ from typing import Any
 from nodewise.core.errors import DeployFailed
 from nodewise.core.runtime import SOURCE_ROOT
 from nodewise.core.settings import ServeSettings, Settings
+from serving.rollout import RolloutConfig
 from serving.spec import ModelServeSpec, redact_uri
 from tasks.planning.placement import PlacementPlan
 from tasks.planning.registry import ResolvedModel
@@ -75,9 +76,18 @@ def endpoint_url(settings: Settings, spec: ModelServeSpec) -> str:
     return f"http://{host}:{settings.serve.port}{spec.route_prefix}"
 
 
-def deploy_app(spec: ModelServeSpec, settings: Settings, remote_cluster: bool) -> str:
+def deploy_app(
+    spec: ModelServeSpec,
+    settings: Settings,
+    remote_cluster: bool,
+    rollout: RolloutConfig | None = None,
+    routed: bool = True,
+) -> str:
     """Deploy (or update in place) the Serve app for ``spec``; wait until it is RUNNING.
 
+    ``rollout``: a challenger beside it (serving/rollout.py); the same spec deployed again with
+    another ``rollout`` only reconfigures the running replicas. ``routed=False``: no HTTP route
+    (a challenger, which only its champion's replicas call).
     Returns the endpoint URL. Raises DeployFailed if the app fails or times out.
     """
     from ray import serve
@@ -98,8 +108,8 @@ def deploy_app(spec: ModelServeSpec, settings: Settings, remote_cluster: bool) -
         }
         if hidden:  # the whole URIs go in the replicas' environment, never in the spec
             runtime_env["env_vars"] = hidden
-    app = build_app(spec, runtime_env=runtime_env)
-    serve._run(app, _blocking=False, name=spec.app_name, route_prefix=spec.route_prefix)
+    app = build_app(spec, runtime_env=runtime_env, rollout=rollout, versioned=True)
+    serve._run(app, _blocking=False, name=spec.app_name, route_prefix=spec.route_prefix if routed else None)
     # Our local instance grows only with ray.max_added_nodes: otherwise unschedulable replicas fail
     # at once. An external cluster may be autoscaling, so there we wait out the timeout.
     grows = remote_cluster or settings.ray.max_added_nodes > 0

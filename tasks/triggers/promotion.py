@@ -178,8 +178,9 @@ class Poller:
     again after a crash gives the same event id, which Prefect takes once.
     """
 
-    def __init__(self, client: Any, state: Path, alias: str | None = None) -> None:
-        self.client, self.state, self.alias = client, state, alias
+    def __init__(self, client: Any, state: Path, alias: str | tuple[str, ...] | None = None) -> None:
+        self.client, self.state = client, state
+        self.aliases = (alias,) if isinstance(alias, str) else alias  # None: every alias
 
     def changes(self) -> list[dict[str, Any]]:
         """Events for every alias that points somewhere new since the last ``commit``."""
@@ -188,7 +189,7 @@ class Poller:
         for model in self.client.search_registered_models():
             aliases = dict(getattr(model, "aliases", {}) or {})
             for alias, version in sorted(aliases.items()):
-                if self.alias and alias != self.alias:
+                if self.aliases and alias not in self.aliases:
                     continue
                 before = known.get(model.name, {}).get(alias, {})
                 if str(before.get("version")) == str(version):

@@ -52,6 +52,8 @@ class Receiver:
             )
         self.secret = settings.triggers.webhook_secret.get_secret_value()
         self.triggers = settings.triggers
+        # the alias that deploys a version, and the one that starts its rollout beside the champion
+        self.aliases = (settings.triggers.alias, settings.rollout.challenger_alias)
         self.api_url = api_url
         self.known_model = known_model
         self.seen = SeenDeliveries(settings.state.webhook_deliveries, keep_s=2 * settings.triggers.max_age_s)
@@ -71,9 +73,9 @@ class Receiver:
         created = parse_created(body)
         if promotion is None and created is None:
             return 200, {"ignored": "not a promotion event this receiver watches"}
-        if promotion is not None and promotion[1] and promotion[1] != self.triggers.alias:
+        if promotion is not None and promotion[1] and promotion[1] not in self.aliases:
             if created is None:
-                return 200, {"ignored": f"alias {promotion[1]!r} is not the watched alias {self.triggers.alias!r}"}
+                return 200, {"ignored": f"alias {promotion[1]!r} is not a watched alias {list(self.aliases)}"}
             promotion = None
         name, version = (promotion[0], promotion[2]) if promotion is not None else created  # type: ignore[misc]
         if not self.seen.first_time(delivery):

@@ -10,7 +10,8 @@ dead nodes: restarting would not help them.
 
 The direct call uses Ray Serve's replica actor method ``handle_request`` with a pickled
 ``RequestMetadata`` naming the user method (``ModelServer.vitals``): the path Serve's own router
-takes, internal to Ray Serve 2.60 (pinned in pyproject.toml) and kept to ``_call_vitals``.
+takes, internal to Ray Serve 2.60 (pinned in pyproject.toml) and kept to ``call_replica`` (the
+rollout's decision flow reads each replica's ``rollout_stats`` the same way).
 """
 
 from __future__ import annotations
@@ -183,7 +184,7 @@ def observe(record: DeploymentRecord, wd: WatchdogSettings) -> AppView | None:
     for replica in replicas:
         if replica.state == "RUNNING":
             try:
-                calls[_call_vitals(replica.actor_name, canary, wd.error_window_s)] = replica
+                calls[call_replica(replica.actor_name, "vitals", canary, wd.error_window_s)] = replica
             except ValueError:  # the actor is gone already: Serve is replacing it
                 replica.state = "STOPPING"
     ready, late = ray.wait(list(calls), num_returns=len(calls), timeout=wd.canary_timeout_s) if calls else ([], [])
@@ -208,8 +209,9 @@ def observe(record: DeploymentRecord, wd: WatchdogSettings) -> AppView | None:
     )
 
 
-def _call_vitals(actor_name: str, canary: bytes | None, window_s: float) -> Any:
-    """Start ``ModelServer.vitals`` on one replica (Serve's replica actor API, Ray Serve 2.60)."""
+def call_replica(actor_name: str, method: str, *args: Any) -> Any:
+    """Start ``ModelServer.<method>(*args)`` on one replica, its ObjectRef (Serve's replica actor API,
+    Ray Serve 2.60). ValueError: the actor is gone."""
     import pickle
     import uuid
 
@@ -218,11 +220,11 @@ def _call_vitals(actor_name: str, canary: bytes | None, window_s: float) -> Any:
 
     actor = ray.get_actor(actor_name, namespace="serve")
     meta = RequestMetadata(
-        request_id=f"nodewise-watchdog-{uuid.uuid4().hex[:8]}",
+        request_id=f"nodewise-{method}-{uuid.uuid4().hex[:8]}",
         internal_request_id=uuid.uuid4().hex,
-        call_method="vitals",
+        call_method=method,
     )
-    return actor.handle_request.remote(pickle.dumps(meta), canary, window_s)
+    return actor.handle_request.remote(pickle.dumps(meta), *args)
 
 
 def _dead_nodes(known: set[str | None]) -> list[str]:

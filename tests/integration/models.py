@@ -14,6 +14,27 @@ class DoubleIt(mlflow.pyfunc.PythonModel):
         return (np.asarray(model_input, dtype=float) * 2).tolist()
 
 
+class TimesIt(mlflow.pyfunc.PythonModel):
+    """``factor`` times its input (a rollout's champion, a like challenger, or an unlike one)."""
+
+    def __init__(self, factor: float = 2.0) -> None:
+        self.factor = factor
+
+    def predict(self, context, model_input: list[list[float]], params=None) -> list[list[float]]:
+        return (np.asarray(model_input, dtype=float) * self.factor).tolist()
+
+
+class FailsOnLarge(mlflow.pyfunc.PythonModel):
+    """Twice its input, but fails (a 500) on any value over 10: a challenger with a bug its smoke
+    request does not show."""
+
+    def predict(self, context, model_input: list[list[float]], params=None) -> list[list[float]]:
+        values = np.asarray(model_input, dtype=float)
+        if (values > 10).any():
+            raise RuntimeError("a bug in this version: values over 10")
+        return (values * 2).tolist()
+
+
 class BrokenOnLoad(mlflow.pyfunc.PythonModel):
     """Fails while a replica loads it: the deploy must roll back."""
 
