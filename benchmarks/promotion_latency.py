@@ -13,7 +13,13 @@ Peer, same run: `nodewise deploy models:/NAME/V` run by hand right after setting
 a hand-written webhook handler calling the deploy directly would take: no event, no trigger,
 no worker), Ray running.
 
-Usage: .venv/bin/python benchmarks/promotion_latency.py [--poll-every 5]   (last line: one JSON object)
+Then the rollout path on the same pipeline (``rollout_figures``): shadow mode's cost to the
+champion at c=8 (wrk, champion alone then with a like challenger copied every request), a
+promotion decided by the scheduled decide-rollouts (decision to first answer from the new
+version), and canary mode's observed share against the configured 25%.
+
+Usage: .venv/bin/python benchmarks/promotion_latency.py [--poll-every 5] [--seconds 15] [--no-rollout]
+(last line: one JSON object)
 """
 
 from __future__ import annotations
@@ -84,6 +90,9 @@ def stages(api_url: str, alias_set_at: float, answered_at: float) -> dict[str, f
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--poll-every", type=float, default=5.0)
+    parser.add_argument("--seconds", type=int, default=15, help="each wrk run (champion alone, with a shadow)")
+    parser.add_argument("--canary-requests", type=int, default=2000)
+    parser.add_argument("--no-rollout", action="store_true", help="promotions only (no shadow, canary figures)")
     args = parser.parse_args()
     state = Path(tempfile.mkdtemp(prefix="nwp-", dir="/tmp"))
     base = 25400
@@ -155,6 +164,8 @@ def main() -> None:
         since = time.monotonic()
         subprocess.run([NODEWISE, "deploy", f"models:/nodewise-digits/{v4}"], env=poll_env, check=True, timeout=600)
         result["peer_direct_deploy_s"] = wait_version(endpoint, v4, since)
+        if not args.no_rollout:
+            result["rollout"] = rollout_figures(client, endpoint, state, args.seconds, args.canary_requests)
         ok = True
     finally:
         if poller is not None:
@@ -166,6 +177,135 @@ def main() -> None:
             print(f"state kept in {state}", file=sys.stderr)
     result["target_under_30s_with_ray_running"] = max(result["webhook_s"], result["poller_s"]) < 30
     print(json.dumps(result))
+
+
+def rollout_figures(client: object, endpoint: str, state: Path, seconds: int, canary_requests: int) -> dict:
+    """The rollout path on the same pipeline (prefect.yaml's start-rollout and its scheduled
+    decide-rollouts, run by `nodewise up`'s worker):
+    1. shadow mode's cost to the champion: wrk at c=8 on the champion alone, then with a like
+       challenger (the champion's own artifacts as a new version) copied every request;
+    2. a promotion decided by the scheduled flow: seconds from the decision written down to the
+       first answer from the new version, and to the champion alias moved;
+    3. canary mode at 25%: the share of ``canary_requests`` (8 threads) the challenger answered."""
+    from benchmarks._load import run_wrk, wait_ready
+    from nodewise.cli.demo import digits_split
+    from tasks.planning.profile_models import PROFILE_TAG
+
+    _, _, x_test, _ = digits_split()
+    body = json.dumps({"inputs": x_test[:1].tolist()}).encode()
+    url = f"{endpoint}/invocations"
+    champion = client.get_model_version_by_alias(NAME, "champion")  # type: ignore[attr-defined]
+    rollouts = state / "rollouts.json"
+
+    def like_version(**tags: str) -> str:
+        version = client.create_model_version(NAME, champion.source, run_id=champion.run_id).version  # type: ignore[attr-defined]
+        for key, value in tags.items():
+            client.set_model_version_tag(NAME, version, f"nodewise.rollout.{key}", value)  # type: ignore[attr-defined]
+        deadline = time.monotonic() + 180
+        while not any(k.startswith(PROFILE_TAG) for k in client.get_model_version(NAME, version).tags):  # type: ignore[attr-defined]
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"version {version} was not profiled within 180 s of its creation")
+            time.sleep(0.5)
+        return str(version)
+
+    def started(version: str) -> float:
+        since = time.monotonic()
+        client.set_registered_model_alias(NAME, "challenger", version)  # type: ignore[attr-defined]
+        while json.loads(rollouts.read_text() or "{}").get(NAME, {}).get("challenger_version") != version:
+            if time.monotonic() - since > 300:
+                raise RuntimeError(f"the rollout of version {version} did not start within 300 s")
+            time.sleep(0.2)
+        return round(time.monotonic() - since, 1)
+
+    out: dict = {"connections": 8, "seconds": seconds}
+    wait_ready(url, body)
+    run_wrk(url, body, 8, 3)  # warm-up
+    out["champion_alone"] = run_wrk(url, body, 8, seconds)
+    shadowed = like_version(min_requests="100000000")  # no decision while measured
+    out["alias_to_shadow_started_s"] = started(shadowed)
+    run_wrk(url, body, 8, 3)
+    out["with_shadow"] = run_wrk(url, body, 8, seconds)
+    for q in ("p50_ms", "p99_ms", "rps"):
+        out[f"shadow_{q}_change"] = round(out["with_shadow"][q] / out["champion_alone"][q] - 1, 3)
+    # a promotion the scheduled decide-rollouts takes (default rules: 200 calls, 1% errors ...)
+    promoted = like_version()
+    out["alias_to_promotable_started_s"] = started(promoted)
+    out["promotion"] = _promotion(url, body, rollouts, promoted, client)
+    canary = like_version(mode="canary", share="0.25", min_requests="100000000")
+    out["alias_to_canary_started_s"] = started(canary)
+    out["canary"] = _canary_share(url, body, canary, canary_requests, configured=0.25)
+    client.delete_registered_model_alias(NAME, "challenger")  # type: ignore[attr-defined]  # the next pass rolls it back
+    out["shadow_target_met"] = max(out["shadow_p50_ms_change"], out["shadow_p99_ms_change"]) <= 0.10
+    return out
+
+
+def _promotion(url: str, body: bytes, rollouts: Path, version: str, client: object) -> dict:
+    """Light traffic until the scheduled decision promotes ``version``: seconds from the decision
+    written down (rollouts.json, phase promoting) to the first answer from ``version`` and to
+    the champion alias on it, and the requests failed meanwhile."""
+    import threading
+
+    import httpx
+
+    failed, answered, stop = [], {}, threading.Event()
+
+    def load() -> None:
+        with httpx.Client(timeout=30) as http:
+            while not stop.is_set():
+                r = http.post(url, content=body, headers={"Content-Type": "application/json"})
+                if r.status_code != 200:
+                    failed.append(r.status_code)
+                elif r.headers.get("x-nodewise-version") == version and "at" not in answered:
+                    answered["at"] = time.monotonic()
+                time.sleep(0.005)
+
+    threads = [threading.Thread(target=load, daemon=True) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    decided = alias_moved = None
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline and alias_moved is None:
+            entry = json.loads(rollouts.read_text() or "{}").get(NAME, {})
+            if decided is None and entry.get("phase") == "promoting":
+                decided = time.monotonic()
+            if decided is not None and str(client.get_model_version_by_alias(NAME, "champion").version) == version:  # type: ignore[attr-defined]
+                alias_moved = time.monotonic()
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(35)
+    if decided is None or alias_moved is None or "at" not in answered:
+        raise RuntimeError(f"version {version} was not promoted within 240 s")
+    return {
+        "decision_to_first_answer_s": round(answered["at"] - decided, 2),
+        "decision_to_alias_moved_s": round(alias_moved - decided, 2),
+        "failed_requests": len(failed),
+    }
+
+
+def _canary_share(url: str, body: bytes, version: str, n: int, configured: float) -> dict:
+    from collections import Counter
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    def one(http: httpx.Client) -> str:
+        r = http.post(url, content=body, headers={"Content-Type": "application/json"})
+        return r.headers.get("x-nodewise-version", "?") if r.status_code == 200 else str(r.status_code)
+
+    with httpx.Client(timeout=30, limits=httpx.Limits(max_connections=8)) as http, ThreadPoolExecutor(8) as pool:
+        seen = Counter(pool.map(lambda _: one(http), range(n)))
+    observed = seen[version] / n
+    spread = (configured * (1 - configured) / n) ** 0.5
+    return {
+        "configured": configured,
+        "observed": round(observed, 4),
+        "requests": n,
+        "standard_deviations_off": round(abs(observed - configured) / spread, 2),
+        "answers": dict(seen),
+    }
 
 
 if __name__ == "__main__":

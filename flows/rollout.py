@@ -236,14 +236,19 @@ def _carry_out(rollout: Rollout, settings: Settings, client: object) -> str:
 
 def _promote(rollout: Rollout, settings: Settings, client: object) -> str:
     from flows.deploy import deploy_model
-    from tasks.rollout.serve import connect_cluster, remove_challenger
+    from tasks.rollout.serve import champion_serves, connect_cluster, remove_challenger
 
     name, version, before = rollout.model_name, rollout.challenger_version, rollout.champion_version
     assert rollout.decision is not None
     record = get_record(settings.state.records, rollout.app_name)
     if record is None or record.model_version != version:
-        # the champion's app rolls over to the challenger's version: the old replicas answer (and
-        # keep copying to the challenger) until the new ones are ready
+        remote = connect_cluster(settings)
+        if record is not None and record.model_version == before and champion_serves(rollout.challenger_app):
+            # traffic moves first: the challenger answers every request (the champion's replicas
+            # only reconfigured, in about a second), then the champion's app rolls over to its
+            # version, the old replicas handing requests over until the new ones are ready
+            everything = rollout.config().model_copy(update={"mode": "canary", "share": 1.0})
+            route_task(record, settings, remote, everything)
         deploy_model(f"models:/{name}/{version}", inventory=rollout.inventory)
     connect_cluster(settings)
     remove_challenger(rollout.app_name)

@@ -52,11 +52,10 @@ def agreement(champion: Any, challenger: Any, cfg: RolloutConfig) -> tuple[int, 
     except ValueError:  # ragged: compare as values
         return (1, 1) if champion == challenger else (0, 1)
     rows = a.shape[0] if a.ndim else 1
-    if a.shape != b.shape:
-        if cfg.compare == "class" and a.ndim >= 1 and b.ndim >= 1 and a.shape[0] == b.shape[0]:
-            pass  # classes of different encodings (labels vs scores) are still comparable
-        else:
-            return 0, rows
+    # another shape agrees nowhere, but for classes of one row each (labels beside scores)
+    same_rows = cfg.compare == "class" and a.ndim >= 1 and b.ndim >= 1 and a.shape[0] == b.shape[0]
+    if a.shape != b.shape and not same_rows:
+        return 0, rows
     numeric = a.dtype.kind in "biuf" and b.dtype.kind in "biuf"
     if cfg.compare == "class":
         ca, cb = _classes(a), _classes(b)
@@ -132,8 +131,9 @@ class RolloutStats:
         try:
             agreeing, rows = agreement(predictions_of(champion_body), predictions_of(challenger_body), self.cfg)
         except (ValueError, KeyError, TypeError) as e:
-            agreeing, rows = 0, 1
+            self.rows_compared += 1
             self.disagreements.append(f"not comparable: {type(e).__name__}: {e}"[:200])
+            return
         self.rows_compared += rows
         self.rows_agreeing += agreeing
         if agreeing < rows:

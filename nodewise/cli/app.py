@@ -217,6 +217,11 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="Machine-readabl
             + f"{row['health']} at {row['endpoint']}, "
             f"deployed {row['deployed_at']}" + _where(row)
         )
+        if row.get("rollout"):
+            r = row["rollout"]
+            typer.echo(f"  rollout ({r['phase']}): {r['summary']}; last decision: {r['last_decision'] or 'none yet'}")
+        if row.get("last_rollout"):
+            typer.echo(f"  last rollout: {row['last_rollout']}")
 
 
 @contextlib.contextmanager

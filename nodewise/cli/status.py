@@ -82,6 +82,7 @@ def deployment_status(settings: Settings) -> dict[str, Any]:
         }
         for r in load_records(settings.state.k8s_records).values()
     ]
+    _add_rollouts(settings, rows)
     from tasks.watchdog.engine import last_actions
     from tasks.watchdog.replicas import cluster_nodes
 
@@ -91,6 +92,37 @@ def deployment_status(settings: Settings) -> dict[str, Any]:
     if nodes is not None:
         out["nodes"] = {**nodes, "max_added_nodes": None if settings.ray.address else settings.ray.max_added_nodes}
     return out
+
+
+def _add_rollouts(settings: Settings, rows: list[dict[str, Any]]) -> None:
+    """Each deployment's challenger (which versions serve its route, in which mode, with what share),
+    and the last rollout decision on the model."""
+    from nodewise.core.state import read_json
+    from tasks.rollout.store import load
+
+    rollouts = {r.app_name: r for r in load(settings.state.rollouts).values()}
+    history = read_json(settings.state.promotions).get("history", [])
+    for row in rows:
+        rollout = rollouts.get(row["app"])
+        if rollout is not None:
+            last = (rollout.last or {}).get("decision")
+            row["rollout"] = {
+                "challenger_version": rollout.challenger_version,
+                "mode": rollout.mode,
+                "share": rollout.share,
+                "step": f"{rollout.step + 1} of {len(rollout.shares)}",
+                "phase": rollout.phase,
+                "started_at": rollout.started_at,
+                "summary": rollout.describe(),
+                "last_decision": last and f"{last['at']} {last['action']}: {last['reason']}",
+            }
+        name = row["model_uri"].split("/")[1] if row["model_uri"].startswith("models:/") else None
+        decided = [h for h in history if h["model"] == name and h["outcome"].startswith(_ROLLOUT_OUTCOMES)]
+        if decided:
+            row["last_rollout"] = f"{decided[-1]['at']} version {decided[-1]['version']} {decided[-1]['outcome']}"
+
+
+_ROLLOUT_OUTCOMES = ("promoted from rollout", "rolled back")
 
 
 def _where_ranks_run(settings: Settings, app_name: str) -> dict[str, Any]:

@@ -144,9 +144,12 @@ def test_setting_the_alias_on_mlflow_server_announces_the_promotion(
     assert event.payload == {"model": "promoted", "alias": "champion", "version": version, "source": "webhook"}
     assert event.resource["nodewise.alias"] == "champion"
     print(f"alias set -> event stored in Prefect: {time.monotonic() - started:.1f} s")
+    client.set_registered_model_alias("promoted", "challenger", version)  # a rollout's alias: announced
+    challenger = next(e for e in events_of("promoted", at_least=2) if e.payload["alias"] == "challenger")
+    assert challenger.resource["nodewise.alias"] == "challenger"
     client.set_registered_model_alias("promoted", "staging", version)  # another alias: not announced
     time.sleep(2)
-    assert len(events_of("promoted", timeout_s=0)) == 1
+    assert len(events_of("promoted", timeout_s=0)) == 2
 
 
 def deliver(url: str, body: bytes, delivery: str | None = None, stamp: float | None = None, secret: str = SECRET):

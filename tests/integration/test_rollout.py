@@ -24,6 +24,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from nodewise.cli.status import deployment_status
 from nodewise.core.settings import Settings
 from tasks.records import get_record
 from tasks.rollout import store
@@ -108,14 +109,21 @@ def test_shadow_answers_with_the_champion_and_a_disagreeing_challenger_is_rolled
     assert "rolled--challenger" in serve_apps()
     assert send(champion, 30) == Counter({"1": 30})  # only the champion's answers
     rollout = store.get(settings.state.rollouts, NAME)
-    assert rollout is not None and rollout.mode == "shadow"
+    assert rollout is not None
+    assert rollout.mode == "shadow"
+    [row] = deployment_status(settings)["deployments"]
+    assert row["rollout"]["summary"] == f"version {v2} in shadow mode beside 1: 100% of requests"
     [outcome] = decide_rollouts(settings=settings)
     assert outcome == f"{NAME}: rolled back version {v2}"
+    [row] = deployment_status(settings)["deployments"]
+    assert "rollout" not in row
+    assert row["last_rollout"].endswith(f"version {v2} rolled back: {tags_of(v2)['nodewise.rollout.reason']}")
     tags = tags_of(v2)
     assert tags["nodewise.rollout.status"] == "rolled_back"
     assert tags["nodewise.rollout.reason"].startswith("agreement 0.0% < 99.0% (allclose)")
     assert float(tags["nodewise.rollout.agreement"]) == 0.0
-    assert "challenger" not in aliases(settings) and aliases(settings)["champion"] == "1"
+    assert "challenger" not in aliases(settings)
+    assert aliases(settings)["champion"] == "1"
     assert "rolled--challenger" not in serve_apps()
     assert store.get(settings.state.rollouts, NAME) is None
     assert send(champion, 5) == Counter({"1": 5})
@@ -130,7 +138,8 @@ def test_a_challenger_that_fails_in_canary_mode_is_rolled_back_and_no_client_see
     [outcome] = decide_rollouts(settings=settings)
     assert outcome == f"{NAME}: rolled back version {v3}"
     reason = tags_of(v3)["nodewise.rollout.reason"]
-    assert reason.startswith("error rate ") and "values over 10" in reason
+    assert reason.startswith("error rate ")
+    assert "values over 10" in reason
     assert "challenger" not in aliases(settings)
 
 
@@ -149,7 +158,8 @@ def test_a_like_challenger_gets_its_canary_share_advances_and_is_promoted_with_n
         time.sleep(1)
         assert decide_rollouts(settings=settings) == [f"{NAME}: promoted version {v4}"]
         time.sleep(1)
-    assert client.failures == [] and client.ok > 20
+    assert client.failures == []
+    assert client.ok > 20
     assert aliases(settings) == {"champion": v4, "previous": "1"}
     assert tags_of(v4)["nodewise.rollout.status"] == "promoted"
     assert get_record(settings.state.records, NAME).model_version == v4
@@ -181,7 +191,8 @@ def test_a_decision_killed_half_way_is_finished_by_the_next_run(settings: Settin
     proc.send_signal(signal.SIGKILL)
     proc.wait(10)
     rollout = store.get(settings.state.rollouts, NAME)
-    assert rollout is not None and rollout.phase == "promoting"  # killed before it was done
+    assert rollout is not None
+    assert rollout.phase == "promoting"
     assert decide_rollouts(settings=settings) == [f"{NAME}: promoted version {v5}"]
     assert aliases(settings) == {"champion": v5, "previous": before}
     assert tags_of(v5)["nodewise.rollout.status"] == "promoted"
