@@ -50,6 +50,7 @@ class ModelServer:
         self.outcomes = Outcomes()
         self.rollout: RolloutStats | None = None  # a challenger beside this champion (serving/rollout.py)
         self._challenger: Any = None
+        self._challenger_many: Any = None
         self.model = LoadedModel.load(self.spec)
         self._predict_batch.set_max_batch_size(self.spec.max_batch_size)
         self._predict_batch.set_batch_wait_timeout_s(self.spec.batch_wait_timeout_s)
@@ -100,15 +101,15 @@ class ModelServer:
     def reconfigure(self, config: dict[str, Any]) -> None:
         """Serve's ``user_config``: ``{"rollout": RolloutConfig or None}``. Stats restart with a new epoch."""
         raw = (config or {}).get("rollout")
+        self._challenger = self._challenger_many = None  # handles made on first use (the app may be starting)
         if raw is None:
-            self.rollout, self._challenger = None, None
+            self.rollout = None
             return
         cfg = RolloutConfig.model_validate(raw)
         if self.rollout is None or self.rollout.cfg.epoch != cfg.epoch:
             self.rollout = RolloutStats(cfg)
         else:
             self.rollout.cfg = cfg
-        self._challenger = None  # the handle is made on first use (the app may still be starting)
 
     def rollout_stats(self) -> dict[str, Any] | None:
         """For the decision flow, which calls every replica directly."""
@@ -149,22 +150,46 @@ class ModelServer:
             raise
         stats.champion_done(time.perf_counter() - started, ok=True)
         if stats.cfg.mode == "shadow" and stats.pick_challenger():
-            if stats.in_flight >= stats.cfg.max_shadow_in_flight:
+            if len(stats.queue) + stats.in_flight >= stats.cfg.max_shadow_in_flight:
                 stats.skipped += 1
             else:
-                task = asyncio.get_running_loop().create_task(self._shadow(stats, body, content_type, own))
-                _BACKGROUND.add(task)
-                task.add_done_callback(_BACKGROUND.discard)
+                stats.queue.append((body, content_type, own))
+                if len(stats.queue) == 1 and not stats.in_flight:  # no sender running: start one
+                    task = asyncio.get_running_loop().create_task(self._send_shadows(stats))
+                    _BACKGROUND.add(task)
+                    task.add_done_callback(_BACKGROUND.discard)
         return Response(own, media_type=_JSON, headers=self._version_header)
 
-    async def _shadow(self, stats: RolloutStats, body: bytes, content_type: str, own: bytes) -> None:
-        stats.in_flight += 1
+    async def _send_shadows(self, stats: RolloutStats) -> None:
+        """Copies go to the challenger in batches (one call for up to ``max_shadow_batch``): a call
+        per request would cost the champion's replica as much as its own answers."""
+        while stats.queue:
+            await asyncio.sleep(stats.cfg.shadow_batch_wait_s)
+            batch, stats.queue = stats.queue[: stats.cfg.max_shadow_batch], stats.queue[stats.cfg.max_shadow_batch :]
+            stats.in_flight += len(batch)
+            try:
+                answers = await self._ask_challenger_many(stats, [(body, ct) for body, ct, _ in batch])
+                for (_, _, own), answer in zip(batch, answers, strict=True):
+                    stats.challenger_done(answer)
+                    if answer["ok"]:
+                        stats.compare(own, answer["body"])
+            finally:
+                stats.in_flight -= len(batch)
+
+    async def score_many(self, requests: list[tuple[bytes, str]]) -> list[dict[str, Any]]:
+        """``score`` of each request, at once (a batching model takes them in one forward pass)."""
+        return list(await asyncio.gather(*(self.score(body, content_type) for body, content_type in requests)))
+
+    async def _ask_challenger_many(
+        self, stats: RolloutStats, requests: list[tuple[bytes, str]]
+    ) -> list[dict[str, Any]]:
         try:
-            answer = await self._ask_challenger(stats, body, content_type)
-            if answer["ok"]:
-                stats.compare(own, answer["body"])
-        finally:
-            stats.in_flight -= 1
+            if self._challenger_many is None:
+                self._challenger_many = serve.get_app_handle(stats.cfg.challenger_app).options(method_name="score_many")
+            return list(await self._challenger_many.remote(requests))
+        except Exception as e:  # the challenger's app is gone or failing: its failure, counted
+            failed = {"ok": False, "status": 503, "body": f"{type(e).__name__}: {e}".encode(), "seconds": 0.0}
+            return [failed] * len(requests)
 
     async def _ask_challenger(self, stats: RolloutStats, body: bytes, content_type: str) -> dict[str, Any]:
         try:

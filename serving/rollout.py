@@ -42,7 +42,11 @@ class RolloutConfig(BaseModel):
     rtol: float = Field(default=1e-3, ge=0.0)
     atol: float = Field(default=1e-5, ge=0.0)
     max_distance: float = Field(default=0.1, ge=0.0, description="compare=distance: most mean |a-b| per row.")
-    max_shadow_in_flight: int = Field(default=32, gt=0, description="Shadow calls past this are skipped.")
+    max_shadow_in_flight: int = Field(
+        default=256, gt=0, description="Shadow copies queued or sent past this are skipped."
+    )
+    max_shadow_batch: int = Field(default=64, gt=0, description="Copies sent to the challenger in one call.")
+    shadow_batch_wait_s: float = Field(default=0.005, ge=0.0, description="How long copies gather before a call.")
 
 
 def agreement(champion: Any, challenger: Any, cfg: RolloutConfig) -> tuple[int, int]:
@@ -103,7 +107,8 @@ class RolloutStats:
         self.rows_compared = 0
         self.rows_agreeing = 0
         self.skipped = 0  # shadow copies not sent: too many in flight
-        self.in_flight = 0
+        self.in_flight = 0  # shadow copies sent, not yet answered
+        self.queue: list[tuple[bytes, str, bytes]] = []  # shadow copies waiting for the next call
         self.errors: deque[str] = deque(maxlen=KEEP_EXAMPLES)
         self.disagreements: deque[str] = deque(maxlen=KEEP_EXAMPLES)
 

@@ -183,3 +183,34 @@ def test_prefect_yaml_starts_a_rollout_on_the_challenger_alias_and_decides_on_a_
     assert decide_["schedules"] == [{"interval": RolloutSettings().every_s}]
     assert decide_["concurrency_limit"]["limit"] == 1
     assert set(inspect.signature(decide_rollouts.fn).parameters) == {"model_name"}
+
+
+# -- a DeepSpeed champion: the numbers, then the refusal -------------------------------------------
+def test_a_deepspeed_champion_is_refused_with_what_two_groups_would_take(tmp_path: Path) -> None:
+    from flows.rollout import _refuse_multi_node
+    from nodewise.core.errors import DoesNotFit, UnsupportedModel
+    from nodewise.core.settings import Settings
+    from tasks.records import DeploymentRecord
+
+    def inventory(nodes: int) -> str:
+        node = "  - {{name: n{i}, cpus: 8, host_memory: 64GiB, gpus: [{{name: L4, memory: 24GiB, count: 1}}]}}"
+        path = tmp_path / f"{nodes}.yaml"
+        path.write_text("nodes:\n" + "\n".join(node.format(i=i) for i in range(nodes)) + "\n")
+        return str(path)
+
+    record = DeploymentRecord(
+        app_name="llm",
+        model_name="llm",
+        model_version="1",
+        model_uri="models:/llm/1",
+        backend="deepspeed_mpi",
+        endpoint="http://h:8100",
+        replicas=1,
+        plan="",
+        spec={"tp_size": 2},
+    )
+    settings = Settings(state_dir=tmp_path)
+    with pytest.raises(DoesNotFit, match=r"has 3 node\(s\); the champion's group of 2 ranks takes 2.*add 1 node"):
+        _refuse_multi_node("llm", "2", record, inventory(3), settings)
+    with pytest.raises(UnsupportedModel, match=r"has 4 node\(s\).*could hold, but shadow and canary .* not built"):
+        _refuse_multi_node("llm", "2", record, inventory(4), settings)
