@@ -7,7 +7,7 @@ from typing import Any
 from prefect import flow
 
 from nodewise.core.errors import DeployFailed, DoesNotFit
-from nodewise.core.settings import Settings, current_settings
+from nodewise.core.settings import ServeSettings, Settings, current_settings
 from serving.spec import DeepSpeedSpec, ModelServeSpec
 from tasks.mpi.deploy import build_deepspeed_spec
 from tasks.planning.placement import PlacementPlan
@@ -57,11 +57,21 @@ def _deploy(model: ResolvedModel, replicas: int | None, inventory: str, settings
     nodes = read_inventory_task(inventory, ray.num_cpus, ray.max_added_nodes, ray.added_node_cpus)
     profile = profile_model_task(model, batch_size=serve.max_batch_size, device=nodes.device_class)
     plan = plan_placement_task(profile, nodes, settings, serve, replicas)  # tasks/planning/plan.py's rules
-    publish_report_task(model.pinned_uri, profile, plan)
     if not plan.fits:
+        publish_report_task(model.pinned_uri, profile, plan)
         raise DoesNotFit(f"{model.pinned_uri} was not deployed: {plan.explain()}")
-    if plan.backend == "deepspeed_mpi":
-        return _deploy_deepspeed(model, plan, settings)
+    try:
+        if plan.backend == "deepspeed_mpi":
+            return _deploy_deepspeed(model, plan, settings)
+        return _deploy_serve(model, plan, settings, serve)
+    finally:  # after the deploy, not on its way (its chart takes half a second): failed or not
+        publish_report_task(model.pinned_uri, profile, plan)
+
+
+def _deploy_serve(
+    model: ResolvedModel, plan: PlacementPlan, settings: Settings, serve: ServeSettings
+) -> DeploymentRecord:
+    """One node: Ray Serve replicas, smoke-tested, rolled back on failure."""
     cluster = ensure_cluster_task(settings)
     spec = build_spec(model, plan, settings, serve)
     previous = get_record(settings.state.records, spec.app_name)
