@@ -93,6 +93,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=15, help="each wrk run (champion alone, with a shadow)")
     parser.add_argument("--canary-requests", type=int, default=2000)
     parser.add_argument("--no-rollout", action="store_true", help="promotions only (no shadow, canary figures)")
+    parser.add_argument("--rollout-only", action="store_true", help="the first promotion, then the rollout figures")
     args = parser.parse_args()
     state = Path(tempfile.mkdtemp(prefix="nwp-", dir="/tmp"))
     base = 25400
@@ -144,27 +145,35 @@ def main() -> None:
 
         v1, since = promote(retrain=False)
         result["webhook_first_s"] = wait_version(endpoint, v1, since)
-        v2, since = promote(retrain=True)
-        alias_set_at = time.time() - (time.monotonic() - since)
-        result["webhook_s"] = wait_version(endpoint, v2, since)
-        result["webhook_stages"] = stages(f"http://127.0.0.1:{base + 10}/api", alias_set_at, time.time())
-        for hook in client.list_webhooks():
-            client.delete_webhook(hook.webhook_id)
-        poll_env = {**env, "NODEWISE_PREFECT__API_URL": f"http://127.0.0.1:{base + 10}/api"}
-        poll_env["NODEWISE_MLFLOW__TRACKING_URI"] = mlflow_url
-        poller = subprocess.Popen([NODEWISE, "poll"], env=poll_env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-        time.sleep(args.poll_every + 5)  # its first poll announces the current alias (already serving: a no-op run)
-        v3, since = promote(retrain=True)
-        result["poller_s"] = wait_version(endpoint, v3, since)
-        # The peer: the deploy run directly, as a hand-written webhook handler would.
-        v4 = register_demo_model(artifacts, alias="staging", retrain=True).version
-        poller.terminate()
-        poller.wait(30)
-        poller = None
-        since = time.monotonic()
-        subprocess.run([NODEWISE, "deploy", f"models:/nodewise-digits/{v4}"], env=poll_env, check=True, timeout=600)
-        result["peer_direct_deploy_s"] = wait_version(endpoint, v4, since)
+        if not args.rollout_only:
+            v2, since = promote(retrain=True)
+            alias_set_at = time.time() - (time.monotonic() - since)
+            result["webhook_s"] = wait_version(endpoint, v2, since)
+            result["webhook_stages"] = stages(f"http://127.0.0.1:{base + 10}/api", alias_set_at, time.time())
+            for hook in client.list_webhooks():
+                client.delete_webhook(hook.webhook_id)
+            poll_env = {**env, "NODEWISE_PREFECT__API_URL": f"http://127.0.0.1:{base + 10}/api"}
+            poll_env["NODEWISE_MLFLOW__TRACKING_URI"] = mlflow_url
+            poller = subprocess.Popen(
+                [NODEWISE, "poll"], env=poll_env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
+            )
+            time.sleep(args.poll_every + 5)  # its first poll announces the current alias (already serving: a no-op run)
+            v3, since = promote(retrain=True)
+            result["poller_s"] = wait_version(endpoint, v3, since)
+            # The peer: the deploy run directly, as a hand-written webhook handler would.
+            v4 = register_demo_model(artifacts, alias="staging", retrain=True).version
+            poller.terminate()
+            poller.wait(30)
+            poller = None
+            since = time.monotonic()
+            subprocess.run([NODEWISE, "deploy", f"models:/nodewise-digits/{v4}"], env=poll_env, check=True, timeout=600)
+            result["peer_direct_deploy_s"] = wait_version(endpoint, v4, since)
         if not args.no_rollout:
+            if not client.list_webhooks():  # deleted for the poller's figure: again, as `nodewise up` made it
+                secret = (state / "services" / "webhook.secret").read_text().strip()
+                events = ["model_version_alias.created", "model_version.created"]
+                receiver = f"http://127.0.0.1:{base + 12}/webhook"
+                client.create_webhook("nodewise-promotions", receiver, events=events, secret=secret)
             result["rollout"] = rollout_figures(client, endpoint, state, args.seconds, args.canary_requests)
         ok = True
     finally:
@@ -175,7 +184,8 @@ def main() -> None:
             shutil.rmtree(state, ignore_errors=True)
         else:
             print(f"state kept in {state}", file=sys.stderr)
-    result["target_under_30s_with_ray_running"] = max(result["webhook_s"], result["poller_s"]) < 30
+    if "webhook_s" in result:
+        result["target_10s_with_ray_running_met"] = result["webhook_s"] <= 10
     print(json.dumps(result))
 
 
@@ -198,7 +208,13 @@ def rollout_figures(client: object, endpoint: str, state: Path, seconds: int, ca
     rollouts = state / "rollouts.json"
 
     def like_version(**tags: str) -> str:
-        version = client.create_model_version(NAME, champion.source, run_id=champion.run_id).version  # type: ignore[attr-defined]
+        version = client.create_model_version(  # type: ignore[attr-defined]
+            # the registry returns no model_id; a logged model's source (models:/m-...) names it
+            NAME,
+            champion.source,
+            run_id=champion.run_id,
+            model_id=champion.source.rsplit("/", 1)[-1],
+        ).version
         for key, value in tags.items():
             client.set_model_version_tag(NAME, version, f"nodewise.rollout.{key}", value)  # type: ignore[attr-defined]
         deadline = time.monotonic() + 180
@@ -211,7 +227,7 @@ def rollout_figures(client: object, endpoint: str, state: Path, seconds: int, ca
     def started(version: str) -> float:
         since = time.monotonic()
         client.set_registered_model_alias(NAME, "challenger", version)  # type: ignore[attr-defined]
-        while json.loads(rollouts.read_text() or "{}").get(NAME, {}).get("challenger_version") != version:
+        while _rollouts(rollouts).get(NAME, {}).get("challenger_version") != version:
             if time.monotonic() - since > 300:
                 raise RuntimeError(f"the rollout of version {version} did not start within 300 s")
             time.sleep(0.2)
@@ -237,6 +253,11 @@ def rollout_figures(client: object, endpoint: str, state: Path, seconds: int, ca
     client.delete_registered_model_alias(NAME, "challenger")  # type: ignore[attr-defined]  # the next pass rolls it back
     out["shadow_target_met"] = max(out["shadow_p50_ms_change"], out["shadow_p99_ms_change"]) <= 0.10
     return out
+
+
+def _rollouts(path: Path) -> dict:
+    """rollouts.json as it is now (none yet: empty)."""
+    return json.loads(path.read_text() or "{}") if path.exists() else {}
 
 
 def _promotion(url: str, body: bytes, rollouts: Path, version: str, client: object) -> dict:
@@ -266,7 +287,7 @@ def _promotion(url: str, body: bytes, rollouts: Path, version: str, client: obje
     deadline = time.monotonic() + 240
     try:
         while time.monotonic() < deadline and alias_moved is None:
-            entry = json.loads(rollouts.read_text() or "{}").get(NAME, {})
+            entry = _rollouts(rollouts).get(NAME, {})
             if decided is None and entry.get("phase") == "promoting":
                 decided = time.monotonic()
             if decided is not None and str(client.get_model_version_by_alias(NAME, "champion").version) == version:  # type: ignore[attr-defined]
