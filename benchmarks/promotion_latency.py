@@ -243,6 +243,7 @@ def rollout_figures(client: object, endpoint: str, state: Path, seconds: int, ca
     out["with_shadow"] = run_wrk(url, body, 8, seconds)
     for q in ("p50_ms", "p99_ms", "rps"):
         out[f"shadow_{q}_change"] = round(out["with_shadow"][q] / out["champion_alone"][q] - 1, 3)
+    out["shadow_seen_by_the_decision"] = _next_summary(rollouts)  # were the copies sent, and compared?
     # a promotion the scheduled decide-rollouts takes (default rules: 200 calls, 1% errors ...)
     promoted = like_version()
     out["alias_to_promotable_started_s"] = started(promoted)
@@ -253,6 +254,23 @@ def rollout_figures(client: object, endpoint: str, state: Path, seconds: int, ca
     client.delete_registered_model_alias(NAME, "challenger")  # type: ignore[attr-defined]  # the next pass rolls it back
     out["shadow_target_met"] = max(out["shadow_p50_ms_change"], out["shadow_p99_ms_change"]) <= 0.10
     return out
+
+
+def _next_summary(rollouts: Path, timeout_s: float = 90.0) -> dict:
+    """What the next scheduled decision pass added up (rollouts.json's ``last``): the replicas'
+    requests, the copies sent, skipped and compared."""
+    from datetime import UTC, datetime
+
+    now = datetime.now(UTC).isoformat(timespec="seconds")
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        last = _rollouts(rollouts).get(NAME, {}).get("last") or {}
+        if last.get("at", "") > now:
+            keep = ("requests", "challenger_calls", "challenger_errors", "skipped", "rows_compared", "rows_agreeing")
+            keep += ("champion_p50_ms", "champion_p99_ms", "challenger_p50_ms", "challenger_p99_ms")
+            return {k: last["summary"][k] for k in keep}
+        time.sleep(1)
+    return {"error": f"no decision pass within {timeout_s:.0f} s"}
 
 
 def _rollouts(path: Path) -> dict:
