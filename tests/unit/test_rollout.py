@@ -105,9 +105,9 @@ def test_it_waits_for_enough_calls_then_checks_each_rule() -> None:
         "rollback",
         "error rate 5.0% > 1.0% over 100 calls; e.g. 500: RuntimeError: bug",
     )
-    slow = decide(rollout(), summary(challenger_p99_ms=20.0))
+    slow = decide(rollout(), summary(challenger_p99_ms=25.0))
     assert slow.action == "rollback"
-    assert slow.reason.startswith("p99 latency 20.0 ms is 2.00x the champion's 10.0 ms")
+    assert slow.reason.startswith("p99 latency 25.0 ms is 2.50x the champion's 10.0 ms > 2.0x")
     unlike = decide(rollout(), summary(rows_compared=100, rows_agreeing=90))
     assert unlike.action == "rollback"
     assert unlike.reason.startswith("agreement 90.0% < 99.0% (allclose)")
