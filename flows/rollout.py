@@ -185,9 +185,13 @@ def _judge(rollout: Rollout, settings: Settings, client: object) -> str:
         where = f"moved to version {pointed}" if pointed else "removed"
         decision = Decision(action="rollback", reason=f"the alias {alias!r} was {where}")
     else:
-        connect_cluster(settings)
+        remote = connect_cluster(settings)
         summary = summarize(gather_stats_task(rollout.app_name), rollout.config().epoch)
         decision = decide(rollout, summary)
+        if not summary.replicas:  # none routes to the challenger (a start killed half-way, say): again
+            route_task(record, settings, remote, rollout.config())
+            reason = "no champion replica reports this rollout (none running, or not told of it: told again)"
+            decision = Decision(action="wait", reason=reason)
     rollout = rollout.model_copy(
         update={"last": {"at": now(), "decision": decision.model_dump(), "summary": summary.model_dump()}}
     )

@@ -9,7 +9,6 @@ import contextlib
 import os
 import signal
 import socket
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -30,36 +29,15 @@ def stop_processes(
         for proc in alive:
             with contextlib.suppress(psutil.Error, ProcessLookupError):
                 proc.send_signal(sig)
-        alive = _wait_gone(alive, grace_s / len(signals))
+        _, alive = psutil.wait_procs(alive, timeout=grace_s / len(signals))
         if not alive:
             break
-    leftovers = {p.pid: p for p in [*alive, *find()] if _running(p)}
+    leftovers = {p.pid: p for p in [*alive, *find()]}
     for proc in leftovers.values():
         with contextlib.suppress(psutil.Error, ProcessLookupError):
             proc.kill()
-    _wait_gone(list(leftovers.values()), 5)
+    psutil.wait_procs(list(leftovers.values()), timeout=5)
     return len(procs)
-
-
-def _wait_gone(procs: list[Any], timeout_s: float) -> list[Any]:
-    """Wait up to ``timeout_s`` for ``procs`` to end; those still running. A zombie has ended: its
-    parent (often PID 1, for a daemon's children) reaps it when it will, and waiting for that
-    would only wait out the timeout."""
-    deadline = time.monotonic() + timeout_s
-    alive = [p for p in procs if _running(p)]
-    while alive and time.monotonic() < deadline:
-        time.sleep(0.1)
-        alive = [p for p in alive if _running(p)]
-    return alive
-
-
-def _running(proc: Any) -> bool:
-    import psutil
-
-    try:
-        return bool(proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE)
-    except psutil.Error:
-        return False
 
 
 def with_children(pids: Sequence[int]) -> list[Any]:
