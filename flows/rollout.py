@@ -259,15 +259,9 @@ def _promote(rollout: Rollout, settings: Settings, client: object) -> str:
     client.set_registered_model_alias(name, settings.triggers.alias, version)  # type: ignore[attr-defined]
     if before != version:
         client.set_registered_model_alias(name, PREVIOUS_ALIAS, before)  # type: ignore[attr-defined]
-    store.delete_alias_if(client, name, settings.rollout.challenger_alias, version)
-    summary = Summary.model_validate((rollout.last or {}).get("summary") or {})
-    tags = tags_for(rollout, "promoted", summary if summary.challenger_calls else None, rollout.decision.reason)
-    store.set_tags(client, name, version, tags)
     if before != version:
         store.set_tags(client, name, before, {"nodewise.rollout.status": f"replaced by version {version}"})
-    record_outcome(settings.state.promotions, name, version, f"promoted from rollout: {rollout.decision.reason}")
-    _event("promoted", rollout, rollout.decision.reason)
-    store.forget(settings.state.rollouts, name)
+    _finish(rollout, settings, client, "promoted", "promoted from rollout")
     print(f"{name}: version {version} promoted ({rollout.decision.reason}); {before} is {PREVIOUS_ALIAS!r}")
     return f"{name}: promoted version {version}"
 
@@ -282,15 +276,23 @@ def _roll_back(rollout: Rollout, settings: Settings, client: object) -> str:
     if record is not None and record.backend == "ray_serve" and champion_serves(rollout.app_name):
         route_task(record, settings, remote, None)  # the champion answers everything again
     remove_challenger(rollout.app_name)
-    store.delete_alias_if(client, name, settings.rollout.challenger_alias, version)
-    summary = Summary.model_validate((rollout.last or {}).get("summary") or {})
-    tags = tags_for(rollout, "rolled_back", summary if summary.challenger_calls else None, rollout.decision.reason)
-    store.set_tags(client, name, version, tags)
-    record_outcome(settings.state.promotions, name, version, f"rolled back: {rollout.decision.reason}")
-    _event("rolled_back", rollout, rollout.decision.reason)
-    store.forget(settings.state.rollouts, name)
+    _finish(rollout, settings, client, "rolled_back", "rolled back")
     print(f"{name}: version {version} rolled back ({rollout.decision.reason})")
     return f"{name}: rolled back version {version}"
+
+
+def _finish(rollout: Rollout, settings: Settings, client: object, status: str, outcome: str) -> None:
+    """The end of a carried-out decision: the challenger alias gone (if still on the version), the
+    outcome on its tags, in the history and as an event; the rollout forgotten."""
+    name, version = rollout.model_name, rollout.challenger_version
+    assert rollout.decision is not None
+    store.delete_alias_if(client, name, settings.rollout.challenger_alias, version)
+    summary = Summary.model_validate((rollout.last or {}).get("summary") or {})
+    tags = tags_for(rollout, status, summary if summary.challenger_calls else None, rollout.decision.reason)
+    store.set_tags(client, name, version, tags)
+    record_outcome(settings.state.promotions, name, version, f"{outcome}: {rollout.decision.reason}")
+    _event(status, rollout, rollout.decision.reason)
+    store.forget(settings.state.rollouts, name)
 
 
 def _event(step: str, rollout: Rollout, reason: str) -> None:
