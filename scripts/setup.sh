@@ -11,19 +11,32 @@ if ! "$PYTHON" -c 'import sys; sys.exit(0 if (3, 11) <= sys.version_info[:2] < (
     exit 1
 fi
 
-if ! command -v mpirun >/dev/null 2>&1 || ! command -v ip >/dev/null 2>&1; then
+# System packages, each installed only when missing: Open MPI (the multi-node backend), iproute2 (the
+# multihost tests' network namespaces), a C++ compiler and Python headers (DeepSpeed builds its CPU
+# op on first use), curl (the demo prints a curl line, the e2e journey runs it), Prometheus and
+# promtool (metrics: the scrape test, `promtool check rules`/`test rules`).
+missing=()
+command -v mpirun >/dev/null 2>&1 || missing+=(openmpi-bin libopenmpi-dev)
+command -v ip >/dev/null 2>&1 || missing+=(iproute2)
+command -v g++ >/dev/null 2>&1 || missing+=(g++)
+pyinc=$("$PYTHON" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
+[ -f "$pyinc/Python.h" ] || missing+=(python3-dev)
+command -v curl >/dev/null 2>&1 || missing+=(curl)
+command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+if [ ${#missing[@]} -gt 0 ]; then
     SUDO=""
     [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1 && SUDO="sudo"
     if [ "$(id -u)" -eq 0 ] || [ -n "$SUDO" ]; then
-        echo "setup: installing Open MPI (openmpi-bin) for the multi-node DeepSpeed backend, iproute2 for the multihost tests"
+        echo "setup: installing ${missing[*]}"
         log=$(mktemp)
         if ! { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
-                $SUDO apt-get install -y -qq openmpi-bin libopenmpi-dev iproute2; } >"$log" 2>&1; then
-            cat "$log" >&2; echo "error: installing Open MPI failed (above)" >&2; exit 1
+                $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"; } >"$log" 2>&1; then
+            cat "$log" >&2; echo "error: installing ${missing[*]} failed (above)" >&2; exit 1
         fi
         rm -f "$log"
     else
-        echo "setup: warning: mpirun not found and no root/sudo: the multi-node backend will not run" >&2
+        echo "setup: warning: missing ${missing[*]} and no root/sudo: install them (apt-get install ${missing[*]});" \
+            "the multi-node backend, the DeepSpeed op build or the metrics tests will not run without them" >&2
     fi
 fi
 
