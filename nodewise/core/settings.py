@@ -492,7 +492,8 @@ class MetricsSettings(_Section):
     exporter_port: int = Field(
         default=9464,
         ge=0,
-        le=65535, description="The control-plane exporter's port (`nodewise up`); 0: none is started."
+        le=65535,
+        description="The control-plane exporter's port (`nodewise up`); 0: none is started.",
     )
     refresh_s: PositiveFloat = Field(
         default=5.0, description="How often the exporter rewrites the scrape targets (<state>/prometheus/targets/)."
