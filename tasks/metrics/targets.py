@@ -1,8 +1,8 @@
 """Scrape targets for Prometheus' file-based service discovery, kept under ``<state>/prometheus/targets/``.
 
 - ``serving/<app>.json``: one target group per Ray Serve replica (its own ``/metrics`` port), or
-  DeepSpeed's rank 0 (its serving port, path ``/metrics``), labelled ``app``, ``backend``, ``model``,
-  ``version`` (and ``replica`` for a replica).
+  DeepSpeed's rank 0 (its serving port, path ``/metrics``), labelled ``app`` and ``backend`` (and
+  ``replica`` for a replica).
 - ``control/control.json``: the control-plane exporter (``nodewise up``).
 
 Prometheus re-reads the files when they change (``file_sd_configs``; the example config is
@@ -44,12 +44,9 @@ def _write(path: Path, groups: list[dict[str, Any]]) -> None:
 
 
 def _labels(record: DeploymentRecord) -> dict[str, str]:
-    return {
-        "app": record.app_name,
-        "backend": record.backend,
-        "model": record.model_name,
-        "version": record.model_version,
-    }
+    """Target labels: not ``model``/``version``, which the scraped series carry themselves (a target
+    label of the same name would rename theirs to ``exported_model``)."""
+    return {"app": record.app_name, "backend": record.backend}
 
 
 def write_serve_targets(settings: Settings, record: DeploymentRecord, replicas: dict[str, str | None]) -> None:

@@ -243,13 +243,7 @@ def test_targets_follow_replicas_and_deployments(settings: Settings) -> None:
     [(name, groups)] = targets.read_targets(settings).items()
     assert name == "serving/digits.json"
     assert {g["labels"]["replica"]: g["targets"] for g in groups} == {"r2": ["10.0.0.2:4002"], "r3": ["10.0.0.1:4003"]}
-    assert groups[0]["labels"] | {"replica": "-"} == {
-        "app": "digits",
-        "backend": "ray_serve",
-        "model": "digits",
-        "version": "2",
-        "replica": "-",
-    }
+    assert groups[0]["labels"] | {"replica": "-"} == {"app": "digits", "backend": "ray_serve", "replica": "-"}
     lm = _record("lm", "deepspeed_mpi", "http://127.0.0.1:8100")
     targets.write_deepspeed_target(settings, lm, "http://10.0.0.5:8100")
     targets.write_control_target(settings, "127.0.0.1:9464")
