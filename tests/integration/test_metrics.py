@@ -153,7 +153,7 @@ def test_prometheus_finds_every_endpoint_from_the_targets_nodewise_writes(
 
     watch_once(settings)  # the watchdog's pass: each replica's address, from its vitals
     files = read_targets(settings)
-    assert sorted(files) == ["control/control.json", f"serving/{SERVED}.json", f"serving/{SHARDED}.json"]
+    assert set(files) == {"control/control.json", f"serving/{SERVED}.json", f"serving/{SHARDED}.json"}
     assert len(files[f"serving/{SERVED}.json"]) == 2  # a group per replica
     eventually(prometheus, 'count(up{job="nodewise-serving", app="tiny-llama"} == 1)', 2)
     eventually(prometheus, 'count(up{job="nodewise-serving", app="tiny-llama-tp"} == 1)', 1)
@@ -237,3 +237,39 @@ def test_a_killed_replica_is_replaced_counted_and_its_target_follows(
     eventually(prometheus, counted, 1)
     eventually(prometheus, 'nodewise_deployment_state{app="tiny-llama", state="serving"}', 1)
     eventually(prometheus, 'nodewise_restart_budget_remaining{app="tiny-llama"}', settings.watchdog.max_restarts)
+
+
+def test_every_dashboard_panel_returns_data_and_the_alert_rules_load(settings: Settings, prometheus: str) -> None:
+    from tasks.metrics.dashboard import panel_queries
+    from tasks.rollout import store
+    from tasks.rollout.policy import Rollout
+
+    # What a rollout leaves in the state folder, written by the functions its flow calls (a whole
+    # rollout runs in test_rollout.py; here Prometheus needs only its figures to be there).
+    rollout = Rollout(
+        model_name=SERVED,
+        app_name=SERVED,
+        challenger_app=f"{SERVED}--challenger",
+        champion_version="1",
+        challenger_version="2",
+        mode="canary",
+        shares=[0.05, 0.25],
+        rules=settings.rollout,
+        last={"summary": {"challenger_calls": 200, "challenger_errors": 1, "rows_compared": 10, "rows_agreeing": 10}},
+    )
+    store.save(settings.state.rollouts, rollout)
+    store.count_outcome(settings.state.prometheus, SERVED, "rolled_back")
+    empty = []
+    deadline = time.monotonic() + 45
+    for title, promql in panel_queries(ROOT / "deployments/grafana/nodewise.json"):
+        while not query(prometheus, promql) and time.monotonic() < deadline:
+            time.sleep(1)
+        if not query(prometheus, promql):
+            empty.append((title, promql))
+    assert empty == []
+    rules = httpx.get(f"{prometheus}/api/v1/rules", timeout=10).json()["data"]["groups"]
+    loaded = [r for g in rules for r in g["rules"]]
+    assert loaded, "no alert rule loaded"
+    assert [r["name"] for r in loaded if r["health"] != "ok"] == []
+    series = scalar(prometheus, 'count({job="nodewise-serving", app="tiny-llama-tp"})')
+    print(f"series of the DeepSpeed deployment: {series:.0f}")  # the cardinality figure (benchmarks report it)
