@@ -25,6 +25,7 @@ RESOURCES = {  # "group/version/plural" -> (kind, singular, namespaced)
     "ray.io/v1/rayservices": ("RayService", "rayservice", True),
     "kubeflow.org/v2beta1/mpijobs": ("MPIJob", "mpijob", True),
     "leaderworkerset.x-k8s.io/v1/leaderworkersets": ("LeaderWorkerSet", "leaderworkerset", True),
+    "monitoring.coreos.com/v1/podmonitors": ("PodMonitor", "podmonitor", True),
 }
 
 

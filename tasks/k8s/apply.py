@@ -2,6 +2,8 @@
 delete, wait until ready, and the watchdog's actions there.
 
 Apply is idempotent: create, and on 409 (it exists) a merge patch. Delete treats 404 as done.
+A kind in ``OPTIONAL`` (the Prometheus Operator's PodMonitor) is skipped, with a line saying so,
+where the cluster does not serve it: monitoring is not worth a failed deploy.
 The watchdog's actions: a replica-level restart deletes one pod (its controller starts a new
 one); a whole-group restart recreates every rank together: a LeaderWorkerSet's group pods are
 deleted at once (it recreates the group), an MPIJob is deleted and created again (its launcher
@@ -21,6 +23,8 @@ OPERATORS = {
     "MPIJob": "the Kubeflow MPI Operator (https://github.com/kubeflow/mpi-operator)",
     "LeaderWorkerSet": "LeaderWorkerSet (https://lws.sigs.k8s.io/docs/installation/)",
 }
+# Kinds a deployment works without: what to install to have them.
+OPTIONAL = {"PodMonitor": "the Prometheus Operator (https://prometheus-operator.dev)"}
 
 
 def _resource(api: Any, manifest: dict[str, Any]) -> Any:
@@ -31,8 +35,18 @@ def _resource(api: Any, manifest: dict[str, Any]) -> Any:
     try:
         return dynamic.DynamicClient(api).resources.get(api_version=version, kind=kind)
     except ResourceNotFoundError as e:
-        install = OPERATORS.get(kind, "the API that serves it")
+        install = OPERATORS.get(kind) or OPTIONAL.get(kind, "the API that serves it")
         raise KubernetesUnavailable(f"the cluster does not serve {kind} ({version}): install {install}") from e
+
+
+def _optional_resource(api: Any, manifest: dict[str, Any]) -> tuple[Any, str]:
+    """``_resource``, or None and why for an optional kind the cluster does not serve."""
+    try:
+        return _resource(api, manifest), ""
+    except KubernetesUnavailable as e:
+        if manifest["kind"] not in OPTIONAL:
+            raise
+        return None, f"skipped {_where(manifest)}: {e}"
 
 
 def _where(manifest: dict[str, Any]) -> str:
@@ -46,7 +60,10 @@ def apply(objects: list[dict[str, Any]], api: Any) -> list[str]:
 
     done = []
     for manifest in objects:
-        resource = _resource(api, manifest)
+        resource, skipped = _optional_resource(api, manifest)
+        if resource is None:
+            done.append(skipped)
+            continue
         namespace = manifest["metadata"].get("namespace")
         try:
             resource.create(body=manifest, namespace=namespace)
@@ -68,7 +85,10 @@ def delete(objects: list[dict[str, Any]], api: Any) -> list[str]:
 
     done = []
     for manifest in reversed(objects):
-        resource = _resource(api, manifest)
+        resource, skipped = _optional_resource(api, manifest)
+        if resource is None:
+            done.append(skipped)
+            continue
         try:
             resource.delete(name=manifest["metadata"]["name"], namespace=manifest["metadata"].get("namespace"))
             done.append(f"deleted {_where(manifest)}")

@@ -6,7 +6,21 @@
   (leaderworkerset.x-k8s.io/v1), whose ranks run ``python -m serving.deepspeed_worker`` and derive
   their distributed environment themselves (serving/dist_env.py): nothing is set by hand;
 - a Service for the endpoint, and a ServiceAccount, Role and RoleBinding with what the watchdog
-  needs and no more.
+  needs and no more;
+- a Prometheus Operator ``PodMonitor`` (monitoring.coreos.com/v1) for the pods that answer
+  ``/metrics`` (serving/metrics.py), and ``prometheus.io/*`` annotations on their pod templates for
+  Prometheus set-ups without the operator. Their targets get the labels a local instance's file-based
+  discovery gives (``job="nodewise-serving"``, ``app``, ``backend``): the alert rules and the dashboard
+  (deployments/prometheus, deployments/grafana) read both the same way.
+
+Where metrics are read: DeepSpeed's rank 0 answers ``/metrics`` on its serving port (the MPIJob's
+worker 0, the LeaderWorkerSet's leader; no other rank serves HTTP, so the MPIJob's worker template,
+shared by every rank, carries no annotation). A Ray Serve replica answers on a port of its own (Serve's
+``/<route>/metrics`` reaches one replica at random: no scrape target): a worker pod declares one,
+``REPLICA_METRICS_PORT``, which its replica binds. Where a pod holds several replicas (they share
+a GPU), only one of them can bind it: that one must serve the whole pod's metrics (prometheus_client's
+multiprocess mode over a folder the pod's replicas share); one port per replica would leave ports
+unbound in a pod that holds fewer replicas than it could, and each would read as a target down.
 
 Manifests are plain dicts (quantities are strings); ``render`` returns them in apply order.
 """
@@ -27,6 +41,12 @@ CREDENTIAL_VARIABLES = ("MLFLOW_TRACKING_URI",)
 IMAGE_SSH_DIR = "/home/nodewise/.ssh"  # deployments/image: its user's home
 LABEL = "nodewise.dev/app"
 SPEC_PATH = "/etc/nodewise/spec.json"
+METRICS_PATH = "/metrics"
+# A Ray Serve worker pod's metrics port (its replica's own /metrics; see above). Named apart from
+# KubeRay's container port "metrics" (8080, Ray's own metrics, which KubeRay adds under that name).
+REPLICA_METRICS_PORT = 9500
+METRICS_PORT_NAME = "nw-metrics"
+SERVING_JOB = "nodewise-serving"  # the job label of every serving target, as local discovery gives it
 
 
 def render(
@@ -41,6 +61,8 @@ def render(
     if isinstance(spec, ModelServeSpec):
         objects += [_ray_service(name, spec, plan, k8s), _service(name, k8s, {"ray.io/node-type": "head"}, 8000)]
         objects[-1]["spec"]["selector"]["ray.io/cluster-name"] = name  # see _ray_service
+        workers = {LABEL: name, "ray.io/node-type": "worker"}
+        objects.append(_pod_monitor(name, spec.app_name, "ray_serve", workers, METRICS_PORT_NAME, k8s))
         return objects
     objects.append(_spec_config_map(name, spec, k8s))
     if multi_node == "lws":
@@ -54,6 +76,7 @@ def render(
             "training.kubeflow.org/replica-index": "0",
         }
     objects.append(_service(name, k8s, selector, spec.port))
+    objects.append(_pod_monitor(name, spec.app_name, "deepspeed_mpi", selector, "http", k8s))  # rank 0's pod
     return objects
 
 
@@ -100,6 +123,33 @@ def _service(name: str, k8s: KubernetesSettings, selector: dict[str, str], port:
             "ports": [{"name": "http", "port": port, "targetPort": port, "protocol": "TCP"}],
         },
     }
+
+
+def _pod_monitor(
+    name: str, app: str, backend: str, selector: dict[str, str], port: str, k8s: KubernetesSettings
+) -> dict[str, Any]:
+    """Scrape ``/metrics`` on the port named ``port`` of the pods ``selector`` picks, labelled as
+    local discovery labels its targets (job, app, backend)."""
+    relabelings = [
+        {"action": "replace", "targetLabel": "job", "replacement": SERVING_JOB},
+        {"action": "replace", "targetLabel": "app", "replacement": app},
+        {"action": "replace", "targetLabel": "backend", "replacement": backend},
+    ]
+    return {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "PodMonitor",
+        "metadata": _meta(f"{name}-metrics", k8s),
+        "spec": {
+            "selector": {"matchLabels": dict(selector)},
+            "namespaceSelector": {"matchNames": [k8s.namespace]},
+            "podMetricsEndpoints": [{"port": port, "path": METRICS_PATH, "relabelings": relabelings}],
+        },
+    }
+
+
+def _scrape_annotations(port: int) -> dict[str, str]:
+    """For Prometheus set-ups that discover pods by annotation (one port per pod, by that convention)."""
+    return {"prometheus.io/scrape": "true", "prometheus.io/port": str(port), "prometheus.io/path": METRICS_PATH}
 
 
 def _container(name: str, k8s: KubernetesSettings, command: list[str] | None, resources: dict) -> dict[str, Any]:
@@ -160,6 +210,7 @@ def _ray_service(name: str, spec: ModelServeSpec, plan: PlacementPlan, k8s: Kube
     ]
     worker = _container("ray-worker", k8s, None, _resources(cpus, memory, pod_gpus, limit))
     worker["env"] = env
+    worker["ports"] = [{"containerPort": REPLICA_METRICS_PORT, "name": METRICS_PORT_NAME}]  # see the docstring
     cluster: dict[str, Any] = {"rayVersion": k8s.ray_version}
     if max_pods > pods:
         # Serve's autoscaler asks for replicas; KubeRay's in-tree autoscaler (Ray's own) adds the
@@ -189,7 +240,13 @@ def _ray_service(name: str, spec: ModelServeSpec, plan: PlacementPlan, k8s: Kube
                         "minReplicas": pods,
                         "maxReplicas": max_pods,
                         "rayStartParams": {},
-                        "template": {"metadata": {"labels": {LABEL: name}}, "spec": {"containers": [worker]}},
+                        "template": {
+                            "metadata": {
+                                "labels": {LABEL: name},
+                                "annotations": _scrape_annotations(REPLICA_METRICS_PORT),
+                            },
+                            "spec": {"containers": [worker]},
+                        },
                     }
                 ],
             },
@@ -208,9 +265,9 @@ def _spec_config_map(name: str, spec: DeepSpeedSpec, k8s: KubernetesSettings) ->
     }
 
 
-def _rank_pod(name: str, container: dict[str, Any], k8s: KubernetesSettings) -> dict[str, Any]:
+def _rank_pod(name: str, container: dict[str, Any], port: int) -> dict[str, Any]:
     container["volumeMounts"] = [{"name": "spec", "mountPath": "/etc/nodewise", "readOnly": True}]
-    container["ports"] = [{"containerPort": 8100, "name": "http"}]
+    container["ports"] = [{"containerPort": port, "name": "http"}]  # rank 0's HTTP port (the others leave it)
     return {
         "metadata": {"labels": {LABEL: name}},
         "spec": {
@@ -284,7 +341,7 @@ def _mpi_job(name: str, spec: DeepSpeedSpec, plan: PlacementPlan, k8s: Kubernete
                 "Worker": {
                     "replicas": plan.nodes,
                     "restartPolicy": "Never",
-                    "template": _rank_pod(name, worker, k8s),
+                    "template": _rank_pod(name, worker, spec.port),
                 },
             },
         },
@@ -295,14 +352,15 @@ def _leader_worker_set(name: str, spec: DeepSpeedSpec, plan: PlacementPlan, k8s:
     """One group of ``plan.nodes`` pods, a rank per device; any pod's failure recreates the whole
     group (RecreateGroupOnPodRestart)."""
     command = _lws_command(spec, plan)
-    leader = _rank_pod(name, _container("rank", k8s, command, _rank_resources(plan, spec)), k8s)
+    leader = _rank_pod(name, _container("rank", k8s, command, _rank_resources(plan, spec)), spec.port)
+    leader["metadata"]["annotations"] = _scrape_annotations(spec.port)  # rank 0 answers /metrics
     # The leader holds rank 0: its /ping is 200 only when every rank is ready and heard from.
     leader["spec"]["containers"][0]["readinessProbe"] = {
         "httpGet": {"path": "/ping", "port": spec.port},
         "periodSeconds": 10,
         "failureThreshold": 3,
     }
-    worker = _rank_pod(name, _container("rank", k8s, list(command), _rank_resources(plan, spec)), k8s)
+    worker = _rank_pod(name, _container("rank", k8s, list(command), _rank_resources(plan, spec)), spec.port)
     return {
         "apiVersion": "leaderworkerset.x-k8s.io/v1",
         "kind": "LeaderWorkerSet",

@@ -66,6 +66,23 @@ def test_a_cluster_without_the_operator_is_a_clear_error() -> None:
         apply(objects, client_for(url))
 
 
+def test_a_cluster_without_the_prometheus_operator_deploys_without_the_pod_monitor() -> None:
+    objects, _ = multi_node("mpijob")
+    [monitor] = [o for o in objects if o["kind"] == "PodMonitor"]
+    skipped = (
+        f"skipped PodMonitor serving/{monitor['metadata']['name']}: the cluster does not serve PodMonitor "
+        "(monitoring.coreos.com/v1): install the Prometheus Operator (https://prometheus-operator.dev)"
+    )
+    with kube_emulator(without=("monitoring.coreos.com/v1/podmonitors",)) as url:
+        api = client_for(url)
+        done = apply(objects, api)
+        assert done[-1] == skipped
+        assert all(line.startswith("created ") for line in done[:-1])
+        gone = delete(objects, api)
+        assert gone[0] == skipped
+        assert all(line.startswith("deleted ") for line in gone[1:])
+
+
 def test_waiting_names_the_workload_and_its_status_then_sees_it_ready(api: object) -> None:
     from kubernetes import dynamic
 

@@ -18,8 +18,9 @@ from tasks.metrics.promql import exposed_series, grouping_labels, selectors
 ROOT = Path(__file__).resolve().parents[2]
 PROMETHEUS = ROOT / "deployments" / "prometheus"
 DASHBOARD = ROOT / "deployments" / "grafana" / "nodewise.json"
-# Labels Prometheus adds to every series of a target: its own and file-based discovery's.
-TARGET_LABELS = frozenset({"job", "instance", "app", "backend"})
+# Labels Prometheus adds to every series of a target: its own, and those of nodewise's discovery
+# files (tasks/metrics/targets.py) and rendered PodMonitors.
+TARGET_LABELS = frozenset({"job", "instance", "app", "backend", "replica", "component"})
 REQUIRED_ALERTS = {
     "NodewiseHighErrorRate",
     "NodewiseLatencyP99OverTarget",

@@ -1,5 +1,5 @@
 """Kubernetes manifests from placement plans, validated strictly offline (tests/k8s_schema.py):
-the official CRDs for RayService, MPIJob and LeaderWorkerSet, the core schemas for the rest."""
+the official CRDs for RayService, MPIJob, LeaderWorkerSet and PodMonitor, the core schemas for the rest."""
 
 from __future__ import annotations
 
@@ -97,7 +97,7 @@ def test_every_rendered_manifest_validates_strictly(case: str) -> None:
     objects = CASES[case]()
     kinds = [o["kind"] for o in objects]
     assert kinds[:3] == ["ServiceAccount", "Role", "RoleBinding"]
-    assert kinds[-1] == "Service"
+    assert kinds[-2:] == ["Service", "PodMonitor"]
     for manifest in objects:
         validate(manifest)
         assert manifest["metadata"]["namespace"] == "serving"
@@ -365,3 +365,74 @@ def test_no_credential_reaches_a_rendered_file(tmp_path: Path) -> None:
             assert "name: nodewise-mlflow" in text, path
     for spec in (serve, ranks):
         assert spec.tracking_uri == "https://me:***@mlflow.mlops:5000"  # the pods read the real one from the Secret
+
+
+def pod_templates(workload: dict) -> dict[str, dict]:
+    """A workload's pod templates by role."""
+    spec = workload["spec"]
+    if workload["kind"] == "RayService":
+        cluster = spec["rayClusterConfig"]
+        return {"head": cluster["headGroupSpec"]["template"], "worker": cluster["workerGroupSpecs"][0]["template"]}
+    if workload["kind"] == "MPIJob":
+        return {role.lower(): s["template"] for role, s in spec["mpiReplicaSpecs"].items()}
+    template = spec["leaderWorkerTemplate"]
+    return {"leader": template["leaderTemplate"], "worker": template["workerTemplate"]}
+
+
+def scraped(monitor: dict, template: dict) -> list[dict]:
+    """The container ports of ``template`` that ``monitor``'s endpoints name, where its selector
+    picks the pod (its labels as the operators add them are taken for granted: see the callers)."""
+    names = {e["port"] for e in monitor["spec"]["podMetricsEndpoints"]}
+    return [p for c in template["spec"]["containers"] for p in c.get("ports", []) if p["name"] in names]
+
+
+def test_a_pod_monitor_scrapes_each_ray_serve_worker_pod_on_its_metrics_port() -> None:
+    objects, spec, _ = serve_manifests(5, gpu_nodes(2, 4, 80), replicas=4)
+    kinds = by_kind(objects)
+    monitor, templates = kinds["PodMonitor"], pod_templates(kinds["RayService"])
+    validate(monitor)
+    name = kinds["RayService"]["metadata"]["name"]
+    assert monitor["spec"]["selector"]["matchLabels"] == {"nodewise.dev/app": name, "ray.io/node-type": "worker"}
+    assert monitor["spec"]["namespaceSelector"] == {"matchNames": ["serving"]}
+    assert scraped(monitor, templates["worker"]) == [{"containerPort": 9500, "name": "nw-metrics"}]
+    assert scraped(monitor, templates["head"]) == []  # the head runs no replica
+    [endpoint] = monitor["spec"]["podMetricsEndpoints"]
+    assert endpoint["path"] == "/metrics"
+    labels = {r["targetLabel"]: r["replacement"] for r in endpoint["relabelings"]}
+    assert labels == {"job": "nodewise-serving", "app": spec.app_name, "backend": "ray_serve"}  # as local discovery
+    assert templates["worker"]["metadata"]["annotations"] == {
+        "prometheus.io/scrape": "true",
+        "prometheus.io/port": "9500",
+        "prometheus.io/path": "/metrics",
+    }
+
+
+@pytest.mark.parametrize("multi", ["mpijob", "lws"])
+def test_a_pod_monitor_scrapes_rank_0_on_its_serving_port_and_no_other_rank(multi: str) -> None:
+    objects, _ = multi_node(multi)
+    kinds = by_kind(objects)
+    monitor, service = kinds["PodMonitor"], kinds["Service"]
+    workload = kinds["MPIJob" if multi == "mpijob" else "LeaderWorkerSet"]
+    port = service["spec"]["ports"][0]["port"]
+    # the same pod as the endpoint's Service: rank 0's (worker 0 of an MPIJob, an LWS group's leader)
+    assert monitor["spec"]["selector"]["matchLabels"] == service["spec"]["selector"]
+    [endpoint] = monitor["spec"]["podMetricsEndpoints"]
+    assert (endpoint["port"], endpoint["path"]) == ("http", "/metrics")
+    labels = {r["targetLabel"]: r["replacement"] for r in endpoint["relabelings"]}
+    assert labels == {"job": "nodewise-serving", "app": "llama-70b", "backend": "deepspeed_mpi"}
+    templates = pod_templates(workload)
+    rank0 = templates["worker" if multi == "mpijob" else "leader"]
+    assert scraped(monitor, rank0) == [{"containerPort": port, "name": "http"}]
+    annotated = {role for role, t in templates.items() if "annotations" in t["metadata"]}
+    # an MPIJob's worker template is every rank's: annotating it would make each rank a target
+    assert annotated == (set() if multi == "mpijob" else {"leader"})
+    if multi == "lws":
+        assert rank0["metadata"]["annotations"]["prometheus.io/port"] == str(port)
+
+
+def test_the_pod_monitor_schema_is_strict() -> None:
+    monitor = json.loads(json.dumps(by_kind(multi_node()[0])["PodMonitor"]))
+    validate(monitor)
+    monitor["spec"]["podMetricsEndpoints"][0]["paht"] = "/metrics"
+    with pytest.raises(jsonschema.ValidationError, match="paht"):
+        validate(monitor)
