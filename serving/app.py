@@ -65,7 +65,13 @@ class ModelServer:
             self.metrics = ServingMetrics(
                 self.spec.model_name, self.spec.model_version, "ray_serve", self.spec.latency_target_s
             )
-            self.metrics_address, self._stop_metrics = serve_metrics(self.metrics, _node_address())
+            try:
+                self.metrics_address, self._stop_metrics = serve_metrics(
+                    self.metrics, _node_address(), self.spec.metrics_port
+                )
+            except OSError as e:  # the pod's fixed port is another replica's: this one takes any
+                logger.warning("metrics port %s: %s; using an ephemeral port", self.spec.metrics_port, e)
+                self.metrics_address, self._stop_metrics = serve_metrics(self.metrics, _node_address())
 
     async def __call__(self, request: Request) -> Response:
         metrics = self.metrics

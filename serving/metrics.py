@@ -352,10 +352,28 @@ class _EngineCollector(Collector):
 
 
 def serve_metrics(metrics: ServingMetrics, host: str, port: int = 0) -> tuple[str, Callable[[], None]]:
-    """``metrics`` on an HTTP server of their own (prometheus_client's): its ``host:port`` and a stop."""
-    from prometheus_client import start_http_server
+    """``metrics`` on an HTTP server of their own (prometheus_client's WSGI app and threading server):
+    its ``host:port`` and a stop. Always the text format 0.0.4: asked for OpenMetrics 1.0 (Prometheus
+    2.x asks so), prometheus_client would spell the gateway's ``vllm:`` names ``vllm_``, and the
+    Inference Extension's endpoint picker reads them with their colons."""
+    import threading
+    from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-    server, thread = start_http_server(port, addr=host, registry=metrics.registry)
+    from prometheus_client.exposition import ThreadingWSGIServer, make_wsgi_app
+
+    class Quiet(WSGIRequestHandler):
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    app = make_wsgi_app(metrics.registry)
+
+    def text_format(environ: dict[str, Any], start_response: Any) -> Any:
+        environ["HTTP_ACCEPT"] = "text/plain"
+        return app(environ, start_response)
+
+    server = make_server(host, port, text_format, ThreadingWSGIServer, handler_class=Quiet)
+    thread = threading.Thread(target=server.serve_forever, name="metrics", daemon=True)
+    thread.start()
 
     def stop() -> None:
         server.shutdown()

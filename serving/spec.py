@@ -108,6 +108,13 @@ class ModelServeSpec(BaseModel):
         default=True, description="Export /metrics (serving/metrics.py): under the app's route and on a port of its own"
     )
     latency_target_s: PositiveFloat = Field(default=1.0, description="The p99 target that alert rules compare with.")
+    metrics_port: int = Field(
+        default=0,
+        ge=0,
+        le=65535,
+        description="The replica's own /metrics port: 0 an ephemeral one (the watchdog finds it); on Kubernetes a "
+        "fixed one that the pod declares (a second replica in the pod falls back to an ephemeral one)",
+    )
 
     @model_validator(mode="after")
     def _replica_bounds(self) -> ModelServeSpec:

@@ -197,7 +197,9 @@ def _ray_service(name: str, spec: ModelServeSpec, plan: PlacementPlan, k8s: Kube
                 "name": spec.app_name,
                 "route_prefix": spec.route_prefix,
                 "import_path": "serving.app:from_config",
-                "args": {"spec": spec.model_dump(mode="json")},
+                "args": {
+                    "spec": spec.model_copy(update={"metrics_port": REPLICA_METRICS_PORT}).model_dump(mode="json")
+                },
             }
         ]
     }

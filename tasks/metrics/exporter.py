@@ -31,6 +31,7 @@ from tasks.metrics import counts
 from tasks.records import DeploymentRecord, load_records
 
 STATES = ("serving", "degraded", "scaled_to_zero", "failed", "down")
+ROLLOUT_OUTCOMES = ("promoted", "rolled_back", "failed")
 PING_TIMEOUT_S = 1.0
 
 
@@ -66,6 +67,21 @@ def deployment_state(settings: Settings, record: DeploymentRecord, watch: dict[s
     return "serving" if answered else "down"
 
 
+def _with_zeros(
+    counted: list[tuple[dict[str, str], float]], records: dict[str, DeploymentRecord]
+) -> list[tuple[dict[str, str], float]]:
+    """Every served model's rollout outcomes, at 0 until one happens: ``increase()`` in an alert
+    sees a first rollback only where the series existed before it."""
+    have = {(labels.get("model"), labels.get("outcome")) for labels, _ in counted}
+    zeros = [
+        ({"model": r.model_name, "outcome": outcome}, 0.0)
+        for r in records.values()
+        for outcome in ROLLOUT_OUTCOMES
+        if (r.model_name, outcome) not in have
+    ]
+    return counted + zeros
+
+
 class ControlPlaneCollector(Collector):
     """Everything of ``scope="control"`` in serving/metrics.py's schema, read afresh at each scrape."""
 
@@ -92,7 +108,7 @@ class ControlPlaneCollector(Collector):
         counted = counts.read(s.state.prometheus / "counts.json")
         yield _family("nodewise_watchdog_actions_total", counted.get("watchdog_actions", []))
         yield _family("nodewise_restart_duration_seconds", counted.get("restart_duration_seconds", []))
-        yield _family("nodewise_rollouts_total", counted.get("rollouts", []))
+        yield _family("nodewise_rollouts_total", _with_zeros(counted.get("rollouts", []), records))
         yield from self._rollouts()
         yield _family("nodewise_promotion_duration_seconds", self._promotions())
 

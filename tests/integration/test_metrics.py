@@ -169,7 +169,8 @@ def test_request_counts_match_the_traffic_sent_on_both_backends(
         counted = f'sum(nodewise_requests_total{{app="{app}", route="/v1/completions", status="200"}})'
         eventually(prometheus, counted, 9)
         eventually(prometheus, f'sum(nodewise_requests_total{{app="{app}", route="/v1/models"}})', 6)
-        assert scalar(prometheus, f'sum(nodewise_time_to_first_token_seconds_count{{app="{app}"}})') == 9
+        # and the smoke test's and the watchdog's canaries, which go through the engine too
+        assert scalar(prometheus, f'sum(nodewise_time_to_first_token_seconds_count{{app="{app}"}})') >= 9
         assert scalar(prometheus, f'sum(nodewise_generation_tokens_total{{app="{app}"}})') >= 9
         assert scalar(prometheus, f'sum(nodewise_inter_token_latency_seconds_count{{app="{app}"}})') > 0
         # the Gateway API Inference Extension's names, with model_name
