@@ -11,7 +11,7 @@ import pytest
 
 from nodewise.core.settings import KubernetesSettings, Settings
 from serving.spec import DeepSpeedSpec
-from tasks.k8s.render import render
+from tasks.k8s.render import REPLICA_METRICS_PORT, render
 from tasks.planning.inventory import Device, Inventory, Node
 from tasks.planning.placement import plan_placement
 from tasks.planning.profiling import MemoryProfile
@@ -125,7 +125,8 @@ def test_rayservice_serves_the_local_spec_from_workers_with_gpu_quantities_as_st
         spec.route_prefix,
         "serving.app:from_config",
     )
-    assert app["args"]["spec"] == spec.model_dump(mode="json")  # the same spec as a local deploy
+    # the same spec as a local deploy, but the replica's metrics port, which the pod declares
+    assert app["args"]["spec"] == {**spec.model_dump(mode="json"), "metrics_port": REPLICA_METRICS_PORT}
     cluster = service["spec"]["rayClusterConfig"]
     assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"  # no replica on the head
     [group] = cluster["workerGroupSpecs"]
