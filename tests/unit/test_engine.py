@@ -310,3 +310,35 @@ def test_every_rank_goes_on_with_rank_0s_tokens_and_failures(model) -> None:
 @pytest.mark.parametrize(("temperature", "greedy"), [(0, True), (8.1e-296, True), (9.9e-6, True), (1e-5, False)])
 def test_a_temperature_below_1e_5_is_greedy(temperature: float, greedy: bool) -> None:
     assert SamplingParams(temperature=temperature).greedy is greedy
+
+
+def test_rank_0_answers_a_failed_sequence_with_its_reason_and_its_batch_mates_as_usual(model) -> None:
+    """DeepSpeed's step (serving/deepspeed_worker.py ``_engine_step``) on one rank: the request
+    whose scores went NaN gets ``GenerationFailed`` (a 500 with the engine's reason), the one beside
+    it its tokens, and the engine is kept (no fresh one: nothing else in the batch is lost)."""
+    from concurrent.futures import Future
+
+    from serving.deepspeed_worker import ClusterView, Frontend, _engine_step
+    from serving.errors import GenerationFailed, error_response
+    from serving.spec import DeepSpeedSpec
+
+    marker, healthy = poisoned_cases(model)
+    spec = DeepSpeedSpec(
+        app_name="lm", model_uri="models:/lm/1", model_name="lm", model_version="1", tracking_uri="sqlite:///x.db",
+        registry_uri="sqlite:///x.db", flavor="transformers", tp_size=1,
+    )  # fmt: skip
+    frontend = Frontend(spec, ClusterView(spec, world_size=1))
+    engine = Engine(Faulty(model, marker), max_tokens_in_flight=4096)
+    (prompt, max_tokens), sequences = healthy[0], {}
+    adds = [("r1", prompt, max_tokens, {}), ("r2", [4, 5, marker], 6, {"temperature": 8.1e-296})]
+    futures = {request_id: frontend.sequences.setdefault(request_id, Future()) for request_id, *_ in adds}
+    while adds or sequences:
+        assert _engine_step(engine, None, sequences, adds, [], frontend) is engine
+        adds = []
+    assert futures["r1"].result(timeout=0)[0] == alone(model, prompt, max_tokens)
+    with pytest.raises(GenerationFailed, match="r2 failed at token 1: the model's next-token scores hold NaN"):
+        futures["r2"].result(timeout=0)
+    status, body = error_response(futures["r2"].exception())
+    assert status == 500
+    assert b"it ended alone, the rest of its batch was not affected" in body
+    assert frontend.view.engine["error"] == 1
