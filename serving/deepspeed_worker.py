@@ -33,6 +33,7 @@ from serving._protocol import encode_predictions, parse_body
 from serving.dist_env import DistEnv, DistEnvError, discover, network_exports, rendezvous_url, route_source
 from serving.errors import (
     BadRequest,
+    GenerationFailed,
     NotFound,
     NotReady,
     RequestTimeout,
@@ -362,6 +363,8 @@ class Frontend:
                 if text is not None:  # held back while it could be the start of a stop string
                     event["text"] = text.add(value)
                 yield sse(event)
+            elif kind == "error":  # the engine's reason, then its end ("error")
+                yield sse({"error": {"message": value, "code": "generation_failed"}})
             else:
                 if text is not None and (rest := text.flush()):
                     yield sse({"text": rest})
@@ -647,11 +650,12 @@ def _step_loop(env: DistEnv, spec: DeepSpeedSpec, model: Any, state: RankState, 
 
     A plan is one broadcast: a command (a forward pass, or a tick when idle), the generation
     requests that join the engine's batch, and those cancelled. Every rank then runs the same
-    engine step, so a decoding step costs one collective round for the whole batch.
+    engine step, so a decoding step costs one collective round for the whole batch (and one
+    broadcast of its tokens, rank 0's, which every rank goes on with).
     """
     import torch.distributed as dist
 
-    engine = model.engine() if model.can_generate and spec.batching else None
+    engine = _engine(model) if model.can_generate and spec.batching else None
     if frontend is not None and engine is not None:
         frontend.attach(engine)
     sequences: dict[str, Any] = {}
@@ -717,6 +721,25 @@ def _drain(commands: queue.Queue[Any], wait_s: float) -> list[Any]:
         return items
 
 
+def _engine(model: Any) -> Any:
+    """The engine every rank runs. With several ranks each step's tokens are rank 0's (one small
+    broadcast after sampling): whether a sequence fails, and which token each one takes, is rank
+    0's decision on every rank, so scores a rounding apart cannot split the ranks' batches."""
+    import torch.distributed as dist
+
+    engine = model.engine()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        engine.agree = _rank_0s_tokens
+    return engine
+
+
+def _rank_0s_tokens(tokens: Any) -> Any:
+    import torch.distributed as dist
+
+    dist.broadcast(tokens, src=0)
+    return tokens
+
+
 def _engine_step(
     engine: Any,
     model: Any,
@@ -746,7 +769,7 @@ def _engine_step(
             if future is not None and not future.done():
                 future.set_exception(e)
         sequences.clear()
-        return model.engine()
+        return _engine(model)
     if frontend is not None:
         frontend.view.engine = {"running": engine.running, "waiting": engine.waiting, **engine.finished}
     for request_id in [r for r, seq in sequences.items() if seq.done]:
@@ -755,6 +778,8 @@ def _engine_step(
         if future is not None and not future.done():
             if seq.finish_reason == "cancelled":
                 future.cancel()
+            elif seq.finish_reason == "error":  # this sequence alone: the others are answered as usual
+                future.set_exception(GenerationFailed(seq.error or f"{request_id} failed; see rank 0's log"))
             else:
                 future.set_result((seq.tokens, ((seq.finished_at or 0) - seq.arrived) * 1000))
     return engine

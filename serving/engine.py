@@ -18,8 +18,16 @@ own KV cache rows; one forward pass per step decodes one token for every running
   and a seed (a ``torch.Generator`` per sequence, so the same seed gives the same tokens
   whatever else runs in the batch); ``max_tokens``; stop strings (with a ``decode`` function);
   the model's end-of-sequence ids.
+  A ``temperature`` below ``GREEDY_BELOW`` (1e-5, as vLLM) is greedy: dividing by a tinier one
+  overflows the scores.
 - **Streaming and cancellation.** Each ``Sequence`` has a queue of events (``("token", id)``,
   then ``("end", reason)``); ``cancel()`` frees its slot at the next step.
+- **A request fails alone.** A sequence whose next-token scores are not finite, or whose sampling
+  raises, ends with reason ``"error"`` (an ``("error", message)`` event before its end) and leaves
+  the batch; the other rows go on as if it had never been there. A forward pass that raises
+  cannot be laid on one sequence: the sequences in it end with ``"error"``, and the engine goes on
+  serving. ``agree`` (optional) makes every rank of a tensor-parallel group take the same tokens
+  and failures (rank 0's), so the ranks' batches never diverge.
 
 The engine knows nothing of HTTP, Prefect or ranks: the servers drive ``step()`` (or
 ``start()`` a thread that does) and a tensor-parallel module is used like any other.
@@ -28,6 +36,7 @@ The engine knows nothing of HTTP, Prefect or ranks: the servers drive ``step()``
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import queue
 import threading
@@ -41,6 +50,9 @@ from typing import Any
 import torch
 
 _IDS = itertools.count()
+GREEDY_BELOW = 1e-5  # a temperature below this is greedy (vLLM's _SAMPLING_EPS)
+FAILED = -1  # the token of a sequence that failed, in what ``agree`` sees
+_log = logging.getLogger("nodewise.engine")
 
 
 class SamplingError(ValueError):
@@ -53,7 +65,8 @@ class BudgetError(ValueError):
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How one request's tokens are chosen. ``temperature`` 0 is greedy (the default)."""
+    """How one request's tokens are chosen. ``temperature`` 0 (or anything below ``GREEDY_BELOW``)
+    is greedy, the default."""
 
     max_tokens: int = 16
     temperature: float = 0.0
@@ -83,7 +96,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+        return self.temperature < GREEDY_BELOW or self.top_k == 1
 
 
 @dataclass(eq=False)
@@ -95,7 +108,8 @@ class Sequence:
     id: str = field(default_factory=lambda: f"seq-{next(_IDS)}")
     tokens: list[int] = field(default_factory=list)
     text: str | None = None  # set when stop strings are checked (what the client gets)
-    finish_reason: str | None = None  # "stop" | "length" | "cancelled"
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
+    error: str | None = None  # why it failed, when finish_reason is "error"
     events: queue.Queue[tuple[str, Any]] = field(default_factory=queue.Queue)
     arrived: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
@@ -103,6 +117,7 @@ class Sequence:
     finished_at: float | None = None
     cancelled: bool = False
     generator: torch.Generator | None = None
+    held: int = 0  # tokens of the engine's budget it holds while admitted
 
     @property
     def done(self) -> bool:
@@ -140,7 +155,10 @@ class Engine:
         max_batch: int = 64,
         decode: Callable[[list[int]], str] | None = None,
         device: str | torch.device = "cpu",
+        agree: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
+        """``agree`` takes a step's chosen tokens (``FAILED`` for a sequence that failed) and returns
+        the ones every rank goes on with: a tensor-parallel group passes rank 0's broadcast."""
         if max_tokens_in_flight < 2:
             raise ValueError(f"max_tokens_in_flight={max_tokens_in_flight} must be at least 2")
         self.module = module
@@ -149,6 +167,7 @@ class Engine:
         self.max_batch = max_batch
         self.decode = decode
         self.device = torch.device(device)
+        self.agree = agree
         self._lock = threading.Condition()
         self._waiting: deque[Sequence] = deque()
         self._rows: list[Sequence] = []  # the batch, in cache row order
@@ -247,13 +266,21 @@ class Engine:
 
     # -- one step ---------------------------------------------------------------------------------
     def step(self) -> None:
-        """Drop cancelled sequences, admit what fits, prefill the newcomers, decode one token for all."""
-        self._drop([i for i, s in enumerate(self._rows) if s.cancelled], "cancelled")
-        admitted = self._admit()
-        if admitted:
-            self._prefill(admitted)
-        if self._rows:
-            self._decode()
+        """Drop cancelled sequences, admit what fits, prefill the newcomers, decode one token for all.
+
+        Never raises: a sequence that fails ends alone (``"error"``), a forward pass that fails
+        ends the sequences it held, and what is queued is served at the next steps."""
+        admitted: list[Sequence] = []
+        try:
+            self._drop([i for i, s in enumerate(self._rows) if s.cancelled], "cancelled")
+            admitted = self._admit()
+            if admitted:
+                self._prefill(admitted)
+            if self._rows:
+                self._decode()
+        except Exception as e:  # the batch's bookkeeping itself: end what runs, keep the queue
+            _log.exception("engine step %d failed; the sequences in it end", self.steps)
+            self._fail_rows(f"the engine's step failed ({type(e).__name__}); see the server log", admitted)
         self.steps += 1
 
     def _admit(self) -> list[Sequence]:
@@ -270,6 +297,7 @@ class Engine:
                     break  # first come, first served: the head waits for room
                 self._waiting.popleft()
                 self._held += need
+                head.held = need
                 admitted.append(head)
         return admitted
 
@@ -285,11 +313,19 @@ class Engine:
             pad = torch.tensor(pads, device=self.device)[:, None]
             span = torch.arange(width, device=self.device)[None, :]
             kwargs = {"attention_mask": (span >= pad).long(), "position_ids": (span - pad).clamp(min=0)}
-        out = self.module(input_ids=ids, use_cache=True, logits_to_keep=1, **kwargs)
-        logits = out.logits[:, -1]
-        staying = [i for i, seq in enumerate(seqs) if not self._append(seq, self._sample(seq, logits[i]))]
+        try:
+            out = self.module(input_ids=ids, use_cache=True, logits_to_keep=1, **kwargs)
+        except Exception as e:  # one pass for every newcomer: none of them can be told apart
+            _log.exception("prefill of %s failed", [s.id for s in seqs])
+            for seq in seqs:
+                self._release(seq)
+                self._finish(seq, "error", _forward_failed(e, len(seqs)))
+            return
+        staying = [i for i, done in enumerate(self._advance(seqs, out.logits[:, -1])) if not done]
+        for seq in (s for i, s in enumerate(seqs) if i not in staying):
+            self._release(seq)  # done on its first token (or failed): it never joins the batch
         if not staying:
-            return  # all done on their first token: none joins the batch
+            return
         keys = [layer.keys for layer in out.cache.layers]
         values = [layer.values for layer in out.cache.layers]
         if len(staying) < len(seqs):
@@ -308,11 +344,15 @@ class Engine:
         mask = (torch.arange(length + 1, device=self.device)[None, :] >= pads[:, None]).long()
         positions = (length - pads)[:, None]
         cache = DynamicCache(ddp_cache_data=list(zip(self._keys, self._values, strict=True)))
-        out = self.module(input_ids=last, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
+        try:
+            out = self.module(input_ids=last, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
+        except Exception as e:  # one pass for the whole batch: no row can be told apart
+            _log.exception("decode step %d failed; its %d sequences end", self.steps, rows)
+            self._fail_rows(_forward_failed(e, rows))
+            return
         self._keys = [layer.keys for layer in out.cache.layers]
         self._values = [layer.values for layer in out.cache.layers]
-        logits = out.logits[:, -1]
-        finished = [i for i in range(rows) if self._append(self._rows[i], self._sample(self._rows[i], logits[i]))]
+        finished = [i for i, done in enumerate(self._advance(self._rows, out.logits[:, -1])) if done]
         self._drop(finished, None)
 
     # -- the batch cache ------------------------------------------------------------------------
@@ -343,8 +383,7 @@ class Engine:
             seq = self._rows[i]
             if reason is not None:
                 self._finish(seq, reason)
-            with self._lock:
-                self._held -= len(seq.prompt) + seq.params.max_tokens
+            self._release(seq)
         leaving = set(indices)
         keep = [i for i in range(len(self._rows)) if i not in leaving]
         if not keep:
@@ -357,11 +396,64 @@ class Engine:
         self._rows = [self._rows[i] for i in keep]
         self._pads = [self._pads[i] - trim for i in keep]
 
+    def _release(self, seq: Sequence) -> None:
+        """Give back the budget an admitted sequence held (once)."""
+        with self._lock:
+            self._held -= seq.held
+            seq.held = 0
+
+    def _fail_rows(self, message: str, admitted: Seq[Sequence] = ()) -> None:
+        """End every running sequence (and ``admitted``) with ``message``; empty the batch cache."""
+        for seq in [*self._rows, *admitted]:
+            self._release(seq)
+            if not seq.done:
+                self._finish(seq, "error", message)
+        self._rows, self._pads, self._keys, self._values = [], [], [], []
+
     # -- tokens -----------------------------------------------------------------------------------
+    def _advance(self, seqs: list[Sequence], logits: torch.Tensor) -> list[bool]:
+        """Each sequence's next token from its row of ``logits`` (``[rows, vocab]``); whether each
+        is done now. One whose token cannot be chosen, or whose text cannot be checked, ends alone."""
+        failures: dict[int, str] = {}
+        # one pass over the batch for what is not finite, and for every greedy row's token
+        nan_or_inf = (torch.isnan(logits) | torch.isposinf(logits)).any(dim=-1).tolist()
+        none_finite = (~torch.isfinite(logits).any(dim=-1)).tolist()
+        greedy = torch.argmax(logits, dim=-1).tolist()
+        chosen = []
+        for i, seq in enumerate(seqs):
+            try:
+                if nan_or_inf[i] or none_finite[i]:
+                    kind = "NaN or +inf" if nan_or_inf[i] else "only -inf"
+                    raise _NotFinite(f"the model's next-token scores hold {kind}")
+                chosen.append(greedy[i] if seq.params.greedy else self._sample(seq, logits[i]))
+            except Exception as e:
+                failures[i] = _failure(seq, e)
+                chosen.append(FAILED)
+        if self.agree is not None:  # every rank goes on with the same tokens and failures
+            agreed = self.agree(torch.tensor(chosen, dtype=torch.long, device=self.device)).tolist()
+            for i, token in enumerate(agreed):
+                if token == FAILED and i not in failures:
+                    failures[i] = f"{seqs[i].id} failed at token {len(seqs[i].tokens) + 1} on rank 0"
+                elif token != FAILED:
+                    failures.pop(i, None)
+            chosen = agreed
+        done = []
+        for i, seq in enumerate(seqs):
+            if i in failures:
+                self._finish(seq, "error", failures[i])
+                done.append(True)
+                continue
+            try:
+                done.append(self._append(seq, chosen[i]))
+            except Exception as e:  # the stop strings' decode: this sequence's text alone
+                self._finish(seq, "error", _failure(seq, e))
+                done.append(True)
+        return done
+
     def _sample(self, seq: Sequence, logits: torch.Tensor) -> int:
+        """A token drawn from ``logits`` as ``seq``'s parameters say; ``_NotFinite`` when the
+        probabilities are not (a model's scores this steep at this temperature)."""
         params = seq.params
-        if params.greedy:
-            return int(torch.argmax(logits).item())
         scores = logits.float() / params.temperature
         if params.top_k and params.top_k < scores.shape[-1]:
             cut = torch.topk(scores, params.top_k).values[-1]
@@ -372,6 +464,9 @@ class Engine:
             outside = cumulative - torch.softmax(ordered, dim=-1) >= params.top_p  # keep the first that crosses
             scores = scores.masked_fill(torch.zeros_like(outside).scatter(0, order, outside), -math.inf)
         probs = torch.softmax(scores, dim=-1)
+        # checked here: multinomial on a GPU asserts on the device (every request then fails), not raises
+        if not bool(torch.isfinite(probs).all()) or not float(probs.sum()) > 0:
+            raise _NotFinite(f"the sampling probabilities are not finite at temperature={params.temperature}")
         return int(torch.multinomial(probs, 1, generator=seq.generator).item())
 
     def _append(self, seq: Sequence, token: int) -> bool:
@@ -401,11 +496,36 @@ class Engine:
             return True
         return False
 
-    def _finish(self, seq: Sequence, reason: str) -> None:
+    def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
         self.finished[reason] = self.finished.get(reason, 0) + 1
         seq.finish_reason = reason
         seq.finished_at = time.monotonic()
+        if error is not None:
+            seq.error = error
+            seq.events.put(("error", error))
         seq.events.put(("end", reason))
+
+
+class _NotFinite(ArithmeticError):
+    """A sequence's scores or probabilities hold NaN or infinities."""
+
+
+def _failure(seq: Sequence, error: Exception) -> str:
+    """The one line a client is told about its sequence's failure (the cause is logged)."""
+    at = f"{seq.id} failed at token {len(seq.tokens) + 1}"
+    if isinstance(error, _NotFinite):
+        _log.warning("%s: %s", at, error)
+        return f"{at}: {error}; it ended alone, the rest of its batch was not affected"
+    _log.error("%s", at, exc_info=error)
+    first = (str(error).strip().splitlines() or [""])[0][:200]
+    return f"{at} ({type(error).__name__}: {first}); it ended alone, the rest of its batch was not affected"
+
+
+def _forward_failed(error: Exception, count: int) -> str:
+    return (
+        f"the model's forward pass failed ({type(error).__name__}) for the {count} sequence(s) it held, this one "
+        "among them; the server goes on serving: retry, or see the server log"
+    )
 
 
 def _pad_left(tensor: torch.Tensor, width: int) -> torch.Tensor:

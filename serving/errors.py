@@ -5,7 +5,8 @@ Used by the Ray Serve app (``serving/app.py``), DeepSpeed's rank 0 (``serving/de
 and the webhook receiver (``tasks/triggers/webhook_server.py``). Errors are matched by
 ``isinstance`` (a subclass keeps its parent's status), as KServe's ``errors.py`` and its one
 handler table do. Anything that is not a ``ProtocolError`` is a bug: 500 with a request id that
-the server logs beside the traceback, never the exception's text.
+the server logs beside the traceback, never the exception's text. A ``ProtocolError`` that is a
+500 (``GenerationFailed``) keeps its message: it was written for the client.
 """
 
 from __future__ import annotations
@@ -76,6 +77,13 @@ class NotReady(ProtocolError):
         super().__init__("; ".join(self.problems))
 
 
+class GenerationFailed(ProtocolError, RuntimeError):
+    """The engine could not finish this request's sequence (500, with the reason: its scores went
+    NaN, its forward pass failed); the requests beside it in the batch are answered as usual."""
+
+    status, code = 500, "GENERATION_FAILED"
+
+
 class RequestTimeout(ProtocolError, TimeoutError):
     """The computation did not finish in time (504)."""
 
@@ -102,7 +110,7 @@ def error_response(error: BaseException, log: Any = None, where: str = "the serv
     records it with its traceback (the body never carries the exception's text, only ``where`` it
     is logged)."""
     status, code = status_for(error)
-    if status != 500:
+    if isinstance(error, ProtocolError):
         return status, error_body(code, str(error))
     request_id = uuid.uuid4().hex[:12]
     if log is not None:

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from serving.errors import BadRequest, NotFound, RequestTimeout, encode_json, error_response
+from serving.errors import BadRequest, GenerationFailed, NotFound, RequestTimeout, encode_json, error_response
 
 Kind = Literal["completion", "chat"]
 Events = Iterator[tuple[str, Any]]
@@ -347,11 +347,14 @@ def _held(text: str, stops: tuple[str, ...]) -> int:
 
 
 def collect(events: Events) -> tuple[list[int], str]:
-    """The tokens and the finish reason of one sequence's events."""
+    """The tokens and the finish reason of one sequence's events; ``GenerationFailed`` with the
+    engine's reason when the sequence failed."""
     tokens: list[int] = []
     for kind, value in events:
         if kind == "token":
             tokens.append(value)
+        elif kind == "error":  # the engine's one line on why, just before its end
+            raise GenerationFailed(value)
         elif value == "error":
             raise RuntimeError("the engine's step failed (every sequence in it ended)")
         else:
@@ -376,7 +379,7 @@ def response(request: GenerationRequest, results: list[tuple[list[int], str]], d
 def stream(request: GenerationRequest, events: Events, decode: Decode) -> Iterator[bytes]:
     """Server-Sent Events for one prompt: a chunk per piece of text, the finish reason, the usage
     when asked for (``stream_options.include_usage``), then ``data: [DONE]``. An engine failure
-    mid-stream is an ``error`` event (the ``openai`` client raises it)."""
+    mid-stream is an ``error`` event with the engine's reason (the ``openai`` client raises it)."""
     text = TextStream(decode, request.stops)
     count = 0
     if request.kind == "chat":
@@ -389,6 +392,9 @@ def stream(request: GenerationRequest, events: Events, decode: Decode) -> Iterat
                 if piece:
                     yield _chunk(request, _delta(request, piece), None)
                 continue
+            if kind == "error":
+                yield sse({"error": {"message": value, "type": "server_error", "code": "generation_failed"}})
+                return
             if value == "error":
                 yield sse({"error": {"message": "the generation failed; see the server log", "type": "server_error"}})
                 return

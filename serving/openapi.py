@@ -38,6 +38,7 @@ SCORING_REQUEST = {
 }
 
 
+_GREEDY = "0 (the default) and anything below 1e-05 are greedy"
 _TEXTS = {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]}
 GENERATE_REQUEST = {
     "type": "object",
@@ -45,8 +46,8 @@ GENERATE_REQUEST = {
         "prompt": _TEXTS,
         "input_ids": {"type": "array", "items": {"type": "array", "items": {"type": "integer"}}},
         "max_new_tokens": {"type": "integer", "minimum": 1},
-        # sampling (serving/engine.py's SamplingParams); temperature 0 is greedy
-        "temperature": {"type": "number", "minimum": 0, "maximum": 100},
+        # sampling (serving/engine.py's SamplingParams)
+        "temperature": {"type": "number", "minimum": 0, "maximum": 100, "description": _GREEDY},
         "top_p": {"type": "number", "minimum": 0, "exclusiveMinimum": True, "maximum": 1},
         "top_k": {"type": "integer", "minimum": 0},
         "seed": {"type": "integer", "nullable": True},
@@ -152,7 +153,7 @@ _OPENAI_ERROR = {
 }
 _SAMPLING = {
     "max_tokens": {"type": "integer", "minimum": 1, "nullable": True},
-    "temperature": {"type": "number", "minimum": 0, "maximum": 100, "nullable": True},
+    "temperature": {"type": "number", "minimum": 0, "maximum": 100, "nullable": True, "description": _GREEDY},
     "top_p": {"type": "number", "minimum": 0, "exclusiveMinimum": True, "maximum": 1, "nullable": True},
     "top_k": {"type": "integer", "minimum": -1, "nullable": True},
     "seed": {"type": "integer", "nullable": True},

@@ -136,3 +136,24 @@ def check_over_budget_waits(api: openai.OpenAI, model: str, budget: int) -> None
     with ThreadPoolExecutor(5) as pool:
         together = list(pool.map(lambda p: complete(api, model, p, False, 80), prompts))
     assert together == alone
+
+
+def check_a_tiny_temperature_leaves_its_batch_alone(endpoint: str, model: str) -> None:
+    """The fuzzer's case: ``temperature=8.1e-296`` passed validation, made the sampling
+    probabilities NaN and failed every request in its batch (500s). Sent at once with healthy greedy
+    requests: every answer is a 200, and each is what its prompt gets alone (below 1e-5 is greedy)."""
+
+    def one(prompt: str, temperature: float | None = None) -> str:
+        body = {"model": model, "prompt": prompt, "max_tokens": 12}
+        if temperature is not None:
+            body["temperature"] = temperature
+        answer = httpx.post(f"{endpoint}/v1/completions", json=body, timeout=120)
+        assert answer.status_code == 200, answer.text
+        return answer.json()["choices"][0]["text"]
+
+    alone = {p: one(p) for p in PROMPTS[:6]}
+    with ThreadPoolExecutor(8) as pool:
+        tiny = [pool.submit(one, p, 8.1e-296) for p in PROMPTS[:2]]
+        healthy = [pool.submit(one, p) for p in PROMPTS[:6]]
+        assert [f.result() for f in healthy] == [alone[p] for p in PROMPTS[:6]]
+        assert [f.result() for f in tiny] == [alone[p] for p in PROMPTS[:2]]

@@ -292,6 +292,34 @@ def test_the_openai_client_works_against_rank_0(deployed: object) -> None:
     assert rank_pids(endpoint) == pids
 
 
+def test_a_request_with_a_tiny_temperature_leaves_its_batch_mates_alone(deployed: object) -> None:
+    """The fuzzer's case on rank 0: ``"temperature": 8.1e-296`` (NaN probabilities, then) failed the
+    two requests batched with it too. Now it is greedy, and it and its neighbours all get 200 and
+    what they get alone, on ``/generate`` and on the OpenAI route alike; every rank stays up."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.integration import openai_checks as check
+
+    endpoint = deployed.endpoint  # type: ignore[attr-defined]
+    pids = rank_pids(endpoint)
+
+    def generate(prompt: list[int], **sampling: float) -> list[int]:
+        body = {"input_ids": [prompt], "max_new_tokens": 12, **sampling}
+        answer = httpx.post(f"{endpoint}/generate", json=body, timeout=120)
+        assert answer.status_code == 200, answer.text
+        return answer.json()["output_ids"][0]
+
+    prompts = [[(5 * i + j) % 90 + 3 for j in range(3 + i)] for i in range(5)]
+    alone = [generate(p) for p in prompts]
+    with ThreadPoolExecutor(6) as pool:
+        tiny = pool.submit(generate, prompts[0], temperature=8.1e-296)
+        together = list(pool.map(generate, prompts))
+        assert tiny.result() == alone[0]
+    assert together == alone
+    check.check_a_tiny_temperature_leaves_its_batch_alone(endpoint, "tiny-llama")
+    assert rank_pids(endpoint) == pids
+
+
 @pytest.mark.parametrize(
     ("path", "body", "status", "message"),
     [

@@ -66,6 +66,14 @@ def test_the_openai_client_works_against_the_replica(deployed: object) -> None:
     assert alone["hello nodewise"][0] == tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
 
+def test_a_request_with_a_tiny_temperature_leaves_its_batch_mates_alone(deployed: object) -> None:
+    """The fuzzer's ``"temperature": 8.1e-296`` among healthy requests to one replica: all 200, each
+    what it gets alone (the same engine as DeepSpeed's ranks: below 1e-5 is greedy)."""
+    check.check_a_tiny_temperature_leaves_its_batch_alone(deployed.endpoint, "tiny-llama")  # type: ignore[attr-defined]
+    health = httpx.get(f"{deployed.endpoint}/health", timeout=30).json()  # type: ignore[attr-defined]
+    assert "error" not in health["engine"]  # no sequence ended with an error
+
+
 def test_requests_over_the_token_budget_wait_then_complete(deployed: object) -> None:
     check.check_over_budget_waits(check.client(deployed.endpoint), "tiny-llama", ROWS * 128)  # type: ignore[attr-defined]
     health = httpx.get(f"{deployed.endpoint}/health", timeout=30).json()  # type: ignore[attr-defined]

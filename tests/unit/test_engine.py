@@ -167,3 +167,178 @@ def test_the_engine_thread_serves_requests_as_they_come(model) -> None:
             assert seq.wait(timeout=60).tokens == alone(model, prompt, 6)
     finally:
         engine.stop()
+
+
+class Faulty:
+    """Fault injection: the real model, but the rows whose last input token is ``marker`` get
+    ``fill`` as their logits (NaN: a model whose numbers overflow on one input), and the next
+    forward pass of the kind named in ``fail_next`` ("prefill" or "decode") raises. A test double
+    for one row's logits and one pass, around the real forward."""
+
+    def __init__(self, module, marker: int, fill: float = float("nan")) -> None:
+        self.module, self.marker, self.fill = module, marker, fill
+        self.generation_config = module.generation_config
+        self.fail_next: str | None = None
+
+    def __call__(self, *, input_ids, **kwargs):
+        kind = "prefill" if "cache" not in kwargs else "decode"
+        if self.fail_next == kind:
+            self.fail_next = None
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        out = self.module(input_ids=input_ids, **kwargs)
+        out.logits[input_ids[:, -1] == self.marker] = self.fill
+        return out
+
+
+def poisoned_cases(model) -> tuple[int, list[tuple[list[int], int]]]:
+    """A marker token the healthy prompts never meet, and the healthy (prompt, max_tokens) pairs."""
+    marker = alone(model, [9, 8, 7], 8)[2]  # [9, 8, 7] makes it as its third token
+    healthy = [(p, 6 + i) for i, p in enumerate(prompts(6))]
+    assert all(marker not in [p[-1], *alone(model, p, m)] for p, m in healthy)  # else pick another
+    return marker, healthy
+
+
+def test_a_poisoned_request_fails_alone_and_its_batch_mates_get_what_they_get_alone(model) -> None:
+    """Among healthy concurrent requests: one with NaN scores at its first token (prefill), one at
+    its fourth (decode, a running row leaves the batch), a sampled one whose scores overflow at
+    its temperature, and the fuzzer's temperature=8.1e-296 (greedy now). Each poisoned one ends
+    alone with a clear error; every other gets token for token what it gets alone."""
+    marker, healthy = poisoned_cases(model)
+    engine = Engine(Faulty(model, marker), max_tokens_in_flight=4096)
+    seqs = [engine.add(p, SamplingParams(max_tokens=m)) for p, m in healthy[:3]]
+    at_prefill = engine.add([4, 5, marker], SamplingParams(max_tokens=8))
+    at_decode = engine.add([9, 8, 7], SamplingParams(max_tokens=8))
+    tiny = engine.add([9, 8, 6], SamplingParams(max_tokens=8, temperature=8.1e-296))
+    seeded = SamplingParams(max_tokens=10, temperature=0.8, top_p=0.9, seed=5)
+    sampled = engine.add([3, 4, 5], seeded)
+    engine.step()
+    seqs += [engine.add(p, SamplingParams(max_tokens=m)) for p, m in healthy[3:]]  # join mid-way
+    run(engine)
+    assert [s.tokens for s in seqs] == [alone(model, p, m) for p, m in healthy]
+    assert at_prefill.finish_reason == "error"
+    assert at_prefill.tokens == []
+    assert re.fullmatch(
+        rf"{at_prefill.id} failed at token 1: the model's next-token scores hold NaN or \+inf; it ended alone, "
+        "the rest of its batch was not affected",
+        at_prefill.error,
+    )
+    assert (at_decode.finish_reason, at_decode.tokens) == ("error", alone(model, [9, 8, 7], 3))
+    assert f"{at_decode.id} failed at token 4: the model's next-token scores hold NaN" in at_decode.error
+    assert tiny.finish_reason == "length"
+    assert tiny.tokens == alone(model, [9, 8, 6], 8)  # below 1e-5 is greedy
+    solo = Engine(model, max_tokens_in_flight=4096)
+    again = solo.add([3, 4, 5], seeded)
+    run(solo)
+    assert sampled.tokens == again.tokens  # a sampled batch-mate draws what it draws alone
+    events = list(at_decode.events.queue)
+    assert events[-2:] == [("error", at_decode.error), ("end", "error")]
+    assert engine.finished["error"] == 2
+    assert engine._held == 0  # every admitted sequence gave its budget back, the failed ones too
+
+
+def test_a_sampled_request_whose_probabilities_overflow_fails_alone(model) -> None:
+    """Finite scores too steep for the temperature: their probabilities are NaN, which torch's
+    multinomial refuses (and asserts on, on a GPU). That sequence ends; a greedy one with the same
+    scores takes the top token."""
+    marker, healthy = poisoned_cases(model)
+    engine = Engine(Faulty(model, marker, fill=3e38), max_tokens_in_flight=4096)
+    steep = engine.add([4, 5, marker], SamplingParams(max_tokens=4, temperature=2e-5, seed=1))
+    greedy = engine.add([4, 5, marker], SamplingParams(max_tokens=1))
+    mates = [engine.add(p, SamplingParams(max_tokens=m)) for p, m in healthy[:2]]
+    run(engine)
+    assert steep.finish_reason == "error"
+    assert "the sampling probabilities are not finite at temperature=2e-05" in steep.error
+    assert (greedy.finish_reason, greedy.tokens) == ("length", [0])  # every score equal: the first
+    assert [s.tokens for s in mates] == [alone(model, p, m) for p, m in healthy[:2]]
+    assert engine._held == 0  # one done at its first token gave its budget back
+
+
+def test_a_failed_forward_pass_ends_its_sequences_and_the_engine_thread_serves_on(model) -> None:
+    """A forward pass that raises cannot be laid on one row. A failed prefill ends the newcomers
+    alone (the running rows go on as if alone); a failed decode ends every running row. The
+    engine's thread stays up and serves the requests that come later."""
+    marker, healthy = poisoned_cases(model)
+    faulty = Faulty(model, marker)
+    engine = Engine(faulty, max_tokens_in_flight=4096)
+    running = [engine.add(p, SamplingParams(max_tokens=m)) for p, m in healthy[:2]]
+    engine.step()
+    faulty.fail_next = "prefill"
+    newcomer = engine.add(healthy[2][0], SamplingParams(max_tokens=4))
+    run(engine)
+    assert newcomer.finish_reason == "error"
+    assert newcomer.error == (
+        "the model's forward pass failed (RuntimeError) for the 1 sequence(s) it held, this one among them; "
+        "the server goes on serving: retry, or see the server log"
+    )
+    assert [s.tokens for s in running] == [alone(model, p, m) for p, m in healthy[:2]]
+    engine.start()
+    try:
+        faulty.fail_next = "decode"
+        caught = [engine.add(p, SamplingParams(max_tokens=m)) for p, m in healthy[:3]]
+        for seq in caught:
+            assert seq.wait(timeout=60).finish_reason == "error"
+            assert "forward pass failed (RuntimeError) for the 3 sequence(s)" in seq.error
+        later = [engine.add(p, SamplingParams(max_tokens=m)) for p, m in healthy[3:]]
+        assert [s.wait(timeout=60).tokens for s in later] == [alone(model, p, m) for p, m in healthy[3:]]
+        assert engine._thread is not None
+        assert engine._thread.is_alive()
+        assert engine._held == 0
+    finally:
+        engine.stop()
+
+
+def test_every_rank_goes_on_with_rank_0s_tokens_and_failures(model) -> None:
+    """Two engines step in lockstep as two ranks do; ``agree`` hands rank 1 rank 0's choices (the
+    broadcast the DeepSpeed worker makes). A row poisoned on rank 0 alone fails on both; one
+    poisoned on rank 1 alone goes on with rank 0's tokens: the two batches never diverge."""
+    marker, healthy = poisoned_cases(model)
+    sent: list[torch.Tensor] = []
+    rank0 = Engine(Faulty(model, marker), max_tokens_in_flight=4096, agree=lambda t: sent.append(t) or t)
+    rank1 = Engine(Faulty(model, marker + 1), max_tokens_in_flight=4096, agree=lambda t: sent.pop(0))
+    cases = [*healthy[:2], ([4, 5, marker], 5), ([4, 5, marker + 1], 5)]
+    pairs = [tuple(e.add(p, SamplingParams(max_tokens=m)) for e in (rank0, rank1)) for p, m in cases]
+    while rank0.has_work():
+        rank0.step()
+        rank1.step()
+        assert [s.tokens for s in rank0._rows] == [s.tokens for s in rank1._rows]
+    assert not rank1.has_work()
+    assert [(a.tokens, a.finish_reason) for a, _ in pairs] == [(b.tokens, b.finish_reason) for _, b in pairs]
+    assert pairs[2][1].error == f"{pairs[2][1].id} failed at token 1 on rank 0"
+    assert pairs[3][0].finish_reason == "length"  # rank 1's NaN row: rank 0 answered it, rank 1 followed
+
+
+@pytest.mark.parametrize(("temperature", "greedy"), [(0, True), (8.1e-296, True), (9.9e-6, True), (1e-5, False)])
+def test_a_temperature_below_1e_5_is_greedy(temperature: float, greedy: bool) -> None:
+    assert SamplingParams(temperature=temperature).greedy is greedy
+
+
+def test_rank_0_answers_a_failed_sequence_with_its_reason_and_its_batch_mates_as_usual(model) -> None:
+    """DeepSpeed's step (serving/deepspeed_worker.py ``_engine_step``) on one rank: the request
+    whose scores went NaN gets ``GenerationFailed`` (a 500 with the engine's reason), the one beside
+    it its tokens, and the engine is kept (no fresh one: nothing else in the batch is lost)."""
+    from concurrent.futures import Future
+
+    from serving.deepspeed_worker import ClusterView, Frontend, _engine_step
+    from serving.errors import GenerationFailed, error_response
+    from serving.spec import DeepSpeedSpec
+
+    marker, healthy = poisoned_cases(model)
+    spec = DeepSpeedSpec(
+        app_name="lm", model_uri="models:/lm/1", model_name="lm", model_version="1", tracking_uri="sqlite:///x.db",
+        registry_uri="sqlite:///x.db", flavor="transformers", tp_size=1,
+    )  # fmt: skip
+    frontend = Frontend(spec, ClusterView(spec, world_size=1))
+    engine = Engine(Faulty(model, marker), max_tokens_in_flight=4096)
+    (prompt, max_tokens), sequences = healthy[0], {}
+    adds = [("r1", prompt, max_tokens, {}), ("r2", [4, 5, marker], 6, {"temperature": 8.1e-296})]
+    futures = {request_id: frontend.sequences.setdefault(request_id, Future()) for request_id, *_ in adds}
+    while adds or sequences:
+        assert _engine_step(engine, None, sequences, adds, [], frontend) is engine
+        adds = []
+    assert futures["r1"].result(timeout=0)[0] == alone(model, prompt, max_tokens)
+    with pytest.raises(GenerationFailed, match="r2 failed at token 1: the model's next-token scores hold NaN"):
+        futures["r2"].result(timeout=0)
+    status, body = error_response(futures["r2"].exception())
+    assert status == 500
+    assert b"it ended alone, the rest of its batch was not affected" in body
+    assert frontend.view.engine["error"] == 1

@@ -8,7 +8,7 @@ import pytest
 
 from nodewise.cli.demo import char_tokenizer
 from serving import openai_api
-from serving.errors import NotReady, RequestTimeout
+from serving.errors import GenerationFailed, NotReady, RequestTimeout
 from serving.openai_api import InvalidParameter, Limits, ModelNotFound, TextStream, parse_request
 
 LIMITS = Limits(model="m", default_max_tokens=16, max_new_tokens=64, max_prompts=4, max_positions=128, vocab_size=98)
@@ -154,3 +154,24 @@ def test_a_whole_answer_cuts_at_the_stop_string_and_counts_usage(tokenizer) -> N
     assert [c["finish_reason"] for c in body["choices"]] == ["stop", "length"]
     assert body["usage"]["completion_tokens"] == 6
     assert body["object"] == "text_completion"
+
+
+def test_a_sequence_the_engine_failed_is_a_500_with_its_reason_in_openais_shape(tokenizer) -> None:
+    """The engine's one line on why a sequence failed reaches its client: the status and body of a
+    whole answer, or the error event of a stream (a bug elsewhere still hides its text)."""
+    reason = "seq-7 failed at token 4: the model's next-token scores hold NaN or +inf; it ended alone"
+    failed = [("token", 5), ("error", reason), ("end", "error")]
+    with pytest.raises(GenerationFailed) as caught:
+        openai_api.collect(iter(failed))
+    status, raw = openai_api.openai_error(caught.value, lambda rid, e: pytest.fail("nothing to hide"))
+    assert status == 500
+    assert json.loads(raw)["error"] == {
+        "message": reason,
+        "type": "server_error",
+        "param": None,
+        "code": "generation_failed",
+    }
+    request = parse_request("completion", {"prompt": "hi", "stream": True}, LIMITS, tokenizer)
+    lines = [c.decode() for c in openai_api.stream(request, iter(failed), decode_with(tokenizer))]
+    assert json.loads(lines[-1][len("data: ") :])["error"]["message"] == reason
+    assert "[DONE]" not in lines[-1]
