@@ -170,9 +170,9 @@ def settings_page() -> str:
             if names[-1] in tags:
                 description += f" *Per model:* `{prefix}{names[-1]}`."
             env = "NODEWISE_" + "__".join(n.upper() for n in names)
-            rows.append([f"`{'.'.join(names)}`", f"`{env}`", type_name, _default(field, names[-1]), description])
+            rows.append([f"`{'.'.join(names)}`<br>`{env}`", type_name, _default(field, names[-1]), description])
             count += 1
-        out.append(_table(["setting", "environment variable", "type", "default", "description"], rows) + "\n")
+        out.append(_table(["setting and environment variable", "type", "default", "description"], rows) + "\n")
     out.insert(2, f"{count} settings in {len(sections) - 1} sections.\n\n")
     return "".join(out).rstrip() + "\n"
 
@@ -368,12 +368,34 @@ def _llm_serving(record: dict[str, Any]) -> list[str]:
 def _summary(record: dict[str, Any]) -> list[str]:
     out = []
     for table in record.get("tables", []):
-        out += [f"{table['title'].rstrip('.')}:\n\n", _table(table["columns"], table["rows"]) + "\n"]
+        title = table["title"].rstrip(".")
+        out += [f"{title[:1].upper() + title[1:]}:\n\n", _table(table["columns"], table["rows"]) + "\n"]
     out += [f"- {v}\n" for v in record.get("verdicts", [])]
     return [*out, "\n"]
 
 
 RENDERERS: dict[str, Callable[[dict[str, Any]], list[str]]] = {"llm_serving": _llm_serving}
+# What a reader evaluating nodewise asks first; benchmarks not named here follow, by name.
+ORDER = (
+    "serve_throughput",
+    "llm_serving",
+    "demo_startup",
+    "upgrade_under_load",
+    "autoscale",
+    "faults",
+    "promotion_latency",
+    "deepspeed_cluster",
+    "multihost",
+    "profile_accuracy",
+    "gpu_profile",
+    "fuzz",
+    "exposure",
+    "image_run",
+)
+
+
+def _reading_order(name: str) -> tuple[int, str]:
+    return (ORDER.index(name) if name in ORDER else len(ORDER), name)
 
 
 def results_page() -> str:
@@ -403,7 +425,7 @@ def results_page() -> str:
         )
         + "\n"
     )
-    for benchmark, runs in sorted(newest.items()):
+    for benchmark, runs in sorted(newest.items(), key=lambda item: _reading_order(item[0])):
         first = runs[0]
         out.append(f"## {benchmark.replace('_', '-')}\n\n{_script_summary(benchmark)}\n\n")
         command = first.get("command") or f".venv/bin/python benchmarks/{benchmark}.py"

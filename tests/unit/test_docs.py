@@ -53,7 +53,7 @@ def test_every_setting_is_documented() -> None:
         nested = [f.annotation for f in model.model_fields.values()]
         return sum(count(a) if isinstance(a, type) and issubclass(a, BaseModel) else 1 for a in nested)
 
-    assert page.count("| `NODEWISE_") == count(Settings)
+    assert page.count("<br>`NODEWISE_") == count(Settings)
 
 
 def test_the_site_builds_strictly(tmp_path: Path) -> None:
