@@ -115,7 +115,9 @@ class RaySettings(_Section):
         ge=78643200,
         description="Object store size of the local instance (Ray's minimum is 75 MiB).",
     )
-    start_timeout_s: PositiveFloat = Field(default=90.0)
+    start_timeout_s: PositiveFloat = Field(
+        default=90.0, description="How long starting the local instance (`ray start`) may take."
+    )
     max_added_nodes: NonNegativeInt = Field(
         default=0,
         description="Node autoscaling of the local instance: how many worker nodes Ray's own autoscaler may "
@@ -150,7 +152,9 @@ class ServeSettings(_Section):
     """Defaults for Ray Serve deployments; the placement plan may override them."""
 
     host: str = Field(default="127.0.0.1", description="Address Serve's HTTP proxy binds to.")
-    port: PositiveInt = Field(default=8000, le=65535)
+    port: PositiveInt = Field(
+        default=8000, le=65535, description="Serve's HTTP port (every model's route prefix is on it)."
+    )
     replicas: PositiveInt | None = Field(
         default=None,
         description="A fixed number of replicas (no autoscaling) when set. Default: autoscale between "
@@ -170,10 +174,16 @@ class ServeSettings(_Section):
     target_ongoing_requests: PositiveFloat = Field(
         default=4.0,
         description="Autoscaling target: requests in flight per replica (a batching replica takes up to "
-        "max_ongoing_requests; see benchmarks/README for the measurement behind 4).",
+        "max_ongoing_requests; docs/benchmarks/history.md has the measurement behind 4).",
     )
-    upscale_delay_s: Annotated[float, Field(ge=0.0)] = 5.0
-    downscale_delay_s: Annotated[float, Field(ge=0.0)] = 60.0
+    upscale_delay_s: Annotated[float, Field(ge=0.0)] = Field(
+        default=5.0, description="Autoscaling: how long the load stays above the target before Serve adds a replica."
+    )
+    downscale_delay_s: Annotated[float, Field(ge=0.0)] = Field(
+        default=60.0,
+        description="Autoscaling: how long the load stays below the target before Serve removes a replica "
+        "(with min_replicas 0, how long a model idles before it scales to zero).",
+    )
     look_back_period_s: PositiveFloat = Field(
         default=12.0,
         description="Autoscaling: the window Serve averages requests in flight over (Ray's default is 30 s). "
@@ -188,7 +198,9 @@ class ServeSettings(_Section):
     max_ongoing_requests: PositiveInt = Field(
         default=32, description="Requests one replica takes at once (Ray's default of 5 collapses under load)."
     )
-    max_batch_size: PositiveInt = Field(default=32)
+    max_batch_size: PositiveInt = Field(
+        default=32, description="Rows (or prompts) batched into one forward pass (`@serve.batch`; the engine's batch)."
+    )
     batch_wait_timeout_s: Annotated[float, Field(ge=0.0, le=10.0)] = Field(
         default=0.0,
         description="How long a batch waits to fill. 0: a batch takes the requests that queued while "
@@ -205,7 +217,10 @@ class ServeSettings(_Section):
         description="RSS past which the watchdog restarts a replica (alone). "
         "Default: twice the planned memory of one replica, and at least that plus 1 GiB.",
     )
-    ready_timeout_s: PositiveFloat = Field(default=180.0)
+    ready_timeout_s: PositiveFloat = Field(
+        default=180.0,
+        description="How long a deploy (or the watchdog's restart) waits for the Serve app's replicas to run.",
+    )
     cold_start_timeout_s: PositiveFloat = Field(
         default=60.0,
         description="How long a request waits for a replica when none is up (a model scaled to zero, "
@@ -217,7 +232,7 @@ class ServeSettings(_Section):
         description="haproxy: Ray Serve's HAProxy in front of replicas that take HTTP themselves "
         "(least-connections routing, no Python proxy hop); proxy: Ray Serve's default Python proxy. "
         "Applies to the local Ray nodewise starts; start an existing cluster with the same "
-        "RAY_SERVE_* variables (see the README).",
+        "RAY_SERVE_* variables (docs/how-to/several-machines.md).",
     )
     throughput_optimized: bool = Field(
         default=True,
@@ -308,7 +323,7 @@ class WatchdogSettings(_Section):
     backoff_s: Annotated[float, Field(ge=0.0)] = Field(
         default=10.0, description="Wait after a restart before the next one; doubles with each restart in the window."
     )
-    backoff_max_s: Annotated[float, Field(ge=0.0)] = 300.0
+    backoff_max_s: Annotated[float, Field(ge=0.0)] = Field(default=300.0, description="The longest backoff_s grows to.")
     error_window_s: PositiveFloat = Field(
         default=60.0, le=600.0, description="The window a Ray Serve replica's error rate is measured over."
     )
@@ -320,14 +335,18 @@ class WatchdogSettings(_Section):
 class SmokeSettings(_Section):
     """The smoke test that follows every deploy."""
 
-    rtol: PositiveFloat = 1e-4
-    atol: PositiveFloat = 1e-5
+    rtol: PositiveFloat = Field(
+        default=1e-4, description="Relative tolerance between the endpoint's answer and the model's own output."
+    )
+    atol: PositiveFloat = Field(
+        default=1e-5, description="Absolute tolerance between the endpoint's answer and the model's own output."
+    )
     reference_max_bytes: PositiveInt = Field(
         default=2 * 1024**3,
         description="Largest model the flow loads itself to compare outputs; above it the smoke "
         "test only checks that the endpoint answers with the right shape.",
     )
-    timeout_s: PositiveFloat = 30.0
+    timeout_s: PositiveFloat = Field(default=30.0, description="Deadline of the smoke test's request.")
 
 
 class PlacementSettings(_Section):
@@ -344,8 +363,8 @@ class TriggersSettings(_Section):
         default=None, description="The MLflow webhook's secret; the receiver refuses to start without one."
     )
     max_age_s: PositiveFloat = Field(default=300.0, description="Older (or future) deliveries are refused (401).")
-    receiver_host: str = "127.0.0.1"
-    receiver_port: PositiveInt = Field(default=8765, le=65535)
+    receiver_host: str = Field(default="127.0.0.1", description="Address the webhook receiver binds to.")
+    receiver_port: PositiveInt = Field(default=8765, le=65535, description="Port of the webhook receiver.")
     prefect_port: PositiveInt = Field(default=4200, le=65535, description="`nodewise up`'s Prefect server.")
     mlflow_port: PositiveInt = Field(default=5000, le=65535, description="`nodewise up`'s MLflow server.")
     webhook_events: list[str] = Field(
@@ -387,9 +406,11 @@ class RolloutSettings(_Section):
         description="Shadow agreement per row: class (same argmax or label), allclose (rtol/atol), "
         "distance (mean |a-b| <= max_distance).",
     )
-    rtol: Annotated[float, Field(ge=0.0)] = 1e-3
-    atol: Annotated[float, Field(ge=0.0)] = 1e-5
-    max_distance: Annotated[float, Field(ge=0.0)] = 0.1
+    rtol: Annotated[float, Field(ge=0.0)] = Field(default=1e-3, description="compare=allclose: relative tolerance.")
+    atol: Annotated[float, Field(ge=0.0)] = Field(default=1e-5, description="compare=allclose: absolute tolerance.")
+    max_distance: Annotated[float, Field(ge=0.0)] = Field(
+        default=0.1, description="compare=distance: the largest mean |a-b| per row that agrees."
+    )
     min_requests: PositiveInt = Field(
         default=200, description="Challenger calls (per canary step) before the decision is taken."
     )
@@ -426,7 +447,12 @@ IMAGE_REFERENCE = re.compile(
 class KubernetesSettings(_Section):
     """The Kubernetes target: where manifests go and what they run."""
 
-    namespace: str = Field(default="default", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=63)
+    namespace: str = Field(
+        default="default",
+        pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
+        max_length=63,
+        description="Namespace of the rendered manifests (and of what `render --apply` applies and watches).",
+    )
     image: str = Field(
         default=f"nodewise:{__version__}",
         description="Image every pod runs (deployments/image, scripts/build-image.sh tags nodewise:VERSION): "
@@ -442,7 +468,10 @@ class KubernetesSettings(_Section):
         "MLFLOW_TRACKING_URI with its password, MLFLOW_TRACKING_USERNAME/PASSWORD/TOKEN, AWS_*... "
         "Rendered manifests name it, never a value; required when the tracking URI carries a password.",
     )
-    serve_throughput_optimized: bool = True
+    serve_throughput_optimized: bool = Field(
+        default=True,
+        description="Ray Serve's throughput-optimized mode in the RayService pods (RAY_SERVE_THROUGHPUT_OPTIMIZED).",
+    )
     allow_local: bool = Field(
         default=False,
         description="Render (and promote to Kubernetes) even though the tracking URI or a model's artifacts "
