@@ -222,6 +222,15 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="Machine-readabl
             typer.echo(f"  rollout ({r['phase']}): {r['summary']}; last decision: {r['last_decision'] or 'none yet'}")
         if row.get("last_rollout"):
             typer.echo(f"  last rollout: {row['last_rollout']}")
+        if row.get("traffic"):
+            typer.echo(f"  {_traffic(row['traffic'])}")
+
+
+def _traffic(t: dict[str, Any]) -> str:
+    """One line of a deployment's live figures (tasks/metrics/live.py)."""
+    p99 = "no request yet" if t["p99_s"] is None else f"p99 {t['p99_s'] * 1000:.0f} ms ({t['p99_over']})"
+    where = f"{t['answering']} of {t['targets']} metrics endpoints answered"
+    return f"traffic: {t['requests_per_s']:.1f} req/s, {p99}; watchdog restarts: {t['restarts']}; {where}"
 
 
 @contextlib.contextmanager

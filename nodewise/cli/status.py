@@ -83,6 +83,12 @@ def deployment_status(settings: Settings) -> dict[str, Any]:
         for r in load_records(settings.state.k8s_records).values()
     ]
     _add_rollouts(settings, rows)
+    from tasks.metrics.live import live_figures
+
+    live = live_figures(settings) if rows else {}
+    for row in rows:
+        if row["app"] in live:
+            row["traffic"] = live[row["app"]]
     from tasks.watchdog.engine import last_actions
     from tasks.watchdog.replicas import cluster_nodes
 

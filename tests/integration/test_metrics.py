@@ -238,6 +238,14 @@ def test_a_killed_replica_is_replaced_counted_and_its_target_follows(
     eventually(prometheus, counted, 1)
     eventually(prometheus, 'nodewise_deployment_state{app="tiny-llama", state="serving"}', 1)
     eventually(prometheus, 'nodewise_restart_budget_remaining{app="tiny-llama"}', settings.watchdog.max_restarts)
+    # nodewise status reads the same endpoints: its live line for the app
+    from nodewise.cli.status import deployment_status
+
+    rows = {r["app"]: r for r in deployment_status(settings)["deployments"]}
+    traffic = rows[SERVED]["traffic"]
+    assert (traffic["restarts"], traffic["targets"], traffic["answering"]) == (1, 2, 2)
+    assert traffic["p99_s"] is not None  # since start: the traffic of the earlier test
+    assert rows[SHARDED]["traffic"]["answering"] == 1
 
 
 def test_every_dashboard_panel_returns_data_and_the_alert_rules_load(settings: Settings, prometheus: str) -> None:

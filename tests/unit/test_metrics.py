@@ -252,3 +252,58 @@ def test_targets_follow_replicas_and_deployments(settings: Settings) -> None:
     write_json(settings.state.records, {"lm": lm.model_dump(mode="json")})
     targets.refresh(settings)
     assert sorted(targets.read_targets(settings)) == ["control/control.json", "serving/lm.json"]
+
+
+def test_quantile_interpolates_as_prometheus_does() -> None:
+    from tasks.metrics.live import quantile
+
+    buckets = {0.1: 50.0, 0.2: 90.0, 0.5: 100.0, float("inf"): 100.0}
+    assert quantile(0.5, buckets) == pytest.approx(0.1)
+    assert quantile(0.7, buckets) == pytest.approx(0.15)
+    assert quantile(0.99, buckets) == pytest.approx(0.47)
+    assert quantile(0.99, {0.1: 0.0, float("inf"): 0.0}) is None
+
+
+def test_status_figures_come_from_the_targets_over_a_window(settings: Settings) -> None:
+    import threading
+
+    from tasks.metrics.live import live_figures
+
+    busy, idle = ServingMetrics("busy", "1", "ray_serve"), ServingMetrics("idle", "1", "deepspeed_mpi")
+    idle.observe("/generate", 200, 0.3)  # before the window: its p99 is the one since start
+    servers = [serve_metrics(m, "127.0.0.1") for m in (busy, idle)]
+    targets.write_serve_targets(settings, _record("busy", "ray_serve", "http://x"), {"r1": servers[0][0]})
+    targets.write_deepspeed_target(settings, _record("idle", "deepspeed_mpi", "http://x"), f"http://{servers[1][0]}")
+    counts.bump(
+        settings.state.prometheus / "counts.json",
+        "watchdog_actions",
+        {"app": "busy", "kind": "replica_replaced", "cause": "exited"},
+    )
+    stop = threading.Event()
+
+    def traffic() -> None:
+        while not stop.wait(0.01):
+            busy.observe("/invocations", 200, 0.02)
+            busy.observe("/ping", 200, 5.0)  # a health check is not traffic
+
+    sender = threading.Thread(target=traffic)
+    sender.start()
+    try:
+        figures = live_figures(settings, window_s=0.5)
+    finally:
+        stop.set()
+        sender.join()
+        for _, stop_server in servers:
+            stop_server()
+    assert figures["busy"]["requests_per_s"] > 5
+    assert figures["busy"]["p99_s"] == pytest.approx(0.025, abs=0.001)  # inside the 10-25 ms bucket
+    assert figures["busy"]["p99_over"].startswith("the last")
+    assert figures["busy"]["restarts"] == 1
+    assert figures["idle"] == {
+        "requests_per_s": 0.0,
+        "p99_s": pytest.approx(0.5 - 0.25 * 0.01, abs=0.01),
+        "p99_over": "since start",
+        "restarts": 0,
+        "targets": 1,
+        "answering": 1,
+    }
