@@ -181,6 +181,44 @@ def hf_static(model_dir: Path, prompts: list[list[int]], batch: int, new_tokens:
     return {"batch": batch, "output_tokens_per_s": round(produced / wall, 1)}
 
 
+def metrics_cost(resolved: Any, settings: Any, run_levels: Any, levels: list[int]) -> dict[str, Any]:
+    """Rank 0 (batching, TP=2) with its metrics on and off, in turn (on, off, on, off): whole answers
+    and streamed ones; the ratio of the medians of each pair's tokens/s and streamed TTFT p99."""
+    from tasks.mpi.launcher import launch, stop_cluster, wait_ready
+
+    runs: dict[str, list[dict[str, Any]]] = {"on": [], "off": []}
+    for metrics in (True, False, True, False):
+        spec = bench_spec(resolved, settings, host="127.0.0.1").model_copy(update={"metrics": metrics})
+        cluster = launch(spec, ["localhost", "localhost"], 1, settings)
+        wait_ready(cluster, 900)
+        key = "on" if metrics else "off"
+        runs[key].append(
+            {
+                "whole": run_levels(f"metrics_{key}", cluster.endpoint, False),
+                "streamed": run_levels(f"metrics_{key}_streamed", cluster.endpoint, True),
+            }
+        )
+        stop_cluster(settings, "bench")
+    top = max(levels)
+
+    def median(key: str, kind: str, field: str) -> float:
+        values = sorted(next(r[field] for r in run[kind] if r["clients"] == top) for run in runs[key])
+        return (values[0] + values[-1]) / 2
+
+    return {
+        "metrics_runs": runs,
+        f"metrics_on_vs_off_tokens_per_s_x_c{top}": round(
+            median("on", "whole", "output_tokens_per_s") / median("off", "whole", "output_tokens_per_s"), 3
+        ),
+        f"metrics_on_vs_off_streamed_tokens_per_s_x_c{top}": round(
+            median("on", "streamed", "output_tokens_per_s") / median("off", "streamed", "output_tokens_per_s"), 3
+        ),
+        f"metrics_on_vs_off_ttft_p99_x_c{top}": round(
+            median("on", "streamed", "ttft_p99_ms") / median("off", "streamed", "ttft_p99_ms"), 3
+        ),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--concurrency", default="1,4,16")
@@ -189,6 +227,11 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--no-serve", action="store_true", help="skip the Ray Serve replica")
+    parser.add_argument(
+        "--metrics-cost",
+        action="store_true",
+        help="only rank 0 with metrics on and off, alternating twice (the issue 31 figure: on >= 0.97x off)",
+    )
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
 
@@ -237,6 +280,17 @@ def main() -> None:
             print(json.dumps({mode: row}), file=sys.stderr, flush=True)
         return rows
 
+    if args.metrics_cost:
+        try:
+            result.update(metrics_cost(resolved, settings, run_levels, levels))
+        finally:
+            from nodewise.cli.status import stop_everything
+
+            stop_cluster(settings, "bench")
+            stop_everything(settings)
+            shutil.rmtree(state, ignore_errors=True)
+        print(json.dumps(result))
+        return
     try:
         for mode, batching in (("batching", True), ("serial", False)):
             spec = bench_spec(resolved, settings, host="127.0.0.1").model_copy(update={"batching": batching})

@@ -49,6 +49,7 @@ LEVERS = {
     "no-batching": {"NODEWISE_SERVE__MAX_BATCH_SIZE": "1"},
     "batch-wait-5ms": {"NODEWISE_SERVE__BATCH_WAIT_TIMEOUT_S": "0.005"},
     "max-ongoing-5": {"NODEWISE_SERVE__MAX_ONGOING_REQUESTS": "5"},
+    "no-metrics": {"NODEWISE_METRICS__ENABLED": "false"},  # what the metrics cost (issue 31: on >= 0.97x off)
 }
 
 
@@ -202,6 +203,11 @@ def main() -> None:
         summary["nodewise_ge_handwritten_every_c"] = all(
             nw[f"c{c}"]["rps"] >= hw[f"c{c}"]["rps"] for c in concurrencies
         )
+    off = results.get("nodewise-no-metrics", {})
+    if all(f"c{c}" in nw and f"c{c}" in off for c in concurrencies):
+        summary["metrics_on_vs_off_rps_x"] = {
+            f"c{c}": round(nw[f"c{c}"]["rps"] / off[f"c{c}"]["rps"], 3) for c in concurrencies
+        }
     print(json.dumps(summary))
 
 
