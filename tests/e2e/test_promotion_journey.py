@@ -31,12 +31,13 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def pipeline() -> Iterator[tuple[Path, dict[str, str], str, str]]:
     state, env = user_environment("nw-up-")
-    base = free_port_block(3)
+    base = free_port_block(4)
     env.update(
         {
             "NODEWISE_TRIGGERS__PREFECT_PORT": str(base),
             "NODEWISE_TRIGGERS__MLFLOW_PORT": str(base + 1),
             "NODEWISE_TRIGGERS__RECEIVER_PORT": str(base + 2),
+            "NODEWISE_METRICS__EXPORTER_PORT": str(base + 3),
         }
     )
     mlflow = f"http://127.0.0.1:{base + 1}"
@@ -136,6 +137,14 @@ def test_promotions_deploy_the_newest_and_a_broken_version_leaves_the_previous_s
         time.sleep(1)
     assert [e["payload"]["version"] for e in events] == [broken]
     assert events[0]["payload"]["still_serving"] == v3
+    # `nodewise up`'s exporter: the promotion's duration and the deployment's state, from the state folder
+    scraped = httpx.get(f"http://127.0.0.1:{env['NODEWISE_METRICS__EXPORTER_PORT']}/metrics", timeout=30).text
+    serving = 'app="nodewise-digits",backend="ray_serve",model="nodewise-digits",state="serving"'
+    assert f"nodewise_deployment_state{{{serving}}} 1.0" in scraped
+    assert 'nodewise_promotion_duration_seconds{model="nodewise-digits"}' in scraped
+    targets = json.loads((state / "prometheus" / "targets" / "serving" / "nodewise-digits.json").read_text())
+    assert targets
+    assert all(g["labels"]["app"] == "nodewise-digits" for g in targets)
 
 
 def test_a_job_that_exits_runs_the_watchdog_at_once_through_prefect_yamls_trigger(
