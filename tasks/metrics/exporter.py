@@ -10,7 +10,7 @@ rewrites the scrape targets that need no cluster call (tasks/metrics/targets.py)
 A deployment's state: ``failed`` (the watchdog's budget ran out), ``degraded`` (the watchdog's last
 word), ``scaled_to_zero`` (a Ray Serve app with ``min_replicas`` 0 and no replica running at the last
 pass), ``down`` (its endpoint does not answer ``/ping`` within a second, or its mpirun exited), else
-``serving``.
+``serving``. A deployment on Kubernetes (``render --apply``) is as the watchdog last judged its pods.
 """
 
 from __future__ import annotations
@@ -93,6 +93,11 @@ class ControlPlaneCollector(Collector):
         records = load_records(s.state.records)
         watch = read_json(s.state.watchdog).get("apps", {})
         states = {app: deployment_state(s, r, watch.get(app, {})) for app, r in records.items()}
+        # what `render --apply` put on Kubernetes: as the watchdog last judged its pods (no probe from here)
+        for app, r in load_records(s.state.k8s_records).items():
+            w = watch.get(app, {})
+            records[app] = r
+            states[app] = "failed" if w.get("failed") else "degraded" if w.get("degraded") else "serving"
         yield _family(
             "nodewise_deployment_state",
             [
