@@ -127,8 +127,7 @@ def test_replicas_follow_a_load_step_up_and_back_down_with_no_request_lost(setti
 
     from nodewise.cli.status import deployment_status
     from tasks.watchdog.engine import watch_once
-
-    from .steady import SteadyClient
+    from tests.support import LoadClient
 
     name, version = registered_with_serve_tags(
         settings, "digits-autoscaled", min_replicas=1, max_replicas=2, target_ongoing_requests=1,
@@ -160,7 +159,7 @@ def test_replicas_follow_a_load_step_up_and_back_down_with_no_request_lost(setti
     body = json.dumps({"inputs": x_test[:1].tolist()}).encode()
     [row] = [r for r in deployment_status(settings)["deployments"] if r["app"] == record.app_name]
     assert row["autoscaling"] == {"min_replicas": 1, "max_replicas": 2}
-    with SteadyClient(f"{record.endpoint}/invocations", body, workers=4) as load:
+    with LoadClient(f"{record.endpoint}/invocations", body, workers=4) as load:
         up_s = wait_for(2, 90, watch=True)
         time.sleep(2)  # both serve
         assert [a for a in watch_once(settings) if a.app == record.app_name] == []

@@ -19,9 +19,9 @@ from nodewise.cli.demo import digits_split
 from nodewise.cli.status import deployment_status
 from nodewise.core.settings import Settings
 from tests.flows import deploy_model
+from tests.support import LoadClient
 
 from .conftest import module_settings, registered_with_serve_tags
-from .steady import SteadyClient
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,7 @@ def test_a_load_step_adds_a_ray_node_for_the_replica_that_does_not_fit_and_idle_
     head = before["alive"][0]["node_id"]
     _, _, x_test, _ = digits_split()
     body = json.dumps({"inputs": x_test[:1].tolist()}).encode()
-    with SteadyClient(f"{record.endpoint}/invocations", body, workers=6) as load:
+    with LoadClient(f"{record.endpoint}/invocations", body, workers=6) as load:
         up_s = wait_for("3 replicas running", lambda: [state(r) for r in replicas()].count("RUNNING") == 3)
         during = nodes()
         assert len(during["alive"]) == 2

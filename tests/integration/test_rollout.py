@@ -29,10 +29,10 @@ from nodewise.core.settings import Settings
 from tasks.records import get_record
 from tasks.rollout import store
 from tests.flows import decide_rollouts, deploy_model, start_rollout
+from tests.support import LoadClient
 
 from .conftest import module_settings
 from .models import FailsOnLarge, TimesIt, register_pyfunc
-from .steady import SteadyClient
 
 NAME = "rolled"
 ROOT = Path(__file__).resolve().parents[2]
@@ -154,7 +154,7 @@ def test_a_like_challenger_gets_its_canary_share_advances_and_is_promoted_with_n
     assert tags_of(v4)["nodewise.rollout.share_used"] == "0.6"
     share = send(champion, n)[v4] / n
     assert abs(share - 0.6) < 0.12, share
-    with SteadyClient(f"{champion}/invocations", SMALL) as client:
+    with LoadClient(f"{champion}/invocations", SMALL) as client:
         time.sleep(1)
         assert decide_rollouts(settings=settings) == [f"{NAME}: promoted version {v4}"]
         time.sleep(1)

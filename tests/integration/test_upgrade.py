@@ -14,9 +14,9 @@ from nodewise.core.errors import DeployFailed
 from nodewise.core.settings import Settings
 from tasks.records import get_record
 from tests.flows import deploy_model
+from tests.support import LoadClient
 
 from .conftest import module_settings
-from .steady import SteadyClient
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def test_upgrade_under_a_steady_client_loses_no_request(settings: Settings) -> N
     v1 = register_demo_model(root)
     first = deploy_model(f"models:/{v1.name}/{v1.version}", settings=settings)
     v2 = register_demo_model(root, retrain=True)
-    with SteadyClient(f"{first.endpoint}/invocations", body()) as client:
+    with LoadClient(f"{first.endpoint}/invocations", body()) as client:
         time.sleep(2)
         second = deploy_model(f"models:/{v2.name}/{v2.version}", settings=settings)
         deadline = time.monotonic() + 60
@@ -59,7 +59,7 @@ def test_a_failed_upgrade_rolls_back_and_the_old_version_keeps_serving(settings:
     assert current is not None
     # A broken version of the same registered model.
     broken = register_pyfunc(BrokenOnLoad(), "nodewise-digits", str(settings.state.artifacts))
-    with SteadyClient(f"{current.endpoint}/invocations", body()) as client:
+    with LoadClient(f"{current.endpoint}/invocations", body()) as client:
         with pytest.raises(DeployFailed, match=r"this model cannot load.*rolled back"):
             deploy_model(broken, settings=settings)
         time.sleep(2)

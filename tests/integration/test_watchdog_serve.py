@@ -21,10 +21,10 @@ import pytest
 from nodewise.core.settings import Settings
 from tasks.records import DeploymentRecord
 from tests.flows import deploy_model
+from tests.support import LoadClient
 
 from .conftest import module_settings
 from .models import FaultOnFlag, register_pyfunc
-from .steady import SteadyClient
 
 BODY = json.dumps({"inputs": [[1.0, 2.0, 3.0]]}).encode()
 LIMIT = 900 * 2**20  # a pyfunc replica here holds ~300-450 MiB
@@ -97,7 +97,7 @@ def test_a_hung_replica_is_restarted_alone_and_the_endpoint_keeps_answering(
     settings: Settings, deployed: DeploymentRecord
 ) -> None:
     sick = next(iter(replicas(deployed.app_name).values()))
-    with SteadyClient(f"{deployed.endpoint}/invocations", BODY, workers=4) as client:
+    with LoadClient(f"{deployed.endpoint}/invocations", BODY, workers=4) as client:
         time.sleep(1)
         os.kill(sick["pid"], signal.SIGSTOP)
         action = restart_one(settings, deployed, sick)
