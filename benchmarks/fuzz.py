@@ -26,6 +26,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from tests.support import serve_replicas  # noqa: E402
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -79,13 +81,11 @@ def _timed(fuzz: Any) -> dict[str, Any]:
 
 def fuzz_serve(endpoint: str, examples: int) -> dict[str, Any]:
     import httpx
-    from ray.serve.context import _get_global_client
 
     from tests.fuzzing import fuzz_endpoint
 
     def replica_ids() -> list[str]:
-        app = _get_global_client().get_serve_details()["applications"]["nodewise-digits"]
-        return sorted(r["actor_id"] for r in app["deployments"]["ModelServer"]["replicas"])
+        return sorted(r["actor_id"] for r in serve_replicas("nodewise-digits"))
 
     before = replica_ids()
     report = _timed(lambda: fuzz_endpoint(f"{endpoint}/openapi.json", examples, raw_paths=("/invocations",)))

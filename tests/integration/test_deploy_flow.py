@@ -18,6 +18,7 @@ from nodewise.core.settings import Settings
 from tasks.records import load_records
 from tests.flows import deploy_model
 from tests.integration.conftest import registered_with_serve_tags
+from tests.support import serve_replicas
 
 from .models import BrokenOnLoad, DoubleIt, register_pyfunc, register_unservable
 
@@ -123,7 +124,6 @@ def test_replicas_follow_a_load_step_up_and_back_down_with_no_request_lost(setti
     step adds a replica, the end of the load removes it, and no request fails on the way. The
     watchdog, passing while the new replica starts, restarts nothing and reports nothing: a
     scale-up is not a sick replica."""
-    from ray.serve.context import _get_global_client
 
     from nodewise.cli.status import deployment_status
     from tasks.watchdog.engine import watch_once
@@ -136,10 +136,7 @@ def test_replicas_follow_a_load_step_up_and_back_down_with_no_request_lost(setti
     record = deploy_model(f"models:/{name}/{version}", settings=settings)
 
     def states() -> list[str]:
-        details = _get_global_client().get_serve_details()["applications"][record.app_name]
-        return [
-            str(getattr(r["state"], "value", r["state"])) for r in details["deployments"]["ModelServer"]["replicas"]
-        ]
+        return [r["state"] for r in serve_replicas(record.app_name)]
 
     def running() -> int:
         return states().count("RUNNING")
@@ -175,7 +172,6 @@ def test_a_model_scaled_to_zero_releases_its_replicas_and_answers_after_a_cold_s
     one replica, idling releases it, status says so without waking it, the watchdog restarts
     nothing, and a request then waits for a new replica. A client that will not wait that long
     (Serve's x-request-timeout-seconds) gets 503 with Retry-After, not an error page."""
-    from ray.serve.context import _get_global_client
 
     from tasks.watchdog.engine import watch_once
 
@@ -188,8 +184,7 @@ def test_a_model_scaled_to_zero_releases_its_replicas_and_answers_after_a_cold_s
     assert httpx.post(f"{record.endpoint}/invocations", content=body, timeout=30).status_code == 200
 
     def replicas() -> int:
-        details = _get_global_client().get_serve_details()["applications"][record.app_name]
-        return len(details["deployments"]["ModelServer"]["replicas"])
+        return len(serve_replicas(record.app_name))
 
     started = time.monotonic()
     while replicas() > 0:

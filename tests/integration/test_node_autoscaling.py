@@ -19,7 +19,7 @@ from nodewise.cli.demo import digits_split
 from nodewise.cli.status import deployment_status
 from nodewise.core.settings import Settings
 from tests.flows import deploy_model
-from tests.support import LoadClient
+from tests.support import LoadClient, serve_replicas
 
 from .conftest import module_settings, registered_with_serve_tags
 
@@ -37,8 +37,6 @@ def settings(prefect_harness: None) -> Iterator[Settings]:
 def test_a_load_step_adds_a_ray_node_for_the_replica_that_does_not_fit_and_idle_removes_it(
     settings: Settings,
 ) -> None:
-    from ray.serve.context import _get_global_client
-
     name, version = registered_with_serve_tags(
         settings, "digits-nodes", min_replicas=2, max_replicas=3, target_ongoing_requests=1,
         upscale_delay_s=0, downscale_delay_s=3,
@@ -50,11 +48,10 @@ def test_a_load_step_adds_a_ray_node_for_the_replica_that_does_not_fit_and_idle_
         return deployment_status(settings)["nodes"]
 
     def replicas() -> list[dict]:
-        details = _get_global_client().get_serve_details()["applications"][record.app_name]
-        return details["deployments"]["ModelServer"]["replicas"]
+        return serve_replicas(record.app_name)
 
     def state(replica: dict) -> str:
-        return str(getattr(replica["state"], "value", replica["state"]))
+        return replica["state"]
 
     def wait_for(what: str, done, timeout_s: float = 120) -> float:
         started = time.monotonic()

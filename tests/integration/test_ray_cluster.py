@@ -19,6 +19,7 @@ import pytest
 from nodewise.core.runtime import configure_process, serve_environment
 from nodewise.core.settings import Settings
 from tests.flows import deploy_model
+from tests.support import serve_replicas
 
 from .conftest import _SESSION_RAY_TOKEN, free_port_block, make_settings
 
@@ -89,7 +90,6 @@ def test_deploys_onto_an_existing_two_node_cluster_and_serves_from_both(
     two_node_cluster: tuple[str, Settings],
 ) -> None:
     import ray
-    from ray.serve.context import _get_global_client
 
     from nodewise.cli.demo import register_demo_model
     from tasks.rayserve.cluster import read_local_cluster
@@ -100,8 +100,7 @@ def test_deploys_onto_an_existing_two_node_cluster_and_serves_from_both(
     assert read_local_cluster(settings) is None  # nodewise started no Ray of its own
     nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
     assert len(nodes) == 2
-    details = _get_global_client().get_serve_details()
-    replicas = details["applications"][record.app_name]["deployments"]["ModelServer"]["replicas"]
+    replicas = serve_replicas(record.app_name)
     assert [r["state"] for r in replicas] == ["RUNNING", "RUNNING"]
     assert {r["node_id"] for r in replicas} == nodes  # one replica on each node
     for _ in range(20):

@@ -21,7 +21,7 @@ import pytest
 from nodewise.core.settings import Settings
 from tasks.records import DeploymentRecord
 from tests.flows import deploy_model
-from tests.support import LoadClient
+from tests.support import LoadClient, running_replicas
 
 from .conftest import module_settings
 from .models import FaultOnFlag, register_pyfunc
@@ -53,10 +53,7 @@ def deployed(settings: Settings, flags: Path) -> DeploymentRecord:
 
 def replicas(app: str) -> dict[str, dict]:
     """RUNNING replicas by actor id."""
-    from ray.serve.context import _get_global_client
-
-    details = _get_global_client().get_serve_details()["applications"][app]["deployments"]["ModelServer"]
-    return {r["actor_id"]: r for r in details["replicas"] if str(getattr(r["state"], "value", r["state"])) == "RUNNING"}
+    return running_replicas(app)
 
 
 def answers(endpoint: str) -> bool:
