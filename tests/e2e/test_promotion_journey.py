@@ -24,6 +24,7 @@ import pytest
 
 from tests.e2e.test_cli_journey import NODEWISE, remove_state, user_environment
 from tests.integration.conftest import free_port_block
+from tests.support import read_events, wait_for_events
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -86,15 +87,6 @@ def wait_served(endpoint: str, version: str, timeout_s: float = 300) -> float:
     return time.monotonic() - started
 
 
-def failed_events(prefect_api: str) -> list[dict]:
-    answer = httpx.post(
-        f"{prefect_api}/events/filter",
-        json={"filter": {"event": {"name": ["nodewise.deploy.failed"]}}, "limit": 50},
-        timeout=10,
-    )
-    return answer.json()["events"]
-
-
 def promotions(state: Path) -> list[dict]:
     path = state / "promotions.json"
     return json.loads(path.read_text())["history"] if path.exists() else []
@@ -130,10 +122,8 @@ def test_promotions_deploy_the_newest_and_a_broken_version_leaves_the_previous_s
     [failure] = [p for p in promotions(state) if p["version"] == broken]
     assert failure["outcome"].startswith("failed: "), failure
     assert served(endpoint) == v3  # the previous version keeps serving
-    deadline = time.monotonic() + 60  # the run sends its event as it ends: give it a moment
-    while not (events := failed_events(prefect_api)):
-        assert time.monotonic() < deadline, "no nodewise.deploy.failed event reached Prefect"
-        time.sleep(1)
+    # The run sends its event as it ends: give it a moment.
+    events = wait_for_events(["nodewise.deploy.failed"], timeout_s=60, api_url=prefect_api)
     assert [e["payload"]["version"] for e in events] == [broken]
     assert events[0]["payload"]["still_serving"] == v3
 
@@ -185,13 +175,7 @@ def prefect_records(prefect_api: str) -> dict[str, str]:
         answer = httpx.post(f"{prefect_api}/{kind}/filter", json={"limit": 200}, timeout=30)
         assert answer.status_code == 200, answer.text
         texts[kind] = answer.text
-    events, page = [], httpx.post(f"{prefect_api}/events/filter", json={"limit": 50}, timeout=30).json()
-    while True:
-        events.extend(page["events"])
-        if not page.get("next_page"):
-            break
-        page = httpx.get(page["next_page"], timeout=30).json()
-    texts["events"] = json.dumps(events)
+    texts["events"] = json.dumps(read_events(api_url=prefect_api))
     return texts
 
 

@@ -23,6 +23,7 @@ from nodewise.core.settings import Settings
 from tests import hosts as netns
 from tests.integration.conftest import module_settings
 from tests.integration.lm import register_tiny_llama
+from tests.support import wait_for_events
 
 pytestmark = pytest.mark.multihost
 
@@ -219,22 +220,7 @@ def _watch_until_quiet(settings: Settings) -> list[Any]:
 
 def _exited_event(app: str, since: float, timeout_s: float = 15) -> dict[str, Any]:
     """The ``nodewise.cluster.exited`` event the supervisor posted, read back from Prefect's API."""
-    from datetime import UTC, datetime
-
-    from prefect.settings import PREFECT_API_URL
-
-    body = {
-        "filter": {
-            "event": {"name": ["nodewise.cluster.exited"]},
-            "occurred": {"since": datetime.fromtimestamp(since - 5, UTC).isoformat()},
-            "any_resource": {"id": [f"nodewise.deployment.{app}"]},
-        },
-        "limit": 10,
-    }
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        found = httpx.post(f"{PREFECT_API_URL.value()}/events/filter", json=body, timeout=10).json()
-        if found.get("events"):
-            return found["events"][0]
-        time.sleep(0.5)
-    raise AssertionError(f"no nodewise.cluster.exited event for {app} within {timeout_s} s")
+    found = wait_for_events(
+        ["nodewise.cluster.exited"], any_resource=f"nodewise.deployment.{app}", since=since - 5, timeout_s=timeout_s
+    )
+    return found[0]

@@ -21,7 +21,7 @@ import pytest
 from nodewise.core.settings import Settings
 from tasks.records import DeploymentRecord
 from tests.flows import deploy_model
-from tests.support import LoadClient, running_replicas
+from tests.support import LoadClient, running_replicas, wait_for_events
 
 from .conftest import module_settings
 from .models import FaultOnFlag, register_pyfunc
@@ -171,23 +171,6 @@ def test_a_replica_that_stays_sick_exhausts_the_budget_and_is_left_alone(
     assert watch_once(limited) == []  # left alone: nothing restarted
     assert set(replicas(deployed.app_name)) == ids
     assert deployment_status(settings)["watchdog"][-1]["event"] == "nodewise.deployment.failed"
-    seen = prefect_events(f"nodewise.deployment.{deployed.app_name}", ["nodewise.deployment.failed"])
-    assert seen[0].payload["cause"] == failed.cause
-    assert seen[0].payload["version"] == deployed.model_version
-
-
-def prefect_events(resource: str, names: list[str], timeout_s: float = 30) -> list:
-    """Events of ``resource`` named ``names``, read back from the Prefect API (they arrive asynchronously)."""
-    from prefect.client.orchestration import get_client
-    from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
-
-    deadline = time.monotonic() + timeout_s
-    with get_client(sync_client=True) as client:
-        while time.monotonic() < deadline:
-            # A fresh filter each time: its default window ends when it is made.
-            wanted = EventFilter(event=EventNameFilter(name=names), resource=EventResourceFilter(id=[resource]))
-            page = client.read_events(filter=wanted, limit=50)  # the server takes at most 50
-            if page.events:
-                return page.events
-            time.sleep(1)
-    raise AssertionError(f"no {names} event for {resource} reached the Prefect API in {timeout_s:.0f} s")
+    seen = wait_for_events(["nodewise.deployment.failed"], resource=f"nodewise.deployment.{deployed.app_name}")
+    assert seen[0]["payload"]["cause"] == failed.cause
+    assert seen[0]["payload"]["version"] == deployed.model_version
