@@ -18,8 +18,9 @@ import pytest
 
 from nodewise.core.runtime import configure_process, serve_environment
 from nodewise.core.settings import Settings
+from tasks.records import DeploymentRecord
 from tests.flows import deploy_model
-from tests.support import serve_replicas
+from tests.support import running_replicas, serve_replicas, wait_until
 
 from .conftest import _SESSION_RAY_TOKEN, free_port_block, make_settings
 
@@ -86,17 +87,25 @@ def two_node_cluster(prefect_harness: None) -> Iterator[tuple[str, Settings]]:
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def test_deploys_onto_an_existing_two_node_cluster_and_serves_from_both(
-    two_node_cluster: tuple[str, Settings],
-) -> None:
-    import ray
-
+@pytest.fixture(scope="module")
+def deployed(two_node_cluster: tuple[str, Settings]) -> DeploymentRecord:
+    """The demo model deployed onto the two-node cluster (two replicas)."""
     from nodewise.cli.demo import register_demo_model
-    from tasks.rayserve.cluster import read_local_cluster
 
     address, settings = two_node_cluster
     model = register_demo_model(str(settings.state.artifacts))
-    record = deploy_model(f"models:/{model.name}@champion", inventory=f"ray:{address}", settings=settings)
+    return deploy_model(f"models:/{model.name}@champion", inventory=f"ray:{address}", settings=settings)
+
+
+def test_deploys_onto_an_existing_two_node_cluster_and_serves_from_both(
+    two_node_cluster: tuple[str, Settings], deployed: DeploymentRecord
+) -> None:
+    import ray
+
+    from tasks.rayserve.cluster import read_local_cluster
+
+    _, settings = two_node_cluster
+    record = deployed
     assert read_local_cluster(settings) is None  # nodewise started no Ray of its own
     nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
     assert len(nodes) == 2
@@ -109,20 +118,19 @@ def test_deploys_onto_an_existing_two_node_cluster_and_serves_from_both(
 
 
 def test_a_lost_node_leaves_its_replica_unschedulable_and_the_watchdog_reports_it(
-    two_node_cluster: tuple[str, Settings],
+    two_node_cluster: tuple[str, Settings], deployed: DeploymentRecord
 ) -> None:
     """SIGKILL of the second node's raylet: its replica cannot be placed again (another actor
     holds the head's spare CPU), so the watchdog reports the app degraded with the cause and
     restarts nothing."""
-    import time
-
     import ray
 
-    from tasks.records import load_records
     from tasks.watchdog.engine import watch_once
 
     _, settings = two_node_cluster
-    [record] = load_records(settings.state.records).values()  # deployed by the test above
+    record = deployed
+    # Both replicas placed, one per node, before a node is lost (the other test may not have run).
+    wait_until(lambda: len(running_replicas(record.app_name)) == 2, 120, "2 replicas running")
     head = next(n for n in ray.nodes() if "node:__internal_head__" in n["Resources"])
     [worker] = [n for n in ray.nodes() if n["Alive"] and n["NodeID"] != head["NodeID"]]
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -144,13 +152,14 @@ def test_a_lost_node_leaves_its_replica_unschedulable_and_the_watchdog_reports_i
     raylet.kill()
 
     degraded = []
-    deadline = time.monotonic() + 120
-    while not any("dead nodes: " in a.cause for a in degraded):
-        assert time.monotonic() < deadline, degraded
+
+    def reported_dead() -> bool:
         actions = watch_once(settings)
         assert all(a.event == "nodewise.deployment.degraded" for a in actions), actions  # nothing restarted
-        degraded += actions
-        time.sleep(1)
+        degraded.extend(actions)
+        return any("dead nodes: " in a.cause for a in degraded)
+
+    wait_until(reported_dead, 120, "the watchdog reports the dead node", every_s=1, seen=lambda: degraded)
     cause = degraded[-1].cause
     assert cause.startswith("1 of 2 replicas running"), cause
     assert f"({worker['NodeID'][:8]})" in cause
