@@ -3,7 +3,7 @@
 One run on this machine, a fresh state folder, the watchdog looping every ``--every`` seconds
 (as ``nodewise watchdog --every`` does) while a closed-loop client (``--clients`` threads) posts
 to the endpoint the whole time. Faults, each injected into one real process:
-- Ray Serve, 2 replicas of a small pyfunc model (tests/integration/models.py ``FaultOnFlag``):
+- Ray Serve, 2 replicas of a small pyfunc model (tests/support/models.py ``FaultOnFlag``):
   a hung replica (SIGSTOP), a replica failing every request, a replica leaking memory past
   ``memory_limit_bytes``;
 - DeepSpeed, a tiny Llama on 2 ranks under mpirun: ``kill -9`` of rank 1.
@@ -151,7 +151,7 @@ def main() -> None:
     serve = {"replicas": 2, "memory_limit_bytes": LIMIT}
     with local_instance("nwf-", 24310, serve=serve, watchdog=watchdog) as settings:
         from flows.deploy import deploy_model
-        from tests.integration.models import FaultOnFlag, register_pyfunc
+        from tests.support.models import FaultOnFlag, register_pyfunc
 
         flags = settings.state.root / "flags"
         flags.mkdir()
@@ -199,7 +199,7 @@ def deepspeed_fault(settings: Any, dog: Watchdog, clients: int) -> dict:
     """``kill -9`` of rank 1 of a 2-rank job under load; the watchdog restarts every rank."""
     import httpx
 
-    from tests.integration.lm import deploy_on_two_ranks, rank_pids, register_tiny_llama
+    from tests.support.lm import deploy_on_two_ranks, rank_pids, register_tiny_llama
 
     record = deploy_on_two_ranks(settings, register_tiny_llama(settings, "faults"))
     body = json.dumps({"inputs": [[5, 17, 33, 60, 2, 9]]}).encode()

@@ -82,7 +82,7 @@ def _timed(fuzz: Any) -> dict[str, Any]:
 def fuzz_serve(endpoint: str, examples: int) -> dict[str, Any]:
     import httpx
 
-    from tests.fuzzing import fuzz_endpoint
+    from tests.support.fuzzing import fuzz_endpoint
 
     def replica_ids() -> list[str]:
         return sorted(r["actor_id"] for r in serve_replicas("nodewise-digits"))
@@ -96,8 +96,8 @@ def fuzz_serve(endpoint: str, examples: int) -> dict[str, Any]:
 def fuzz_rank0(settings: Any, examples: int) -> dict[str, Any]:
     import httpx
 
-    from tests.fuzzing import fuzz_endpoint
-    from tests.integration.lm import deploy_on_two_ranks, rank_pids, register_tiny_llama
+    from tests.support.fuzzing import fuzz_endpoint
+    from tests.support.lm import deploy_on_two_ranks, rank_pids, register_tiny_llama
 
     record: Any = deploy_on_two_ranks(settings, register_tiny_llama(settings, "fuzz"))
     before = rank_pids(record.endpoint)
@@ -123,7 +123,7 @@ def fuzz_receiver(settings: Any, examples: int) -> dict[str, Any]:
 
     from tasks.triggers.promotion import sign
     from tasks.triggers.webhook_server import Receiver, registry_lookup, serve
-    from tests.fuzzing import fuzz_endpoint
+    from tests.support.fuzzing import fuzz_endpoint
 
     logging.getLogger("nodewise.receiver").setLevel(logging.CRITICAL)
     secret = settings.triggers.webhook_secret.get_secret_value()

@@ -22,9 +22,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e.test_cli_journey import NODEWISE, remove_state, user_environment
-from tests.integration.conftest import free_port_block
 from tests.support import read_events, wait_for_events
+from tests.support.cli import NODEWISE, remove_state, user_environment
+from tests.support.ports import free_port_block
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -61,7 +61,7 @@ def register(mlflow: str, state: Path, what: str) -> str:
         "    from nodewise.cli.demo import register_demo_model\n"
         "    print(register_demo_model(root, alias='staging', retrain=True).version)\n"
         "else:\n"
-        "    from tests.integration.models import BrokenOnLoad, register_pyfunc\n"
+        "    from tests.support.models import BrokenOnLoad, register_pyfunc\n"
         "    print(register_pyfunc(BrokenOnLoad(), 'nodewise-digits', root).rsplit('/', 1)[1])\n"
     )
     root = str(state / "services" / "mlflow" / "artifacts")

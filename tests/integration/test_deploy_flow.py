@@ -16,11 +16,10 @@ from nodewise.cli.status import deployment_status
 from nodewise.core.errors import DeployFailed, ModelNotFound, RegistryUnreachable, UnsupportedModel
 from nodewise.core.settings import Settings
 from tasks.records import load_records
-from tests.flows import deploy_model
 from tests.integration.conftest import registered_with_serve_tags
 from tests.support import serve_replicas
-
-from .models import BrokenOnLoad, DoubleIt, register_pyfunc, register_unservable
+from tests.support.flows import deploy_model
+from tests.support.models import BrokenOnLoad, DoubleIt, register_pyfunc, register_unservable
 
 
 def own_output(uri: str, rows: np.ndarray) -> np.ndarray:

@@ -18,8 +18,8 @@ import pytest
 from nodewise.cli.demo import digits_split
 from nodewise.cli.status import deployment_status
 from nodewise.core.settings import Settings
-from tests.flows import deploy_model
 from tests.support import LoadClient, serve_replicas
+from tests.support.flows import deploy_model
 
 from .conftest import module_settings, registered_with_serve_tags
 

@@ -109,7 +109,7 @@ def register_on(tracking_uri: str, name: str, artifact_root: str) -> str:
     as a user's script: this process's MLflow globals stay pointed at the module's own store."""
     script = (
         "import sys, mlflow; mlflow.set_tracking_uri(sys.argv[1]); mlflow.set_registry_uri(sys.argv[1])\n"
-        "from tests.integration.models import DoubleIt, register_pyfunc\n"
+        "from tests.support.models import DoubleIt, register_pyfunc\n"
         "print(register_pyfunc(DoubleIt(), sys.argv[2], sys.argv[3]).rsplit('/', 1)[1])\n"
     )
     done = subprocess.run(
@@ -215,7 +215,7 @@ def test_the_poller_announces_a_new_version_once_and_the_flow_profiles_it(
     from tasks.planning import profile_models
     from tasks.planning.profile_models import cache_key, profile_with_cache
     from tasks.planning.registry import resolve_model
-    from tests.flows import profile_new_version
+    from tests.support.flows import profile_new_version
 
     client = MlflowClient()
     api, state = prefect_api(), settings.state_path / "poller-created.json"
@@ -268,7 +268,7 @@ def test_the_poller_announces_each_change_once_across_restarts(settings: Setting
 
 
 def test_fuzzing_the_receiver_with_signed_bodies_gives_no_500(receiver: str) -> None:
-    from tests.fuzzing import fuzz_endpoint
+    from tests.support.fuzzing import fuzz_endpoint
 
     def signed(body: bytes) -> dict[str, str]:
         delivery, stamp = str(uuid.uuid4()), str(int(time.time()))

@@ -22,7 +22,7 @@ import pytest
 
 from nodewise.core.settings import Settings
 from tests.integration.conftest import module_settings
-from tests.integration.lm import deploy_on_two_ranks, rank_pids, register_tiny_llama
+from tests.support.lm import deploy_on_two_ranks, rank_pids, register_tiny_llama
 
 IDS = [[5, 17, 33, 60, 2, 9]]
 
@@ -55,7 +55,7 @@ def wait_mpirun_gone(settings: Settings, app: str, timeout_s: float = 20) -> Non
 
 
 def test_a_healthy_job_is_left_alone(settings: Settings, deployed: object) -> None:
-    from tests.flows import watch_deployments
+    from tests.support.flows import watch_deployments
 
     before = rank_pids(deployed.endpoint)
     assert watch_deployments(settings=settings) == []
@@ -91,7 +91,7 @@ def test_a_killed_rank_restarts_every_rank_and_the_answers_come_back(settings: S
 def test_ranks_that_die_on_every_start_stop_at_the_budget(settings: Settings, deployed: object) -> None:
     from nodewise.cli.status import deployment_status
     from tasks.watchdog.engine import reset, watch_once
-    from tests.flows import watch_deployments
+    from tests.support.flows import watch_deployments
 
     # Every rank now fails to load the model: its weights file is cut short in the store.
     weights = Path(deployed.spec["artifact_uri"].removeprefix("file://")) / "model" / "model.safetensors"

@@ -20,11 +20,11 @@ import pytest
 
 from nodewise.core.settings import Settings
 from tasks.records import DeploymentRecord
-from tests.flows import deploy_model
 from tests.support import LoadClient, running_replicas, wait_for_events
+from tests.support.flows import deploy_model
+from tests.support.models import FaultOnFlag, register_pyfunc
 
 from .conftest import module_settings
-from .models import FaultOnFlag, register_pyfunc
 
 BODY = json.dumps({"inputs": [[1.0, 2.0, 3.0]]}).encode()
 LIMIT = 900 * 2**20  # a pyfunc replica here holds ~300-450 MiB
@@ -151,7 +151,7 @@ def test_a_replica_that_stays_sick_exhausts_the_budget_and_is_left_alone(
 ) -> None:
     from nodewise.cli.status import deployment_status
     from tasks.watchdog.engine import load_watch, reset, watch_once
-    from tests.flows import watch_deployments
+    from tests.support.flows import watch_deployments
 
     limited = settings.model_copy(update={"watchdog": settings.watchdog.model_copy(update={"max_restarts": 1})})
     reset(settings, deployed.app_name)
