@@ -28,7 +28,7 @@ from nodewise.cli.status import deployment_status
 from nodewise.core.settings import Settings
 from tasks.records import get_record
 from tasks.rollout import store
-from tests.support import LoadClient
+from tests.support import LoadClient, wait_until
 from tests.support.flows import decide_rollouts, deploy_model, start_rollout
 from tests.support.models import FailsOnLarge, TimesIt, register_pyfunc
 
@@ -155,9 +155,10 @@ def test_a_like_challenger_gets_its_canary_share_advances_and_is_promoted_with_n
     share = send(champion, n)[v4] / n
     assert abs(share - 0.6) < 0.12, share
     with LoadClient(f"{champion}/invocations", SMALL) as client:
-        time.sleep(1)
+        wait_until(lambda: client.ok >= 10, 60, "the client served before the decision", every_s=0.1)
         assert decide_rollouts(settings=settings) == [f"{NAME}: promoted version {v4}"]
-        time.sleep(1)
+        served = client.ok
+        wait_until(lambda: client.ok >= served + 20, 60, "the client served after the promotion", every_s=0.1)
     assert client.failures == []
     assert client.ok > 20
     assert aliases(settings) == {"champion": v4, "previous": "1"}
