@@ -23,6 +23,7 @@ from tasks.steps import (
     plan_placement_task,
     profile_model_task,
     publish_report_task,
+    publish_targets_task,
     read_inventory_task,
     record_deployment_task,
     resolve_model_task,
@@ -119,7 +120,7 @@ def _record(
     replicas: int,
     canary: dict[str, Any],
 ) -> DeploymentRecord:
-    return record_deployment_task(
+    record = record_deployment_task(
         settings.state.records,
         DeploymentRecord(
             app_name=spec.app_name,
@@ -134,6 +135,8 @@ def _record(
             canary=canary,
         ),
     )
+    publish_targets_task(settings, record)
+    return record
 
 
 def _delete_serve_app(settings: Settings, app_name: str) -> None:

@@ -10,6 +10,7 @@ successful one points the alias ``previous`` at the version it replaced.
 
 from __future__ import annotations
 
+import time
 from typing import Literal
 
 from prefect import flow
@@ -52,6 +53,7 @@ def deploy_registered_model(
         if before == wanted and target == "local":
             print(f"{uri} already serves: nothing to do")
             return f"{uri} already serves"
+        started = time.monotonic()
         try:
             where = _deploy(uri, target, inventory, settings)
         except NodewiseError as e:
@@ -65,7 +67,7 @@ def deploy_registered_model(
         if before and before != wanted:
             client.set_registered_model_alias(model_name, PREVIOUS_ALIAS, before)
             print(f"alias {PREVIOUS_ALIAS!r} now points at version {before}, the one replaced")
-        record_outcome(history, model_name, wanted, f"serving at {where}")
+        record_outcome(history, model_name, wanted, f"serving at {where}", time.monotonic() - started)
         return f"{uri} serves at {where}"
 
 

@@ -130,6 +130,7 @@ def start_rollout(model_name: str, version: str | None = None, inventory: str = 
             reason = f"version {wanted} was not started beside the champion: {e}"
             store.set_tags(client, model_name, wanted, tags_for(rollout, "not_started", None, reason))
             store.delete_alias_if(client, model_name, alias, wanted)
+            store.count_outcome(settings.state.prometheus, model_name, "failed")
             _event("failed", rollout, reason)
             raise DeployFailed(f"{reason} (the {alias!r} alias was removed)") from e
         store.save(settings.state.rollouts, rollout)
@@ -291,6 +292,7 @@ def _finish(rollout: Rollout, settings: Settings, client: object, status: str, o
     tags = tags_for(rollout, status, summary if summary.challenger_calls else None, rollout.decision.reason)
     store.set_tags(client, name, version, tags)
     record_outcome(settings.state.promotions, name, version, f"{outcome}: {rollout.decision.reason}")
+    store.count_outcome(settings.state.prometheus, name, status)
     _event(status, rollout, rollout.decision.reason)
     store.forget(settings.state.rollouts, name)
 

@@ -30,7 +30,7 @@ if [ ${#missing[@]} -gt 0 ]; then
         echo "setup: installing ${missing[*]}"
         log=$(mktemp)
         if ! { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
-                $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"; } >"$log" 2>&1; then
+                $SUDO apt-get install -y -qq -o DPkg::Lock::Timeout=300 --no-install-recommends "${missing[@]}"; } >"$log" 2>&1; then
             cat "$log" >&2; echo "error: installing ${missing[*]} failed (above)" >&2; exit 1
         fi
         rm -f "$log"

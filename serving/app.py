@@ -24,11 +24,13 @@ from typing import Any
 import numpy as np
 from ray import serve
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 
 from serving._model import LoadedModel
 from serving._protocol import encode_predictions
 from serving.errors import NotFound, NotReady, PayloadTooLarge, encode_json, error_response
+from serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from serving.metrics import ServingMetrics, serve_metrics
 from serving.openapi import document, scoring_paths
 from serving.rollout import RolloutConfig, RolloutStats
 from serving.spec import ModelServeSpec
@@ -44,6 +46,9 @@ _JSON = "application/json"
 class ModelServer:
     """One replica: loads the model once, then answers scoring requests."""
 
+    metrics: ServingMetrics | None = None
+    metrics_address: str | None = None  # this replica's own /metrics (its scrape target)
+
     def __init__(self, spec: dict[str, Any]) -> None:
         self.spec = ModelServeSpec.model_validate(spec)
         self.model: LoadedModel | None = None
@@ -51,13 +56,41 @@ class ModelServer:
         self.rollout: RolloutStats | None = None  # a challenger beside this champion (serving/rollout.py)
         self._challenger: Any = None
         self._challenger_many: Any = None
+        self._stop_metrics: Any = None
+        self._batch_started = 0  # requests whose batch began, not yet back in ``_predict``
         self.model = LoadedModel.load(self.spec)
         self._predict_batch.set_max_batch_size(self.spec.max_batch_size)
         self._predict_batch.set_batch_wait_timeout_s(self.spec.batch_wait_timeout_s)
+        if self.spec.metrics:
+            self.metrics = ServingMetrics(
+                self.spec.model_name, self.spec.model_version, "ray_serve", self.spec.latency_target_s
+            )
+            self.metrics_address, self._stop_metrics = serve_metrics(self.metrics, _node_address())
 
     async def __call__(self, request: Request) -> Response:
+        metrics = self.metrics
+        if metrics is None:
+            return await self._answer(request)
+        started = time.perf_counter()
+        metrics.in_flight.inc()
+        status, streamed = 500, False
+        try:
+            response = await self._answer(request)
+            status = response.status_code
+            if isinstance(response, StreamingResponse):  # counted when the stream ends
+                response.body_iterator = metrics.astreamed(_subpath(request), started, response.body_iterator)
+                streamed = True
+            return response
+        finally:
+            if not streamed:
+                metrics.in_flight.dec()
+                metrics.observe(_subpath(request), status, time.perf_counter() - started)
+
+    async def _answer(self, request: Request) -> Response:
         path = _subpath(request)
         try:
+            if path == "/metrics" and request.method == "GET" and self.metrics is not None:
+                return Response(self.metrics.exposition(), media_type=METRICS_CONTENT_TYPE)
             if path in ("/ping", "/health") and request.method == "GET":
                 return self._ping()
             if path == "/openapi.json" and request.method == "GET":
@@ -70,7 +103,7 @@ class ModelServer:
                 response = await self._invocations(request)
                 self.outcomes.add(ok=True)
                 return response
-            routes = "POST /invocations, GET /ping, /health, /version or /openapi.json"
+            routes = "POST /invocations, GET /ping, /health, /version, /metrics or /openapi.json"
             raise NotFound(f"no route {request.method} {path}; use {routes}")
         except Exception as e:  # one place maps every error to a status (serving/errors.py)
             return self._error_response(e)
@@ -205,8 +238,21 @@ class ModelServer:
         assert self.model is not None
         inputs = self.model.parse(body, content_type)
         if self.model.batches and len(inputs) > 0:
-            return await self._predict_batch(inputs)
+            if self.metrics is None:
+                return await self._predict_batch(inputs)
+            self.metrics.queued.inc()  # until its batch starts (``_predict_batch`` takes it off)
+            try:
+                return await self._predict_batch(inputs)
+            finally:
+                self._unqueue()
         return self.model.predict(inputs)
+
+    def _unqueue(self) -> None:
+        """A request waiting for its batch left the queue: its batch began, or it was cancelled."""
+        if self._batch_started > 0:
+            self._batch_started -= 1
+        elif self.metrics is not None:
+            self.metrics.queued.dec()
 
     async def vitals(self, canary: bytes | None, window_s: float) -> dict[str, Any]:
         """For the watchdog: one canary inference (not counted as traffic), memory, recent errors."""
@@ -227,11 +273,15 @@ class ModelServer:
             "window_s": window_s,
             "canary_s": round(time.perf_counter() - started, 4),
             "canary_error": canary_error,
+            "metrics_address": self.metrics_address,
         }
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)  # both set from the spec in __init__
     async def _predict_batch(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
         assert self.model is not None
+        if self.metrics is not None:  # these requests wait no more
+            self.metrics.queued.dec(len(arrays))
+            self._batch_started += len(arrays)
         sizes = [a.shape[0] for a in arrays]
         out = self.model.predict_tensor(arrays[0] if len(arrays) == 1 else np.concatenate(arrays))
         return np.split(out, np.cumsum(sizes)[:-1])
@@ -248,6 +298,19 @@ class ModelServer:
         """Called by Ray Serve; raising makes Serve restart this replica alone."""
         if self.model is None:
             raise RuntimeError("model is not loaded")
+
+    def metrics_target(self) -> dict[str, str] | None:
+        """This replica's own ``/metrics`` (``host:port``) and its labels, for the scrape targets
+        (tasks/metrics/targets.py), or None where metrics are off."""
+        if self.metrics_address is None:
+            return None
+        return {"address": self.metrics_address, "model": self.spec.model_name, "version": self.spec.model_version}
+
+    def __del__(self) -> None:
+        stop = getattr(self, "_stop_metrics", None)
+        if stop is not None:
+            self._stop_metrics = None
+            stop()
 
 
 class Outcomes:
@@ -283,6 +346,16 @@ def resident_bytes() -> int:
             return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return 0
+
+
+def _node_address() -> str:
+    """The address this replica's node is reached at (Ray's own view of it; loopback outside Ray)."""
+    try:
+        import ray
+
+        return ray.util.get_node_ip_address()
+    except Exception:  # not in a Ray worker (a test building the class directly)
+        return "127.0.0.1"
 
 
 def _subpath(request: Request) -> str:

@@ -41,6 +41,8 @@ from serving.errors import (
     error_response,
     read_body,
 )
+from serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from serving.metrics import UNCOUNTED, EngineLoad, ServingMetrics
 from serving.openai_api import cut_at_stop, openai_error, sse
 from serving.openai_api import models as openai_models
 from serving.openapi import document, scoring_paths
@@ -171,6 +173,25 @@ class Frontend:
         self.timing = threading.local()  # the ranks' compute time of this thread's last request
         self.sequences: dict[str, Future[Any]] = {}  # the engine's requests by id, until they finish
         self.streams: dict[str, queue.Queue[tuple[str, Any]]] = {}  # where a streamed request's tokens go
+        self.engine: Any = None  # the step loop's engine (a fresh one after an error), for the metrics
+        self.metrics: ServingMetrics | None = None
+        if spec.metrics:
+            self.metrics = ServingMetrics(spec.model_name, spec.model_version, "deepspeed_mpi", spec.latency_target_s)
+            self.metrics.queued.set_function(self.commands.qsize)
+
+    def attach(self, engine: Any) -> None:
+        """The step loop's engine: its tokens and its load are the LLM metrics."""
+        metrics, first = self.metrics, self.engine is None
+        self.engine = engine
+        if metrics is None:
+            return
+        engine.on_token = lambda seq, previous, now: metrics.on_token(seq.arrived, previous, now)
+        if first:
+            metrics.add_engine(self._load)
+
+    def _load(self) -> EngineLoad:
+        engine = self.engine
+        return EngineLoad(engine.running, engine.waiting, engine.tokens_in_flight, engine.max_tokens_in_flight)
 
     def submit(self, command: tuple[Any, ...]) -> Any:
         self._check_ready()
@@ -359,6 +380,8 @@ class Frontend:
         """Queue one prompt to join the engine's batch at the next step; its id and its answer.
         ``stream`` receives its tokens as they come."""
         request_id = f"r{next(_REQUEST_IDS)}"
+        if self.metrics is not None:
+            self.metrics.on_prompt(len(prompt))
         if stream is not None:
             self.streams[request_id] = stream
         done: Future[Any] = Future()
@@ -477,8 +500,31 @@ def _handler(frontend: Frontend) -> type[BaseHTTPRequestHandler]:
             pass
 
         def do_GET(self) -> None:
+            self._counted(self._get)
+
+        def do_POST(self) -> None:
+            self._counted(self._post)
+
+        def _counted(self, handle: Any) -> None:
+            """``handle(path)``, counted in the metrics (its status, its time to the last byte)."""
             path = self.path.split("?", 1)[0]
-            if path in ("/ping", "/health"):
+            metrics = frontend.metrics
+            if metrics is None or path in UNCOUNTED:
+                handle(path)
+                return
+            started = time.perf_counter()
+            metrics.in_flight.inc()
+            self._status = 500
+            try:
+                handle(path)
+            finally:
+                metrics.in_flight.dec()
+                metrics.observe(path, self._status, time.perf_counter() - started)
+
+        def _get(self, path: str) -> None:
+            if path == "/metrics" and frontend.metrics is not None:
+                self._reply(200, frontend.metrics.exposition(), METRICS_CONTENT_TYPE)
+            elif path in ("/ping", "/health"):
                 health = frontend.view.health()
                 if frontend.model is None and health["ready"]:
                     health = {**health, "ready": False, "problems": ["rank 0: loading"]}
@@ -497,8 +543,7 @@ def _handler(frontend: Frontend) -> type[BaseHTTPRequestHandler]:
             else:
                 self._error(self._not_found())
 
-        def do_POST(self) -> None:
-            path = self.path.split("?", 1)[0]
+        def _post(self, path: str) -> None:
             try:
                 body = read_body(self.rfile, self.headers, spec.max_request_bytes)
                 frontend.timing.ms = None
@@ -534,11 +579,12 @@ def _handler(frontend: Frontend) -> type[BaseHTTPRequestHandler]:
         def _not_found(self) -> NotFound:
             return NotFound(
                 f"no route {self.command} {self.path}; use POST /invocations, POST /generate, "
-                "POST /v1/completions, POST /v1/chat/completions, GET /v1/models or GET /ping"
+                "POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /metrics or GET /ping"
             )
 
         def _stream(self, request_id: str, events: Any) -> None:
             """Server-Sent Events, chunked; a client gone (a write fails) cancels the request."""
+            self._status = 200
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
             self.send_header("Cache-Control", "no-cache")
@@ -553,12 +599,13 @@ def _handler(frontend: Frontend) -> type[BaseHTTPRequestHandler]:
                 frontend.cancel(request_id)
                 self.close_connection = True
 
-        def _reply(self, status: int, body: bytes) -> None:
+        def _reply(self, status: int, body: bytes, content_type: str = "application/json") -> None:
+            self._status = status
             self.send_response(status)
             compute_ms = getattr(frontend.timing, "ms", None)
             if compute_ms is not None:  # the ranks' own time for this request
                 self.send_header("Server-Timing", f"compute;dur={compute_ms:.2f}")
-            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
@@ -605,6 +652,8 @@ def _step_loop(env: DistEnv, spec: DeepSpeedSpec, model: Any, state: RankState, 
     import torch.distributed as dist
 
     engine = model.engine() if model.can_generate and spec.batching else None
+    if frontend is not None and engine is not None:
+        frontend.attach(engine)
     sequences: dict[str, Any] = {}
     held: list[tuple[tuple[Any, ...], Future[Any]]] = []  # rank 0: commands waiting for their step
     while True:
@@ -644,6 +693,8 @@ def _step_loop(env: DistEnv, spec: DeepSpeedSpec, model: Any, state: RankState, 
                 done.set_result((result, (time.perf_counter() - started) * 1000))
         if engine is not None and (adds or cancels or engine.has_work()):
             engine = _engine_step(engine, model, sequences, adds, cancels, frontend)
+            if frontend is not None and engine is not frontend.engine:  # a fresh one after an error
+                frontend.attach(engine)
         state.steps += 1
         state.last_step = time.monotonic()
         state.busy_since = None

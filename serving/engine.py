@@ -99,6 +99,7 @@ class Sequence:
     events: queue.Queue[tuple[str, Any]] = field(default_factory=queue.Queue)
     arrived: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
+    last_token_at: float | None = None
     finished_at: float | None = None
     cancelled: bool = False
     generator: torch.Generator | None = None
@@ -159,6 +160,9 @@ class Engine:
         self._stopping = False
         self.steps = 0
         self.finished: dict[str, int] = {}  # how many sequences ended, by reason
+        # Told of every token as it comes: (its sequence, the sequence's previous token's time or
+        # None for its first, now), monotonic seconds. The servers' metrics (serving/metrics.py).
+        self.on_token: Callable[[Sequence, float | None, float], None] | None = None
 
     @classmethod
     def for_model(
@@ -211,6 +215,11 @@ class Engine:
     @property
     def waiting(self) -> int:
         return len(self._waiting)
+
+    @property
+    def tokens_in_flight(self) -> int:
+        """Tokens of the budget that running sequences hold."""
+        return self._held
 
     def start(self) -> None:
         """Run steps on a thread of its own while there is work; sleep when there is none."""
@@ -367,8 +376,12 @@ class Engine:
 
     def _append(self, seq: Sequence, token: int) -> bool:
         """Record ``token``; True when ``seq`` has finished (and its end is sent)."""
+        now, previous = time.monotonic(), seq.last_token_at
         if seq.first_token_at is None:
-            seq.first_token_at = time.monotonic()
+            seq.first_token_at = now
+        seq.last_token_at = now
+        if self.on_token is not None:
+            self.on_token(seq, previous, now)
         seq.tokens.append(token)
         if token in self.eos:
             self._finish(seq, "stop")

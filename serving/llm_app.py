@@ -21,6 +21,7 @@ from starlette.responses import Response, StreamingResponse
 from serving import openai_api
 from serving.app import ModelServer, _json, _subpath
 from serving.engine import Engine, SamplingParams
+from serving.metrics import EngineLoad
 
 _ROUTES = {"/v1/completions": "completion", "/v1/chat/completions": "chat"}
 _END = object()
@@ -47,11 +48,14 @@ class LLMServer(ModelServer):
             max_batch=self.spec.max_batch_size,
             device=self.spec.device,
         )
+        if self.metrics is not None:
+            self.metrics.add_engine(self._load)
+            self.engine.on_token = self._on_token
         self.engine.start()
         self.started = int(time.time())
         self.limits = openai_api.Limits.of(self.spec, self.module, budget)
 
-    async def __call__(self, request: Request) -> Response:
+    async def _answer(self, request: Request) -> Response:
         path = _subpath(request)
         if path == "/health" and request.method == "GET":  # this replica's batch, for a person or a test
             engine = self.engine
@@ -73,7 +77,7 @@ class LLMServer(ModelServer):
                 return Response(body, status_code=status, media_type="application/json")
             self.outcomes.add(ok=True)
             return response
-        return await super().__call__(request)
+        return await super()._answer(request)
 
     async def _openai(self, kind: Any, request: Request) -> Response:
         from serving.errors import PayloadTooLarge, decode_json
@@ -83,7 +87,7 @@ class LLMServer(ModelServer):
             raise PayloadTooLarge(f"body is {len(body)} bytes; the limit is {self.spec.max_request_bytes}")
         parsed = openai_api.parse_request(kind, decode_json(body), self.limits, self.tokenizer)
         params = SamplingParams(max_tokens=parsed.max_tokens, **parsed.sampling)
-        sequences = [self.engine.add(prompt, params) for prompt in parsed.prompts]
+        sequences = self._add(parsed.prompts, params)
         timeout = self.spec.request_timeout_s
         decode = self._decode
         if parsed.stream:
@@ -103,7 +107,7 @@ class LLMServer(ModelServer):
         payload = {"prompt": texts, "max_tokens": self.spec.default_new_tokens}
         parsed = openai_api.parse_request("completion", payload, self.limits, self.tokenizer)
         params = SamplingParams(max_tokens=parsed.max_tokens)
-        answers = await self._answers([self.engine.add(prompt, params) for prompt in parsed.prompts])
+        answers = await self._answers(self._add(parsed.prompts, params))
         return [text + self._decode(tokens) for text, (tokens, _) in zip(texts, answers, strict=True)]
 
     async def _answers(self, sequences: list[Any]) -> list[tuple[list[int], str]]:
@@ -120,6 +124,20 @@ class LLMServer(ModelServer):
             for seq in sequences:
                 seq.cancel()
             raise
+
+    def _add(self, prompts: list[list[int]], params: SamplingParams) -> list[Any]:
+        sequences = [self.engine.add(prompt, params) for prompt in prompts]
+        if self.metrics is not None:
+            self.metrics.on_prompt(sum(len(p) for p in prompts))
+        return sequences
+
+    def _on_token(self, seq: Any, previous: float | None, now: float) -> None:
+        assert self.metrics is not None
+        self.metrics.on_token(seq.arrived, previous, now)
+
+    def _load(self) -> EngineLoad:
+        engine = self.engine
+        return EngineLoad(engine.running, engine.waiting, engine.tokens_in_flight, engine.max_tokens_in_flight)
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -138,6 +156,7 @@ class LLMServer(ModelServer):
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.stop()
+        super().__del__()
 
 
 def _texts(data: Any) -> list[str]:

@@ -104,6 +104,10 @@ class ModelServeSpec(BaseModel):
     default_new_tokens: PositiveInt = 16
     max_new_tokens: PositiveInt = 256
     request_timeout_s: PositiveFloat = 60.0
+    metrics: bool = Field(
+        default=True, description="Export /metrics (serving/metrics.py): under the app's route and on a port of its own"
+    )
+    latency_target_s: PositiveFloat = Field(default=1.0, description="The p99 target that alert rules compare with.")
 
     @model_validator(mode="after")
     def _replica_bounds(self) -> ModelServeSpec:
@@ -159,6 +163,8 @@ class DeepSpeedSpec(BaseModel):
         default=None, description="The version's artifact location; read in place where it is a local folder."
     )
     download_dir: str | None = Field(default=None, description="Where each rank downloads the model's artifacts.")
+    metrics: bool = Field(default=True, description="Rank 0 answers GET /metrics (serving/metrics.py).")
+    latency_target_s: PositiveFloat = Field(default=1.0, description="The p99 target that alert rules compare with.")
 
     @model_validator(mode="after")
     def _token_bounds(self) -> DeepSpeedSpec:

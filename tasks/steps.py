@@ -18,6 +18,7 @@ from prefect.cache_policies import NO_CACHE
 
 from nodewise.core.settings import ServeSettings, Settings, SmokeSettings
 from serving.spec import DeepSpeedSpec, ModelServeSpec
+from tasks.metrics.targets import publish_targets
 from tasks.mpi.deploy import deploy_cluster, smoke_test_lm
 from tasks.planning.inventory import Inventory
 from tasks.planning.inventory_sources import read_inventory
@@ -128,6 +129,12 @@ def deploy_cluster_task(
 def record_deployment_task(path: Path, record: DeploymentRecord) -> DeploymentRecord:
     """Record what is now deployed."""
     return save_record(path, record)
+
+
+@task(name="publish-scrape-targets", cache_policy=NO_CACHE)
+def publish_targets_task(settings: Settings, record: DeploymentRecord) -> None:
+    """The deployment's Prometheus scrape targets (tasks/metrics/targets.py)."""
+    publish_targets(settings, record)
 
 
 # -- watchdog ------------------------------------------------------------------------------------

@@ -420,6 +420,33 @@ def receiver(
 
 
 @app.command()
+def exporter(
+    port: Annotated[int | None, typer.Option(min=1, max=65535, help="Port (default: metrics.exporter_port)")] = None,
+) -> None:
+    """Answer Prometheus' scrapes with the control plane's metrics (deployments, watchdog, rollouts),
+    read from the state folder; keep the scrape targets under <state>/prometheus/targets/ current."""
+    settings = _settings()
+    if port is not None:
+        settings = settings.model_copy(update={"metrics": settings.metrics.model_copy(update={"exporter_port": port})})
+    m = settings.metrics
+    if m.exporter_port == 0:
+        raise InvalidInput("NODEWISE_METRICS__EXPORTER_PORT is 0 (no exporter); give --port or set a port")
+    from tasks.metrics.exporter import run
+
+    typer.echo(f"control-plane metrics at http://{m.exporter_host}:{m.exporter_port}/metrics")
+    _stop_on_signals()
+    try:
+        run(settings)
+    except OSError as e:
+        raise InvalidInput(
+            f"cannot listen on {m.exporter_host}:{m.exporter_port} ({e.strerror}); pick another --port or "
+            "NODEWISE_METRICS__EXPORTER_PORT"
+        ) from e
+    except KeyboardInterrupt:
+        typer.echo("\nexporter stopped")
+
+
+@app.command()
 def poll(
     once: Annotated[bool, typer.Option("--once", help="One poll, then exit.")] = False,
     every: Annotated[float | None, typer.Option(min=1.0, help="Seconds between polls (triggers.poll_every_s)")] = None,

@@ -4,7 +4,8 @@ Started, in order, each in its own session with its log in ``<state>/services/``
 1. ``prefect server`` (its own PREFECT_HOME), then the ``nodewise-local`` process work pool and
    ``prefect deploy --all`` (prefect.yaml: deploy-model with its promotion trigger, the watchdog);
 2. ``mlflow server`` with webhooks on (a Fernet key and the webhook secret kept in the folder);
-3. a Prefect worker for the pool, and ``nodewise receiver`` for MLflow's webhooks;
+3. a Prefect worker for the pool, ``nodewise receiver`` for MLflow's webhooks, and ``nodewise exporter``
+   (the control plane's Prometheus metrics, on loopback; none where ``metrics.exporter_port`` is 0);
 4. the MLflow webhook (``model_version_alias.created`` -> the receiver), created once.
 Their pids go to ``services.json``; ``nodewise down`` stops them.
 """
@@ -124,12 +125,13 @@ def up(settings: Settings, timeout_s: float = 120.0) -> Services:
 def _check_ports(settings: Settings) -> None:
     t = settings.triggers
     for port, what in (
-        (t.prefect_port, "PREFECT_PORT"),
-        (t.mlflow_port, "MLFLOW_PORT"),
-        (t.receiver_port, "RECEIVER_PORT"),
+        (t.prefect_port, "TRIGGERS__PREFECT_PORT"),
+        (t.mlflow_port, "TRIGGERS__MLFLOW_PORT"),
+        (t.receiver_port, "TRIGGERS__RECEIVER_PORT"),
+        (settings.metrics.exporter_port, "METRICS__EXPORTER_PORT"),
     ):
         if port_open("127.0.0.1", port):
-            raise ServiceFailed(f"port {port} is in use; set NODEWISE_TRIGGERS__{what} to a free port")
+            raise ServiceFailed(f"port {port} is in use; set NODEWISE_{what} to a free port")
 
 
 def _service_env(settings: Settings, urls: Services, webhook_secret: str, fernet: str) -> dict[str, str]:
@@ -185,8 +187,14 @@ def _start_all(
     started.append(_start("worker", [_bin("prefect"), "worker", "start", "--pool", POOL], env, folder))
     receiver_health = urls.receiver.replace("/webhook", "/health")
     started.append(_start("receiver", [_bin("nodewise"), "receiver"], env, folder, urls.receiver, receiver_health))
+    exporter = ""
+    if settings.metrics.exporter_port:  # the control plane's metrics, read from the state folder
+        exporter = f"http://{settings.metrics.exporter_host}:{settings.metrics.exporter_port}/metrics"
+        started.append(_start("exporter", [_bin("nodewise"), "exporter"], env, folder, exporter, exporter))
     _wait_http(f"{urls.mlflow}/health", timeout_s, folder / "mlflow-server.log")
     _wait_http(receiver_health, timeout_s, folder / "receiver.log")
+    if exporter:
+        _wait_http(exporter, timeout_s, folder / "exporter.log")
 
 
 def _mlflow_server_env(env: dict[str, str]) -> dict[str, str]:

@@ -477,6 +477,29 @@ class KubernetesSettings(_Section):
         return value
 
 
+class MetricsSettings(_Section):
+    """Prometheus metrics (serving/metrics.py's schema): serving processes and the control-plane exporter."""
+
+    enabled: bool = Field(
+        default=True,
+        description="Every serving process answers GET /metrics: a Ray Serve replica under its app's route and on "
+        "a port of its own (its scrape target), DeepSpeed's rank 0 on its serving port.",
+    )
+    latency_target_s: PositiveFloat = Field(
+        default=1.0, description="The p99 request latency a deployment should keep under; the alert rules read it."
+    )
+    exporter_host: str = Field(default="127.0.0.1", description="Where `nodewise up`'s control-plane exporter listens.")
+    exporter_port: int = Field(
+        default=9464,
+        ge=0,
+        le=65535,
+        description="The control-plane exporter's port (`nodewise up`); 0: none is started.",
+    )
+    refresh_s: PositiveFloat = Field(
+        default=5.0, description="How often the exporter rewrites the scrape targets (<state>/prometheus/targets/)."
+    )
+
+
 class Settings(BaseSettings):
     """All of nodewise's configuration."""
 
@@ -498,6 +521,7 @@ class Settings(BaseSettings):
     kubernetes: KubernetesSettings = KubernetesSettings()
     triggers: TriggersSettings = TriggersSettings()
     rollout: RolloutSettings = RolloutSettings()
+    metrics: MetricsSettings = MetricsSettings()
 
     @model_validator(mode="after")
     def _ports_differ(self) -> Settings:

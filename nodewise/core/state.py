@@ -136,6 +136,12 @@ class StateFolder:
         return self.deepspeed / app_name
 
     @property
+    def prometheus(self) -> Path:
+        """Metrics: ``targets/`` (Prometheus file-based service discovery, one file a deployment plus
+        ``control.json``) and ``counts.json`` (the control plane's counters, kept across restarts)."""
+        return self.root / "prometheus"
+
+    @property
     def services(self) -> Path:
         """What ``nodewise up`` started: services.json and each service's log."""
         return self.root / "services"

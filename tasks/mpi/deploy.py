@@ -75,6 +75,8 @@ def build_deepspeed_spec(model: ResolvedModel, plan: PlacementPlan, settings: Se
         max_new_tokens=ds.max_new_tokens,
         batching=ds.batching,
         max_tokens_in_flight=plan.kv_tokens or None,
+        metrics=settings.metrics.enabled,
+        latency_target_s=settings.metrics.latency_target_s,
     )
 
 

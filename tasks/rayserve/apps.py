@@ -68,6 +68,8 @@ def build_spec(
         max_tokens_in_flight=plan.kv_tokens or None,
         default_new_tokens=min(serve.default_new_tokens, serve.max_new_tokens),
         max_new_tokens=serve.max_new_tokens,
+        metrics=settings.metrics.enabled,
+        latency_target_s=settings.metrics.latency_target_s,
     )
 
 

@@ -56,7 +56,7 @@ def ask(app_name: str, request: dict[str, Any], timeout_s: float = 60.0) -> dict
     import ray
 
     from serving.errors import encode_json
-    from tasks.watchdog.replicas import call_replica
+    from tasks.rayserve.replicas import call_replica
 
     [actor, *_] = _running_replicas(app_name) or [None]
     if actor is None:
@@ -87,7 +87,7 @@ def gather(app_name: str, timeout_s: float = 10.0) -> list[dict[str, Any]]:
     is left out: its requests are counted at the next pass)."""
     import ray
 
-    from tasks.watchdog.replicas import call_replica
+    from tasks.rayserve.replicas import call_replica
 
     calls = []
     for actor in _running_replicas(app_name):

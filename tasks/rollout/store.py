@@ -48,6 +48,13 @@ def save(path: Path, rollout: Rollout) -> Rollout:
     return rollout
 
 
+def count_outcome(metrics_dir: Path, model_name: str, outcome: str) -> None:
+    """A rollout ended (``promoted``, ``rolled_back``, ``failed``): counted for the metrics."""
+    from tasks.metrics.counts import bump
+
+    bump(metrics_dir / "counts.json", "rollouts", {"model": model_name, "outcome": outcome})
+
+
 def forget(path: Path, model_name: str) -> None:
     with locked_json(path) as data:
         data.pop(model_name, None)

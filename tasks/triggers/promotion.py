@@ -261,10 +261,14 @@ def serving_version(records_path: Path, model_name: str) -> str | None:
     return record.model_version if record else None
 
 
-def record_outcome(path: Path, model: str, version: str, outcome: str) -> None:
-    """The promotions' history (``<state>/promotions.json``, the last 50)."""
+def record_outcome(path: Path, model: str, version: str, outcome: str, duration_s: float | None = None) -> None:
+    """The promotions' history (``<state>/promotions.json``, the last 50); ``duration_s``: how long the
+    deploy took (the metrics' last promotion duration)."""
     with locked_json(path) as data:
         history = data.setdefault("history", [])
         at = datetime.now(UTC).isoformat(timespec="seconds")
-        history.append({"at": at, "model": model, "version": version, "outcome": outcome})
+        entry: dict[str, object] = {"at": at, "model": model, "version": version, "outcome": outcome}
+        if duration_s is not None:
+            entry["duration_s"] = round(duration_s, 3)
+        history.append(entry)
         del history[:-KEEP_HISTORY]

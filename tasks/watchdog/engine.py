@@ -30,6 +30,7 @@ from tasks.records import DeploymentRecord, load_records
 
 ActionKind = Literal[
     "nodewise.replica.restarted",
+    "nodewise.replica.replaced",
     "nodewise.cluster.restarted",
     "nodewise.deployment.degraded",
     "nodewise.deployment.recovered",
@@ -64,6 +65,9 @@ class AppWatch(BaseModel):
     degraded: str | None = Field(default=None, description="The degradation last reported (reported once).")
     version: str | None = None
     deployed_at: str | None = Field(default=None, description="The deploy this budget belongs to.")
+    running: int | None = Field(default=None, description="Replicas running at the last pass (Ray Serve).")
+    replicas: list[str] = Field(default_factory=list, description="Replica ids seen at the last pass (Ray Serve).")
+    restarted: list[str] = Field(default_factory=list, description="Replica ids this watchdog restarted itself.")
 
 
 # -- the budget (plain arithmetic) ----------------------------------------------------------------
@@ -169,24 +173,40 @@ def watch_once(settings: Settings, emit: Callable[[Action], None] | None = None)
             watch = apps.setdefault(record.app_name, fresh)
             if watch.deployed_at != record.deployed_at:  # a deploy since: a fresh budget
                 watch = apps[record.app_name] = fresh
-            for action in _watch_one(settings, record, watch):
+            actions = _watch_one(settings, record, watch)
+            for action in actions:
                 done.append(action)
                 emit(action)
             save_watch(settings, apps, history + done)  # after each deployment: a kill loses little
+            count_actions(settings, actions)
         for record in load_records(settings.state.k8s_records).values():  # what `render --apply` put on Kubernetes
             fresh = AppWatch(version=record.model_version, deployed_at=record.deployed_at)
             watch = apps.setdefault(record.app_name, fresh)
             if watch.deployed_at != record.deployed_at:
                 watch = apps[record.app_name] = fresh
             if watch.failed is None:
-                for action in _watch_k8s(settings, record, watch):
+                actions = _watch_k8s(settings, record, watch)
+                for action in actions:
                     done.append(action)
                     emit(action)
+                count_actions(settings, actions)
             save_watch(settings, apps, history + done)
         return done
 
 
 REPLICA_PENDING = "replica restart: "
+
+
+def count_actions(settings: Settings, actions: list[Action]) -> None:
+    """Each action counted for the metrics (kind and a bounded cause), and a restart's duration kept."""
+    from tasks.metrics import counts
+
+    path = settings.state.prometheus / "counts.json"
+    for a in actions:
+        kind = counts.action_kind(a.event)
+        counts.bump(path, "watchdog_actions", {"app": a.app, "kind": kind, "cause": counts.cause_class(a.cause)})
+        if a.event.endswith(".restarted") and a.duration_s is not None:
+            counts.set_last(path, "restart_duration_seconds", {"app": a.app, "kind": kind}, a.duration_s)
 
 
 def _watch_one(settings: Settings, record: DeploymentRecord, watch: AppWatch) -> list[Action]:
@@ -270,11 +290,17 @@ def _watch_serve(
             )
         ]
     view = serve_watch.observe(record, settings.watchdog)
+    if view is not None and record.spec.get("metrics", True):  # replicas come and go: their scrape targets follow
+        from tasks.metrics.targets import write_serve_targets
+
+        addresses = {r.replica_id: (r.vitals or {}).get("metrics_address") for r in view.replicas}
+        write_serve_targets(settings, record, addresses)
+    watch.running = None if view is None else sum(r.state == "RUNNING" for r in view.replicas)
     if view is None:
         return _report_degraded(
             watch, action, f"Serve has no app {record.app_name!r} (was Ray restarted?): run `nodewise deploy` again"
         )
-    done = _report_degraded(watch, action, serve_watch.degraded_cause(view))
+    done = _replaced_by_serve(watch, view, action) + _report_degraded(watch, action, serve_watch.degraded_cause(view))
     sick = serve_watch.pick_sick(view, float(record.spec.get("max_error_rate", 0.5)), settings.watchdog)
     if sick is not None:
         replica, cause = sick
@@ -284,10 +310,26 @@ def _watch_serve(
 
         pending = REPLICA_PENDING + replica.actor_name
         target = replica.describe()
+        watch.restarted = [*watch.restarted[-9:], replica.replica_id]  # its replacement is not Serve's own
         done.append(
             _budgeted(settings, record, watch, action, "nodewise.replica.restarted", cause, target, restart, pending)
         )
     return done
+
+
+def _replaced_by_serve(watch: AppWatch, view: Any, action: Callable[..., Action]) -> list[Action]:
+    """Replicas that left since the last pass while the app kept its size: Serve replaced them (a
+    replica that died: its process killed, or its node lost). Counted, never acted on."""
+    seen = [r.replica_id for r in view.replicas]
+    gone = [r for r in watch.replicas if r not in seen and r not in watch.restarted]
+    shrunk = view.target < len(watch.replicas)  # a scale-down removes replicas on purpose
+    watch.replicas = seen
+    if shrunk:
+        return []
+    return [
+        action("nodewise.replica.replaced", "the replica exited; Serve started another", target=f"replica {r}")
+        for r in gone
+    ]
 
 
 def _watch_k8s(settings: Settings, record: DeploymentRecord, watch: AppWatch) -> list[Action]:

@@ -10,8 +10,8 @@ dead nodes: restarting would not help them.
 
 The direct call uses Ray Serve's replica actor method ``handle_request`` with a pickled
 ``RequestMetadata`` naming the user method (``ModelServer.vitals``): the path Serve's own router
-takes, internal to Ray Serve 2.60 (pinned in pyproject.toml) and kept to ``call_replica`` (the
-rollout's decision flow reads each replica's ``rollout_stats`` the same way).
+takes, internal to Ray Serve 2.60 (pinned in pyproject.toml) and kept to ``call_replica``
+(tasks/rayserve/replicas.py; the rollout's decision flow and the metrics' targets call it too).
 """
 
 from __future__ import annotations
@@ -23,9 +23,10 @@ from typing import Any
 from pydantic import BaseModel
 
 from nodewise.core.settings import Settings, WatchdogSettings
+from tasks.rayserve.replicas import DEPLOYMENT, call_replica
 from tasks.records import DeploymentRecord
 
-DEPLOYMENT = "ModelServer"  # serving/app.py's deployment name
+__all__ = ["DEPLOYMENT", "call_replica"]  # and what is defined below
 
 
 class ReplicaView(BaseModel):
@@ -207,24 +208,6 @@ def observe(record: DeploymentRecord, wd: WatchdogSettings) -> AppView | None:
         replicas=replicas,
         dead_nodes=_dead_nodes({r.node_id for r in replicas}),
     )
-
-
-def call_replica(actor_name: str, method: str, *args: Any) -> Any:
-    """Start ``ModelServer.<method>(*args)`` on one replica, its ObjectRef (Serve's replica actor API,
-    Ray Serve 2.60). ValueError: the actor is gone."""
-    import pickle
-    import uuid
-
-    import ray
-    from ray.serve._private.common import RequestMetadata
-
-    actor = ray.get_actor(actor_name, namespace="serve")
-    meta = RequestMetadata(
-        request_id=f"nodewise-{method}-{uuid.uuid4().hex[:8]}",
-        internal_request_id=uuid.uuid4().hex,
-        call_method=method,
-    )
-    return actor.handle_request.remote(pickle.dumps(meta), *args)
 
 
 def _dead_nodes(known: set[str | None]) -> list[str]:

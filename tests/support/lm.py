@@ -7,7 +7,7 @@ import httpx
 from nodewise.core.settings import Settings
 
 
-def register_tiny_llama(settings: Settings, experiment_name: str, seed: int = 0) -> str:
+def register_tiny_llama(settings: Settings, experiment_name: str, seed: int = 0, name: str = "tiny-llama") -> str:
     """Register a tiny Llama (transformers flavour) with its artifacts in the state folder."""
     from mlflow import MlflowClient
 
@@ -21,7 +21,7 @@ def register_tiny_llama(settings: Settings, experiment_name: str, seed: int = 0)
         else client.create_experiment(experiment_name, artifact_location=settings.state.artifacts.as_uri())
     )
     model, tokenizer = build_llama(hidden=64, layers=2, heads=4, max_positions=128, seed=seed)
-    return f"models:/tiny-llama/{log_llama(model, tokenizer, 'tiny-llama', experiment)}"
+    return f"models:/{name}/{log_llama(model, tokenizer, name, experiment)}"
 
 
 def deploy_on_two_ranks(settings: Settings, model_uri: str) -> object:
