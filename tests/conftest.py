@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import shutil
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 # Before anything imports Prefect, MLflow, Ray or torch: keep their state out of $HOME.
+from tests.support.registrar import Registrar
 from tests.support.sandbox import RAY_TEST_TOKEN, SANDBOX
 
 __all__ = ["RAY_TEST_TOKEN", "free_port"]
@@ -54,3 +56,11 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def registrar() -> Iterator[Registrar]:
+    """One registering process for the whole run (see tests/support/registrar.py)."""
+    made = Registrar()
+    yield made
+    made.close()

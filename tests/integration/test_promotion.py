@@ -11,7 +11,6 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
@@ -20,9 +19,9 @@ from nodewise.core.settings import Settings
 from tasks.triggers.promotion import CREATED, EVENT, Poller, sign
 from tests.integration.conftest import free_port_block, module_settings
 from tests.support import read_events, wait_for_events
+from tests.support.registrar import Registrar
 
 SECRET = "test-webhook-secret"
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -104,34 +103,20 @@ def receiver(settings: Settings, mlflow_server: str) -> Iterator[str]:
     server.server_close()
 
 
-def register_on(tracking_uri: str, name: str, artifact_root: str) -> str:
-    """A small pyfunc registered through ``tracking_uri``; returns its version. In a subprocess,
+def register_on(registrar: Registrar, tracking_uri: str, name: str, artifact_root: str) -> str:
+    """A small pyfunc registered through ``tracking_uri``; returns its version. In another process,
     as a user's script: this process's MLflow globals stay pointed at the module's own store."""
-    script = (
-        "import sys, mlflow; mlflow.set_tracking_uri(sys.argv[1]); mlflow.set_registry_uri(sys.argv[1])\n"
-        "from tests.support.models import DoubleIt, register_pyfunc\n"
-        "print(register_pyfunc(DoubleIt(), sys.argv[2], sys.argv[3]).rsplit('/', 1)[1])\n"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", script, tracking_uri, name, artifact_root],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    return done.stdout.strip().splitlines()[-1]
+    return registrar.register("double-it", tracking_uri, artifact_root, name=name)
 
 
 def test_setting_the_alias_on_mlflow_server_announces_the_promotion(
-    settings: Settings, mlflow_server: str, receiver: str
+    settings: Settings, mlflow_server: str, receiver: str, registrar: Registrar
 ) -> None:
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=mlflow_server, registry_uri=mlflow_server)
     client.create_webhook("nodewise", receiver, events=["model_version_alias.created"], secret=SECRET)
-    version = register_on(mlflow_server, "promoted", str(settings.state.artifacts))
+    version = register_on(registrar, mlflow_server, "promoted", str(settings.state.artifacts))
     started = time.monotonic()
     client.set_registered_model_alias("promoted", "champion", version)
     [event] = events_of("promoted")
@@ -168,9 +153,9 @@ def alias_body(name: str, version: str, alias: str = "champion") -> bytes:
 
 
 def test_forged_stale_replayed_malformed_and_unknown_deliveries(
-    settings: Settings, mlflow_server: str, receiver: str
+    settings: Settings, mlflow_server: str, receiver: str, registrar: Registrar
 ) -> None:
-    version = register_on(mlflow_server, "guarded", str(settings.state.artifacts))
+    version = register_on(registrar, mlflow_server, "guarded", str(settings.state.artifacts))
     body = alias_body("guarded", version)
     forged = deliver(receiver, body, secret="not-the-secret")
     assert (forged.status_code, forged.json()["message"].startswith("signature does not match")) == (401, True)
@@ -193,20 +178,20 @@ def test_forged_stale_replayed_malformed_and_unknown_deliveries(
 
 
 def test_a_new_version_is_announced_by_its_webhook_and_not_as_a_promotion(
-    settings: Settings, mlflow_server: str, receiver: str
+    settings: Settings, mlflow_server: str, receiver: str, registrar: Registrar
 ) -> None:
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=mlflow_server, registry_uri=mlflow_server)
     client.create_webhook("nodewise-created", receiver, events=["model_version.created"], secret=SECRET)
-    version = register_on(mlflow_server, "fresh", str(settings.state.artifacts))
+    version = register_on(registrar, mlflow_server, "fresh", str(settings.state.artifacts))
     [event] = events_of("fresh", event=CREATED)
     assert event["payload"] == {"model": "fresh", "version": version, "source": "webhook"}
     assert stored_events_of("fresh") == []  # created is not promoted
 
 
 def test_the_poller_announces_a_new_version_once_and_the_flow_profiles_it(
-    settings: Settings, monkeypatch: pytest.MonkeyPatch
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, registrar: Registrar
 ) -> None:
     """The poller (no webhooks) announces a version created after it first saw the model, once;
     the profile-new-version flow caches the profile a deploy of it looks up."""
@@ -219,13 +204,13 @@ def test_the_poller_announces_a_new_version_once_and_the_flow_profiles_it(
 
     client = MlflowClient()
     api, state = prefect_api(), settings.state_path / "poller-created.json"
-    register_on(settings.tracking_uri, "grown", str(settings.state.artifacts))
+    register_on(registrar, settings.tracking_uri, "grown", str(settings.state.artifacts))
 
     def created() -> list[str]:  # an alias no test sets: alias changes stay out of it
         return [e["payload"]["version"] for e in Poller(client, state, "none-here").poll_once(api)]
 
     assert created() == []  # the versions it found on first sight predate it
-    v2 = register_on(settings.tracking_uri, "grown", str(settings.state.artifacts))
+    v2 = register_on(registrar, settings.tracking_uri, "grown", str(settings.state.artifacts))
     assert created() == [v2]
     assert created() == []
     assert [e["payload"]["version"] for e in events_of("grown", event=CREATED)] == [v2]
@@ -243,13 +228,13 @@ def test_the_poller_announces_a_new_version_once_and_the_flow_profiles_it(
     assert cached.total_bytes > 0
 
 
-def test_the_poller_announces_each_change_once_across_restarts(settings: Settings) -> None:
+def test_the_poller_announces_each_change_once_across_restarts(settings: Settings, registrar: Registrar) -> None:
     from mlflow import MlflowClient
 
     client = MlflowClient()  # the module's SQLite registry: no webhooks there
     api, state = prefect_api(), settings.state.poller
-    v1 = register_on(settings.tracking_uri, "polled", str(settings.state.artifacts))
-    v2 = register_on(settings.tracking_uri, "polled", str(settings.state.artifacts))
+    v1 = register_on(registrar, settings.tracking_uri, "polled", str(settings.state.artifacts))
+    v2 = register_on(registrar, settings.tracking_uri, "polled", str(settings.state.artifacts))
     client.set_registered_model_alias("polled", "champion", v1)
     assert [e["payload"]["version"] for e in Poller(client, state, "champion").poll_once(api)] == [v1]
     assert Poller(client, state, "champion").poll_once(api) == []  # a restarted poller: nothing new
