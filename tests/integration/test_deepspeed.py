@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import pytest
 from nodewise.core.errors import DeployFailed, NodewiseError
 from nodewise.core.settings import Settings
 from tests.integration.conftest import module_settings
+from tests.support import wait_until
 from tests.support.lm import deploy_on_two_ranks, rank_pids, register_tiny_llama
 
 
@@ -268,9 +268,7 @@ def test_tokens_stream_as_server_sent_events_and_a_client_that_leaves_frees_its_
     long = {"input_ids": [[5, 17, 33]], "max_new_tokens": 120, "stream": True, "temperature": 1.0, "seed": 3}
     with httpx.stream("POST", url, json=long, timeout=120) as answer:
         next(line for line in answer.iter_lines() if line.startswith("data: "))  # one token, then leave
-    deadline = time.monotonic() + 30
-    while cancelled() == before and time.monotonic() < deadline:
-        time.sleep(0.2)
+    wait_until(lambda: cancelled() != before, 30, "the left stream's request cancelled", every_s=0.2)
     assert cancelled() == before + 1
     health = httpx.get(f"{deployed.endpoint}/health", timeout=30).json()
     assert health["ready"], health["problems"]  # every rank still up

@@ -22,7 +22,7 @@ import pytest
 from nodewise.core.settings import Settings
 from tests.integration.conftest import module_settings
 from tests.support import hosts as netns
-from tests.support import wait_for_events
+from tests.support import wait_for_events, wait_until
 from tests.support.lm import register_tiny_llama
 
 pytestmark = pytest.mark.multihost
@@ -102,13 +102,13 @@ def _watch_until(settings: Settings, wanted: str, deadline_s: float) -> list[Any
     from tasks.watchdog.engine import watch_once
 
     seen: list[Any] = []
-    deadline = time.monotonic() + deadline_s
-    while time.monotonic() < deadline:
-        seen += watch_once(settings)
-        if any(a.event == wanted for a in seen):
-            return seen
-        time.sleep(0.5)
-    raise AssertionError(f"no {wanted} within {deadline_s} s; the watchdog did: {[a.model_dump() for a in seen]}")
+
+    def acted() -> bool:
+        seen.extend(watch_once(settings))
+        return any(a.event == wanted for a in seen)
+
+    wait_until(acted, deadline_s, f"the watchdog's {wanted}", seen=lambda: [a.model_dump() for a in seen])
+    return seen
 
 
 def test_ranks_on_two_hosts_cooperate_and_answer_like_the_whole_model(
@@ -157,10 +157,7 @@ def test_a_dead_node_is_replaced_by_the_spare_and_told_at_once(
     killed_at = time.time()
     assert lan.kill_host(lan[1]) >= 1  # the node of rank 1 dies
     cluster = read_cluster(settings, deployed.app_name)
-    deadline = time.monotonic() + 60
-    while exited_at(cluster) is None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert exited_at(cluster) is not None, "mpirun did not exit after its host died"
+    wait_until(lambda: exited_at(cluster) is not None, 60, "mpirun exited after its host died", every_s=0.2)
     event = _exited_event(deployed.app_name, since=killed_at)
     assert event["payload"]["hosts"] == [h0, h1]
 
@@ -201,9 +198,8 @@ def test_a_cut_off_host_is_seen_hanging_and_left_clean_when_it_returns(
     from tasks.watchdog.engine import watch_once
 
     watch_once(settings)  # the next pass reaches the host again and stops the rank left there
-    deadline = time.monotonic() + 30  # its orted then finds mpirun gone and exits (~2 s)
-    while lan[1].pids() and time.monotonic() < deadline:
-        time.sleep(0.5)
+    # Its orted then finds mpirun gone and exits (~2 s).
+    wait_until(lambda: not lan[1].pids(), 30, "no process left on the mended host", seen=lan[1].processes)
     assert lan[1].processes() == []
 
     from nodewise.cli.status import stop_everything
