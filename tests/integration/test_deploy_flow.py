@@ -17,7 +17,7 @@ from nodewise.core.errors import DeployFailed, ModelNotFound, RegistryUnreachabl
 from nodewise.core.settings import Settings
 from tasks.records import load_records
 from tests.integration.conftest import registered_with_serve_tags
-from tests.support import serve_replicas
+from tests.support import serve_replicas, wait_until
 from tests.support.flows import deploy_model
 from tests.support.models import BrokenOnLoad, DoubleIt, register_pyfunc, register_unservable
 
@@ -142,12 +142,16 @@ def test_replicas_follow_a_load_step_up_and_back_down_with_no_request_lost(setti
 
     def wait_for(replicas: int, timeout_s: float, watch: bool = False) -> float:
         started, watched = time.monotonic(), []
-        while running() != replicas:
-            assert time.monotonic() - started < timeout_s, f"not {replicas} replica(s) after {timeout_s:.0f} s"
+
+        def there() -> bool:
+            if running() == replicas:
+                return True
             if watch and not watched and len(states()) > running():  # a replica is starting: a pass now
-                watched = watch_once(settings)
+                watched[:] = watch_once(settings)
                 assert [a for a in watched if a.app == record.app_name] == [], watched
-            time.sleep(0.5)
+            return False
+
+        wait_until(there, timeout_s, f"{replicas} replica(s) running", seen=states)
         return time.monotonic() - started
 
     assert running() == 1
@@ -186,9 +190,7 @@ def test_a_model_scaled_to_zero_releases_its_replicas_and_answers_after_a_cold_s
         return len(serve_replicas(record.app_name))
 
     started = time.monotonic()
-    while replicas() > 0:
-        assert time.monotonic() - started < 90, "still has replicas 90 s after its last request"
-        time.sleep(0.5)
+    wait_until(lambda: replicas() == 0, 90, "no replica after its last request", seen=replicas)
     idle_s = time.monotonic() - started
     [row] = [r for r in deployment_status(settings)["deployments"] if r["app"] == record.app_name]
     assert row["health"].startswith("scaled to zero")

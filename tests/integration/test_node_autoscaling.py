@@ -18,7 +18,7 @@ import pytest
 from nodewise.cli.demo import digits_split
 from nodewise.cli.status import deployment_status
 from nodewise.core.settings import Settings
-from tests.support import LoadClient, serve_replicas
+from tests.support import LoadClient, serve_replicas, wait_until
 from tests.support.flows import deploy_model
 
 from .conftest import module_settings, registered_with_serve_tags
@@ -55,10 +55,7 @@ def test_a_load_step_adds_a_ray_node_for_the_replica_that_does_not_fit_and_idle_
 
     def wait_for(what: str, done, timeout_s: float = 120) -> float:
         started = time.monotonic()
-        while not done():
-            seen = f"replicas {[state(r) for r in replicas()]}, nodes {nodes()}"
-            assert time.monotonic() - started < timeout_s, f"{what}: not after {timeout_s:.0f} s; {seen}"
-            time.sleep(0.5)
+        wait_until(done, timeout_s, what, seen=lambda: f"replicas {[state(r) for r in replicas()]}, nodes {nodes()}")
         return time.monotonic() - started
 
     before = nodes()
