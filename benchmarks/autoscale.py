@@ -34,40 +34,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-
-class Clients:
-    """``n`` closed-loop clients, started and stopped on demand; (end time, outcome, latency) kept."""
-
-    def __init__(self, url: str, body: bytes, n: int) -> None:
-        self.url, self.body, self.n = url, body, n
-        self.log: list[tuple[float, str, float]] = []
-        self._lock, self._stop = threading.Lock(), threading.Event()
-        self._threads: list[threading.Thread] = []
-
-    def start(self) -> None:
-        self._stop.clear()
-        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(self.n)]
-        for thread in self._threads:
-            thread.start()
-
-    def _run(self) -> None:
-        import httpx
-
-        headers = {"Content-Type": "application/json"}
-        with httpx.Client(timeout=30) as client:
-            while not self._stop.is_set():
-                began = time.perf_counter()
-                try:
-                    outcome = str(client.post(self.url, content=self.body, headers=headers).status_code)
-                except httpx.HTTPError as e:
-                    outcome = type(e).__name__
-                with self._lock:
-                    self.log.append((time.time(), outcome, time.perf_counter() - began))
-
-    def stop(self) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(35)
+from tests.support import LoadClient, serve_replicas  # noqa: E402
 
 
 class Sampler:
@@ -82,12 +49,9 @@ class Sampler:
 
     def _run(self) -> None:
         import ray
-        from ray.serve.context import _get_global_client
 
-        client = _get_global_client()
         while not self._stop.is_set():
-            details = client.get_serve_details()["applications"][self.app]["deployments"]["ModelServer"]
-            states = [str(getattr(r["state"], "value", r["state"])) for r in details["replicas"]]
+            states = [r["state"] for r in serve_replicas(self.app)]
             self.samples.append((time.time(), states.count("RUNNING"), len(states)))
             self.nodes.append((time.time(), sum(n["Alive"] for n in ray.nodes())))
             time.sleep(0.5)
@@ -102,7 +66,7 @@ class Sampler:
 
 def profile(record: Any, body: bytes, args: argparse.Namespace, floor: int) -> dict[str, Any]:
     """The load profile against one deployment; its figures and its time series."""
-    clients = Clients(f"{record.endpoint}/invocations", body, args.clients)
+    clients = LoadClient(f"{record.endpoint}/invocations", body, args.clients)
     sampler = Sampler(record.app_name)
     t0 = time.time()
     time.sleep(args.idle)
@@ -111,6 +75,7 @@ def profile(record: Any, body: bytes, args: argparse.Namespace, floor: int) -> d
     time.sleep(args.hold)
     clients.stop()
     load_end = time.time()
+    log = [(o.at, o.outcome, o.latency_s) for o in clients.log]
     deadline = time.monotonic() + args.settle
     while time.monotonic() < deadline:
         settled = all(r == floor for _, r, n in sampler.samples[-4:]) and sampler.samples[-1][2] == floor
@@ -123,8 +88,8 @@ def profile(record: Any, body: bytes, args: argparse.Namespace, floor: int) -> d
     peak = max((r for t, r, _ in sampler.samples if step <= t <= load_end), default=0)
     above = [t for t, r, _ in sampler.samples if t >= load_end and r > floor]
     down = (max(above) - load_end + 0.5) if above else 0.0
-    tail = [(t, o, s) for t, o, s in clients.log if load_end - args.tail <= t <= load_end]
-    windows = series(clients.log, sampler.samples, t0, sampler.nodes)
+    tail = [(t, o, s) for t, o, s in log if load_end - args.tail <= t <= load_end]
+    windows = series(log, sampler.samples, t0, sampler.nodes)
     nodes_up = next((t - step for t, n in sampler.nodes if t >= step and n > sampler.nodes[0][1]), None)
     return {
         "nodes_at_start": sampler.nodes[0][1] if sampler.nodes else None,
@@ -136,9 +101,9 @@ def profile(record: Any, body: bytes, args: argparse.Namespace, floor: int) -> d
         "step_to_new_replica_running_s": None if up is None else round(up, 1),
         "peak_replicas": peak,
         "load_end_to_min_replicas_s": round(down, 1) if peak > floor else None,
-        "requests": len(clients.log),
-        "failed": sum(o != "200" for _, o, _ in clients.log),
-        "failed_outcomes": sorted({o for _, o, _ in clients.log if o != "200"}),
+        "requests": len(log),
+        "failed": sum(o != "200" for _, o, _ in log),
+        "failed_outcomes": sorted({o for _, o, _ in log if o != "200"}),
         "tail_req_per_s": round(len(tail) / args.tail, 1),
         "tail_p99_ms": round(percentile([s for _, _, s in tail], 99) * 1000, 1),
         "windows": windows,
@@ -157,11 +122,9 @@ def cold_start(record: Any, body: bytes) -> dict[str, Any]:
     """A model that scales to zero: seconds from its last request to no replica, then from one
     request to its answer (a replica started for it)."""
     import httpx
-    from ray.serve.context import _get_global_client
 
     def replicas() -> int:
-        details = _get_global_client().get_serve_details()["applications"][record.app_name]
-        return len(details["deployments"]["ModelServer"]["replicas"])
+        return len(serve_replicas(record.app_name))
 
     last = time.monotonic()
     httpx.post(f"{record.endpoint}/invocations", content=body, timeout=60).raise_for_status()

@@ -1,6 +1,6 @@
 """What another machine can reach of the local default: run `nodewise demo --detach` (a Serve app
 and a two-rank DeepSpeed job), list every TCP port its processes listen on, and probe each from
-another network host (a namespace joined to this one by a veth pair; tests/netns.py): an HTTP
+another network host (a namespace joined to this one by a veth pair; tests/support/netns.py): an HTTP
 GET and an inference POST, and where no HTTP answers, a gRPC call without Ray's token.
 
     python benchmarks/exposure.py                  # this checkout
@@ -27,10 +27,10 @@ sys.path.insert(0, str(ROOT))
 # Before the test helpers' import sets the tests' own environment (a sandbox op cache among it).
 OP_CACHE = os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".nodewise" / "torch_extensions"))
 
-import tests.conftest  # noqa: E402
-from tests.e2e.test_cli_journey import listening, loopback, remove_state  # noqa: E402
-from tests.integration.conftest import free_port_block  # noqa: E402
-from tests.netns import peer_host, probe  # noqa: E402
+import tests.support.sandbox  # noqa: E402  (the tests' temporary folders for every library)
+from tests.support.cli import listening, loopback, remove_state  # noqa: E402
+from tests.support.netns import peer_host, probe  # noqa: E402
+from tests.support.ports import free_port_block  # noqa: E402
 
 
 def nodewise(source: Path, env: dict[str, str], *args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:

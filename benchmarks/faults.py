@@ -3,7 +3,7 @@
 One run on this machine, a fresh state folder, the watchdog looping every ``--every`` seconds
 (as ``nodewise watchdog --every`` does) while a closed-loop client (``--clients`` threads) posts
 to the endpoint the whole time. Faults, each injected into one real process:
-- Ray Serve, 2 replicas of a small pyfunc model (tests/integration/models.py ``FaultOnFlag``):
+- Ray Serve, 2 replicas of a small pyfunc model (tests/support/models.py ``FaultOnFlag``):
   a hung replica (SIGSTOP), a replica failing every request, a replica leaking memory past
   ``memory_limit_bytes``;
 - DeepSpeed, a tiny Llama on 2 ranks under mpirun: ``kill -9`` of rank 1.
@@ -33,45 +33,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from tests.support import LoadClient, serve_replicas  # noqa: E402
+
 BODY = json.dumps({"inputs": [[1.0, 2.0, 3.0]]}).encode()
 LIMIT = 900 * 2**20
-
-
-class Load:
-    """Closed-loop clients; every answer kept with its time."""
-
-    def __init__(self, url: str, body: bytes, clients: int) -> None:
-        self.url, self.body = url, body
-        self.log: list[tuple[float, str]] = []
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(clients)]
-        for thread in self._threads:
-            thread.start()
-
-    def _run(self) -> None:
-        import httpx
-
-        with httpx.Client(timeout=30) as client:
-            while not self._stop.is_set():
-                try:
-                    outcome = str(client.post(self.url, content=self.body).status_code)
-                except httpx.HTTPError as e:
-                    outcome = type(e).__name__
-                with self._lock:
-                    self.log.append((time.time(), outcome))
-                if outcome != "200":
-                    time.sleep(0.1)  # a client backs off a little on errors (no hot spin on a closed port)
-
-    def failed_between(self, start: float, end: float) -> tuple[int, int]:
-        with self._lock:
-            window = [o for t, o in self.log if start <= t <= end]
-        return sum(o != "200" for o in window), len(window)
-
-    def stop(self) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(35)
 
 
 class Watchdog:
@@ -107,17 +72,14 @@ class Watchdog:
 
 
 def replicas(app: str) -> dict[str, dict]:
-    from ray.serve.context import _get_global_client
-
-    details = _get_global_client().get_serve_details()["applications"][app]["deployments"]["ModelServer"]
-    return {r["replica_id"]: r for r in details["replicas"]}
+    return {r["replica_id"]: r for r in serve_replicas(app)}
 
 
 def running(app: str) -> int:
-    return sum(str(getattr(r["state"], "value", r["state"])) == "RUNNING" for r in replicas(app).values())
+    return sum(r["state"] == "RUNNING" for r in serve_replicas(app))
 
 
-def watched(load: Load, dog: Watchdog, inject: Any, event: str = "nodewise.replica.restarted") -> dict:
+def watched(load: LoadClient, dog: Watchdog, inject: Any, event: str = "nodewise.replica.restarted") -> dict:
     """Inject a fault; time the watchdog's detection and repair; count the requests lost."""
     fault_at = time.time()
     inject()
@@ -135,7 +97,7 @@ def watched(load: Load, dog: Watchdog, inject: Any, event: str = "nodewise.repli
     }
 
 
-def serve_alone_hung(load: Load, app: str, window_s: float) -> dict:
+def serve_alone_hung(load: LoadClient, app: str, window_s: float) -> dict:
     """Ray Serve without the watchdog: SIGSTOP one replica, wait for Serve to replace it."""
     victim = next(r for r in replicas(app).values() if r["pid"])
     fault_at = time.time()
@@ -160,7 +122,7 @@ def serve_alone_hung(load: Load, app: str, window_s: float) -> dict:
     }
 
 
-def serve_alone_failing(load: Load, app: str, flags: Path, window_s: float) -> dict:
+def serve_alone_failing(load: LoadClient, app: str, flags: Path, window_s: float) -> dict:
     """Ray Serve without the watchdog: one replica fails every request for ``window_s``."""
     victim = next(iter(replicas(app).values()))
     fault_at = time.time()
@@ -189,7 +151,7 @@ def main() -> None:
     serve = {"replicas": 2, "memory_limit_bytes": LIMIT}
     with local_instance("nwf-", 24310, serve=serve, watchdog=watchdog) as settings:
         from flows.deploy import deploy_model
-        from tests.integration.models import FaultOnFlag, register_pyfunc
+        from tests.support.models import FaultOnFlag, register_pyfunc
 
         flags = settings.state.root / "flags"
         flags.mkdir()
@@ -197,7 +159,8 @@ def main() -> None:
         with using_settings(settings):
             record = deploy_model(uri)
         app = record.app_name
-        load = Load(f"{record.endpoint}/invocations", BODY, args.clients)
+        load = LoadClient(f"{record.endpoint}/invocations", BODY, args.clients, backoff_s=0.1)
+        load.start()
         time.sleep(3)
         peer = {"hung": serve_alone_hung(load, app, args.peer_window)}
         peer["failing"] = serve_alone_failing(load, app, flags, 30)
@@ -236,21 +199,22 @@ def deepspeed_fault(settings: Any, dog: Watchdog, clients: int) -> dict:
     """``kill -9`` of rank 1 of a 2-rank job under load; the watchdog restarts every rank."""
     import httpx
 
-    from tests.integration.lm import deploy_on_two_ranks, rank_pids, register_tiny_llama
+    from tests.support.lm import deploy_on_two_ranks, rank_pids, register_tiny_llama
 
     record = deploy_on_two_ranks(settings, register_tiny_llama(settings, "faults"))
     body = json.dumps({"inputs": [[5, 17, 33, 60, 2, 9]]}).encode()
-    load = Load(f"{record.endpoint}/invocations", body, clients)
+    load = LoadClient(f"{record.endpoint}/invocations", body, clients, backoff_s=0.1)
+    load.start()
     time.sleep(3)
     fault_at = time.time()
     os.kill(rank_pids(record.endpoint)[1], signal.SIGKILL)
     acted_at, action = dog.wait_for("nodewise.cluster.restarted", fault_at)
     back = None  # the first answer after the outage (the first failed request after the kill)
     while back is None and time.time() < acted_at + 60:
-        with load._lock:
-            down = next((t for t, o in load.log if t >= fault_at and o != "200"), None)
-            if down is not None:
-                back = next((t for t, o in load.log if t > down and o == "200"), None)
+        since = load.outcomes_between(fault_at)
+        down = next((o.at for o in since if not o.ok), None)
+        if down is not None:
+            back = next((o.at for o in since if o.at > down and o.ok), None)
         time.sleep(0.1)
     load.stop()
     failed, total = load.failed_between(fault_at, back or time.time())

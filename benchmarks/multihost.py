@@ -1,6 +1,6 @@
 """The multi-node backend across real network hosts: speed against one host, node loss, partition.
 
-One run on this machine, with three network namespaces on a bridge as hosts (tests/hosts.py;
+One run on this machine, with three network namespaces on a bridge as hosts (tests/support/hosts.py;
 mpirun reaches them through its remote-shell agent, ranks talk gloo over TCP between them):
 1. TP=2 on one host (this machine, shared-memory all-reduce) against TP=2 across two hosts,
    side by side: launch to every rank ready, ``POST /invocations`` (``--seq`` token ids) and
@@ -37,7 +37,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.deepspeed_cluster import bench_spec, latencies  # noqa: E402
-from benchmarks.faults import Load, Watchdog  # noqa: E402
+from benchmarks.faults import Watchdog  # noqa: E402
+from tests.support import LoadClient  # noqa: E402
 
 
 def launch_timed(spec: Any, hosts: list[str], settings: Any) -> tuple[Any, float]:
@@ -103,15 +104,15 @@ class ExitedSubscriber:
                 self.passes.append((started, time.time(), actions))
 
 
-def first_ok_after(load: Load, since: float, timeout_s: float = 120) -> float | None:
+def first_ok_after(load: LoadClient, since: float, timeout_s: float = 120) -> float | None:
     deadline = time.time() + timeout_s
     while time.time() < deadline:
-        with load._lock:
-            down = next((t for t, o in load.log if t >= since and o != "200"), None)
-            if down is not None:
-                back = next((t for t, o in load.log if t > down and o == "200"), None)
-                if back is not None:
-                    return back
+        after = load.outcomes_between(since)
+        down = next((o.at for o in after if not o.ok), None)
+        if down is not None:
+            back = next((o.at for o in after if o.at > down and o.ok), None)
+            if back is not None:
+                return back
         time.sleep(0.1)
     return None
 
@@ -121,7 +122,8 @@ def node_loss(settings: Any, lan: Any, record: Any, clients: int) -> dict:
 
     subscriber = ExitedSubscriber(settings)
     body = json.dumps({"inputs": [[5, 17, 33, 60, 2, 9]]}).encode()
-    load = Load(f"{record.endpoint}/invocations", body, clients)
+    load = LoadClient(f"{record.endpoint}/invocations", body, clients, backoff_s=0.1)
+    load.start()
     time.sleep(3)
     before = read_cluster(settings, record.app_name)
     fault_at = time.time()
@@ -160,7 +162,8 @@ def partition(settings: Any, lan: Any, record: Any, every_s: float, clients: int
     cluster = read_cluster(settings, record.app_name)
     victim = next(h for h in lan.hosts if h.address == cluster.hosts[1])
     body = json.dumps({"inputs": [[5, 17, 33, 60, 2, 9]]}).encode()
-    load = Load(f"{cluster.endpoint}/invocations", body, clients)
+    load = LoadClient(f"{cluster.endpoint}/invocations", body, clients, backoff_s=0.1)
+    load.start()
     dog = Watchdog(settings, every_s)
     time.sleep(2)
     fault_at = time.time()
@@ -199,7 +202,7 @@ def main() -> None:
 
     from prefect.testing.utilities import prefect_test_harness
 
-    from tests import hosts as netns
+    from tests.support import hosts as netns
 
     if not netns.available():
         sys.exit(netns.why_unavailable())
@@ -215,7 +218,7 @@ def main() -> None:
         from nodewise.core.settings import Settings
         from tasks.planning.profile_models import profile_with_cache
         from tasks.planning.registry import resolve_model
-        from tests.flows import deploy_model
+        from tests.support.flows import deploy_model
 
         settings = Settings(
             state_dir=state,

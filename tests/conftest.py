@@ -2,43 +2,18 @@
 
 from __future__ import annotations
 
-import os
-import secrets
 import shutil
 import socket
-import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 # Before anything imports Prefect, MLflow, Ray or torch: keep their state out of $HOME.
-_SANDBOX = Path(tempfile.mkdtemp(prefix="nw-tests-"))
-# Ray reads its auth token once per process, possibly while a test module is collected (importing
-# ray.serve): from the start, this process's token is the one every test's Ray instance uses.
-RAY_TEST_TOKEN = secrets.token_hex(32)
-(_SANDBOX / "ray_token").write_text(RAY_TEST_TOKEN)
-os.environ.update(
-    {
-        "PREFECT_HOME": str(_SANDBOX / "prefect"),
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_UI_ENABLED": "false",
-        "MLFLOW_TRACKING_URI": f"sqlite:///{_SANDBOX / 'mlflow.db'}",
-        "MLFLOW_DISABLE_TELEMETRY": "true",
-        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
-        "TORCH_EXTENSIONS_DIR": str(_SANDBOX / "torch_extensions"),
-        "RAY_USAGE_STATS_ENABLED": "0",
-        "RAY_TMPDIR": str(_SANDBOX / "ray"),
-        "RAY_AUTH_MODE": "token",
-        "RAY_AUTH_TOKEN_PATH": str(_SANDBOX / "ray_token"),
-        # Read once per process too: every Ray of the tests is a one-machine Ray (node address
-        # 127.0.0.1), as nodewise's local instance is, so this process's driver matches each of them.
-        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-        "NODEWISE_STATE_DIR": str(_SANDBOX / "state"),
-    }
-)
-for _name in list(os.environ):
-    if _name.startswith("NODEWISE_") and _name != "NODEWISE_STATE_DIR":
-        del os.environ[_name]
+from tests.support.registrar import Registrar
+from tests.support.sandbox import RAY_TEST_TOKEN, SANDBOX
+
+__all__ = ["RAY_TEST_TOKEN", "free_port"]
 
 _MARKERS = ("unit", "integration", "e2e")
 
@@ -52,7 +27,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    shutil.rmtree(_SANDBOX, ignore_errors=True)
+    shutil.rmtree(SANDBOX, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)
@@ -81,3 +56,11 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def registrar() -> Iterator[Registrar]:
+    """One registering process for the whole run (see tests/support/registrar.py)."""
+    made = Registrar()
+    yield made
+    made.close()

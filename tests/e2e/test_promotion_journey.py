@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,8 +21,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e.test_cli_journey import NODEWISE, remove_state, user_environment
-from tests.integration.conftest import free_port_block
+from tests.support import read_events, wait_for_events
+from tests.support.cli import NODEWISE, remove_state, user_environment
+from tests.support.ports import free_port_block
+from tests.support.registrar import Registrar
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -52,24 +53,11 @@ def pipeline() -> Iterator[tuple[Path, dict[str, str], str, str]]:
         remove_state(state)
 
 
-def register(mlflow: str, state: Path, what: str) -> str:
-    """Register a version of nodewise-digits through the MLflow server (in a subprocess: a user's
-    script); ``what``: ``digits`` (a retrained demo model) or ``broken`` (fails to load)."""
-    script = (
-        "import mlflow, sys; mlflow.set_tracking_uri(sys.argv[1]); root = sys.argv[2]\n"
-        "if sys.argv[3] == 'digits':\n"
-        "    from nodewise.cli.demo import register_demo_model\n"
-        "    print(register_demo_model(root, alias='staging', retrain=True).version)\n"
-        "else:\n"
-        "    from tests.integration.models import BrokenOnLoad, register_pyfunc\n"
-        "    print(register_pyfunc(BrokenOnLoad(), 'nodewise-digits', root).rsplit('/', 1)[1])\n"
-    )
-    root = str(state / "services" / "mlflow" / "artifacts")
-    done = subprocess.run(
-        [sys.executable, "-c", script, mlflow, root, what], capture_output=True, text=True, timeout=300, cwd=ROOT
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    return done.stdout.strip().splitlines()[-1]
+def register(registrar: Registrar, mlflow: str, state: Path, what: str) -> str:
+    """Register a version of nodewise-digits through the MLflow server (from another process: a
+    user's script); ``what``: ``digits`` (a retrained demo model) or ``broken`` (fails to load)."""
+    kind = {"digits": "demo-retrained", "broken": "broken-on-load"}[what]
+    return registrar.register(kind, mlflow, str(state / "services" / "mlflow" / "artifacts"))
 
 
 def served(endpoint: str) -> str | None:
@@ -87,22 +75,13 @@ def wait_served(endpoint: str, version: str, timeout_s: float = 300) -> float:
     return time.monotonic() - started
 
 
-def failed_events(prefect_api: str) -> list[dict]:
-    answer = httpx.post(
-        f"{prefect_api}/events/filter",
-        json={"filter": {"event": {"name": ["nodewise.deploy.failed"]}}, "limit": 50},
-        timeout=10,
-    )
-    return answer.json()["events"]
-
-
 def promotions(state: Path) -> list[dict]:
     path = state / "promotions.json"
     return json.loads(path.read_text())["history"] if path.exists() else []
 
 
 def test_promotions_deploy_the_newest_and_a_broken_version_leaves_the_previous_serving(
-    pipeline: tuple[Path, dict[str, str], str, str],
+    pipeline: tuple[Path, dict[str, str], str, str], registrar: Registrar
 ) -> None:
     from mlflow import MlflowClient
 
@@ -110,11 +89,11 @@ def test_promotions_deploy_the_newest_and_a_broken_version_leaves_the_previous_s
     client = MlflowClient(tracking_uri=mlflow, registry_uri=mlflow)
     endpoint = f"http://127.0.0.1:{env['NODEWISE_SERVE__PORT']}/nodewise-digits"
 
-    v1 = register(mlflow, state, "digits")
+    v1 = register(registrar, mlflow, state, "digits")
     client.set_registered_model_alias("nodewise-digits", "champion", v1)
     print(f"first promotion served after {wait_served(endpoint, v1):.1f} s (Ray started on the way)")
 
-    v2, v3 = register(mlflow, state, "digits"), register(mlflow, state, "digits")
+    v2, v3 = register(registrar, mlflow, state, "digits"), register(registrar, mlflow, state, "digits")
     client.set_registered_model_alias("nodewise-digits", "champion", v2)
     client.set_registered_model_alias("nodewise-digits", "champion", v3)  # right after: the newest must win
     wait_served(endpoint, v3)
@@ -122,7 +101,7 @@ def test_promotions_deploy_the_newest_and_a_broken_version_leaves_the_previous_s
     assert served(endpoint) == v3
     assert client.get_model_version_by_alias("nodewise-digits", "previous").version in (v1, v2)
 
-    broken = register(mlflow, state, "broken")
+    broken = register(registrar, mlflow, state, "broken")
     client.set_registered_model_alias("nodewise-digits", "champion", broken)
     deadline = time.monotonic() + 300
     while not any(p["version"] == broken for p in promotions(state)):
@@ -131,10 +110,8 @@ def test_promotions_deploy_the_newest_and_a_broken_version_leaves_the_previous_s
     [failure] = [p for p in promotions(state) if p["version"] == broken]
     assert failure["outcome"].startswith("failed: "), failure
     assert served(endpoint) == v3  # the previous version keeps serving
-    deadline = time.monotonic() + 60  # the run sends its event as it ends: give it a moment
-    while not (events := failed_events(prefect_api)):
-        assert time.monotonic() < deadline, "no nodewise.deploy.failed event reached Prefect"
-        time.sleep(1)
+    # The run sends its event as it ends: give it a moment.
+    events = wait_for_events(["nodewise.deploy.failed"], timeout_s=60, api_url=prefect_api)
     assert [e["payload"]["version"] for e in events] == [broken]
     assert events[0]["payload"]["still_serving"] == v3
     # `nodewise up`'s exporter: the promotion's duration and the deployment's state, from the state folder
@@ -194,18 +171,12 @@ def prefect_records(prefect_api: str) -> dict[str, str]:
         answer = httpx.post(f"{prefect_api}/{kind}/filter", json={"limit": 200}, timeout=30)
         assert answer.status_code == 200, answer.text
         texts[kind] = answer.text
-    events, page = [], httpx.post(f"{prefect_api}/events/filter", json={"limit": 50}, timeout=30).json()
-    while True:
-        events.extend(page["events"])
-        if not page.get("next_page"):
-            break
-        page = httpx.get(page["next_page"], timeout=30).json()
-    texts["events"] = json.dumps(events)
+    texts["events"] = json.dumps(read_events(api_url=prefect_api))
     return texts
 
 
 def test_cli_deploys_reach_the_users_prefect_and_no_secret_is_stored(
-    pipeline: tuple[Path, dict[str, str], str, str], tmp_path: Path
+    pipeline: tuple[Path, dict[str, str], str, str], tmp_path: Path, registrar: Registrar
 ) -> None:
     state, env, mlflow, prefect_api = pipeline
     secret = (state / "services" / "webhook.secret").read_text().strip()
@@ -215,7 +186,7 @@ def test_cli_deploys_reach_the_users_prefect_and_no_secret_is_stored(
         "NODEWISE_MLFLOW__TRACKING_URI": mlflow,
         "NODEWISE_TRIGGERS__WEBHOOK_SECRET": secret,
     }
-    version = register(mlflow, state, "digits")
+    version = register(registrar, mlflow, state, "digits")
     deploy = subprocess.run(
         [NODEWISE, "deploy", f"models:/nodewise-digits/{version}"],
         env=user,
@@ -276,14 +247,14 @@ def deploy_runs(prefect_api: str, uri: str) -> list[dict]:
 
 
 def test_prefect_down_when_the_webhook_arrives_gives_502_then_exactly_one_deploy(
-    pipeline: tuple[Path, dict[str, str], str, str],
+    pipeline: tuple[Path, dict[str, str], str, str], registrar: Registrar
 ) -> None:
     from mlflow import MlflowClient
 
     state, env, mlflow, prefect_api = pipeline
     client = MlflowClient(tracking_uri=mlflow, registry_uri=mlflow)
     endpoint = f"http://127.0.0.1:{env['NODEWISE_SERVE__PORT']}/nodewise-digits"
-    version = register(mlflow, state, "digits")
+    version = register(registrar, mlflow, state, "digits")
     receiver_log = Path(service(state, "receiver")["log"])
     refused_before = receiver_log.read_text().count("not passed on")
 
@@ -322,11 +293,13 @@ def test_the_watchdog_with_the_registry_down_changes_nothing(pipeline: tuple[Pat
     assert "started again what had stopped: mlflow-server; the others kept running" in up.stdout, up.stdout
 
 
-def test_two_cli_deploys_of_one_model_at_once_end_consistent(pipeline: tuple[Path, dict[str, str], str, str]) -> None:
+def test_two_cli_deploys_of_one_model_at_once_end_consistent(
+    pipeline: tuple[Path, dict[str, str], str, str], registrar: Registrar
+) -> None:
     state, env, mlflow, prefect_api = pipeline
     endpoint = f"http://127.0.0.1:{env['NODEWISE_SERVE__PORT']}/nodewise-digits"
     user = {**env, "NODEWISE_PREFECT__API_URL": prefect_api, "NODEWISE_MLFLOW__TRACKING_URI": mlflow}
-    first, second = register(mlflow, state, "digits"), register(mlflow, state, "digits")
+    first, second = register(registrar, mlflow, state, "digits"), register(registrar, mlflow, state, "digits")
     procs = [
         subprocess.Popen(
             [NODEWISE, "deploy", f"models:/nodewise-digits/{v}"],

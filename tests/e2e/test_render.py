@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.e2e.test_cli_journey import NODEWISE, remove_state, user_environment
 from tests.k8s_schema import validate
 from tests.kube_emulator import kube_emulator, write_kubeconfig
+from tests.support.cli import NODEWISE, remove_state, user_environment
 
 ROOT = Path(__file__).resolve().parents[2]
 GPU_CLUSTER = str(ROOT / "deployments" / "inventory" / "gpu-cluster.yaml")

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import os
-import random
 import shutil
-import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,27 +13,9 @@ import pytest
 from nodewise.core.runtime import configure_process
 from nodewise.core.settings import Settings
 from tests.conftest import RAY_TEST_TOKEN
-
-
-def _free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
+from tests.support.ports import free_port_block
 
 _SESSION_RAY_TOKEN = RAY_TEST_TOKEN  # see tests/conftest.py
-
-
-def free_port_block(size: int = 4) -> int:
-    """A base port with ``size`` consecutive free ports (Ray's instance uses 4)."""
-    for _ in range(200):
-        base = random.randrange(20000, 29000)  # below Serve's direct-ingress ports (30000+)
-        if all(_free(base + i) for i in range(size)):
-            return base
-    raise RuntimeError("no free port block")
 
 
 def make_settings(**overrides: object) -> Settings:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
 import pytest
+
+from tests.support import wait_until
 
 PROMPTS = ["hello nodewise", "a", "serving models", "xyz 123", "the quick brown fox", "ok", "tensor", "batch me"]
 
@@ -121,9 +122,7 @@ def check_a_client_that_leaves_frees_its_slot(endpoint: str, model: str, cancell
     with httpx.stream("POST", f"{endpoint}/v1/completions", json=body, timeout=60) as answer:
         assert answer.status_code == 200
         next(line for line in answer.iter_lines() if line.startswith("data: "))  # one chunk, then leave
-    deadline = time.monotonic() + 30
-    while cancelled() == before and time.monotonic() < deadline:
-        time.sleep(0.2)
+    wait_until(lambda: cancelled() != before, 30, "the left stream's request cancelled", every_s=0.2)
     assert cancelled() == before + 1
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,7 +21,8 @@ import pytest
 from nodewise.core.errors import DeployFailed, NodewiseError
 from nodewise.core.settings import Settings
 from tests.integration.conftest import module_settings
-from tests.integration.lm import deploy_on_two_ranks, rank_pids, register_tiny_llama
+from tests.support import wait_until
+from tests.support.lm import deploy_on_two_ranks, rank_pids, register_tiny_llama
 
 
 @pytest.fixture(scope="module")
@@ -268,9 +268,7 @@ def test_tokens_stream_as_server_sent_events_and_a_client_that_leaves_frees_its_
     long = {"input_ids": [[5, 17, 33]], "max_new_tokens": 120, "stream": True, "temperature": 1.0, "seed": 3}
     with httpx.stream("POST", url, json=long, timeout=120) as answer:
         next(line for line in answer.iter_lines() if line.startswith("data: "))  # one token, then leave
-    deadline = time.monotonic() + 30
-    while cancelled() == before and time.monotonic() < deadline:
-        time.sleep(0.2)
+    wait_until(lambda: cancelled() != before, 30, "the left stream's request cancelled", every_s=0.2)
     assert cancelled() == before + 1
     health = httpx.get(f"{deployed.endpoint}/health", timeout=30).json()
     assert health["ready"], health["problems"]  # every rank still up
@@ -348,7 +346,7 @@ def test_bad_requests_get_a_clear_error_and_every_rank_stays_up(
 
 
 def test_fuzzing_rank_0_from_its_openapi_document_gives_no_500_and_every_rank_stays_up(deployed: object) -> None:
-    from tests.fuzzing import fuzz_endpoint
+    from tests.support.fuzzing import fuzz_endpoint
 
     endpoint = deployed.endpoint  # type: ignore[attr-defined]
     pids = rank_pids(endpoint)
@@ -403,7 +401,7 @@ def test_a_new_version_whose_ranks_fail_is_rolled_back(settings: Settings, exper
     from nodewise.cli.demo import build_llama, log_llama
     from tasks.planning.profile_models import profile_with_cache
     from tasks.planning.registry import resolve_model
-    from tests.flows import deploy_model
+    from tests.support.flows import deploy_model
 
     model, tokenizer = build_llama(hidden=64, layers=2, heads=4, max_positions=128, seed=1)
     version = log_llama(model, tokenizer, "tiny-llama", experiment)

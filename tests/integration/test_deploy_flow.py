@@ -16,10 +16,10 @@ from nodewise.cli.status import deployment_status
 from nodewise.core.errors import DeployFailed, ModelNotFound, RegistryUnreachable, UnsupportedModel
 from nodewise.core.settings import Settings
 from tasks.records import load_records
-from tests.flows import deploy_model
 from tests.integration.conftest import registered_with_serve_tags
-
-from .models import BrokenOnLoad, DoubleIt, register_pyfunc, register_unservable
+from tests.support import serve_replicas, wait_until
+from tests.support.flows import deploy_model
+from tests.support.models import BrokenOnLoad, DoubleIt, register_pyfunc, register_unservable
 
 
 def own_output(uri: str, rows: np.ndarray) -> np.ndarray:
@@ -123,12 +123,10 @@ def test_replicas_follow_a_load_step_up_and_back_down_with_no_request_lost(setti
     step adds a replica, the end of the load removes it, and no request fails on the way. The
     watchdog, passing while the new replica starts, restarts nothing and reports nothing: a
     scale-up is not a sick replica."""
-    from ray.serve.context import _get_global_client
 
     from nodewise.cli.status import deployment_status
     from tasks.watchdog.engine import watch_once
-
-    from .steady import SteadyClient
+    from tests.support import LoadClient
 
     name, version = registered_with_serve_tags(
         settings, "digits-autoscaled", min_replicas=1, max_replicas=2, target_ongoing_requests=1,
@@ -137,22 +135,23 @@ def test_replicas_follow_a_load_step_up_and_back_down_with_no_request_lost(setti
     record = deploy_model(f"models:/{name}/{version}", settings=settings)
 
     def states() -> list[str]:
-        details = _get_global_client().get_serve_details()["applications"][record.app_name]
-        return [
-            str(getattr(r["state"], "value", r["state"])) for r in details["deployments"]["ModelServer"]["replicas"]
-        ]
+        return [r["state"] for r in serve_replicas(record.app_name)]
 
     def running() -> int:
         return states().count("RUNNING")
 
     def wait_for(replicas: int, timeout_s: float, watch: bool = False) -> float:
         started, watched = time.monotonic(), []
-        while running() != replicas:
-            assert time.monotonic() - started < timeout_s, f"not {replicas} replica(s) after {timeout_s:.0f} s"
+
+        def there() -> bool:
+            if running() == replicas:
+                return True
             if watch and not watched and len(states()) > running():  # a replica is starting: a pass now
-                watched = watch_once(settings)
+                watched[:] = watch_once(settings)
                 assert [a for a in watched if a.app == record.app_name] == [], watched
-            time.sleep(0.5)
+            return False
+
+        wait_until(there, timeout_s, f"{replicas} replica(s) running", seen=states)
         return time.monotonic() - started
 
     assert running() == 1
@@ -160,7 +159,7 @@ def test_replicas_follow_a_load_step_up_and_back_down_with_no_request_lost(setti
     body = json.dumps({"inputs": x_test[:1].tolist()}).encode()
     [row] = [r for r in deployment_status(settings)["deployments"] if r["app"] == record.app_name]
     assert row["autoscaling"] == {"min_replicas": 1, "max_replicas": 2}
-    with SteadyClient(f"{record.endpoint}/invocations", body, workers=4) as load:
+    with LoadClient(f"{record.endpoint}/invocations", body, workers=4) as load:
         up_s = wait_for(2, 90, watch=True)
         time.sleep(2)  # both serve
         assert [a for a in watch_once(settings) if a.app == record.app_name] == []
@@ -176,7 +175,6 @@ def test_a_model_scaled_to_zero_releases_its_replicas_and_answers_after_a_cold_s
     one replica, idling releases it, status says so without waking it, the watchdog restarts
     nothing, and a request then waits for a new replica. A client that will not wait that long
     (Serve's x-request-timeout-seconds) gets 503 with Retry-After, not an error page."""
-    from ray.serve.context import _get_global_client
 
     from tasks.watchdog.engine import watch_once
 
@@ -189,13 +187,10 @@ def test_a_model_scaled_to_zero_releases_its_replicas_and_answers_after_a_cold_s
     assert httpx.post(f"{record.endpoint}/invocations", content=body, timeout=30).status_code == 200
 
     def replicas() -> int:
-        details = _get_global_client().get_serve_details()["applications"][record.app_name]
-        return len(details["deployments"]["ModelServer"]["replicas"])
+        return len(serve_replicas(record.app_name))
 
     started = time.monotonic()
-    while replicas() > 0:
-        assert time.monotonic() - started < 90, "still has replicas 90 s after its last request"
-        time.sleep(0.5)
+    wait_until(lambda: replicas() == 0, 90, "no replica after its last request", seen=replicas)
     idle_s = time.monotonic() - started
     [row] = [r for r in deployment_status(settings)["deployments"] if r["app"] == record.app_name]
     assert row["health"].startswith("scaled to zero")

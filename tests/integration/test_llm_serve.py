@@ -14,10 +14,10 @@ import httpx
 import pytest
 
 from nodewise.core.settings import Settings
-from tests.flows import deploy_model
 from tests.integration import openai_checks as check
 from tests.integration.conftest import module_settings
-from tests.integration.lm import register_tiny_llama
+from tests.support.flows import deploy_model
+from tests.support.lm import register_tiny_llama
 
 # 4 rows profiled: the plan counts KV for 4 x 128 tokens, and the engine holds no more
 ROWS = 4
@@ -56,7 +56,7 @@ def test_the_plan_sends_it_to_ray_serve_with_the_engine_and_its_kv_budget(deploy
 def test_the_openai_client_works_against_the_replica(deployed: object) -> None:
     import torch
 
-    from tests.integration.lm import load_whole_llama
+    from tests.support.lm import load_whole_llama
 
     alone = check.check_everything(deployed.endpoint, "tiny-llama")  # type: ignore[attr-defined]
     # alone is what Hugging Face's generate gives the whole model in this process, greedily
@@ -82,7 +82,7 @@ def test_requests_over_the_token_budget_wait_then_complete(deployed: object) -> 
 
 
 def test_fuzzing_the_replica_from_its_openapi_document_gives_no_500(deployed: object) -> None:
-    from tests.fuzzing import fuzz_endpoint
+    from tests.support.fuzzing import fuzz_endpoint
 
     endpoint = deployed.endpoint  # type: ignore[attr-defined]
     raw = ("/v1/completions", "/v1/chat/completions")

@@ -1,6 +1,6 @@
 """The multi-node backend across real network hosts: DeepSpeed ranks in separate namespaces.
 
-Three namespace hosts on a bridge (tests/hosts.py); mpirun reaches them through its remote-shell
+Three namespace hosts on a bridge (tests/support/hosts.py); mpirun reaches them through its remote-shell
 agent, as it reaches machines through ssh. The flow plans the tiny Llama on two of them (the third
 is a spare): each host runs one rank (its own LOCAL_RANK 0 / LOCAL_SIZE 1), gloo talks TCP between
 them, rank 0 answers on its host's address. Then one journey of faults: a node dies (the spare
@@ -20,9 +20,10 @@ import numpy as np
 import pytest
 
 from nodewise.core.settings import Settings
-from tests import hosts as netns
 from tests.integration.conftest import module_settings
-from tests.integration.lm import register_tiny_llama
+from tests.support import hosts as netns
+from tests.support import wait_for_events, wait_until
+from tests.support.lm import register_tiny_llama
 
 pytestmark = pytest.mark.multihost
 
@@ -60,7 +61,7 @@ def deployed(settings: Settings, lan: netns.Hosts) -> Any:
     from nodewise.cli.demo import too_small_inventory
     from tasks.planning.profile_models import profile_with_cache
     from tasks.planning.registry import resolve_model
-    from tests.flows import deploy_model
+    from tests.support.flows import deploy_model
 
     model_uri = register_tiny_llama(settings, "multihost-tests")
     model = resolve_model(model_uri, MlflowClient())
@@ -101,13 +102,13 @@ def _watch_until(settings: Settings, wanted: str, deadline_s: float) -> list[Any
     from tasks.watchdog.engine import watch_once
 
     seen: list[Any] = []
-    deadline = time.monotonic() + deadline_s
-    while time.monotonic() < deadline:
-        seen += watch_once(settings)
-        if any(a.event == wanted for a in seen):
-            return seen
-        time.sleep(0.5)
-    raise AssertionError(f"no {wanted} within {deadline_s} s; the watchdog did: {[a.model_dump() for a in seen]}")
+
+    def acted() -> bool:
+        seen.extend(watch_once(settings))
+        return any(a.event == wanted for a in seen)
+
+    wait_until(acted, deadline_s, f"the watchdog's {wanted}", seen=lambda: [a.model_dump() for a in seen])
+    return seen
 
 
 def test_ranks_on_two_hosts_cooperate_and_answer_like_the_whole_model(
@@ -156,10 +157,7 @@ def test_a_dead_node_is_replaced_by_the_spare_and_told_at_once(
     killed_at = time.time()
     assert lan.kill_host(lan[1]) >= 1  # the node of rank 1 dies
     cluster = read_cluster(settings, deployed.app_name)
-    deadline = time.monotonic() + 60
-    while exited_at(cluster) is None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert exited_at(cluster) is not None, "mpirun did not exit after its host died"
+    wait_until(lambda: exited_at(cluster) is not None, 60, "mpirun exited after its host died", every_s=0.2)
     event = _exited_event(deployed.app_name, since=killed_at)
     assert event["payload"]["hosts"] == [h0, h1]
 
@@ -200,9 +198,8 @@ def test_a_cut_off_host_is_seen_hanging_and_left_clean_when_it_returns(
     from tasks.watchdog.engine import watch_once
 
     watch_once(settings)  # the next pass reaches the host again and stops the rank left there
-    deadline = time.monotonic() + 30  # its orted then finds mpirun gone and exits (~2 s)
-    while lan[1].pids() and time.monotonic() < deadline:
-        time.sleep(0.5)
+    # Its orted then finds mpirun gone and exits (~2 s).
+    wait_until(lambda: not lan[1].pids(), 30, "no process left on the mended host", seen=lan[1].processes)
     assert lan[1].processes() == []
 
     from nodewise.cli.status import stop_everything
@@ -219,22 +216,7 @@ def _watch_until_quiet(settings: Settings) -> list[Any]:
 
 def _exited_event(app: str, since: float, timeout_s: float = 15) -> dict[str, Any]:
     """The ``nodewise.cluster.exited`` event the supervisor posted, read back from Prefect's API."""
-    from datetime import UTC, datetime
-
-    from prefect.settings import PREFECT_API_URL
-
-    body = {
-        "filter": {
-            "event": {"name": ["nodewise.cluster.exited"]},
-            "occurred": {"since": datetime.fromtimestamp(since - 5, UTC).isoformat()},
-            "any_resource": {"id": [f"nodewise.deployment.{app}"]},
-        },
-        "limit": 10,
-    }
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        found = httpx.post(f"{PREFECT_API_URL.value()}/events/filter", json=body, timeout=10).json()
-        if found.get("events"):
-            return found["events"][0]
-        time.sleep(0.5)
-    raise AssertionError(f"no nodewise.cluster.exited event for {app} within {timeout_s} s")
+    found = wait_for_events(
+        ["nodewise.cluster.exited"], any_resource=f"nodewise.deployment.{app}", since=since - 5, timeout_s=timeout_s
+    )
+    return found[0]

@@ -1,7 +1,7 @@
 """Ray Serve across real network hosts: one node dies, only its replica is lost, the others serve.
 
 A Ray cluster whose head runs on this machine's address on a bridge and whose two workers run in
-two namespace hosts (tests/hosts.py), each with a node address of its own, token auth on. nodewise
+two namespace hosts (tests/support/hosts.py), each with a node address of its own, token auth on. nodewise
 deploys onto it with `nodewise deploy --inventory ray:ADDRESS` (a CLI process: a driver on the
 head's host, as a user runs it), three replicas spread over the three nodes. Then one worker host
 dies (its processes killed, off the network) under a steady client: requests keep being answered
@@ -20,18 +20,17 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 import pytest
 
 from nodewise.core.runtime import serve_environment
-from tests import hosts as netns
+from tests.support import LoadClient, wait_until
+from tests.support import hosts as netns
 
 from .conftest import _SESSION_RAY_TOKEN, free_port_block, make_settings
 
@@ -129,31 +128,6 @@ def _kill_marked(marker: str) -> None:
             proc.kill()
 
 
-class Steady:
-    """Two closed-loop clients posting the whole time; every outcome kept with its time."""
-
-    def __init__(self, url: str) -> None:
-        self.url, self.log, self._stop = url, [], threading.Event()
-        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(2)]
-        for t in self._threads:
-            t.start()
-
-    def _run(self) -> None:
-        body = {"inputs": np.zeros((1, 64)).tolist()}
-        with httpx.Client(timeout=30) as client:
-            while not self._stop.is_set():
-                try:
-                    outcome = str(client.post(self.url, json=body).status_code)
-                except httpx.HTTPError as e:
-                    outcome = type(e).__name__
-                self.log.append((time.time(), outcome))
-
-    def stop(self) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(40)
-
-
 def test_a_dead_node_loses_only_its_replica_and_serve_recreates_it_where_there_is_room(
     cluster: Cluster, tmp_path: Path
 ) -> None:
@@ -186,23 +160,25 @@ def test_a_dead_node_loses_only_its_replica_and_serve_recreates_it_where_there_i
     assert before["nodes"] == sorted([head, w0, w1])
     assert sorted(r["node"] for r in before["replicas"]) == sorted([head, w0, w1])  # one replica per host
 
-    load = Steady(f"{row['endpoint']}/invocations")
-    time.sleep(3)
-    fault_at = time.time()
-    cluster.lan.kill_host(cluster.lan[1])  # worker w1 dies: its raylet, its replica, everything on it
-    deadline = time.monotonic() + 180
-    after = cluster.details(row["app"])
-    while time.monotonic() < deadline:
-        running = [r for r in after["replicas"] if r["state"].endswith("RUNNING")]
-        if len(running) == 3 and w1 not in after["nodes"]:
-            break
-        time.sleep(2)
-        after = cluster.details(row["app"])
-    healthy_after_s = time.time() - fault_at
-    time.sleep(2)
-    load.stop()
-    window = [o for t, o in load.log if t >= fault_at]
-    failed = [o for o in window if o != "200"]
+    body = json.dumps({"inputs": np.zeros((1, 64)).tolist()}).encode()
+    seen: dict = {}
+
+    def replaced() -> bool:
+        seen.update(cluster.details(row["app"]))
+        running = [r for r in seen["replicas"] if r["state"].endswith("RUNNING")]
+        return len(running) == 3 and w1 not in seen["nodes"]
+
+    with LoadClient(f"{row['endpoint']}/invocations", body, workers=2) as load:
+        wait_until(lambda: load.ok >= 5, 60, "the steady client served before the fault", every_s=0.2)
+        fault_at = time.time()
+        cluster.lan.kill_host(cluster.lan[1])  # worker w1 dies: its raylet, its replica, everything on it
+        wait_until(replaced, 180, "3 replicas running without the dead host", every_s=2, seen=lambda: seen)
+        healthy_after_s = time.time() - fault_at
+        served = load.ok
+        wait_until(lambda: load.ok >= served + 5, 60, "the steady client served after the repair", every_s=0.2)
+    after = seen
+    window = load.outcomes_between(fault_at)
+    failed = [o.outcome for o in window if not o.ok]
     print(f"serve node loss: {len(failed)} of {len(window)} failed; 3 replicas again after {healthy_after_s:.1f} s")
     assert w1 not in after["nodes"]
     survivors = [r["node"] for r in after["replicas"] if r["state"].endswith("RUNNING")]

@@ -18,10 +18,10 @@ import pytest
 from nodewise.cli.demo import digits_split
 from nodewise.cli.status import deployment_status
 from nodewise.core.settings import Settings
-from tests.flows import deploy_model
+from tests.support import LoadClient, serve_replicas, wait_until
+from tests.support.flows import deploy_model
 
 from .conftest import module_settings, registered_with_serve_tags
-from .steady import SteadyClient
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +37,6 @@ def settings(prefect_harness: None) -> Iterator[Settings]:
 def test_a_load_step_adds_a_ray_node_for_the_replica_that_does_not_fit_and_idle_removes_it(
     settings: Settings,
 ) -> None:
-    from ray.serve.context import _get_global_client
-
     name, version = registered_with_serve_tags(
         settings, "digits-nodes", min_replicas=2, max_replicas=3, target_ongoing_requests=1,
         upscale_delay_s=0, downscale_delay_s=3,
@@ -50,18 +48,14 @@ def test_a_load_step_adds_a_ray_node_for_the_replica_that_does_not_fit_and_idle_
         return deployment_status(settings)["nodes"]
 
     def replicas() -> list[dict]:
-        details = _get_global_client().get_serve_details()["applications"][record.app_name]
-        return details["deployments"]["ModelServer"]["replicas"]
+        return serve_replicas(record.app_name)
 
     def state(replica: dict) -> str:
-        return str(getattr(replica["state"], "value", replica["state"]))
+        return replica["state"]
 
     def wait_for(what: str, done, timeout_s: float = 120) -> float:
         started = time.monotonic()
-        while not done():
-            seen = f"replicas {[state(r) for r in replicas()]}, nodes {nodes()}"
-            assert time.monotonic() - started < timeout_s, f"{what}: not after {timeout_s:.0f} s; {seen}"
-            time.sleep(0.5)
+        wait_until(done, timeout_s, what, seen=lambda: f"replicas {[state(r) for r in replicas()]}, nodes {nodes()}")
         return time.monotonic() - started
 
     before = nodes()
@@ -70,7 +64,7 @@ def test_a_load_step_adds_a_ray_node_for_the_replica_that_does_not_fit_and_idle_
     head = before["alive"][0]["node_id"]
     _, _, x_test, _ = digits_split()
     body = json.dumps({"inputs": x_test[:1].tolist()}).encode()
-    with SteadyClient(f"{record.endpoint}/invocations", body, workers=6) as load:
+    with LoadClient(f"{record.endpoint}/invocations", body, workers=6) as load:
         up_s = wait_for("3 replicas running", lambda: [state(r) for r in replicas()].count("RUNNING") == 3)
         during = nodes()
         assert len(during["alive"]) == 2

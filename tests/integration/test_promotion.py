@@ -11,7 +11,6 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
@@ -19,9 +18,10 @@ import pytest
 from nodewise.core.settings import Settings
 from tasks.triggers.promotion import CREATED, EVENT, Poller, sign
 from tests.integration.conftest import free_port_block, module_settings
+from tests.support import read_events, wait_for_events
+from tests.support.registrar import Registrar
 
 SECRET = "test-webhook-secret"
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -35,22 +35,15 @@ def prefect_api() -> str:
     return str(PREFECT_API_URL.value())
 
 
-def events_of(model: str, timeout_s: float = 20, at_least: int = 1, event: str = EVENT) -> list:
-    """Promotion events (or ``event``s) of ``model`` in the Prefect API (they are stored asynchronously)."""
-    from prefect.client.orchestration import get_client
-    from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
+def events_of(model: str, at_least: int = 1, event: str = EVENT) -> list[dict]:
+    """Promotion events (or ``event``s) of ``model`` in the Prefect API, once at least ``at_least``
+    are stored (they are stored asynchronously)."""
+    return wait_for_events([event], resource=f"mlflow.model.{model}", at_least=at_least, timeout_s=20)
 
-    deadline = time.monotonic() + timeout_s
-    with get_client(sync_client=True) as client:
-        while True:
-            # A fresh filter each time: its default window ends when it is made.
-            wanted = EventFilter(
-                event=EventNameFilter(name=[event]), resource=EventResourceFilter(id=[f"mlflow.model.{model}"])
-            )
-            found = client.read_events(filter=wanted, limit=50).events
-            if len(found) >= at_least or time.monotonic() > deadline:
-                return found
-            time.sleep(0.5)
+
+def stored_events_of(model: str, event: str = EVENT) -> list[dict]:
+    """The ``event``s of ``model`` stored now."""
+    return read_events([event], resource=f"mlflow.model.{model}")
 
 
 @pytest.fixture(scope="module")
@@ -110,46 +103,32 @@ def receiver(settings: Settings, mlflow_server: str) -> Iterator[str]:
     server.server_close()
 
 
-def register_on(tracking_uri: str, name: str, artifact_root: str) -> str:
-    """A small pyfunc registered through ``tracking_uri``; returns its version. In a subprocess,
+def register_on(registrar: Registrar, tracking_uri: str, name: str, artifact_root: str) -> str:
+    """A small pyfunc registered through ``tracking_uri``; returns its version. In another process,
     as a user's script: this process's MLflow globals stay pointed at the module's own store."""
-    script = (
-        "import sys, mlflow; mlflow.set_tracking_uri(sys.argv[1]); mlflow.set_registry_uri(sys.argv[1])\n"
-        "from tests.integration.models import DoubleIt, register_pyfunc\n"
-        "print(register_pyfunc(DoubleIt(), sys.argv[2], sys.argv[3]).rsplit('/', 1)[1])\n"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", script, tracking_uri, name, artifact_root],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    return done.stdout.strip().splitlines()[-1]
+    return registrar.register("double-it", tracking_uri, artifact_root, name=name)
 
 
 def test_setting_the_alias_on_mlflow_server_announces_the_promotion(
-    settings: Settings, mlflow_server: str, receiver: str
+    settings: Settings, mlflow_server: str, receiver: str, registrar: Registrar
 ) -> None:
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=mlflow_server, registry_uri=mlflow_server)
     client.create_webhook("nodewise", receiver, events=["model_version_alias.created"], secret=SECRET)
-    version = register_on(mlflow_server, "promoted", str(settings.state.artifacts))
+    version = register_on(registrar, mlflow_server, "promoted", str(settings.state.artifacts))
     started = time.monotonic()
     client.set_registered_model_alias("promoted", "champion", version)
     [event] = events_of("promoted")
-    assert event.payload == {"model": "promoted", "alias": "champion", "version": version, "source": "webhook"}
-    assert event.resource["nodewise.alias"] == "champion"
+    assert event["payload"] == {"model": "promoted", "alias": "champion", "version": version, "source": "webhook"}
+    assert event["resource"]["nodewise.alias"] == "champion"
     print(f"alias set -> event stored in Prefect: {time.monotonic() - started:.1f} s")
     client.set_registered_model_alias("promoted", "challenger", version)  # a rollout's alias: announced
-    challenger = next(e for e in events_of("promoted", at_least=2) if e.payload["alias"] == "challenger")
-    assert challenger.resource["nodewise.alias"] == "challenger"
+    challenger = next(e for e in events_of("promoted", at_least=2) if e["payload"]["alias"] == "challenger")
+    assert challenger["resource"]["nodewise.alias"] == "challenger"
     client.set_registered_model_alias("promoted", "staging", version)  # another alias: not announced
-    time.sleep(2)
-    assert len(events_of("promoted", timeout_s=0)) == 2
+    time.sleep(2)  # time for a wrong announcement to be stored
+    assert len(stored_events_of("promoted")) == 2
 
 
 def deliver(url: str, body: bytes, delivery: str | None = None, stamp: float | None = None, secret: str = SECRET):
@@ -174,9 +153,9 @@ def alias_body(name: str, version: str, alias: str = "champion") -> bytes:
 
 
 def test_forged_stale_replayed_malformed_and_unknown_deliveries(
-    settings: Settings, mlflow_server: str, receiver: str
+    settings: Settings, mlflow_server: str, receiver: str, registrar: Registrar
 ) -> None:
-    version = register_on(mlflow_server, "guarded", str(settings.state.artifacts))
+    version = register_on(registrar, mlflow_server, "guarded", str(settings.state.artifacts))
     body = alias_body("guarded", version)
     forged = deliver(receiver, body, secret="not-the-secret")
     assert (forged.status_code, forged.json()["message"].startswith("signature does not match")) == (401, True)
@@ -187,69 +166,75 @@ def test_forged_stale_replayed_malformed_and_unknown_deliveries(
     assert (garbage.status_code, garbage.json()["message"].startswith("not an MLflow webhook payload")) == (400, True)
     unknown = deliver(receiver, alias_body("no-such-model", "1"))
     assert unknown.json() == {"ignored": "model 'no-such-model' is not in the registry"}
-    assert events_of("no-such-model", timeout_s=2) == []
 
     delivery = str(uuid.uuid4())
     first = deliver(receiver, body, delivery=delivery)
     assert first.status_code == 202
     replay = deliver(receiver, body, delivery=delivery)
     assert (replay.status_code, replay.json()) == (200, {"ignored": f"delivery {delivery} was already taken"})
-    time.sleep(2)
-    assert [e.payload["version"] for e in events_of("guarded")] == [version]  # the replay announced nothing
+    time.sleep(2)  # time for a wrong announcement to be stored
+    assert [e["payload"]["version"] for e in events_of("guarded")] == [version]  # the replay announced nothing
+    assert stored_events_of("no-such-model") == []
 
 
 def test_a_new_version_is_announced_by_its_webhook_and_not_as_a_promotion(
-    settings: Settings, mlflow_server: str, receiver: str
+    settings: Settings, mlflow_server: str, receiver: str, registrar: Registrar
 ) -> None:
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=mlflow_server, registry_uri=mlflow_server)
     client.create_webhook("nodewise-created", receiver, events=["model_version.created"], secret=SECRET)
-    version = register_on(mlflow_server, "fresh", str(settings.state.artifacts))
+    version = register_on(registrar, mlflow_server, "fresh", str(settings.state.artifacts))
     [event] = events_of("fresh", event=CREATED)
-    assert event.payload == {"model": "fresh", "version": version, "source": "webhook"}
-    assert events_of("fresh", timeout_s=0) == []  # created is not promoted
+    assert event["payload"] == {"model": "fresh", "version": version, "source": "webhook"}
+    assert stored_events_of("fresh") == []  # created is not promoted
 
 
-def test_the_poller_announces_a_new_version_once_and_the_flow_profiles_it(settings: Settings) -> None:
+def test_the_poller_announces_a_new_version_once_and_the_flow_profiles_it(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, registrar: Registrar
+) -> None:
     """The poller (no webhooks) announces a version created after it first saw the model, once;
     the profile-new-version flow caches the profile a deploy of it looks up."""
     from mlflow import MlflowClient
 
+    from tasks.planning import profile_models
     from tasks.planning.profile_models import cache_key, profile_with_cache
     from tasks.planning.registry import resolve_model
-    from tests.flows import profile_new_version
+    from tests.support.flows import profile_new_version
 
     client = MlflowClient()
     api, state = prefect_api(), settings.state_path / "poller-created.json"
-    register_on(settings.tracking_uri, "grown", str(settings.state.artifacts))
+    register_on(registrar, settings.tracking_uri, "grown", str(settings.state.artifacts))
 
     def created() -> list[str]:  # an alias no test sets: alias changes stay out of it
         return [e["payload"]["version"] for e in Poller(client, state, "none-here").poll_once(api)]
 
     assert created() == []  # the versions it found on first sight predate it
-    v2 = register_on(settings.tracking_uri, "grown", str(settings.state.artifacts))
+    v2 = register_on(registrar, settings.tracking_uri, "grown", str(settings.state.artifacts))
     assert created() == [v2]
     assert created() == []
-    assert [e.payload["version"] for e in events_of("grown", event=CREATED)] == [v2]
+    assert [e["payload"]["version"] for e in events_of("grown", event=CREATED)] == [v2]
 
     profile_new_version("grown", v2, settings=settings)
     key = cache_key(None, settings.serve.max_batch_size, "cpu")
     assert key in client.get_model_version("grown", v2).tags
     model = resolve_model(f"models:/grown/{v2}", client)
-    started = time.monotonic()
+
+    def measured_again(*args: object, **kwargs: object) -> None:
+        raise AssertionError("profiled again: the flow's cached profile was not found on the version's tags")
+
+    monkeypatch.setattr(profile_models, "profile_registered", measured_again)
     cached = profile_with_cache(model, batch_size=settings.serve.max_batch_size, device="cpu")
-    assert time.monotonic() - started < 1.0  # read from the tags, not measured again
     assert cached.total_bytes > 0
 
 
-def test_the_poller_announces_each_change_once_across_restarts(settings: Settings) -> None:
+def test_the_poller_announces_each_change_once_across_restarts(settings: Settings, registrar: Registrar) -> None:
     from mlflow import MlflowClient
 
     client = MlflowClient()  # the module's SQLite registry: no webhooks there
     api, state = prefect_api(), settings.state.poller
-    v1 = register_on(settings.tracking_uri, "polled", str(settings.state.artifacts))
-    v2 = register_on(settings.tracking_uri, "polled", str(settings.state.artifacts))
+    v1 = register_on(registrar, settings.tracking_uri, "polled", str(settings.state.artifacts))
+    v2 = register_on(registrar, settings.tracking_uri, "polled", str(settings.state.artifacts))
     client.set_registered_model_alias("polled", "champion", v1)
     assert [e["payload"]["version"] for e in Poller(client, state, "champion").poll_once(api)] == [v1]
     assert Poller(client, state, "champion").poll_once(api) == []  # a restarted poller: nothing new
@@ -263,12 +248,12 @@ def test_the_poller_announces_each_change_once_across_restarts(settings: Setting
     assert [e["payload"]["version"] for e in again] == [v2]
     # ... and Prefect holds it once: the event id is the same.
     found = events_of("polled", at_least=2)
-    assert sorted(e.payload["version"] for e in found) == sorted([v1, v2])
+    assert sorted(e["payload"]["version"] for e in found) == sorted([v1, v2])
     assert Poller(client, state, "champion").poll_once(api) == []
 
 
 def test_fuzzing_the_receiver_with_signed_bodies_gives_no_500(receiver: str) -> None:
-    from tests.fuzzing import fuzz_endpoint
+    from tests.support.fuzzing import fuzz_endpoint
 
     def signed(body: bytes) -> dict[str, str]:
         delivery, stamp = str(uuid.uuid4()), str(int(time.time()))

@@ -28,11 +28,11 @@ from nodewise.cli.status import deployment_status
 from nodewise.core.settings import Settings
 from tasks.records import get_record
 from tasks.rollout import store
-from tests.flows import decide_rollouts, deploy_model, start_rollout
+from tests.support import LoadClient, wait_until
+from tests.support.flows import decide_rollouts, deploy_model, start_rollout
+from tests.support.models import FailsOnLarge, TimesIt, register_pyfunc
 
 from .conftest import module_settings
-from .models import FailsOnLarge, TimesIt, register_pyfunc
-from .steady import SteadyClient
 
 NAME = "rolled"
 ROOT = Path(__file__).resolve().parents[2]
@@ -154,10 +154,11 @@ def test_a_like_challenger_gets_its_canary_share_advances_and_is_promoted_with_n
     assert tags_of(v4)["nodewise.rollout.share_used"] == "0.6"
     share = send(champion, n)[v4] / n
     assert abs(share - 0.6) < 0.12, share
-    with SteadyClient(f"{champion}/invocations", SMALL) as client:
-        time.sleep(1)
+    with LoadClient(f"{champion}/invocations", SMALL) as client:
+        wait_until(lambda: client.ok >= 10, 60, "the client served before the decision", every_s=0.1)
         assert decide_rollouts(settings=settings) == [f"{NAME}: promoted version {v4}"]
-        time.sleep(1)
+        served = client.ok
+        wait_until(lambda: client.ok >= served + 20, 60, "the client served after the promotion", every_s=0.1)
     assert client.failures == []
     assert client.ok > 20
     assert aliases(settings) == {"champion": v4, "previous": "1"}
@@ -174,7 +175,7 @@ def test_a_decision_killed_half_way_is_finished_by_the_next_run(settings: Settin
     v5 = challenger(settings, TimesIt(2.0))
     send(champion, 25)
     script = (
-        "import sys\nfrom nodewise.core.settings import Settings\nfrom tests.flows import decide_rollouts\n"
+        "import sys\nfrom nodewise.core.settings import Settings\nfrom tests.support.flows import decide_rollouts\n"
         "decide_rollouts(settings=Settings.model_validate_json(sys.stdin.read()))\n"
     )
     env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value()), "PYTHONPATH": str(ROOT)}

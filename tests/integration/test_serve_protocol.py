@@ -15,10 +15,11 @@ import torch
 from nodewise.cli.demo import digits_split
 from nodewise.core.settings import Settings
 from tasks.records import DeploymentRecord
-from tests.flows import deploy_model
+from tests.support import serve_replicas
+from tests.support.flows import deploy_model
+from tests.support.models import AddColumns, register_pyfunc
 
 from .conftest import module_settings
-from .models import AddColumns, register_pyfunc
 
 LIMIT = 64 * 1024
 
@@ -94,11 +95,8 @@ def test_column_schema_pyfunc_round_trips_and_names_wrong_fields(columns: Deploy
 def test_bad_requests_get_their_status_and_never_take_a_replica_down(
     digits: DeploymentRecord, columns: DeploymentRecord, settings: Settings
 ) -> None:
-    from ray.serve.context import _get_global_client
-
     def replica_ids() -> list[str]:
-        app = _get_global_client().get_serve_details()["applications"]["nodewise-digits"]
-        return sorted(r["actor_id"] for r in app["deployments"]["ModelServer"]["replicas"])
+        return sorted(r["actor_id"] for r in serve_replicas("nodewise-digits"))
 
     before = replica_ids()
     too_big = post(digits.endpoint, b'{"inputs": [' + b"0.0," * LIMIT + b"0.0]}")
@@ -143,7 +141,7 @@ def test_a_model_bug_is_a_500_with_a_request_id_and_the_replica_keeps_serving(co
 def test_fuzzing_the_live_endpoint_from_its_openapi_document_gives_no_500(
     digits: DeploymentRecord, settings: Settings
 ) -> None:
-    from tests.fuzzing import fuzz_endpoint
+    from tests.support.fuzzing import fuzz_endpoint
 
     document = httpx.get(f"{digits.endpoint}/openapi.json", timeout=10).json()
     assert set(document["paths"]) == {"/invocations", "/ping", "/health", "/version"}

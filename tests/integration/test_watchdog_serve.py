@@ -20,11 +20,11 @@ import pytest
 
 from nodewise.core.settings import Settings
 from tasks.records import DeploymentRecord
-from tests.flows import deploy_model
+from tests.support import LoadClient, running_replicas, wait_for_events, wait_until
+from tests.support.flows import deploy_model
+from tests.support.models import FaultOnFlag, register_pyfunc
 
 from .conftest import module_settings
-from .models import FaultOnFlag, register_pyfunc
-from .steady import SteadyClient
 
 BODY = json.dumps({"inputs": [[1.0, 2.0, 3.0]]}).encode()
 LIMIT = 900 * 2**20  # a pyfunc replica here holds ~300-450 MiB
@@ -53,10 +53,7 @@ def deployed(settings: Settings, flags: Path) -> DeploymentRecord:
 
 def replicas(app: str) -> dict[str, dict]:
     """RUNNING replicas by actor id."""
-    from ray.serve.context import _get_global_client
-
-    details = _get_global_client().get_serve_details()["applications"][app]["deployments"]["ModelServer"]
-    return {r["actor_id"]: r for r in details["replicas"] if str(getattr(r["state"], "value", r["state"])) == "RUNNING"}
+    return running_replicas(app)
 
 
 def answers(endpoint: str) -> bool:
@@ -97,14 +94,14 @@ def test_a_hung_replica_is_restarted_alone_and_the_endpoint_keeps_answering(
     settings: Settings, deployed: DeploymentRecord
 ) -> None:
     sick = next(iter(replicas(deployed.app_name).values()))
-    with SteadyClient(f"{deployed.endpoint}/invocations", BODY, workers=4) as client:
-        time.sleep(1)
+    with LoadClient(f"{deployed.endpoint}/invocations", BODY, workers=4) as client:
+        wait_until(lambda: client.ok >= 10, 60, "the client served before the fault", every_s=0.1)
         os.kill(sick["pid"], signal.SIGSTOP)
         action = restart_one(settings, deployed, sick)
         assert action.cause == "canary inference took over 5 s (hung or overloaded)"
         served_before = client.ok
-        time.sleep(2)
-    assert client.ok > served_before  # it kept answering after the restart
+        # It keeps answering after the restart.
+        wait_until(lambda: client.ok >= served_before + 40, 60, "answers after the restart", every_s=0.1)
     # Only requests already on the hung replica may fail (at most one per client thread).
     assert sum(n for outcome, n in client.outcomes.items() if outcome != "200") <= 4, client.failures
 
@@ -154,7 +151,7 @@ def test_a_replica_that_stays_sick_exhausts_the_budget_and_is_left_alone(
 ) -> None:
     from nodewise.cli.status import deployment_status
     from tasks.watchdog.engine import load_watch, reset, watch_once
-    from tests.flows import watch_deployments
+    from tests.support.flows import watch_deployments
 
     limited = settings.model_copy(update={"watchdog": settings.watchdog.model_copy(update={"max_restarts": 1})})
     reset(settings, deployed.app_name)
@@ -174,23 +171,6 @@ def test_a_replica_that_stays_sick_exhausts_the_budget_and_is_left_alone(
     assert watch_once(limited) == []  # left alone: nothing restarted
     assert set(replicas(deployed.app_name)) == ids
     assert deployment_status(settings)["watchdog"][-1]["event"] == "nodewise.deployment.failed"
-    seen = prefect_events(f"nodewise.deployment.{deployed.app_name}", ["nodewise.deployment.failed"])
-    assert seen[0].payload["cause"] == failed.cause
-    assert seen[0].payload["version"] == deployed.model_version
-
-
-def prefect_events(resource: str, names: list[str], timeout_s: float = 30) -> list:
-    """Events of ``resource`` named ``names``, read back from the Prefect API (they arrive asynchronously)."""
-    from prefect.client.orchestration import get_client
-    from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
-
-    deadline = time.monotonic() + timeout_s
-    with get_client(sync_client=True) as client:
-        while time.monotonic() < deadline:
-            # A fresh filter each time: its default window ends when it is made.
-            wanted = EventFilter(event=EventNameFilter(name=names), resource=EventResourceFilter(id=[resource]))
-            page = client.read_events(filter=wanted, limit=50)  # the server takes at most 50
-            if page.events:
-                return page.events
-            time.sleep(1)
-    raise AssertionError(f"no {names} event for {resource} reached the Prefect API in {timeout_s:.0f} s")
+    seen = wait_for_events(["nodewise.deployment.failed"], resource=f"nodewise.deployment.{deployed.app_name}")
+    assert seen[0]["payload"]["cause"] == failed.cause
+    assert seen[0]["payload"]["version"] == deployed.model_version
