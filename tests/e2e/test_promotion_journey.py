@@ -25,6 +25,7 @@ from tests.support import read_events, wait_for_events
 from tests.support.cli import NODEWISE, remove_state, user_environment
 from tests.support.ports import free_port_block
 from tests.support.registrar import Registrar
+from tests.support.wait import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -119,8 +120,12 @@ def test_promotions_deploy_the_newest_and_a_broken_version_leaves_the_previous_s
     serving = 'app="nodewise-digits",backend="ray_serve",model="nodewise-digits",state="serving"'
     assert f"nodewise_deployment_state{{{serving}}} 1.0" in scraped
     assert 'nodewise_promotion_duration_seconds{model="nodewise-digits"}' in scraped
-    targets = json.loads((state / "prometheus" / "targets" / "serving" / "nodewise-digits.json").read_text())
-    assert targets
+    # the deploy wrote its scrape targets; while the broken version's replicas came and went a
+    # watchdog pass can have found none running: the next passes (every 30 s) list v3's again
+    path = state / "prometheus" / "targets" / "serving" / "nodewise-digits.json"
+    targets = wait_until(
+        lambda: json.loads(path.read_text()), 120, "a scrape target for each running replica", seen=path.read_text
+    )
     assert all(g["labels"]["app"] == "nodewise-digits" for g in targets)
 
 

@@ -57,6 +57,7 @@ def test_render_writes_strictly_valid_manifests_in_apply_order(user: tuple[Path,
         "rolebinding",
         "rayservice",
         "service",
+        "podmonitor",  # Prometheus Operator's: the replicas' metrics ports
     ]
     for path in files:
         validate(yaml.safe_load(path.read_text()))
