@@ -279,24 +279,14 @@ class ServingMetrics:
     def add_engine(self, load: Callable[[], EngineLoad]) -> None:
         """An engine's metrics: token timings as they come (``on_token``), its load when scraped."""
         r, labels = self.registry, (self.model, self.version)
-        self._ttft = Histogram(
-            _base("nodewise_time_to_first_token_seconds"),
-            _help("nodewise_time_to_first_token_seconds"),
-            _labels("nodewise_time_to_first_token_seconds"),
-            buckets=TOKEN_BUCKETS,
-            registry=r,
-        ).labels(*labels)
-        self._itl = Histogram(
-            _base("nodewise_inter_token_latency_seconds"),
-            _help("nodewise_inter_token_latency_seconds"),
-            _labels("nodewise_inter_token_latency_seconds"),
-            buckets=TOKEN_BUCKETS,
-            registry=r,
-        ).labels(*labels)
-        counters = ("nodewise_generation_tokens_total", "nodewise_prompt_tokens_total")
-        self._generated, self._prompted = (
-            Counter(_base(n), _help(n), _labels(n), registry=r).labels(*labels) for n in counters
-        )
+
+        def child(cls: Any, name: str, **kw: Any) -> Any:
+            return cls(_base(name), _help(name), _labels(name), registry=r, **kw).labels(*labels)
+
+        self._ttft = child(Histogram, "nodewise_time_to_first_token_seconds", buckets=TOKEN_BUCKETS)
+        self._itl = child(Histogram, "nodewise_inter_token_latency_seconds", buckets=TOKEN_BUCKETS)
+        self._generated = child(Counter, "nodewise_generation_tokens_total")
+        self._prompted = child(Counter, "nodewise_prompt_tokens_total")
         r.register(_EngineCollector(self.model, self.version, load))
         self.queued.set_function(lambda: load().waiting)  # what waits is the engine's queue
 
