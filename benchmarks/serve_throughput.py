@@ -10,9 +10,13 @@ Servers, one at a time on this machine's loopback:
   nodewise          `nodewise deploy` with its defaults
   nodewise-*        nodewise with one lever turned back to Ray Serve's default (--levers), to show
                     what each lever gives
-Each point: wrk -c C for --seconds, after a warm-up; C in 1, 8, 32.
+Each point: wrk -c C for --seconds, after a warm-up; C in 1, 8, 32. With --fixed 1,2,3,4 also
+nodewise at each fixed replica count, and the default against the best of them at every point;
+each point records the replica processes alive and the CPU seconds per kind of process
+(benchmarks/_procs.py). --settle S: S seconds of each point's load before it is measured.
 
-Usage: .venv/bin/python benchmarks/serve_throughput.py [--seconds 15] [--levers] [--only NAME,...]
+Usage: .venv/bin/python benchmarks/serve_throughput.py [--seconds 15] [--levers] [--fixed 1,2,3,4]
+       [--settle S] [--only NAME,...]
 (last line: one JSON object)
 """
 
@@ -40,6 +44,7 @@ MODEL = "mlp-10m"
 
 from benchmarks._load import require_wrk, run_wrk, wait_ready  # noqa: E402
 from benchmarks._models import reference_mlp  # noqa: E402
+from benchmarks._procs import ProcSampler  # noqa: E402
 
 # Lever -> the nodewise setting that turns it off (back to Ray Serve's default, or to the usual
 # @serve.batch wait of a hand-written app).
@@ -136,22 +141,52 @@ def nodewise(env: dict[str, str], uri: str, port: int, state: Path, log: Path) -
             subprocess.run([str(BIN / "nodewise"), "down"], env=nw_env, stdout=out, stderr=subprocess.STDOUT)
 
 
-def measure(url: str, body: bytes, seconds: int, concurrencies: list[int]) -> dict[str, dict]:
+def measure(url: str, body: bytes, seconds: int, concurrencies: list[int], settle: int = 0) -> dict[str, dict]:
     wait_ready(url, body)
     run_wrk(url, body, 8, 3)  # warm-up: lazy imports, allocator, connection pools
     points = {}
     for c in concurrencies:
-        points[f"c{c}"] = run_wrk(url, body, c, seconds)
+        if settle:  # the same load, not measured: an autoscaled deployment reaches its count for it
+            run_wrk(url, body, c, settle)
+        with ProcSampler() as procs:  # replicas alive and CPU per kind of process, during the point
+            points[f"c{c}"] = run_wrk(url, body, c, seconds)
+        points[f"c{c}"]["procs"] = procs.summary()
         print(f"  c={c}: {points[f'c{c}']}", file=sys.stderr, flush=True)
     return points
+
+
+def vs_best_fixed(default: dict, fixed: dict[str, dict], concurrencies: list[int]) -> dict:
+    """Per concurrency: the fixed count with the most req/s, and the default's req/s and p99 over its
+    (issue 33's targets: >= 0.9x the req/s, <= 1.5x the p99)."""
+    out = {}
+    for c in concurrencies:
+        key = f"c{c}"
+        best = max(fixed, key=lambda k: fixed[k][key]["rps"])
+        rps_x = round(default[key]["rps"] / fixed[best][key]["rps"], 3)
+        p99_x = round(default[key]["p99_ms"] / max(fixed[best][key]["p99_ms"], 0.1), 3)
+        out[key] = {"best": best, "rps_x": rps_x, "p99_x": p99_x, "met": rps_x >= 0.9 and p99_x <= 1.5}
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=int, default=15)
     parser.add_argument("--concurrency", default="1,8,32")
+    parser.add_argument(
+        "--settle",
+        type=int,
+        default=0,
+        help="seconds of each point's load before it is measured (0: measured from its first request, "
+        "so an autoscaled deployment's scale-up counts in the point)",
+    )
     parser.add_argument("--levers", action="store_true", help="also run nodewise with each lever turned off")
     parser.add_argument("--only", default="", help="comma-separated server names")
+    parser.add_argument(
+        "--fixed",
+        default="",
+        help="also run nodewise at these fixed replica counts (e.g. 1,2,3,4: servers nodewise-fixed-N), "
+        "and compare the default with the best of them at every concurrency",
+    )
     args = parser.parse_args()
     require_wrk()
     concurrencies = [int(c) for c in args.concurrency.split(",")]
@@ -180,6 +215,10 @@ def main() -> None:
             servers[f"nodewise-{lever}"] = lambda log, o=overrides, n=lever: nodewise(
                 {**env, **o}, uri, port, workdir / f"nw-{n}", log
             )
+    for n in (int(n) for n in args.fixed.split(",") if n):
+        servers[f"nodewise-fixed-{n}"] = lambda log, n=n: nodewise(
+            {**env, "NODEWISE_SERVE__REPLICAS": str(n)}, uri, port, workdir / f"nw-fixed-{n}", log
+        )
     wanted = [s for s in args.only.split(",") if s] or list(servers)
     results = {}
     for name in wanted:
@@ -187,13 +226,18 @@ def main() -> None:
         log = workdir / f"{name}.log"
         try:
             with servers[name](log) as url:
-                results[name] = measure(url, body, args.seconds, concurrencies)
+                results[name] = measure(url, body, args.seconds, concurrencies, args.settle)
         except Exception as e:  # keep the other servers' numbers; say what failed
             results[name] = {"error": f"{type(e).__name__}: {e}"[:300], "log": str(log)}
             print(f"  failed: {e}; log: {log}", file=sys.stderr)
     if not any("error" in r for r in results.values()):
         shutil.rmtree(workdir, ignore_errors=True)  # keep the logs only when something failed
-    summary = {"benchmark": "serve_throughput", "seconds_per_point": args.seconds, "servers": results}
+    summary = {
+        "benchmark": "serve_throughput",
+        "seconds_per_point": args.seconds,
+        "settle_s": args.settle,
+        "servers": results,
+    }
     nw, ml1, ml2, hw = (results.get(k, {}) for k in ("nodewise", "mlflow-1", "mlflow-2", "ray-handwritten"))
     top = f"c{max(concurrencies)}"
     if all(top in r for r in (nw, ml1, ml2, hw)):
@@ -203,6 +247,9 @@ def main() -> None:
         summary["nodewise_ge_handwritten_every_c"] = all(
             nw[f"c{c}"]["rps"] >= hw[f"c{c}"]["rps"] for c in concurrencies
         )
+    fixed = {k: r for k, r in results.items() if k.startswith("nodewise-fixed-") and "error" not in r}
+    if fixed and all(f"c{c}" in nw for c in concurrencies):
+        summary["default_vs_best_fixed"] = vs_best_fixed(nw, fixed, concurrencies)
     off = results.get("nodewise-no-metrics", {})
     if all(f"c{c}" in nw and f"c{c}" in off for c in concurrencies):
         summary["metrics_on_vs_off_rps_x"] = {
