@@ -28,6 +28,8 @@ from starlette.responses import Response, StreamingResponse
 
 from serving._model import LoadedModel
 from serving._protocol import encode_predictions
+from serving.autoscaling import IN_FLIGHT
+from serving.autoscaling import POLICY as AUTOSCALING_POLICY
 from serving.errors import NotFound, NotReady, PayloadTooLarge, encode_json, error_response
 from serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from serving.metrics import ServingMetrics, serve_metrics
@@ -58,6 +60,7 @@ class ModelServer:
         self._challenger_many: Any = None
         self._stop_metrics: Any = None
         self._batch_started = 0  # requests whose batch began, not yet back in ``_predict``
+        self.in_flight = 0  # requests in this replica (a stream counts until its response is returned)
         self.model = LoadedModel.load(self.spec)
         self._predict_batch.set_max_batch_size(self.spec.max_batch_size)
         self._predict_batch.set_batch_wait_timeout_s(self.spec.batch_wait_timeout_s)
@@ -74,6 +77,17 @@ class ModelServer:
                 self.metrics_address, self._stop_metrics = serve_metrics(self.metrics, _node_address())
 
     async def __call__(self, request: Request) -> Response:
+        self.in_flight += 1  # what the autoscaling policy reads (record_autoscaling_stats)
+        try:
+            return await self._measured(request)
+        finally:
+            self.in_flight -= 1
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """This replica's load for nodewise's autoscaling policy (Serve samples it; serving/autoscaling.py)."""
+        return {IN_FLIGHT: float(self.in_flight)}
+
+    async def _measured(self, request: Request) -> Response:
         metrics = self.metrics
         if metrics is None:
             return await self._answer(request)
@@ -416,6 +430,8 @@ def build_app(
             "upscale_delay_s": spec.upscale_delay_s,
             "downscale_delay_s": spec.downscale_delay_s,
             "look_back_period_s": spec.look_back_period_s,
+            # nodewise's rule (serving/autoscaling.py): a step seen at once; LLM replicas on their engine
+            "policy": {"policy_function": AUTOSCALING_POLICY},
         }
     else:
         options["num_replicas"] = spec.min_replicas

@@ -20,6 +20,7 @@ from starlette.responses import Response, StreamingResponse
 
 from serving import openai_api
 from serving.app import ModelServer, _json, _subpath
+from serving.autoscaling import BUDGET_USED, RUNNING, WAITING
 from serving.engine import Engine, SamplingParams
 from serving.metrics import EngineLoad
 
@@ -54,6 +55,16 @@ class LLMServer(ModelServer):
         self.engine.start()
         self.started = int(time.time())
         self.limits = openai_api.Limits.of(self.spec, self.module, budget)
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """The engine's load: an LLM replica scales on waiting sequences and its token budget."""
+        engine = self.engine
+        return {
+            **super().record_autoscaling_stats(),
+            WAITING: float(engine.waiting),
+            RUNNING: float(engine.running),
+            BUDGET_USED: engine.tokens_in_flight / engine.max_tokens_in_flight,
+        }
 
     async def _answer(self, request: Request) -> Response:
         path = _subpath(request)
