@@ -15,15 +15,23 @@ With ``--added-nodes N`` the local instance's head offers ``--head-cpus`` and Ra
 may add N nodes (ray.max_added_nodes): the Ray nodes alive are sampled and plotted too.
 Last, a model that scales to zero (min_replicas 0): seconds from its last request to no replica,
 and from a request to its answer (the cold start).
+The start of a new replica, named in parts: a fresh Python process's imports and the model load
+from MLflow are timed alone (``start_parts``), the rest of step -> RUNNING is the decision and
+Serve's start and health check (an autoscaled replica runs no smoke test: the deploy ran it).
+With ``--llm``: the demo's tiny Llama instead, autoscaled by default, under closed-loop clients
+sending ``/v1/completions`` at ``--llm-steps`` (e.g. 1,16,48; ``--llm-hold`` s each): replicas over
+time and the engine's waiting and running sequences (its ``/health``, every 0.5 s). The rule
+(serving/autoscaling.py): a replica is added only while sequences wait.
 
-Usage: .venv/bin/python benchmarks/autoscale.py [--clients 16] [--max 3] [--out autoscale.json]
-       [--added-nodes 1 --head-cpus 1]
+Usage: .venv/bin/python benchmarks/autoscale.py [--clients 16] [--max N] [--out autoscale.json]
+       [--added-nodes 1 --head-cpus 1] [--llm --llm-steps 1,16,48]
 (last line: one JSON object)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import threading
@@ -143,6 +151,91 @@ def cold_start(record: Any, body: bytes) -> dict[str, Any]:
     }
 
 
+def start_parts(model_uri: str, settings: Any) -> dict[str, float]:
+    """A new replica's own work, timed alone in a fresh process: its imports, then the model load
+    from MLflow (what ModelServer.__init__ does before Serve marks the replica RUNNING)."""
+    import subprocess
+
+    code = (
+        "import json, sys, time; t0 = time.perf_counter()\n"
+        "from serving._model import LoadedModel; from serving.spec import ModelServeSpec\n"
+        "t1 = time.perf_counter(); spec = ModelServeSpec.model_validate_json(sys.argv[1])\n"
+        "LoadedModel.load(spec); t2 = time.perf_counter()\n"
+        "print(json.dumps({'imports_s': round(t1 - t0, 2), 'model_load_s': round(t2 - t1, 2)}))"
+    )
+    from serving.spec import ModelServeSpec
+
+    name, version = model_uri.removeprefix("models:/").split("/")
+    spec = ModelServeSpec(
+        app_name="timing", route_prefix="/timing", model_uri=model_uri, model_name=name, model_version=version,
+        tracking_uri=settings.tracking_uri, registry_uri=settings.registry_uri, flavor="pytorch",
+    )  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", code, spec.model_dump_json()], capture_output=True, text=True, cwd=ROOT, check=True
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def llm_profile(record: Any, steps: list[int], hold_s: float) -> dict[str, Any]:
+    """Closed-loop completions at each step of clients; replicas and the engine's queue over time."""
+    import httpx
+
+    body = json.dumps({"model": record.model_name, "prompt": "nodewise serves", "max_tokens": 16}).encode()
+    sampler, engine = Sampler(record.app_name), []  # (time, waiting, running) of the replica that answered
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(httpx.HTTPError, KeyError, ValueError):
+                batch = httpx.get(f"{record.endpoint}/health", timeout=2).json()["engine"]
+                engine.append((time.time(), batch["waiting"], batch["running"]))
+            time.sleep(0.5)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    rows, clients = [], []
+    try:
+        for n in steps:
+            begun = time.time()
+            client = LoadClient(f"{record.endpoint}/v1/completions", body, n)
+            client.start()
+            clients.append(client)
+            if len(clients) > 1:
+                clients[-2].stop()
+            time.sleep(hold_s)
+            ended = time.time()
+            inside = [r for t, r, _ in sampler.samples if begun <= t <= ended]
+            queue = [(w, r) for t, w, r in engine if begun <= t <= ended]
+            rows.append(
+                {
+                    "clients": n,
+                    "replicas_at_start": inside[0] if inside else None,
+                    "replicas_peak": max(inside, default=0),
+                    "first_added_after_s": next(
+                        (round(t - begun, 1) for t, r, _ in sampler.samples if begun <= t <= ended and r > inside[0]),
+                        None,
+                    )
+                    if inside
+                    else None,
+                    "engine_waiting_max": max((w for w, _ in queue), default=None),
+                    "engine_running_max": max((r for _, r in queue), default=None),
+                    "requests": sum(begun <= o.at <= ended for o in client.log),
+                    "failed": sum(not o.ok for o in client.log),
+                }
+            )
+            print(f"  llm c={n}: {rows[-1]}", file=sys.stderr, flush=True)
+    finally:
+        for client in clients:
+            client.stop()
+        stop.set()
+        watcher.join(5)
+        sampler.stop()
+    added_without_queue = [
+        r["clients"] for r in rows if r["replicas_peak"] > (r["replicas_at_start"] or 0) and not r["engine_waiting_max"]
+    ]
+    return {"steps": rows, "replicas_added_without_a_queue": added_without_queue}
+
+
 def percentile(values: list[float], q: float) -> float:
     if not values:
         return 0.0
@@ -207,7 +300,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--min", type=int, default=1)
-    parser.add_argument("--max", type=int, default=3)
+    parser.add_argument("--max", type=int, default=None, help="max_replicas (default: settings', capped by the plan)")
     parser.add_argument("--target", type=float, default=None, help="target_ongoing_requests (default: settings')")
     parser.add_argument("--upscale-delay", type=float, default=None)
     parser.add_argument("--downscale-delay", type=float, default=None)
@@ -221,7 +314,13 @@ def main() -> None:
     )
     parser.add_argument("--head-cpus", type=int, default=2, help="CPUs the head node offers (ray.num_cpus)")
     parser.add_argument("--zero-idle", type=float, default=2.0, help="downscale delay of the scale-to-zero model")
+    parser.add_argument("--llm", action="store_true", help="only the LLM profile (the tiny Llama, engine autoscaling)")
+    parser.add_argument("--llm-steps", default="1,16,48", help="clients at each step of the LLM profile")
+    parser.add_argument("--llm-hold", type=float, default=40.0, help="seconds at each step of the LLM profile")
     args = parser.parse_args()
+    if args.llm:
+        llm_main(args)
+        return
 
     from benchmarks._instance import local_instance
     from nodewise.cli.demo import digits_split, register_demo_model
@@ -229,7 +328,7 @@ def main() -> None:
 
     _, _, x_test, _ = digits_split()
     body = json.dumps({"inputs": x_test[:1].tolist()}).encode()
-    auto = {"min_replicas": args.min, "max_replicas": args.max}
+    auto = {"min_replicas": args.min, **({"max_replicas": args.max} if args.max else {})}
     for key, value in (("target_ongoing_requests", args.target), ("upscale_delay_s", args.upscale_delay),
                        ("downscale_delay_s", args.downscale_delay)):  # fmt: skip
         if value is not None:
@@ -246,6 +345,10 @@ def main() -> None:
             with using_settings(run_settings):
                 record = deploy_model(f"models:/{model.name}/{model.version}")
             results[name] = profile(record, body, args, args.min)
+            if name == "autoscaled":
+                results[name]["max_replicas"] = record.spec["max_replicas"]
+                results[name]["ceiling"] = record.spec.get("ceiling_reason")
+                results[name]["start_parts"] = start_parts(record.model_uri, settings)
             brief = {k: v for k, v in results[name].items() if k != "windows"}
             print(f"{name}: {brief}", file=sys.stderr, flush=True)
         used = run_settings.serve
@@ -265,7 +368,8 @@ def main() -> None:
         "nodes": {"head_cpus": args.head_cpus, "max_added_nodes": args.added_nodes},
         "autoscaling": {
             "min_replicas": args.min,
-            "max_replicas": args.max,
+            "max_replicas": a.get("max_replicas"),
+            "ceiling": a.get("ceiling"),
             "target_ongoing_requests": used.target_ongoing_requests,
             "upscale_delay_s": used.upscale_delay_s,
             "downscale_delay_s": used.downscale_delay_s,
@@ -280,6 +384,40 @@ def main() -> None:
             "new_replica_within_15s": (a["step_to_new_replica_running_s"] or 1e9) <= 15,
             "throughput_1_8x": a["tail_req_per_s"] >= 1.8 * f["tail_req_per_s"],
         },
+    }
+    print(json.dumps(summary))
+
+
+def llm_main(args: argparse.Namespace) -> None:
+    """The LLM profile alone (``--llm``): the tiny Llama deployed with the default autoscaling."""
+    from mlflow import MlflowClient
+
+    from benchmarks._instance import local_instance
+    from nodewise.cli.demo import build_llama, log_llama
+
+    steps = [int(n) for n in args.llm_steps.split(",")]
+    with local_instance("nwa-llm-", 24430) as settings:
+        from flows.deploy import deploy_model
+
+        model, tokenizer = build_llama()
+        experiment = MlflowClient().create_experiment("llm", artifact_location=settings.state.artifacts.as_uri())
+        version = log_llama(model, tokenizer, "tiny-llama", experiment)
+        record = deploy_model(f"models:/tiny-llama/{version}")
+        result = llm_profile(record, steps, args.llm_hold)
+        spec = record.spec
+    summary = {
+        "benchmark": "autoscale-llm",
+        "model": "tiny Llama (hidden 256, 4 layers, random weights), CPU",
+        "autoscaling": {
+            "min_replicas": spec["min_replicas"],
+            "max_replicas": spec["max_replicas"],
+            "ceiling": spec.get("ceiling_reason"),
+            "max_batch": spec["max_batch_size"],
+            "token_budget": spec.get("max_tokens_in_flight"),
+        },
+        "hold_s": args.llm_hold,
+        **result,
+        "targets": {"no_replica_added_without_a_queue": result["replicas_added_without_a_queue"] == []},
     }
     print(json.dumps(summary))
 

@@ -71,8 +71,9 @@ class ModelServeSpec(BaseModel):
     )
     min_replicas: NonNegativeInt = Field(default=1, description="0: scaled to zero when idle.")
     max_replicas: PositiveInt = 1
+    ceiling_reason: str = Field(default="", description="What set max_replicas (a setting, the cores, memory).")
     target_ongoing_requests: PositiveFloat = 4.0
-    upscale_delay_s: NonNegativeFloat = 5.0
+    upscale_delay_s: NonNegativeFloat = 2.0
     downscale_delay_s: NonNegativeFloat = 60.0
     look_back_period_s: PositiveFloat = 12.0
     tp_size: PositiveInt = Field(default=1, description="Devices one replica spans (a placement group of them).")

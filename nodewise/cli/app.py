@@ -224,6 +224,8 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="Machine-readabl
             typer.echo(f"  last rollout: {row['last_rollout']}")
         if row.get("traffic"):
             typer.echo(f"  {_traffic(row['traffic'])}")
+        if (row.get("autoscaling") or {}).get("why"):
+            typer.echo(f"  autoscaling: {row['autoscaling']['why']}")
 
 
 def _traffic(t: dict[str, Any]) -> str:
@@ -266,7 +268,8 @@ def _replicas(row: dict[str, Any]) -> str:
     if not bounds:
         return f"{row['replicas']} replica(s), "
     running = sum(r["state"] == "RUNNING" for r in row.get("replica_nodes", []))
-    return f"{running} replica(s) running (autoscaling {bounds['min_replicas']}-{bounds['max_replicas']}), "
+    ceiling = f"; ceiling: {bounds['ceiling']}" if bounds.get("ceiling") else ""
+    return f"{running} replica(s) running (autoscaling {bounds['min_replicas']}-{bounds['max_replicas']}{ceiling}), "
 
 
 def _where(row: dict[str, Any]) -> str:

@@ -56,6 +56,7 @@ def deployment_status(settings: Settings) -> dict[str, Any]:
             row["autoscaling"] = {
                 "min_replicas": record.spec["min_replicas"],
                 "max_replicas": record.spec["max_replicas"],
+                "ceiling": record.spec.get("ceiling_reason") or "max_replicas",
             }
     from tasks.watchdog.replicas import replica_nodes
 
@@ -83,12 +84,16 @@ def deployment_status(settings: Settings) -> dict[str, Any]:
         for r in load_records(settings.state.k8s_records).values()
     ]
     _add_rollouts(settings, rows)
+    records_by_app = {r.app_name: r for r in records}
     from tasks.metrics.live import live_figures
 
     live = live_figures(settings) if rows else {}
     for row in rows:
         if row["app"] in live:
             row["traffic"] = live[row["app"]]
+            why = _why_replicas(row, records_by_app.get(row["app"])) if row.get("autoscaling") else None
+            if why:
+                row["autoscaling"]["why"] = why
     from tasks.watchdog.engine import last_actions
     from tasks.watchdog.replicas import cluster_nodes
 
@@ -197,3 +202,29 @@ def deployment_logs(settings: Settings, app_name: str, lines: int = 40) -> str:
         known = sorted(set(records) | launched_apps(settings)) or ["none"]
         raise NotDeployed(f"no deployment named {app_name!r}; deployments: {', '.join(known)}")
     return text
+
+
+def _why_replicas(row: dict[str, Any], record: Any) -> str | None:
+    """Why an autoscaled deployment has the replicas it has: its replicas' load now, read from their
+    metrics as the autoscaling policy reads it (serving/autoscaling.py), the replicas that asks for,
+    and the ceiling."""
+    from serving.autoscaling import explain
+
+    load, bounds = row["traffic"].get("load") or {}, row["autoscaling"]
+    if record is None or "in_flight" not in load:
+        return None
+    if record.spec.get("engine"):
+        budget = load.get("token_budget") or 0.0
+        seen = {
+            "rule": "engine",
+            "waiting": load.get("waiting", 0.0),
+            "budget_used": load.get("tokens_in_flight", 0.0) / budget if budget else 0.0,
+        }
+    else:
+        seen = {
+            "rule": "requests",
+            "load": load["in_flight"],
+            "target": record.spec.get("target_ongoing_requests", 4.0),
+        }
+    running = sum(r["state"] == "RUNNING" for r in row.get("replica_nodes", []))
+    return explain(seen, running, bounds["min_replicas"], bounds["max_replicas"])

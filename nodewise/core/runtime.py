@@ -55,6 +55,9 @@ def library_environment(settings: Settings) -> dict[str, str]:
     return env
 
 
+RECORD_INTERVAL_FACTOR = 0.1  # a replica's load sample every tenth of the look-back (1.2 s by default)
+
+
 def serve_environment(settings: Settings) -> dict[str, str]:
     """Ray Serve's own switches for ingress and throughput. They are read when Ray Serve is
     imported, so every process of the cluster (controller, proxies, replicas) must start with
@@ -63,6 +66,9 @@ def serve_environment(settings: Settings) -> dict[str, str]:
         "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1" if settings.serve.throughput_optimized else "0",
         # Autoscaling reads what replicas report (HAProxy's ingress has no handle to count at)
         "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": str(settings.serve.metrics_push_interval_s),
+        # each replica samples its load every look_back_period_s / 10 (Ray's default: / 5): nodewise's
+        # policy reads the latest sample, so a step is seen within about a second
+        "RAY_SERVE_AUTOSCALING_METRIC_RECORD_INTERVAL_FACTOR": str(RECORD_INTERVAL_FACTOR),
     }
     if settings.serve.ingress == "haproxy":
         env["RAY_SERVE_ENABLE_HA_PROXY"] = "1"

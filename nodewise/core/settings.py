@@ -169,15 +169,20 @@ class ServeSettings(_Section):
     max_replicas: PositiveInt = Field(
         default=4,
         description="Autoscaling ceiling; the plan caps it at what the inventory holds (memory, devices, "
-        "and on CPU nodes half a Ray CPU per replica).",
+        "and on CPU nodes one core per replica: a replica under load keeps a core busy, and more "
+        "replicas than cores only take cores from busy ones).",
     )
     target_ongoing_requests: PositiveFloat = Field(
         default=4.0,
         description="Autoscaling target: requests in flight per replica (a batching replica takes up to "
-        "max_ongoing_requests; docs/benchmarks/history.md has the measurement behind 4).",
+        "max_ongoing_requests; docs/benchmarks/history.md has the measurement behind 4). LLM replicas "
+        "scale on their engine instead (waiting sequences, token budget in use).",
     )
     upscale_delay_s: Annotated[float, Field(ge=0.0)] = Field(
-        default=5.0, description="Autoscaling: how long the load stays above the target before Serve adds a replica."
+        default=2.0,
+        description="Autoscaling: how long the load stays above the target before Serve adds a replica. "
+        "Longer than the replicas' sampling interval (a tenth of look_back_period_s), so that a spike "
+        "seen in one sample adds nothing (serving/autoscaling.py).",
     )
     downscale_delay_s: Annotated[float, Field(ge=0.0)] = Field(
         default=60.0,
@@ -190,8 +195,8 @@ class ServeSettings(_Section):
         "Ray warns below 10 s (its deprecated metrics_interval_s).",
     )
     metrics_push_interval_s: PositiveFloat = Field(
-        default=2.0,
-        description="Autoscaling: how often each replica reports its requests in flight to Serve's "
+        default=1.0,
+        description="Autoscaling: how often each replica reports its load samples to Serve's "
         "controller (Ray's default is 10 s). Local instance only; start an existing cluster with "
         "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S.",
     )
@@ -478,7 +483,7 @@ class KubernetesSettings(_Section):
         "are on this machine: for a kind or minikube cluster here. Otherwise refused (`render --allow-local`).",
     )
     serve_metrics_push_interval_s: PositiveFloat = Field(
-        default=2.0,
+        default=1.0,
         description="How often each replica in the RayService reports its requests in flight to Serve's "
         "autoscaler (the pods' RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S; Ray's default is 10 s). "
         "The local counterpart is serve.metrics_push_interval_s.",

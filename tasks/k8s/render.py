@@ -31,6 +31,7 @@ import json
 import math
 from typing import Any, Literal
 
+from nodewise.core.runtime import RECORD_INTERVAL_FACTOR
 from nodewise.core.settings import KubernetesSettings
 from serving.spec import DeepSpeedSpec, ModelServeSpec
 from tasks.planning.placement import PlacementPlan
@@ -190,6 +191,7 @@ def _ray_service(name: str, spec: ModelServeSpec, plan: PlacementPlan, k8s: Kube
             "name": "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S",
             "value": str(k8s.serve_metrics_push_interval_s),
         },
+        {"name": "RAY_SERVE_AUTOSCALING_METRIC_RECORD_INTERVAL_FACTOR", "value": str(RECORD_INTERVAL_FACTOR)},
     ]
     serve_config = {
         "applications": [

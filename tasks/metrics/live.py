@@ -25,15 +25,27 @@ INFERENCE = frozenset({"/invocations", "/generate", "/v1/completions", "/v1/chat
 RESTARTS = frozenset({"replica_restarted", "replica_replaced", "cluster_restarted"})
 
 
-def _scrape(address: str) -> tuple[float, dict[float, float]] | None:
-    """(inference requests answered, latency bucket counts by upper bound) of one target."""
+# Gauges summed over a deployment's targets: the load its autoscaling policy reads (serving/autoscaling.py)
+LOAD = {
+    "nodewise_requests_in_flight": "in_flight",
+    "nodewise_sequences_waiting": "waiting",
+    "nodewise_tokens_in_flight": "tokens_in_flight",
+    "nodewise_token_budget": "token_budget",
+}
+
+
+def _scrape(address: str) -> tuple[float, dict[float, float], dict[str, float]] | None:
+    """(inference requests answered, latency bucket counts by upper bound, LOAD gauges) of one target."""
     try:
         text = httpx.get(f"http://{address}/metrics", timeout=2.0).text
     except httpx.HTTPError:
         return None
-    requests, buckets = 0.0, {}
+    requests, buckets, load = 0.0, {}, {}
     for family in text_string_to_metric_families(text):
         for s in family.samples:
+            if s.name in LOAD:
+                load[LOAD[s.name]] = load.get(LOAD[s.name], 0.0) + s.value
+                continue
             if s.labels.get("route") not in INFERENCE:
                 continue
             if s.name == "nodewise_requests_total":
@@ -41,7 +53,7 @@ def _scrape(address: str) -> tuple[float, dict[float, float]] | None:
             elif s.name == "nodewise_request_duration_seconds_bucket":
                 bound = float(s.labels["le"])
                 buckets[bound] = buckets.get(bound, 0.0) + s.value
-    return requests, buckets
+    return requests, buckets, load
 
 
 def quantile(q: float, buckets: dict[float, float]) -> float | None:
@@ -60,7 +72,7 @@ def quantile(q: float, buckets: dict[float, float]) -> float | None:
 
 
 def live_figures(settings: Settings, window_s: float = 1.0) -> dict[str, dict[str, Any]]:
-    """app -> {"requests_per_s", "p99_s", "p99_over", "restarts", "targets", "answering"}."""
+    """app -> {"requests_per_s", "p99_s", "p99_over", "restarts", "targets", "answering", "load"}."""
     files = read_targets(settings)
     by_app: dict[str, list[str]] = {}
     for name, groups in files.items():
@@ -79,7 +91,7 @@ def live_figures(settings: Settings, window_s: float = 1.0) -> dict[str, dict[st
             restarts[labels.get("app", "")] = restarts.get(labels.get("app", ""), 0.0) + value
     out = {}
     for app, targets in by_app.items():
-        requests, window, total = 0.0, {}, {}
+        requests, window, total, load = 0.0, {}, {}, {}
         answering = 0
         for address in targets:
             a, b = first.get(address), second.get(address)
@@ -90,6 +102,8 @@ def live_figures(settings: Settings, window_s: float = 1.0) -> dict[str, dict[st
                 total[bound] = total.get(bound, 0.0) + n
                 window[bound] = window.get(bound, 0.0) + n - (a[1].get(bound, 0.0) if a else n)
             requests += b[0] - (a[0] if a else b[0])
+            for name, value in b[2].items():
+                load[name] = load.get(name, 0.0) + value
         in_window = requests > 0
         p99 = quantile(0.99, window if in_window else total)
         out[app] = {
@@ -99,5 +113,6 @@ def live_figures(settings: Settings, window_s: float = 1.0) -> dict[str, dict[st
             "restarts": int(restarts.get(app, 0)),
             "targets": len(targets),
             "answering": answering,
+            "load": load,  # now, summed over the answering targets
         }
     return out

@@ -32,6 +32,12 @@ def build_spec(
     capacity = plan.capacity_replicas or plan.replicas
     fixed = serve.replicas is not None
     ceiling = plan.replicas if fixed else max(plan.replicas, min(serve.max_replicas, capacity))
+    if fixed:
+        ceiling_reason = "a fixed count (serve.replicas)"
+    elif serve.max_replicas <= capacity:
+        ceiling_reason = f"max_replicas {serve.max_replicas}"
+    else:
+        ceiling_reason = plan.capacity_reason or f"the inventory holds {capacity}"
     # scale to zero (opt-in): the floor is 0, the plan's replicas are only the first ones
     floor = 0 if not fixed and serve.min_replicas == 0 else plan.replicas
     memory_limit = serve.memory_limit_bytes or max(2 * plan.needed_bytes, plan.needed_bytes + 2**30)
@@ -48,6 +54,7 @@ def build_spec(
         input_shape=model.input_shape,
         min_replicas=floor,
         max_replicas=ceiling,
+        ceiling_reason=ceiling_reason,
         target_ongoing_requests=serve.target_ongoing_requests,
         upscale_delay_s=serve.upscale_delay_s,
         downscale_delay_s=serve.downscale_delay_s,

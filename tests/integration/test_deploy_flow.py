@@ -158,11 +158,14 @@ def test_replicas_follow_a_load_step_up_and_back_down_with_no_request_lost(setti
     _, _, x_test, _ = digits_split()
     body = json.dumps({"inputs": x_test[:1].tolist()}).encode()
     [row] = [r for r in deployment_status(settings)["deployments"] if r["app"] == record.app_name]
-    assert row["autoscaling"] == {"min_replicas": 1, "max_replicas": 2}
+    assert row["autoscaling"] == {"min_replicas": 1, "max_replicas": 2, "ceiling": "max_replicas 2"}
     with LoadClient(f"{record.endpoint}/invocations", body, workers=4) as load:
         up_s = wait_for(2, 90, watch=True)
         time.sleep(2)  # both serve
         assert [a for a in watch_once(settings) if a.app == record.app_name] == []
+        # status says why: the load its replicas report, read as the autoscaling policy reads it
+        [busy] = [r for r in deployment_status(settings)["deployments"] if r["app"] == record.app_name]
+        assert "request(s) in flight, target 1 a replica: wants" in busy["autoscaling"]["why"], busy
     down_s = wait_for(1, 90)
     print(f"autoscaling: 1 -> 2 replicas {up_s:.1f} s after the step, back to 1 {down_s:.1f} s after it ended")
     assert load.failures == []
@@ -194,7 +197,7 @@ def test_a_model_scaled_to_zero_releases_its_replicas_and_answers_after_a_cold_s
     idle_s = time.monotonic() - started
     [row] = [r for r in deployment_status(settings)["deployments"] if r["app"] == record.app_name]
     assert row["health"].startswith("scaled to zero")
-    assert row["autoscaling"] == {"min_replicas": 0, "max_replicas": 1}
+    assert row["autoscaling"] == {"min_replicas": 0, "max_replicas": 1, "ceiling": "max_replicas 1"}
     assert replicas() == 0  # status did not wake it
     assert [a for a in watch_once(settings) if a.app == record.app_name] == []
 

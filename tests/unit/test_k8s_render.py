@@ -160,7 +160,8 @@ def test_a_model_that_scales_to_zero_starts_one_worker_pod_and_may_release_it() 
     assert cluster["enableInTreeAutoscaling"] is True
     # every pod reports load every 2 s, as the local instance's replicas do
     [env] = [c["env"] for c in group["template"]["spec"]["containers"]]
-    assert {"name": "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "value": "2.0"} in env
+    assert {"name": "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "value": "1.0"} in env
+    assert {"name": "RAY_SERVE_AUTOSCALING_METRIC_RECORD_INTERVAL_FACTOR", "value": "0.1"} in env
 
 
 def test_tensor_parallel_replica_gets_a_pod_with_all_its_gpus() -> None:

@@ -31,9 +31,20 @@ def test_small_model_on_a_cpu_node_uses_ray_serve_with_the_desired_replicas() ->
     assert plan.torch_threads == 1
     assert plan.num_gpus_per_replica == 0.0
     # 16 GiB * 0.9 = 14.4 GiB usable; one copy = 0.01 GiB + 0.5 GiB runtime -> 28 copies by memory,
-    # but 2 CPUs hold 4 half-CPU replicas
+    # but a CPU replica under load takes a core: 2 cores hold 2 (Ray's tokens would let 4 start)
     assert int(14.4 * GIB) // (int(0.01 * GIB) + GIB // 2) == 28
-    assert plan.capacity_replicas == 4
+    assert (plan.capacity_replicas, plan.capacity_reason) == (2, "2 core(s), one a replica")
+    assert "holds 2 replica(s) (2 core(s), one a replica)" in plan.explain()
+
+
+def test_cpu_ceiling_keeps_torch_threads_times_replicas_within_the_cores() -> None:
+    inv = Inventory(source="test", nodes=[Node(name="n", cpus=16, host_memory_bytes=64 * GIB)])
+    plan = plan_placement(profile(0.01), inv, headroom_fraction=0.9, desired_replicas=1)
+    assert plan.capacity_replicas == 16
+    assert plan.replicas * plan.torch_threads <= 16
+    small = Inventory(source="test", nodes=[Node(name="n", cpus=16, host_memory_bytes=4 * GIB)])
+    by_memory = plan_placement(profile(0.5), small, headroom_fraction=0.9, desired_replicas=1)
+    assert (by_memory.capacity_replicas, by_memory.capacity_reason) == (3, "memory for 3")
 
 
 def test_several_replicas_share_one_gpu_by_fraction() -> None:

@@ -83,11 +83,15 @@ def test_spec_autoscales_by_default_up_to_what_the_inventory_holds(tmp_path: Pat
     assert (auto.min_replicas, auto.max_replicas) == (1, 4)  # the default ceiling, 4
     options = build_app(auto)._bound_deployment._deployment_config.autoscaling_config
     assert (options.min_replicas, options.max_replicas, options.target_ongoing_requests) == (1, 4, 4.0)
-    assert (options.upscale_delay_s, options.look_back_period_s) == (5.0, 12.0)
+    assert (options.upscale_delay_s, options.look_back_period_s) == (2.0, 12.0)
+    assert options.policy.policy_function == "serving.autoscaling:scale_on_load"  # nodewise's rule
+    assert auto.ceiling_reason == "max_replicas 4"
     scaled = build_spec(model(), plan(replicas=2, capacity=6), settings, ServeSettings(max_replicas=10))
     assert (scaled.min_replicas, scaled.max_replicas) == (2, 6)  # capped at what the inventory holds
+    assert scaled.ceiling_reason == "the inventory holds 6"
     fixed = build_spec(model(), plan(replicas=2), settings, ServeSettings(replicas=2))
     assert (fixed.min_replicas, fixed.max_replicas) == (2, 2)
+    assert fixed.ceiling_reason == "a fixed count (serve.replicas)"
     config = build_app(fixed)._bound_deployment._deployment_config
     assert (config.num_replicas, config.autoscaling_config) == (2, None)
     # The memory limit defaults to twice the planned memory, and at least that plus 1 GiB.
@@ -108,6 +112,7 @@ def test_scale_to_zero_is_opt_in_and_a_deploy_still_starts_one_replica(tmp_path:
         model(), plan(replicas=2), Settings(state_dir=tmp_path), ServeSettings(min_replicas=0, replicas=2)
     )
     assert (fixed.min_replicas, fixed.max_replicas) == (2, 2)
+    assert fixed.ceiling_reason == "a fixed count (serve.replicas)"
     assert ServeSettings().min_replicas == 1
     tagged = serve_settings_for(model(model_tags={"nodewise.serve.min_replicas": "0"}), ServeSettings())
     assert tagged.min_replicas == 0
