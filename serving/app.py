@@ -430,6 +430,10 @@ def build_app(
             "upscale_delay_s": spec.upscale_delay_s,
             "downscale_delay_s": spec.downscale_delay_s,
             "look_back_period_s": spec.look_back_period_s,
+            # How often a replica pushes its samples. Ray 2.60 reads only this (deprecated) field: the
+            # RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S it names instead is read nowhere, so
+            # replicas pushed every 10 s whatever that variable said.
+            "metrics_interval_s": spec.metrics_push_interval_s,
             # nodewise's rule (serving/autoscaling.py): a step seen at once; LLM replicas on their engine
             "policy": {"policy_function": AUTOSCALING_POLICY},
         }

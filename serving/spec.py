@@ -72,10 +72,13 @@ class ModelServeSpec(BaseModel):
     min_replicas: NonNegativeInt = Field(default=1, description="0: scaled to zero when idle.")
     max_replicas: PositiveInt = 1
     ceiling_reason: str = Field(default="", description="What set max_replicas (a setting, the cores, memory).")
-    target_ongoing_requests: PositiveFloat = 4.0
+    target_ongoing_requests: PositiveFloat = 2.0
     upscale_delay_s: NonNegativeFloat = 2.0
     downscale_delay_s: NonNegativeFloat = 60.0
     look_back_period_s: PositiveFloat = 12.0
+    metrics_push_interval_s: PositiveFloat = Field(
+        default=1.0, description="How often each replica sends its load samples to Serve's controller."
+    )
     tp_size: PositiveInt = Field(default=1, description="Devices one replica spans (a placement group of them).")
     num_cpus: NonNegativeFloat = 1.0
     num_gpus: NonNegativeFloat = 0.0

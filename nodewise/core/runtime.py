@@ -64,8 +64,6 @@ def serve_environment(settings: Settings) -> dict[str, str]:
     them: nodewise passes them to the `ray start` of its local instance."""
     env = {
         "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1" if settings.serve.throughput_optimized else "0",
-        # Autoscaling reads what replicas report (HAProxy's ingress has no handle to count at)
-        "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": str(settings.serve.metrics_push_interval_s),
         # each replica samples its load every look_back_period_s / 10 (Ray's default: / 5): nodewise's
         # policy reads the latest sample, so a step is seen within about a second
         "RAY_SERVE_AUTOSCALING_METRIC_RECORD_INTERVAL_FACTOR": str(RECORD_INTERVAL_FACTOR),

@@ -173,10 +173,12 @@ class ServeSettings(_Section):
         "replicas than cores only take cores from busy ones).",
     )
     target_ongoing_requests: PositiveFloat = Field(
-        default=4.0,
-        description="Autoscaling target: requests in flight per replica (a batching replica takes up to "
-        "max_ongoing_requests; docs/benchmarks/history.md has the measurement behind 4). LLM replicas "
-        "scale on their engine instead (waiting sequences, token budget in use).",
+        default=2.0,
+        description="Autoscaling target: requests in flight inside each replica. Measured (benchmarks/README.md): "
+        "one replica's core is already busy at 1 in flight, and 8 closed-loop clients put only about 3 "
+        "inside it (the rest are in the ingress and the client), where a second replica serves 1.2-1.3x "
+        "more; 4 never asked for it. LLM replicas scale on their engine instead (waiting sequences, "
+        "token budget in use).",
     )
     upscale_delay_s: Annotated[float, Field(ge=0.0)] = Field(
         default=2.0,
@@ -196,9 +198,9 @@ class ServeSettings(_Section):
     )
     metrics_push_interval_s: PositiveFloat = Field(
         default=1.0,
-        description="Autoscaling: how often each replica reports its load samples to Serve's "
-        "controller (Ray's default is 10 s). Local instance only; start an existing cluster with "
-        "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S.",
+        description="Autoscaling: how often each replica sends its load samples to Serve's "
+        "controller (Ray's default is 10 s). Set on each deployment (Serve's metrics_interval_s: Ray "
+        "2.60 reads no environment variable for it), on every cluster, Kubernetes included.",
     )
     max_ongoing_requests: PositiveInt = Field(
         default=32, description="Requests one replica takes at once (Ray's default of 5 collapses under load)."
@@ -484,8 +486,8 @@ class KubernetesSettings(_Section):
     )
     serve_metrics_push_interval_s: PositiveFloat = Field(
         default=1.0,
-        description="How often each replica in the RayService reports its requests in flight to Serve's "
-        "autoscaler (the pods' RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S; Ray's default is 10 s). "
+        description="How often each replica in the RayService sends its load samples to Serve's "
+        "autoscaler (the app's metrics_interval_s in serveConfigV2; Ray's default is 10 s). "
         "The local counterpart is serve.metrics_push_interval_s.",
     )
     idle_node_timeout_s: PositiveInt = Field(

@@ -186,11 +186,7 @@ def _ray_service(name: str, spec: ModelServeSpec, plan: PlacementPlan, k8s: Kube
     cpus = max(1.0, per_pod * spec.num_cpus)
     env = [
         {"name": "RAY_SERVE_THROUGHPUT_OPTIMIZED", "value": "1" if k8s.serve_throughput_optimized else "0"},
-        # read when Serve is imported: the autoscaler sees load within seconds, not Ray's 10 s
-        {
-            "name": "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S",
-            "value": str(k8s.serve_metrics_push_interval_s),
-        },
+        # read when Serve is imported: a replica samples its load every tenth of the look-back
         {"name": "RAY_SERVE_AUTOSCALING_METRIC_RECORD_INTERVAL_FACTOR", "value": str(RECORD_INTERVAL_FACTOR)},
     ]
     serve_config = {
@@ -200,7 +196,12 @@ def _ray_service(name: str, spec: ModelServeSpec, plan: PlacementPlan, k8s: Kube
                 "route_prefix": spec.route_prefix,
                 "import_path": "serving.app:from_config",
                 "args": {
-                    "spec": spec.model_copy(update={"metrics_port": REPLICA_METRICS_PORT}).model_dump(mode="json")
+                    "spec": spec.model_copy(
+                        update={
+                            "metrics_port": REPLICA_METRICS_PORT,
+                            "metrics_push_interval_s": k8s.serve_metrics_push_interval_s,
+                        }
+                    ).model_dump(mode="json")
                 },
             }
         ]

@@ -122,12 +122,15 @@ def _single_device(
     cpu_share = 0.5 if kind == "cpu" else 1.0
     cpus = sum(n.cpus for n in nodes)
     capacity_reason = f"memory for {capacity}"
-    if kind == "cpu" and cpus < capacity:
-        # A CPU replica under load keeps one core busy on its own (its request path is one Python
-        # thread: serve_throughput.py's CPU per process): a replica past one a core only takes cores
-        # from busy ones (measured: 3 or 4 replicas on 2 cores serve less than 2 at every load).
-        capacity, capacity_reason = cpus, f"{cpus} core(s), one a replica"
-    replicas = max(1, min(desired, capacity))
+    startable = capacity  # what a fixed count asked for may start
+    if kind == "cpu":
+        startable = min(capacity, sum(int(n.cpus / cpu_share) for n in nodes))  # Ray's CPU tokens
+        if cpus < capacity:
+            # A CPU replica under load keeps one core busy on its own (its request path is one Python
+            # thread: serve_throughput.py's CPU per process), so autoscaling stops at one a core: more
+            # only take cores from busy ones (measured: 3 or 4 on 2 cores serve less than 2).
+            capacity, capacity_reason = cpus, f"{cpus} core(s), one a replica"
+    replicas = max(1, min(desired, startable))
     threads = max(1, min(8, cpus // replicas))
     per_gpu = max(max(v) for v in per_device.values())
     num_gpus = 0.0 if kind == "cpu" else (1.0 if per_gpu <= 1 else round(1.0 / min(per_gpu, 8), 3))
@@ -140,6 +143,11 @@ def _single_device(
         f"runtime {_gib(profile.runtime_bytes)}), which fits {where} ({_gib(budget)} usable)",
         f"the inventory holds {capacity} replica(s) ({capacity_reason}); serving {replicas} with Ray Serve",
     ]
+    if replicas > capacity:  # a fixed count asked for more than the cores: started, but said
+        reasons.append(
+            f"{replicas} replicas asked for on {cpus} core(s): they share cores, and under load serve less "
+            f"than {capacity} would"
+        )
     if num_gpus and num_gpus < 1:
         reasons.append(f"{per_gpu} replicas fit one GPU: each asks for num_gpus={num_gpus}")
     return PlacementPlan(

@@ -59,6 +59,7 @@ def build_spec(
         upscale_delay_s=serve.upscale_delay_s,
         downscale_delay_s=serve.downscale_delay_s,
         look_back_period_s=serve.look_back_period_s,
+        metrics_push_interval_s=serve.metrics_push_interval_s,
         num_cpus=plan.num_cpus_per_replica,
         num_gpus=plan.num_gpus_per_replica,
         tp_size=plan.tp_size,

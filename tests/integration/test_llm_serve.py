@@ -91,3 +91,35 @@ def test_fuzzing_the_replica_from_its_openapi_document_gives_no_500(deployed: ob
     assert report["server_errors"] == []
     assert report["cases"] > 50
     assert httpx.get(f"{endpoint}/health", timeout=30).json()["ready"]
+
+
+def test_the_replica_reports_its_engine_load_to_the_autoscaling_policy(deployed: object) -> None:
+    """What Serve samples for nodewise's policy (serving/autoscaling.py): idle, nothing; with three
+    batches' worth of completions, sequences waiting behind a full batch (the rule's signal to add
+    a replica), the running ones within the batch and the budget in use within the budget."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ray import serve
+
+    from serving.autoscaling import BUDGET_USED, IN_FLIGHT, RUNNING, WAITING
+    from tests.support import wait_until
+
+    handle = serve.get_app_handle(deployed.app_name).options(method_name="record_autoscaling_stats")  # type: ignore[attr-defined]
+    assert handle.remote().result(timeout_s=30) == {IN_FLIGHT: 0.0, WAITING: 0.0, RUNNING: 0.0, BUDGET_USED: 0.0}
+    body = {"model": "tiny-llama", "prompt": "hello", "max_tokens": 64}
+    url = f"{deployed.endpoint}/v1/completions"  # type: ignore[attr-defined]
+    seen: list[dict[str, float]] = []
+
+    def queued() -> bool:
+        seen.append(handle.remote().result(timeout_s=30))
+        return seen[-1][WAITING] >= 1
+
+    with ThreadPoolExecutor(3 * ROWS) as pool:
+        answers = [pool.submit(httpx.post, url, json=body, timeout=120) for _ in range(3 * ROWS)]
+        wait_until(queued, 60, "sequences waiting behind a full batch", seen=lambda: seen[-1:])
+        assert [a.result().status_code for a in answers] == [200] * (3 * ROWS)
+    busy = seen[-1]
+    assert 1 <= busy[RUNNING] <= ROWS
+    assert 0 < busy[BUDGET_USED] <= 1
+    assert busy[IN_FLIGHT] >= busy[RUNNING] + busy[WAITING]  # every sequence came in as an HTTP request
+    assert handle.remote().result(timeout_s=30)[WAITING] == 0

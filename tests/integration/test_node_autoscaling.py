@@ -27,9 +27,10 @@ from .conftest import module_settings, registered_with_serve_tags
 @pytest.fixture(scope="module")
 def settings(prefect_harness: None) -> Iterator[Settings]:
     # A head of one CPU holds two replicas (half a CPU each, the floor); a third needs a node the
-    # autoscaler adds.
+    # autoscaler adds. The added node offers 2 CPUs: the plan's ceiling is a replica per core of
+    # the inventory (1 + 2), the node it may add counted.
     yield from module_settings(
-        ray={"num_cpus": 1, "max_added_nodes": 1, "added_node_cpus": 1, "idle_node_timeout_s": 5},
+        ray={"num_cpus": 1, "max_added_nodes": 1, "added_node_cpus": 2, "idle_node_timeout_s": 5},
         serve={"replicas": None},
     )
 

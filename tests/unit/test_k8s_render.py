@@ -158,10 +158,11 @@ def test_a_model_that_scales_to_zero_starts_one_worker_pod_and_may_release_it() 
     [group] = cluster["workerGroupSpecs"]
     assert (group["replicas"], group["minReplicas"], group["maxReplicas"]) == (1, 0, 4)
     assert cluster["enableInTreeAutoscaling"] is True
-    # every pod reports load every 2 s, as the local instance's replicas do
+    # every replica samples its load every 1.2 s and sends it every 1 s, as the local instance's do
     [env] = [c["env"] for c in group["template"]["spec"]["containers"]]
-    assert {"name": "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "value": "1.0"} in env
     assert {"name": "RAY_SERVE_AUTOSCALING_METRIC_RECORD_INTERVAL_FACTOR", "value": "0.1"} in env
+    [app] = json.loads(by_kind(objects)["RayService"]["spec"]["serveConfigV2"])["applications"]
+    assert app["args"]["spec"]["metrics_push_interval_s"] == 1.0
 
 
 def test_tensor_parallel_replica_gets_a_pod_with_all_its_gpus() -> None:

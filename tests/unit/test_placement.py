@@ -37,6 +37,15 @@ def test_small_model_on_a_cpu_node_uses_ray_serve_with_the_desired_replicas() ->
     assert "holds 2 replica(s) (2 core(s), one a replica)" in plan.explain()
 
 
+def test_a_fixed_count_past_the_cores_starts_but_the_plan_says_what_it_costs() -> None:
+    inv = Inventory(source="test", nodes=[Node(name="n", cpus=2, host_memory_bytes=16 * GIB)])
+    plan = plan_placement(profile(0.01), inv, headroom_fraction=0.9, desired_replicas=4)
+    assert (plan.replicas, plan.capacity_replicas, plan.torch_threads) == (4, 2, 1)
+    assert "4 replicas asked for on 2 core(s): they share cores" in plan.explain()
+    # Ray's tokens (half a CPU each) still bound what can start at all
+    assert plan_placement(profile(0.01), inv, headroom_fraction=0.9, desired_replicas=9).replicas == 4
+
+
 def test_cpu_ceiling_keeps_torch_threads_times_replicas_within_the_cores() -> None:
     inv = Inventory(source="test", nodes=[Node(name="n", cpus=16, host_memory_bytes=64 * GIB)])
     plan = plan_placement(profile(0.01), inv, headroom_fraction=0.9, desired_replicas=1)

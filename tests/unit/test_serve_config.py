@@ -82,8 +82,8 @@ def test_spec_autoscales_by_default_up_to_what_the_inventory_holds(tmp_path: Pat
     auto = build_spec(model(), plan(replicas=1, capacity=6), settings)
     assert (auto.min_replicas, auto.max_replicas) == (1, 4)  # the default ceiling, 4
     options = build_app(auto)._bound_deployment._deployment_config.autoscaling_config
-    assert (options.min_replicas, options.max_replicas, options.target_ongoing_requests) == (1, 4, 4.0)
-    assert (options.upscale_delay_s, options.look_back_period_s) == (2.0, 12.0)
+    assert (options.min_replicas, options.max_replicas, options.target_ongoing_requests) == (1, 4, 2.0)
+    assert (options.upscale_delay_s, options.look_back_period_s, options.metrics_interval_s) == (2.0, 12.0, 1.0)
     assert options.policy.policy_function == "serving.autoscaling:scale_on_load"  # nodewise's rule
     assert auto.ceiling_reason == "max_replicas 4"
     scaled = build_spec(model(), plan(replicas=2, capacity=6), settings, ServeSettings(max_replicas=10))
