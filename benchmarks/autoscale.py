@@ -394,6 +394,7 @@ def llm_main(args: argparse.Namespace) -> None:
 
     from benchmarks._instance import local_instance
     from nodewise.cli.demo import build_llama, log_llama
+    from nodewise.core.settings import using_settings
 
     steps = [int(n) for n in args.llm_steps.split(",")]
     with local_instance("nwa-llm-", 24430) as settings:
@@ -402,7 +403,8 @@ def llm_main(args: argparse.Namespace) -> None:
         model, tokenizer = build_llama()
         experiment = MlflowClient().create_experiment("llm", artifact_location=settings.state.artifacts.as_uri())
         version = log_llama(model, tokenizer, "tiny-llama", experiment)
-        record = deploy_model(f"models:/tiny-llama/{version}")
+        with using_settings(settings):
+            record = deploy_model(f"models:/tiny-llama/{version}")
         result = llm_profile(record, steps, args.llm_hold)
         spec = record.spec
     summary = {
