@@ -1,4 +1,4 @@
-r"""Continuous (iteration-level) batching for a causal LM: one engine, plain Python and torch.
+"""Continuous (iteration-level) batching for a causal LM: one engine, plain Python and torch.
 
 Requests join the running batch at the next step and leave it when they finish, each with its
 own KV cache rows; one forward pass per step decodes one token for every running sequence.
@@ -20,12 +20,12 @@ own KV cache rows; one forward pass per step decodes one token for every running
   the model's end-of-sequence ids.
   A ``temperature`` below ``GREEDY_BELOW`` (1e-5, as vLLM) is greedy: dividing by a tinier one
   overflows the scores.
-- **Streaming and cancellation.** Each ``Sequence`` has a queue of events (``TokenEvent``\s,
-  then an ``EndEvent`` with its ``FinishReason``; ``serving/messages.py``); ``cancel()`` frees its
-  slot at the next step.
+- **Streaming and cancellation.** Each ``Sequence`` has a queue of events (a ``TokenEvent`` per
+  token, then an ``EndEvent`` with its ``FinishReason``; ``serving/messages.py``); ``cancel()``
+  frees its slot at the next step.
 - **A request fails alone.** A sequence whose next-token scores are not finite, or whose sampling
-  raises, ends with ``FinishReason.ERROR`` (an ``ErrorEvent`` with the reason before its end) and leaves
-  the batch; the other rows go on as if it had never been there. A forward pass that raises
+  raises, ends with ``FinishReason.ERROR`` (an ``ErrorEvent`` with the reason before its end) and
+  leaves the batch; the other rows go on as if it had never been there. A forward pass that raises
   cannot be laid on one sequence: the sequences in it end with an error, and the engine goes on
   serving. ``agree`` (optional) makes every rank of a tensor-parallel group take the same tokens
   and failures (rank 0's), so the ranks' batches never diverge.
