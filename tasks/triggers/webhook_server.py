@@ -7,9 +7,9 @@ does not take it, the answer is 502 and the delivery is forgotten, so MLflow's r
 through. ``GET /health``: 200; ``GET /openapi.json``: the routes' OpenAPI document.
 
 It runs on uvicorn (``serving/http_server.py``: keep-alive, the connection and header limits
-are its settings); the body's limit (``MAX_BODY``, 413) and time (``BODY_TIMEOUT_S``, 408) are
-``serving.errors.receive_body``'s, as every endpoint's. The receiver's work blocks, so it runs on
-Starlette's thread pool, concurrently as before.
+are its settings); the body's limit (``MAX_BODY``, 413) and time (``BODY_TIMEOUT_S``, 408) are checked by
+``serving.errors.receive_body``, with the messages of rank 0's ``read_body``. The receiver's work
+blocks, so it runs on Starlette's thread pool, concurrently as before.
 """
 
 from __future__ import annotations
