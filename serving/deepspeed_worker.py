@@ -42,6 +42,21 @@ from serving.errors import (
     error_response,
     read_body,
 )
+from serving.messages import (
+    Add,
+    Cancel,
+    Command,
+    EndEvent,
+    ErrorEvent,
+    Event,
+    FinishReason,
+    Forward,
+    Generate,
+    Plan,
+    Tick,
+    TokenEvent,
+    Work,
+)
 from serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from serving.metrics import UNCOUNTED, EngineLoad, ServingMetrics
 from serving.openai_api import cut_at_stop, openai_error, sse
@@ -170,10 +185,10 @@ class Frontend:
         self.spec = spec
         self.view = view
         self.model: Any = None  # LanguageModel once loaded
-        self.commands: queue.Queue[tuple[tuple[Any, ...], Future[Any]]] = queue.Queue()
+        self.commands: queue.Queue[tuple[Command, Future[Any]]] = queue.Queue()
         self.timing = threading.local()  # the ranks' compute time of this thread's last request
         self.sequences: dict[str, Future[Any]] = {}  # the engine's requests by id, until they finish
-        self.streams: dict[str, queue.Queue[tuple[str, Any]]] = {}  # where a streamed request's tokens go
+        self.streams: dict[str, queue.Queue[Event]] = {}  # where a streamed request's tokens go
         self.engine: Any = None  # the step loop's engine (a fresh one after an error), for the metrics
         self.metrics: ServingMetrics | None = None
         if spec.metrics:
@@ -194,7 +209,7 @@ class Frontend:
         engine = self.engine
         return EngineLoad(engine.running, engine.waiting, engine.tokens_in_flight, engine.max_tokens_in_flight)
 
-    def submit(self, command: tuple[Any, ...]) -> Any:
+    def submit(self, command: Forward | Generate) -> Any:
         self._check_ready()
         done: Future[Any] = Future()
         self.commands.put((command, done))
@@ -211,7 +226,7 @@ class Frontend:
         continuous-batching engine: each prompt joins the batch every rank runs, so concurrent
         requests share decoding steps; otherwise the whole request is one step."""
         if not getattr(self.model, "can_generate", False) or not self.spec.batching:
-            return self.submit(("generate", prompts, new_tokens))
+            return self.submit(Generate(prompts, new_tokens))
         for prompt in prompts:
             self._check_budget(len(prompt), new_tokens)
         self._check_ready()
@@ -223,7 +238,7 @@ class Frontend:
                 tokens, ms = done.result(timeout=max(0.0, deadline - time.monotonic()))
             except TimeoutError as e:
                 for other, _ in waits:  # free their slots at the next step
-                    self.commands.put((("cancel", other), Future()))
+                    self.commands.put((Cancel(other), Future()))
                 raise RequestTimeout(f"no answer within {self.spec.request_timeout_s:.0f} s") from e
             outputs.append(tokens)
             slowest = max(slowest, ms)
@@ -251,7 +266,7 @@ class Frontend:
         ids = self._token_ids(array, "inputs")
         if ids.ndim != 2:
             raise BadRequest(f"inputs has shape {list(ids.shape)}; send token ids as [batch, sequence]")
-        return encode_predictions(self.submit(("forward", ids)))
+        return encode_predictions(self.submit(Forward(ids)))
 
     # -- /generate -------------------------------------------------------------------------
     def generate(self, body: bytes) -> bytes:
@@ -302,13 +317,13 @@ class Frontend:
         request = openai_api.parse_request(kind, decode_json(body), limits, model.tokenizer)
         queued = []
         for prompt in request.prompts:
-            events: queue.Queue[tuple[str, Any]] = queue.Queue()
+            events: queue.Queue[Event] = queue.Queue()
             request_id, _ = self._add(np.asarray(prompt), request.max_tokens, request.sampling, events)
             queued.append((request_id, events))
         decode = _decoder(model.tokenizer)
         timeout = self.spec.request_timeout_s
 
-        def events_of(request_id: str, events: queue.Queue[tuple[str, Any]]) -> Any:
+        def events_of(request_id: str, events: queue.Queue[Event]) -> Any:
             return openai_api.events_of(events, timeout, lambda: self.cancel(request_id))
 
         if request.stream:
@@ -340,11 +355,11 @@ class Frontend:
         self._check_length(len(prompt) + new_tokens)
         self._check_budget(len(prompt), new_tokens)
         self._check_ready()
-        events: queue.Queue[tuple[str, Any]] = queue.Queue()
+        events: queue.Queue[Event] = queue.Queue()
         request_id, _ = self._add(prompt, new_tokens, sampling, events)
         return request_id, self._events(request_id, events, len(prompt), sampling.get("stop", ()))
 
-    def _events(self, request_id: str, events: queue.Queue[tuple[str, Any]], prompt_tokens: int, stops: Any) -> Any:
+    def _events(self, request_id: str, events: queue.Queue[Event], prompt_tokens: int, stops: Any) -> Any:
         from serving.openai_api import TextStream
 
         text = TextStream(_decoder(self.model.tokenizer), tuple(stops)) if self.model.tokenizer is not None else None
@@ -352,33 +367,34 @@ class Frontend:
         deadline = time.monotonic() + self.spec.request_timeout_s
         while True:
             try:
-                kind, value = events.get(timeout=max(0.01, deadline - time.monotonic()))
+                event = events.get(timeout=max(0.01, deadline - time.monotonic()))
             except queue.Empty:
                 self.cancel(request_id)
                 yield sse({"error": {"message": f"no token within {self.spec.request_timeout_s:.0f} s"}})
                 return
-            if kind == "token":
-                count += 1
-                event: dict[str, Any] = {"token_id": value}
-                if text is not None:  # held back while it could be the start of a stop string
-                    event["text"] = text.add(value)
-                yield sse(event)
-            elif kind == "error":  # the engine's reason, then its end ("error")
-                yield sse({"error": {"message": value, "code": "generation_failed"}})
-            else:
-                if text is not None and (rest := text.flush()):
-                    yield sse({"text": rest})
-                usage = {"prompt_tokens": prompt_tokens, "completion_tokens": count}
-                yield sse({"finish_reason": value, "usage": usage})
-                yield b"data: [DONE]\n\n"
-                return
+            match event:
+                case TokenEvent(token):
+                    count += 1
+                    chunk: dict[str, Any] = {"token_id": token}
+                    if text is not None:  # held back while it could be the start of a stop string
+                        chunk["text"] = text.add(token)
+                    yield sse(chunk)
+                case ErrorEvent(message):  # the engine's reason, then its end (ERROR)
+                    yield sse({"error": {"message": message, "code": "generation_failed"}})
+                case EndEvent(reason):
+                    if text is not None and (rest := text.flush()):
+                        yield sse({"text": rest})
+                    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": count}
+                    yield sse({"finish_reason": reason.value, "usage": usage})
+                    yield b"data: [DONE]\n\n"
+                    return
 
     def _add(
         self,
         prompt: np.ndarray,
         new_tokens: int,
         sampling: dict[str, Any],
-        stream: queue.Queue[tuple[str, Any]] | None = None,
+        stream: queue.Queue[Event] | None = None,
     ) -> tuple[str, Future[Any]]:
         """Queue one prompt to join the engine's batch at the next step; its id and its answer.
         ``stream`` receives its tokens as they come."""
@@ -388,7 +404,7 @@ class Frontend:
         if stream is not None:
             self.streams[request_id] = stream
         done: Future[Any] = Future()
-        self.commands.put((("add", request_id, [int(t) for t in prompt], new_tokens, sampling), done))
+        self.commands.put((Add(request_id, tuple(int(t) for t in prompt), new_tokens, sampling), done))
         return request_id, done
 
     def _check_budget(self, prompt_tokens: int, new_tokens: int) -> None:
@@ -407,7 +423,7 @@ class Frontend:
 
     def cancel(self, request_id: str) -> None:
         """The client is gone: the request leaves the batch at the next step."""
-        self.commands.put((("cancel", request_id), Future()))
+        self.commands.put((Cancel(request_id), Future()))
 
     def _sampling(self, payload: dict[str, Any], new_tokens: int) -> dict[str, Any]:
         """The request's sampling parameters (serving/engine.py's), checked; a sampled one without a
@@ -648,8 +664,9 @@ def _heartbeats(state: RankState, url: str, every_s: float, local: ClusterView |
 def _step_loop(env: DistEnv, spec: DeepSpeedSpec, model: Any, state: RankState, frontend: Frontend | None) -> None:
     """Every rank: receive the next step's plan from rank 0, run it, and (rank 0) answer.
 
-    A plan is one broadcast: a command (a forward pass, or a tick when idle), the generation
-    requests that join the engine's batch, and those cancelled. Every rank then runs the same
+    A plan (``serving.messages.Plan``) is one broadcast: its work (a forward pass, a generation
+    without the engine, or a tick when idle), the generation requests that join the engine's
+    batch, and those cancelled. Every rank then runs the same
     engine step, so a decoding step costs one collective round for the whole batch (and one
     broadcast of its tokens, rank 0's, which every rank goes on with).
     """
@@ -659,36 +676,20 @@ def _step_loop(env: DistEnv, spec: DeepSpeedSpec, model: Any, state: RankState, 
     if frontend is not None and engine is not None:
         frontend.attach(engine)
     sequences: dict[str, Any] = {}
-    held: list[tuple[tuple[Any, ...], Future[Any]]] = []  # rank 0: commands waiting for their step
+    held: list[tuple[Forward | Generate, Future[Any]]] = []  # rank 0: work waiting for its step
     while True:
         done: Future[Any] | None = None
-        command: tuple[Any, ...] = ("tick",)
-        adds: list[tuple[str, list[int], int, dict[str, Any]]] = []
-        cancels: list[str] = []
+        plan = Plan()
         if frontend is not None:
-            busy = bool(held) or (engine is not None and engine.has_work())
-            for item, future in _drain(frontend.commands, 0 if busy else spec.tick_s):
-                if item[0] == "add":
-                    adds.append(item[1:])
-                    frontend.sequences[item[1]] = future
-                elif item[0] == "cancel":
-                    cancels.append(item[1])
-                else:
-                    held.append((item, future))
-            if held:
-                command, done = held.pop(0)
-        message: list[Any] = [(command, adds, cancels)]
+            plan, done = _plan(frontend, held, spec.tick_s, busy=engine is not None and engine.has_work())
+        message: list[Any] = [plan]
         state.busy_since = time.monotonic()
         dist.broadcast_object_list(message, src=0)
-        command, adds, cancels = message[0]
+        plan = message[0]
+        adds, cancels = plan.adds, plan.cancels
         started = time.perf_counter()
         try:
-            if command[0] == "forward":
-                result: Any = model.forward(command[1])
-            elif command[0] == "generate":
-                result = model.generate(command[1], command[2])
-            else:
-                result = None
+            result = _run(model, plan.work)
         except Exception as e:  # every rank fails the same way on the same input; keep serving
             if done is not None:
                 done.set_exception(e)
@@ -702,6 +703,36 @@ def _step_loop(env: DistEnv, spec: DeepSpeedSpec, model: Any, state: RankState, 
         state.steps += 1
         state.last_step = time.monotonic()
         state.busy_since = None
+
+
+def _plan(
+    frontend: Frontend, held: list[tuple[Forward | Generate, Future[Any]]], tick_s: float, busy: bool
+) -> tuple[Plan, Future[Any] | None]:
+    """Rank 0: the next step's plan from what the HTTP threads queued (waiting up to ``tick_s``
+    for some when idle), and the future its work answers. Work beyond one piece waits in ``held``."""
+    adds: list[Add] = []
+    cancels: list[str] = []
+    for command, future in _drain(frontend.commands, 0 if busy or held else tick_s):
+        match command:
+            case Add(request_id):
+                adds.append(command)
+                frontend.sequences[request_id] = future
+            case Cancel(request_id):
+                cancels.append(request_id)
+            case Forward() | Generate():
+                held.append((command, future))
+    work, done = held.pop(0) if held else (Tick(), None)
+    return Plan(work, tuple(adds), tuple(cancels)), done
+
+
+def _run(model: Any, work: Work) -> Any:
+    """A step's piece of work besides the engine's batch, on this rank."""
+    match work:
+        case Forward(ids):
+            return model.forward(ids)
+        case Generate(prompts, new_tokens):
+            return model.generate(prompts, new_tokens)
+    return None  # a tick
 
 
 def _decoder(tokenizer: Any) -> Any:
@@ -744,8 +775,8 @@ def _engine_step(
     engine: Any,
     model: Any,
     sequences: dict[str, Any],
-    adds: list[tuple[str, list[int], int, dict[str, Any]]],
-    cancels: list[str],
+    adds: tuple[Add, ...],
+    cancels: tuple[str, ...],
     frontend: Frontend | None,
 ) -> Any:
     """One step of the engine on every rank; rank 0 answers the requests that finished.
@@ -753,18 +784,18 @@ def _engine_step(
     from serving.engine import SamplingParams
 
     try:
-        for request_id, prompt, new_tokens, sampling in adds:
-            params = SamplingParams(max_tokens=new_tokens, **sampling)
-            seq = sequences[request_id] = engine.add(prompt, params, request_id=request_id)
-            if frontend is not None and request_id in frontend.streams:
-                seq.events = frontend.streams.pop(request_id)  # before any step: no event is lost
+        for add in adds:
+            params = SamplingParams(max_tokens=add.max_tokens, **add.sampling)
+            seq = sequences[add.request_id] = engine.add(add.prompt, params, request_id=add.request_id)
+            if frontend is not None and add.request_id in frontend.streams:
+                seq.events = frontend.streams.pop(add.request_id)  # before any step: no event is lost
         for request_id in cancels:
             if request_id in sequences:
                 sequences[request_id].cancel()
         engine.step()
     except Exception as e:
         for request_id, seq in list(sequences.items()):
-            seq.events.put(("end", "error"))
+            seq.events.put(EndEvent(FinishReason.ERROR))
             future = frontend.sequences.pop(request_id, None) if frontend is not None else None
             if future is not None and not future.done():
                 future.set_exception(e)
@@ -776,9 +807,9 @@ def _engine_step(
         seq = sequences.pop(request_id)
         future = frontend.sequences.pop(request_id, None) if frontend is not None else None
         if future is not None and not future.done():
-            if seq.finish_reason == "cancelled":
+            if seq.finish_reason is FinishReason.CANCELLED:
                 future.cancel()
-            elif seq.finish_reason == "error":  # this sequence alone: the others are answered as usual
+            elif seq.finish_reason is FinishReason.ERROR:  # this sequence alone: the others are answered as usual
                 future.set_exception(GenerationFailed(seq.error or f"{request_id} failed; see rank 0's log"))
             else:
                 future.set_result((seq.tokens, ((seq.finished_at or 0) - seq.arrived) * 1000))

@@ -20,12 +20,13 @@ own KV cache rows; one forward pass per step decodes one token for every running
   the model's end-of-sequence ids.
   A ``temperature`` below ``GREEDY_BELOW`` (1e-5, as vLLM) is greedy: dividing by a tinier one
   overflows the scores.
-- **Streaming and cancellation.** Each ``Sequence`` has a queue of events (``("token", id)``,
-  then ``("end", reason)``); ``cancel()`` frees its slot at the next step.
+- **Streaming and cancellation.** Each ``Sequence`` has a queue of events (a ``TokenEvent`` per
+  token, then an ``EndEvent`` with its ``FinishReason``; ``serving/messages.py``); ``cancel()``
+  frees its slot at the next step.
 - **A request fails alone.** A sequence whose next-token scores are not finite, or whose sampling
-  raises, ends with reason ``"error"`` (an ``("error", message)`` event before its end) and leaves
-  the batch; the other rows go on as if it had never been there. A forward pass that raises
-  cannot be laid on one sequence: the sequences in it end with ``"error"``, and the engine goes on
+  raises, ends with ``FinishReason.ERROR`` (an ``ErrorEvent`` with the reason before its end) and
+  leaves the batch; the other rows go on as if it had never been there. A forward pass that raises
+  cannot be laid on one sequence: the sequences in it end with an error, and the engine goes on
   serving. ``agree`` (optional) makes every rank of a tensor-parallel group take the same tokens
   and failures (rank 0's), so the ranks' batches never diverge.
 
@@ -48,6 +49,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from serving.messages import EndEvent, ErrorEvent, Event, FinishReason, TokenEvent
 
 _IDS = itertools.count()
 GREEDY_BELOW = 1e-5  # a temperature below this is greedy (vLLM's _SAMPLING_EPS)
@@ -108,9 +111,9 @@ class Sequence:
     id: str = field(default_factory=lambda: f"seq-{next(_IDS)}")
     tokens: list[int] = field(default_factory=list)
     text: str | None = None  # set when stop strings are checked (what the client gets)
-    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
-    error: str | None = None  # why it failed, when finish_reason is "error"
-    events: queue.Queue[tuple[str, Any]] = field(default_factory=queue.Queue)
+    finish_reason: FinishReason | None = None
+    error: str | None = None  # why it failed, when finish_reason is ERROR
+    events: queue.Queue[Event] = field(default_factory=queue.Queue)
     arrived: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
     last_token_at: float | None = None
@@ -135,10 +138,10 @@ class Sequence:
             if left is not None and left <= 0:
                 raise TimeoutError(f"{self.id} did not finish within {timeout} s")
             try:
-                kind, _ = self.events.get(timeout=left)
+                event = self.events.get(timeout=left)
             except queue.Empty:
                 continue
-            if kind == "end":
+            if isinstance(event, EndEvent):
                 break
         return self
 
@@ -178,7 +181,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.steps = 0
-        self.finished: dict[str, int] = {}  # how many sequences ended, by reason
+        self.finished: dict[str, int] = {}  # how many sequences ended, by reason (FinishReason's value)
         # Told of every token as it comes: (its sequence, the sequence's previous token's time or
         # None for its first, now), monotonic seconds. The servers' metrics (serving/metrics.py).
         self.on_token: Callable[[Sequence, float | None, float], None] | None = None
@@ -268,11 +271,11 @@ class Engine:
     def step(self) -> None:
         """Drop cancelled sequences, admit what fits, prefill the newcomers, decode one token for all.
 
-        Never raises: a sequence that fails ends alone (``"error"``), a forward pass that fails
+        Never raises: a sequence that fails ends alone (``ERROR``), a forward pass that fails
         ends the sequences it held, and what is queued is served at the next steps."""
         admitted: list[Sequence] = []
         try:
-            self._drop([i for i, s in enumerate(self._rows) if s.cancelled], "cancelled")
+            self._drop([i for i, s in enumerate(self._rows) if s.cancelled], FinishReason.CANCELLED)
             admitted = self._admit()
             if admitted:
                 self._prefill(admitted)
@@ -290,7 +293,7 @@ class Engine:
                 head = self._waiting[0]
                 if head.cancelled:
                     self._waiting.popleft()
-                    self._finish(head, "cancelled")
+                    self._finish(head, FinishReason.CANCELLED)
                     continue
                 need = len(head.prompt) + head.params.max_tokens
                 if self._held + need > self.max_tokens_in_flight:
@@ -319,7 +322,7 @@ class Engine:
             _log.exception("prefill of %s failed", [s.id for s in seqs])
             for seq in seqs:
                 self._release(seq)
-                self._finish(seq, "error", _forward_failed(e, len(seqs)))
+                self._finish(seq, FinishReason.ERROR, _forward_failed(e, len(seqs)))
             return
         staying = [i for i, done in enumerate(self._advance(seqs, out.logits[:, -1])) if not done]
         for seq in (s for i, s in enumerate(seqs) if i not in staying):
@@ -376,7 +379,7 @@ class Engine:
         self._rows.extend(seqs)
         self._pads.extend(p + shift for p in pads)
 
-    def _drop(self, indices: list[int], reason: str | None) -> None:
+    def _drop(self, indices: list[int], reason: FinishReason | None) -> None:
         if not indices:
             return
         for i in indices:
@@ -407,7 +410,7 @@ class Engine:
         for seq in [*self._rows, *admitted]:
             self._release(seq)
             if not seq.done:
-                self._finish(seq, "error", message)
+                self._finish(seq, FinishReason.ERROR, message)
         self._rows, self._pads, self._keys, self._values = [], [], [], []
 
     # -- tokens -----------------------------------------------------------------------------------
@@ -440,13 +443,13 @@ class Engine:
         done = []
         for i, seq in enumerate(seqs):
             if i in failures:
-                self._finish(seq, "error", failures[i])
+                self._finish(seq, FinishReason.ERROR, failures[i])
                 done.append(True)
                 continue
             try:
                 done.append(self._append(seq, chosen[i]))
             except Exception as e:  # the stop strings' decode: this sequence's text alone
-                self._finish(seq, "error", _failure(seq, e))
+                self._finish(seq, FinishReason.ERROR, _failure(seq, e))
                 done.append(True)
         return done
 
@@ -479,31 +482,31 @@ class Engine:
             self.on_token(seq, previous, now)
         seq.tokens.append(token)
         if token in self.eos:
-            self._finish(seq, "stop")
+            self._finish(seq, FinishReason.STOP)
             return True
         # A reader sees every token but an end-of-sequence one, the one that completes a stop
         # string included: it cuts the text itself (and held back what could begin one).
-        seq.events.put(("token", token))
+        seq.events.put(TokenEvent(token))
         if seq.params.stop and self.decode is not None:
             text = self.decode(seq.tokens)
             cuts = [i for i in (text.find(s) for s in seq.params.stop) if i >= 0]
             if cuts:
                 seq.text = text[: min(cuts)]
-                self._finish(seq, "stop")
+                self._finish(seq, FinishReason.STOP)
                 return True
         if len(seq.tokens) >= seq.params.max_tokens:
-            self._finish(seq, "length")
+            self._finish(seq, FinishReason.LENGTH)
             return True
         return False
 
-    def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
-        self.finished[reason] = self.finished.get(reason, 0) + 1
+    def _finish(self, seq: Sequence, reason: FinishReason, error: str | None = None) -> None:
+        self.finished[reason.value] = self.finished.get(reason.value, 0) + 1
         seq.finish_reason = reason
         seq.finished_at = time.monotonic()
         if error is not None:
             seq.error = error
-            seq.events.put(("error", error))
-        seq.events.put(("end", reason))
+            seq.events.put(ErrorEvent(error))
+        seq.events.put(EndEvent(reason))
 
 
 class _NotFinite(ArithmeticError):

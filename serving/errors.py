@@ -188,3 +188,31 @@ def read_body(rfile: Any, headers: Any, limit: int) -> bytes:
     if len(body) < length:
         raise ClientTimeout(f"the body has {len(body)} bytes, fewer than its Content-Length of {length}")
     return body
+
+
+async def receive_body(request: Any, limit: int, timeout_s: float) -> bytes:
+    """The body of a Starlette ``request``, with ``read_body``'s checks and messages: a
+    Content-Length over ``limit`` is a 413 before anything is read, and so is a body (chunked
+    included) that grows past it; a body that stalls for ``timeout_s`` in all is a 408, and so is a
+    client that leaves before its Content-Length (uvicorn already refuses a Content-Length that is
+    not a number: 400)."""
+    import asyncio
+
+    from starlette.requests import ClientDisconnect
+
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"body of {int(declared)} bytes is over the limit of {limit}")
+    chunks, size = [], 0
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLarge(f"body of {size} bytes so far is over the limit of {limit}")
+                chunks.append(chunk)
+    except TimeoutError as e:
+        raise ClientTimeout(f"the body did not arrive within {timeout_s:.0f} s ({size} bytes came)") from e
+    except ClientDisconnect as e:
+        raise ClientTimeout(f"the client left after {size} bytes of its body") from e
+    return b"".join(chunks)

@@ -22,6 +22,7 @@ from serving import openai_api
 from serving.app import ModelServer, _json, _subpath
 from serving.autoscaling import BUDGET_USED, RUNNING, WAITING
 from serving.engine import Engine, SamplingParams
+from serving.messages import FinishReason
 from serving.metrics import EngineLoad
 
 _ROUTES = {"/v1/completions": "completion", "/v1/chat/completions": "chat"}
@@ -121,12 +122,12 @@ class LLMServer(ModelServer):
         answers = await self._answers(self._add(parsed.prompts, params))
         return [text + self._decode(tokens) for text, (tokens, _) in zip(texts, answers, strict=True)]
 
-    async def _answers(self, sequences: list[Any]) -> list[tuple[list[int], str]]:
+    async def _answers(self, sequences: list[Any]) -> list[tuple[list[int], FinishReason]]:
         """Each sequence's tokens and finish reason, waited for off the event loop; a timeout, or the
         client gone (the request cancelled), frees every slot."""
         timeout = self.spec.request_timeout_s
 
-        def results() -> list[tuple[list[int], str]]:
+        def results() -> list[tuple[list[int], FinishReason]]:
             return [openai_api.collect(openai_api.events_of(s.events, timeout, s.cancel)) for s in sequences]
 
         try:

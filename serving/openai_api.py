@@ -3,7 +3,7 @@
 
 A server parses a body with ``parse_request`` into a ``GenerationRequest`` (each prompt as token
 ids, the sampling fields of ``serving/engine.py``), queues each prompt on its engine, and hands
-the engine's events (``("token", id)`` ... ``("end", reason)``) to ``response`` (one JSON body)
+the engine's events (``serving/messages.py``: ``TokenEvent`` ... ``EndEvent``) to ``response`` (one JSON body)
 or ``stream`` (Server-Sent Events, as OpenAI sends them). Errors keep ``serving/errors.py``'s
 statuses with OpenAI's body (``openai_error``), so the ``openai`` client raises the class it
 would raise against OpenAI (``BadRequestError`` for a 400, ``NotFoundError`` for an unknown model).
@@ -25,9 +25,10 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from serving.errors import BadRequest, GenerationFailed, NotFound, RequestTimeout, encode_json, error_response
+from serving.messages import EndEvent, ErrorEvent, Event, FinishReason, TokenEvent
 
 Kind = Literal["completion", "chat"]
-Events = Iterator[tuple[str, Any]]
+Events = Iterator[Event]
 Decode = Callable[[list[int]], str]
 
 # What the engine does not do, and the value that means "not asked for".
@@ -346,27 +347,31 @@ def _held(text: str, stops: tuple[str, ...]) -> int:
     return held
 
 
-def collect(events: Events) -> tuple[list[int], str]:
+def collect(events: Events) -> tuple[list[int], FinishReason]:
     """The tokens and the finish reason of one sequence's events; ``GenerationFailed`` with the
     engine's reason when the sequence failed."""
     tokens: list[int] = []
-    for kind, value in events:
-        if kind == "token":
-            tokens.append(value)
-        elif kind == "error":  # the engine's one line on why, just before its end
-            raise GenerationFailed(value)
-        elif value == "error":
-            raise RuntimeError("the engine's step failed (every sequence in it ended)")
-        else:
-            return tokens, _finish_reason(value)
-    return tokens, "length"
+    for event in events:
+        match event:
+            case TokenEvent(token):
+                tokens.append(token)
+            case ErrorEvent(message):  # the engine's one line on why, just before its end
+                raise GenerationFailed(message)
+            case EndEvent(FinishReason.ERROR):
+                raise RuntimeError("the engine's step failed (every sequence in it ended)")
+            case EndEvent(reason):
+                return tokens, reason
+    return tokens, FinishReason.LENGTH
 
 
-def response(request: GenerationRequest, results: list[tuple[list[int], str]], decode: Decode) -> dict[str, Any]:
-    """The whole answer: one choice per prompt, and the usage counts."""
+def response(
+    request: GenerationRequest, results: list[tuple[list[int], FinishReason]], decode: Decode
+) -> dict[str, Any]:
+    """The whole answer: one choice per prompt (its finish reason as OpenAI names it), and the usage counts."""
     choices = []
-    for index, (tokens, reason) in enumerate(results):
+    for index, (tokens, finish) in enumerate(results):
         text, _ = cut_at_stop(decode(tokens), request.stops)
+        reason = finish.openai
         if request.kind == "chat":
             message = {"role": "assistant", "content": text}
             choices.append({"index": index, "message": message, "finish_reason": reason, "logprobs": None})
@@ -385,24 +390,27 @@ def stream(request: GenerationRequest, events: Events, decode: Decode) -> Iterat
     if request.kind == "chat":
         yield _chunk(request, {"role": "assistant", "content": ""}, None)
     try:
-        for kind, value in events:
-            if kind == "token":
-                count += 1
-                piece = text.add(value)
-                if piece:
-                    yield _chunk(request, _delta(request, piece), None)
-                continue
-            if kind == "error":
-                yield sse({"error": {"message": value, "type": "server_error", "code": "generation_failed"}})
-                return
-            if value == "error":
-                yield sse({"error": {"message": "the generation failed; see the server log", "type": "server_error"}})
-                return
-            rest = text.flush()
-            if rest:
-                yield _chunk(request, _delta(request, rest), None)
-            yield _chunk(request, {} if request.kind == "chat" else {"text": ""}, _finish_reason(value))
-            break
+        for event in events:
+            match event:
+                case TokenEvent(token):
+                    count += 1
+                    piece = text.add(token)
+                    if piece:
+                        yield _chunk(request, _delta(request, piece), None)
+                    continue
+                case ErrorEvent(message):
+                    yield sse({"error": {"message": message, "type": "server_error", "code": "generation_failed"}})
+                    return
+                case EndEvent(FinishReason.ERROR):
+                    failed = "the generation failed; see the server log"
+                    yield sse({"error": {"message": failed, "type": "server_error"}})
+                    return
+                case EndEvent(reason):
+                    rest = text.flush()
+                    if rest:
+                        yield _chunk(request, _delta(request, rest), None)
+                    yield _chunk(request, {} if request.kind == "chat" else {"text": ""}, reason.openai)
+                    break
     except RequestTimeout as e:  # the answer has begun: the failure is an event, not a status
         yield sse({"error": {"message": str(e), "type": "server_error", "code": "timeout"}})
         return
@@ -411,18 +419,18 @@ def stream(request: GenerationRequest, events: Events, decode: Decode) -> Iterat
     yield b"data: [DONE]\n\n"
 
 
-def events_of(q: queue.Queue[tuple[str, Any]], timeout_s: float, cancel: Callable[[], None]) -> Events:
+def events_of(q: queue.Queue[Event], timeout_s: float, cancel: Callable[[], None]) -> Events:
     """One sequence's events from its queue, until its end; past ``timeout_s`` the sequence is
     cancelled and ``RequestTimeout`` raised."""
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            kind, value = q.get(timeout=max(0.001, deadline - time.monotonic()))
+            event = q.get(timeout=max(0.001, deadline - time.monotonic()))
         except queue.Empty:
             cancel()
             raise RequestTimeout(f"no token within {timeout_s:.0f} s") from None
-        yield kind, value
-        if kind == "end":
+        yield event
+        if isinstance(event, EndEvent):
             return
 
 
@@ -477,8 +485,3 @@ def _head(request: GenerationRequest, chunk: bool = False) -> dict[str, Any]:
 def _usage(request: GenerationRequest, completion_tokens: int) -> dict[str, int]:
     prompt = sum(len(p) for p in request.prompts)
     return {"prompt_tokens": prompt, "completion_tokens": completion_tokens, "total_tokens": prompt + completion_tokens}
-
-
-def _finish_reason(reason: str) -> str:
-    """The engine's reason as OpenAI names it ("stop", "length"); a cancelled one counts as "abort"."""
-    return {"cancelled": "abort", "error": "error"}.get(reason, reason)

@@ -4,7 +4,12 @@
 is not a webhook payload), a replayed delivery ignored, an event for another alias or an unknown
 model logged and ignored (200); a promotion becomes a Prefect event (202). If the Prefect API
 does not take it, the answer is 502 and the delivery is forgotten, so MLflow's retry gets
-through. ``GET /health``: 200.
+through. ``GET /health``: 200; ``GET /openapi.json``: the routes' OpenAPI document.
+
+It runs on uvicorn (``serving/http_server.py``: keep-alive, the connection and header limits
+are its settings); the body's limit (``MAX_BODY``, 413) and time (``BODY_TIMEOUT_S``, 408) are checked by
+``serving.errors.receive_body``, with the messages of rank 0's ``read_body``. The receiver's work
+blocks, so it runs on Starlette's thread pool, concurrently as before.
 """
 
 from __future__ import annotations
@@ -12,8 +17,14 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
 
 from nodewise.core.errors import InvalidInput, NodewiseError, WebhookRejected
 from nodewise.core.settings import Settings
@@ -24,8 +35,9 @@ from serving.errors import (
     UpstreamFailed,
     encode_json,
     error_response,
-    read_body,
+    receive_body,
 )
+from serving.http_server import HttpLimits, HttpServer
 from serving.openapi import document, webhook_paths
 from tasks.triggers.promotion import (
     SeenDeliveries,
@@ -39,6 +51,7 @@ from tasks.triggers.promotion import (
 
 logger = logging.getLogger("nodewise.receiver")
 MAX_BODY = 1024 * 1024
+BODY_TIMEOUT_S = 30  # a client that pauses longer while sending its body gets 408 (its connection is freed)
 
 
 class Receiver:
@@ -99,44 +112,40 @@ class Receiver:
         return 202, {"event": events[-1]["id"], "events": [e["id"] for e in events]}
 
 
-def serve(receiver: Receiver, host: str, port: int) -> ThreadingHTTPServer:
-    """An HTTP server for ``receiver`` (not yet serving: call ``serve_forever``)."""
+def build_app(receiver: Receiver) -> Starlette:
+    """The receiver's routes as a Starlette app. A trailing slash is taken (no redirect); another
+    route or method is a 404 naming the routes there are; every refusal has ``serving/errors.py``'s
+    body."""
 
-    class Handler(BaseHTTPRequestHandler):
-        timeout = 30  # seconds a client may pause while sending (then 408, never a hung thread)
+    async def health(request: Request) -> Response:
+        return _answer(200, encode_json({"status": "ok"}))
 
-        def do_GET(self) -> None:
-            if self.path.rstrip("/") == "/health":
-                self._answer(200, encode_json({"status": "ok"}))
-            elif self.path.rstrip("/") == "/openapi.json":
-                self._answer(200, encode_json(document("nodewise webhook receiver", "1", webhook_paths())))
-            else:
-                self._refuse(NotFound(f"no route GET {self.path}; use POST /webhook or GET /health"))
+    async def openapi(request: Request) -> Response:
+        return _answer(200, encode_json(document("nodewise webhook receiver", "1", webhook_paths())))
 
-        def do_POST(self) -> None:
-            try:
-                if self.path.rstrip("/") != "/webhook":
-                    raise NotFound(f"no route POST {self.path}; use POST /webhook")
-                body = read_body(self.rfile, self.headers, MAX_BODY)
-                status, answer = receiver.handle(dict(self.headers.items()), body)
-                self._answer(status, encode_json(answer))
-            except Exception as e:  # one place maps every error to a status (serving/errors.py)
-                self._refuse(e)
+    async def webhook(request: Request) -> Response:
+        try:
+            body = await receive_body(request, MAX_BODY, BODY_TIMEOUT_S)
+            # the receiver's work blocks (a file lock, the registry, the Prefect API): off the event loop
+            status, answer = await run_in_threadpool(receiver.handle, dict(request.headers), body)
+        except Exception as e:  # one place maps every error to a status (serving/errors.py)
+            return _refuse(e)
+        return _answer(status, encode_json(answer))
 
-        def _refuse(self, error: Exception) -> None:
-            self._answer(*error_response(error, _log_failure, where="the receiver's log"))
+    async def no_route(request: Request, error: Exception) -> Response:
+        method, path = request.method, request.url.path
+        use = "use POST /webhook" if method == "POST" else "use POST /webhook or GET /health"
+        return _refuse(NotFound(f"no route {method} {path}; {use}"))
 
-        def _answer(self, status: int, body: bytes) -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+    table = [("/health", health, "GET"), ("/openapi.json", openapi, "GET"), ("/webhook", webhook, "POST")]
+    routes = [Route(p, endpoint, methods=[method]) for path, endpoint, method in table for p in (path, path + "/")]
+    return Starlette(routes=routes, exception_handlers={HTTPException: no_route})
 
-        def log_message(self, format: str, *args: Any) -> None:
-            logger.debug(format, *args)
 
-    return ThreadingHTTPServer((host, port), Handler)
+def serve(receiver: Receiver, host: str, port: int, limits: HttpLimits | None = None) -> HttpServer:
+    """An HTTP server (uvicorn) for ``receiver``, its socket bound (``OSError`` if it cannot be),
+    not yet serving: call ``serve_forever`` or ``start_in_thread``."""
+    return HttpServer(build_app(receiver), host, port, limits)
 
 
 def registry_lookup(settings: Settings) -> Callable[[str], bool]:
@@ -157,10 +166,17 @@ def registry_lookup(settings: Settings) -> Callable[[str], bool]:
     return known
 
 
-def start_in_thread(server: ThreadingHTTPServer) -> threading.Thread:
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    return thread
+def start_in_thread(server: HttpServer) -> threading.Thread:
+    """Serve on a daemon thread (tests, benchmarks); ``server.shutdown()`` stops it."""
+    return server.start_in_thread()
+
+
+def _answer(status: int, body: bytes) -> Response:
+    return Response(body, status_code=status, media_type="application/json")
+
+
+def _refuse(error: Exception) -> Response:
+    return _answer(*error_response(error, _log_failure, where="the receiver's log"))
 
 
 def _log_failure(request_id: str, error: Exception) -> None:

@@ -4,6 +4,7 @@ the mpirun command line, AutoTP's limits, the spec from a plan."""
 from __future__ import annotations
 
 import json
+import pickle
 import re
 import time
 from pathlib import Path
@@ -19,6 +20,7 @@ from nodewise.core.settings import Settings
 from serving._lm import CannotShard, check_shardable
 from serving.deepspeed_worker import ClusterView, Frontend, RankState
 from serving.errors import BadRequest, NotReady, ProtocolError
+from serving.messages import Add, Cancel, Forward, Generate, Tick
 from serving.spec import DeepSpeedSpec
 from tasks.mpi.deploy import build_deepspeed_spec
 from tasks.mpi.launcher import mpirun_command
@@ -90,6 +92,46 @@ def test_a_failed_rank_reports_why_and_foreign_ranks_are_refused() -> None:
     assert view.health()["problems"] == ["rank 1: failed (CannotShard: no)"]
     with pytest.raises(BadRequest, match="rank 2, outside 0-1"):
         view.record(beat(2))
+
+
+# -- what rank 0 broadcasts: a typed plan, dispatched on by class -----------------------------------
+def test_rank_0s_plan_takes_adds_and_cancels_and_one_piece_of_work_and_survives_the_broadcast() -> None:
+    """``_plan`` sorts what the HTTP threads queued by class; the plan pickles (as
+    ``broadcast_object_list`` sends it) to equal messages; ``_run`` does its work on a rank."""
+    from concurrent.futures import Future
+
+    from serving.deepspeed_worker import _plan, _run
+
+    view = ClusterView(spec(), world_size=1)
+    front = Frontend(view.spec, view)
+    added, forward, generate = Future(), Future(), Future()
+    ids = np.array([[1, 2, 3]])
+    queued = [
+        (Add("r1", (4, 5), 3, {"temperature": 0.5, "seed": 1}), added),
+        (Forward(ids), forward),
+        (Cancel("r0"), Future()),
+        (Generate([np.array([7, 8])], 2), generate),
+    ]
+    for item in queued:
+        front.commands.put(item)
+    held: list = []
+    plan, done = _plan(front, held, tick_s=0.01, busy=False)
+    assert done is forward
+    assert [type(w) for w, _ in held] == [Generate]
+    assert front.sequences == {"r1": added}
+    sent = pickle.loads(pickle.dumps(plan))
+    assert sent.adds == (Add("r1", (4, 5), 3, {"temperature": 0.5, "seed": 1}),)
+    assert sent.cancels == ("r0",)
+    assert isinstance(sent.work, Forward)
+    assert np.array_equal(sent.work.ids, ids)
+    model = SimpleNamespace(forward=lambda x: x * 2, generate=lambda prompts, n: [[n] for _ in prompts])
+    assert np.array_equal(_run(model, sent.work), ids * 2)
+    plan, done = _plan(front, held, tick_s=0.01, busy=False)
+    assert (done, held, plan.adds, plan.cancels) == (generate, [], (), ())
+    assert _run(model, pickle.loads(pickle.dumps(plan)).work) == [[2]]
+    plan, done = _plan(front, held, tick_s=0.01, busy=False)  # nothing queued: the ranks tick
+    assert (done, pickle.loads(pickle.dumps(plan)).work) == (None, Tick())
+    assert _run(model, plan.work) is None
 
 
 # -- request validation on rank 0 (a stand-in for the loaded model: no ranks run here) -------------
@@ -266,10 +308,10 @@ _KEY = st.sampled_from(["inputs", "instances", "prompt", "input_ids", "max_new_t
 class _Answering(Frontend):
     """Rank 0 whose ranks answer at once (what they compute is not under test here)."""
 
-    def submit(self, command: tuple) -> object:
-        if command[0] == "forward":
-            return np.zeros((*command[1].shape, 3), dtype=np.float32)
-        return [[1, 2] for _ in command[1]]
+    def submit(self, command: Forward | Generate) -> object:
+        if isinstance(command, Forward):
+            return np.zeros((*command.ids.shape, 3), dtype=np.float32)
+        return [[1, 2] for _ in command.prompts]
 
 
 def _answering() -> Frontend:

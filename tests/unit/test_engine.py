@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from serving.engine import BudgetError, Engine, SamplingError, SamplingParams
+from serving.messages import EndEvent, ErrorEvent, FinishReason, TokenEvent
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +57,18 @@ def test_a_batch_gives_each_prompt_what_it_gets_alone(model) -> None:
     assert engine.steps <= max(m for _, m in cases) + 1  # one decode step serves every sequence
 
 
+def test_a_sequences_events_are_typed_tokens_then_one_end_with_its_reason(model) -> None:
+    engine = Engine(model, max_tokens_in_flight=4096)
+    seq = engine.add([5, 6, 7], SamplingParams(max_tokens=4))
+    run(engine)
+    events = list(seq.events.queue)
+    assert events == [*(TokenEvent(t) for t in seq.tokens), EndEvent(FinishReason.LENGTH)]
+    assert all(type(e.token) is int for e in events[:-1])
+    assert seq.finish_reason is FinishReason.LENGTH
+    assert engine.finished == {"length": 1}  # /health counts by the plain word
+    assert type(next(iter(engine.finished))) is str
+
+
 def test_a_request_joining_mid_batch_is_served_as_if_alone(model) -> None:
     engine = Engine(model, max_tokens_in_flight=4096)
     first, second, late = prompts(3)
@@ -98,7 +111,7 @@ def test_a_cancelled_request_frees_its_slot_at_the_next_step(model) -> None:
     events = []
     while not gone.events.empty():
         events.append(gone.events.get())
-    assert events[-1] == ("end", "cancelled")
+    assert events[-1] == EndEvent(FinishReason.CANCELLED)
 
 
 def test_sampling_is_reproducible_by_seed_whatever_else_runs(model) -> None:
@@ -231,7 +244,7 @@ def test_a_poisoned_request_fails_alone_and_its_batch_mates_get_what_they_get_al
     run(solo)
     assert sampled.tokens == again.tokens  # a sampled batch-mate draws what it draws alone
     events = list(at_decode.events.queue)
-    assert events[-2:] == [("error", at_decode.error), ("end", "error")]
+    assert events[-2:] == [ErrorEvent(at_decode.error), EndEvent(FinishReason.ERROR)]
     assert engine.finished["error"] == 2
     assert engine._held == 0  # every admitted sequence gave its budget back, the failed ones too
 
@@ -320,6 +333,7 @@ def test_rank_0_answers_a_failed_sequence_with_its_reason_and_its_batch_mates_as
 
     from serving.deepspeed_worker import ClusterView, Frontend, _engine_step
     from serving.errors import GenerationFailed, error_response
+    from serving.messages import Add
     from serving.spec import DeepSpeedSpec
 
     marker, healthy = poisoned_cases(model)
@@ -330,11 +344,11 @@ def test_rank_0_answers_a_failed_sequence_with_its_reason_and_its_batch_mates_as
     frontend = Frontend(spec, ClusterView(spec, world_size=1))
     engine = Engine(Faulty(model, marker), max_tokens_in_flight=4096)
     (prompt, max_tokens), sequences = healthy[0], {}
-    adds = [("r1", prompt, max_tokens, {}), ("r2", [4, 5, marker], 6, {"temperature": 8.1e-296})]
-    futures = {request_id: frontend.sequences.setdefault(request_id, Future()) for request_id, *_ in adds}
+    adds = (Add("r1", tuple(prompt), max_tokens), Add("r2", (4, 5, marker), 6, {"temperature": 8.1e-296}))
+    futures = {add.request_id: frontend.sequences.setdefault(add.request_id, Future()) for add in adds}
     while adds or sequences:
-        assert _engine_step(engine, None, sequences, adds, [], frontend) is engine
-        adds = []
+        assert _engine_step(engine, None, sequences, adds, (), frontend) is engine
+        adds = ()
     assert futures["r1"].result(timeout=0)[0] == alone(model, prompt, max_tokens)
     with pytest.raises(GenerationFailed, match="r2 failed at token 1: the model's next-token scores hold NaN"):
         futures["r2"].result(timeout=0)

@@ -8,7 +8,8 @@ import pytest
 
 from nodewise.cli.demo import char_tokenizer
 from serving import openai_api
-from serving.errors import GenerationFailed, NotReady, RequestTimeout
+from serving.errors import GenerationFailed, NotReady, RequestTimeout, encode_json
+from serving.messages import EndEvent, ErrorEvent, FinishReason, TokenEvent
 from serving.openai_api import InvalidParameter, Limits, ModelNotFound, TextStream, parse_request
 
 LIMITS = Limits(model="m", default_max_tokens=16, max_new_tokens=64, max_prompts=4, max_positions=128, vocab_size=98)
@@ -131,7 +132,7 @@ def test_a_stream_is_chunks_then_the_finish_then_usage_then_done(tokenizer) -> N
         tokenizer,
     )
     ids = tokenizer("ok")["input_ids"]
-    events = iter([("token", ids[0]), ("token", ids[1]), ("end", "length")])
+    events = iter([TokenEvent(ids[0]), TokenEvent(ids[1]), EndEvent(FinishReason.LENGTH)])
     lines = [c.decode() for c in openai_api.stream(request, events, decode_with(tokenizer))]
     assert lines[-1] == "data: [DONE]\n\n"
     chunks = [json.loads(line[len("data: ") :]) for line in lines[:-1]]
@@ -148,7 +149,7 @@ def test_a_stream_is_chunks_then_the_finish_then_usage_then_done(tokenizer) -> N
 
 def test_a_whole_answer_cuts_at_the_stop_string_and_counts_usage(tokenizer) -> None:
     request = parse_request("completion", {"prompt": ["a", "b"], "stop": "Z"}, LIMITS, tokenizer)
-    results = [(tokenizer("xyZw")["input_ids"], "stop"), (tokenizer("pq")["input_ids"], "length")]
+    results = [(tokenizer("xyZw")["input_ids"], FinishReason.STOP), (tokenizer("pq")["input_ids"], FinishReason.LENGTH)]
     body = openai_api.response(request, results, decode_with(tokenizer))
     assert [c["text"] for c in body["choices"]] == ["xy", "pq"]
     assert [c["finish_reason"] for c in body["choices"]] == ["stop", "length"]
@@ -156,11 +157,35 @@ def test_a_whole_answer_cuts_at_the_stop_string_and_counts_usage(tokenizer) -> N
     assert body["object"] == "text_completion"
 
 
+@pytest.mark.parametrize(
+    ("reason", "said"),
+    [(FinishReason.STOP, "stop"), (FinishReason.LENGTH, "length"), (FinishReason.CANCELLED, "abort")],
+)
+def test_a_finish_reason_reaches_the_client_as_the_word_openai_uses(tokenizer, reason, said) -> None:
+    """The engine's ``FinishReason`` through ``collect`` and ``response``, and through ``stream``,
+    is the same plain string in the JSON a client reads."""
+    assert FinishReason(reason.value) is reason  # the enum round-trips from its word
+    assert reason.openai == said
+    ids = tokenizer("ok")["input_ids"]
+    events = [TokenEvent(ids[0]), TokenEvent(ids[1]), EndEvent(reason)]
+    whole = parse_request("completion", {"prompt": "hi"}, LIMITS, tokenizer)
+    tokens, finish = openai_api.collect(iter(events))
+    assert (tokens, finish) == (ids, reason)
+    body = json.loads(encode_json(openai_api.response(whole, [(tokens, finish)], decode_with(tokenizer))))
+    assert body["choices"][0]["finish_reason"] == said
+    assert body["choices"][0]["text"] == "ok"
+    chat = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
+    streamed = parse_request("chat", chat, LIMITS, tokenizer)
+    lines = [c.decode() for c in openai_api.stream(streamed, iter(events), decode_with(tokenizer))]
+    chunks = [json.loads(line[len("data: ") :]) for line in lines[:-1]]
+    assert [c["choices"][0]["finish_reason"] for c in chunks] == [None] * (len(chunks) - 1) + [said]
+
+
 def test_a_sequence_the_engine_failed_is_a_500_with_its_reason_in_openais_shape(tokenizer) -> None:
     """The engine's one line on why a sequence failed reaches its client: the status and body of a
     whole answer, or the error event of a stream (a bug elsewhere still hides its text)."""
     reason = "seq-7 failed at token 4: the model's next-token scores hold NaN or +inf; it ended alone"
-    failed = [("token", 5), ("error", reason), ("end", "error")]
+    failed = [TokenEvent(5), ErrorEvent(reason), EndEvent(FinishReason.ERROR)]
     with pytest.raises(GenerationFailed) as caught:
         openai_api.collect(iter(failed))
     status, raw = openai_api.openai_error(caught.value, lambda rid, e: pytest.fail("nothing to hide"))

@@ -1,0 +1,87 @@
+"""An ASGI app served by uvicorn, on the main thread or a thread of its own.
+
+Keep-alive, the connection limit, the header size limit and the graceful-shutdown bound are
+uvicorn's settings (``HttpLimits``), not loops of ours. The socket is bound when the server is
+made, so a port in use is an ``OSError`` the caller can word for its user, before anything runs.
+On the main thread uvicorn takes SIGINT and SIGTERM while it serves, shuts down gracefully, then
+raises the signal again for the handlers that were there before (a CLI's ``KeyboardInterrupt``);
+on another thread it installs none and ``shutdown()`` stops it.
+
+uvicorn's own logging configuration is not applied (``log_config=None``): its loggers propagate
+to the process's, and no access log is written (a request line is all it would add, and a
+webhook's signed headers never reach a log).
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class HttpLimits:
+    """What a client may take of the server (uvicorn's settings)."""
+
+    max_connections: int = 64  # open connections and tasks; past it, 503 (limit_concurrency)
+    keep_alive_s: int = 5  # an idle keep-alive connection is closed after this (timeout_keep_alive)
+    max_header_bytes: int = 64 * 1024  # a request's head; past it, 400 (h11_max_incomplete_event_size)
+    graceful_s: int = 10  # on shutdown, requests still running get this long (timeout_graceful_shutdown)
+
+
+class HttpServer:
+    """``app`` on ``host:port``: ``serve_forever()`` here, or ``start_in_thread()``; then
+    ``shutdown()`` and ``server_close()``, as ``socketserver`` servers are driven."""
+
+    def __init__(self, app: Any, host: str, port: int, limits: HttpLimits | None = None) -> None:
+        import uvicorn
+
+        limits = limits or HttpLimits()
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.socket = socket.create_server((host, port), family=family)  # OSError: in use, no such address
+        self.config = uvicorn.Config(
+            app,
+            http="h11",  # the implementation whose header limit is a setting
+            lifespan="off",
+            log_config=None,
+            access_log=False,
+            limit_concurrency=limits.max_connections,
+            timeout_keep_alive=limits.keep_alive_s,
+            h11_max_incomplete_event_size=limits.max_header_bytes,
+            timeout_graceful_shutdown=limits.graceful_s,
+        )
+        self.server = uvicorn.Server(self.config)
+        self._serving = threading.Event()  # serve_forever was called (or is about to be)
+        self._stopped = threading.Event()  # ... and has returned
+
+    @property
+    def port(self) -> int:
+        """The port bound (the one the system chose when asked for 0)."""
+        return int(self.socket.getsockname()[1])
+
+    def serve_forever(self) -> None:
+        """Serve until ``shutdown()`` (or, on the main thread, SIGINT or SIGTERM)."""
+        self._serving.set()
+        try:
+            self.server.run(sockets=[self.socket])
+        finally:
+            self._stopped.set()
+
+    def start_in_thread(self) -> threading.Thread:
+        """Serve on a daemon thread; returns once it runs (its socket already takes connections)."""
+        self._serving.set()
+        thread = threading.Thread(target=self.serve_forever, name="http", daemon=True)
+        thread.start()
+        return thread
+
+    def shutdown(self) -> None:
+        """Stop serving: no new connections, running requests finish (up to ``graceful_s``).
+        Returns once ``serve_forever`` has."""
+        self.server.should_exit = True
+        if self._serving.is_set():
+            self._stopped.wait()
+
+    def server_close(self) -> None:
+        """Close the listening socket (uvicorn closes it on shutdown too; closing twice is fine)."""
+        self.socket.close()
