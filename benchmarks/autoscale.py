@@ -20,7 +20,7 @@ from MLflow are timed alone (``start_parts``), the rest of step -> RUNNING is th
 Serve's start and health check (an autoscaled replica runs no smoke test: the deploy ran it).
 With ``--llm``: the demo's tiny Llama instead, autoscaled by default, under closed-loop clients
 sending ``/v1/completions`` at ``--llm-steps`` (e.g. 1,16,48; ``--llm-hold`` s each): replicas over
-time and the engine's waiting and running sequences (its ``/health``, every 0.5 s). The rule
+time and the engine's sequences waiting with no room and running (its ``/health``, every 0.5 s). The rule
 (serving/autoscaling.py): a replica is added only while sequences wait.
 
 Usage: .venv/bin/python benchmarks/autoscale.py [--clients 16] [--max N] [--out autoscale.json]
@@ -188,7 +188,7 @@ def llm_profile(record: Any, steps: list[int], hold_s: float) -> dict[str, Any]:
         while not stop.is_set():
             with contextlib.suppress(httpx.HTTPError, KeyError, ValueError):
                 batch = httpx.get(f"{record.endpoint}/health", timeout=2).json()["engine"]
-                engine.append((time.time(), batch["waiting"], batch["running"]))
+                engine.append((time.time(), batch["blocked"], batch["running"]))
             time.sleep(0.5)
 
     watcher = threading.Thread(target=watch, daemon=True)
@@ -217,7 +217,7 @@ def llm_profile(record: Any, steps: list[int], hold_s: float) -> dict[str, Any]:
                     )
                     if inside
                     else None,
-                    "engine_waiting_max": max((w for w, _ in queue), default=None),
+                    "engine_blocked_max": max((w for w, _ in queue), default=None),
                     "engine_running_max": max((r for _, r in queue), default=None),
                     "requests": sum(begun <= o.at <= ended for o in client.log),
                     "failed": sum(not o.ok for o in client.log),
@@ -231,7 +231,7 @@ def llm_profile(record: Any, steps: list[int], hold_s: float) -> dict[str, Any]:
         watcher.join(5)
         sampler.stop()
     added_without_queue = [
-        r["clients"] for r in rows if r["replicas_peak"] > (r["replicas_at_start"] or 0) and not r["engine_waiting_max"]
+        r["clients"] for r in rows if r["replicas_peak"] > (r["replicas_at_start"] or 0) and not r["engine_blocked_max"]
     ]
     return {"steps": rows, "replicas_added_without_a_queue": added_without_queue}
 

@@ -6,8 +6,10 @@ delays, so the policy only says how many replicas the load asks for. Every repli
 ``record_autoscaling_stats`` (``ModelServer``), samples of:
 
 - ``IN_FLIGHT``: requests in the replica (a scoring model's load);
-- ``WAITING``, ``BUDGET_USED``, ``RUNNING``: a batching LLM engine's waiting sequences, the share of
-  its token budget that running sequences hold (0..1), and its running sequences.
+- ``WAITING``, ``BUDGET_USED``, ``RUNNING``: a batching LLM engine's sequences waiting with no room
+  (its batch is full or the first in line does not fit its token budget; a sequence that only
+  waits for the next step to admit it is not counted), the share of its token budget that
+  running sequences hold (0..1), and its running sequences.
 
 Two rules, one per kind of replica:
 

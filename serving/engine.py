@@ -239,6 +239,19 @@ class Engine:
         return len(self._waiting)
 
     @property
+    def blocked(self) -> int:
+        """Waiting sequences the batch cannot take now: it is full, or the first in line does not fit
+        the token budget. 0 when what waits only waits for the next step to admit it (the
+        autoscaling policy's signal, serving/autoscaling.py: a replica with room asks for no other)."""
+        with self._lock:
+            if not self._waiting:
+                return 0
+            head = self._waiting[0]
+            need = len(head.prompt) + head.params.max_tokens
+            full = len(self._rows) >= self.max_batch or self._held + need > self.max_tokens_in_flight
+            return len(self._waiting) if full else 0
+
+    @property
     def tokens_in_flight(self) -> int:
         """Tokens of the budget that running sequences hold."""
         return self._held

@@ -62,7 +62,7 @@ class LLMServer(ModelServer):
         engine = self.engine
         return {
             **super().record_autoscaling_stats(),
-            WAITING: float(engine.waiting),
+            WAITING: float(engine.blocked),  # waiting that the batch has no room for, not for the next step
             RUNNING: float(engine.running),
             BUDGET_USED: engine.tokens_in_flight / engine.max_tokens_in_flight,
         }
@@ -71,7 +71,7 @@ class LLMServer(ModelServer):
         path = _subpath(request)
         if path == "/health" and request.method == "GET":  # this replica's batch, for a person or a test
             engine = self.engine
-            batch = {"running": engine.running, "waiting": engine.waiting, **engine.finished}
+            batch = {"running": engine.running, "waiting": engine.waiting, "blocked": engine.blocked, **engine.finished}
             return _json(200, {"ready": True, "engine": batch, "tokens_in_flight": engine.max_tokens_in_flight})
         if path == "/openapi.json" and request.method == "GET":
             from serving.openapi import document, openai_paths, scoring_paths

@@ -87,8 +87,9 @@ def test_what_does_not_fit_the_budget_waits_then_completes(model) -> None:
     engine = Engine(model, max_tokens_in_flight=40)
     a, b, c = prompts(3)
     seqs = [engine.add(p[:10], SamplingParams(max_tokens=10)) for p in (a, b, c)]  # 20 tokens each
+    assert (engine.waiting, engine.blocked) == (3, 0)  # they only wait for the next step: room is there
     engine.step()
-    assert (engine.running, engine.waiting) == (2, 1)
+    assert (engine.running, engine.waiting, engine.blocked) == (2, 1, 1)  # the third has no room
     run(engine)
     assert [s.tokens for s in seqs] == [alone(model, p[:10], 10) for p in (a, b, c)]
     assert seqs[2].first_token_at > seqs[0].finished_at  # it waited for room
@@ -356,3 +357,16 @@ def test_rank_0_answers_a_failed_sequence_with_its_reason_and_its_batch_mates_as
     assert status == 500
     assert b"it ended alone, the rest of its batch was not affected" in body
     assert frontend.view.engine["error"] == 1
+
+
+def test_a_full_batch_blocks_what_waits_and_a_freed_slot_unblocks_it(model) -> None:
+    engine = Engine(model, max_tokens_in_flight=1000, max_batch=2)
+    a, b, c = prompts(3)
+    first = engine.add(a[:5], SamplingParams(max_tokens=2))
+    engine.add(b[:5], SamplingParams(max_tokens=20))
+    engine.add(c[:5], SamplingParams(max_tokens=5))
+    engine.step()
+    assert (engine.running, engine.blocked) == (2, 1)  # budget to spare, but no slot in the batch
+    while first.finish_reason is None:
+        engine.step()
+    assert engine.blocked == 0  # a slot is free: the next step admits it
