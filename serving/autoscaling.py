@@ -20,8 +20,9 @@ Two rules, one per kind of replica:
   asks for ``ceil(C / target)`` replicas, not more: no overshoot. A short spike is seen in one
   sample, and the upscale delay (longer than the sampling interval) wants it in two.
 - **Engine** (an LLM replica batches dozens of sequences, so requests in flight say nothing of
-  its load): one more replica while sequences *wait* (every replica's batch or token budget is
-  full); one fewer when nothing waits and the tokens in use fit the remaining replicas at half
+  its load): one more replica while sequences *wait* with no room (every replica's batch or token
+  budget is full; the larger of the latest sample and the look-back's mean, since a queue of
+  sequences that finish together comes and goes within seconds); one fewer when nothing waits and the tokens in use fit the remaining replicas at half
   their budget; else as many as now. A replica with budget left never asks for another.
 
 The functions here run on Serve's controller, which unpickles them by value (Serve registers this
@@ -62,7 +63,10 @@ def scale_on_load(ctx: Any) -> tuple[float, dict[str, Any]]:
 
 def engine_replicas(current: int, raw: dict[str, dict[Any, list[Any]]]) -> tuple[float, dict[str, Any]]:
     """The engine rule (module docstring) on the replicas' raw samples."""
-    waiting, _ = _latest_and_mean(raw[WAITING])
+    latest, mean = _latest_and_mean(raw[WAITING])
+    # Sequences of one length finish together, and what waited is admitted at once: the queue comes
+    # and goes within a look-back, so its mean counts as much as its latest sample.
+    waiting = max(latest, mean)
     used, _ = _latest_and_mean(raw.get(BUDGET_USED, {}))  # summed over replicas: budgets' worth in use
     seen = {"rule": "engine", "waiting": round(waiting, 2), "budget_used": round(used / max(current, 1), 3)}
     if waiting >= 1:

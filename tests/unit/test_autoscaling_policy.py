@@ -135,3 +135,12 @@ def test_explain_says_what_the_policy_saw_and_what_capped_it() -> None:
     )
     queued = {"rule": "engine", "waiting": 5.0, "budget_used": 1.0}
     assert explain(queued, replicas=3, floor=1, ceiling=3).endswith("wants 4, capped at the ceiling of 3")
+
+
+def test_a_queue_that_comes_and_goes_counts_by_its_mean() -> None:
+    """Sequences of one length finish together: the latest sample may catch an empty queue."""
+    raw = engine(waiting=[0], used=[1.0])
+    raw[WAITING] = {replica(0): series(16, 0, 16, 0, 12, 0)}
+    desired, seen = scale_on_load(context(1, raw))
+    assert desired == 2
+    assert seen["waiting"] == round(44 / 6, 2)

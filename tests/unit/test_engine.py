@@ -362,7 +362,7 @@ def test_rank_0_answers_a_failed_sequence_with_its_reason_and_its_batch_mates_as
 def test_a_full_batch_blocks_what_waits_and_a_freed_slot_unblocks_it(model) -> None:
     engine = Engine(model, max_tokens_in_flight=1000, max_batch=2)
     a, b, c = prompts(3)
-    first = engine.add(a[:5], SamplingParams(max_tokens=2))
+    first = engine.add(a[:5], SamplingParams(max_tokens=6))
     engine.add(b[:5], SamplingParams(max_tokens=20))
     engine.add(c[:5], SamplingParams(max_tokens=5))
     engine.step()
