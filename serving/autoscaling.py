@@ -23,7 +23,8 @@ Two rules, one per kind of replica:
   its load): one more replica while sequences *wait* with no room (every replica's batch or token
   budget is full; the larger of the latest sample and the look-back's mean, since a queue of
   sequences that finish together comes and goes within seconds); one fewer when nothing waits
-  and the tokens in use fit the remaining replicas at half their budget; else as many as now. A replica with budget left never asks for another.
+  and the tokens in use fit the remaining replicas at half their budget; else as many as now. A
+  replica with budget left never asks for another.
 
 The functions here run on Serve's controller, which unpickles them by value (Serve registers this
 module with cloudpickle): they import nothing from nodewise.
