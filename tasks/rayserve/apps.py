@@ -16,6 +16,7 @@ from tasks.planning.registry import ResolvedModel
 from tasks.records import app_name_for
 
 _TERMINAL_BAD = ("DEPLOY_FAILED", "UNHEALTHY")
+ENGINE_QUEUE_BATCHES = 4  # requests an engine replica takes: this many batches' worth
 
 
 def build_spec(
@@ -40,6 +41,7 @@ def build_spec(
         ceiling_reason = plan.capacity_reason or f"the inventory holds {capacity}"
     # scale to zero (opt-in): the floor is 0, the plan's replicas are only the first ones
     floor = 0 if not fixed and serve.min_replicas == 0 else plan.replicas
+    engine = serve.engine and model.task == "text-generation"
     memory_limit = serve.memory_limit_bytes or max(2 * plan.needed_bytes, plan.needed_bytes + 2**30)
     return ModelServeSpec(
         app_name=app,
@@ -65,14 +67,19 @@ def build_spec(
         tp_size=plan.tp_size,
         # the plan's threads share the cores among its replicas; autoscaled, among the most there can be
         torch_threads=max(1, plan.torch_threads * plan.replicas // ceiling),
-        max_ongoing_requests=serve.max_ongoing_requests,
+        # An engine replica takes several batches' worth: what waits for a slot waits in its engine,
+        # where the autoscaling rule sees it (capped by Serve at max_ongoing_requests, it would queue
+        # in front of the replica, unseen, and no replica would be added)
+        max_ongoing_requests=max(serve.max_ongoing_requests, ENGINE_QUEUE_BATCHES * batch)
+        if engine
+        else serve.max_ongoing_requests,
         max_batch_size=batch,
         batch_wait_timeout_s=serve.batch_wait_timeout_s,
         max_request_bytes=serve.max_request_bytes,
         max_error_rate=serve.max_error_rate,
         memory_limit_bytes=memory_limit,
         device="cuda" if plan.device_kind == "gpu" else "cpu",
-        engine=serve.engine and model.task == "text-generation",
+        engine=engine,
         max_tokens_in_flight=plan.kv_tokens or None,
         default_new_tokens=min(serve.default_new_tokens, serve.max_new_tokens),
         max_new_tokens=serve.max_new_tokens,

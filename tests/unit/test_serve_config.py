@@ -143,3 +143,16 @@ def test_serve_environment_reaches_haproxy_paths_inside_short_state_folders(tmp_
     # An existing cluster keeps the switches it was started with.
     remote = library_environment(Settings(state_dir=tmp_path, ray={"address": "10.0.0.1:6379"}))
     assert not any(k.startswith("RAY_SERVE_") for k in remote)
+
+
+def test_an_engine_replica_takes_several_batches_so_its_queue_is_seen_by_the_autoscaling_rule(
+    tmp_path: Path,
+) -> None:
+    settings = Settings(state_dir=tmp_path)
+    lm = resolved_model(
+        name="lm", version="1", pinned_uri="models:/lm/1", flavors=["transformers"], task="text-generation"
+    )
+    spec = build_spec(lm, plan(replicas=1), settings)
+    assert spec.engine is True
+    assert spec.max_ongoing_requests == 4 * spec.max_batch_size  # 128 with the default batch of 32
+    assert build_spec(model(), plan(replicas=1), settings).max_ongoing_requests == 32  # Ray's 5 collapses under load
