@@ -203,7 +203,10 @@ class ServeSettings(_Section):
         "2.60 reads no environment variable for it), on every cluster, Kubernetes included.",
     )
     max_ongoing_requests: PositiveInt = Field(
-        default=32, description="Requests one replica takes at once (Ray's default of 5 collapses under load)."
+        default=32,
+        description="Requests one replica takes at once (Ray's default of 5 collapses under load). An LLM "
+        "replica takes at least four batches' worth, so that what waits for a slot waits in its engine, "
+        "where autoscaling sees it.",
     )
     max_batch_size: PositiveInt = Field(
         default=32, description="Rows (or prompts) batched into one forward pass (`@serve.batch`; the engine's batch)."

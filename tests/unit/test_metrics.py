@@ -271,6 +271,8 @@ def test_status_figures_come_from_the_targets_over_a_window(settings: Settings) 
 
     busy, idle = ServingMetrics("busy", "1", "ray_serve"), ServingMetrics("idle", "1", "deepspeed_mpi")
     idle.observe("/generate", 200, 0.3)  # before the window: its p99 is the one since start
+    for _ in range(3):
+        busy.in_flight.inc()  # the load the autoscaling policy reads, summed over targets for status
     servers = [serve_metrics(m, "127.0.0.1") for m in (busy, idle)]
     targets.write_serve_targets(settings, _record("busy", "ray_serve", "http://x"), {"r1": servers[0][0]})
     targets.write_deepspeed_target(settings, _record("idle", "deepspeed_mpi", "http://x"), f"http://{servers[1][0]}")
@@ -299,6 +301,7 @@ def test_status_figures_come_from_the_targets_over_a_window(settings: Settings) 
     assert figures["busy"]["p99_s"] == pytest.approx(0.025, abs=0.001)  # inside the 10-25 ms bucket
     assert figures["busy"]["p99_over"].startswith("the last")
     assert figures["busy"]["restarts"] == 1
+    assert figures["busy"]["load"] == {"in_flight": 3.0}
     assert figures["idle"] == {
         "requests_per_s": 0.0,
         "p99_s": pytest.approx(0.5 - 0.25 * 0.01, abs=0.01),
@@ -306,4 +309,5 @@ def test_status_figures_come_from_the_targets_over_a_window(settings: Settings) 
         "restarts": 0,
         "targets": 1,
         "answering": 1,
+        "load": {"in_flight": 0.0},
     }
