@@ -158,7 +158,12 @@ def test_replicas_follow_a_load_step_up_and_back_down_with_no_request_lost(setti
     _, _, x_test, _ = digits_split()
     body = json.dumps({"inputs": x_test[:1].tolist()}).encode()
     [row] = [r for r in deployment_status(settings)["deployments"] if r["app"] == record.app_name]
-    assert row["autoscaling"] == {"min_replicas": 1, "max_replicas": 2, "ceiling": "max_replicas 2"}
+    assert row["autoscaling"] == {
+        "min_replicas": 1,
+        "max_replicas": 2,
+        "ceiling": "max_replicas 2",
+        "why": "0 request(s) in flight, target 1 a replica: wants 1",  # idle: what its replica reports
+    }
     with LoadClient(f"{record.endpoint}/invocations", body, workers=4) as load:
         up_s = wait_for(2, 90, watch=True)
         time.sleep(2)  # both serve

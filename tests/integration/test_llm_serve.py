@@ -95,8 +95,9 @@ def test_fuzzing_the_replica_from_its_openapi_document_gives_no_500(deployed: ob
 
 def test_the_replica_reports_its_engine_load_to_the_autoscaling_policy(deployed: object) -> None:
     """What Serve samples for nodewise's policy (serving/autoscaling.py): idle, nothing; with three
-    batches' worth of completions, sequences waiting behind a full batch (the rule's signal to add
-    a replica), the running ones within the batch and the budget in use within the budget."""
+    batches' worth of completions, sequences waiting with no room behind a full batch (the rule's
+    signal to add a replica), the running ones within the batch and the budget in use within it."""
+    import asyncio
     from concurrent.futures import ThreadPoolExecutor
 
     from ray import serve
@@ -104,14 +105,24 @@ def test_the_replica_reports_its_engine_load_to_the_autoscaling_policy(deployed:
     from serving.autoscaling import BUDGET_USED, IN_FLIGHT, RUNNING, WAITING
     from tests.support import wait_until
 
-    handle = serve.get_app_handle(deployed.app_name).options(method_name="record_autoscaling_stats")  # type: ignore[attr-defined]
-    assert handle.remote().result(timeout_s=30) == {IN_FLIGHT: 0.0, WAITING: 0.0, RUNNING: 0.0, BUDGET_USED: 0.0}
+    loop = asyncio.new_event_loop()  # Serve's handle lives on one event loop: this test's own
+
+    def stats() -> dict[str, float]:
+        """What Serve's replica calls for the policy, asked through a Serve handle."""
+
+        async def ask() -> dict[str, float]:
+            app = serve.get_app_handle(deployed.app_name)  # type: ignore[attr-defined]
+            return await app.options(method_name="record_autoscaling_stats").remote()
+
+        return loop.run_until_complete(ask())
+
+    assert stats() == {IN_FLIGHT: 0.0, WAITING: 0.0, RUNNING: 0.0, BUDGET_USED: 0.0}
     body = {"model": "tiny-llama", "prompt": "hello", "max_tokens": 64}
     url = f"{deployed.endpoint}/v1/completions"  # type: ignore[attr-defined]
     seen: list[dict[str, float]] = []
 
     def queued() -> bool:
-        seen.append(handle.remote().result(timeout_s=30))
+        seen.append(stats())
         return seen[-1][WAITING] >= 1
 
     with ThreadPoolExecutor(3 * ROWS) as pool:
@@ -122,4 +133,5 @@ def test_the_replica_reports_its_engine_load_to_the_autoscaling_policy(deployed:
     assert 1 <= busy[RUNNING] <= ROWS
     assert 0 < busy[BUDGET_USED] <= 1
     assert busy[IN_FLIGHT] >= busy[RUNNING] + busy[WAITING]  # every sequence came in as an HTTP request
-    assert handle.remote().result(timeout_s=30)[WAITING] == 0
+    assert stats()[WAITING] == 0
+    loop.close()
