@@ -224,7 +224,7 @@ def _why_replicas(row: dict[str, Any], record: Any) -> str | None:
         seen = {
             "rule": "requests",
             "load": load["in_flight"],
-            "target": record.spec.get("target_ongoing_requests", 4.0),
+            "target": record.spec.get("target_ongoing_requests", 2.0),  # the spec default
         }
     running = sum(r["state"] == "RUNNING" for r in row.get("replica_nodes", []))
     return explain(seen, running, bounds["min_replicas"], bounds["max_replicas"])
