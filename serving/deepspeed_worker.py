@@ -23,7 +23,6 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -34,13 +33,10 @@ from serving.dist_env import DistEnv, DistEnvError, discover, network_exports, r
 from serving.errors import (
     BadRequest,
     GenerationFailed,
-    NotFound,
     NotReady,
     RequestTimeout,
     decode_json,
     encode_json,
-    error_response,
-    read_body,
 )
 from serving.messages import (
     Add,
@@ -57,11 +53,8 @@ from serving.messages import (
     TokenEvent,
     Work,
 )
-from serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from serving.metrics import UNCOUNTED, EngineLoad, ServingMetrics
-from serving.openai_api import cut_at_stop, openai_error, sse
-from serving.openai_api import models as openai_models
-from serving.openapi import document, scoring_paths
+from serving.metrics import EngineLoad, ServingMetrics
+from serving.openai_api import cut_at_stop, sse
 from serving.spec import SPEC_ENV, DeepSpeedSpec
 
 ERROR_MARK = "nodewise-worker error:"
@@ -210,7 +203,7 @@ class Frontend:
         return EngineLoad(engine.running, engine.waiting, engine.tokens_in_flight, engine.max_tokens_in_flight)
 
     def submit(self, command: Forward | Generate) -> Any:
-        self._check_ready()
+        self.check_ready()
         done: Future[Any] = Future()
         self.commands.put((command, done))
         try:
@@ -229,8 +222,8 @@ class Frontend:
             return self.submit(Generate(prompts, new_tokens))
         for prompt in prompts:
             self._check_budget(len(prompt), new_tokens)
-        self._check_ready()
-        waits = [self._add(prompt, new_tokens, sampling or {}) for prompt in prompts]
+        self.check_ready()
+        waits = [self.add(prompt, new_tokens, sampling or {}) for prompt in prompts]
         deadline = time.monotonic() + self.spec.request_timeout_s
         outputs, slowest = [], 0.0
         for _, done in waits:
@@ -311,14 +304,14 @@ class Frontend:
                 "the OpenAI routes need a generating model and the batching engine "
                 "(NODEWISE_DEEPSPEED__BATCHING=true); use POST /invocations"
             )
-        self._check_ready()
+        self.check_ready()
         model = self.model
         limits = openai_api.Limits.of(self.spec, model.module, model.tokens_in_flight)
         request = openai_api.parse_request(kind, decode_json(body), limits, model.tokenizer)
         queued = []
         for prompt in request.prompts:
             events: queue.Queue[Event] = queue.Queue()
-            request_id, _ = self._add(np.asarray(prompt), request.max_tokens, request.sampling, events)
+            request_id, _ = self.add(np.asarray(prompt), request.max_tokens, request.sampling, events)
             queued.append((request_id, events))
         decode = _decoder(model.tokenizer)
         timeout = self.spec.request_timeout_s
@@ -354,9 +347,9 @@ class Frontend:
             prompt = self._token_row(rows[0])
         self._check_length(len(prompt) + new_tokens)
         self._check_budget(len(prompt), new_tokens)
-        self._check_ready()
+        self.check_ready()
         events: queue.Queue[Event] = queue.Queue()
-        request_id, _ = self._add(prompt, new_tokens, sampling, events)
+        request_id, _ = self.add(prompt, new_tokens, sampling, events)
         return request_id, self._events(request_id, events, len(prompt), sampling.get("stop", ()))
 
     def _events(self, request_id: str, events: queue.Queue[Event], prompt_tokens: int, stops: Any) -> Any:
@@ -389,16 +382,17 @@ class Frontend:
                     yield b"data: [DONE]\n\n"
                     return
 
-    def _add(
+    def add(
         self,
         prompt: np.ndarray,
         new_tokens: int,
         sampling: dict[str, Any],
-        stream: queue.Queue[Event] | None = None,
+        stream: Any = None,
+        request_id: str | None = None,
     ) -> tuple[str, Future[Any]]:
         """Queue one prompt to join the engine's batch at the next step; its id and its answer.
         ``stream`` receives its tokens as they come."""
-        request_id = f"r{next(_REQUEST_IDS)}"
+        request_id = request_id or f"r{next(_REQUEST_IDS)}"
         if self.metrics is not None:
             self.metrics.on_prompt(len(prompt))
         if stream is not None:
@@ -416,7 +410,7 @@ class Frontend:
                 "this deployment holds at once; shorten the prompt or ask for fewer tokens"
             )
 
-    def _check_ready(self) -> None:
+    def check_ready(self) -> None:
         health = self.view.health()
         if self.model is None or not health["ready"]:
             raise NotReady(health["problems"] or ["the model is loading"])
@@ -503,144 +497,6 @@ class Frontend:
         limit = self.model.max_positions if self.model else None
         if limit is not None and length > limit:
             raise BadRequest(f"{length} tokens (prompt plus new tokens) is over the model's limit of {limit}")
-
-
-def _handler(frontend: Frontend) -> type[BaseHTTPRequestHandler]:
-    spec = frontend.spec
-
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-        # Headers and body go out as separate writes: with Nagle on, a keep-alive client waits
-        # for the delayed ACK (~40 ms a request, measured) before the body arrives.
-        disable_nagle_algorithm = True
-        timeout = 30  # seconds a client may pause while sending a request (then 408, never a hung thread)
-
-        def log_message(self, format: str, *args: Any) -> None:  # quiet: one line per error instead
-            pass
-
-        def do_GET(self) -> None:
-            self._counted(self._get)
-
-        def do_POST(self) -> None:
-            self._counted(self._post)
-
-        def _counted(self, handle: Any) -> None:
-            """``handle(path)``, counted in the metrics (its status, its time to the last byte)."""
-            path = self.path.split("?", 1)[0]
-            metrics = frontend.metrics
-            if metrics is None or path in UNCOUNTED:
-                handle(path)
-                return
-            started = time.perf_counter()
-            metrics.in_flight.inc()
-            self._status = 500
-            try:
-                handle(path)
-            finally:
-                metrics.in_flight.dec()
-                metrics.observe(path, self._status, time.perf_counter() - started)
-
-        def _get(self, path: str) -> None:
-            if path == "/metrics" and frontend.metrics is not None:
-                self._reply(200, frontend.metrics.exposition(), METRICS_CONTENT_TYPE)
-            elif path in ("/ping", "/health"):
-                health = frontend.view.health()
-                if frontend.model is None and health["ready"]:
-                    health = {**health, "ready": False, "problems": ["rank 0: loading"]}
-                body = health if path == "/health" else {"ready": health["ready"], "problems": health["problems"]}
-                self._reply(200 if health["ready"] else 503, encode_json(body))
-            elif path == "/openapi.json":
-                title = f"nodewise: {spec.model_name} on {spec.tp_size} DeepSpeed ranks"
-                self._reply(200, encode_json(document(title, spec.model_version, scoring_paths(generate=True))))
-            elif path == "/v1/models":
-                created = int(time.time() - (time.monotonic() - frontend.view.started))
-                positions = frontend.model.max_positions if frontend.model is not None else None
-                self._reply(200, encode_json(openai_models(spec.model_name, created, positions)))
-            elif path == "/version":
-                info = {"model": spec.model_name, "version": spec.model_version, "backend": "deepspeed_mpi"}
-                self._reply(200, encode_json({**info, "tp_size": spec.tp_size}))
-            else:
-                self._error(self._not_found())
-
-        def _post(self, path: str) -> None:
-            try:
-                body = read_body(self.rfile, self.headers, spec.max_request_bytes)
-                frontend.timing.ms = None
-                if path == "/invocations":
-                    self._reply(200, frontend.invocations(body, self.headers.get("Content-Type", "")))
-                elif path == "/generate":
-                    answer = frontend.generate(body)
-                    if isinstance(answer, bytes):
-                        self._reply(200, answer)
-                    else:
-                        self._stream(*answer)
-                elif path in _OPENAI_ROUTES:
-                    try:
-                        answer = frontend.openai(_OPENAI_ROUTES[path], body)
-                    except Exception as e:  # OpenAI's error shape on its routes
-                        self._reply(*openai_error(e, _log_failure, where="rank 0's log (nodewise logs APP)"))
-                        return
-                    if isinstance(answer, bytes):
-                        self._reply(200, answer)
-                    else:
-                        self._stream(*answer)
-                elif path == "/internal/heartbeat":
-                    frontend.view.record(_json_object(body))
-                    self._reply(200, b"{}")
-                else:
-                    raise self._not_found()
-            except Exception as e:  # one place maps every error to a status
-                self._error(e)
-
-        def _error(self, e: Exception) -> None:
-            self._reply(*error_response(e, _log_failure, where="rank 0's log (nodewise logs APP)"))
-
-        def _not_found(self) -> NotFound:
-            return NotFound(
-                f"no route {self.command} {self.path}; use POST /invocations, POST /generate, "
-                "POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /metrics or GET /ping"
-            )
-
-        def _stream(self, request_id: str, events: Any) -> None:
-            """Server-Sent Events, chunked; a client gone (a write fails) cancels the request."""
-            self._status = 200
-            self.send_response(200)
-            self.send_header("Content-Type", "text/event-stream")
-            self.send_header("Cache-Control", "no-cache")
-            self.send_header("Transfer-Encoding", "chunked")
-            self.end_headers()
-            try:
-                for event in events:
-                    self.wfile.write(b"%x\r\n%s\r\n" % (len(event), event))
-                    self.wfile.flush()
-                self.wfile.write(b"0\r\n\r\n")
-            except OSError:  # BrokenPipeError, ConnectionResetError: the reader left
-                frontend.cancel(request_id)
-                self.close_connection = True
-
-        def _reply(self, status: int, body: bytes, content_type: str = "application/json") -> None:
-            self._status = status
-            self.send_response(status)
-            compute_ms = getattr(frontend.timing, "ms", None)
-            if compute_ms is not None:  # the ranks' own time for this request
-                self.send_header("Server-Timing", f"compute;dur={compute_ms:.2f}")
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-    return Handler
-
-
-def _log_failure(request_id: str, error: Exception) -> None:
-    print(f"request {request_id} failed: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
-
-
-def _json_object(body: bytes) -> dict[str, Any]:
-    value = decode_json(body)
-    if not isinstance(value, dict):
-        raise BadRequest("body must be a JSON object")
-    return value
 
 
 def _heartbeats(state: RankState, url: str, every_s: float, local: ClusterView | None) -> None:
@@ -840,8 +696,11 @@ def main(argv: list[str]) -> int:
     view = ClusterView(spec, env.world_size) if env.rank == 0 else None
     frontend = Frontend(spec, view) if view is not None else None
     if frontend is not None:
+        from serving.http_server import HttpServer
+        from serving.rank0_http import Rank0App
+
         try:
-            server = ThreadingHTTPServer((spec.host, spec.port), _handler(frontend))
+            server = HttpServer(Rank0App(frontend), spec.host, spec.port)
         except OSError as e:
             print(
                 f"{ERROR_MARK} rank 0 cannot listen on {spec.host}:{spec.port} ({e.strerror}); pick a free port "
@@ -850,8 +709,7 @@ def main(argv: list[str]) -> int:
                 flush=True,
             )
             return 1
-        server.daemon_threads = True
-        threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
+        server.start_in_thread()  # uvicorn on its own thread and event loop; the step loop runs on this one
     url = f"http://{_url_host(env.master_addr)}:{spec.port}/internal/heartbeat"
     threading.Thread(target=_heartbeats, args=(state, url, spec.heartbeat_s, view), daemon=True).start()
     try:

@@ -48,7 +48,7 @@ class EngineClient(Protocol):
         ...
 
 
-class _LoopQueue:
+class LoopEvents:
     """Where the engine thread puts a sequence's events: handed to an ``asyncio.Queue`` on its loop."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -72,7 +72,7 @@ class LocalEngineClient:
         seq = self.engine.add(prompt, params, request_id=request_id)
         self._sequences[request_id] = seq
         earlier: queue.Queue[Event] = seq.events
-        bridge = _LoopQueue(asyncio.get_running_loop())
+        bridge = LoopEvents(asyncio.get_running_loop())
         seq.events = bridge  # type: ignore[assignment]  # from now on the engine thread hands its events to this loop
         ended = False
         try:

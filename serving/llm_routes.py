@@ -55,10 +55,16 @@ class LLMFront:
 
 
 # -- reading a sequence's events --------------------------------------------------------------
-async def events(front: LLMFront, prompt: list[int], params: SamplingParams) -> AsyncIterator[Event]:
+def _request_id() -> str:
+    return f"r{next(_IDS)}-{uuid.uuid4().hex[:8]}"
+
+
+async def events(
+    front: LLMFront, prompt: list[int], params: SamplingParams, request_id: str | None = None
+) -> AsyncIterator[Event]:
     """One prompt's events until its end; past the request timeout it is cancelled and
     ``RequestTimeout`` raised. Leaving early cancels it too."""
-    request_id = f"r{next(_IDS)}-{uuid.uuid4().hex[:8]}"
+    request_id = request_id or _request_id()
     if front.on_prompt is not None:
         front.on_prompt(len(prompt))
     source = front.client.generate(prompt, params, request_id)
@@ -102,10 +108,14 @@ def _sync(source: AsyncIterator[Any], loop: asyncio.AbstractEventLoop) -> Iterat
         yield item
 
 
-async def _off_loop(chunks: Iterator[bytes]) -> AsyncIterator[bytes]:
-    """A blocking generator's chunks, each made on a worker thread."""
-    while (chunk := await asyncio.to_thread(next, chunks, _END)) is not _END:
-        yield chunk  # type: ignore[misc]
+async def _off_loop(chunks: Iterator[bytes], on_close: Callable[[], None]) -> AsyncIterator[bytes]:
+    """A blocking generator's chunks, each made on a worker thread; ``on_close`` when it ends or
+    its reader leaves (the host cancels this generator), which frees the sequence's slot."""
+    try:
+        while (chunk := await asyncio.to_thread(next, chunks, _END)) is not _END:
+            yield chunk  # type: ignore[misc]
+    finally:
+        on_close()
 
 
 # -- the OpenAI routes ------------------------------------------------------------------------
@@ -124,10 +134,11 @@ async def _openai(front: LLMFront, kind: Any, request: Request) -> Response:
         parsed = openai_api.parse_request(kind, decode_json(body), front.limits, front.tokenizer)
         params = SamplingParams(max_tokens=parsed.max_tokens, **parsed.sampling)
         if parsed.stream:
-            loop = asyncio.get_running_loop()
-            source = _sync(events(front, parsed.prompts[0], params), loop)
+            request_id = _request_id()
+            source = _sync(events(front, parsed.prompts[0], params, request_id), asyncio.get_running_loop())
             chunks = openai_api.stream(parsed, source, front.decode)
-            return StreamingResponse(_off_loop(chunks), media_type=_SSE)
+            body = _off_loop(chunks, lambda: front.client.cancel(request_id))
+            return StreamingResponse(body, media_type=_SSE)
         answers = await results(front, parsed.prompts, params)
         return Response(encode_json(openai_api.response(parsed, answers, front.decode)), media_type=_JSON)
     except Exception as e:  # OpenAI's error shape on its routes
@@ -198,14 +209,18 @@ async def generate(front: LLMFront, request: Request) -> Response:
     if parsed.stream:
         chunks = _generate_stream(front, parsed.prompts[0], params)
         return StreamingResponse(chunks, media_type=_SSE, headers={"Cache-Control": "no-cache"})
+    started = time.perf_counter()
     answers = await results(front, parsed.prompts, params)
+    # the engine's time for it (submitted to the last sequence's end), as rank 0 always reported it
+    timing = {"Server-Timing": f"compute;dur={(time.perf_counter() - started) * 1000:.2f}"}
     if parsed.texts is None:
-        return Response(encode_json({"output_ids": [tokens for tokens, _ in answers]}), media_type=_JSON)
+        output = {"output_ids": [tokens for tokens, _ in answers]}
+        return Response(encode_json(output), media_type=_JSON, headers=timing)
     stops = params.stop
     texts = [
         t + openai_api.cut_at_stop(front.decode(o), stops)[0] for t, (o, _) in zip(parsed.texts, answers, strict=True)
     ]
-    return Response(encode_json({"generated_text": texts}), media_type=_JSON)
+    return Response(encode_json({"generated_text": texts}), media_type=_JSON, headers=timing)
 
 
 async def _generate_stream(front: LLMFront, prompt: list[int], params: SamplingParams) -> AsyncIterator[bytes]:
