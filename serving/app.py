@@ -26,6 +26,8 @@ from ray import serve
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
+from serving._http import json_response as _json
+from serving._http import subpath as _subpath
 from serving._model import LoadedModel
 from serving._protocol import encode_predictions
 from serving.autoscaling import IN_FLIGHT
@@ -50,6 +52,7 @@ class ModelServer:
 
     metrics: ServingMetrics | None = None
     metrics_address: str | None = None  # this replica's own /metrics (its scrape target)
+    llm: Any = None  # a causal LM's engine and routes (serving/llm_app.py's LLMReplica), else None
 
     def __init__(self, spec: dict[str, Any]) -> None:
         self.spec = ModelServeSpec.model_validate(spec)
@@ -75,6 +78,10 @@ class ModelServer:
             except OSError as e:  # the pod's fixed port is another replica's: this one takes any
                 logger.warning("metrics port %s: %s; using an ephemeral port", self.spec.metrics_port, e)
                 self.metrics_address, self._stop_metrics = serve_metrics(self.metrics, _node_address())
+        if self.spec.engine:  # a causal LM: the batching engine and the LLM routes in this replica
+            from serving.llm_app import LLMReplica
+
+            self.llm = LLMReplica(self.spec, self.model, self.metrics, self.outcomes, self._log_failure)
 
     async def __call__(self, request: Request) -> Response:
         self.in_flight += 1  # what the autoscaling policy reads (record_autoscaling_stats)
@@ -85,7 +92,10 @@ class ModelServer:
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """This replica's load for nodewise's autoscaling policy (Serve samples it; serving/autoscaling.py)."""
-        return {IN_FLIGHT: float(self.in_flight)}
+        stats = {IN_FLIGHT: float(self.in_flight)}
+        if self.llm is not None:  # an LLM replica scales on its engine's load too
+            stats.update(self.llm.autoscaling_stats())
+        return stats
 
     async def _measured(self, request: Request) -> Response:
         metrics = self.metrics
@@ -108,6 +118,8 @@ class ModelServer:
 
     async def _answer(self, request: Request) -> Response:
         path = _subpath(request)
+        if self.llm is not None and (answer := await self.llm.answer(request, path)) is not None:
+            return answer
         try:
             if path == "/metrics" and request.method == "GET" and self.metrics is not None:
                 return Response(self.metrics.exposition(), media_type=METRICS_CONTENT_TYPE)
@@ -256,6 +268,8 @@ class ModelServer:
 
     async def _predict(self, body: bytes, content_type: str) -> Any:
         assert self.model is not None
+        if self.llm is not None:  # text prompts through the engine
+            return await self.llm.predict(body, content_type)
         inputs = self.model.parse(body, content_type)
         if self.model.batches and len(inputs) > 0:
             if self.metrics is None:
@@ -294,6 +308,7 @@ class ModelServer:
             "canary_s": round(time.perf_counter() - started, 4),
             "canary_error": canary_error,
             "metrics_address": self.metrics_address,
+            **({"engine": self.llm.batch()} if self.llm is not None else {}),
         }
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)  # both set from the spec in __init__
@@ -318,6 +333,8 @@ class ModelServer:
         """Called by Ray Serve; raising makes Serve restart this replica alone."""
         if self.model is None:
             raise RuntimeError("model is not loaded")
+        if self.llm is not None:
+            self.llm.check_health()
 
     def metrics_target(self) -> dict[str, str] | None:
         """This replica's own ``/metrics`` (``host:port``) and its labels, for the scrape targets
@@ -327,6 +344,8 @@ class ModelServer:
         return {"address": self.metrics_address, "model": self.spec.model_name, "version": self.spec.model_version}
 
     def __del__(self) -> None:
+        if self.llm is not None:
+            self.llm.stop()
         stop = getattr(self, "_stop_metrics", None)
         if stop is not None:
             self._stop_metrics = None
@@ -376,18 +395,6 @@ def _node_address() -> str:
         return ray.util.get_node_ip_address()
     except Exception:  # not in a Ray worker (a test building the class directly)
         return "127.0.0.1"
-
-
-def _subpath(request: Request) -> str:
-    path = request.url.path
-    root = request.scope.get("root_path", "")
-    if root and path.startswith(root):
-        path = path[len(root) :]
-    return path.rstrip("/") or "/"
-
-
-def _json(status: int, payload: dict[str, Any]) -> Response:
-    return Response(encode_json(payload), status_code=status, media_type=_JSON)
 
 
 def build_app(
@@ -444,12 +451,7 @@ def build_app(
         per_device = {"GPU": 1.0} if spec.num_gpus else {"CPU": 1.0}
         options["placement_group_bundles"] = [{"CPU": spec.num_cpus, **per_device}] + [per_device] * (spec.tp_size - 1)
         options["placement_group_strategy"] = "STRICT_PACK"
-    server: type[ModelServer] = ModelServer
-    if spec.engine:  # a causal LM: the batching engine and the OpenAI routes in every replica
-        from serving.llm_app import LLMServer
-
-        server = LLMServer
-    deployment = serve.deployment(server).options(**options)
+    deployment = serve.deployment(ModelServer).options(**options)
     if versioned:
         deployment._version = hashlib.sha256(encode_json({"spec": payload, "env": runtime_env})).hexdigest()[:16]
     return deployment.bind(payload)

@@ -256,6 +256,12 @@ class Engine:
         """Tokens of the budget that running sequences hold."""
         return self._held
 
+    @property
+    def alive(self) -> bool:
+        """Whether the engine's own thread runs (``start``ed and not stopped or dead)."""
+        thread = self._thread
+        return thread is not None and thread.is_alive()
+
     def start(self) -> None:
         """Run steps on a thread of its own while there is work; sleep when there is none."""
         if self._thread is not None:

@@ -66,6 +66,43 @@ def test_the_openai_client_works_against_the_replica(deployed: object) -> None:
     assert alone["hello nodewise"][0] == tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
 
+def test_generate_is_served_by_the_replica_as_by_rank_0(deployed: object) -> None:
+    """``/generate`` (the same routes as rank 0's, serving/llm_routes.py): token ids give what Hugging
+    Face's generate gives, text gives the prompt and the OpenAI route's continuation, and a streamed
+    one gives the same tokens, then its finish reason and usage."""
+    import json
+
+    import torch
+
+    from tests.support.lm import load_whole_llama
+
+    url = f"{deployed.endpoint}/generate"  # type: ignore[attr-defined]
+    module, tokenizer = load_whole_llama(deployed.spec["model_uri"])  # type: ignore[attr-defined]
+    ids = tokenizer("hello nodewise")["input_ids"]
+    answer = httpx.post(url, json={"input_ids": [ids], "max_new_tokens": 12}, timeout=60)
+    assert answer.status_code == 200, answer.text
+    prompt = torch.tensor([ids])
+    out = module.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False)
+    expected = out[0, len(ids) :].tolist()
+    eos = 2
+    assert answer.json()["output_ids"][0] == expected[: expected.index(eos) + 1 if eos in expected else None]
+
+    text = httpx.post(url, json={"prompt": ["hello", "ok"], "max_new_tokens": 16}, timeout=60).json()
+    api = check.client(deployed.endpoint)  # type: ignore[attr-defined]
+    assert text["generated_text"] == [p + check.complete(api, "tiny-llama", p, False, 16)[0] for p in ("hello", "ok")]
+
+    streamed = httpx.post(url, json={"input_ids": [ids], "max_new_tokens": 12, "stream": True}, timeout=60)
+    assert streamed.headers["content-type"].startswith("text/event-stream")
+    lines = [line.removeprefix("data: ") for line in streamed.text.split("\n\n") if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    events = [json.loads(line) for line in lines[:-1]]
+    assert [e["token_id"] for e in events if "token_id" in e] == answer.json()["output_ids"][0]
+    assert events[-1]["usage"] == {"prompt_tokens": len(ids), "completion_tokens": len(answer.json()["output_ids"][0])}
+    bad = httpx.post(url, json={"input_ids": [ids], "max_new_tokens": 0}, timeout=60)
+    assert bad.status_code == 400
+    assert "max_new_tokens=0" in bad.json()["message"]
+
+
 def test_a_request_with_a_tiny_temperature_leaves_its_batch_mates_alone(deployed: object) -> None:
     """The fuzzer's ``"temperature": 8.1e-296`` among healthy requests to one replica: all 200, each
     what it gets alone (the same engine as DeepSpeed's ranks: below 1e-5 is greedy)."""

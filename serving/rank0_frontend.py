@@ -1,0 +1,380 @@
+"""Rank 0's request handling for the scoring routes: parse and validate, then hand a command to the step loop.
+
+``Frontend`` checks ``/invocations`` and ``/generate`` bodies (a 400 before any rank sees a bad
+one), queues ``Forward``/``Generate`` work and the engine's ``Add``/``Cancel`` commands for the
+step loop (``serving/step_loop.py``) and waits for their answers; it also holds rank 0's metrics.
+The LLM routes reach the same queue through ``rank0_http.BroadcastEngineClient``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from serving._protocol import encode_predictions, parse_body
+from serving.errors import (
+    BadRequest,
+    NotReady,
+    RequestTimeout,
+    decode_json,
+    encode_json,
+)
+from serving.messages import (
+    Add,
+    Cancel,
+    Command,
+    EndEvent,
+    ErrorEvent,
+    Event,
+    Forward,
+    Generate,
+    TokenEvent,
+)
+from serving.metrics import EngineLoad, ServingMetrics
+from serving.openai_api import cut_at_stop, sse
+from serving.spec import DeepSpeedSpec
+
+if TYPE_CHECKING:
+    from serving.rank_health import ClusterView
+
+_REQUEST_IDS = itertools.count()
+
+
+class Frontend:
+    """Rank 0's request handling: parse and validate, then hand a command to the step loop."""
+
+    def __init__(self, spec: DeepSpeedSpec, view: ClusterView) -> None:
+        self.spec = spec
+        self.view = view
+        self.model: Any = None  # LanguageModel once loaded
+        self.commands: queue.Queue[tuple[Command, Future[Any]]] = queue.Queue()
+        self.timing = threading.local()  # the ranks' compute time of this thread's last request
+        self.sequences: dict[str, Future[Any]] = {}  # the engine's requests by id, until they finish
+        self.streams: dict[str, queue.Queue[Event]] = {}  # where a streamed request's tokens go
+        self.engine: Any = None  # the step loop's engine (a fresh one after an error), for the metrics
+        self.metrics: ServingMetrics | None = None
+        if spec.metrics:
+            self.metrics = ServingMetrics(spec.model_name, spec.model_version, "deepspeed_mpi", spec.latency_target_s)
+            self.metrics.queued.set_function(self.commands.qsize)
+
+    def attach(self, engine: Any) -> None:
+        """The step loop's engine: its tokens and its load are the LLM metrics."""
+        metrics, first = self.metrics, self.engine is None
+        self.engine = engine
+        if metrics is None:
+            return
+        engine.on_token = lambda seq, previous, now: metrics.on_token(seq.arrived, previous, now)
+        if first:
+            metrics.add_engine(self._load)
+
+    def _load(self) -> EngineLoad:
+        engine = self.engine
+        return EngineLoad(engine.running, engine.waiting, engine.tokens_in_flight, engine.max_tokens_in_flight)
+
+    def submit(self, command: Forward | Generate) -> Any:
+        self.check_ready()
+        done: Future[Any] = Future()
+        self.commands.put((command, done))
+        try:
+            result, self.timing.ms = done.result(timeout=self.spec.request_timeout_s)
+            return result
+        except TimeoutError as e:
+            raise RequestTimeout(f"no answer within {self.spec.request_timeout_s:.0f} s") from e
+
+    def generate_ids(
+        self, prompts: list[np.ndarray], new_tokens: int, sampling: dict[str, Any] | None = None
+    ) -> list[list[int]]:
+        """New token ids for each prompt (greedy). A model that can generate goes through the
+        continuous-batching engine: each prompt joins the batch every rank runs, so concurrent
+        requests share decoding steps; otherwise the whole request is one step."""
+        if not getattr(self.model, "can_generate", False) or not self.spec.batching:
+            return self.submit(Generate(prompts, new_tokens))
+        for prompt in prompts:
+            self._check_budget(len(prompt), new_tokens)
+        self.check_ready()
+        waits = [self.add(prompt, new_tokens, sampling or {}) for prompt in prompts]
+        deadline = time.monotonic() + self.spec.request_timeout_s
+        outputs, slowest = [], 0.0
+        for _, done in waits:
+            try:
+                tokens, ms = done.result(timeout=max(0.0, deadline - time.monotonic()))
+            except TimeoutError as e:
+                for other, _ in waits:  # free their slots at the next step
+                    self.commands.put((Cancel(other), Future()))
+                raise RequestTimeout(f"no answer within {self.spec.request_timeout_s:.0f} s") from e
+            outputs.append(tokens)
+            slowest = max(slowest, ms)
+        self.timing.ms = slowest
+        return outputs
+
+    # -- /invocations ----------------------------------------------------------------------
+    def invocations(self, body: bytes, content_type: str) -> bytes:
+        data = parse_body(body, content_type)
+        if isinstance(data, dict):
+            if len(data) != 1:
+                raise BadRequest(f"this model takes one input; got named inputs {sorted(data)}")
+            data = next(iter(data.values()))
+        if hasattr(data, "to_numpy"):  # a one-column DataFrame of prompts or ids
+            data = data.to_numpy()
+            if data.ndim == 2 and data.shape[1] == 1 and data.dtype == object:
+                column = data[:, 0]
+                if not all(isinstance(v, str | int | float) for v in column):
+                    raise BadRequest("a one-column DataFrame holds one prompt (a string) per row; got nested values")
+                data = column.astype(str)
+        array = np.asarray(data)
+        if array.dtype.kind in "US":
+            texts = [str(t) for t in array.reshape(-1)]
+            return encode_predictions(self._generate_texts(texts, self.spec.default_new_tokens))
+        ids = self._token_ids(array, "inputs")
+        if ids.ndim != 2:
+            raise BadRequest(f"inputs has shape {list(ids.shape)}; send token ids as [batch, sequence]")
+        return encode_predictions(self.submit(Forward(ids)))
+
+    # -- /generate -------------------------------------------------------------------------
+    def generate(self, body: bytes) -> bytes:
+        payload = decode_json(body)
+        if not isinstance(payload, dict) or ("prompt" in payload) == ("input_ids" in payload):
+            raise BadRequest('send {"prompt": "text" or ["text", ...]} or {"input_ids": [[id, ...], ...]}')
+        new_tokens = payload.get("max_new_tokens", self.spec.default_new_tokens)
+        if not isinstance(new_tokens, int) or isinstance(new_tokens, bool) or not new_tokens >= 1:
+            raise BadRequest(f"max_new_tokens={new_tokens!r} must be a positive integer")
+        if new_tokens > self.spec.max_new_tokens:
+            raise BadRequest(
+                f"max_new_tokens={new_tokens} is over this deployment's limit of {self.spec.max_new_tokens}"
+            )
+        sampling = self._sampling(payload, new_tokens)
+        stream = payload.get("stream", False)
+        if not isinstance(stream, bool):
+            raise BadRequest(f"stream={stream!r} must be true or false")
+        if stream:
+            return self._stream_one(payload, new_tokens, sampling)
+        if "prompt" in payload:
+            prompts = payload["prompt"] if isinstance(payload["prompt"], list) else [payload["prompt"]]
+            if not prompts or not all(isinstance(p, str) for p in prompts):
+                raise BadRequest('"prompt" must be a string or a non-empty list of strings')
+            return encode_json({"generated_text": self._generate_texts(prompts, new_tokens, sampling)})
+        rows = payload["input_ids"]
+        if not isinstance(rows, list) or not rows or not all(isinstance(r, list) and r for r in rows):
+            raise BadRequest('"input_ids" must be a non-empty list of non-empty lists of token ids')
+        if len(rows) > self.spec.max_batch_size:
+            raise BadRequest(f"{len(rows)} sequences is over the limit of {self.spec.max_batch_size} per request")
+        prompts = [self._token_row(r) for r in rows]
+        self._check_length(max(len(p) for p in prompts) + new_tokens)
+        return encode_json({"output_ids": self.generate_ids(prompts, new_tokens, sampling)})
+
+    # -- the OpenAI routes (serving/openai_api.py) -----------------------------------------
+    def openai(self, kind: Any, body: bytes) -> Any:
+        """``/v1/completions`` or ``/v1/chat/completions``: the JSON answer, or (request id, SSE
+        chunks) for a streamed one, whose handler cancels the request if the client goes away."""
+        from serving import openai_api
+
+        if self.model is not None and not (self.model.can_generate and self.spec.batching):
+            raise BadRequest(
+                "the OpenAI routes need a generating model and the batching engine "
+                "(NODEWISE_DEEPSPEED__BATCHING=true); use POST /invocations"
+            )
+        self.check_ready()
+        model = self.model
+        limits = openai_api.Limits.of(self.spec, model.module, model.tokens_in_flight)
+        request = openai_api.parse_request(kind, decode_json(body), limits, model.tokenizer)
+        queued = []
+        for prompt in request.prompts:
+            events: queue.Queue[Event] = queue.Queue()
+            request_id, _ = self.add(np.asarray(prompt), request.max_tokens, request.sampling, events)
+            queued.append((request_id, events))
+        decode = _decoder(model.tokenizer)
+        timeout = self.spec.request_timeout_s
+
+        def events_of(request_id: str, events: queue.Queue[Event]) -> Any:
+            return openai_api.events_of(events, timeout, lambda: self.cancel(request_id))
+
+        if request.stream:
+            [(request_id, events)] = queued
+            return request_id, openai_api.stream(request, events_of(request_id, events), decode)
+        try:
+            results = [openai_api.collect(events_of(r, e)) for r, e in queued]
+        except RequestTimeout:
+            for request_id, _ in queued:
+                self.cancel(request_id)
+            raise
+        return encode_json(openai_api.response(request, results, decode))
+
+    def _stream_one(self, payload: dict[str, Any], new_tokens: int, sampling: dict[str, Any]) -> Any:
+        """A streamed generation: one prompt, its tokens as Server-Sent Events while they come.
+        Returns (request id, an iterator of events); the handler writes them and cancels the
+        request if the client goes away."""
+        if not (getattr(self.model, "can_generate", False) and self.spec.batching):
+            raise BadRequest("streaming needs the batching engine (NODEWISE_DEEPSPEED__BATCHING=true)")
+        if "prompt" in payload:
+            if not isinstance(payload["prompt"], str):
+                raise BadRequest('a streamed request takes one "prompt" string')
+            [prompt] = self._tokenize([payload["prompt"]])  # the same checks as a prompt not streamed
+        else:
+            rows = payload["input_ids"]
+            if not isinstance(rows, list) or len(rows) != 1 or not isinstance(rows[0], list) or not rows[0]:
+                raise BadRequest('a streamed request takes one sequence: {"input_ids": [[id, ...]]}')
+            prompt = self._token_row(rows[0])
+        self._check_length(len(prompt) + new_tokens)
+        self._check_budget(len(prompt), new_tokens)
+        self.check_ready()
+        events: queue.Queue[Event] = queue.Queue()
+        request_id, _ = self.add(prompt, new_tokens, sampling, events)
+        return request_id, self._events(request_id, events, len(prompt), sampling.get("stop", ()))
+
+    def _events(self, request_id: str, events: queue.Queue[Event], prompt_tokens: int, stops: Any) -> Any:
+        from serving.openai_api import TextStream
+
+        text = TextStream(_decoder(self.model.tokenizer), tuple(stops)) if self.model.tokenizer is not None else None
+        count = 0
+        deadline = time.monotonic() + self.spec.request_timeout_s
+        while True:
+            try:
+                event = events.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                self.cancel(request_id)
+                yield sse({"error": {"message": f"no token within {self.spec.request_timeout_s:.0f} s"}})
+                return
+            match event:
+                case TokenEvent(token):
+                    count += 1
+                    chunk: dict[str, Any] = {"token_id": token}
+                    if text is not None:  # held back while it could be the start of a stop string
+                        chunk["text"] = text.add(token)
+                    yield sse(chunk)
+                case ErrorEvent(message):  # the engine's reason, then its end (ERROR)
+                    yield sse({"error": {"message": message, "code": "generation_failed"}})
+                case EndEvent(reason):
+                    if text is not None and (rest := text.flush()):
+                        yield sse({"text": rest})
+                    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": count}
+                    yield sse({"finish_reason": reason.value, "usage": usage})
+                    yield b"data: [DONE]\n\n"
+                    return
+
+    def add(
+        self,
+        prompt: np.ndarray,
+        new_tokens: int,
+        sampling: dict[str, Any],
+        stream: Any = None,
+        request_id: str | None = None,
+    ) -> tuple[str, Future[Any]]:
+        """Queue one prompt to join the engine's batch at the next step; its id and its answer.
+        ``stream`` receives its tokens as they come."""
+        request_id = request_id or f"r{next(_REQUEST_IDS)}"
+        if self.metrics is not None:
+            self.metrics.on_prompt(len(prompt))
+        if stream is not None:
+            self.streams[request_id] = stream
+        done: Future[Any] = Future()
+        self.commands.put((Add(request_id, tuple(int(t) for t in prompt), new_tokens, sampling), done))
+        return request_id, done
+
+    def _check_budget(self, prompt_tokens: int, new_tokens: int) -> None:
+        """One request the engine could never hold is a 400 here, before any rank sees it."""
+        budget = self.model.tokens_in_flight
+        if prompt_tokens + new_tokens > budget:
+            raise BadRequest(
+                f"{prompt_tokens} prompt tokens plus max_new_tokens={new_tokens} is over the {budget} tokens "
+                "this deployment holds at once; shorten the prompt or ask for fewer tokens"
+            )
+
+    def check_ready(self) -> None:
+        health = self.view.health()
+        if self.model is None or not health["ready"]:
+            raise NotReady(health["problems"] or ["the model is loading"])
+
+    def cancel(self, request_id: str) -> None:
+        """The client is gone: the request leaves the batch at the next step."""
+        self.commands.put((Cancel(request_id), Future()))
+
+    def _sampling(self, payload: dict[str, Any], new_tokens: int) -> dict[str, Any]:
+        """The request's sampling parameters (serving/engine.py's), checked; a sampled one without a
+        seed gets one drawn here, on rank 0, so every rank draws the same tokens."""
+        from serving.engine import SamplingParams
+        from serving.openai_api import sampling_fields
+
+        fields = sampling_fields(payload, self.model.tokenizer if self.model is not None else None)
+        params = SamplingParams(max_tokens=new_tokens, **fields)
+        engine = getattr(self.model, "can_generate", False) and self.spec.batching
+        if (not params.greedy or params.stop) and not engine:
+            raise BadRequest(
+                "sampling and stop strings need the batching engine (NODEWISE_DEEPSPEED__BATCHING=true); "
+                "this deployment decodes greedily only"
+            )
+        return fields
+
+    def _generate_texts(self, texts: list[str], new_tokens: int, sampling: dict[str, Any] | None = None) -> list[str]:
+        prompts = self._tokenize(texts)
+        self._check_length(max(len(p) for p in prompts) + new_tokens)
+        outputs = self.generate_ids(prompts, new_tokens, sampling)
+        stops = (sampling or {}).get("stop", ())
+        decoded = [self.model.tokenizer.decode(o, skip_special_tokens=True) for o in outputs]
+        return [t + cut_at_stop(d, stops)[0] for t, d in zip(texts, decoded, strict=True)]
+
+    def _tokenize(self, texts: list[str]) -> list[np.ndarray]:
+        """Token ids of each prompt text, every way a text can be unusable a 400."""
+        tokenizer = self.model.tokenizer if self.model else None
+        if tokenizer is None:
+            raise BadRequest("this model has no tokenizer (pytorch flavour): send token ids, not text")
+        if not texts:
+            raise BadRequest("no prompts (an empty list or a CSV without rows); send at least one")
+        for text in texts:
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:  # JSON's "\\udb93": a half of a pair, no character at all
+                raise BadRequest(
+                    f"a prompt holds {e.object[e.start : e.end]!a}, a lone surrogate; send valid Unicode"
+                ) from e
+        if len(texts) > self.spec.max_batch_size:
+            raise BadRequest(f"{len(texts)} prompts is over the limit of {self.spec.max_batch_size} per request")
+        prompts = [np.asarray(tokenizer(t)["input_ids"], dtype=np.int64) for t in texts]
+        if any(p.size == 0 for p in prompts):
+            raise BadRequest("a prompt is empty after tokenization; send some text")
+        return prompts
+
+    def _token_row(self, row: list[Any]) -> np.ndarray:
+        """One sequence of ``input_ids``: a flat list of token ids."""
+        try:
+            array = np.asarray(row)
+        except ValueError as e:
+            raise BadRequest(f'"input_ids" rows must be flat lists of token ids ({e})') from e
+        if array.ndim != 1:
+            raise BadRequest(
+                f'"input_ids" rows must be flat lists of token ids; got a row of shape {list(array.shape)}'
+            )
+        return self._token_ids(array, "input_ids")
+
+    def _token_ids(self, array: np.ndarray, name: str) -> np.ndarray:
+        if array.size == 0:
+            raise BadRequest(f"{name} is empty; send at least one token id")
+        if array.dtype.kind not in "iuf" or (array.dtype.kind == "f" and not np.all(np.mod(array, 1) == 0)):
+            raise BadRequest(f"{name} must be integer token ids; got {array.dtype} values")
+        if array.dtype.kind == "f" and np.abs(array).max() >= 2**62:  # before the cast, which would wrap
+            raise BadRequest(f"{name} holds token ids far outside any vocabulary (up to {np.abs(array).max():.3g})")
+        ids = array.astype(np.int64)
+        vocab = self.model.vocab_size if self.model else None
+        if vocab is not None and (ids.min() < 0 or ids.max() >= vocab):
+            raise BadRequest(f"{name} holds token ids outside 0-{vocab - 1} (got {ids.min()}..{ids.max()})")
+        if ids.ndim == 2:
+            if ids.shape[0] > self.spec.max_batch_size:
+                raise BadRequest(f"{ids.shape[0]} sequences is over the limit of {self.spec.max_batch_size}")
+            self._check_length(ids.shape[1])
+        return ids
+
+    def _check_length(self, length: int) -> None:
+        limit = self.model.max_positions if self.model else None
+        if limit is not None and length > limit:
+            raise BadRequest(f"{length} tokens (prompt plus new tokens) is over the model's limit of {limit}")
+
+
+def _decoder(tokenizer: Any) -> Any:
+    if tokenizer is None:
+        return lambda ids: ""  # token ids only (pytorch flavour): no text to give
+    return lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
