@@ -19,7 +19,7 @@ import random
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from serving.errors import BadRequest
 
@@ -50,6 +50,14 @@ def _field(name: str, meaning: str = "", **constraints: Any) -> Any:
     return Field(description=f"{meaning}{'; ' if meaning else ''}{ALLOWED[name]}", **constraints)
 
 
+def _integral(value: Any) -> Any:
+    """A JSON number with no fraction (``2.0``) is an integer, as JSON Schema counts it."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**63:
+        return int(value)
+    return value
+
+
+Whole = BeforeValidator(_integral)  # on the requests' integers; the engine's own check stays strict
 NewTokens = Annotated[int, Field(ge=1)]
 Temperature = Annotated[float, Field(ge=0, le=100, allow_inf_nan=False)]
 TopP = Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]
@@ -58,7 +66,8 @@ OpenAITopK = Annotated[int, Field(ge=-1)]  # vLLM's -1 is "off", as 0 is here
 Seed = Annotated[int, Field(ge=0, le=2**63 - 1)]
 StopString = Annotated[str, Field(min_length=1)]
 Stops = Annotated[list[StopString], Field(max_length=MAX_STOPS)]
-TokenId = Annotated[int, Field(ge=0)]
+TokenId = Annotated[Annotated[int, Field(ge=0)], Whole]
+JsonNewTokens, JsonTopK, JsonSeed = Annotated[NewTokens, Whole], Annotated[OpenAITopK, Whole], Annotated[Seed, Whole]
 TokenIds = Annotated[list[TokenId], Field(min_length=1)]
 _GREEDY = f"0 (the default) and anything below {GREEDY_BELOW:g} are greedy"
 
@@ -127,8 +136,10 @@ class _Sampled(_Request):
 
     temperature: Temperature | None = _field("temperature", _GREEDY, default=None)
     top_p: TopP | None = _field("top_p", "nucleus sampling: the smallest set of tokens this likely", default=None)
-    top_k: OpenAITopK | None = Field(None, description="sample from the k likeliest tokens; 0 or -1: off")
-    seed: Seed | None = _field("seed", "the same seed gives the same tokens; drawn for you if sampled", default=None)
+    top_k: JsonTopK | None = Field(None, description="sample from the k likeliest tokens; 0 or -1: off")
+    seed: JsonSeed | None = _field(
+        "seed", "the same seed gives the same tokens; drawn for you if sampled", default=None
+    )
     stop: StopString | Stops | None = _field("stop", "the text ends before the first one", default=None)
     stream: bool | None = _field("stream", "tokens as Server-Sent Events while they come", default=False)
 
@@ -186,7 +197,7 @@ class _OpenAIRequest(_Sampled):
         "response_format": ({"type": "text"},),
     }
     model: str | None = _field("model", default=None)
-    max_tokens: NewTokens | None = _field("max_tokens", "at most this many new tokens", default=None)
+    max_tokens: JsonNewTokens | None = _field("max_tokens", "at most this many new tokens", default=None)
     stream_options: StreamOptions | None = _field("stream_options", default=None)
     n: Any = _unsupported(1)
     best_of: Any = _unsupported(1)
@@ -249,7 +260,7 @@ class ChatRequest(_OpenAIRequest):
     """``POST /v1/chat/completions``: the conversation through the model's own chat template."""
 
     messages: Annotated[list[ChatMessage], Field(min_length=1)] = _field("messages")
-    max_completion_tokens: NewTokens | None = _field(
+    max_completion_tokens: JsonNewTokens | None = _field(
         "max_completion_tokens", "at most this many new tokens (OpenAI's newer name of max_tokens)", default=None
     )
 
@@ -263,7 +274,7 @@ class GenerateRequest(_Sampled):
     input_ids: Annotated[list[TokenIds], Field(min_length=1)] | None = _field(
         "input_ids", 'instead of prompt (answer: "output_ids")', default=None
     )
-    max_new_tokens: NewTokens | None = _field("max_new_tokens", "default: the deployment's", default=None)
+    max_new_tokens: JsonNewTokens | None = _field("max_new_tokens", "default: the deployment's", default=None)
 
     @model_validator(mode="after")
     def _one_input(self) -> Any:
