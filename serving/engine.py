@@ -14,7 +14,8 @@ own KV cache rows; one forward pass per step decodes one token for every running
   budget (its KV cache at worst), released when it finishes. ``max_tokens_in_flight`` comes
   from the plan's KV-cache budget. What does not fit waits, first come first served; a request
   larger than the whole budget is refused when it arrives (``BudgetError``).
-- **Sampling** per request (``SamplingParams``): greedy by default; temperature, top-k, top-p
+- **Sampling** per request (``SamplingParams``, with its ranges in ``serving/protocol.py``):
+  greedy by default; temperature, top-k, top-p
   and a seed (a ``torch.Generator`` per sequence, so the same seed gives the same tokens
   whatever else runs in the batch); ``max_tokens``; stop strings (with a ``decode`` function);
   the model's end-of-sequence ids.
@@ -51,55 +52,17 @@ from typing import Any
 import torch
 
 from serving.messages import EndEvent, ErrorEvent, Event, FinishReason, TokenEvent
+from serving.protocol import GREEDY_BELOW, SamplingError, SamplingParams  # their ranges: one home
+
+__all__ = ["GREEDY_BELOW", "BudgetError", "Engine", "SamplingError", "SamplingParams", "Sequence"]
 
 _IDS = itertools.count()
-GREEDY_BELOW = 1e-5  # a temperature below this is greedy (vLLM's _SAMPLING_EPS)
 FAILED = -1  # the token of a sequence that failed, in what ``agree`` sees
 _log = logging.getLogger("nodewise.engine")
 
 
-class SamplingError(ValueError):
-    """A sampling parameter is out of range (the servers answer 400)."""
-
-
 class BudgetError(ValueError):
     """A request needs more tokens than the engine can ever hold (the servers answer 400)."""
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How one request's tokens are chosen. ``temperature`` 0 (or anything below ``GREEDY_BELOW``)
-    is greedy, the default."""
-
-    max_tokens: int = 16
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0  # 0: no top-k cut
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        def bad(name: str, value: object, allowed: str) -> SamplingError:
-            return SamplingError(f"{name}={value!r} is out of range; use {allowed}")
-
-        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise bad("max_tokens", self.max_tokens, "an integer >= 1")
-        if not isinstance(self.temperature, int | float) or not 0 <= self.temperature <= 100:
-            raise bad("temperature", self.temperature, "a number from 0 (greedy) to 100")
-        if not isinstance(self.top_p, int | float) or not 0 < self.top_p <= 1:
-            raise bad("top_p", self.top_p, "a number in (0, 1]")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
-            raise bad("top_k", self.top_k, "an integer >= 0 (0: off)")
-        if self.seed is not None and (
-            isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63
-        ):
-            raise bad("seed", self.seed, "an integer from 0 to 2**63 - 1")
-        if len(self.stop) > 4 or any(not isinstance(s, str) or not s for s in self.stop):
-            raise bad("stop", list(self.stop), "up to 4 non-empty strings")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature < GREEDY_BELOW or self.top_k == 1
 
 
 @dataclass(eq=False)

@@ -17,7 +17,6 @@ SGLang take it (``extra_body={"top_k": 20}`` with the client).
 from __future__ import annotations
 
 import queue
-import random
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -26,35 +25,12 @@ from typing import Any, Literal
 
 from serving.errors import BadRequest, GenerationFailed, NotFound, RequestTimeout, encode_json, error_response
 from serving.messages import EndEvent, ErrorEvent, Event, FinishReason, TokenEvent
+from serving.protocol import ChatRequest, CompletionRequest, InvalidParameter, validate
+from serving.protocol import _Sampled as _SamplingOnly
 
 Kind = Literal["completion", "chat"]
 Events = Iterator[Event]
 Decode = Callable[[list[int]], str]
-
-# What the engine does not do, and the value that means "not asked for".
-_UNSUPPORTED: dict[str, tuple[Any, ...]] = {
-    "n": (None, 1),
-    "best_of": (None, 1),
-    "echo": (None, False),
-    "logprobs": (None, False),
-    "top_logprobs": (None, 0),
-    "presence_penalty": (None, 0, 0.0),
-    "frequency_penalty": (None, 0, 0.0),
-    "logit_bias": (None, {}),
-    "suffix": (None, ""),
-    "tools": (None, []),
-    "functions": (None, []),
-    "tool_choice": (None, "none", "auto"),
-    "response_format": (None, {"type": "text"}),
-}
-
-
-class InvalidParameter(BadRequest):
-    """A 400 that names the request field at fault (OpenAI's ``param``)."""
-
-    def __init__(self, param: str, message: str) -> None:
-        super().__init__(message)
-        self.param = param
 
 
 class ModelNotFound(NotFound):
@@ -118,28 +94,24 @@ class Limits:
 
 
 def parse_request(kind: Kind, payload: Any, limits: Limits, tokenizer: Any) -> GenerationRequest:
-    """``payload`` (a decoded JSON body) as a ``GenerationRequest``; a 400 naming the field when it is
-    not one the engine can run, a 404 when it names another model."""
-    if not isinstance(payload, dict):
-        raise BadRequest("the body must be a JSON object")
-    model = payload.get("model", limits.model)
+    """``payload`` (a decoded JSON body) as a ``GenerationRequest``, through ``serving/protocol.py``'s
+    models; a 400 naming the field when it is not one the engine can run, a 404 when it names
+    another model."""
+    parsed = validate(ChatRequest if kind == "chat" else CompletionRequest, payload)
+    model = parsed.model if parsed.model is not None else limits.model
     if model != limits.model:
         raise ModelNotFound(f"the model {model!r} is not served here; this endpoint serves {limits.model!r}")
-    for name, defaults in _UNSUPPORTED.items():
-        if name in payload and payload[name] not in defaults:
-            raise InvalidParameter(name, f"{name}={payload[name]!r} is not supported by nodewise; leave it out")
-    prompts = _chat_prompt(payload, tokenizer) if kind == "chat" else _completion_prompts(payload, tokenizer, limits)
-    stream = payload.get("stream") or False
-    if not isinstance(stream, bool):
-        raise InvalidParameter("stream", f"stream={stream!r} must be true or false")
-    if stream and len(prompts) > 1:
+    if isinstance(parsed, ChatRequest):
+        prompts = _chat_prompt(parsed, tokenizer)
+    else:
+        prompts = _completion_prompts(parsed, tokenizer, limits)
+    if parsed.stream and len(prompts) > 1:
         raise InvalidParameter("prompt", f"a streamed request takes one prompt; got {len(prompts)}")
-    options = payload.get("stream_options") or {}
-    if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
-        raise InvalidParameter("stream_options", 'stream_options must be {"include_usage": true or false}')
     longest = max(len(p) for p in prompts)
-    max_tokens = _max_tokens(kind, payload, limits, longest)
-    sampling = sampling_fields(payload, tokenizer)
+    max_tokens = _max_tokens(parsed, limits, longest)
+    if parsed.stops and tokenizer is None:
+        raise InvalidParameter("stop", "stop strings need the model's tokenizer (pytorch flavour has none)")
+    parsed.sampling(max_tokens)  # the engine's own check of the whole set
     if limits.max_positions is not None and longest + max_tokens > limits.max_positions:
         raise InvalidParameter(
             "max_tokens",
@@ -152,49 +124,29 @@ def parse_request(kind: Kind, payload: Any, limits: Limits, tokenizer: Any) -> G
             f"the prompt ({longest} tokens) plus max_tokens={max_tokens} is over the {limits.tokens_in_flight} "
             "tokens this deployment holds at once; shorten the prompt or lower max_tokens",
         )
-    return GenerationRequest(
-        kind, model, prompts, max_tokens, sampling, stream, bool(options.get("include_usage", False))
-    )
+    sampling = parsed.sampling_fields()
+    return GenerationRequest(kind, model, prompts, max_tokens, sampling, bool(parsed.stream), parsed.include_usage)
 
 
-def _completion_prompts(payload: dict[str, Any], tokenizer: Any, limits: Limits) -> list[list[int]]:
-    """``prompt``: a string, a list of strings, a list of token ids, or a list of such lists."""
-    if "prompt" not in payload:
-        raise InvalidParameter("prompt", '"prompt" is required: a string, a list of strings or of token ids')
-    prompt = payload["prompt"]
-    if isinstance(prompt, str):
-        items: list[Any] = [prompt]
-    elif isinstance(prompt, list) and prompt and all(_is_id(t) for t in prompt):
-        items = [prompt]
-    elif isinstance(prompt, list) and prompt:
-        items = prompt
-    else:
-        raise InvalidParameter("prompt", '"prompt" must be a string, a non-empty list of strings or of token ids')
+def _completion_prompts(parsed: CompletionRequest, tokenizer: Any, limits: Limits) -> list[list[int]]:
+    """Each prompt as token ids: text through the tokenizer, ids within the vocabulary."""
+    items = parsed.prompts
     if len(items) > limits.max_prompts:
         raise InvalidParameter("prompt", f"{len(items)} prompts is over the limit of {limits.max_prompts} a request")
     prompts = []
     for item in items:
         if isinstance(item, str):
             prompts.append(_encode(tokenizer, item))
-        elif isinstance(item, list) and item and all(_is_id(t) for t in item):
-            if limits.vocab_size is not None and not all(0 <= t < limits.vocab_size for t in item):
-                raise InvalidParameter("prompt", f"token ids must be within 0-{limits.vocab_size - 1}")
-            prompts.append([int(t) for t in item])
-        else:
-            raise InvalidParameter("prompt", "each prompt must be a string or a non-empty list of token ids")
+            continue
+        if limits.vocab_size is not None and not all(t < limits.vocab_size for t in item):
+            raise InvalidParameter("prompt", f"token ids must be within 0-{limits.vocab_size - 1}")
+        prompts.append(list(item))
     return prompts
 
 
-def _chat_prompt(payload: dict[str, Any], tokenizer: Any) -> list[list[int]]:
+def _chat_prompt(parsed: ChatRequest, tokenizer: Any) -> list[list[int]]:
     """The conversation through the model's own chat template, ending where the assistant speaks."""
-    messages = payload.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise InvalidParameter("messages", '"messages" must be a non-empty list of {"role": ..., "content": ...}')
-    plain = []
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-            raise InvalidParameter("messages", f"messages[{i}] must be an object with a string role")
-        plain.append({"role": message["role"], "content": _content(message.get("content"), i)})
+    plain = [{"role": m.role, "content": m.text} for m in parsed.messages]
     if tokenizer is None:
         raise BadRequest("this model has no tokenizer (pytorch flavour); chat needs one: use /v1/completions")
     if not getattr(tokenizer, "chat_template", None):
@@ -215,21 +167,11 @@ def _chat_prompt(payload: dict[str, Any], tokenizer: Any) -> list[list[int]]:
     return [ids]
 
 
-def _content(content: Any, index: int) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list) and all(isinstance(p, dict) for p in content):
-        if any(p.get("type") != "text" or not isinstance(p.get("text"), str) for p in content):
-            raise InvalidParameter("messages", f"messages[{index}] holds a non-text part; this model takes text only")
-        return "".join(p["text"] for p in content)
-    raise InvalidParameter("messages", f"messages[{index}].content must be a string or a list of text parts")
-
-
-def _max_tokens(kind: Kind, payload: dict[str, Any], limits: Limits, prompt_tokens: int) -> int:
-    name = "max_completion_tokens" if payload.get("max_completion_tokens") is not None else "max_tokens"
-    value = payload.get(name)
+def _max_tokens(parsed: CompletionRequest | ChatRequest, limits: Limits, prompt_tokens: int) -> int:
+    chosen = getattr(parsed, "max_completion_tokens", None)
+    name, value = ("max_completion_tokens", chosen) if chosen is not None else ("max_tokens", parsed.max_tokens)
     if value is None:
-        if kind == "completion":  # OpenAI's default for completions
+        if isinstance(parsed, CompletionRequest):  # OpenAI's default for completions
             return min(limits.default_max_tokens, limits.max_new_tokens)
         room = limits.max_new_tokens  # a chat answer may run to the deployment's limit, within the context
         if limits.max_positions is not None:
@@ -237,8 +179,6 @@ def _max_tokens(kind: Kind, payload: dict[str, Any], limits: Limits, prompt_toke
         if room < 1:
             raise InvalidParameter("messages", f"the conversation ({prompt_tokens} tokens) fills the model's context")
         return room
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InvalidParameter(name, f"{name}={value!r} must be an integer >= 1")
     if value > limits.max_new_tokens:
         raise InvalidParameter(
             name, f"{name}={value} is over this deployment's limit of {limits.max_new_tokens} new tokens"
@@ -247,27 +187,14 @@ def _max_tokens(kind: Kind, payload: dict[str, Any], limits: Limits, prompt_toke
 
 
 def sampling_fields(payload: dict[str, Any], tokenizer: Any) -> dict[str, Any]:
-    """The engine's sampling fields of a request (all but ``max_tokens``), checked by
-    ``SamplingParams`` (the engine's own rules). A sampled request without a seed gets one here, so
-    every rank of a cluster draws the same tokens."""
-    from serving.engine import SamplingError, SamplingParams
-
-    fields = {k: payload[k] for k in ("temperature", "top_p", "top_k", "seed") if payload.get(k) is not None}
-    if fields.get("top_k") == -1:  # vLLM's "off"
-        fields["top_k"] = 0
-    stop = payload.get("stop")
-    if stop is not None:
-        fields["stop"] = tuple(stop) if isinstance(stop, list) else (stop,)
-    try:
-        params = SamplingParams(**fields)
-    except (SamplingError, TypeError) as e:
-        param = next((k for k in fields if str(e).startswith(f"{k}=")), None) or "stop"
-        raise InvalidParameter(param, str(e)) from e
-    if not params.greedy and params.seed is None:  # drawn here: every rank of a cluster uses the same
-        fields["seed"] = random.getrandbits(62)
-    if fields.get("stop") and tokenizer is None:
+    """The engine's sampling fields of a request body (all but ``max_tokens``), checked by
+    ``serving/protocol.py``'s types (a 400 naming the field). A sampled request without a seed gets
+    one here, so every rank of a cluster draws the same tokens. Kept for callers that still hold a
+    dict; new code validates a model and calls its ``sampling(max_tokens)``."""
+    parsed = validate(_SamplingOnly, {k: v for k, v in payload.items() if k in _SamplingOnly.model_fields})
+    if parsed.stops and tokenizer is None:
         raise InvalidParameter("stop", "stop strings need the model's tokenizer (pytorch flavour has none)")
-    return fields
+    return parsed.sampling_fields()
 
 
 def _is_id(value: Any) -> bool:
