@@ -13,10 +13,12 @@ import queue
 import threading
 import time
 from concurrent.futures import Future
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from serving._generate import tokenize
 from serving._protocol import encode_predictions, parse_body
 from serving.errors import (
     BadRequest,
@@ -319,25 +321,10 @@ class Frontend:
         return [t + cut_at_stop(d, stops)[0] for t, d in zip(texts, decoded, strict=True)]
 
     def _tokenize(self, texts: list[str]) -> list[np.ndarray]:
-        """Token ids of each prompt text, every way a text can be unusable a 400."""
+        """Token ids of each prompt text, every way a text can be unusable a 400 (``_generate.tokenize``)."""
         tokenizer = self.model.tokenizer if self.model else None
-        if tokenizer is None:
-            raise BadRequest("this model has no tokenizer (pytorch flavour): send token ids, not text")
-        if not texts:
-            raise BadRequest("no prompts (an empty list or a CSV without rows); send at least one")
-        for text in texts:
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError as e:  # JSON's "\\udb93": a half of a pair, no character at all
-                raise BadRequest(
-                    f"a prompt holds {e.object[e.start : e.end]!a}, a lone surrogate; send valid Unicode"
-                ) from e
-        if len(texts) > self.spec.max_batch_size:
-            raise BadRequest(f"{len(texts)} prompts is over the limit of {self.spec.max_batch_size} per request")
-        prompts = [np.asarray(tokenizer(t)["input_ids"], dtype=np.int64) for t in texts]
-        if any(p.size == 0 for p in prompts):
-            raise BadRequest("a prompt is empty after tokenization; send some text")
-        return prompts
+        limits = SimpleNamespace(max_prompts=self.spec.max_batch_size)
+        return [np.asarray(p, dtype=np.int64) for p in tokenize(texts, limits, tokenizer)]
 
     def _token_row(self, row: list[Any]) -> np.ndarray:
         """One sequence of ``input_ids``: a flat list of token ids."""
