@@ -16,7 +16,6 @@ SGLang take it (``extra_body={"top_k": 20}`` with the client).
 
 from __future__ import annotations
 
-import queue
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -344,21 +343,6 @@ def stream(request: GenerationRequest, events: Events, decode: Decode) -> Iterat
     if request.include_usage:
         yield sse({**_head(request, chunk=True), "choices": [], "usage": _usage(request, count)})
     yield b"data: [DONE]\n\n"
-
-
-def events_of(q: queue.Queue[Event], timeout_s: float, cancel: Callable[[], None]) -> Events:
-    """One sequence's events from its queue, until its end; past ``timeout_s`` the sequence is
-    cancelled and ``RequestTimeout`` raised."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            event = q.get(timeout=max(0.001, deadline - time.monotonic()))
-        except queue.Empty:
-            cancel()
-            raise RequestTimeout(f"no token within {timeout_s:.0f} s") from None
-        yield event
-        if isinstance(event, EndEvent):
-            return
 
 
 def models(model: str, created: int, max_positions: int | None) -> dict[str, Any]:

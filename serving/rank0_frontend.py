@@ -31,15 +31,12 @@ from serving.messages import (
     Add,
     Cancel,
     Command,
-    EndEvent,
-    ErrorEvent,
     Event,
     Forward,
     Generate,
-    TokenEvent,
 )
 from serving.metrics import EngineLoad, ServingMetrics
-from serving.openai_api import cut_at_stop, sse
+from serving.openai_api import cut_at_stop
 from serving.spec import DeepSpeedSpec
 
 if TYPE_CHECKING:
@@ -154,8 +151,8 @@ class Frontend:
         stream = payload.get("stream", False)
         if not isinstance(stream, bool):
             raise BadRequest(f"stream={stream!r} must be true or false")
-        if stream:
-            return self._stream_one(payload, new_tokens, sampling)
+        if stream:  # with the engine, /generate is serving/llm_routes.py's (streamed there)
+            raise BadRequest("streaming needs the batching engine (NODEWISE_DEEPSPEED__BATCHING=true)")
         if "prompt" in payload:
             prompts = payload["prompt"] if isinstance(payload["prompt"], list) else [payload["prompt"]]
             if not prompts or not all(isinstance(p, str) for p in prompts):
@@ -169,95 +166,6 @@ class Frontend:
         prompts = [self._token_row(r) for r in rows]
         self._check_length(max(len(p) for p in prompts) + new_tokens)
         return encode_json({"output_ids": self.generate_ids(prompts, new_tokens, sampling)})
-
-    # -- the OpenAI routes (serving/openai_api.py) -----------------------------------------
-    def openai(self, kind: Any, body: bytes) -> Any:
-        """``/v1/completions`` or ``/v1/chat/completions``: the JSON answer, or (request id, SSE
-        chunks) for a streamed one, whose handler cancels the request if the client goes away."""
-        from serving import openai_api
-
-        if self.model is not None and not (self.model.can_generate and self.spec.batching):
-            raise BadRequest(
-                "the OpenAI routes need a generating model and the batching engine "
-                "(NODEWISE_DEEPSPEED__BATCHING=true); use POST /invocations"
-            )
-        self.check_ready()
-        model = self.model
-        limits = openai_api.Limits.of(self.spec, model.module, model.tokens_in_flight)
-        request = openai_api.parse_request(kind, decode_json(body), limits, model.tokenizer)
-        queued = []
-        for prompt in request.prompts:
-            events: queue.Queue[Event] = queue.Queue()
-            request_id, _ = self.add(np.asarray(prompt), request.max_tokens, request.sampling, events)
-            queued.append((request_id, events))
-        decode = _decoder(model.tokenizer)
-        timeout = self.spec.request_timeout_s
-
-        def events_of(request_id: str, events: queue.Queue[Event]) -> Any:
-            return openai_api.events_of(events, timeout, lambda: self.cancel(request_id))
-
-        if request.stream:
-            [(request_id, events)] = queued
-            return request_id, openai_api.stream(request, events_of(request_id, events), decode)
-        try:
-            results = [openai_api.collect(events_of(r, e)) for r, e in queued]
-        except RequestTimeout:
-            for request_id, _ in queued:
-                self.cancel(request_id)
-            raise
-        return encode_json(openai_api.response(request, results, decode))
-
-    def _stream_one(self, payload: dict[str, Any], new_tokens: int, sampling: dict[str, Any]) -> Any:
-        """A streamed generation: one prompt, its tokens as Server-Sent Events while they come.
-        Returns (request id, an iterator of events); the handler writes them and cancels the
-        request if the client goes away."""
-        if not (getattr(self.model, "can_generate", False) and self.spec.batching):
-            raise BadRequest("streaming needs the batching engine (NODEWISE_DEEPSPEED__BATCHING=true)")
-        if "prompt" in payload:
-            if not isinstance(payload["prompt"], str):
-                raise BadRequest('a streamed request takes one "prompt" string')
-            [prompt] = self._tokenize([payload["prompt"]])  # the same checks as a prompt not streamed
-        else:
-            rows = payload["input_ids"]
-            if not isinstance(rows, list) or len(rows) != 1 or not isinstance(rows[0], list) or not rows[0]:
-                raise BadRequest('a streamed request takes one sequence: {"input_ids": [[id, ...]]}')
-            prompt = self._token_row(rows[0])
-        self._check_length(len(prompt) + new_tokens)
-        self._check_budget(len(prompt), new_tokens)
-        self.check_ready()
-        events: queue.Queue[Event] = queue.Queue()
-        request_id, _ = self.add(prompt, new_tokens, sampling, events)
-        return request_id, self._events(request_id, events, len(prompt), sampling.get("stop", ()))
-
-    def _events(self, request_id: str, events: queue.Queue[Event], prompt_tokens: int, stops: Any) -> Any:
-        from serving.openai_api import TextStream
-
-        text = TextStream(_decoder(self.model.tokenizer), tuple(stops)) if self.model.tokenizer is not None else None
-        count = 0
-        deadline = time.monotonic() + self.spec.request_timeout_s
-        while True:
-            try:
-                event = events.get(timeout=max(0.01, deadline - time.monotonic()))
-            except queue.Empty:
-                self.cancel(request_id)
-                yield sse({"error": {"message": f"no token within {self.spec.request_timeout_s:.0f} s"}})
-                return
-            match event:
-                case TokenEvent(token):
-                    count += 1
-                    chunk: dict[str, Any] = {"token_id": token}
-                    if text is not None:  # held back while it could be the start of a stop string
-                        chunk["text"] = text.add(token)
-                    yield sse(chunk)
-                case ErrorEvent(message):  # the engine's reason, then its end (ERROR)
-                    yield sse({"error": {"message": message, "code": "generation_failed"}})
-                case EndEvent(reason):
-                    if text is not None and (rest := text.flush()):
-                        yield sse({"text": rest})
-                    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": count}
-                    yield sse({"finish_reason": reason.value, "usage": usage})
-                    yield b"data: [DONE]\n\n"
-                    return
 
     def add(
         self,
@@ -359,9 +267,3 @@ class Frontend:
         limit = self.model.max_positions if self.model else None
         if limit is not None and length > limit:
             raise BadRequest(f"{length} tokens (prompt plus new tokens) is over the model's limit of {limit}")
-
-
-def _decoder(tokenizer: Any) -> Any:
-    if tokenizer is None:
-        return lambda ids: ""  # token ids only (pytorch flavour): no text to give
-    return lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
