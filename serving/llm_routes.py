@@ -6,8 +6,9 @@ it) and the text prompts of ``/invocations`` (``invocation_texts``). A host moun
 is a Starlette app of these routes; a Ray Serve replica dispatches to ``ROUTES`` under its prefix.
 A streamed answer is a ``StreamingResponse``; a client that leaves cancels its sequence.
 
-``parse_generate`` holds what ``/generate`` accepts, in one function (the typed protocol replaces
-it at merge time).
+``generation`` is what ``/generate`` accepts: ``serving/protocol.py``'s ``GenerateRequest``, then
+this deployment's limits (``_generate.py``'s prompt checks). Rank 0 without the engine checks its
+``/generate`` with the same function.
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from serving import openai_api
+from serving import openai_api, protocol
 from serving.engine import SamplingParams
-from serving.errors import BadRequest, RequestTimeout, decode_json, encode_json, error_response, receive_body
+from serving.errors import RequestTimeout, decode_json, encode_json, error_response, receive_body
 from serving.messages import EndEvent, ErrorEvent, Event, TokenEvent
 
 _JSON = "application/json"
@@ -153,59 +154,49 @@ async def models(front: LLMFront, request: Request) -> Response:
 
 # -- /generate and /invocations ---------------------------------------------------------------
 @dataclass
-class GenerateRequest:
-    """A ``/generate`` body, checked: token ids per prompt, and how the answer is shaped."""
+class Generation:
+    """A ``/generate`` request, checked against the deployment: token ids per prompt, what the
+    engine runs, and how the answer is shaped."""
 
     prompts: list[list[int]]
-    max_tokens: int
-    sampling: dict[str, Any]
+    params: SamplingParams
     texts: list[str] | None = None  # the prompts as sent, when sent as text
     stream: bool = False
 
 
-def parse_generate(payload: Any, limits: openai_api.Limits, tokenizer: Any) -> GenerateRequest:
-    """``{"prompt": text or [texts], ...}`` or ``{"input_ids": [[ids], ...], ...}`` with
-    ``max_new_tokens``, the sampling fields and ``stream``; every unusable value a 400 naming it."""
+def generation(body: bytes, limits: openai_api.Limits, tokenizer: Any) -> Generation:
+    """A ``/generate`` body (``serving/protocol.py``'s ``GenerateRequest``) checked against this
+    deployment's limits, tokenizer and vocabulary; every unusable value a 400 naming it."""
     from serving._generate import check_length, token_row, tokenize
 
-    if not isinstance(payload, dict) or ("prompt" in payload) == ("input_ids" in payload):
-        raise BadRequest('send {"prompt": "text" or ["text", ...]} or {"input_ids": [[id, ...], ...]}')
-    new_tokens = payload.get("max_new_tokens", limits.default_max_tokens)
-    if not isinstance(new_tokens, int) or isinstance(new_tokens, bool) or not new_tokens >= 1:
-        raise BadRequest(f"max_new_tokens={new_tokens!r} must be a positive integer")
-    if new_tokens > limits.max_new_tokens:
-        raise BadRequest(f"max_new_tokens={new_tokens} is over this deployment's limit of {limits.max_new_tokens}")
-    sampling = openai_api.sampling_fields(payload, tokenizer)
-    SamplingParams(max_tokens=new_tokens, **sampling)  # its ranges checked here, a 400
-    stream = payload.get("stream", False)
-    if not isinstance(stream, bool):
-        raise BadRequest(f"stream={stream!r} must be true or false")
-    texts = None
-    if "prompt" in payload:
-        texts = payload["prompt"] if isinstance(payload["prompt"], list) else [payload["prompt"]]
-        if stream and not isinstance(payload["prompt"], str):
-            raise BadRequest('a streamed request takes one "prompt" string')
-        if not texts or not all(isinstance(p, str) for p in texts):
-            raise BadRequest('"prompt" must be a string or a non-empty list of strings')
+    request = protocol.parse_generate(body)
+    params = request.sampling(request.new_tokens(limits.default_max_tokens, limits.max_new_tokens))
+    if params.stop and tokenizer is None:
+        raise protocol.InvalidParameter("stop", "stop strings need the model's tokenizer (pytorch flavour has none)")
+    texts = request.texts
+    if request.stream and not (isinstance(request.prompt, str) or len(request.input_ids or ()) == 1):
+        raise protocol.InvalidParameter(
+            "stream", 'a streamed request takes one prompt: {"prompt": "text"} or {"input_ids": [[id, ...]]}'
+        )
+    if texts is not None:
         prompts = tokenize(texts, limits, tokenizer)
     else:
-        rows = payload["input_ids"]
-        if not isinstance(rows, list) or not rows or not all(isinstance(r, list) and r for r in rows):
-            raise BadRequest('"input_ids" must be a non-empty list of non-empty lists of token ids')
-        if stream and len(rows) != 1:
-            raise BadRequest('a streamed request takes one sequence: {"input_ids": [[id, ...]]}')
+        rows = request.input_ids or []
         if len(rows) > limits.max_prompts:
-            raise BadRequest(f"{len(rows)} sequences is over the limit of {limits.max_prompts} per request")
+            raise protocol.InvalidParameter(
+                "input_ids", f"{len(rows)} sequences is over the limit of {limits.max_prompts} per request"
+            )
         prompts = [token_row(r, limits) for r in rows]
-    check_length(max(len(p) for p in prompts) + new_tokens, limits, prompt_tokens=max(len(p) for p in prompts))
-    return GenerateRequest(prompts, new_tokens, sampling, texts, stream)
+    longest = max(len(p) for p in prompts)
+    check_length(longest + params.max_tokens, limits, prompt_tokens=longest)
+    return Generation(prompts, params, texts, bool(request.stream))
 
 
 async def generate(front: LLMFront, request: Request) -> Response:
     front.client.check_ready()
     body = await receive_body(request, front.max_request_bytes, front.request_timeout_s)
-    parsed = parse_generate(decode_json(body), front.limits, front.tokenizer)
-    params = SamplingParams(max_tokens=parsed.max_tokens, **parsed.sampling)
+    parsed = generation(body, front.limits, front.tokenizer)
+    params = parsed.params
     if parsed.stream:
         chunks = _generate_stream(front, parsed.prompts[0], params)
         return StreamingResponse(chunks, media_type=_SSE, headers={"Cache-Control": "no-cache"})

@@ -25,7 +25,6 @@ from typing import Any, Literal
 from serving.errors import BadRequest, GenerationFailed, NotFound, RequestTimeout, encode_json, error_response
 from serving.messages import EndEvent, ErrorEvent, Event, FinishReason, TokenEvent
 from serving.protocol import ChatRequest, CompletionRequest, InvalidParameter, validate
-from serving.protocol import _Sampled as _SamplingOnly
 
 Kind = Literal["completion", "chat"]
 Events = Iterator[Event]
@@ -183,17 +182,6 @@ def _max_tokens(parsed: CompletionRequest | ChatRequest, limits: Limits, prompt_
             name, f"{name}={value} is over this deployment's limit of {limits.max_new_tokens} new tokens"
         )
     return value
-
-
-def sampling_fields(payload: dict[str, Any], tokenizer: Any) -> dict[str, Any]:
-    """The engine's sampling fields of a request body (all but ``max_tokens``), checked by
-    ``serving/protocol.py``'s types (a 400 naming the field). A sampled request without a seed gets
-    one here, so every rank of a cluster draws the same tokens. Kept for callers that still hold a
-    dict; new code validates a model and calls its ``sampling(max_tokens)``."""
-    parsed = validate(_SamplingOnly, {k: v for k, v in payload.items() if k in _SamplingOnly.model_fields})
-    if parsed.stops and tokenizer is None:
-        raise InvalidParameter("stop", "stop strings need the model's tokenizer (pytorch flavour has none)")
-    return parsed.sampling_fields()
 
 
 def _is_id(value: Any) -> bool:

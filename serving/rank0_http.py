@@ -4,9 +4,11 @@ The LLM routes (``/v1/completions``, ``/v1/chat/completions``, ``/v1/models``, a
 when the batching engine runs) are ``serving/llm_routes.py``'s, the Ray Serve replica's too,
 against a ``BroadcastEngineClient``: each prompt is an ``Add`` the step loop broadcasts to every
 rank; the sequence's events come back from the step loop's thread to this event loop with
-``loop.call_soon_threadsafe``. The rest (``/invocations``, ``/generate`` without the engine,
-``/ping``, ``/health``, ``/version``, ``/openapi.json``, ``/metrics``, the ranks' heartbeats)
-call rank 0's ``Frontend`` on a worker thread. Every route is counted in the metrics; every
+``loop.call_soon_threadsafe``. ``/invocations`` and ``/generate`` without the engine are checked by
+rank 0's ``Frontend`` and their work awaited on this loop (``Frontend.run``: the step loop's
+future, wrapped; no worker thread), text ``/invocations`` go through the engine's route when it
+runs. ``/ping``, ``/health``, ``/version``, ``/openapi.json``, ``/metrics`` and the ranks'
+heartbeats are answered here. Every route is counted in the metrics; every
 error is mapped to its status in one place (``serving/errors.py``).
 """
 
@@ -24,9 +26,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from serving import llm_routes, openai_api
+from serving._protocol import encode_predictions
 from serving.engine_client import LoopEvents
 from serving.errors import BadRequest, NotFound, decode_json, encode_json, error_response, receive_body
-from serving.messages import EndEvent, Event
+from serving.messages import EndEvent, Event, Forward
 from serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from serving.metrics import UNCOUNTED, EngineLoad
 
@@ -125,10 +128,14 @@ class Rank0App:
             return await llm_routes.generate(self._llm_front(), request)
         body = await receive_body(request, self.spec.max_request_bytes, _BODY_TIMEOUT_S)
         if path == "/invocations":
-            content_type = request.headers.get("content-type", "")
-            return await self._timed(frontend.invocations, body, content_type)
-        if path == "/generate":
-            return await self._timed(frontend.generate, body)  # without the engine: whole requests, greedy
+            return await self._invocations(body, request.headers.get("content-type", ""))
+        if path == "/generate":  # without the engine: whole requests, greedy, one a step
+            parsed = frontend.generation(body)
+            outputs, compute_ms = await frontend.run(frontend.generate_work(parsed))
+            if parsed.texts is None:
+                return _timed({"output_ids": outputs}, compute_ms)
+            texts = [t + frontend.decode(o) for t, o in zip(parsed.texts, outputs, strict=True)]
+            return _timed({"generated_text": texts}, compute_ms)
         if path == "/internal/heartbeat":
             value = decode_json(body)
             if not isinstance(value, dict):
@@ -161,23 +168,25 @@ class Rank0App:
             return _json({**info, "tp_size": spec.tp_size})
         raise self._not_found("GET", path)
 
-    async def _timed(self, call: Any, *args: Any) -> Response:
-        """``call(*args)`` on a worker thread; the ranks' compute time of it as ``Server-Timing``."""
+    async def _invocations(self, body: bytes, content_type: str) -> Response:
+        """Token ids: one forward pass on every rank. Text prompts: each prompt and its greedy
+        continuation, through the engine's route (``llm_routes.invocation_texts``) when it runs."""
         frontend = self.frontend
-
-        def run() -> tuple[Any, float | None]:
-            frontend.timing.ms = None
-            answer = call(*args)
-            return answer, getattr(frontend.timing, "ms", None)
-
-        answer, compute_ms = await asyncio.to_thread(run)
-        headers = {"Server-Timing": f"compute;dur={compute_ms:.2f}"} if compute_ms is not None else None
-        return Response(answer, media_type=_JSON, headers=headers)
+        work = frontend.invocation(body, content_type)
+        if isinstance(work, Forward):
+            logits, compute_ms = await frontend.run(work)
+            return _timed(encode_predictions(logits), compute_ms)
+        if self._batching:
+            started = time.perf_counter()
+            texts = await llm_routes.invocation_texts(self._llm_front(), work, self.spec.default_new_tokens)
+            return _timed(encode_predictions(texts), (time.perf_counter() - started) * 1000)
+        outputs, compute_ms = await frontend.run(frontend.text_work(work))
+        texts = [t + frontend.decode(o) for t, o in zip(work, outputs, strict=True)]
+        return _timed(encode_predictions(texts), compute_ms)
 
     @property
     def _batching(self) -> bool:
-        model = self.frontend.model
-        return model is not None and bool(getattr(model, "can_generate", False)) and self.spec.batching
+        return self.frontend.batching
 
     def _llm_front(self) -> llm_routes.LLMFront:
         """The LLM routes' view of rank 0, once the model is loaded and runs the batching engine."""
@@ -192,7 +201,7 @@ class Rank0App:
             self._front = llm_routes.LLMFront(
                 client=BroadcastEngineClient(self.frontend),
                 tokenizer=model.tokenizer,
-                limits=openai_api.Limits.of(spec, model.module, model.tokens_in_flight),
+                limits=self.frontend.limits,
                 request_timeout_s=spec.request_timeout_s,
                 max_request_bytes=spec.max_request_bytes,
                 log_failure=_log_failure,
@@ -211,3 +220,9 @@ class Rank0App:
 
 def _json(payload: dict[str, Any]) -> Response:
     return Response(encode_json(payload), media_type=_JSON)
+
+
+def _timed(answer: dict[str, Any] | bytes, compute_ms: float) -> Response:
+    """An answer with the ranks' compute time for it as ``Server-Timing``."""
+    body = answer if isinstance(answer, bytes) else encode_json(answer)
+    return Response(body, media_type=_JSON, headers={"Server-Timing": f"compute;dur={compute_ms:.2f}"})

@@ -19,7 +19,7 @@ from nodewise.core.errors import UnsupportedModel
 from nodewise.core.settings import Settings
 from serving._lm import CannotShard, check_shardable
 from serving.deepspeed_worker import ClusterView, Frontend, RankState
-from serving.errors import BadRequest, NotReady, ProtocolError
+from serving.errors import BadRequest
 from serving.messages import Add, Cancel, Forward, Generate, Tick
 from serving.spec import DeepSpeedSpec
 from tasks.mpi.deploy import build_deepspeed_spec
@@ -144,6 +144,23 @@ def frontend() -> Frontend:
     return front
 
 
+def post(front: Frontend, path: str, raw: bytes, content_type: str = "application/json") -> tuple[int, str]:
+    """``raw`` through rank 0's real HTTP app (``Rank0App``, in process): the status and body."""
+    import asyncio
+
+    import httpx
+
+    from serving.rank0_http import Rank0App
+
+    async def call() -> httpx.Response:
+        transport = httpx.ASGITransport(app=Rank0App(front))
+        async with httpx.AsyncClient(transport=transport, base_url="http://rank0") as client:
+            return await client.post(path, content=raw, headers={"content-type": content_type})
+
+    response = asyncio.run(call())
+    return response.status_code, response.text
+
+
 @pytest.mark.parametrize(
     ("path", "body", "message"),
     [
@@ -157,34 +174,37 @@ def frontend() -> Frontend:
             "17 tokens (prompt plus new tokens) is over the model's limit of 16",
         ),
         ("/invocations", {"inputs": ["hello"]}, "this model has no tokenizer (pytorch flavour)"),
-        ("/generate", {"prompt": "x", "input_ids": [[1]]}, 'send {"prompt"'),
+        ("/generate", {"prompt": "x", "input_ids": [[1]]}, 'send {\\"prompt\\"'),
         (
             "/generate",
             {"input_ids": [[1]], "max_new_tokens": 9},
             "max_new_tokens=9 is over this deployment's limit of 8",
         ),
-        ("/generate", {"input_ids": [[1]], "max_new_tokens": 0}, "max_new_tokens=0 must be a positive integer"),
+        ("/generate", {"input_ids": [[1]], "max_new_tokens": 0}, "max_new_tokens=0 is out of range; use an integer"),
         ("/generate", {"input_ids": [[1] * 10], "max_new_tokens": 8}, "18 tokens (prompt plus new tokens)"),
-        ("/generate", {"input_ids": []}, "non-empty list of non-empty lists"),
-        ("/generate", {"input_ids": [[1, [2, 3]]]}, '"input_ids" rows must be flat lists of token ids'),
-        ("/generate", {"input_ids": [[[1, 2]]]}, "got a row of shape [1, 2]"),
+        ("/generate", {"input_ids": []}, "input_ids=[] is out of range; use a non-empty list"),
+        ("/generate", {"input_ids": [[1, [2, 3]]]}, "input_ids[0]=[1, [2, 3]] is out of range"),
+        ("/generate", {"input_ids": [[[1, 2]]]}, "input_ids[0]=[[1, 2]] is out of range"),
         ("/generate", {"input_ids": [[1]] * 3}, "3 sequences is over the limit of 2 per request"),
+        ("/generate", {"input_ids": [[1]], "temperature": 0.5}, "sampling and stop strings need the batching engine"),
+        ("/generate", {"input_ids": [[1]], "stream": True}, "streaming needs the batching engine"),
     ],
 )
 def test_bad_requests_are_refused_before_any_rank_sees_them(
     frontend: Frontend, path: str, body: dict, message: str
 ) -> None:
-    raw = json.dumps(body).encode()
-    call = frontend.generate if path == "/generate" else lambda b: frontend.invocations(b, "application/json")
-    with pytest.raises(BadRequest, match=re.escape(message)):
-        call(raw)
+    status, text = post(frontend, path, json.dumps(body).encode())
+    assert status == 400
+    assert message in text
     assert frontend.commands.empty()  # nothing was broadcast
 
 
 def test_not_ready_is_refused_with_the_reason(frontend: Frontend) -> None:
     frontend.view.record(beat(0, state="loading"))
-    with pytest.raises(NotReady, match="rank 0: loading"):
-        frontend.invocations(b'{"inputs": [[1, 2]]}', "application/json")
+    status, text = post(frontend, "/invocations", b'{"inputs": [[1, 2]]}')
+    assert status == 503
+    assert "rank 0: loading" in text
+    assert frontend.commands.empty()
 
 
 # -- AutoTP's limits --------------------------------------------------------------------------------
@@ -292,11 +312,11 @@ def test_without_an_input_example_the_probe_token_ids_fit_any_vocabulary(tmp_pat
 def test_a_csv_without_rows_is_a_bad_request_not_a_crash(frontend: Frontend, csv: bytes) -> None:
     """Found by the fuzz suite: a header-only CSV gave an empty prompt list, and rank 0 a 500."""
     frontend.model = SimpleNamespace(tokenizer=lambda text: {"input_ids": [1]}, vocab_size=50, max_positions=16)
-    with pytest.raises(BadRequest, match="no prompts"):
-        frontend.invocations(csv, "text/csv")
+    status, text = post(frontend, "/invocations", csv, "text/csv")
+    assert (status, "no prompts" in text) == (400, True)
 
 
-# -- rank 0's validation under fuzzing: every request is an answer or a ProtocolError ---------------
+# -- rank 0's validation under fuzzing: every request is an answer or a client error ----------------
 _JSON = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
@@ -308,17 +328,17 @@ _KEY = st.sampled_from(["inputs", "instances", "prompt", "input_ids", "max_new_t
 class _Answering(Frontend):
     """Rank 0 whose ranks answer at once (what they compute is not under test here)."""
 
-    def submit(self, command: Forward | Generate) -> object:
-        if isinstance(command, Forward):
-            return np.zeros((*command.ids.shape, 3), dtype=np.float32)
-        return [[1, 2] for _ in command.prompts]
+    async def run(self, work: Forward | Generate) -> tuple[object, float]:
+        if isinstance(work, Forward):
+            return np.zeros((*work.ids.shape, 3), dtype=np.float32), 1.0
+        return [[1, 2] for _ in work.prompts], 1.0
 
 
 def _answering() -> Frontend:
     view = ClusterView(spec(max_batch_size=2, max_new_tokens=8, default_new_tokens=4), world_size=1)
+    view.record(beat(0))
     front = _Answering(view.spec, view)
     tokenizer = SimpleNamespace(decode=lambda ids, skip_special_tokens=True: "x")
-    tokenizer.__call__ = None
     front.model = SimpleNamespace(
         tokenizer=lambda text: {"input_ids": [1] * min(len(text), 5)}, vocab_size=50, max_positions=16
     )
@@ -327,14 +347,11 @@ def _answering() -> Frontend:
 
 
 @settings(max_examples=400, deadline=None)
-@given(st.dictionaries(_KEY, _JSON, max_size=3), st.sampled_from(["invocations", "generate"]))
+@given(st.dictionaries(_KEY, _JSON, max_size=3), st.sampled_from(["/invocations", "/generate"]))
 def test_any_request_is_an_answer_or_a_client_error(payload: dict, route: str) -> None:
-    front, raw = _answering(), json.dumps(payload).encode()
-    try:
-        answer = front.generate(raw) if route == "generate" else front.invocations(raw, "application/json")
-    except ProtocolError:
-        return
-    assert json.loads(answer)
+    status, text = post(_answering(), route, json.dumps(payload).encode())
+    assert status in (200, 400)
+    assert json.loads(text)
 
 
 def test_a_prompt_with_a_lone_surrogate_is_a_bad_request(frontend: Frontend) -> None:
@@ -342,10 +359,9 @@ def test_a_prompt_with_a_lone_surrogate_is_a_bad_request(frontend: Frontend) -> 
     frontend.model = SimpleNamespace(
         tokenizer=lambda text: {"input_ids": list(text.encode())}, vocab_size=50, max_positions=16
     )
-    with pytest.raises(BadRequest, match="lone surrogate"):
-        frontend.invocations(b'{"inputs": ["ok \\udb93"]}', "application/json")
-    with pytest.raises(BadRequest, match="lone surrogate"):
-        frontend.generate(b'{"prompt": "\\udcf5"}')
+    for path, raw in (("/invocations", b'{"inputs": ["ok \\udb93"]}'), ("/generate", b'{"prompt": "\\udcf5"}')):
+        status, text = post(frontend, path, raw)
+        assert (status, "lone surrogate" in text) == (400, True)
 
 
 def test_a_generation_over_the_engines_token_budget_is_a_bad_request(frontend: Frontend) -> None:
@@ -353,7 +369,7 @@ def test_a_generation_over_the_engines_token_budget_is_a_bad_request(frontend: F
         tokenizer=None, vocab_size=50, max_positions=16, can_generate=True, tokens_in_flight=10
     )
     with pytest.raises(BadRequest, match=r"5 prompt tokens plus max_new_tokens=8 is over the 10 tokens .* at once"):
-        frontend.generate(b'{"input_ids": [[1, 2, 3, 4, 5]], "max_new_tokens": 8}')
+        frontend.generation(b'{"input_ids": [[1, 2, 3, 4, 5]], "max_new_tokens": 8}')
     assert frontend.commands.empty()  # nothing reached the ranks
 
 
@@ -366,7 +382,9 @@ def test_a_streamed_prompt_gets_the_same_text_checks_as_any_prompt(frontend: Fro
         tokens_in_flight=64,
     )
     with pytest.raises(BadRequest, match="lone surrogate"):
-        frontend.generate(b'{"prompt": "ok \\udb93", "stream": true}')
+        frontend.generation(b'{"prompt": "ok \\udb93", "stream": true}')
     with pytest.raises(BadRequest, match="empty after tokenization"):
-        frontend.generate(b'{"prompt": "", "stream": true}')
+        frontend.generation(b'{"prompt": "", "stream": true}')
+    with pytest.raises(BadRequest, match="a streamed request takes one prompt"):
+        frontend.generation(b'{"prompt": ["a", "b"], "stream": true}')
     assert frontend.commands.empty()  # nothing reached the ranks
