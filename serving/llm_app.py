@@ -73,10 +73,10 @@ class LLMReplica:
             batch = {"running": engine.running, "waiting": engine.waiting, "blocked": engine.blocked, **engine.finished}
             return json_response(200, {"ready": True, "engine": batch, "tokens_in_flight": engine.max_tokens_in_flight})
         if path == "/openapi.json" and request.method == "GET":
-            from serving.openapi import document, openai_paths, scoring_paths
+            from serving.openapi import document, scoring_paths
 
             title = f"nodewise: {self.spec.model_name} on Ray Serve (batching engine)"
-            paths = {**scoring_paths(), **openai_paths()}
+            paths = scoring_paths(generate=True)  # /generate and the OpenAI routes, as on rank 0
             root = request.scope.get("root_path", "")
             return json_response(200, document(title, self.spec.model_version, paths, root))
         handler = llm_routes.ROUTES.get((request.method, path))

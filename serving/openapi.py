@@ -95,7 +95,7 @@ def _refs(value: Any) -> set[str]:
 
 def scoring_paths(generate: bool = False) -> dict[str, Any]:
     """MLflow's scoring protocol (``/invocations``, ``/ping``, ``/health``, ``/version``), and
-    ``/generate`` plus the OpenAI routes for a causal LM on DeepSpeed ranks."""
+    ``/generate`` plus the OpenAI routes for a causal LM with the batching engine (either backend)."""
     request = {
         "application/json": {"schema": _ref(bodies.ScoringInput)},
         "text/csv": {"schema": {"type": "string", "description": "a header row, then one line per row"}},
