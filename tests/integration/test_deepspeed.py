@@ -327,7 +327,12 @@ def test_a_request_with_a_tiny_temperature_leaves_its_batch_mates_alone(deployed
         ("/generate", json.dumps({"prompt": "x", "max_new_tokens": 10_000}).encode(), 400, "over this deployment"),
         ("/generate", json.dumps({"prompt": "x", "temperature": -1}).encode(), 400, "temperature=-1 is out of range"),
         ("/generate", json.dumps({"input_ids": [[5]], "top_p": 2}).encode(), 400, "top_p=2 is out of range"),
-        ("/generate", json.dumps({"input_ids": [[5], [6]], "stream": True}).encode(), 400, "takes one sequence"),
+        (
+            "/generate",
+            json.dumps({"input_ids": [[5], [6]], "stream": True}).encode(),
+            400,
+            "a streamed request takes one prompt",
+        ),
         ("/invocations", b"a,b\n1,2", 415, "text/plain"),
         ("/nope", b"{}", 404, "no route POST /nope"),
     ],
