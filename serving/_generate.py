@@ -38,15 +38,19 @@ def token_row(row: list[Any], limits: Any) -> list[int]:
         raise BadRequest(f'"input_ids" rows must be flat lists of token ids ({e})') from e
     if array.ndim != 1:
         raise BadRequest(f'"input_ids" rows must be flat lists of token ids; got a row of shape {list(array.shape)}')
+    return [int(t) for t in integer_ids(array, "input_ids", limits.vocab_size)]
+
+
+def integer_ids(array: np.ndarray, name: str, vocab: int | None) -> np.ndarray:
+    """``array`` as int64 token ids: integers (a float with no fraction is one), inside the vocabulary."""
     if array.dtype.kind not in "iuf" or (array.dtype.kind == "f" and not np.all(np.mod(array, 1) == 0)):
-        raise BadRequest(f"input_ids must be integer token ids; got {array.dtype} values")
+        raise BadRequest(f"{name} must be integer token ids; got {array.dtype} values")
     if array.dtype.kind == "f" and np.abs(array).max() >= 2**62:  # before the cast, which would wrap
-        raise BadRequest(f"input_ids holds token ids far outside any vocabulary (up to {np.abs(array).max():.3g})")
+        raise BadRequest(f"{name} holds token ids far outside any vocabulary (up to {np.abs(array).max():.3g})")
     ids = array.astype(np.int64)
-    vocab = limits.vocab_size
     if vocab is not None and (ids.min() < 0 or ids.max() >= vocab):
-        raise BadRequest(f"input_ids holds token ids outside 0-{vocab - 1} (got {ids.min()}..{ids.max()})")
-    return [int(t) for t in ids]
+        raise BadRequest(f"{name} holds token ids outside 0-{vocab - 1} (got {ids.min()}..{ids.max()})")
+    return ids
 
 
 def check_length(length: int, limits: Any, prompt_tokens: int) -> None:

@@ -49,7 +49,7 @@ class LLMReplica:
         self.front = llm_routes.LLMFront(
             client=self.client,
             tokenizer=self.tokenizer,
-            limits=openai_api.Limits.of(spec, self.module, budget),
+            limits=openai_api.Limits.of_module(spec, self.module, budget),
             request_timeout_s=spec.request_timeout_s,
             max_request_bytes=spec.max_request_bytes,
             log_failure=log_failure,

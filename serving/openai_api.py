@@ -77,18 +77,24 @@ class Limits:
     tokens_in_flight: int | None = None
 
     @classmethod
-    def of(cls, spec: Any, module: Any, tokens_in_flight: int) -> Limits:
+    def of(cls, spec: Any, max_positions: int | None, vocab_size: int | None, tokens_in_flight: int | None) -> Limits:
         """The limits of a serving spec (either backend's: both name these fields alike) and its model."""
-        config = getattr(module, "config", None)
         return cls(
             model=spec.model_name,
             default_max_tokens=spec.default_new_tokens,
             max_new_tokens=spec.max_new_tokens,
             max_prompts=spec.max_batch_size,
-            max_positions=getattr(config, "max_position_embeddings", None),
-            vocab_size=getattr(config, "vocab_size", None),
+            max_positions=max_positions,
+            vocab_size=vocab_size,
             tokens_in_flight=tokens_in_flight,
         )
+
+    @classmethod
+    def of_module(cls, spec: Any, module: Any, tokens_in_flight: int) -> Limits:
+        """``of`` with the positions and vocabulary read from a transformers module's config."""
+        config = getattr(module, "config", None)
+        positions, vocab = getattr(config, "max_position_embeddings", None), getattr(config, "vocab_size", None)
+        return cls.of(spec, positions, vocab, tokens_in_flight)
 
 
 def parse_request(kind: Kind, payload: Any, limits: Limits, tokenizer: Any) -> GenerationRequest:

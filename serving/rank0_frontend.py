@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from serving._generate import check_length, tokenize
+from serving._generate import check_length, integer_ids, tokenize
 from serving._protocol import parse_body
 from serving.errors import BadRequest, NotReady, RequestTimeout
 from serving.messages import Add, Cancel, Command, Forward, Generate
@@ -72,12 +72,9 @@ class Frontend:
     @property
     def limits(self) -> Limits:
         """What a request may ask of this deployment (the Ray Serve replica's ``Limits``)."""
-        model, spec = self.model, self.spec
-        return Limits(
-            model=spec.model_name,
-            default_max_tokens=spec.default_new_tokens,
-            max_new_tokens=spec.max_new_tokens,
-            max_prompts=spec.max_batch_size,
+        model = self.model
+        return Limits.of(
+            self.spec,
             max_positions=getattr(model, "max_positions", None),
             vocab_size=getattr(model, "vocab_size", None),
             tokens_in_flight=model.tokens_in_flight if self.batching else None,
@@ -169,14 +166,7 @@ class Frontend:
     def _token_ids(self, array: np.ndarray, name: str) -> np.ndarray:
         if array.size == 0:
             raise BadRequest(f"{name} is empty; send at least one token id")
-        if array.dtype.kind not in "iuf" or (array.dtype.kind == "f" and not np.all(np.mod(array, 1) == 0)):
-            raise BadRequest(f"{name} must be integer token ids; got {array.dtype} values")
-        if array.dtype.kind == "f" and np.abs(array).max() >= 2**62:  # before the cast, which would wrap
-            raise BadRequest(f"{name} holds token ids far outside any vocabulary (up to {np.abs(array).max():.3g})")
-        ids = array.astype(np.int64)
-        vocab = self.model.vocab_size if self.model else None
-        if vocab is not None and (ids.min() < 0 or ids.max() >= vocab):
-            raise BadRequest(f"{name} holds token ids outside 0-{vocab - 1} (got {ids.min()}..{ids.max()})")
+        ids = integer_ids(array, name, self.model.vocab_size if self.model else None)
         if ids.ndim == 2:
             if ids.shape[0] > self.spec.max_batch_size:
                 raise BadRequest(f"{ids.shape[0]} sequences is over the limit of {self.spec.max_batch_size}")
