@@ -98,4 +98,6 @@ class LocalEngineClient:
 
     def load(self) -> EngineLoad:
         engine = self.engine
-        return EngineLoad(engine.running, engine.waiting, engine.tokens_in_flight, engine.max_tokens_in_flight)
+        return EngineLoad(
+            engine.running, engine.waiting, engine.tokens_in_flight, engine.max_tokens_in_flight, engine.blocked
+        )

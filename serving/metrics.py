@@ -83,6 +83,14 @@ SCHEMA: tuple[MetricDef, ...] = (
     MetricDef("nodewise_sequences_running", "gauge", _MV, "Sequences in the engine's batch.", "llm"),
     MetricDef("nodewise_sequences_waiting", "gauge", _MV, "Sequences waiting for room in the token budget.", "llm"),
     MetricDef(
+        "nodewise_sequences_blocked",
+        "gauge",
+        _MV,
+        "Waiting sequences the batch has no room for now (what waits for the next step alone is not"
+        " counted): the LLM autoscaling policy's signal.",
+        "llm",
+    ),
+    MetricDef(
         "nodewise_tokens_in_flight",
         "gauge",
         _MV,
@@ -203,6 +211,7 @@ class EngineLoad:
     waiting: int
     tokens_in_flight: int
     token_budget: int
+    blocked: int = 0  # of the waiting, those the batch has no room for now (Engine.blocked)
 
 
 def _help(name: str) -> str:
@@ -322,6 +331,7 @@ class _EngineCollector(Collector):
         for name, value in (
             ("nodewise_sequences_running", now.running),
             ("nodewise_sequences_waiting", now.waiting),
+            ("nodewise_sequences_blocked", now.blocked),
             ("nodewise_tokens_in_flight", now.tokens_in_flight),
             ("nodewise_token_budget", now.token_budget),
         ):

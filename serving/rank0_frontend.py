@@ -62,7 +62,9 @@ class Frontend:
 
     def _load(self) -> EngineLoad:
         engine = self.engine
-        return EngineLoad(engine.running, engine.waiting, engine.tokens_in_flight, engine.max_tokens_in_flight)
+        return EngineLoad(
+            engine.running, engine.waiting, engine.tokens_in_flight, engine.max_tokens_in_flight, engine.blocked
+        )
 
     @property
     def batching(self) -> bool:

@@ -217,7 +217,7 @@ def _why_replicas(row: dict[str, Any], record: Any) -> str | None:
         budget = load.get("token_budget") or 0.0
         seen = {
             "rule": "engine",
-            "waiting": load.get("waiting", 0.0),
+            "waiting": load.get("blocked", 0.0),  # what the policy counts (Engine.blocked), not all waiting
             "budget_used": load.get("tokens_in_flight", 0.0) / budget if budget else 0.0,
         }
     else:

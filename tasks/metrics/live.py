@@ -29,6 +29,7 @@ RESTARTS = frozenset({"replica_restarted", "replica_replaced", "cluster_restarte
 LOAD = {
     "nodewise_requests_in_flight": "in_flight",
     "nodewise_sequences_waiting": "waiting",
+    "nodewise_sequences_blocked": "blocked",
     "nodewise_tokens_in_flight": "tokens_in_flight",
     "nodewise_token_budget": "token_budget",
 }

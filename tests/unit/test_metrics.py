@@ -54,7 +54,7 @@ def promtool_problems(text: str) -> list[str]:
 
 def llm_metrics() -> ServingMetrics:
     m = ServingMetrics("tiny-llama", "3", "deepspeed_mpi", latency_target_s=0.5)
-    m.add_engine(lambda: EngineLoad(running=3, waiting=2, tokens_in_flight=96, token_budget=512))
+    m.add_engine(lambda: EngineLoad(running=3, waiting=2, tokens_in_flight=96, token_budget=512, blocked=1))
     return m
 
 
@@ -96,6 +96,7 @@ def test_a_serving_process_exposes_the_schema_and_nothing_else() -> None:
     assert value(text, "nodewise_model_info", backend="deepspeed_mpi") == 1
     # the engine's load, read at scrape time, under nodewise's names and the gateway's
     assert value(text, "nodewise_sequences_running") == 3
+    assert value(text, "nodewise_sequences_blocked") == 1  # of the 2 waiting: what the policy scales on
     assert value(text, "nodewise_requests_queued") == 2  # what waits is the engine's queue
     assert value(text, "vllm:num_requests_waiting", model_name="tiny-llama") == 2
     assert value(text, "vllm:num_requests_running", model_name="tiny-llama") == 3
