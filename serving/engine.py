@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 import queue
 import threading
 import time
@@ -53,11 +52,11 @@ import torch
 
 from serving.messages import EndEvent, ErrorEvent, Event, FinishReason, TokenEvent
 from serving.protocol import GREEDY_BELOW, SamplingError, SamplingParams  # their ranges: one home
+from serving.sampling import FAILED, choose, failure, forward_failed
 
 __all__ = ["GREEDY_BELOW", "BudgetError", "Engine", "SamplingError", "SamplingParams", "Sequence"]
 
 _IDS = itertools.count()
-FAILED = -1  # the token of a sequence that failed, in what ``agree`` sees
 _log = logging.getLogger("nodewise.engine")
 
 
@@ -304,7 +303,7 @@ class Engine:
             _log.exception("prefill of %s failed", [s.id for s in seqs])
             for seq in seqs:
                 self._release(seq)
-                self._finish(seq, FinishReason.ERROR, _forward_failed(e, len(seqs)))
+                self._finish(seq, FinishReason.ERROR, forward_failed(e, len(seqs)))
             return
         staying = [i for i, done in enumerate(self._advance(seqs, out.logits[:, -1])) if not done]
         for seq in (s for i, s in enumerate(seqs) if i not in staying):
@@ -333,7 +332,7 @@ class Engine:
             out = self.module(input_ids=last, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
         except Exception as e:  # one pass for the whole batch: no row can be told apart
             _log.exception("decode step %d failed; its %d sequences end", self.steps, rows)
-            self._fail_rows(_forward_failed(e, rows))
+            self._fail_rows(forward_failed(e, rows))
             return
         self._keys = [layer.keys for layer in out.cache.layers]
         self._values = [layer.values for layer in out.cache.layers]
@@ -399,21 +398,7 @@ class Engine:
     def _advance(self, seqs: list[Sequence], logits: torch.Tensor) -> list[bool]:
         """Each sequence's next token from its row of ``logits`` (``[rows, vocab]``); whether each
         is done now. One whose token cannot be chosen, or whose text cannot be checked, ends alone."""
-        failures: dict[int, str] = {}
-        # one pass over the batch for what is not finite, and for every greedy row's token
-        nan_or_inf = (torch.isnan(logits) | torch.isposinf(logits)).any(dim=-1).tolist()
-        none_finite = (~torch.isfinite(logits).any(dim=-1)).tolist()
-        greedy = torch.argmax(logits, dim=-1).tolist()
-        chosen = []
-        for i, seq in enumerate(seqs):
-            try:
-                if nan_or_inf[i] or none_finite[i]:
-                    kind = "NaN or +inf" if nan_or_inf[i] else "only -inf"
-                    raise _NotFinite(f"the model's next-token scores hold {kind}")
-                chosen.append(greedy[i] if seq.params.greedy else self._sample(seq, logits[i]))
-            except Exception as e:
-                failures[i] = _failure(seq, e)
-                chosen.append(FAILED)
+        chosen, failures = choose(seqs, logits)
         if self.agree is not None:  # every rank goes on with the same tokens and failures
             agreed = self.agree(torch.tensor(chosen, dtype=torch.long, device=self.device)).tolist()
             for i, token in enumerate(agreed):
@@ -431,28 +416,9 @@ class Engine:
             try:
                 done.append(self._append(seq, chosen[i]))
             except Exception as e:  # the stop strings' decode: this sequence's text alone
-                self._finish(seq, FinishReason.ERROR, _failure(seq, e))
+                self._finish(seq, FinishReason.ERROR, failure(seq, e))
                 done.append(True)
         return done
-
-    def _sample(self, seq: Sequence, logits: torch.Tensor) -> int:
-        """A token drawn from ``logits`` as ``seq``'s parameters say; ``_NotFinite`` when the
-        probabilities are not (a model's scores this steep at this temperature)."""
-        params = seq.params
-        scores = logits.float() / params.temperature
-        if params.top_k and params.top_k < scores.shape[-1]:
-            cut = torch.topk(scores, params.top_k).values[-1]
-            scores = scores.masked_fill(scores < cut, -math.inf)
-        if params.top_p < 1:
-            ordered, order = torch.sort(scores, descending=True)
-            cumulative = torch.softmax(ordered, dim=-1).cumsum(dim=-1)
-            outside = cumulative - torch.softmax(ordered, dim=-1) >= params.top_p  # keep the first that crosses
-            scores = scores.masked_fill(torch.zeros_like(outside).scatter(0, order, outside), -math.inf)
-        probs = torch.softmax(scores, dim=-1)
-        # checked here: multinomial on a GPU asserts on the device (every request then fails), not raises
-        if not bool(torch.isfinite(probs).all()) or not float(probs.sum()) > 0:
-            raise _NotFinite(f"the sampling probabilities are not finite at temperature={params.temperature}")
-        return int(torch.multinomial(probs, 1, generator=seq.generator).item())
 
     def _append(self, seq: Sequence, token: int) -> bool:
         """Record ``token``; True when ``seq`` has finished (and its end is sent)."""
@@ -489,28 +455,6 @@ class Engine:
             seq.error = error
             seq.events.put(ErrorEvent(error))
         seq.events.put(EndEvent(reason))
-
-
-class _NotFinite(ArithmeticError):
-    """A sequence's scores or probabilities hold NaN or infinities."""
-
-
-def _failure(seq: Sequence, error: Exception) -> str:
-    """The one line a client is told about its sequence's failure (the cause is logged)."""
-    at = f"{seq.id} failed at token {len(seq.tokens) + 1}"
-    if isinstance(error, _NotFinite):
-        _log.warning("%s: %s", at, error)
-        return f"{at}: {error}; it ended alone, the rest of its batch was not affected"
-    _log.error("%s", at, exc_info=error)
-    first = (str(error).strip().splitlines() or [""])[0][:200]
-    return f"{at} ({type(error).__name__}: {first}); it ended alone, the rest of its batch was not affected"
-
-
-def _forward_failed(error: Exception, count: int) -> str:
-    return (
-        f"the model's forward pass failed ({type(error).__name__}) for the {count} sequence(s) it held, this one "
-        "among them; the server goes on serving: retry, or see the server log"
-    )
 
 
 def _pad_left(tensor: torch.Tensor, width: int) -> torch.Tensor:
