@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from serving.engine import Sequence
+    from serving.sequence import Sequence
 
 FAILED = -1  # the token of a sequence that failed, in what ``agree`` sees
 _log = logging.getLogger("nodewise.engine")
