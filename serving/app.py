@@ -11,8 +11,9 @@ Each replica also answers the watchdog, which calls it directly (not through the
 Whether that makes the replica sick is the watchdog's call (tasks/watchdog/replicas.py), within its
 restart budget; ``check_health`` only says whether the model is loaded.
 
-A rollout (a challenger beside this model, Serve's ``user_config``) is ``RolloutReplica``'s, a base
-of ``ModelServer`` (``serving/rollout_replica.py``).
+A rollout (a challenger beside this model, Serve's ``user_config``) is the replica's
+``ReplicaRollout``'s (``serving/rollout_replica.py``), which ``ModelServer`` holds and hands
+Serve's rollout calls.
 """
 
 from __future__ import annotations
@@ -38,8 +39,8 @@ from serving.errors import NotFound, NotReady, PayloadTooLarge, encode_json, err
 from serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from serving.metrics import ServingMetrics, serve_metrics
 from serving.openapi import document, scoring_paths
-from serving.rollout import RolloutConfig, RolloutStats
-from serving.rollout_replica import RolloutReplica
+from serving.rollout import RolloutConfig
+from serving.rollout_replica import ReplicaRollout
 from serving.spec import ModelServeSpec
 
 logger = logging.getLogger("ray.serve")
@@ -47,9 +48,9 @@ logger = logging.getLogger("ray.serve")
 _JSON = "application/json"
 
 
-class ModelServer(RolloutReplica):
+class ModelServer:
     """One replica: loads the model once, then answers scoring requests (and its part in a rollout:
-    ``RolloutReplica``, serving/rollout_replica.py)."""
+    ``ReplicaRollout``, serving/rollout_replica.py)."""
 
     metrics: ServingMetrics | None = None
     metrics_address: str | None = None  # this replica's own /metrics (its scrape target)
@@ -59,9 +60,7 @@ class ModelServer(RolloutReplica):
         self.spec = ModelServeSpec.model_validate(spec)
         self.model: LoadedModel | None = None
         self.outcomes = Outcomes()
-        self.rollout: RolloutStats | None = None  # a challenger beside this champion (serving/rollout.py)
-        self._challenger: Any = None
-        self._challenger_many: Any = None
+        self.rollouts = ReplicaRollout(self.spec, self.outcomes, self._predict, self._log_failure)
         self._stop_metrics: Any = None
         self._batch_started = 0  # requests whose batch began, not yet back in ``_predict``
         self.in_flight = 0  # requests in this replica (a stream counts until its response is returned)
@@ -154,10 +153,26 @@ class ModelServer(RolloutReplica):
                 "(max_request_bytes): send fewer rows per request"
             )
         content_type = request.headers.get("content-type", _JSON)
-        if self.rollout is not None:
-            return await self._rollout_invocations(self.rollout, body, content_type)
+        if (answer := await self.rollouts.invocations(body, content_type)) is not None:
+            return answer
         predictions = await self._predict(body, content_type)
-        return Response(encode_predictions(predictions), media_type=_JSON, headers=self._version_header)
+        return Response(encode_predictions(predictions), media_type=_JSON, headers=self.rollouts.version_header)
+
+    # -- a rollout (serving/rollout_replica.py): Serve calls these on the replica -------------
+    def reconfigure(self, config: dict[str, Any]) -> None:
+        """Serve's ``user_config``: ``{"rollout": RolloutConfig or None}``."""
+        self.rollouts.reconfigure(config)
+
+    def rollout_stats(self) -> dict[str, Any] | None:
+        """For the decision flow, which calls every replica directly."""
+        return self.rollouts.rollout_stats()
+
+    async def score(self, body: bytes, content_type: str) -> dict[str, Any]:
+        """A champion's call to this challenger (``ReplicaRollout.score``)."""
+        return await self.rollouts.score(body, content_type)
+
+    async def score_many(self, requests: list[tuple[bytes, str]]) -> list[dict[str, Any]]:
+        return await self.rollouts.score_many(requests)
 
     async def _predict(self, body: bytes, content_type: str) -> Any:
         assert self.model is not None

@@ -1,12 +1,13 @@
 """A replica's part in a rollout (``serving/rollout.py``), for ``ModelServer`` (``serving/app.py``).
 
-``RolloutReplica`` is the rollout half of the Serve deployment, a base class of ``ModelServer``
-(Serve calls its methods on the replica):
+``ReplicaRollout`` is the rollout half of a Serve replica; ``ModelServer`` holds one and hands it
+Serve's calls (``reconfigure``, ``rollout_stats``, ``score``, ``score_many``) and, while a
+rollout runs, its ``/invocations``:
 
 - ``reconfigure`` takes Serve's ``user_config`` (``{"rollout": RolloutConfig or None}``); the
   stats (``RolloutStats``) restart with a new epoch, and ``rollout_stats`` hands them to the
   decision flow, which calls every replica directly.
-- As the champion, ``_rollout_invocations`` answers ``/invocations`` beside a challenger: in
+- As the champion, ``invocations`` answers ``/invocations`` beside a challenger: in
   ``canary`` mode the challenger's app answers a share (the champion answers when it fails, so a
   client never sees its failure); in ``shadow`` mode the champion answers and copies a share to
   the challenger in the background, in batches (``score_many``), at most
@@ -15,13 +16,14 @@
   took here, never raising (a failure is an answer with ``ok: False``).
 
 Every answer carries ``x-nodewise-version`` (``VERSION_HEADER``), the version that answered.
-The replica supplies ``spec``, ``outcomes``, ``_predict`` and ``_log_failure``.
+The replica gives it its spec, its outcomes, its ``predict`` and its ``log_failure``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from ray import serve
@@ -41,23 +43,23 @@ _BACKGROUND: set[asyncio.Task[None]] = set()  # shadow calls in flight (a refere
 _JSON = "application/json"
 
 
-class RolloutReplica:
-    """The rollout methods of a replica: a challenger beside this champion, or this one as the challenger."""
+Predict = Callable[[bytes, str], Awaitable[Any]]
 
-    spec: ModelServeSpec
-    outcomes: Outcomes
-    rollout: RolloutStats | None = None  # a challenger beside this champion (serving/rollout.py)
-    _challenger: Any = None
-    _challenger_many: Any = None
 
-    async def _predict(self, body: bytes, content_type: str) -> Any:
-        raise NotImplementedError  # the replica's own model (ModelServer)
+class ReplicaRollout:
+    """A replica's part in a rollout: a challenger beside this champion, or this one as the challenger."""
 
-    def _log_failure(self, request_id: str, error: Exception) -> None:
-        raise NotImplementedError  # the replica's log and outcomes (ModelServer)
+    def __init__(
+        self, spec: ModelServeSpec, outcomes: Outcomes, predict: Predict, log_failure: Callable[[str, Exception], None]
+    ) -> None:
+        self.spec, self.outcomes = spec, outcomes
+        self._predict, self._log_failure = predict, log_failure
+        self.rollout: RolloutStats | None = None  # a challenger beside this champion (serving/rollout.py)
+        self._challenger: Any = None
+        self._challenger_many: Any = None
 
     @property
-    def _version_header(self) -> dict[str, str]:
+    def version_header(self) -> dict[str, str]:
         return {VERSION_HEADER: self.spec.model_version}
 
     def reconfigure(self, config: dict[str, Any]) -> None:
@@ -96,7 +98,11 @@ class RolloutReplica:
         seconds = time.perf_counter() - started
         return {"ok": True, "status": 200, "body": answer, "seconds": seconds, "version": self.spec.model_version}
 
-    async def _rollout_invocations(self, stats: RolloutStats, body: bytes, content_type: str) -> Response:
+    async def invocations(self, body: bytes, content_type: str) -> Response | None:
+        """``/invocations`` while a rollout runs (the challenger's share, or a copy to it); None when none runs."""
+        stats = self.rollout
+        if stats is None:
+            return None
         if stats.cfg.mode == "canary" and stats.pick_challenger():
             answer = await self._ask_challenger(stats, body, content_type)
             if answer["ok"]:
@@ -120,7 +126,7 @@ class RolloutReplica:
                     task = asyncio.get_running_loop().create_task(self._send_shadows(stats))
                     _BACKGROUND.add(task)
                     task.add_done_callback(_BACKGROUND.discard)
-        return Response(own, media_type=_JSON, headers=self._version_header)
+        return Response(own, media_type=_JSON, headers=self.version_header)
 
     async def _send_shadows(self, stats: RolloutStats) -> None:
         """Copies go to the challenger in batches (one call for up to ``max_shadow_batch``): a call
