@@ -10,11 +10,14 @@ Each replica also answers the watchdog, which calls it directly (not through the
 ``vitals`` runs a canary inference and reports the replica's memory and its recent error rate.
 Whether that makes the replica sick is the watchdog's call (tasks/watchdog/replicas.py), within its
 restart budget; ``check_health`` only says whether the model is loaded.
+
+A rollout (a challenger beside this model, Serve's ``user_config``) is the replica's
+``ReplicaRollout``'s (``serving/rollout_replica.py``), which ``ModelServer`` holds and hands
+Serve's rollout calls.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
 import os
@@ -36,19 +39,18 @@ from serving.errors import NotFound, NotReady, PayloadTooLarge, encode_json, err
 from serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from serving.metrics import ServingMetrics, serve_metrics
 from serving.openapi import document, scoring_paths
-from serving.rollout import RolloutConfig, RolloutStats
+from serving.rollout import RolloutConfig
+from serving.rollout_replica import ReplicaRollout
 from serving.spec import ModelServeSpec
 
 logger = logging.getLogger("ray.serve")
-
-VERSION_HEADER = "x-nodewise-version"  # the model version that answered (a canary's share is visible)
-_BACKGROUND: set[asyncio.Task[None]] = set()  # shadow calls in flight (a reference keeps each alive)
 
 _JSON = "application/json"
 
 
 class ModelServer:
-    """One replica: loads the model once, then answers scoring requests."""
+    """One replica: loads the model once, then answers scoring requests (and its part in a rollout:
+    ``ReplicaRollout``, serving/rollout_replica.py)."""
 
     metrics: ServingMetrics | None = None
     metrics_address: str | None = None  # this replica's own /metrics (its scrape target)
@@ -58,9 +60,7 @@ class ModelServer:
         self.spec = ModelServeSpec.model_validate(spec)
         self.model: LoadedModel | None = None
         self.outcomes = Outcomes()
-        self.rollout: RolloutStats | None = None  # a challenger beside this champion (serving/rollout.py)
-        self._challenger: Any = None
-        self._challenger_many: Any = None
+        self.rollouts = ReplicaRollout(self.spec, self.outcomes, self._predict, self._log_failure)
         self._stop_metrics: Any = None
         self._batch_started = 0  # requests whose batch began, not yet back in ``_predict``
         self.in_flight = 0  # requests in this replica (a stream counts until its response is returned)
@@ -153,118 +153,26 @@ class ModelServer:
                 "(max_request_bytes): send fewer rows per request"
             )
         content_type = request.headers.get("content-type", _JSON)
-        if self.rollout is not None:
-            return await self._rollout_invocations(self.rollout, body, content_type)
+        if (answer := await self.rollouts.invocations(body, content_type)) is not None:
+            return answer
         predictions = await self._predict(body, content_type)
-        return Response(encode_predictions(predictions), media_type=_JSON, headers=self._version_header)
+        return Response(encode_predictions(predictions), media_type=_JSON, headers=self.rollouts.version_header)
 
-    @property
-    def _version_header(self) -> dict[str, str]:
-        return {VERSION_HEADER: self.spec.model_version}
-
-    # -- a challenger beside this champion (serving/rollout.py) -----------------------------------
+    # -- a rollout (serving/rollout_replica.py): Serve calls these on the replica -------------
     def reconfigure(self, config: dict[str, Any]) -> None:
-        """Serve's ``user_config``: ``{"rollout": RolloutConfig or None}``. Stats restart with a new epoch."""
-        raw = (config or {}).get("rollout")
-        self._challenger = self._challenger_many = None  # handles made on first use (the app may be starting)
-        if raw is None:
-            self.rollout = None
-            return
-        cfg = RolloutConfig.model_validate(raw)
-        if self.rollout is None or self.rollout.cfg.epoch != cfg.epoch:
-            self.rollout = RolloutStats(cfg)
-        else:
-            self.rollout.cfg = cfg
+        """Serve's ``user_config``: ``{"rollout": RolloutConfig or None}``."""
+        self.rollouts.reconfigure(config)
 
     def rollout_stats(self) -> dict[str, Any] | None:
         """For the decision flow, which calls every replica directly."""
-        return None if self.rollout is None else self.rollout.snapshot()
+        return self.rollouts.rollout_stats()
 
     async def score(self, body: bytes, content_type: str) -> dict[str, Any]:
-        """A champion's call to this challenger: the answer and the time it took here, never raising."""
-        started = time.perf_counter()
-        try:
-            answer = encode_predictions(await self._predict(body, content_type))
-        except Exception as e:
-            status, error = error_response(e, self._log_failure, where="the challenger's replica log")
-            detail = f"{type(e).__name__}: {e}"[:300]  # for the rollout's record (operators), never a client
-            return {
-                "ok": False,
-                "status": status,
-                "body": error,
-                "detail": detail,
-                "seconds": time.perf_counter() - started,
-            }
-        self.outcomes.add(ok=True)
-        seconds = time.perf_counter() - started
-        return {"ok": True, "status": 200, "body": answer, "seconds": seconds, "version": self.spec.model_version}
-
-    async def _rollout_invocations(self, stats: RolloutStats, body: bytes, content_type: str) -> Response:
-        if stats.cfg.mode == "canary" and stats.pick_challenger():
-            answer = await self._ask_challenger(stats, body, content_type)
-            if answer["ok"]:
-                stats.challenger_answered += 1
-                stats.requests += 1
-                return Response(answer["body"], media_type=_JSON, headers={VERSION_HEADER: answer["version"]})
-            # the challenger failed (counted): the champion answers, the client sees no failure
-        started = time.perf_counter()
-        try:
-            own = encode_predictions(await self._predict(body, content_type))
-        except Exception:
-            stats.champion_done(time.perf_counter() - started, ok=False)
-            raise
-        stats.champion_done(time.perf_counter() - started, ok=True)
-        if stats.cfg.mode == "shadow" and stats.pick_challenger():
-            if len(stats.queue) + stats.in_flight >= stats.cfg.max_shadow_in_flight:
-                stats.skipped += 1
-            else:
-                stats.queue.append((body, content_type, own))
-                if len(stats.queue) == 1 and not stats.in_flight:  # no sender running: start one
-                    task = asyncio.get_running_loop().create_task(self._send_shadows(stats))
-                    _BACKGROUND.add(task)
-                    task.add_done_callback(_BACKGROUND.discard)
-        return Response(own, media_type=_JSON, headers=self._version_header)
-
-    async def _send_shadows(self, stats: RolloutStats) -> None:
-        """Copies go to the challenger in batches (one call for up to ``max_shadow_batch``): a call
-        per request would cost the champion's replica as much as its own answers."""
-        while stats.queue:
-            await asyncio.sleep(stats.cfg.shadow_batch_wait_s)
-            batch, stats.queue = stats.queue[: stats.cfg.max_shadow_batch], stats.queue[stats.cfg.max_shadow_batch :]
-            stats.in_flight += len(batch)
-            try:
-                answers = await self._ask_challenger_many(stats, [(body, ct) for body, ct, _ in batch])
-                for (_, _, own), answer in zip(batch, answers, strict=True):
-                    stats.challenger_done(answer)
-                    if answer["ok"]:
-                        stats.compare(own, answer["body"])
-            finally:
-                stats.in_flight -= len(batch)
+        """A champion's call to this challenger (``ReplicaRollout.score``)."""
+        return await self.rollouts.score(body, content_type)
 
     async def score_many(self, requests: list[tuple[bytes, str]]) -> list[dict[str, Any]]:
-        """``score`` of each request, at once (a batching model takes them in one forward pass)."""
-        return list(await asyncio.gather(*(self.score(body, content_type) for body, content_type in requests)))
-
-    async def _ask_challenger_many(
-        self, stats: RolloutStats, requests: list[tuple[bytes, str]]
-    ) -> list[dict[str, Any]]:
-        try:
-            if self._challenger_many is None:
-                self._challenger_many = serve.get_app_handle(stats.cfg.challenger_app).options(method_name="score_many")
-            return list(await self._challenger_many.remote(requests))
-        except Exception as e:  # the challenger's app is gone or failing: its failure, counted
-            failed = {"ok": False, "status": 503, "body": f"{type(e).__name__}: {e}".encode(), "seconds": 0.0}
-            return [failed] * len(requests)
-
-    async def _ask_challenger(self, stats: RolloutStats, body: bytes, content_type: str) -> dict[str, Any]:
-        try:
-            if self._challenger is None:
-                self._challenger = serve.get_app_handle(stats.cfg.challenger_app).options(method_name="score")
-            answer = await self._challenger.remote(body, content_type)
-        except Exception as e:  # the challenger's app is gone or failing: its failure, counted
-            answer = {"ok": False, "status": 503, "body": f"{type(e).__name__}: {e}".encode(), "seconds": 0.0}
-        stats.challenger_done(answer)
-        return answer
+        return await self.rollouts.score_many(requests)
 
     async def _predict(self, body: bytes, content_type: str) -> Any:
         assert self.model is not None

@@ -3,27 +3,26 @@
 Requests join the running batch at the next step and leave it when they finish, each with its
 own KV cache rows; one forward pass per step decodes one token for every running sequence.
 
-- **The batch cache.** Every running sequence is a row of one key/value tensor per layer,
-  ``[batch, kv_heads, length, head_dim]``, left-padded to the longest row. ``attention_mask``
-  masks each row's padding and ``position_ids`` give each row its true position, so a row's
-  tokens are what it would get served alone. The sequences that join at a step are prefilled
-  together (their prompts left-padded in one pass, so a burst of arrivals costs one pass, not
-  one each) and their rows padded into the batch; one that leaves is dropped from it, and
-  padding every row shares is trimmed.
+- **The batch cache** (``serving/batch_cache.py``). Every running sequence is a row of one
+  key/value tensor per layer, left-padded to the longest row, masked and positioned so that a
+  row's tokens are what it would get served alone. The sequences that join at a step are
+  prefilled together (their prompts left-padded in one pass, so a burst of arrivals costs one
+  pass, not one each) and their rows padded into the batch; one that leaves is dropped from it,
+  and padding every row shares is trimmed.
 - **The token budget.** Each admitted sequence holds ``len(prompt) + max_tokens`` tokens of the
   budget (its KV cache at worst), released when it finishes. ``max_tokens_in_flight`` comes
   from the plan's KV-cache budget. What does not fit waits, first come first served; a request
   larger than the whole budget is refused when it arrives (``BudgetError``).
-- **Sampling** per request (``SamplingParams``, with its ranges in ``serving/protocol.py``):
-  greedy by default; temperature, top-k, top-p
-  and a seed (a ``torch.Generator`` per sequence, so the same seed gives the same tokens
-  whatever else runs in the batch); ``max_tokens``; stop strings (with a ``decode`` function);
-  the model's end-of-sequence ids.
+- **Sampling** per request (``SamplingParams``, with its ranges in ``serving/protocol.py``; the
+  drawing and the failure lines in ``serving/sampling.py``): greedy by default; temperature,
+  top-k, top-p and a seed (a ``torch.Generator`` per sequence, so the same seed gives the same
+  tokens whatever else runs in the batch); ``max_tokens``; stop strings (with a ``decode``
+  function); the model's end-of-sequence ids.
   A ``temperature`` below ``GREEDY_BELOW`` (1e-5, as vLLM) is greedy: dividing by a tinier one
   overflows the scores.
-- **Streaming and cancellation.** Each ``Sequence`` has a queue of events (a ``TokenEvent`` per
-  token, then an ``EndEvent`` with its ``FinishReason``; ``serving/messages.py``); ``cancel()``
-  frees its slot at the next step.
+- **Streaming and cancellation.** Each ``Sequence`` (``serving/sequence.py``) has a queue of
+  events (a ``TokenEvent`` per token, then an ``EndEvent`` with its ``FinishReason``;
+  ``serving/messages.py``); ``cancel()`` frees its slot at the next step.
 - **A request fails alone.** A sequence whose next-token scores are not finite, or whose sampling
   raises, ends with ``FinishReason.ERROR`` (an ``ErrorEvent`` with the reason before its end) and
   leaves the batch; the other rows go on as if it had never been there. A forward pass that raises
@@ -37,76 +36,29 @@ The engine knows nothing of HTTP, Prefect or ranks: the servers drive ``step()``
 
 from __future__ import annotations
 
-import itertools
 import logging
-import math
-import queue
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from serving.messages import EndEvent, ErrorEvent, Event, FinishReason, TokenEvent
+from serving.batch_cache import BatchCache, prefill_inputs
+from serving.messages import EndEvent, ErrorEvent, FinishReason, TokenEvent
 from serving.protocol import GREEDY_BELOW, SamplingError, SamplingParams  # their ranges: one home
+from serving.sampling import FAILED, choose, failure, forward_failed
+from serving.sequence import Sequence
 
 __all__ = ["GREEDY_BELOW", "BudgetError", "Engine", "SamplingError", "SamplingParams", "Sequence"]
 
-_IDS = itertools.count()
-FAILED = -1  # the token of a sequence that failed, in what ``agree`` sees
 _log = logging.getLogger("nodewise.engine")
 
 
 class BudgetError(ValueError):
     """A request needs more tokens than the engine can ever hold (the servers answer 400)."""
-
-
-@dataclass(eq=False)
-class Sequence:
-    """One request: its prompt, what it generated so far, and its events for a reader."""
-
-    prompt: list[int]
-    params: SamplingParams
-    id: str = field(default_factory=lambda: f"seq-{next(_IDS)}")
-    tokens: list[int] = field(default_factory=list)
-    text: str | None = None  # set when stop strings are checked (what the client gets)
-    finish_reason: FinishReason | None = None
-    error: str | None = None  # why it failed, when finish_reason is ERROR
-    events: queue.Queue[Event] = field(default_factory=queue.Queue)
-    arrived: float = field(default_factory=time.monotonic)
-    first_token_at: float | None = None
-    last_token_at: float | None = None
-    finished_at: float | None = None
-    cancelled: bool = False
-    generator: torch.Generator | None = None
-    held: int = 0  # tokens of the engine's budget it holds while admitted
-
-    @property
-    def done(self) -> bool:
-        return self.finish_reason is not None
-
-    def cancel(self) -> None:
-        """The reader is gone: the engine drops this sequence at its next step."""
-        self.cancelled = True
-
-    def wait(self, timeout: float | None = None) -> Sequence:
-        """Block until finished (for a caller that does not stream); returns self."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while not self.done:
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                raise TimeoutError(f"{self.id} did not finish within {timeout} s")
-            try:
-                event = self.events.get(timeout=left)
-            except queue.Empty:
-                continue
-            if isinstance(event, EndEvent):
-                break
-        return self
 
 
 class Engine:
@@ -137,9 +89,7 @@ class Engine:
         self._lock = threading.Condition()
         self._waiting: deque[Sequence] = deque()
         self._rows: list[Sequence] = []  # the batch, in cache row order
-        self._pads: list[int] = []  # left padding of each row
-        self._keys: list[torch.Tensor] = []  # per layer, [rows, kv_heads, length, head_dim]
-        self._values: list[torch.Tensor] = []
+        self._cache = BatchCache(self.device)  # the batch's KV cache rows, in the order of _rows
         self._held = 0  # tokens of the budget held by running sequences
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -290,21 +240,14 @@ class Engine:
     def _prefill(self, seqs: list[Sequence]) -> None:
         """The newcomers' prompts in one forward pass (left-padded to the longest, each row masked
         and positioned as if alone), their first tokens, and their cache rows into the batch."""
-        width = max(len(s.prompt) for s in seqs)
-        pads = [width - len(s.prompt) for s in seqs]
-        ids = torch.tensor([[0] * p + s.prompt for s, p in zip(seqs, pads, strict=True)], device=self.device)
-        kwargs: dict[str, Any] = {}
-        if any(pads):
-            pad = torch.tensor(pads, device=self.device)[:, None]
-            span = torch.arange(width, device=self.device)[None, :]
-            kwargs = {"attention_mask": (span >= pad).long(), "position_ids": (span - pad).clamp(min=0)}
+        ids, pads, kwargs = prefill_inputs([s.prompt for s in seqs], self.device)
         try:
             out = self.module(input_ids=ids, use_cache=True, logits_to_keep=1, **kwargs)
         except Exception as e:  # one pass for every newcomer: none of them can be told apart
             _log.exception("prefill of %s failed", [s.id for s in seqs])
             for seq in seqs:
                 self._release(seq)
-                self._finish(seq, FinishReason.ERROR, _forward_failed(e, len(seqs)))
+                self._finish(seq, FinishReason.ERROR, forward_failed(e, len(seqs)))
             return
         staying = [i for i, done in enumerate(self._advance(seqs, out.logits[:, -1])) if not done]
         for seq in (s for i, s in enumerate(seqs) if i not in staying):
@@ -317,50 +260,25 @@ class Engine:
             index = torch.tensor(staying, device=self.device)
             keys = [k.index_select(0, index) for k in keys]
             values = [v.index_select(0, index) for v in values]
-        self._join([seqs[i] for i in staying], keys, values, [pads[i] for i in staying])
+        self._cache.join(keys, values, [pads[i] for i in staying])
+        self._rows.extend(seqs[i] for i in staying)
 
     @torch.inference_mode()
     def _decode(self) -> None:
-        from transformers import DynamicCache
-
-        rows, length = len(self._rows), self._keys[0].shape[-2]
+        rows = len(self._rows)
         last = torch.tensor([[s.tokens[-1]] for s in self._rows], dtype=torch.long, device=self.device)
-        pads = torch.tensor(self._pads, device=self.device)
-        mask = (torch.arange(length + 1, device=self.device)[None, :] >= pads[:, None]).long()
-        positions = (length - pads)[:, None]
-        cache = DynamicCache(ddp_cache_data=list(zip(self._keys, self._values, strict=True)))
+        mask, positions, cache = self._cache.decode_inputs()
         try:
             out = self.module(input_ids=last, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
         except Exception as e:  # one pass for the whole batch: no row can be told apart
             _log.exception("decode step %d failed; its %d sequences end", self.steps, rows)
-            self._fail_rows(_forward_failed(e, rows))
+            self._fail_rows(forward_failed(e, rows))
             return
-        self._keys = [layer.keys for layer in out.cache.layers]
-        self._values = [layer.values for layer in out.cache.layers]
+        self._cache.update(out.cache)
         finished = [i for i, done in enumerate(self._advance(self._rows, out.logits[:, -1])) if done]
         self._drop(finished, None)
 
-    # -- the batch cache ------------------------------------------------------------------------
-    def _join(
-        self, seqs: list[Sequence], keys: list[torch.Tensor], values: list[torch.Tensor], pads: list[int]
-    ) -> None:
-        """Add prefilled rows (``pads``: each row's left padding) to the batch cache."""
-        if not self._rows:
-            self._rows, self._pads, self._keys, self._values = list(seqs), list(pads), keys, values
-            return
-        current, width = self._keys[0].shape[-2], keys[0].shape[-2]
-        if width > current:  # the newcomers are longer: pad every row on the left
-            grow = width - current
-            self._keys = [_pad_left(k, grow) for k in self._keys]
-            self._values = [_pad_left(v, grow) for v in self._values]
-            self._pads = [p + grow for p in self._pads]
-            current = width
-        shift = current - width
-        self._keys = [torch.cat([k, _pad_left(n, shift)]) for k, n in zip(self._keys, keys, strict=True)]
-        self._values = [torch.cat([v, _pad_left(n, shift)]) for v, n in zip(self._values, values, strict=True)]
-        self._rows.extend(seqs)
-        self._pads.extend(p + shift for p in pads)
-
+    # -- the batch (its cache: serving/batch_cache.py) ----------------------------------------------
     def _drop(self, indices: list[int], reason: FinishReason | None) -> None:
         if not indices:
             return
@@ -372,14 +290,11 @@ class Engine:
         leaving = set(indices)
         keep = [i for i in range(len(self._rows)) if i not in leaving]
         if not keep:
-            self._rows, self._pads, self._keys, self._values = [], [], [], []
+            self._rows = []
+            self._cache.clear()
             return
-        index = torch.tensor(keep, device=self.device)
-        trim = min(self._pads[i] for i in keep)  # padding every remaining row shares
-        self._keys = [k.index_select(0, index)[:, :, trim:] for k in self._keys]
-        self._values = [v.index_select(0, index)[:, :, trim:] for v in self._values]
+        self._cache.keep(keep)
         self._rows = [self._rows[i] for i in keep]
-        self._pads = [self._pads[i] - trim for i in keep]
 
     def _release(self, seq: Sequence) -> None:
         """Give back the budget an admitted sequence held (once)."""
@@ -393,27 +308,14 @@ class Engine:
             self._release(seq)
             if not seq.done:
                 self._finish(seq, FinishReason.ERROR, message)
-        self._rows, self._pads, self._keys, self._values = [], [], [], []
+        self._rows = []
+        self._cache.clear()
 
     # -- tokens -----------------------------------------------------------------------------------
     def _advance(self, seqs: list[Sequence], logits: torch.Tensor) -> list[bool]:
         """Each sequence's next token from its row of ``logits`` (``[rows, vocab]``); whether each
         is done now. One whose token cannot be chosen, or whose text cannot be checked, ends alone."""
-        failures: dict[int, str] = {}
-        # one pass over the batch for what is not finite, and for every greedy row's token
-        nan_or_inf = (torch.isnan(logits) | torch.isposinf(logits)).any(dim=-1).tolist()
-        none_finite = (~torch.isfinite(logits).any(dim=-1)).tolist()
-        greedy = torch.argmax(logits, dim=-1).tolist()
-        chosen = []
-        for i, seq in enumerate(seqs):
-            try:
-                if nan_or_inf[i] or none_finite[i]:
-                    kind = "NaN or +inf" if nan_or_inf[i] else "only -inf"
-                    raise _NotFinite(f"the model's next-token scores hold {kind}")
-                chosen.append(greedy[i] if seq.params.greedy else self._sample(seq, logits[i]))
-            except Exception as e:
-                failures[i] = _failure(seq, e)
-                chosen.append(FAILED)
+        chosen, failures = choose(seqs, logits)
         if self.agree is not None:  # every rank goes on with the same tokens and failures
             agreed = self.agree(torch.tensor(chosen, dtype=torch.long, device=self.device)).tolist()
             for i, token in enumerate(agreed):
@@ -431,28 +333,9 @@ class Engine:
             try:
                 done.append(self._append(seq, chosen[i]))
             except Exception as e:  # the stop strings' decode: this sequence's text alone
-                self._finish(seq, FinishReason.ERROR, _failure(seq, e))
+                self._finish(seq, FinishReason.ERROR, failure(seq, e))
                 done.append(True)
         return done
-
-    def _sample(self, seq: Sequence, logits: torch.Tensor) -> int:
-        """A token drawn from ``logits`` as ``seq``'s parameters say; ``_NotFinite`` when the
-        probabilities are not (a model's scores this steep at this temperature)."""
-        params = seq.params
-        scores = logits.float() / params.temperature
-        if params.top_k and params.top_k < scores.shape[-1]:
-            cut = torch.topk(scores, params.top_k).values[-1]
-            scores = scores.masked_fill(scores < cut, -math.inf)
-        if params.top_p < 1:
-            ordered, order = torch.sort(scores, descending=True)
-            cumulative = torch.softmax(ordered, dim=-1).cumsum(dim=-1)
-            outside = cumulative - torch.softmax(ordered, dim=-1) >= params.top_p  # keep the first that crosses
-            scores = scores.masked_fill(torch.zeros_like(outside).scatter(0, order, outside), -math.inf)
-        probs = torch.softmax(scores, dim=-1)
-        # checked here: multinomial on a GPU asserts on the device (every request then fails), not raises
-        if not bool(torch.isfinite(probs).all()) or not float(probs.sum()) > 0:
-            raise _NotFinite(f"the sampling probabilities are not finite at temperature={params.temperature}")
-        return int(torch.multinomial(probs, 1, generator=seq.generator).item())
 
     def _append(self, seq: Sequence, token: int) -> bool:
         """Record ``token``; True when ``seq`` has finished (and its end is sent)."""
@@ -489,33 +372,3 @@ class Engine:
             seq.error = error
             seq.events.put(ErrorEvent(error))
         seq.events.put(EndEvent(reason))
-
-
-class _NotFinite(ArithmeticError):
-    """A sequence's scores or probabilities hold NaN or infinities."""
-
-
-def _failure(seq: Sequence, error: Exception) -> str:
-    """The one line a client is told about its sequence's failure (the cause is logged)."""
-    at = f"{seq.id} failed at token {len(seq.tokens) + 1}"
-    if isinstance(error, _NotFinite):
-        _log.warning("%s: %s", at, error)
-        return f"{at}: {error}; it ended alone, the rest of its batch was not affected"
-    _log.error("%s", at, exc_info=error)
-    first = (str(error).strip().splitlines() or [""])[0][:200]
-    return f"{at} ({type(error).__name__}: {first}); it ended alone, the rest of its batch was not affected"
-
-
-def _forward_failed(error: Exception, count: int) -> str:
-    return (
-        f"the model's forward pass failed ({type(error).__name__}) for the {count} sequence(s) it held, this one "
-        "among them; the server goes on serving: retry, or see the server log"
-    )
-
-
-def _pad_left(tensor: torch.Tensor, width: int) -> torch.Tensor:
-    if width == 0:
-        return tensor
-    shape = list(tensor.shape)
-    shape[-2] = width
-    return torch.cat([tensor.new_zeros(shape), tensor], dim=-2)
