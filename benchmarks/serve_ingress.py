@@ -2,9 +2,10 @@
 
 nodewise's replica (``serving/app.py``) is a plain deployment whose ``__call__(request)`` matches
 (method, path) itself; Serve's alternative is ``@serve.ingress(app)`` with a Starlette or FastAPI
-app whose router picks the handler. One run, one local Ray with Serve's proxy on loopback, one
-replica of each variant at a time, the same handler in each (read the body, parse it with orjson,
-answer ``{"predictions": ...}``), the same ~16 KB body (one 784-float row, as
+app whose router picks the handler. One run, one local Ray on loopback, one replica of each variant
+at a time behind HAProxy (Serve's direct ingress, nodewise's default, with nodewise's Serve switches:
+``nodewise.core.runtime.serve_environment``), the same handler in each (read the body, parse it with
+orjson, answer ``{"predictions": ...}``), the same ~16 KB body (one 784-float row, as
 ``serve_throughput.py`` sends), wrk closed-loop at each concurrency:
   dispatch    ``async def __call__(self, request)`` and a match on the path (what nodewise runs)
   starlette   ``@serve.ingress(Starlette(routes=[Route("/invocations", ...)]))``
@@ -20,10 +21,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import tempfile
 from pathlib import Path
+
+from starlette.requests import Request  # at module level: FastAPI resolves the handlers' annotations here
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -35,7 +39,6 @@ def variants() -> dict[str, object]:
     from fastapi import FastAPI
     from ray import serve
     from starlette.applications import Starlette
-    from starlette.requests import Request
     from starlette.responses import Response
     from starlette.routing import Route
 
@@ -79,10 +82,15 @@ def main() -> None:
     from ray import serve
 
     from benchmarks._load import run_wrk, wait_ready
+    from nodewise.core.runtime import serve_environment
+    from nodewise.core.settings import Settings
     from tasks.mpi.launcher import free_port
 
     body = json.dumps({"inputs": [[0.5] * 784]}).encode()
     temp = Path(tempfile.mkdtemp(prefix="nw-ingress-", dir="/tmp"))
+    settings = Settings(state_dir=temp / "state")
+    settings.state.haproxy.mkdir(parents=True, exist_ok=True)
+    os.environ.update(serve_environment(settings))  # read when Serve is imported, by every process
     port = free_port()
     results: dict[str, dict] = {}
     ray.init(num_cpus=2, include_dashboard=False, _temp_dir=str(temp), logging_level="ERROR")
