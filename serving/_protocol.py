@@ -38,18 +38,30 @@ def _parse_json(key: str, value: Any) -> Any:
     if key == "dataframe_split":
         if not isinstance(value, dict) or "data" not in value:
             raise BadRequest('"dataframe_split" must be an object with "columns" and "data"')
+        for part in ("columns", "index"):
+            labels = value.get(part)
+            if labels is not None and not (isinstance(labels, list) and all(map(_is_label, labels))):
+                raise BadRequest(f'"dataframe_split" {part} must be a list of names (strings or numbers)')
         try:
             return pd.DataFrame(value["data"], columns=value.get("columns"), index=value.get("index"))
-        except (ValueError, TypeError) as e:
+        except (ValueError, TypeError, OverflowError, pd.errors.InvalidIndexError) as e:
             raise BadRequest(f'"dataframe_split" does not form a table: {e}') from e
     if key == "dataframe_records":
         if not isinstance(value, list) or not all(isinstance(r, dict) for r in value):
             raise BadRequest('"dataframe_records" must be a list of objects, one per row')
-        return pd.DataFrame.from_records(value)
+        try:
+            return pd.DataFrame.from_records(value)
+        except (ValueError, TypeError, OverflowError) as e:
+            raise BadRequest(f'"dataframe_records" does not form a table: {e}') from e
     # "instances" and "inputs": a tensor, or a dict of named tensors.
     if isinstance(value, dict):
         return {name: _to_array(name, v) for name, v in value.items()}
     return _to_array(key, value)
+
+
+def _is_label(value: Any) -> bool:
+    """A column or row name: a string or a number (JSON's null, true and false too), never a list or object."""
+    return value is None or isinstance(value, str | int | float)
 
 
 def _to_array(name: str, value: Any) -> np.ndarray:

@@ -215,4 +215,6 @@ async def receive_body(request: Any, limit: int, timeout_s: float) -> bytes:
         raise ClientTimeout(f"the body did not arrive within {timeout_s:.0f} s ({size} bytes came)") from e
     except ClientDisconnect as e:
         raise ClientTimeout(f"the client left after {size} bytes of its body") from e
+    if declared is not None and declared.isdigit() and size < int(declared):  # it half-closed early
+        raise ClientTimeout(f"the body has {size} bytes, fewer than its Content-Length of {declared}")
     return b"".join(chunks)

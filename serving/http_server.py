@@ -42,7 +42,7 @@ class HttpServer:
         self.socket = socket.create_server((host, port), family=family)  # OSError: in use, no such address
         self.config = uvicorn.Config(
             app,
-            http="h11",  # the implementation whose header limit is a setting
+            http=half_close_h11(),  # h11: the implementation whose header limit is a setting
             lifespan="off",
             log_config=None,
             access_log=False,
@@ -85,3 +85,32 @@ class HttpServer:
     def server_close(self) -> None:
         """Close the listening socket (uvicorn closes it on shutdown too; closing twice is fine)."""
         self.socket.close()
+
+
+def half_close_h11() -> type:
+    """uvicorn's h11 protocol, except that a client that shuts its sending side (a half-close:
+    ``shutdown(SHUT_WR)``, ``curl``'s upload then wait, a proxy's ``option http-server-close``)
+    still gets its answer. uvicorn closes the connection on that EOF, so such a client got none.
+    Here the request's body ends at the EOF (one shorter than its Content-Length is a 408 from
+    ``errors.receive_body``), the app answers, and the connection closes after the answer; a head
+    cut short by the EOF gets uvicorn's 400."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HalfCloseH11Protocol(H11Protocol):
+        def eof_received(self) -> bool | None:
+            import h11
+
+            cycle = self.cycle
+            if cycle is None and self.conn.their_state is h11.IDLE and self.conn.trailing_data[0]:
+                self.conn.receive_data(b"")  # a head cut short: h11 calls it invalid, uvicorn answers 400
+                self.handle_events()
+                return True
+            if cycle is None or cycle.response_complete:
+                return None  # between requests: close, as uvicorn does
+            cycle.keep_alive = False  # the client sends no more: nothing to keep alive
+            if cycle.more_body:
+                cycle.more_body = False  # the body ends here; the app sees how long it is
+                cycle.message_event.set()
+            return True  # keep the connection open for the answer
+
+    return HalfCloseH11Protocol

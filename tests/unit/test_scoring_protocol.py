@@ -49,6 +49,11 @@ def test_csv() -> None:
         (body({"inputs": [1], "instances": [1]}), "application/json", "exactly one of the keys"),
         (body({"inputs": [[1, 2], [3]]}), "application/json", "not a rectangular array"),
         (body({"dataframe_split": [1, 2]}), "application/json", '"dataframe_split" must be an object'),
+        # found by benchmarks/fuzz.py (500s on both backends): names that are objects or lists
+        (body({"dataframe_split": {"data": [], "columns": [{"": None}, [1, 0.0]]}}), "application/json", "columns"),
+        (body({"dataframe_split": {"data": [], "columns": [{"a": None}, [None], {}]}}), "application/json", "names"),
+        (body({"dataframe_split": {"data": [[1]], "columns": ["a"], "index": [[0]]}}), "application/json", "index"),
+        (body({"dataframe_split": {"data": [[1]], "columns": "a"}}), "application/json", "list of names"),
     ],
 )
 def test_bad_bodies(raw: bytes, content_type: str, message: str) -> None:

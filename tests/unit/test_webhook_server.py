@@ -128,7 +128,7 @@ def test_a_body_over_the_limit_is_a_413_whether_announced_or_chunked(receiver: s
     assert httpx.get(f"{receiver}/health").status_code == 200
 
 
-def test_a_body_that_stalls_is_a_408_and_one_cut_short_leaves_the_server_serving(
+def test_a_body_that_stalls_or_is_cut_short_is_a_408_and_every_half_closed_client_is_answered(
     receiver: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(webhook_server, "BODY_TIMEOUT_S", 0.5)
@@ -137,8 +137,16 @@ def test_a_body_that_stalls_is_a_408_and_one_cut_short_leaves_the_server_serving
     stalled = raw_request(port, head + "Connection: close\r\n", b'{"entity"')
     assert stalled.startswith(b"HTTP/1.1 408 ")
     assert json.loads(stalled.split(b"\r\n\r\n", 1)[1])["error_code"] == "REQUEST_TIMEOUT"
-    cut = raw_request(port, head, b'{"entity"', half_close=True)  # the client left: nobody to answer
-    assert not cut.startswith(b"HTTP/1.1 5")
+    # a client that half-closes before the body it announced still gets an answer, at once
+    started = time.monotonic()
+    cut = raw_request(port, head, b'{"entity"', half_close=True)
+    assert cut.startswith(b"HTTP/1.1 408 ")
+    assert b"the body has 9 bytes, fewer than its Content-Length of 100" in cut
+    assert time.monotonic() - started < 0.5  # the EOF ended the body, not the body timeout
+    whole = b"{}"
+    sent = raw_request(port, f"POST /nope HTTP/1.1\r\nHost: x\r\nContent-Length: {len(whole)}\r\n", whole, True)
+    assert sent.startswith(b"HTTP/1.1 404 ")  # the whole body, then a half-close: answered too
+    assert raw_request(port, "POST /webhook HTTP/1.1\r\nHost: x", half_close=True).startswith(b"HTTP/1.1 400 ")
     assert httpx.get(f"{receiver}/health").status_code == 200
 
 
