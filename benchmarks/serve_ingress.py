@@ -13,11 +13,9 @@ orjson, answer ``{"predictions": ...}``), the same ~16 KB body (one 784-float ro
 Measured: requests/s, p50 and p99 per variant and concurrency, and each variant's req/s over
 dispatch's. The handler does no model work, so routing and the ASGI layers are what differ.
 
-Usage: .venv/bin/python benchmarks/serve_ingress.py [--seconds 10] [--concurrency 1,8,32]
+Usage: .venv/bin/python benchmarks/serve_ingress.py [--seconds 10] [--concurrency 1,8,32] [--only fastapi,...]
 (last line: one JSON object)
 """
-
-from __future__ import annotations
 
 import argparse
 import json
@@ -75,6 +73,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--concurrency", default="1,8,32")
+    parser.add_argument("--only", default="", help="comma-separated variants (default: all three)")
     args = parser.parse_args()
     concurrencies = [int(c) for c in args.concurrency.split(",")]
 
@@ -96,7 +95,10 @@ def main() -> None:
     ray.init(num_cpus=2, include_dashboard=False, _temp_dir=str(temp), logging_level="ERROR")
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
+        wanted = [v for v in args.only.split(",") if v]
         for name, deployment in variants().items():
+            if wanted and name not in wanted:
+                continue
             serve.run(deployment.bind(), name=name, route_prefix=f"/{name}")
             url = f"http://127.0.0.1:{port}/{name}/invocations"
             wait_ready(url, body, 120)
@@ -111,7 +113,7 @@ def main() -> None:
     ratios = {
         name: {c: round(r[c]["rps"] / results["dispatch"][c]["rps"], 3) for c in r}
         for name, r in results.items()
-        if name != "dispatch"
+        if name != "dispatch" and "dispatch" in results
     }
     print(json.dumps({"body_bytes": len(body), "servers": results, "rps_over_dispatch": ratios}))
 
