@@ -66,6 +66,7 @@ def sample(seq: Sequence, logits: torch.Tensor) -> int:
         ordered, order = torch.sort(scores, descending=True)
         cumulative = torch.softmax(ordered, dim=-1).cumsum(dim=-1)
         outside = cumulative - torch.softmax(ordered, dim=-1) >= params.top_p  # keep the first that crosses
+        outside[0] = False  # and always the likeliest: a top_p below float32's range (5e-324) is 0 here
         scores = scores.masked_fill(torch.zeros_like(outside).scatter(0, order, outside), -math.inf)
     probs = torch.softmax(scores, dim=-1)
     # checked here: multinomial on a GPU asserts on the device (every request then fails), not raises

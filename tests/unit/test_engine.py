@@ -370,3 +370,15 @@ def test_a_full_batch_blocks_what_waits_and_a_freed_slot_unblocks_it(model) -> N
     while first.finish_reason is None:
         engine.step()
     assert engine.blocked == 0  # a slot is free: the next step admits it
+
+
+def test_a_top_p_below_float32s_range_keeps_the_likeliest_token() -> None:
+    """Found by benchmarks/fuzz.py: top_p=5e-324 is 0 in float32, which masked every token (a 500)."""
+    from types import SimpleNamespace
+
+    from serving.sampling import sample
+
+    params = SamplingParams(max_tokens=1, temperature=99.0, top_p=5e-324, seed=1)
+    seq = SimpleNamespace(params=params, generator=torch.Generator().manual_seed(1))
+    logits = torch.tensor([0.5, 3.0, 1.0, -2.0])
+    assert {sample(seq, logits) for _ in range(5)} == {1}  # only the likeliest is left to draw
