@@ -42,10 +42,10 @@ class Frontend:
         self.view = view
         self.model: Any = None  # LanguageModel once loaded
         self.commands: queue.Queue[tuple[Command, Future[Any]]] = queue.Queue()
-        self.sequences: dict[str, Future[Any]] = {}  # the engine's requests by id, until they finish
         self.streams: dict[str, Any] = {}  # where each engine request's events go (put(event))
         self.engine: Any = None  # the step loop's engine (a fresh one after an error), for the metrics
         self.metrics: ServingMetrics | None = None
+        self._limits: tuple[Any, Limits] | None = None  # (the model it is for, its limits)
         if spec.metrics:
             self.metrics = ServingMetrics(spec.model_name, spec.model_version, "deepspeed_mpi", spec.latency_target_s)
             self.metrics.queued.set_function(self.commands.qsize)
@@ -73,14 +73,18 @@ class Frontend:
 
     @property
     def limits(self) -> Limits:
-        """What a request may ask of this deployment (the Ray Serve replica's ``Limits``)."""
+        """What a request may ask of this deployment (the Ray Serve replica's ``Limits``), worked out
+        once per loaded model: every request reads it."""
         model = self.model
-        return Limits.of(
-            self.spec,
-            max_positions=getattr(model, "max_positions", None),
-            vocab_size=getattr(model, "vocab_size", None),
-            tokens_in_flight=model.tokens_in_flight if self.batching else None,
-        )
+        if self._limits is None or self._limits[0] is not model:
+            limits = Limits.of(
+                self.spec,
+                max_positions=getattr(model, "max_positions", None),
+                vocab_size=getattr(model, "vocab_size", None),
+                tokens_in_flight=model.tokens_in_flight if self.batching else None,
+            )
+            self._limits = (model, limits)
+        return self._limits[1]
 
     # -- the step loop's work ------------------------------------------------------------
     async def run(self, work: Forward | Generate) -> tuple[Any, float]:
@@ -99,8 +103,7 @@ class Frontend:
         if self.metrics is not None:
             self.metrics.on_prompt(len(prompt))
         self.streams[request_id] = events
-        done: Future[Any] = Future()
-        self.commands.put((Add(request_id, tuple(int(t) for t in prompt), new_tokens, sampling), done))
+        self.commands.put((Add(request_id, tuple(int(t) for t in prompt), new_tokens, sampling), Future()))
 
     def cancel(self, request_id: str) -> None:
         """The client is gone: the request leaves the batch at the next step."""

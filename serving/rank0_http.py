@@ -36,6 +36,9 @@ from serving.metrics import UNCOUNTED, EngineLoad
 WHERE = "rank 0's log (nodewise logs APP)"
 _JSON = "application/json"
 _BODY_TIMEOUT_S = 30  # seconds a client may pause while sending a request (then 408)
+# Above this, an /invocations body is parsed on a worker thread so the event loop keeps answering
+# (/ping, streamed tokens) meanwhile; below it the thread hop costs more than the parse.
+_PARSE_ON_A_THREAD_BYTES = 256 * 1024
 
 
 class BroadcastEngineClient:
@@ -172,7 +175,10 @@ class Rank0App:
         """Token ids: one forward pass on every rank. Text prompts: each prompt and its greedy
         continuation, through the engine's route (``llm_routes.invocation_texts``) when it runs."""
         frontend = self.frontend
-        work = frontend.invocation(body, content_type)
+        if len(body) > _PARSE_ON_A_THREAD_BYTES:  # a large body is parsed off the event loop
+            work = await asyncio.to_thread(frontend.invocation, body, content_type)
+        else:
+            work = frontend.invocation(body, content_type)
         if isinstance(work, Forward):
             logits, compute_ms = await frontend.run(work)
             return _timed(encode_predictions(logits), compute_ms)

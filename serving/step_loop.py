@@ -2,22 +2,23 @@
 
 Rank 0 builds each step's ``Plan`` (``serving.messages``) from what its HTTP side queued
 (``Frontend.commands``); every rank receives it (one ``broadcast_object_list``), runs its piece of
-work and the same engine step, and rank 0 answers the requests that finished.
+work and the same engine step; rank 0's requests hear of theirs through their events.
 """
 
 from __future__ import annotations
 
+import logging
 import queue
 import time
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
 from serving.dist_env import DistEnv
-from serving.errors import GenerationFailed
 from serving.messages import (
     Add,
     Cancel,
     EndEvent,
+    ErrorEvent,
     FinishReason,
     Forward,
     Generate,
@@ -30,6 +31,8 @@ from serving.spec import DeepSpeedSpec
 if TYPE_CHECKING:
     from serving.rank0_frontend import Frontend
     from serving.rank_health import RankState
+
+log = logging.getLogger(__name__)
 
 
 def _step_loop(env: DistEnv, spec: DeepSpeedSpec, model: Any, state: RankState, frontend: Frontend | None) -> None:
@@ -85,9 +88,8 @@ def _plan(
     cancels: list[str] = []
     for command, future in _drain(frontend.commands, 0 if busy or held else tick_s):
         match command:
-            case Add(request_id):
-                adds.append(command)
-                frontend.sequences[request_id] = future
+            case Add():
+                adds.append(command)  # answered through its events (``frontend.streams``), not a future
             case Cancel(request_id):
                 cancels.append(request_id)
             case Forward() | Generate():
@@ -158,24 +160,15 @@ def _engine_step(
             if request_id in sequences:
                 sequences[request_id].cancel()
         engine.step()
-    except Exception as e:
-        for request_id, seq in list(sequences.items()):
+    except Exception:  # a whole step failed (not one sequence): every sequence in it ends with an error
+        log.exception("an engine step failed; its %d sequences end with an error", len(sequences))
+        for seq in sequences.values():
+            seq.events.put(ErrorEvent("the engine step failed; see rank 0's log"))
             seq.events.put(EndEvent(FinishReason.ERROR))
-            future = frontend.sequences.pop(request_id, None) if frontend is not None else None
-            if future is not None and not future.done():
-                future.set_exception(e)
         sequences.clear()
         return _engine(model)
     if frontend is not None:
         frontend.view.engine = {"running": engine.running, "waiting": engine.waiting, **engine.finished}
     for request_id in [r for r, seq in sequences.items() if seq.done]:
-        seq = sequences.pop(request_id)
-        future = frontend.sequences.pop(request_id, None) if frontend is not None else None
-        if future is not None and not future.done():
-            if seq.finish_reason is FinishReason.CANCELLED:
-                future.cancel()
-            elif seq.finish_reason is FinishReason.ERROR:  # this sequence alone: the others are answered as usual
-                future.set_exception(GenerationFailed(seq.error or f"{request_id} failed; see rank 0's log"))
-            else:
-                future.set_result((seq.tokens, ((seq.finished_at or 0) - seq.arrived) * 1000))
+        del sequences[request_id]  # its events, the last an EndEvent, told its reader how it ended
     return engine

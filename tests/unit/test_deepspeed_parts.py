@@ -118,7 +118,6 @@ def test_rank_0s_plan_takes_adds_and_cancels_and_one_piece_of_work_and_survives_
     plan, done = _plan(front, held, tick_s=0.01, busy=False)
     assert done is forward
     assert [type(w) for w, _ in held] == [Generate]
-    assert front.sequences == {"r1": added}
     sent = pickle.loads(pickle.dumps(plan))
     assert sent.adds == (Add("r1", (4, 5), 3, {"temperature": 0.5, "seed": 1}),)
     assert sent.cancels == ("r0",)
@@ -352,6 +351,17 @@ def test_any_request_is_an_answer_or_a_client_error(payload: dict, route: str) -
     status, text = post(_answering(), route, json.dumps(payload).encode())
     assert status in (200, 400)
     assert json.loads(text)
+
+
+@pytest.mark.parametrize("inputs", [[[1, 2, 3]], [[1, 99]]], ids=["answered", "refused"])
+def test_a_body_large_enough_to_be_parsed_off_the_event_loop_is_answered_alike(inputs: list) -> None:
+    """Above ``_PARSE_ON_A_THREAD_BYTES`` rank 0 parses ``/invocations`` on a worker thread: the
+    answer (or the 400) is the one a small body gets."""
+    from serving.rank0_http import _PARSE_ON_A_THREAD_BYTES
+
+    small = json.dumps({"inputs": inputs}).encode()
+    large = small[:-1] + b" " * _PARSE_ON_A_THREAD_BYTES + b"}"
+    assert post(_answering(), "/invocations", large) == post(_answering(), "/invocations", small)
 
 
 def test_a_prompt_with_a_lone_surrogate_is_a_bad_request(frontend: Frontend) -> None:

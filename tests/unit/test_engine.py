@@ -327,14 +327,13 @@ def test_a_temperature_below_1e_5_is_greedy(temperature: float, greedy: bool) ->
 
 
 def test_rank_0_answers_a_failed_sequence_with_its_reason_and_its_batch_mates_as_usual(model) -> None:
-    """DeepSpeed's step (serving/deepspeed_worker.py ``_engine_step``) on one rank: the request
-    whose scores went NaN gets ``GenerationFailed`` (a 500 with the engine's reason), the one beside
-    it its tokens, and the engine is kept (no fresh one: nothing else in the batch is lost)."""
-    from concurrent.futures import Future
+    """DeepSpeed's step (``serving/step_loop._engine_step``) on one rank: the request whose scores
+    went NaN gets an ``ErrorEvent`` with the engine's reason and ends with ERROR, the one beside it
+    its tokens, and the engine is kept (no fresh one: nothing else in the batch is lost)."""
+    import queue
 
     from serving.deepspeed_worker import ClusterView, Frontend, _engine_step
-    from serving.errors import GenerationFailed, error_response
-    from serving.messages import Add
+    from serving.messages import Add, EndEvent, ErrorEvent, FinishReason, TokenEvent
     from serving.spec import DeepSpeedSpec
 
     marker, healthy = poisoned_cases(model)
@@ -346,17 +345,20 @@ def test_rank_0_answers_a_failed_sequence_with_its_reason_and_its_batch_mates_as
     engine = Engine(Faulty(model, marker), max_tokens_in_flight=4096)
     (prompt, max_tokens), sequences = healthy[0], {}
     adds = (Add("r1", tuple(prompt), max_tokens), Add("r2", (4, 5, marker), 6, {"temperature": 8.1e-296}))
-    futures = {add.request_id: frontend.sequences.setdefault(add.request_id, Future()) for add in adds}
+    events = {add.request_id: frontend.streams.setdefault(add.request_id, queue.SimpleQueue()) for add in adds}
     while adds or sequences:
         assert _engine_step(engine, None, sequences, adds, (), frontend) is engine
         adds = ()
-    assert futures["r1"].result(timeout=0)[0] == alone(model, prompt, max_tokens)
-    with pytest.raises(GenerationFailed, match="r2 failed at token 1: the model's next-token scores hold NaN"):
-        futures["r2"].result(timeout=0)
-    status, body = error_response(futures["r2"].exception())
-    assert status == 500
-    assert b"it ended alone, the rest of its batch was not affected" in body
+    seen = {r: [q.get_nowait() for _ in range(q.qsize())] for r, q in events.items()}
+    assert [e.token for e in seen["r1"] if isinstance(e, TokenEvent)] == alone(model, prompt, max_tokens)
+    assert seen["r1"][-1] == EndEvent(FinishReason.LENGTH)
+    assert seen["r2"][-2:] == [
+        ErrorEvent("r2 failed at token 1: the model's next-token scores hold NaN or +inf; it ended alone, "
+                   "the rest of its batch was not affected"),
+        EndEvent(FinishReason.ERROR),
+    ]  # fmt: skip
     assert frontend.view.engine["error"] == 1
+    assert frontend.streams == {}  # each stream was handed to its sequence
 
 
 def test_a_full_batch_blocks_what_waits_and_a_freed_slot_unblocks_it(model) -> None:
@@ -382,3 +384,35 @@ def test_a_top_p_below_float32s_range_keeps_the_likeliest_token() -> None:
     seq = SimpleNamespace(params=params, generator=torch.Generator().manual_seed(1))
     logits = torch.tensor([0.5, 3.0, 1.0, -2.0])
     assert {sample(seq, logits) for _ in range(5)} == {1}  # only the likeliest is left to draw
+
+
+def test_a_step_that_fails_as_a_whole_ends_each_of_its_sequences_with_an_error_and_a_fresh_engine(model) -> None:
+    """``_engine_step`` when the step itself raises (not one sequence's scores): every sequence in it
+    is told why and ends with ERROR, and the step loop goes on with a fresh engine."""
+    import queue
+
+    from serving.deepspeed_worker import ClusterView, Frontend, _engine_step
+    from serving.messages import Add, EndEvent, ErrorEvent, FinishReason
+    from serving.spec import DeepSpeedSpec
+
+    class Broken(Engine):
+        def step(self) -> None:
+            raise RuntimeError("out of memory")
+
+    spec = DeepSpeedSpec(
+        app_name="lm", model_uri="models:/lm/1", model_name="lm", model_version="1", tracking_uri="sqlite:///x.db",
+        registry_uri="sqlite:///x.db", flavor="transformers", tp_size=1,
+    )  # fmt: skip
+    frontend = Frontend(spec, ClusterView(spec, world_size=1))
+    fresh = Engine(model, max_tokens_in_flight=4096)
+    owner = type("Model", (), {"engine": lambda self: fresh})()
+    adds = (Add("a", (4, 5, 6), 3), Add("b", (7, 8), 3))
+    events = {add.request_id: frontend.streams.setdefault(add.request_id, queue.SimpleQueue()) for add in adds}
+    sequences: dict = {}
+    assert _engine_step(Broken(model, max_tokens_in_flight=4096), owner, sequences, adds, (), frontend) is fresh
+    for q in events.values():
+        assert [q.get_nowait() for _ in range(q.qsize())] == [
+            ErrorEvent("the engine step failed; see rank 0's log"),
+            EndEvent(FinishReason.ERROR),
+        ]
+    assert sequences == {}
