@@ -35,7 +35,7 @@ from serving.metrics import BY_NAME, CONTENT_TYPE
 
 GENERATION = frozenset({"/generate", "/v1/completions", "/v1/chat/completions"})
 CUT = (httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError, httpx.WriteError, httpx.ConnectTimeout)
-FRONT_ROUTES = frozenset({"/front", "/metrics"})
+PROBES = frozenset({"/ping", "/health"})
 
 
 @dataclass(frozen=True)
@@ -249,6 +249,8 @@ class Front:
     async def handle(self, request: Request) -> Response:
         await self.start()
         path = request.url.path
+        if path in PROBES and not self.hold.ready.is_set():  # a health check is answered, not held
+            return _error(NotReady(f"the front holds requests: {self.hold.why}"))
         body, payload, safe = prepare(path, request.method, await request.body())
         deadline = time.monotonic() + self.config.hold_timeout_s
         try:

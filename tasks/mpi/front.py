@@ -1,0 +1,156 @@
+"""A DeepSpeed deployment's front process (serving/front.py): started with the group, kept across
+the watchdog's restarts of it, stopped by ``nodewise down``.
+
+Recorded in ``<state>/deepspeed/<app>/front.json`` (pid, ports, endpoint); its output goes to
+``front.log`` beside mpirun's. The front listens on the deployment's port (``deepspeed.port``,
+loopback when the ranks are local) and rank 0 moves to a port of its own (``deepspeed.rank0_port``,
+else a free port chosen once and kept, so a restarted group answers where the front expects it).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from nodewise.core.errors import ClusterUnavailable
+from nodewise.core.procs import free_port, port_open, session_members, stop_processes
+from nodewise.core.runtime import SOURCE_ROOT
+from nodewise.core.settings import Settings
+from nodewise.core.state import read_json, write_json
+from serving.spec import DeepSpeedSpec
+
+FRONT_FILE = "front.json"
+START_TIMEOUT_S = 20.0
+
+
+class FrontProcess(BaseModel):
+    """What was started for one app's front, as recorded in ``front.json``."""
+
+    app_name: str
+    pid: int  # leads a session of its own
+    host: str
+    port: int
+    upstream: str  # rank 0's address
+    endpoint: str
+    log_path: str
+
+
+def _folder(settings: Settings, app_name: str) -> Path:
+    return settings.state.deepspeed_job(app_name)
+
+
+def read_front(settings: Settings, app_name: str) -> FrontProcess | None:
+    path = _folder(settings, app_name) / FRONT_FILE
+    return FrontProcess.model_validate(read_json(path)) if path.exists() else None
+
+
+def rank0_port(settings: Settings, app_name: str) -> int:
+    """Rank 0's port behind the front: the setting, else the one this app's front already uses, else a free one."""
+    if settings.deepspeed.rank0_port:
+        return settings.deepspeed.rank0_port
+    front = read_front(settings, app_name)
+    if front is not None:
+        return int(front.upstream.rsplit(":", 1)[1])
+    return free_port()
+
+
+def behind_front(spec: DeepSpeedSpec, settings: Settings) -> DeepSpeedSpec:
+    """The spec with rank 0 on its own port when the deployment has a front (the same spec otherwise)."""
+    if not settings.deepspeed.front:
+        return spec
+    return spec.model_copy(update={"port": rank0_port(settings, spec.app_name)})
+
+
+def ensure_front(settings: Settings, app_name: str, host: str, upstream: str) -> FrontProcess:
+    """The app's front, running and proxying to ``upstream``: the one already there, else a new one.
+
+    Raises:
+        ClusterUnavailable: the deployment's port is taken, or the front did not start.
+    """
+    front = read_front(settings, app_name)
+    if front is not None and front.upstream == upstream and _alive(front):
+        return front
+    stop_front(settings, app_name)
+    ds = settings.deepspeed
+    if port_open("127.0.0.1", ds.port):
+        raise ClusterUnavailable(
+            f"port {ds.port} (the deployment's endpoint) is already in use by something else; set "
+            "NODEWISE_DEEPSPEED__PORT to a free port"
+        )
+    folder = _folder(settings, app_name)
+    log_path = folder / "front.log"
+    command = [sys.executable, "-m", "serving.front", "--upstream", upstream, "--host", host]
+    command += ["--port", str(ds.port), "--app", app_name]
+    command += ["--hold-timeout-s", str(ds.hold_timeout_s), "--max-held", str(ds.max_held)]
+    env = _environment()
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+    url_host = "127.0.0.1" if host in ("127.0.0.1", "0.0.0.0") else host
+    front = FrontProcess(
+        app_name=app_name,
+        pid=process.pid,
+        host=host,
+        port=ds.port,
+        upstream=upstream,
+        endpoint=f"http://{url_host}:{ds.port}",
+        log_path=str(log_path),
+    )
+    _wait_listening(process, front)
+    write_json(folder / FRONT_FILE, front.model_dump())
+    return front
+
+
+def _environment() -> dict[str, str]:
+    import os
+
+    path = os.pathsep.join(p for p in (str(SOURCE_ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path}
+
+
+def _wait_listening(process: subprocess.Popen[bytes], front: FrontProcess) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while not port_open("127.0.0.1", front.port):
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            last = Path(front.log_path).read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
+            raise ClusterUnavailable(f"the deployment's front did not start on port {front.port}: {last[0][:300]}")
+        time.sleep(0.05)
+
+
+def _alive(front: FrontProcess) -> bool:
+    return bool(session_members(front.pid))
+
+
+def stop_front(settings: Settings, app_name: str) -> list[str]:
+    """Stop the app's front (idempotent); returns what was done."""
+    front = read_front(settings, app_name)
+    if front is None:
+        return []
+    stopped = stop_processes(lambda: session_members(front.pid), settings.deepspeed.stop_grace_s)
+    (_folder(settings, app_name) / FRONT_FILE).unlink(missing_ok=True)
+    return [f"stopped the front of {app_name} (port {front.port})"] if stopped else []
+
+
+def front_state(front: FrontProcess, timeout_s: float = 1.0) -> dict[str, Any] | None:
+    """The front's ``GET /front`` (what it holds), None if it does not answer."""
+    import httpx
+
+    try:
+        return httpx.get(f"{front.endpoint}/front", timeout=timeout_s).json()
+    except (httpx.HTTPError, ValueError):
+        return None
+
+
+def hold_line(state: dict[str, Any]) -> str | None:
+    """``holding 12 requests: group restarting, 9 s`` while the front holds, None while it serves."""
+    if state.get("ready"):
+        return None
+    why = str(state.get("why") or "group not ready").split(" (", 1)[0]
+    return f"holding {state.get('held', 0)} requests: {why}, {float(state.get('down_for_s', 0)):.0f} s"
