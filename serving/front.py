@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import random
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -30,6 +29,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from serving import protocol
 from serving.errors import NotReady, ProtocolError, UpstreamFailed, error_body
 from serving.metrics import BY_NAME, CONTENT_TYPE
 
@@ -92,7 +92,8 @@ class FrontMetrics:
 def prepare(path: str, method: str, body: bytes) -> tuple[bytes, dict[str, Any] | None, bool]:
     """(the body to send, its JSON object if a generation, whether repeating it is safe).
 
-    A sampled generation without a seed gets one, so sending it again draws the same tokens."""
+    A sampled generation without a seed (``protocol.is_sampled``, the rule rank 0 draws its own
+    seed by) gets one here, so sending it again draws the same tokens."""
     if method in ("GET", "HEAD") or path == "/invocations":
         return body, None, True
     if path not in GENERATION:
@@ -103,14 +104,17 @@ def prepare(path: str, method: str, body: bytes) -> tuple[bytes, dict[str, Any] 
         return body, None, False  # rank 0 answers the 400
     if not isinstance(payload, dict):
         return body, None, False
-    temperature = payload.get("temperature")
-    sampled = isinstance(temperature, int | float) and not isinstance(temperature, bool) and temperature >= 1e-5
-    if path != "/generate" and temperature is None:
-        sampled = True  # OpenAI's default temperature is 1
-    if sampled and payload.get("seed") is None:
-        payload["seed"] = random.getrandbits(62)
+    temperature, top_k = payload.get("temperature"), payload.get("top_k")
+    if not (_number(temperature) and (top_k is None or _number(top_k))):
+        return body, payload, True  # greedy (no temperature), or a 400 from rank 0: the same answer again
+    if protocol.is_sampled(temperature, top_k) and payload.get("seed") is None:
+        payload["seed"] = protocol.draw_seed()
         body = json.dumps(payload).encode()
     return body, payload, True
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 class Front:

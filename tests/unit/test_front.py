@@ -197,7 +197,13 @@ def test_a_sampled_generation_without_a_seed_gets_one_and_others_are_left_as_the
     body, _, safe = prepare("/v1/completions", "POST", b'{"prompt": "a", "seed": 5}')
     assert safe
     assert json.loads(body)["seed"] == 5
-    _, payload, _ = prepare("/v1/completions", "POST", b'{"prompt": "a"}')  # OpenAI's default is sampled
+    _, payload, _ = prepare("/v1/completions", "POST", b'{"prompt": "a"}')  # nodewise's default is greedy
+    assert "seed" not in payload
+    _, payload, _ = prepare("/v1/chat/completions", "POST", b'{"messages": [], "temperature": 1, "top_k": 1}')
+    assert "seed" not in payload  # top_k 1 is greedy whatever the temperature (protocol.is_sampled)
+    _, payload, _ = prepare("/v1/completions", "POST", b'{"prompt": "a", "temperature": 1e-6}')
+    assert "seed" not in payload  # below protocol.GREEDY_BELOW
+    _, payload, _ = prepare("/v1/completions", "POST", b'{"prompt": "a", "temperature": 0.7, "top_k": 40}')
     assert isinstance(payload["seed"], int)
     assert prepare("/custom", "POST", b"{}")[2] is False
     assert prepare("/invocations", "POST", b"{}")[2] is True
