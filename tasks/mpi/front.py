@@ -22,7 +22,6 @@ from nodewise.core.procs import free_port, port_open, session_members, stop_proc
 from nodewise.core.runtime import SOURCE_ROOT
 from nodewise.core.settings import Settings
 from nodewise.core.state import read_json, write_json
-from serving.spec import DeepSpeedSpec
 
 FRONT_FILE = "front.json"
 START_TIMEOUT_S = 20.0
@@ -57,13 +56,6 @@ def rank0_port(settings: Settings, app_name: str) -> int:
     if front is not None:
         return int(front.upstream.rsplit(":", 1)[1])
     return free_port()
-
-
-def behind_front(spec: DeepSpeedSpec, settings: Settings) -> DeepSpeedSpec:
-    """The spec with rank 0 on its own port when the deployment has a front (the same spec otherwise)."""
-    if not settings.deepspeed.front:
-        return spec
-    return spec.model_copy(update={"port": rank0_port(settings, spec.app_name)})
 
 
 def ensure_front(settings: Settings, app_name: str, host: str, upstream: str) -> FrontProcess:
