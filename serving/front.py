@@ -31,11 +31,16 @@ from starlette.routing import Route
 
 from serving import protocol
 from serving.errors import NotReady, ProtocolError, UpstreamFailed, error_body
+from serving.http_server import HttpLimits
 from serving.metrics import BY_NAME, CONTENT_TYPE
 
 GENERATION = frozenset({"/generate", "/v1/completions", "/v1/chat/completions"})
 CUT = (httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError, httpx.WriteError, httpx.ConnectTimeout)
 PROBES = frozenset({"/ping", "/health"})
+# Rank 0's uvicorn answers 503 past its connection limit (HttpLimits().max_connections, its
+# default), and the ranks' heartbeats, the watchdog's canary and the front's own probes share it:
+# the front's requests keep a quarter of it free (more wait in the front's pool).
+UPSTREAM_CONNECTIONS = HttpLimits().max_connections * 3 // 4
 
 
 @dataclass(frozen=True)
@@ -125,6 +130,7 @@ class Front:
         self.hold = Hold()
         self.metrics = FrontMetrics(config.app)
         self.client: httpx.AsyncClient | None = None
+        self.probe: httpx.AsyncClient | None = None  # /health and /metrics, never queued behind requests
         self._poller: asyncio.Task[None] | None = None
 
     # -- readiness ---------------------------------------------------------------------------
@@ -133,17 +139,20 @@ class Front:
         runs without lifespan events)."""
         if self.client is not None:
             return
-        limits = httpx.Limits(max_connections=512, max_keepalive_connections=64)
+        limits = httpx.Limits(max_connections=UPSTREAM_CONNECTIONS, max_keepalive_connections=UPSTREAM_CONNECTIONS)
         timeout = httpx.Timeout(self.config.request_timeout_s, connect=2.0)
         self.client = httpx.AsyncClient(base_url=self.config.upstream, timeout=timeout, limits=limits)
+        probe = httpx.Limits(max_connections=2, max_keepalive_connections=2)
+        self.probe = httpx.AsyncClient(base_url=self.config.upstream, timeout=2.0, limits=probe)
         self._mark(await self._readiness())  # the first request does not wait for the poller
         self._poller = asyncio.create_task(self._poll())
 
     async def stop(self) -> None:
         if self._poller is not None:
             self._poller.cancel()
-        if self.client is not None:
-            await self.client.aclose()
+        for client in (self.client, self.probe):
+            if client is not None:
+                await client.aclose()
 
     def down(self, why: str) -> None:
         """The group stopped answering: new requests wait from now on."""
@@ -167,9 +176,9 @@ class Front:
             self.down(why)
 
     async def _readiness(self) -> str | None:
-        assert self.client is not None
+        assert self.probe is not None
         try:
-            response = await self.client.get("/health", timeout=2.0)
+            response = await self.probe.get("/health")
         except httpx.HTTPError as e:
             return f"group restarting (rank 0 does not answer: {type(e).__name__})"
         try:
@@ -235,8 +244,11 @@ class Front:
                 self._cut(e, safe)
                 continue
             if response.status_code == 503:
-                await response.aclose()  # rank 0 not ready: nothing was done, send again
-                self.down("group starting (rank 0 answered 503)")
+                await response.aread()
+                await response.aclose()
+                if not _not_ready(response):  # rank 0 busy (its connection limit) or its own /health: passed on
+                    return response
+                self.down("group starting (rank 0 answered 503 NOT_READY)")  # nothing was done: send again
                 self.metrics.retries.inc()
                 continue
             return response
@@ -367,6 +379,20 @@ class StreamProgress:
         return json.dumps(rest).encode()
 
 
+def _not_ready(response: httpx.Response) -> bool:
+    """A 503 that is rank 0's ``NotReady`` (``NOT_READY`` in its error body, or ``not_ready`` in
+    OpenAI's), not uvicorn's connection limit."""
+    try:
+        body = response.json()
+    except ValueError:
+        return False
+    if not isinstance(body, dict):
+        return False
+    inner = body.get("error")
+    code = body.get("error_code") or (inner.get("code") if isinstance(inner, dict) else None)
+    return str(code).upper() == NotReady.code
+
+
 def _headers(request: Request) -> dict[str, str]:
     skip = {"host", "content-length", "connection", "transfer-encoding"}
     return {k: v for k, v in request.headers.items() if k.lower() not in skip}
@@ -398,9 +424,9 @@ def build_app(front: Front) -> Starlette:
     async def metrics(request: Request) -> Response:
         own = front.metrics.exposition()
         await front.start()
-        assert front.client is not None
+        assert front.probe is not None
         try:
-            upstream = await front.client.get("/metrics", timeout=2.0)
+            upstream = await front.probe.get("/metrics")
             rest = upstream.content if upstream.status_code == 200 else b""
         except httpx.HTTPError:
             rest = b""  # the group is down: the front's own counters still answer

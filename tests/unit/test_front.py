@@ -14,7 +14,7 @@ import httpx
 import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, StreamingResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from serving.front import Front, FrontConfig, build_app, prepare
@@ -33,12 +33,15 @@ class Upstream:
         self.server: HttpServer | None = None
         self.cut_after: int | None = None  # the next stream dies after this many tokens
         self.seen: list[dict[str, Any]] = []
+        self.unavailable: list[bytes] = []  # 503 bodies /invocations answers first, one per request
 
     def app(self) -> Starlette:
         async def health(request: Request) -> JSONResponse:
             return JSONResponse({"ready": True, "problems": []})
 
-        async def invocations(request: Request) -> JSONResponse:
+        async def invocations(request: Request) -> Response:
+            if self.unavailable:
+                return Response(self.unavailable.pop(0), 503)
             return JSONResponse({"predictions": (await request.json())["inputs"]})
 
         async def generate(request: Request) -> Any:
@@ -228,3 +231,18 @@ def test_a_request_not_safe_to_repeat_ends_with_a_502(front: tuple[str, Front]) 
     assert answer.status_code == 502
     assert answer.json()["error_code"] == "BAD_GATEWAY"
     assert "could give another answer" in answer.json()["message"]
+
+
+def test_rank_0_not_ready_is_sent_again_and_rank_0_busy_is_passed_on(
+    upstream: Upstream, front: tuple[str, Front]
+) -> None:
+    url, _ = front
+    upstream.unavailable = [b'{"error_code": "NOT_READY", "message": "rank 1: loading"}']
+    answer = httpx.post(f"{url}/invocations", json={"inputs": [[4]]}, timeout=10)
+    assert (answer.status_code, answer.json()) == (200, {"predictions": [[4]]})  # held, then sent again
+    assert _counter(url, "nodewise_front_retries_total") == 1
+    upstream.unavailable = [b"Service Unavailable"]  # uvicorn past its connection limit: not a restart
+    answer = httpx.post(f"{url}/invocations", json={"inputs": [[4]]}, timeout=10)
+    assert (answer.status_code, answer.text) == (503, "Service Unavailable")
+    assert httpx.get(f"{url}/front", timeout=5).json()["ready"] is True
+    assert _counter(url, "nodewise_front_retries_total") == 1
