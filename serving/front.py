@@ -1,14 +1,15 @@
 """A DeepSpeed deployment's front: the address users call, which outlives the group behind it.
 
-``python -m serving.front --upstream http://127.0.0.1:PORT --port PORT [--app NAME]`` proxies
-every request to rank 0 (httpx). While rank 0 is not ready (connection refused,
+``python -m serving.front --upstream http://127.0.0.1:PORT --port PORT [--app NAME] [--record
+PATH]`` proxies every request to rank 0 (httpx). While rank 0 is not ready (connection refused,
 or its ``/health`` not ready) new requests wait in a bounded hold for at most ``hold_timeout_s``
 (then 503 with ``Retry-After``; a full hold is a 503 at once) and go on when the group is ready
 again. A request cut by the group's death is sent again when repeating gives the same answer:
 scoring (``/invocations``), GETs, and generation that is greedy or seeded (a sampled request
 without a seed gets one here). A ``/generate`` stream cut midway is sent again as its prompt plus
-the token ids already sent, and the client's stream goes on where it stopped. ``GET /front``
-says what the front holds; ``GET /metrics`` is the front's counters followed by rank 0's metrics.
+the token ids already sent, and the client's stream goes on where it stopped. With ``--record``
+(the group's record) rank 0's address follows it across restarts. ``GET /front`` says what the
+front holds; ``GET /metrics`` is the front's counters followed by rank 0's metrics.
 
 This module is the request path and the app; the hold and repeat policy is ``front_hold.py``,
 rank 0's address, clients and readiness ``front_upstream.py``, a stream's continuation
@@ -66,7 +67,7 @@ class Front:
         """One whole exchange with rank 0, waiting and repeating as the group allows."""
         while True:
             await self.hold.wait_ready(deadline)
-            client = self.upstream.client
+            client = self.upstream.client  # read at each try: a restart may have moved rank 0
             assert client is not None
             try:
                 upstream = client.build_request(
@@ -83,6 +84,11 @@ class Front:
                 continue
             except CUT as e:
                 self._cut(e, safe)
+                continue
+            except RuntimeError:  # the client was closed under it: rank 0 moved (Upstream._move)
+                if client is self.upstream.client:
+                    raise
+                self.metrics.retries.inc()
                 continue
             if response.status_code == 503:
                 await response.aread()
@@ -199,7 +205,7 @@ def build_app(front: Front) -> Starlette:
         try:
             upstream = await probe.get("/metrics")
             rest = upstream.content if upstream.status_code == 200 else b""
-        except httpx.HTTPError:
+        except (httpx.HTTPError, RuntimeError):  # RuntimeError: a client closed as rank 0 moved
             rest = b""  # the group is down: the front's own counters still answer
         return Response(own + rest, media_type=CONTENT_TYPE)
 
@@ -224,6 +230,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--app", default="app")
     parser.add_argument("--hold-timeout-s", type=float, default=60.0)
     parser.add_argument("--max-held", type=int, default=256)
+    parser.add_argument("--record", default=None, help="the group's record: its 'endpoint' is rank 0's address now")
     args = parser.parse_args(argv)
     if args.hold_timeout_s <= 0 or args.max_held < 1:
         print(
@@ -232,7 +239,7 @@ def main(argv: list[str]) -> int:
             file=sys.stderr,
         )
         return 2
-    config = FrontConfig(args.upstream.rstrip("/"), args.app, args.hold_timeout_s, args.max_held)
+    config = FrontConfig(args.upstream.rstrip("/"), args.app, args.hold_timeout_s, args.max_held, record=args.record)
     try:
         server = HttpServer(build_app(Front(config)), args.host, args.port, HttpLimits(max_connections=1024))
     except OSError as e:

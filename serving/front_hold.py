@@ -31,6 +31,7 @@ class FrontConfig:
     max_held: int = 256  # requests waiting at once; past it, 503 at once
     poll_s: float = 0.25  # how often rank 0's readiness is read while it is down
     request_timeout_s: float = 300.0  # one upstream exchange (a whole answer, or between two stream events)
+    record: str | None = None  # a JSON file whose "endpoint" is rank 0's address now (the group's record)
 
 
 class HoldExpired(NotReady):

@@ -28,8 +28,9 @@ class Upstream:
     """A stand-in for rank 0 on a fixed port: /health, /invocations, a streamed /generate that can
     be told to die after some tokens, and /echo; ``stop()`` and ``start()`` as a restart does."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, host: str = "127.0.0.1") -> None:
         self.port = port
+        self.host = host
         self.server: HttpServer | None = None
         self.cut_after: int | None = None  # the next stream dies after this many tokens
         self.seen: list[dict[str, Any]] = []
@@ -74,7 +75,7 @@ class Upstream:
         raise RuntimeError("the group died")
 
     def start(self) -> None:
-        self.server = HttpServer(self.app(), "127.0.0.1", self.port, HttpLimits(graceful_s=1))
+        self.server = HttpServer(self.app(), self.host, self.port, HttpLimits(graceful_s=1))
         self.server.start_in_thread()
 
     def stop(self) -> None:
@@ -246,3 +247,38 @@ def test_rank_0_not_ready_is_sent_again_and_rank_0_busy_is_passed_on(
     assert (answer.status_code, answer.text) == (503, "Service Unavailable")
     assert httpx.get(f"{url}/front", timeout=5).json()["ready"] is True
     assert _counter(url, "nodewise_front_retries_total") == 1
+
+
+def test_a_restart_that_moves_rank_0_to_another_host_is_followed_from_the_groups_record(tmp_path: Any) -> None:
+    old = Upstream(free_port_block(1))
+    old.start()
+    record = tmp_path / "cluster.json"  # the group's record, as tasks/mpi/launcher.py writes it
+    record.write_text(json.dumps({"endpoint": f"http://127.0.0.1:{old.port}", "hosts": ["a", "b"]}))
+    front = Front(FrontConfig(f"http://127.0.0.1:{old.port}", app="t", poll_s=0.05, record=str(record)))
+    server = HttpServer(build_app(front), "127.0.0.1", 0)
+    server.start_in_thread()
+    url = f"http://127.0.0.1:{server.port}"
+    moved = Upstream(old.port, host="127.0.0.2")  # rank 0's port is kept; its host is the spare's
+    try:
+        assert httpx.post(f"{url}/invocations", json={"inputs": [[1]]}, timeout=10).status_code == 200
+        old.stop()  # the group dies; the watchdog relaunches it with rank 0 on another host
+        answers: list[httpx.Response] = []
+        client = threading.Thread(
+            target=lambda: answers.append(httpx.post(f"{url}/invocations", json={"inputs": [[6]]}, timeout=30))
+        )
+        client.start()
+        time.sleep(0.5)
+        assert httpx.get(f"{url}/front", timeout=5).json()["held"] == 1
+        moved.start()
+        record.write_text(json.dumps({"endpoint": f"http://127.0.0.2:{old.port}", "hosts": ["c", "b"]}))
+        client.join(30)
+        assert (answers[0].status_code, answers[0].json()) == (200, {"predictions": [[6]]})  # held, then sent there
+        state = httpx.get(f"{url}/front", timeout=5).json()
+        assert (state["upstream"], state["ready"]) == (f"http://127.0.0.2:{old.port}", True)
+        assert httpx.post(f"{url}/invocations", json={"inputs": [[7]]}, timeout=10).json() == {"predictions": [[7]]}
+        record.unlink()  # a stop removes the record: the front keeps the last address it had
+        time.sleep(0.2)
+        assert httpx.get(f"{url}/front", timeout=5).json()["upstream"] == f"http://127.0.0.2:{old.port}"
+    finally:
+        server.shutdown()
+        moved.stop()
