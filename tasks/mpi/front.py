@@ -9,11 +9,13 @@ else a free port chosen once and kept, so a restarted group answers where the fr
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel
 
@@ -22,6 +24,7 @@ from nodewise.core.procs import free_port, port_open, session_members, stop_proc
 from nodewise.core.runtime import SOURCE_ROOT
 from nodewise.core.settings import Settings
 from nodewise.core.state import read_json, write_json
+from serving.dist_env import is_local_host, route_source
 
 FRONT_FILE = "front.json"
 START_TIMEOUT_S = 20.0
@@ -35,7 +38,7 @@ class FrontProcess(BaseModel):
     host: str
     port: int
     upstream: str  # rank 0's address
-    endpoint: str
+    endpoint: str  # what users call: an address of this machine that reaches the front
     log_path: str
 
 
@@ -84,19 +87,43 @@ def ensure_front(settings: Settings, app_name: str, host: str, upstream: str) ->
         process = subprocess.Popen(
             command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
         )
-    url_host = "127.0.0.1" if host in ("127.0.0.1", "0.0.0.0") else host
     front = FrontProcess(
         app_name=app_name,
         pid=process.pid,
         host=host,
         port=ds.port,
         upstream=upstream,
-        endpoint=f"http://{url_host}:{ds.port}",
+        endpoint=f"http://{endpoint_host(host, upstream)}:{ds.port}",
         log_path=str(log_path),
     )
     _wait_listening(process, front)
     write_json(folder / FRONT_FILE, front.model_dump())
     return front
+
+
+def endpoint_host(bind: str, upstream: str) -> str:
+    """The address users reach a front listening on ``bind`` at, rank 0 being at ``upstream``.
+
+    As rank 0's endpoint was chosen before the front (tasks/mpi/launcher.py: loopback when the
+    ranks are local, else rank 0's host): loopback for a loopback bind; the bind itself when it
+    names one address; for a wildcard bind, this machine as the hosts see it: rank 0's host if it
+    is this machine, else this machine's address on the route to it (the network the ranks share;
+    never loopback, which no other machine can use), else this machine's name.
+    """
+    if _loopback(bind):
+        return "127.0.0.1"
+    if bind not in ("0.0.0.0", "::", ""):
+        return bind
+    rank0 = urlsplit(upstream).hostname or ""
+    if is_local_host(rank0):
+        found: str | None = rank0
+    else:
+        found = route_source(rank0) if rank0 else None
+    return found if found and not _loopback(found) else socket.getfqdn()
+
+
+def _loopback(host: str) -> bool:
+    return host.startswith("127.") or host in ("localhost", "::1")
 
 
 def _environment() -> dict[str, str]:
