@@ -5,6 +5,8 @@ Recorded in ``<state>/deepspeed/<app>/front.json`` (pid, ports, endpoint); its o
 ``front.log`` beside mpirun's. The front listens on the deployment's port (``deepspeed.port``,
 loopback when the ranks are local) and rank 0 moves to a port of its own (``deepspeed.rank0_port``,
 else a free port chosen once and kept, so a restarted group answers where the front expects it).
+The front reads rank 0's address from the group's record (``cluster.json``) as it changes: a
+restart that puts rank 0 on a spare host is followed without restarting the front.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from nodewise.core.state import read_json, write_json
 from serving.dist_env import is_local_host, route_source
 
 FRONT_FILE = "front.json"
+CLUSTER_FILE = "cluster.json"  # the group's record (tasks/mpi/launcher.py): its endpoint is rank 0's address
 START_TIMEOUT_S = 20.0
 
 
@@ -37,9 +40,10 @@ class FrontProcess(BaseModel):
     pid: int  # leads a session of its own
     host: str
     port: int
-    upstream: str  # rank 0's address
+    upstream: str  # rank 0's address (the front follows the group's record when a restart moves it)
     endpoint: str  # what users call: an address of this machine that reaches the front
     log_path: str
+    record: str | None = None  # the group's record it follows (a front started without one is replaced)
 
 
 def _folder(settings: Settings, app_name: str) -> Path:
@@ -68,8 +72,13 @@ def ensure_front(settings: Settings, app_name: str, host: str, upstream: str) ->
         ClusterUnavailable: the deployment's port is taken, or the front did not start.
     """
     front = read_front(settings, app_name)
-    if front is not None and front.upstream == upstream and _alive(front):
-        return front
+    if (
+        front is not None
+        and (front.host, front.port) == (host, settings.deepspeed.port)
+        and front.record
+        and _alive(front)
+    ):
+        return follow(settings, app_name, upstream) or front  # it reads rank 0's new address from the record
     stop_front(settings, app_name)
     ds = settings.deepspeed
     if port_open("127.0.0.1", ds.port):
@@ -82,6 +91,8 @@ def ensure_front(settings: Settings, app_name: str, host: str, upstream: str) ->
     command = [sys.executable, "-m", "serving.front", "--upstream", upstream, "--host", host]
     command += ["--port", str(ds.port), "--app", app_name]
     command += ["--hold-timeout-s", str(ds.hold_timeout_s), "--max-held", str(ds.max_held)]
+    record = folder / CLUSTER_FILE
+    command += ["--record", str(record)]
     env = _environment()
     with open(log_path, "ab") as log:
         process = subprocess.Popen(
@@ -95,6 +106,7 @@ def ensure_front(settings: Settings, app_name: str, host: str, upstream: str) ->
         upstream=upstream,
         endpoint=f"http://{endpoint_host(host, upstream)}:{ds.port}",
         log_path=str(log_path),
+        record=str(record),
     )
     _wait_listening(process, front)
     write_json(folder / FRONT_FILE, front.model_dump())
@@ -124,6 +136,18 @@ def endpoint_host(bind: str, upstream: str) -> str:
 
 def _loopback(host: str) -> bool:
     return host.startswith("127.") or host in ("localhost", "::1")
+
+
+def follow(settings: Settings, app_name: str, upstream: str) -> FrontProcess | None:
+    """Note rank 0's new address in ``front.json`` (the front itself reads it from the group's
+    record); returns the updated record, None without a front."""
+    front = read_front(settings, app_name)
+    if front is None:
+        return None
+    if front.upstream != upstream:
+        front = front.model_copy(update={"upstream": upstream})
+        write_json(_folder(settings, app_name) / FRONT_FILE, front.model_dump())
+    return front
 
 
 def _environment() -> dict[str, str]:
