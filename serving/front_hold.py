@@ -138,7 +138,7 @@ def prepare(path: str, method: str, body: bytes) -> tuple[bytes, dict[str, Any] 
         return body, None, False
     try:
         payload = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested past Python's parser (fuzzing found it)
         return body, None, False  # rank 0 answers the 400
     if not isinstance(payload, dict):
         return body, None, False
@@ -160,7 +160,7 @@ def not_ready(response: httpx.Response) -> bool:
     OpenAI's), not uvicorn's connection limit: nothing was done, so it is sent again."""
     try:
         body = response.json()
-    except ValueError:
+    except (ValueError, RecursionError):
         return False
     if not isinstance(body, dict):
         return False

@@ -210,6 +210,8 @@ def test_a_sampled_generation_without_a_seed_gets_one_and_others_are_left_as_the
     _, payload, _ = prepare("/v1/completions", "POST", b'{"prompt": "a", "temperature": 0.7, "top_k": 40}')
     assert isinstance(payload["seed"], int)
     assert prepare("/custom", "POST", b"{}")[2] is False
+    deep = b"[" * 100_000 + b"]" * 100_000  # past json's recursion limit: passed on as it is, rank 0's 400
+    assert prepare("/generate", "POST", deep) == (deep, None, False)
     assert prepare("/invocations", "POST", b"{}")[2] is True
 
 
