@@ -87,9 +87,11 @@ def _deploy_serve(
             outcome += f"; version {previous.model_version} keeps serving on DeepSpeed"
         raise DeployFailed(f"{e} (rolled back: {outcome})") from e
     if on_deepspeed:  # the model moved to one node: its multi-node job goes once the replicas answer
+        from tasks.mpi.front import stop_front
         from tasks.mpi.launcher import stop_cluster
 
         stop_cluster(settings, spec.app_name)
+        stop_front(settings, spec.app_name)
     print(
         f"{model.pinned_uri} serves at {endpoint}: smoke test {'matched the model' if smoke.compared else 'answered'}"
     )

@@ -28,7 +28,7 @@ from prometheus_client.registry import Collector
 disable_created_metrics()  # no ``_created`` series: half the series, and nothing a dashboard reads
 
 Kind = Literal["counter", "gauge", "histogram"]
-Scope = Literal["serving", "llm", "gateway", "control"]
+Scope = Literal["serving", "llm", "gateway", "control", "front"]
 
 
 @dataclass(frozen=True)
@@ -159,6 +159,28 @@ SCHEMA: tuple[MetricDef, ...] = (
         "How long the last promotion's deploy took.",
         "control",
     ),
+)
+SCHEMA += (
+    # a DeepSpeed deployment's front (serving/front.py), which outlives its group
+    MetricDef("nodewise_front_holds_total", "counter", ("app",), "Requests held while the group was down.", "front"),
+    MetricDef(
+        "nodewise_front_retries_total", "counter", ("app",), "Requests sent again after the group died.", "front"
+    ),
+    MetricDef(
+        "nodewise_front_streams_continued_total",
+        "counter",
+        ("app",),
+        "Streams cut by a restart and continued on the new group.",
+        "front",
+    ),
+    MetricDef(
+        "nodewise_front_hold_timeouts_total",
+        "counter",
+        ("app", "reason"),
+        "Requests answered 503 by the front: held past hold_timeout_s (timeout) or the queue full (full).",
+        "front",
+    ),
+    MetricDef("nodewise_front_held", "gauge", ("app",), "Requests held now, waiting for the group.", "front"),
 )
 BY_NAME = {m.name: m for m in SCHEMA}
 

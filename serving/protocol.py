@@ -72,6 +72,17 @@ TokenIds = Annotated[list[TokenId], Field(min_length=1)]
 _GREEDY = f"0 (the default) and anything below {GREEDY_BELOW:g} are greedy"
 
 
+def is_sampled(temperature: float | None, top_k: int | None) -> bool:
+    """Whether a request draws its tokens at random (so only a seed makes it repeatable): a
+    temperature of ``GREEDY_BELOW`` or more (none sent is 0, greedy) and a ``top_k`` other than 1."""
+    return (temperature or 0) >= GREEDY_BELOW and top_k != 1
+
+
+def draw_seed() -> int:
+    """The seed a sampled request without one gets (within ``Seed``'s range)."""
+    return random.getrandbits(62)
+
+
 class InvalidParameter(BadRequest):
     """A 400 that names the request field at fault (OpenAI's ``param``)."""
 
@@ -118,7 +129,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature < GREEDY_BELOW or self.top_k == 1
+        return not is_sampled(self.temperature, self.top_k)
 
 
 # -- requests ---------------------------------------------------------------------------------
@@ -146,9 +157,8 @@ class _Sampled(_Request):
     @model_validator(mode="after")
     def _draw_seed(self) -> Any:
         """A sampled request without a seed gets one here, so every rank of a cluster draws alike."""
-        sampled = (self.temperature or 0) >= GREEDY_BELOW and self.top_k != 1
-        if sampled and self.seed is None:
-            self.seed = random.getrandbits(62)
+        if is_sampled(self.temperature, self.top_k) and self.seed is None:
+            self.seed = draw_seed()
         return self
 
     @property

@@ -276,7 +276,8 @@ def _where(row: dict[str, Any]) -> str:
     """Where a deployment's ranks or replicas run, for `nodewise status`."""
     if row.get("rank_hosts"):
         spares = f"; spare {', '.join(row['spare_hosts'])}" if row.get("spare_hosts") else ""
-        return f"; ranks on {', '.join(row['rank_hosts'])}{spares}"
+        front = f"; front: {row['front']}" if row.get("front") else ""  # "holding 12 requests: ..., 9 s"
+        return f"; ranks on {', '.join(row['rank_hosts'])}{spares}{front}"
     if row.get("replica_nodes"):
         return "; replicas on " + ", ".join(f"{r['node']} ({r['state'].lower()})" for r in row["replica_nodes"])
     return ""

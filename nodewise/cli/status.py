@@ -150,8 +150,17 @@ def _where_ranks_run(settings: Settings, app_name: str) -> dict[str, Any]:
         "rank_hosts": [h for h in placement.hosts for _ in range(placement.ranks_per_host)],
         "spare_hosts": placement.spares,
     }
+    from tasks.mpi.front import front_state, hold_line, read_front
+
     cluster = read_cluster(settings, app_name)
-    if cluster is not None:
+    front = read_front(settings, app_name)
+    if front is not None:  # users call the front, which outlives the group; rank 0 sits behind it
+        where["endpoint"] = front.endpoint
+        state = front_state(front)
+        where["front"] = (hold_line(state) or "serving") if state is not None else "not answering"
+        if cluster is not None:
+            where["rank0_endpoint"] = cluster.endpoint
+    elif cluster is not None:
         where["endpoint"] = cluster.endpoint
     return where
 
@@ -161,12 +170,14 @@ def stop_everything(settings: Settings) -> list[str]:
 
     Returns what was done.
     """
+    from tasks.mpi.front import stop_front
     from tasks.mpi.launcher import launched_apps, stop_cluster
 
     done = []
     records = load_records(settings.state.records)
     for name in sorted(launched_apps(settings) | {n for n, r in records.items() if r.backend == "deepspeed_mpi"}):
         done.extend(stop_cluster(settings, name))
+        done.extend(stop_front(settings, name))  # the front outlives restarts, not a stop
     records = {n: r for n, r in records.items() if r.backend != "deepspeed_mpi"}
     if settings.ray.address:
         if records:

@@ -278,7 +278,19 @@ class ServeSettings(_Section):
 class DeepSpeedSettings(_Section):
     """The multi-node backend: DeepSpeed tensor parallelism over ranks that mpirun starts."""
 
-    port: PositiveInt = Field(default=8100, le=65535, description="HTTP port of rank 0 (the endpoint).")
+    port: PositiveInt = Field(
+        default=8100, le=65535, description="The endpoint's port: the front's (serving/front.py), else rank 0's."
+    )
+    front: bool = Field(
+        default=True, description="A front that outlives the group holds and repeats requests across its restarts."
+    )
+    rank0_port: PositiveInt | None = Field(
+        default=None, le=65535, description="Rank 0's own port behind the front. Default: a free port, kept."
+    )
+    hold_timeout_s: PositiveFloat = Field(
+        default=60.0, description="Longest the front holds a request while the group is down (then 503)."
+    )
+    max_held: PositiveInt = Field(default=256, description="Requests the front holds at once; past it, 503 at once.")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         default="auto", description="Weights dtype on the ranks. auto: float32 on CPU, float16 on GPU."
     )

@@ -15,11 +15,12 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from nodewise.core.errors import DeployFailed, UnsupportedModel
+from nodewise.core.errors import ClusterUnavailable, DeployFailed, UnsupportedModel
 from nodewise.core.settings import Settings, SmokeSettings
 from serving.autotp import architecture_refusal, uneven_heads
 from serving.dist_env import is_local_host
 from serving.spec import DeepSpeedSpec, redact_uri
+from tasks.mpi.front import ensure_front, rank0_port, stop_front
 from tasks.mpi.launcher import Placement, choose_hosts, launch, read_cluster, stop_cluster, wait_ready
 from tasks.planning.placement import PlacementPlan
 from tasks.planning.registry import ResolvedModel, artifact_file, load_input_example
@@ -63,7 +64,7 @@ def build_deepspeed_spec(model: ResolvedModel, plan: PlacementPlan, settings: Se
         device="cuda" if gpu else "cpu",
         dtype=dtype,
         host="127.0.0.1" if local else "0.0.0.0",
-        port=ds.port,
+        port=rank0_port(settings, app_name_for(model.name)) if ds.front else ds.port,  # the front takes ds.port
         torch_threads=plan.torch_threads,
         heartbeat_s=ds.heartbeat_s,
         heartbeat_timeout_s=ds.heartbeat_timeout_s,
@@ -121,7 +122,8 @@ def deploy_cluster(
     cluster = launch(spec, hosts, plan.devices_per_node, settings, spares=spares)
     try:
         wait_ready(cluster, settings.deepspeed.ready_timeout_s)
-        return cluster.endpoint, check(cluster.endpoint)
+        endpoint = _front_endpoint(settings, spec, cluster.endpoint)
+        return endpoint, check(endpoint)
     except DeployFailed as e:
         stop_cluster(settings, spec.app_name)
         outcome = "nothing served before"
@@ -133,7 +135,19 @@ def deploy_cluster(
             except DeployFailed as again:
                 stop_cluster(settings, spec.app_name)
                 outcome = f"version {previous_spec.model_version} did not come back either: {again}"
+        if previous is None:
+            stop_front(settings, spec.app_name)
         raise DeployFailed(f"{e} (rolled back: {outcome})") from e
+
+
+def _front_endpoint(settings: Settings, spec: DeepSpeedSpec, rank0: str) -> str:
+    """What users call: the front, which outlives the group (tasks/mpi/front.py); rank 0 without one."""
+    if not settings.deepspeed.front:
+        return rank0
+    try:
+        return ensure_front(settings, spec.app_name, spec.host, rank0).endpoint
+    except ClusterUnavailable as e:
+        raise DeployFailed(str(e)) from e
 
 
 def probe_ids(model: ResolvedModel, spec: DeepSpeedSpec) -> np.ndarray:

@@ -145,13 +145,18 @@ def check_deepspeed(settings: Settings, record: DeploymentRecord) -> str | None:
 
 def restart_deepspeed(settings: Settings, record: DeploymentRecord) -> tuple[float, list[str]]:
     """Stop every rank, relaunch all with a fresh rendezvous port (a host that is down replaced by a
-    spare), wait until every rank is ready. Returns the seconds it took and the hosts it runs on."""
+    spare), wait until every rank is ready. Returns the seconds it took and the hosts it runs on.
+
+    The front (when there is one) reads rank 0's address from the new group's record, wherever
+    rank 0 now runs; its own record notes it too."""
     from serving.spec import DeepSpeedSpec
+    from tasks.mpi.front import follow
     from tasks.mpi.launcher import relaunch, wait_ready
 
     started = time.monotonic()
     cluster = relaunch(settings, record.app_name, DeepSpeedSpec.model_validate(record.spec))
     wait_ready(cluster, settings.deepspeed.ready_timeout_s)
+    follow(settings, record.app_name, cluster.endpoint)
     return time.monotonic() - started, cluster.hosts
 
 

@@ -120,7 +120,17 @@ def test_ranks_on_two_hosts_cooperate_and_answer_like_the_whole_model(
 
     h0, h1, h2 = lan.addresses
     assert deployed.backend == "deepspeed_mpi"
-    assert deployed.endpoint.startswith(f"http://{h0}:")  # rank 0 answers on its host's address
+    from tasks.mpi.front import read_front
+    from tasks.mpi.launcher import read_cluster
+
+    rank0 = read_cluster(settings, deployed.app_name).endpoint
+    assert rank0.startswith(f"http://{h0}:")  # rank 0 answers on its host's address
+    front = read_front(settings, deployed.app_name)
+    assert front is not None
+    assert (deployed.endpoint, front.upstream) == (front.endpoint, rank0)  # users call the front, rank 0 behind it
+    # the front listens on every interface of the control machine: recorded at its address on the
+    # hosts' network (the route to rank 0), which a client elsewhere can use, never loopback
+    assert deployed.endpoint == f"http://{lan.this_host}:{settings.deepspeed.port}"
     ranks = _ranks(deployed.endpoint)
     assert [(r["rank"], r["host"]) for r in ranks] == [(0, h0), (1, h1)]  # heartbeats from each host
     assert [_host_of(lan, r["pid"]) for r in ranks] == [h0, h1]  # each rank is a process on its host

@@ -288,7 +288,12 @@ def test_spec_from_a_multi_node_plan(tmp_path: Path) -> None:
         "cpu",
         "float32",
     )
-    assert (built.host, built.port, built.max_new_tokens) == ("127.0.0.1", 8200, 64)
+    assert (built.host, built.max_new_tokens) == ("127.0.0.1", 64)
+    assert built.port != 8200  # the front takes the endpoint's port (8200); rank 0 gets a free one of its own
+    alone = Settings(state_dir=tmp_path, deepspeed={"port": 8200, "front": False})
+    assert build_deepspeed_spec(model, plan, alone).port == 8200  # no front: rank 0 is the endpoint
+    pinned = Settings(state_dir=tmp_path, deepspeed={"port": 8200, "rank0_port": 8301})
+    assert build_deepspeed_spec(model, plan, pinned).port == 8301
 
     (tmp_path / "model" / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     with pytest.raises(UnsupportedModel, match=r"\(gpt2\) needs 2 tensor-parallel ranks, but DeepSpeed AutoTP"):

@@ -1,0 +1,110 @@
+"""The front of a real DeepSpeed deployment (serving/front.py, tasks/mpi/front.py): a rank killed
+with SIGKILL under a steady client, the watchdog restarts the whole group, and no request safe to
+repeat fails; a greedy stream cut by the restart goes on with the text of an undisturbed run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from nodewise.core.settings import Settings
+from tests.integration.conftest import module_settings
+from tests.support.lm import deploy_on_two_ranks, register_tiny_llama
+from tests.support.load import LoadClient
+
+IDS = [5, 17, 33, 60, 2, 9]
+NEW_TOKENS = 96
+
+
+@pytest.fixture(scope="module")
+def settings(prefect_harness: None) -> Iterator[Settings]:
+    yield from module_settings(
+        deepspeed={"ready_timeout_s": 400, "heartbeat_timeout_s": 5},
+        watchdog={"max_restarts": 3, "window_s": 600, "backoff_s": 0, "canary_timeout_s": 10},
+    )
+
+
+@pytest.fixture(scope="module")
+def deployed(settings: Settings) -> Any:
+    return deploy_on_two_ranks(settings, register_tiny_llama(settings, "front-tests"))
+
+
+def _stream(endpoint: str, chunks: list[dict[str, Any]], first_token: threading.Event | None = None) -> None:
+    """A streamed greedy generation through the front, its chunks kept as they come."""
+    body = {"input_ids": [IDS], "max_new_tokens": NEW_TOKENS, "stream": True}
+    with httpx.stream("POST", f"{endpoint}/generate", json=body, timeout=120) as response:
+        assert response.status_code == 200, response.read()
+        for line in response.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                chunks.append(json.loads(line.removeprefix("data: ")))
+                if first_token is not None and len(chunks) >= 3:
+                    first_token.set()
+                    time.sleep(0.02)  # a slow reader: the kill lands mid-stream
+
+
+def _text(chunks: list[dict[str, Any]]) -> tuple[list[int], str]:
+    return [c["token_id"] for c in chunks if "token_id" in c], "".join(c.get("text", "") for c in chunks)
+
+
+def test_the_endpoint_is_the_front_and_rank_0_has_a_port_of_its_own(settings: Settings, deployed: Any) -> None:
+    from tasks.mpi.front import read_front
+    from tasks.mpi.launcher import read_cluster
+
+    front, cluster = read_front(settings, deployed.app_name), read_cluster(settings, deployed.app_name)
+    assert deployed.endpoint == front.endpoint == f"http://127.0.0.1:{settings.deepspeed.port}"
+    assert cluster.port != settings.deepspeed.port
+    assert front.upstream == cluster.endpoint
+    assert httpx.get(f"{deployed.endpoint}/front", timeout=5).json()["ready"] is True
+
+
+def test_a_killed_rank_fails_no_safe_request_and_the_stream_goes_on(settings: Settings, deployed: Any) -> None:
+    from tasks.mpi.launcher import exit_code, read_cluster
+    from tasks.watchdog.engine import watch_once
+    from tests.support.lm import rank_pids
+
+    undisturbed: list[dict[str, Any]] = []
+    _stream(deployed.endpoint, undisturbed)
+    whole = json.dumps({"input_ids": [IDS], "max_new_tokens": 8}).encode()
+    cut: list[dict[str, Any]] = []
+    started = threading.Event()
+    reader = threading.Thread(target=_stream, args=(deployed.endpoint, cut, started))
+    with LoadClient(f"{deployed.endpoint}/generate", whole, workers=2, timeout_s=120) as load:
+        time.sleep(1.0)
+        reader.start()
+        assert started.wait(60)
+        os.kill(rank_pids(read_cluster(settings, deployed.app_name).endpoint)[1], signal.SIGKILL)
+        cluster = read_cluster(settings, deployed.app_name)
+        deadline = time.monotonic() + 30
+        while exit_code(cluster) is None:
+            assert time.monotonic() < deadline, "mpirun did not stop after a rank was killed"
+            time.sleep(0.2)
+        [action] = watch_once(settings)
+        assert action.outcome == "every rank ready"
+        reader.join(120)
+        time.sleep(1.0)
+    failed = [o for o in load.log if not o.ok]
+    assert failed == [], failed[:3]
+    assert len(load.log) > 4
+    assert _text(cut) == _text(undisturbed)
+    metrics = httpx.get(f"{deployed.endpoint}/metrics", timeout=5).text
+    assert f'nodewise_front_streams_continued_total{{app="{deployed.app_name}"}} 1.0' in metrics
+    assert cut[-1]["usage"]["completion_tokens"] == NEW_TOKENS
+
+
+def test_status_shows_the_front_and_down_stops_it(settings: Settings, deployed: Any) -> None:
+    from nodewise.cli.status import deployment_status, stop_everything
+    from nodewise.core.procs import port_open
+
+    [row] = [r for r in deployment_status(settings)["deployments"] if r["app"] == deployed.app_name]
+    assert row["front"] == "serving"
+    assert row["endpoint"] == deployed.endpoint
+    stop_everything(settings)
+    assert not port_open("127.0.0.1", settings.deepspeed.port)
