@@ -113,7 +113,11 @@ class Front:
         await self.start()
         path = request.url.path
         if path in PROBES and not self.hold.ready.is_set():  # a health check is answered, not held
-            return _error(NotReady(f"the front holds requests: {self.hold.why}"))
+            self.hold.mark(await self.upstream.readiness())  # asked now: the poller may not have looked yet
+            if not self.hold.ready.is_set():  # rank 0's own shape, so a client reads it alike
+                problems = [f"the front holds requests: {self.hold.why}"]
+                headers = {"x-nodewise-front": "1", "Retry-After": "5"}
+                return JSONResponse({"ready": False, "problems": problems}, 503, headers=headers)
         body, payload, safe = prepare(path, request.method, await request.body())
         deadline = time.monotonic() + self.config.hold_timeout_s
         try:

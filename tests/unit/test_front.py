@@ -174,6 +174,30 @@ def test_a_request_held_past_the_timeout_is_a_503_with_retry_after(
     assert _counter(url, "nodewise_front_hold_timeouts_total") == 1
 
 
+def test_a_health_check_while_the_front_holds_asks_rank_0_now_and_keeps_rank_0s_shape(upstream: Upstream) -> None:
+    """/health during a hold: rank 0's shape (ready, problems) with 503 while the group is down, and
+    rank 0's own ready answer as soon as it is back, without waiting for the poller (which here
+    would not look for 30 s): the watchdog's "every rank ready" and the front agree at once."""
+    front = Front(FrontConfig(f"http://127.0.0.1:{upstream.port}", app="t", poll_s=30, hold_timeout_s=0.5))
+    server = HttpServer(build_app(front), "127.0.0.1", 0)
+    server.start_in_thread()
+    url = f"http://127.0.0.1:{server.port}"
+    try:
+        assert httpx.get(f"{url}/health", timeout=10).json() == {"ready": True, "problems": []}
+        upstream.stop()
+        assert httpx.post(f"{url}/invocations", json={"inputs": [[1]]}, timeout=30).status_code == 503  # held, expired
+        down = httpx.get(f"{url}/health", timeout=10)
+        assert (down.status_code, down.headers["retry-after"], down.json()["ready"]) == (503, "5", False)
+        [problem] = down.json()["problems"]
+        assert problem.startswith("the front holds requests: group restarting")
+        upstream.start()
+        back = httpx.get(f"{url}/health", timeout=10)
+        assert (back.status_code, back.json()) == (200, {"ready": True, "problems": []})
+        assert httpx.get(f"{url}/front", timeout=5).json()["ready"] is True
+    finally:
+        server.shutdown()
+
+
 @pytest.mark.parametrize("front", [{"hold_timeout_s": 3.0, "max_held": 1}], indirect=True)
 def test_a_full_hold_answers_503_at_once(upstream: Upstream, front: tuple[str, Front]) -> None:
     url, _ = front
