@@ -48,6 +48,14 @@ def settings(prefect_harness: None) -> Iterator[Settings]:
     yield from module_settings()
 
 
+# A two-rank DeepSpeed deployment the watchdog restarts (test_watchdog_deepspeed, test_front_deepspeed):
+# a slow first start allowed, a silent rank noticed in 5 s, restarts without backoff, 3 in 10 min.
+RESTARTED_DEEPSPEED: dict[str, dict[str, object]] = {
+    "deepspeed": {"ready_timeout_s": 400, "heartbeat_timeout_s": 5},
+    "watchdog": {"max_restarts": 3, "window_s": 600, "backoff_s": 0, "canary_timeout_s": 10},
+}
+
+
 def module_settings(**overrides: object) -> Iterator[Settings]:
     """Settings for one module (see ``settings``); a module overrides that fixture with its own values."""
     saved = dict(os.environ)

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from nodewise.core.settings import Settings
-from tests.integration.conftest import module_settings
+from tests.integration.conftest import RESTARTED_DEEPSPEED, module_settings
 from tests.support.lm import deploy_on_two_ranks, rank_pids, register_tiny_llama
 
 IDS = [[5, 17, 33, 60, 2, 9]]
@@ -29,10 +29,7 @@ IDS = [[5, 17, 33, 60, 2, 9]]
 
 @pytest.fixture(scope="module")
 def settings(prefect_harness: None) -> Iterator[Settings]:
-    yield from module_settings(
-        deepspeed={"ready_timeout_s": 400, "heartbeat_timeout_s": 5},
-        watchdog={"max_restarts": 3, "window_s": 600, "backoff_s": 0, "canary_timeout_s": 10},
-    )
+    yield from module_settings(**RESTARTED_DEEPSPEED)
 
 
 @pytest.fixture(scope="module")
