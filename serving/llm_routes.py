@@ -17,7 +17,7 @@ import asyncio
 import itertools
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,7 +31,6 @@ from serving.messages import EndEvent, ErrorEvent, Event, TokenEvent
 
 _JSON = "application/json"
 _SSE = "text/event-stream"
-_END = object()
 _IDS = itertools.count()
 
 
@@ -69,11 +68,12 @@ async def events(
     if front.on_prompt is not None:
         front.on_prompt(len(prompt))
     source = front.client.generate(prompt, params, request_id)
-    deadline = time.monotonic() + front.request_timeout_s
+    deadline = asyncio.get_running_loop().time() + front.request_timeout_s
     try:
         while True:
-            try:
-                event = await asyncio.wait_for(anext(source), max(0.001, deadline - time.monotonic()))
+            try:  # a timer, not wait_for's task per token
+                async with asyncio.timeout_at(deadline):
+                    event = await anext(source)
             except TimeoutError:
                 front.client.cancel(request_id)
                 raise RequestTimeout(f"no token within {front.request_timeout_s:.0f} s") from None
@@ -99,22 +99,12 @@ async def results(front: LLMFront, prompts: list[list[int]], params: SamplingPar
             task.cancel()
 
 
-def _sync(source: AsyncIterator[Any], loop: asyncio.AbstractEventLoop) -> Iterator[Any]:
-    """An async iterator read from another thread, one item at a time on ``loop``."""
-
-    async def step() -> Any:
-        return await anext(source, _END)
-
-    while (item := asyncio.run_coroutine_threadsafe(step(), loop).result()) is not _END:
-        yield item
-
-
-async def _off_loop(chunks: Iterator[bytes], on_close: Callable[[], None]) -> AsyncIterator[bytes]:
-    """A blocking generator's chunks, each made on a worker thread; ``on_close`` when it ends or
-    its reader leaves (the host cancels this generator), which frees the sequence's slot."""
+async def _closing(chunks: AsyncIterator[bytes], on_close: Callable[[], None]) -> AsyncIterator[bytes]:
+    """``chunks``, then ``on_close`` when they end or their reader leaves (the host cancels this
+    generator), which frees the sequence's slot at once rather than when the generators are collected."""
     try:
-        while (chunk := await asyncio.to_thread(next, chunks, _END)) is not _END:
-            yield chunk  # type: ignore[misc]
+        async for chunk in chunks:
+            yield chunk
     finally:
         on_close()
 
@@ -136,10 +126,9 @@ async def _openai(front: LLMFront, kind: Any, request: Request) -> Response:
         params = SamplingParams(max_tokens=parsed.max_tokens, **parsed.sampling)
         if parsed.stream:
             request_id = _request_id()
-            source = _sync(events(front, parsed.prompts[0], params, request_id), asyncio.get_running_loop())
-            chunks = openai_api.stream(parsed, source, front.decode)
-            body = _off_loop(chunks, lambda: front.client.cancel(request_id))
-            return StreamingResponse(body, media_type=_SSE)
+            source = events(front, parsed.prompts[0], params, request_id)
+            chunks = _closing(openai_api.stream(parsed, source, front.decode), lambda: front.client.cancel(request_id))
+            return StreamingResponse(chunks, media_type=_SSE)
         answers = await results(front, parsed.prompts, params)
         return Response(encode_json(openai_api.response(parsed, answers, front.decode)), media_type=_JSON)
     except Exception as e:  # OpenAI's error shape on its routes

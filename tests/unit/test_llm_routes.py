@@ -143,3 +143,38 @@ async def _until(condition) -> bool:
     while not condition():
         await asyncio.sleep(0.01)
     return True
+
+
+class StalledEngine:
+    """An engine client that takes a request and never answers it (a stand-in: no real engine stalls
+    on demand); it records what was cancelled."""
+
+    max_tokens_in_flight = 1024
+
+    def __init__(self) -> None:
+        self.cancelled: list[str] = []
+
+    async def generate(self, prompt, params, request_id):
+        await asyncio.Event().wait()
+        yield  # pragma: no cover
+
+    def cancel(self, request_id: str) -> None:
+        self.cancelled.append(request_id)
+
+    def check_ready(self) -> None:
+        pass
+
+
+def test_a_request_past_its_timeout_is_cancelled_with_a_504_or_a_timeout_event(served) -> None:
+    tokenizer = served[3]
+    stalled = StalledEngine()
+    limits = Limits("tiny", 8, 32, 8, max_positions=128, vocab_size=tokenizer.vocab_size, tokens_in_flight=1024)
+    asgi = app(LLMFront(stalled, tokenizer, limits, request_timeout_s=0.3, max_request_bytes=1 << 20))
+    whole = post(asgi, "/v1/completions", {"model": "tiny", "prompt": "hi", "max_tokens": 3})
+    assert whole.status_code == 504, whole.text
+    assert "no token within" in whole.json()["error"]["message"]
+    streamed = post(asgi, "/v1/completions", {"model": "tiny", "prompt": "hi", "max_tokens": 3, "stream": True})
+    assert streamed.status_code == 200
+    last = json.loads(streamed.text.strip().split("\n\n")[-1].removeprefix("data: "))
+    assert last["error"]["code"] == "timeout"
+    assert len(stalled.cancelled) >= 2  # each request left the (stalled) engine

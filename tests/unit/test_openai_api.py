@@ -11,6 +11,7 @@ from serving import openai_api
 from serving.errors import GenerationFailed, NotReady, RequestTimeout, encode_json
 from serving.messages import EndEvent, ErrorEvent, FinishReason, TokenEvent
 from serving.openai_api import InvalidParameter, Limits, ModelNotFound, TextStream, parse_request
+from tests.unit.factories import streamed
 
 LIMITS = Limits(model="m", default_max_tokens=16, max_new_tokens=64, max_prompts=4, max_positions=128, vocab_size=98)
 
@@ -133,7 +134,7 @@ def test_a_stream_is_chunks_then_the_finish_then_usage_then_done(tokenizer) -> N
     )
     ids = tokenizer("ok")["input_ids"]
     events = iter([TokenEvent(ids[0]), TokenEvent(ids[1]), EndEvent(FinishReason.LENGTH)])
-    lines = [c.decode() for c in openai_api.stream(request, events, decode_with(tokenizer))]
+    lines = streamed(request, events, decode_with(tokenizer))
     assert lines[-1] == "data: [DONE]\n\n"
     chunks = [json.loads(line[len("data: ") :]) for line in lines[:-1]]
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
@@ -175,8 +176,8 @@ def test_a_finish_reason_reaches_the_client_as_the_word_openai_uses(tokenizer, r
     assert body["choices"][0]["finish_reason"] == said
     assert body["choices"][0]["text"] == "ok"
     chat = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
-    streamed = parse_request("chat", chat, LIMITS, tokenizer)
-    lines = [c.decode() for c in openai_api.stream(streamed, iter(events), decode_with(tokenizer))]
+    chat_request = parse_request("chat", chat, LIMITS, tokenizer)
+    lines = streamed(chat_request, iter(events), decode_with(tokenizer))
     chunks = [json.loads(line[len("data: ") :]) for line in lines[:-1]]
     assert [c["choices"][0]["finish_reason"] for c in chunks] == [None] * (len(chunks) - 1) + [said]
 
@@ -197,6 +198,6 @@ def test_a_sequence_the_engine_failed_is_a_500_with_its_reason_in_openais_shape(
         "code": "generation_failed",
     }
     request = parse_request("completion", {"prompt": "hi", "stream": True}, LIMITS, tokenizer)
-    lines = [c.decode() for c in openai_api.stream(request, iter(failed), decode_with(tokenizer))]
+    lines = streamed(request, iter(failed), decode_with(tokenizer))
     assert json.loads(lines[-1][len("data: ") :])["error"]["message"] == reason
     assert "[DONE]" not in lines[-1]

@@ -23,6 +23,7 @@ from serving.protocol import (
     parse_generate,
     validate,
 )
+from tests.unit.factories import streamed
 
 LIMITS = openai_api.Limits(model="m", default_max_tokens=8, max_new_tokens=64, max_prompts=4, max_positions=128)
 
@@ -157,7 +158,7 @@ def test_the_answers_are_what_the_body_models_describe(tokenizer) -> None:
         answer.model_validate(openai_api.response(request, [(ids, FinishReason.STOP)], decode))
         request.include_usage = True
         events = iter([*(TokenEvent(t) for t in ids), EndEvent(FinishReason.LENGTH)])
-        lines = [line.decode() for line in openai_api.stream(request, events, decode)]
+        lines = streamed(request, events, decode)
         assert lines[-1] == "data: [DONE]\n\n"
         for line in lines[:-1]:
             chunk.model_validate_json(line.removeprefix("data: "))
