@@ -31,9 +31,8 @@ from nodewise.core.runtime import SOURCE_ROOT, library_environment
 from nodewise.core.settings import Settings
 from nodewise.core.state import atomic_write, read_json, write_json
 from serving._lm import local_shm_files
-from serving.deepspeed_worker import ERROR_MARK
 from serving.dist_env import RENDEZVOUS_PREFIX, is_local_host
-from serving.spec import SPEC_ENV, DeepSpeedSpec
+from serving.spec import ERROR_MARK, SPEC_ENV, DeepSpeedSpec
 from tasks.mpi.supervise import EXIT_FILE
 
 _FORWARDED = (
