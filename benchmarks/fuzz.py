@@ -104,7 +104,7 @@ def fuzz_rank0(settings: Any, examples: int) -> dict[str, Any]:
     raw = ("/invocations", "/generate")
     report = _timed(lambda: fuzz_endpoint(f"{record.endpoint}/openapi.json", examples, raw_paths=raw))
     if report["server_errors"]:  # what rank 0 logged for them (its request ids), for the record
-        from tasks.mpi.launcher import app_log
+        from tasks.mpi.health import app_log
 
         failed = [line for line in (app_log(settings, record.app_name, 400) or "").splitlines() if "failed:" in line]
         report["rank0_log"] = failed[-10:]

@@ -42,7 +42,8 @@ from tests.support import LoadClient  # noqa: E402
 
 
 def launch_timed(spec: Any, hosts: list[str], settings: Any) -> tuple[Any, float]:
-    from tasks.mpi.launcher import launch, wait_ready
+    from tasks.mpi.health import wait_ready
+    from tasks.mpi.launcher import launch
 
     start = time.monotonic()
     cluster = launch(spec, hosts, 1, settings)
@@ -118,7 +119,8 @@ def first_ok_after(load: LoadClient, since: float, timeout_s: float = 120) -> fl
 
 
 def node_loss(settings: Any, lan: Any, record: Any, clients: int) -> dict:
-    from tasks.mpi.launcher import exited_at, read_cluster
+    from tasks.mpi.health import exited_at
+    from tasks.mpi.records import read_cluster
 
     subscriber = ExitedSubscriber(settings)
     body = json.dumps({"inputs": [[5, 17, 33, 60, 2, 9]]}).encode()
@@ -157,7 +159,7 @@ def node_loss(settings: Any, lan: Any, record: Any, clients: int) -> dict:
 
 
 def partition(settings: Any, lan: Any, record: Any, every_s: float, clients: int) -> dict:
-    from tasks.mpi.launcher import read_cluster
+    from tasks.mpi.records import read_cluster
 
     cluster = read_cluster(settings, record.app_name)
     victim = next(h for h in lan.hosts if h.address == cluster.hosts[1])

@@ -121,7 +121,7 @@ def test_ranks_on_two_hosts_cooperate_and_answer_like_the_whole_model(
     h0, h1, h2 = lan.addresses
     assert deployed.backend == "deepspeed_mpi"
     from tasks.mpi.front import read_front
-    from tasks.mpi.launcher import read_cluster
+    from tasks.mpi.records import read_cluster
 
     rank0 = read_cluster(settings, deployed.app_name).endpoint
     assert rank0.startswith(f"http://{h0}:")  # rank 0 answers on its host's address
@@ -161,7 +161,8 @@ def test_ranks_on_two_hosts_cooperate_and_answer_like_the_whole_model(
 def test_a_dead_node_is_replaced_by_the_spare_and_told_at_once(
     settings: Settings, lan: netns.Hosts, deployed: Any
 ) -> None:
-    from tasks.mpi.launcher import exited_at, read_cluster
+    from tasks.mpi.health import exited_at
+    from tasks.mpi.records import read_cluster
 
     h0, h1, h2 = lan.addresses
     killed_at = time.time()
