@@ -1,9 +1,9 @@
-"""The mpirun command line of a DeepSpeed job, built from the hosts and settings; runs nothing.
+"""The mpirun command line of a DeepSpeed job, built from its arguments alone; runs nothing.
 
 One rank per device, ``ranks_per_host`` on each host in host order; every rank runs
 ``python -m serving.deepspeed_worker SPEC.json --launch=ID`` (the launch id lets a cleanup of
-this launch spare the next one). Ranks all on this machine oversubscribe its cores; ranks on
-other hosts are started through the remote shell.
+this launch spare the next one). Ranks all on this machine oversubscribe its cores; for ranks
+on other hosts mpirun starts its daemons through the remote shell.
 """
 
 from __future__ import annotations
