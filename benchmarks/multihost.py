@@ -6,17 +6,21 @@ mpirun reaches them through its remote-shell agent, ranks talk gloo over TCP bet
    side by side: launch to every rank ready, ``POST /invocations`` (``--seq`` token ids) and
    ``POST /generate`` (16 tokens) p50, end to end and the ranks' own compute (Server-Timing).
    The demo's LM (hidden 256, 4 layers).
-2. Node loss under a steady client: every process of rank 1's host killed and the host taken off
-   the network. Timed: the fault -> mpirun's exit (the supervisor's record) -> the
-   ``nodewise.cluster.exited`` event in Prefect's API -> a subscriber of that event running the
-   watchdog pass (what prefect.yaml's trigger does through a flow run) -> every rank ready on
-   the spare host -> the first answer. Requests failed, hosts before and after.
-3. Partition: rank 1's new host loses its link (ranks live on, unreachable). The watchdog loops
-   every ``--every`` s; timed: fault -> restart begun, -> serving again; processes left on the cut
-   host once it is back.
+2. Faults under steady clients through the deployment's endpoint (its front, issue 32): whole
+   ``/invocations`` and streamed greedy ``/generate``, each stream checked token for token
+   against an undisturbed one. For each fault: requests failed and why, the longest wait a
+   client saw (target: the group back + 2 s), the front's holds, repeats and continued streams.
+   - a rank killed (SIGKILL of rank 1, its host alive): mpirun exits, the
+     ``nodewise.cluster.exited`` event in Prefect's API runs a watchdog pass (what prefect.yaml's
+     trigger does through a flow run), the group restarts;
+   - node loss: every process of rank 1's host killed and the host off the network; the same
+     event, the group restarts on the spare host;
+   - partition: rank 1's host loses its link (ranks live on, unreachable). The watchdog loops
+     every ``--every`` s; processes left on the cut host once it is back.
 At the end, every job stopped: processes left on any host (target 0).
 
-Usage: .venv/bin/python benchmarks/multihost.py [--requests 60] [--seq 32] [--every 10]
+Usage: .venv/bin/python benchmarks/multihost.py [--requests 60] [--seq 32] [--every 10] [--clients 2]
+[--faults-only]
 (needs root; last line: one JSON object)
 """
 
@@ -105,57 +109,160 @@ class ExitedSubscriber:
                 self.passes.append((started, time.time(), actions))
 
 
-def first_ok_after(load: LoadClient, since: float, timeout_s: float = 120) -> float | None:
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        after = load.outcomes_between(since)
-        down = next((o.at for o in after if not o.ok), None)
-        if down is not None:
-            back = next((o.at for o in after if o.at > down and o.ok), None)
-            if back is not None:
-                return back
-        time.sleep(0.1)
-    return None
+WHOLE = {"inputs": [[5, 17, 33, 60, 2, 9]]}
+STREAMED = {"input_ids": [[5, 17, 33, 60, 2, 9]], "max_new_tokens": 24, "stream": True}
+FRONT_COUNTERS = ("holds", "retries", "streams_continued", "hold_timeouts")
 
 
-def node_loss(settings: Any, lan: Any, record: Any, clients: int) -> dict:
-    from tasks.mpi.health import exited_at
+def stream_tokens(text: str) -> tuple[list[int], str | None]:
+    """The token ids of a ``/generate`` stream, and what is wrong with it (no ``[DONE]``, an error)."""
+    tokens, done = [], False
+    for line in text.splitlines():
+        data = line.removeprefix("data: ")
+        if not line.startswith("data: "):
+            continue
+        if data == "[DONE]":
+            done = True
+            continue
+        chunk = json.loads(data)
+        if "error" in chunk:
+            return tokens, f"error event: {chunk['error']}"
+        if "token_id" in chunk:
+            tokens.append(int(chunk["token_id"]))
+    return tokens, None if done else "ended without [DONE]"
+
+
+class Loads:
+    """Steady clients through the deployment's endpoint (the front): whole ``/invocations`` and
+    streamed greedy ``/generate``, each stream checked token for token against an undisturbed one."""
+
+    def __init__(self, endpoint: str, clients: int) -> None:
+        import httpx
+
+        self.endpoint = endpoint
+        expected, wrong = stream_tokens(httpx.post(f"{endpoint}/generate", json=STREAMED, timeout=60).text)
+        if wrong or not expected:
+            raise RuntimeError(f"the undisturbed stream is not whole: {wrong or 'no tokens'}")
+        self.expected = expected
+
+        def same(response: Any) -> str | None:
+            tokens, wrong = stream_tokens(response.text)
+            if wrong is None and tokens != self.expected:
+                wrong = f"tokens {tokens} differ from the undisturbed {self.expected}"
+            return wrong
+
+        whole, streamed = json.dumps(WHOLE).encode(), json.dumps(STREAMED).encode()
+        self.loads = {
+            "whole": LoadClient(f"{endpoint}/invocations", whole, clients, timeout_s=150, backoff_s=0.1),
+            "streamed": LoadClient(f"{endpoint}/generate", streamed, clients, timeout_s=150, backoff_s=0.1, check=same),
+        }
+
+    def start(self) -> None:
+        for load in self.loads.values():
+            load.start()
+
+    def stop(self) -> None:
+        for load in self.loads.values():
+            load.stop()
+
+    def counters(self) -> dict[str, float]:
+        """The front's counters (its ``/metrics``), summed over labels."""
+        import httpx
+
+        text = httpx.get(f"{self.endpoint}/metrics", timeout=10).text
+        out = dict.fromkeys(FRONT_COUNTERS, 0.0)
+        for line in text.splitlines():
+            for name in FRONT_COUNTERS:
+                if line.startswith(f"nodewise_front_{name}_total"):
+                    out[name] += float(line.rsplit(" ", 1)[1])
+        return out
+
+    def figures(self, since: float, until: float) -> dict[str, Any]:
+        """Per client: requests that ended in the window, failed (and why), the longest wait."""
+        out = {}
+        for name, load in self.loads.items():
+            window = load.outcomes_between(since, until)
+            failed = [o for o in window if not o.ok]
+            out[name] = {
+                "requests": len(window),
+                "failed": len(failed),
+                "wrong_answers": sum(o.outcome == "wrong" for o in failed),
+                "longest_wait_s": round(max((o.latency_s for o in window), default=0.0), 2),
+                "first_failures": [f"{o.outcome} {o.detail}"[:160] for o in failed[:3]],
+            }
+        return out
+
+
+def under_fault(
+    settings: Any, record: Any, clients: int, inject: Any, repaired: Any, settle_s: float = 8.0
+) -> dict[str, Any]:
+    """Steady clients through the front; ``inject()`` the fault; ``repaired(fault_at)`` waits for
+    the watchdog's restart and returns (when the group was back, the restart action); then the
+    clients run ``settle_s`` more so every request held or repeated is answered or failed."""
+    loads = Loads(record.endpoint, clients)
+    before = loads.counters()
+    loads.start()
+    time.sleep(3)
+    fault_at = time.time()
+    inject()
+    back_at, action = repaired(fault_at)
+    time.sleep(settle_s)
+    loads.stop()
+    after = loads.counters()
+    figures = loads.figures(fault_at, time.time())
+    back_s = round(back_at - fault_at, 1)
+    longest = max(f["longest_wait_s"] for f in figures.values())
+    return {
+        "group_back_after_fault_s": back_s,
+        "restart_s": getattr(action, "duration_s", None),
+        "cause": getattr(action, "cause", None),
+        "hosts_before": getattr(action, "hosts_before", None),
+        "hosts_after": getattr(action, "hosts_after", None),
+        "clients": figures,
+        "front": {k: after[k] - before[k] for k in FRONT_COUNTERS},
+        "longest_wait_s": longest,
+        "target_longest_wait_s": round(back_s + 2, 1),
+        "longest_wait_met": longest <= back_s + 2,
+        "failed_met": all(f["failed"] == 0 for f in figures.values()),
+    }
+
+
+def on_exit_event(subscriber: ExitedSubscriber) -> Any:
+    """``repaired`` for a fault that ends mpirun: the exited event runs a watchdog pass."""
+
+    def repaired(fault_at: float) -> tuple[float, Any]:
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            done = [p for p in subscriber.passes if p[0] >= fault_at]
+            restarts = [a for _, _, actions in done for a in actions if a.event == "nodewise.cluster.restarted"]
+            if restarts:
+                return next(ended for _, ended, actions in done if restarts[0] in actions), restarts[0]
+            time.sleep(0.1)
+        raise RuntimeError(f"no restart within 180 s of the fault; passes: {subscriber.passes}")
+
+    return repaired
+
+
+def node_loss(settings: Any, lan: Any, record: Any, clients: int, subscriber: ExitedSubscriber) -> dict:
+    """Every process of rank 1's host killed and the host off the network."""
     from tasks.mpi.records import read_cluster
 
-    subscriber = ExitedSubscriber(settings)
-    body = json.dumps({"inputs": [[5, 17, 33, 60, 2, 9]]}).encode()
-    load = LoadClient(f"{record.endpoint}/invocations", body, clients, backoff_s=0.1)
-    load.start()
-    time.sleep(3)
-    before = read_cluster(settings, record.app_name)
-    fault_at = time.time()
-    lan.kill_host(lan[1])
-    deadline = time.time() + 120
-    while not subscriber.passes and time.time() < deadline:
-        time.sleep(0.1)
-    exited = exited_at(before)  # None when the restart already replaced the record: the event says
-    if exited is None and subscriber.received:
-        from datetime import datetime
+    victim = next(h for h in lan.hosts if h.address == read_cluster(settings, record.app_name).hosts[1])
+    result = under_fault(settings, record, clients, lambda: lan.kill_host(victim), on_exit_event(subscriber))
+    lan.revive(victim)
+    return {"host": victim.address, **result}
 
-        exited = datetime.fromisoformat(subscriber.received[0][1]["payload"]["at"]).timestamp()
-    back = first_ok_after(load, fault_at)
-    load.stop()
-    failed, total = load.failed_between(fault_at, back or time.time())
-    received_at = subscriber.received[0][0] if subscriber.received else None
-    started, _, actions = subscriber.passes[0] if subscriber.passes else (None, None, [])
-    restart = next((a for a in actions if a.event == "nodewise.cluster.restarted"), None)
-    return {
-        "mpirun_exit_after_fault_s": round(exited - fault_at, 2) if exited else None,
-        "event_received_after_exit_s": round(received_at - exited, 2) if received_at and exited else None,
-        "watchdog_acting_after_exit_s": round(started - exited, 2) if started and exited else None,
-        "restart_s": restart.duration_s if restart else None,
-        "serving_again_after_fault_s": round(back - fault_at, 1) if back else None,
-        "failed_requests": failed,
-        "requests": total,
-        "hosts_before": restart.hosts_before if restart else None,
-        "hosts_after": restart.hosts_after if restart else None,
-        "cause": restart.cause if restart else [a.model_dump() for a in actions],
-    }
+
+def killed_rank(settings: Any, record: Any, clients: int, subscriber: ExitedSubscriber) -> dict:
+    """One rank's process SIGKILLed, its host alive: mpirun ends the job, the group restarts."""
+    import os
+    import signal
+
+    from tasks.mpi.records import read_cluster
+    from tests.support.lm import rank_pids
+
+    pid = rank_pids(read_cluster(settings, record.app_name).endpoint)[1]
+    return under_fault(settings, record, clients, lambda: os.kill(pid, signal.SIGKILL), on_exit_event(subscriber))
 
 
 def partition(settings: Any, lan: Any, record: Any, every_s: float, clients: int) -> dict:
@@ -163,32 +270,22 @@ def partition(settings: Any, lan: Any, record: Any, every_s: float, clients: int
 
     cluster = read_cluster(settings, record.app_name)
     victim = next(h for h in lan.hosts if h.address == cluster.hosts[1])
-    body = json.dumps({"inputs": [[5, 17, 33, 60, 2, 9]]}).encode()
-    load = LoadClient(f"{cluster.endpoint}/invocations", body, clients, backoff_s=0.1)
-    load.start()
     dog = Watchdog(settings, every_s)
-    time.sleep(2)
-    fault_at = time.time()
-    lan.cut(victim)
-    acted_at, action = dog.wait_for("nodewise.cluster.restarted", fault_at, timeout_s=300)
-    back = first_ok_after(load, fault_at)
-    load.stop()
-    failed, total = load.failed_between(fault_at, back or time.time())
-    left_while_cut = len(victim.pids())
-    lan.mend(victim)
-    time.sleep(every_s + 5)  # one pass reaches the host again and stops what was left there
-    dog.stop()
-    detect = acted_at - (action.duration_s or 0) - fault_at
+
+    def repaired(fault_at: float) -> tuple[float, Any]:
+        return dog.wait_for("nodewise.cluster.restarted", fault_at, timeout_s=300)
+
+    try:
+        result = under_fault(settings, record, clients, lambda: lan.cut(victim), repaired)
+        left_while_cut = len(victim.pids())
+        lan.mend(victim)
+        time.sleep(every_s + 5)  # one pass reaches the host again and stops what was left there
+    finally:
+        dog.stop()
     return {
-        "detect_s": round(detect, 1),
+        "host": victim.address,
         "target_detect_s": every_s + settings.watchdog.canary_timeout_s,  # one period + the canary's deadline
-        "restart_s": action.duration_s,
-        "serving_again_after_fault_s": round(back - fault_at, 1) if back else None,
-        "failed_requests": failed,
-        "requests": total,
-        "cause": action.cause,
-        "hosts_before": action.hosts_before,
-        "hosts_after": action.hosts_after,
+        **result,
         "processes_on_cut_host_while_cut": left_while_cut,
         "processes_on_cut_host_after_it_returned": len(victim.pids()),
     }
@@ -199,7 +296,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=60)
     parser.add_argument("--seq", type=int, default=32)
     parser.add_argument("--every", type=float, default=10.0)
-    parser.add_argument("--clients", type=int, default=2)
+    parser.add_argument("--clients", type=int, default=2, help="clients of each kind (whole and streamed)")
+    parser.add_argument("--faults-only", action="store_true", help="skip the speed comparison")
     args = parser.parse_args()
 
     from prefect.testing.utilities import prefect_test_harness
@@ -241,20 +339,23 @@ def main() -> None:
             version = log_llama(model, tokenizer, "bench-llama", experiment)
             resolved = resolve_model(f"models:/bench-llama/{version}", MlflowClient())
             spec = bench_spec(resolved, settings, host="0.0.0.0")
-            launch_timed(spec, ["localhost", "localhost"], settings)  # builds the op cache once, untimed
-            from tasks.mpi.launcher import stop_cluster
+            if not args.faults_only:
+                launch_timed(spec, ["localhost", "localhost"], settings)  # builds the op cache once, untimed
+                from tasks.mpi.launcher import stop_cluster
 
-            stop_cluster(settings, "bench")
-            results["speed"] = speed(spec, settings, lan, args.seq, args.requests)
+                stop_cluster(settings, "bench")
+                results["speed"] = speed(spec, settings, lan, args.seq, args.requests)
 
             profile = profile_with_cache(resolved, batch_size=settings.serve.max_batch_size, device="cpu")
             inventory = too_small_inventory(
                 state / "nodes.yaml", profile.total_bytes, profile.per_rank_bytes(2), 0.9, lan.addresses
             )
             record = deploy_model(resolved.pinned_uri, inventory=inventory, settings=settings)
-            results["node_loss"] = node_loss(settings, lan, record, args.clients)
+            subscriber = ExitedSubscriber(settings)  # one for both faults that end mpirun
+            results["killed_rank"] = killed_rank(settings, record, args.clients, subscriber)
+            print(json.dumps({"killed_rank": results["killed_rank"]}), file=sys.stderr, flush=True)
+            results["node_loss"] = node_loss(settings, lan, record, args.clients, subscriber)
             print(json.dumps({"node_loss": results["node_loss"]}), file=sys.stderr, flush=True)
-            lan.revive(lan[1])
             results["partition"] = partition(settings, lan, record, args.every, args.clients)
         finally:
             stop_everything(settings)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import httpx
@@ -29,14 +30,22 @@ class LoadClient:
     """``workers`` threads, each POSTing ``body`` (JSON) to ``url`` in a loop until stopped.
 
     Use as a context manager, or ``start()``/``stop()`` (several times: ``log`` keeps growing).
-    ``backoff_s`` is a pause after a failed request (no hot spin on a closed port).
+    ``backoff_s`` is a pause after a failed request (no hot spin on a closed port). ``check`` looks
+    at each 200's response and names what is wrong with it (a stream cut short, other tokens than
+    expected), else None: such an answer counts as failed, its outcome ``"wrong"``.
     """
 
     def __init__(
-        self, url: str, body: bytes, workers: int = 4, timeout_s: float = 30.0, backoff_s: float = 0.0
+        self,
+        url: str,
+        body: bytes,
+        workers: int = 4,
+        timeout_s: float = 30.0,
+        backoff_s: float = 0.0,
+        check: Callable[[httpx.Response], str | None] | None = None,
     ) -> None:
         self.url, self.body, self.workers = url, body, workers
-        self.timeout_s, self.backoff_s = timeout_s, backoff_s
+        self.timeout_s, self.backoff_s, self.check = timeout_s, backoff_s, check
         self.log: list[Outcome] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -68,6 +77,8 @@ class LoadClient:
                 try:
                     r = client.post(self.url, content=self.body, headers=headers)
                     outcome, detail = str(r.status_code), ("" if r.status_code == 200 else r.text[:200])
+                    if r.status_code == 200 and self.check is not None and (wrong := self.check(r)):
+                        outcome, detail = "wrong", wrong[:200]
                 except httpx.HTTPError as e:
                     outcome, detail = type(e).__name__, str(e)[:200]
                 done = Outcome(time.time(), outcome, time.perf_counter() - began, detail)

@@ -57,6 +57,21 @@ def test_the_load_client_keeps_every_outcome_and_restarts(server: str) -> None:
     assert all(o.latency_s >= 0 for o in load.log)
 
 
+def test_a_check_that_finds_a_200_wrong_counts_it_failed(server: str) -> None:
+    seen: list[int] = []
+
+    def every_other_is_wrong(response) -> str | None:
+        seen.append(response.status_code)
+        return "not the expected body" if len(seen) % 2 == 0 else None
+
+    with LoadClient(server, b"{}", workers=1, check=every_other_is_wrong) as load:
+        wait_until(lambda: len(load.log) >= 12, 30, "12 answers", every_s=0.05)
+    assert set(seen) == {200}  # only 200s are checked
+    assert load.outcomes["wrong"] >= 4
+    assert all(o.detail == "not the expected body" for o in load.log if o.outcome == "wrong")
+    assert load.ok + load.outcomes["wrong"] + load.outcomes["503"] == len(load.log)
+
+
 def test_a_closed_port_is_an_error_name_not_an_exception() -> None:
     with LoadClient("http://127.0.0.1:9/invocations", b"{}", workers=1, timeout_s=2, backoff_s=0.05) as load:
         wait_until(lambda: load.log, 30, "one outcome", every_s=0.05)
