@@ -185,7 +185,14 @@ class StreamOptions(_Request):
 
 
 def _unsupported(*allowed: Any) -> Any:
-    return Field(None, description=f"not supported by nodewise: leave it out (or send {allowed[0]!r})")
+    """A field the engine cannot honour: left out, or one of ``allowed`` (what asks for nothing).
+    The document says so (``enum``), so a client generated from it sends only what is taken."""
+    values = [v for i, v in enumerate(allowed) if v not in allowed[:i]]  # 0 and 0.0 are one JSON value
+    return Field(
+        None,
+        description=f"not supported by nodewise: leave it out (or send {allowed[0]!r})",
+        json_schema_extra={"enum": [*values, None]},
+    )
 
 
 class _OpenAIRequest(_Sampled):
