@@ -212,10 +212,10 @@ def main() -> None:
         from mlflow import MlflowClient
         from prefect.settings import PREFECT_API_URL
 
-        from nodewise.cli.demo import build_llama, log_llama, too_small_inventory
-        from nodewise.cli.status import stop_everything
         from nodewise.core.runtime import configure_process
         from nodewise.core.settings import Settings
+        from nodewise.demo_models import build_llama, log_llama, too_small_inventory
+        from nodewise.ops.status import stop_everything
         from tasks.planning.profile_models import profile_with_cache
         from tasks.planning.registry import resolve_model
         from tests.support.flows import deploy_model

@@ -25,7 +25,7 @@ def user() -> Iterator[tuple[Path, dict[str, str]]]:
     """A user's state with the demo model registered in its MLflow."""
     state, env = user_environment("nw-render-")
     script = (
-        "import mlflow, sys; from nodewise.cli.demo import register_demo_model; "
+        "import mlflow, sys; from nodewise.demo_models import register_demo_model; "
         f"mlflow.set_tracking_uri('sqlite:///{state}/mlflow.db'); register_demo_model(sys.argv[1])"
     )
     subprocess.run([sys.executable, "-c", script, str(state / "artifacts")], env=env, check=True, timeout=300, cwd=ROOT)
