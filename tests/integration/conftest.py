@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from nodewise.core.procs import free_port_block
 from nodewise.core.runtime import configure_process
 from nodewise.core.settings import Settings
 from tests.conftest import RAY_TEST_TOKEN
-from tests.support.ports import free_port_block
 
 _SESSION_RAY_TOKEN = RAY_TEST_TOKEN  # see tests/conftest.py
 
