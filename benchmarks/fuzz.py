@@ -43,7 +43,7 @@ def main() -> None:
     triggers = {"webhook_secret": "fuzz-" + uuid.uuid4().hex, "receiver_port": 24416}
     with local_instance("nwz-", 24410, serve={"replicas": 1}, triggers=triggers) as settings:
         from flows.deploy import deploy_model
-        from nodewise.cli.demo import register_demo_model
+        from nodewise.demo_models import register_demo_model
 
         model = register_demo_model(str(settings.state.artifacts))
         with using_settings(settings):

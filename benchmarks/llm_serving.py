@@ -245,7 +245,7 @@ def main() -> None:
     configure_process(settings)
     from mlflow import MlflowClient
 
-    from nodewise.cli.demo import build_llama, log_llama
+    from nodewise.demo_models import build_llama, log_llama
     from tasks.mpi.health import wait_ready
     from tasks.mpi.launcher import launch, stop_cluster
     from tasks.planning.registry import resolve_model
@@ -286,7 +286,7 @@ def main() -> None:
         try:
             result.update(metrics_cost(resolved, settings, run_levels, levels))
         finally:
-            from nodewise.cli.status import stop_everything
+            from nodewise.ops.status import stop_everything
 
             stop_cluster(settings, "bench")
             stop_everything(settings)
@@ -325,7 +325,7 @@ def main() -> None:
             "no_request_over_2x_alone_at_4": by.get(4, {}).get("slowest_vs_alone", 0) <= 2,
         }
     finally:
-        from nodewise.cli.status import stop_everything
+        from nodewise.ops.status import stop_everything
 
         stop_cluster(settings, "bench")
         stop_everything(settings)

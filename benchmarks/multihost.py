@@ -258,10 +258,12 @@ def killed_rank(settings: Any, record: Any, clients: int, subscriber: ExitedSubs
     import os
     import signal
 
-    from tasks.mpi.records import read_cluster
-    from tests.support.lm import rank_pids
+    import httpx
 
-    pid = rank_pids(read_cluster(settings, record.app_name).endpoint)[1]
+    from tasks.mpi.records import read_cluster
+
+    health = httpx.get(f"{read_cluster(settings, record.app_name).endpoint}/health", timeout=10).json()
+    pid = health["ranks"][1]["pid"]  # rank 0 answers for every rank
     return under_fault(settings, record, clients, lambda: os.kill(pid, signal.SIGKILL), on_exit_event(subscriber))
 
 
@@ -312,10 +314,10 @@ def main() -> None:
         from mlflow import MlflowClient
         from prefect.settings import PREFECT_API_URL
 
-        from nodewise.cli.demo import build_llama, log_llama, too_small_inventory
-        from nodewise.cli.status import stop_everything
         from nodewise.core.runtime import configure_process
         from nodewise.core.settings import Settings
+        from nodewise.demo_models import build_llama, log_llama, too_small_inventory
+        from nodewise.ops.status import stop_everything
         from tasks.planning.profile_models import profile_with_cache
         from tasks.planning.registry import resolve_model
         from tests.support.flows import deploy_model

@@ -52,7 +52,7 @@ def deployed(settings: Settings, tiny_llama: str) -> object:
 
 
 def test_the_flow_places_it_on_two_ranks_and_records_it(settings: Settings, deployed: object) -> None:
-    from nodewise.cli.status import deployment_logs, deployment_status
+    from nodewise.ops.status import deployment_logs, deployment_status
 
     assert deployed.backend == "deepspeed_mpi"
     assert deployed.spec["tp_size"] == 2
@@ -75,8 +75,8 @@ def test_a_pytorch_flavour_hugging_face_module_is_sharded_too(settings: Settings
     import mlflow
     import torch
 
-    from nodewise.cli.demo import build_llama
     from nodewise.core.procs import free_port
+    from nodewise.demo_models import build_llama
     from serving.spec import DeepSpeedSpec
     from tasks.mpi.health import wait_ready
     from tasks.mpi.launcher import launch, stop_cluster
@@ -408,7 +408,7 @@ def test_a_rank_that_cannot_start_is_reported_and_nothing_is_left(
 def test_a_new_version_whose_ranks_fail_is_rolled_back(settings: Settings, experiment: str, deployed: object) -> None:
     from mlflow import MlflowClient
 
-    from nodewise.cli.demo import build_llama, log_llama
+    from nodewise.demo_models import build_llama, log_llama
     from tasks.planning.profile_models import profile_with_cache
     from tasks.planning.registry import resolve_model
     from tests.support.flows import deploy_model
@@ -433,7 +433,7 @@ def test_a_new_version_whose_ranks_fail_is_rolled_back(settings: Settings, exper
 
 
 def test_stopping_leaves_no_process_and_no_shared_memory(settings: Settings, deployed: object) -> None:
-    from nodewise.cli.status import stop_everything
+    from nodewise.ops.status import stop_everything
     from tasks.mpi.records import read_cluster
 
     cluster = read_cluster(settings, deployed.app_name)

@@ -98,8 +98,8 @@ def test_a_killed_rank_fails_no_safe_request_and_the_stream_goes_on(settings: Se
 
 
 def test_status_shows_the_front_and_down_stops_it(settings: Settings, deployed: Any) -> None:
-    from nodewise.cli.status import deployment_status, stop_everything
     from nodewise.core.procs import port_open
+    from nodewise.ops.status import deployment_status, stop_everything
 
     [row] = [r for r in deployment_status(settings)["deployments"] if r["app"] == deployed.app_name]
     assert row["front"] == "serving"

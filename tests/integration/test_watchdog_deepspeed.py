@@ -87,7 +87,7 @@ def test_a_killed_rank_restarts_every_rank_and_the_answers_come_back(settings: S
 
 
 def test_ranks_that_die_on_every_start_stop_at_the_budget(settings: Settings, deployed: object) -> None:
-    from nodewise.cli.status import deployment_status
+    from nodewise.ops.status import deployment_status
     from tasks.watchdog.engine import load_watch, reset, watch_once
     from tests.support.flows import watch_deployments
 

@@ -149,7 +149,7 @@ def test_a_replica_leaking_memory_is_restarted_alone(
 def test_a_replica_that_stays_sick_exhausts_the_budget_and_is_left_alone(
     settings: Settings, deployed: DeploymentRecord, flags: Path
 ) -> None:
-    from nodewise.cli.status import deployment_status
+    from nodewise.ops.status import deployment_status
     from tasks.watchdog.engine import load_watch, reset, watch_once
     from tests.support.flows import watch_deployments
 
