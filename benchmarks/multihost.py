@@ -154,7 +154,9 @@ class Loads:
         whole, streamed = json.dumps(WHOLE).encode(), json.dumps(STREAMED).encode()
         self.loads = {
             "whole": LoadClient(f"{endpoint}/invocations", whole, clients, timeout_s=150, backoff_s=0.1),
-            "streamed": LoadClient(f"{endpoint}/generate", streamed, clients, timeout_s=150, backoff_s=0.1, check=same),
+            "streamed": LoadClient(
+                f"{endpoint}/generate", streamed, clients, timeout_s=150, backoff_s=0.1, check=same, stream=True
+            ),
         }
 
     def start(self) -> None:
@@ -178,16 +180,19 @@ class Loads:
         return out
 
     def figures(self, since: float, until: float) -> dict[str, Any]:
-        """Per client: requests that ended in the window, failed (and why), the longest wait."""
+        """Per client: requests that ended in the window, failed (and why), the longest wait (a
+        whole request's latency; a stream's longest stall between its bytes, its head first)."""
         out = {}
         for name, load in self.loads.items():
             window = load.outcomes_between(since, until)
             failed = [o for o in window if not o.ok]
+            waits = [o.longest_gap_s if load.stream else o.latency_s for o in window]
             out[name] = {
                 "requests": len(window),
                 "failed": len(failed),
                 "wrong_answers": sum(o.outcome == "wrong" for o in failed),
-                "longest_wait_s": round(max((o.latency_s for o in window), default=0.0), 2),
+                "longest_wait_s": round(max(waits, default=0.0), 2),
+                "longest_request_s": round(max((o.latency_s for o in window), default=0.0), 2),
                 "first_failures": [f"{o.outcome} {o.detail}"[:160] for o in failed[:3]],
             }
         return out

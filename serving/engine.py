@@ -86,6 +86,9 @@ class Engine:
         self.decode = decode
         self.device = torch.device(device)
         self.agree = agree
+        # an error that no sequence survives and nothing here can mend (a tensor-parallel group's
+        # rank gone): raised from step() instead of ending the sequences, for the host to act on
+        self.fatal: Callable[[BaseException], bool] = lambda error: False
         self._lock = threading.Condition()
         self._waiting: deque[Sequence] = deque()
         self._rows: list[Sequence] = []  # the batch, in cache row order
@@ -203,8 +206,9 @@ class Engine:
     def step(self) -> None:
         """Drop cancelled sequences, admit what fits, prefill the newcomers, decode one token for all.
 
-        Never raises: a sequence that fails ends alone (``ERROR``), a forward pass that fails
-        ends the sequences it held, and what is queued is served at the next steps."""
+        Never raises but for a ``fatal`` error: a sequence that fails ends alone (``ERROR``), a
+        forward pass that fails ends the sequences it held, and what is queued is served at the
+        next steps."""
         admitted: list[Sequence] = []
         try:
             self._drop([i for i, s in enumerate(self._rows) if s.cancelled], FinishReason.CANCELLED)
@@ -214,6 +218,8 @@ class Engine:
             if self._rows:
                 self._decode()
         except Exception as e:  # the batch's bookkeeping itself: end what runs, keep the queue
+            if self.fatal(e):
+                raise
             _log.exception("engine step %d failed; the sequences in it end", self.steps)
             self._fail_rows(f"the engine's step failed ({type(e).__name__}); see the server log", admitted)
         self.steps += 1
@@ -244,6 +250,8 @@ class Engine:
         try:
             out = self.module(input_ids=ids, use_cache=True, logits_to_keep=1, **kwargs)
         except Exception as e:  # one pass for every newcomer: none of them can be told apart
+            if self.fatal(e):
+                raise
             _log.exception("prefill of %s failed", [s.id for s in seqs])
             for seq in seqs:
                 self._release(seq)
@@ -271,6 +279,8 @@ class Engine:
         try:
             out = self.module(input_ids=last, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
         except Exception as e:  # one pass for the whole batch: no row can be told apart
+            if self.fatal(e):
+                raise
             _log.exception("decode step %d failed; its %d sequences end", self.steps, rows)
             self._fail_rows(forward_failed(e, rows))
             return

@@ -8,7 +8,9 @@ work and the same engine step; rank 0's requests hear of theirs through their ev
 from __future__ import annotations
 
 import logging
+import os
 import queue
+import sys
 import time
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
@@ -34,6 +36,28 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# What a collective raises when another rank of the group is gone (gloo: its peer's socket closed;
+# NCCL: a remote error or an aborted communicator): the group cannot go on without it.
+LOST_PEER_MARKS = (
+    "/gloo/transport/",
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "remote process exited",
+    "NCCL communicator was aborted",
+    "ncclRemoteError",
+)
+EXIT_LOST_PEER = 3  # this rank's exit status when another rank is gone
+
+
+def lost_peer(error: BaseException) -> bool:
+    """Whether ``error`` says another rank of the group is gone (a collective failed on its link)."""
+    import torch.distributed as dist
+
+    if isinstance(error, dist.DistNetworkError):
+        return True
+    text = str(error)
+    return any(mark in text for mark in LOST_PEER_MARKS)
+
 
 def _step_loop(env: DistEnv, spec: DeepSpeedSpec, model: Any, state: RankState, frontend: Frontend | None) -> None:
     """Every rank: receive the next step's plan from rank 0, run it, and (rank 0) answer.
@@ -43,12 +67,30 @@ def _step_loop(env: DistEnv, spec: DeepSpeedSpec, model: Any, state: RankState, 
     batch, and those cancelled. Every rank then runs the same
     engine step, so a decoding step costs one collective round for the whole batch (and one
     broadcast of its tokens, rank 0's, which every rank goes on with).
-    """
-    import torch.distributed as dist
 
+    A collective that fails because another rank is gone (``lost_peer``) ends this rank at once
+    (exit status ``EXIT_LOST_PEER``) rather than answering its requests with errors.
+    """
     engine = _engine(model) if model.can_generate and spec.batching else None
     if frontend is not None and engine is not None:
         frontend.attach(engine)
+    try:
+        _steps(spec, model, state, frontend, engine)
+    except Exception as e:
+        if not lost_peer(e):
+            raise
+        # The survivors cannot go on alone, and answering the requests in flight with errors would
+        # tell a client (or the front) that they failed: this rank exits at once, its connections
+        # close unanswered, the front sends what is safe again once the group restarts whole.
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        print(f"rank {env.rank}: another rank of the group is gone ({why}); exiting", file=sys.stderr, flush=True)
+        os._exit(EXIT_LOST_PEER)
+
+
+def _steps(spec: DeepSpeedSpec, model: Any, state: RankState, frontend: Frontend | None, engine: Any) -> None:
+    """The loop itself: returns only by raising."""
+    import torch.distributed as dist
+
     sequences: dict[str, Any] = {}
     held: list[tuple[Forward | Generate, Future[Any]]] = []  # rank 0: work waiting for its step
     while True:
@@ -65,6 +107,8 @@ def _step_loop(env: DistEnv, spec: DeepSpeedSpec, model: Any, state: RankState, 
         try:
             result = _run(model, plan.work)
         except Exception as e:  # every rank fails the same way on the same input; keep serving
+            if lost_peer(e):
+                raise
             if done is not None:
                 done.set_exception(e)
         else:
@@ -128,6 +172,7 @@ def _engine(model: Any) -> Any:
     engine = model.engine()
     if dist.is_initialized() and dist.get_world_size() > 1:
         engine.agree = _rank_0s_tokens
+        engine.fatal = lost_peer
     return engine
 
 
@@ -160,7 +205,9 @@ def _engine_step(
             if request_id in sequences:
                 sequences[request_id].cancel()
         engine.step()
-    except Exception:  # a whole step failed (not one sequence): every sequence in it ends with an error
+    except Exception as e:  # a whole step failed (not one sequence): every sequence in it ends with an error
+        if lost_peer(e):
+            raise
         log.exception("an engine step failed; its %d sequences end with an error", len(sequences))
         for seq in sequences.values():
             seq.events.put(ErrorEvent("the engine step failed; see rank 0's log"))

@@ -20,6 +20,7 @@ class Outcome:
     outcome: str
     latency_s: float
     detail: str = ""
+    longest_gap_s: float = 0.0  # streamed: the longest the client waited for its next bytes (the head first)
 
     @property
     def ok(self) -> bool:
@@ -32,7 +33,9 @@ class LoadClient:
     Use as a context manager, or ``start()``/``stop()`` (several times: ``log`` keeps growing).
     ``backoff_s`` is a pause after a failed request (no hot spin on a closed port). ``check`` looks
     at each 200's response and names what is wrong with it (a stream cut short, other tokens than
-    expected), else None: such an answer counts as failed, its outcome ``"wrong"``.
+    expected), else None: such an answer counts as failed, its outcome ``"wrong"``. With
+    ``stream``, each answer is read as it comes and the longest wait for its next bytes is kept
+    (``Outcome.longest_gap_s``): what a streaming client sees of a stall.
     """
 
     def __init__(
@@ -43,9 +46,10 @@ class LoadClient:
         timeout_s: float = 30.0,
         backoff_s: float = 0.0,
         check: Callable[[httpx.Response], str | None] | None = None,
+        stream: bool = False,
     ) -> None:
         self.url, self.body, self.workers = url, body, workers
-        self.timeout_s, self.backoff_s, self.check = timeout_s, backoff_s, check
+        self.timeout_s, self.backoff_s, self.check, self.stream = timeout_s, backoff_s, check, stream
         self.log: list[Outcome] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -74,18 +78,34 @@ class LoadClient:
         with httpx.Client(timeout=self.timeout_s) as client:
             while not self._stop.is_set():
                 began = time.perf_counter()
+                gap = 0.0
                 try:
-                    r = client.post(self.url, content=self.body, headers=headers)
+                    if self.stream:
+                        r, gap = self._streamed(client, headers, began)
+                    else:
+                        r = client.post(self.url, content=self.body, headers=headers)
                     outcome, detail = str(r.status_code), ("" if r.status_code == 200 else r.text[:200])
                     if r.status_code == 200 and self.check is not None and (wrong := self.check(r)):
                         outcome, detail = "wrong", wrong[:200]
                 except httpx.HTTPError as e:
                     outcome, detail = type(e).__name__, str(e)[:200]
-                done = Outcome(time.time(), outcome, time.perf_counter() - began, detail)
+                done = Outcome(time.time(), outcome, time.perf_counter() - began, detail, gap)
                 with self._lock:
                     self.log.append(done)
                 if not done.ok and self.backoff_s:
                     time.sleep(self.backoff_s)
+
+    def _streamed(self, client: httpx.Client, headers: dict[str, str], began: float) -> tuple[httpx.Response, float]:
+        """The answer read as it comes, and the longest wait for its next bytes."""
+        with client.stream("POST", self.url, content=self.body, headers=headers) as r:
+            last = time.perf_counter()
+            gap, chunks = last - began, []
+            for chunk in r.iter_raw():
+                now = time.perf_counter()
+                gap, last = max(gap, now - last), now
+                chunks.append(chunk)
+        whole = httpx.Response(r.status_code, headers=r.headers, content=b"".join(chunks), request=r.request)
+        return whole, gap
 
     def outcomes_between(self, start: float = 0.0, end: float = float("inf")) -> list[Outcome]:
         """The requests that ended between ``start`` and ``end`` (``time.time()`` values)."""

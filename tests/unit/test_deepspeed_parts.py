@@ -4,6 +4,7 @@ the mpirun command line, AutoTP's limits, the spec from a plan."""
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import re
 import time
@@ -403,3 +404,43 @@ def test_a_streamed_prompt_gets_the_same_text_checks_as_any_prompt(frontend: Fro
     with pytest.raises(BadRequest, match="a streamed request takes one prompt"):
         frontend.generation(b'{"prompt": ["a", "b"], "stream": true}')
     assert frontend.commands.empty()  # nothing reached the ranks
+
+
+_GLOO_PAIR = """
+import os, sys, torch, torch.distributed as dist
+from serving.step_loop import lost_peer
+rank = int(sys.argv[1])
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{sys.argv[2]}", rank=rank, world_size=2)
+tensor, steps = torch.ones(64), 0
+try:
+    while True:
+        dist.all_reduce(tensor)
+        steps += 1
+        if rank == 1 and steps == 20:
+            os.kill(os.getpid(), 9)
+except Exception as e:
+    print(f"lost_peer={lost_peer(e)} {type(e).__name__}: {e}", flush=True)
+"""
+
+
+def test_the_error_torchs_gloo_raises_when_a_rank_dies_is_known_as_a_lost_peer(tmp_path: Path) -> None:
+    """Two real gloo ranks, one SIGKILLed mid all_reduce: what the survivor's collective raises is
+    what ``lost_peer`` recognises (so rank 0 exits instead of answering its requests with errors)."""
+    import subprocess
+    import sys
+
+    from nodewise.core.procs import free_port
+    from nodewise.core.runtime import SOURCE_ROOT
+
+    script = tmp_path / "pair.py"
+    script.write_text(_GLOO_PAIR)
+    port = str(free_port())
+    env = {**os.environ, "PYTHONPATH": str(SOURCE_ROOT)}
+    ranks = [
+        subprocess.Popen([sys.executable, str(script), str(r), port], stdout=subprocess.PIPE, text=True, env=env)
+        for r in (0, 1)
+    ]
+    out, _ = ranks[0].communicate(timeout=120)
+    ranks[1].wait(30)
+    assert ranks[1].returncode == -9
+    assert out.startswith("lost_peer=True RuntimeError"), out

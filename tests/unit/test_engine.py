@@ -416,3 +416,32 @@ def test_a_step_that_fails_as_a_whole_ends_each_of_its_sequences_with_an_error_a
             EndEvent(FinishReason.ERROR),
         ]
     assert sequences == {}
+
+
+GLOO_PEER_GONE = (
+    "[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer [10.0.0.2]:23204. "
+    "This is typically caused by a remote worker crashing."
+)  # what torch 2.13's gloo raised on rank 0 when rank 1 was SIGKILLed mid all_reduce
+
+
+def test_a_rank_gone_mid_step_is_raised_for_the_host_not_answered_as_a_failed_forward(model, monkeypatch) -> None:
+    """With ``fatal`` (the step loop's ``lost_peer``), a forward pass that fails because another rank
+    is gone leaves ``step`` (rank 0 exits, so the front repeats the request on the restarted
+    group); any other failure still ends the sequences with an error, the engine serving on."""
+    from serving.step_loop import lost_peer
+
+    def gone(*args, **kwargs):
+        raise RuntimeError(GLOO_PEER_GONE)
+
+    engine = Engine(model, max_tokens_in_flight=4096)
+    engine.fatal = lost_peer
+    seq = engine.add([4, 5, 6], SamplingParams(max_tokens=4))
+    engine.step()  # prefill: the first token
+    monkeypatch.setattr(model, "forward", gone)
+    with pytest.raises(RuntimeError, match="Connection closed by peer"):
+        engine.step()
+    assert not seq.done  # nobody was told it failed: the request is repeated, not answered
+    monkeypatch.setattr(model, "forward", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("out of memory")))
+    engine.step()
+    assert seq.done
+    assert seq.finish_reason is FinishReason.ERROR

@@ -72,6 +72,20 @@ def test_a_check_that_finds_a_200_wrong_counts_it_failed(server: str) -> None:
     assert load.ok + load.outcomes["wrong"] + load.outcomes["503"] == len(load.log)
 
 
+def test_a_streamed_client_reads_each_answer_as_it_comes_and_keeps_its_longest_wait(server: str) -> None:
+    bodies: list[str] = []
+
+    def body_seen(response) -> str | None:
+        bodies.append(response.text)
+        return None
+
+    with LoadClient(server, b"{}", workers=1, check=body_seen, stream=True) as load:
+        wait_until(lambda: len(load.log) >= 6, 30, "6 answers", every_s=0.05)
+    assert set(bodies) == {"{}"}  # the check sees the whole body, as without stream
+    assert load.outcomes["503"] >= 1
+    assert all(0 < o.longest_gap_s <= o.latency_s for o in load.log)
+
+
 def test_a_closed_port_is_an_error_name_not_an_exception() -> None:
     with LoadClient("http://127.0.0.1:9/invocations", b"{}", workers=1, timeout_s=2, backoff_s=0.05) as load:
         wait_until(lambda: load.log, 30, "one outcome", every_s=0.05)
