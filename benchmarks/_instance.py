@@ -19,9 +19,9 @@ ROOT = Path(__file__).resolve().parents[1]
 @contextlib.contextmanager
 def local_instance(prefix: str, base_port: int, **sections: Any) -> Iterator[Any]:
     """Settings for a run on ``base_port`` (Ray), +4 (Serve), +5 (rank 0); ``sections`` merge on top."""
-    from nodewise.cli.status import stop_everything
     from nodewise.core.runtime import configure_process
     from nodewise.core.settings import Settings
+    from nodewise.ops.status import stop_everything
 
     state = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
     op_cache = os.environ.get("TORCH_EXTENSIONS_DIR") or str(ROOT / ".nodewise" / "torch_extensions")

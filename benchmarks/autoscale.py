@@ -323,8 +323,8 @@ def main() -> None:
         return
 
     from benchmarks._instance import local_instance
-    from nodewise.cli.demo import digits_split, register_demo_model
     from nodewise.core.settings import using_settings
+    from nodewise.demo_models import digits_split, register_demo_model
 
     _, _, x_test, _ = digits_split()
     body = json.dumps({"inputs": x_test[:1].tolist()}).encode()
@@ -393,8 +393,8 @@ def llm_main(args: argparse.Namespace) -> None:
     from mlflow import MlflowClient
 
     from benchmarks._instance import local_instance
-    from nodewise.cli.demo import build_llama, log_llama
     from nodewise.core.settings import using_settings
+    from nodewise.demo_models import build_llama, log_llama
 
     steps = [int(n) for n in args.llm_steps.split(",")]
     with local_instance("nwa-llm-", 24430) as settings:

@@ -45,7 +45,8 @@ def summary(latencies: list[float]) -> dict[str, float]:
 
 
 def timed_launch(spec, settings, ranks: int) -> tuple[object, float, dict]:
-    from tasks.mpi.launcher import launch, wait_ready
+    from tasks.mpi.health import wait_ready
+    from tasks.mpi.launcher import launch
 
     start = time.monotonic()
     cluster = launch(spec.model_copy(update={"tp_size": ranks}), ["localhost"] * ranks, 1, settings)
@@ -70,8 +71,8 @@ def latencies(endpoint: str, path: str, body: dict, n: int) -> dict[str, float]:
 
 
 def handwritten(model_dir: Path, ranks: int, seq: int, reps: int, op_cache: Path) -> dict:
+    from nodewise.core.procs import free_port
     from serving._lm import local_shm_files
-    from tasks.mpi.launcher import free_port
 
     port = free_port()
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(op_cache), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
@@ -128,7 +129,7 @@ def main() -> None:
     configure_process(settings)
     from mlflow import MlflowClient
 
-    from nodewise.cli.demo import build_llama, log_llama
+    from nodewise.demo_models import build_llama, log_llama
     from tasks.mpi.launcher import stop_cluster
     from tasks.planning.profile_models import profile_registered
     from tasks.planning.registry import resolve_model

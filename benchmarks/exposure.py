@@ -1,6 +1,6 @@
 """What another machine can reach of the local default: run `nodewise demo --detach` (a Serve app
 and a two-rank DeepSpeed job), list every TCP port its processes listen on, and probe each from
-another network host (a namespace joined to this one by a veth pair; tests/support/netns.py): an HTTP
+another network host (a namespace joined to this one by a veth pair; benchmarks/_netns.py): an HTTP
 GET and an inference POST, and where no HTTP answers, a gRPC call without Ray's token.
 
     python benchmarks/exposure.py                  # this checkout
@@ -16,7 +16,6 @@ import argparse
 import collections
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -24,13 +23,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-# Before the test helpers' import sets the tests' own environment (a sandbox op cache among it).
 OP_CACHE = os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".nodewise" / "torch_extensions"))
 
-import tests.support.sandbox  # noqa: E402  (the tests' temporary folders for every library)
-from tests.support.cli import listening, loopback, remove_state  # noqa: E402
-from tests.support.netns import peer_host, probe  # noqa: E402
-from tests.support.ports import free_port_block  # noqa: E402
+from benchmarks._netns import peer_host, probe  # noqa: E402
+from nodewise.core.procs import free_port_block  # noqa: E402
+from nodewise.ops.processes import listening, loopback, remove_state  # noqa: E402
 
 
 def nodewise(source: Path, env: dict[str, str], *args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
@@ -68,7 +65,6 @@ def main() -> None:
     finally:
         nodewise(source, env, "down", timeout=300)
         remove_state(state)
-        shutil.rmtree(tests.conftest._SANDBOX, ignore_errors=True)
     exposed = {port: where for port, where in ports.items() if not loopback(where[1])}
     for port, (name, address) in sorted(exposed.items(), key=lambda kv: kv[1]):
         print(f"{name} {address}:{port} -> {answers[port]!r}")

@@ -72,7 +72,7 @@ def main() -> None:
     configure_process(settings)
     from mlflow import MlflowClient
 
-    from nodewise.cli.demo import build_llama, log_llama
+    from nodewise.demo_models import build_llama, log_llama
     from tasks.mpi.launcher import stop_cluster
     from tasks.planning.registry import resolve_model
 

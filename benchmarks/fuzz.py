@@ -43,7 +43,7 @@ def main() -> None:
     triggers = {"webhook_secret": "fuzz-" + uuid.uuid4().hex, "receiver_port": 24416}
     with local_instance("nwz-", 24410, serve={"replicas": 1}, triggers=triggers) as settings:
         from flows.deploy import deploy_model
-        from nodewise.cli.demo import register_demo_model
+        from nodewise.demo_models import register_demo_model
 
         model = register_demo_model(str(settings.state.artifacts))
         with using_settings(settings):
@@ -104,7 +104,7 @@ def fuzz_rank0(settings: Any, examples: int) -> dict[str, Any]:
     raw = ("/invocations", "/generate")
     report = _timed(lambda: fuzz_endpoint(f"{record.endpoint}/openapi.json", examples, raw_paths=raw))
     if report["server_errors"]:  # what rank 0 logged for them (its request ids), for the record
-        from tasks.mpi.launcher import app_log
+        from tasks.mpi.health import app_log
 
         failed = [line for line in (app_log(settings, record.app_name, 400) or "").splitlines() if "failed:" in line]
         report["rank0_log"] = failed[-10:]

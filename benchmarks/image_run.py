@@ -160,7 +160,8 @@ def register(url: str, state: Path, inventories: Path) -> dict[str, str]:
     os.environ["MLFLOW_TRACKING_URI"] = url
     from mlflow import MlflowClient
 
-    from nodewise.cli.demo import (
+    from nodewise.core.settings import Settings
+    from nodewise.demo_models import (
         DEMO_EXPERIMENT,
         DEMO_LM,
         DEMO_MODEL,
@@ -168,7 +169,6 @@ def register(url: str, state: Path, inventories: Path) -> dict[str, str]:
         register_demo_model,
         too_small_inventory,
     )
-    from nodewise.core.settings import Settings
     from tasks.planning.profile_models import profile_with_cache
     from tasks.planning.registry import resolve_model
 
@@ -293,7 +293,7 @@ def run_rayservice(objects: dict, lan: Hosts, ctrs: Containers, folder: Path) ->
     accepted_s = time.monotonic() - start
     app = config["applications"][0]
     url = f"http://{lan[0].address}:8000{app['route_prefix'].rstrip('/')}/invocations"
-    from nodewise.cli.demo import digits_split
+    from nodewise.demo_models import digits_split
 
     _, _, x_test, y_test = digits_split()
     body = {"inputs": [[round(float(v), 4) for v in x_test[0]]]}

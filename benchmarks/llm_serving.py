@@ -184,7 +184,8 @@ def hf_static(model_dir: Path, prompts: list[list[int]], batch: int, new_tokens:
 def metrics_cost(resolved: Any, settings: Any, run_levels: Any, levels: list[int]) -> dict[str, Any]:
     """Rank 0 (batching, TP=2) with its metrics on and off, after a warm-up, in ABBA order: whole answers
     and streamed ones; the ratio of the medians of each pair's tokens/s and streamed TTFT p99."""
-    from tasks.mpi.launcher import launch, stop_cluster, wait_ready
+    from tasks.mpi.health import wait_ready
+    from tasks.mpi.launcher import launch, stop_cluster
 
     runs: dict[str, list[dict[str, Any]]] = {"on": [], "off": [], "warm-up": []}
     # a first launch not counted (the first one runs cold: file cache, allocator), then on/off in ABBA order
@@ -244,8 +245,9 @@ def main() -> None:
     configure_process(settings)
     from mlflow import MlflowClient
 
-    from nodewise.cli.demo import build_llama, log_llama
-    from tasks.mpi.launcher import launch, stop_cluster, wait_ready
+    from nodewise.demo_models import build_llama, log_llama
+    from tasks.mpi.health import wait_ready
+    from tasks.mpi.launcher import launch, stop_cluster
     from tasks.planning.registry import resolve_model
 
     model, tokenizer = build_llama(hidden=args.hidden, layers=args.layers, heads=max(4, args.hidden // 64))
@@ -284,7 +286,7 @@ def main() -> None:
         try:
             result.update(metrics_cost(resolved, settings, run_levels, levels))
         finally:
-            from nodewise.cli.status import stop_everything
+            from nodewise.ops.status import stop_everything
 
             stop_cluster(settings, "bench")
             stop_everything(settings)
@@ -323,7 +325,7 @@ def main() -> None:
             "no_request_over_2x_alone_at_4": by.get(4, {}).get("slowest_vs_alone", 0) <= 2,
         }
     finally:
-        from nodewise.cli.status import stop_everything
+        from nodewise.ops.status import stop_everything
 
         stop_cluster(settings, "bench")
         stop_everything(settings)

@@ -46,7 +46,8 @@ from tests.support import LoadClient  # noqa: E402
 
 
 def launch_timed(spec: Any, hosts: list[str], settings: Any) -> tuple[Any, float]:
-    from tasks.mpi.launcher import launch, wait_ready
+    from tasks.mpi.health import wait_ready
+    from tasks.mpi.launcher import launch
 
     start = time.monotonic()
     cluster = launch(spec, hosts, 1, settings)
@@ -249,7 +250,7 @@ def on_exit_event(subscriber: ExitedSubscriber) -> Any:
 
 def node_loss(settings: Any, lan: Any, record: Any, clients: int, subscriber: ExitedSubscriber) -> dict:
     """Every process of rank 1's host killed and the host off the network."""
-    from tasks.mpi.launcher import read_cluster
+    from tasks.mpi.records import read_cluster
 
     victim = next(h for h in lan.hosts if h.address == read_cluster(settings, record.app_name).hosts[1])
     result = under_fault(settings, record, clients, lambda: lan.kill_host(victim), on_exit_event(subscriber))
@@ -262,15 +263,17 @@ def killed_rank(settings: Any, record: Any, clients: int, subscriber: ExitedSubs
     import os
     import signal
 
-    from tasks.mpi.launcher import read_cluster
-    from tests.support.lm import rank_pids
+    import httpx
 
-    pid = rank_pids(read_cluster(settings, record.app_name).endpoint)[1]
+    from tasks.mpi.records import read_cluster
+
+    health = httpx.get(f"{read_cluster(settings, record.app_name).endpoint}/health", timeout=10).json()
+    pid = health["ranks"][1]["pid"]  # rank 0 answers for every rank
     return under_fault(settings, record, clients, lambda: os.kill(pid, signal.SIGKILL), on_exit_event(subscriber))
 
 
 def partition(settings: Any, lan: Any, record: Any, every_s: float, clients: int) -> dict:
-    from tasks.mpi.launcher import read_cluster
+    from tasks.mpi.records import read_cluster
 
     cluster = read_cluster(settings, record.app_name)
     victim = next(h for h in lan.hosts if h.address == cluster.hosts[1])
@@ -316,10 +319,10 @@ def main() -> None:
         from mlflow import MlflowClient
         from prefect.settings import PREFECT_API_URL
 
-        from nodewise.cli.demo import build_llama, log_llama, too_small_inventory
-        from nodewise.cli.status import stop_everything
         from nodewise.core.runtime import configure_process
         from nodewise.core.settings import Settings
+        from nodewise.demo_models import build_llama, log_llama, too_small_inventory
+        from nodewise.ops.status import stop_everything
         from tasks.planning.profile_models import profile_with_cache
         from tasks.planning.registry import resolve_model
         from tests.support.flows import deploy_model

@@ -123,7 +123,7 @@ def main() -> None:
         os.environ.update({"MLFLOW_TRACKING_URI": mlflow_url, "MLFLOW_DISABLE_TELEMETRY": "true"})
         from mlflow import MlflowClient
 
-        from nodewise.cli.demo import register_demo_model
+        from nodewise.demo_models import register_demo_model
         from tasks.planning.profile_models import PROFILE_TAG
 
         client = MlflowClient(tracking_uri=mlflow_url, registry_uri=mlflow_url)
@@ -198,7 +198,7 @@ def rollout_figures(client: object, endpoint: str, state: Path, seconds: int, ca
        first answer from the new version, and to the champion alias moved;
     3. canary mode at 25%: the share of ``canary_requests`` (8 threads) the challenger answered."""
     from benchmarks._load import run_wrk, wait_ready
-    from nodewise.cli.demo import digits_split
+    from nodewise.demo_models import digits_split
     from tasks.planning.profile_models import PROFILE_TAG
 
     _, _, x_test, _ = digits_split()

@@ -81,9 +81,9 @@ def main() -> None:
     from ray import serve
 
     from benchmarks._load import run_wrk, wait_ready
+    from nodewise.core.procs import free_port
     from nodewise.core.runtime import serve_environment
     from nodewise.core.settings import Settings
-    from tasks.mpi.launcher import free_port
 
     body = json.dumps({"inputs": [[0.5] * 784]}).encode()
     temp = Path(tempfile.mkdtemp(prefix="nw-ingress-", dir="/tmp"))

@@ -24,13 +24,11 @@ from typing import Any
 from serving.dist_env import DistEnv, DistEnvError, discover, network_exports, rendezvous_url, route_source
 from serving.rank0_frontend import Frontend
 from serving.rank_health import ClusterView, RankState, heartbeats
-from serving.spec import SPEC_ENV, DeepSpeedSpec
+from serving.spec import ERROR_MARK, SPEC_ENV, DeepSpeedSpec
 from serving.step_loop import _engine_step, _plan, _run, _step_loop
 
-# what other modules (tasks/mpi/launcher.py, the tests) import from here
-__all__ = ["ERROR_MARK", "ClusterView", "Frontend", "RankState", "_engine_step", "_plan", "_run", "main"]
-
-ERROR_MARK = "nodewise-worker error:"
+# what other modules (the tests) import from here
+__all__ = ["ClusterView", "Frontend", "RankState", "_engine_step", "_plan", "_run", "main"]
 
 
 def main(argv: list[str]) -> int:

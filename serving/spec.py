@@ -1,7 +1,8 @@
 """The typed spec a serving process is started with.
 
 ``serving/`` owns this spec; ``tasks/`` builds it from a placement plan. It must stay
-importable without Prefect or anything else of nodewise's.
+importable without Prefect or anything else of nodewise's. Beside it, the two constants a
+DeepSpeed rank and its launcher (``tasks/mpi/``) share: ``SPEC_ENV`` and ``ERROR_MARK``.
 """
 
 from __future__ import annotations
@@ -131,6 +132,7 @@ LMFlavor = Literal["transformers", "pytorch"]
 
 
 SPEC_ENV = "NODEWISE_DEEPSPEED_SPEC"  # the spec's JSON, for ranks on hosts without the launcher's files
+ERROR_MARK = "nodewise-worker error:"  # starts the one line a rank that cannot start prints; the launcher reports it
 
 
 class DeepSpeedSpec(BaseModel):

@@ -130,8 +130,9 @@ def demo(
     """
     settings = _settings(runs_flows=True)
     started = time.monotonic()
-    from nodewise.cli.demo import register_demo_model
-    from nodewise.cli.demo_show import demo_multi_node, deploy_and_report, show_prediction
+    from nodewise.cli.demo_show import demo_multi_node, show_prediction
+    from nodewise.cli.deploy import deploy_and_report
+    from nodewise.demo_models import register_demo_model
 
     typer.echo(f"state folder: {settings.state_path}")
     model = register_demo_model(str(settings.state.artifacts), retrain=retrain)
@@ -179,7 +180,7 @@ def deploy(
     One node holds it: Ray Serve replicas. Several nodes needed: DeepSpeed ranks under mpirun.
     """
     settings = _settings(runs_flows=True)  # the library environment first: before Prefect, MLflow or Ray load
-    from nodewise.cli.demo_show import deploy_and_report
+    from nodewise.cli.deploy import deploy_and_report
     from tasks.planning.registry import parse_model_uri
 
     parse_model_uri(model_uri)  # a typo fails before anything starts
@@ -190,7 +191,7 @@ def deploy(
 def status(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False) -> None:
     """What is deployed, where, which version, and whether it answers."""
     settings = _settings()
-    from nodewise.cli.status import deployment_status
+    from nodewise.ops.status import deployment_status
 
     if as_json:
         # Ray's driver may print while connecting, and its threads later still: stdout (fd 1)
@@ -493,13 +494,13 @@ def logs(
 ) -> None:
     """The recent output of a deployment: every DeepSpeed rank's, or where Ray Serve's replicas log."""
     settings = _settings()
-    from nodewise.cli.status import deployment_logs
+    from nodewise.ops.status import deployment_logs
 
     typer.echo(deployment_logs(settings, app_name, lines))
 
 
 def _down(settings: Settings) -> list[str]:
-    from nodewise.cli.status import stop_everything
+    from nodewise.ops.status import stop_everything
 
     return stop_everything(settings)
 
@@ -509,7 +510,7 @@ def down() -> None:
     """Stop everything nodewise started: its Serve apps, DeepSpeed jobs, local Ray instance and
     what `nodewise up` started; nothing else (Kubernetes is left alone: `render --delete`)."""
     settings = _settings()
-    from nodewise.cli.services import down as stop_services
+    from nodewise.ops.services import down as stop_services
 
     for line in _down(settings):
         typer.echo(line)
@@ -523,7 +524,7 @@ def up() -> None:
     webhooks, the receiver and the webhook, all on 127.0.0.1 with SQLite. Run again while it is
     up, it starts again only what has stopped."""
     settings = _settings()
-    from nodewise.cli.services import up as start_services
+    from nodewise.ops.services import up as start_services
 
     typer.echo("starting Prefect server, MLflow server, a worker and the webhook receiver (about a minute)")
     services = start_services(settings)

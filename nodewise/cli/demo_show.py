@@ -1,20 +1,20 @@
-"""What the demo (and `nodewise deploy`) print: the deploy's outcome, a real prediction from the
-digits model, a generation from the multi-node LM, and a `curl` line for each."""
+"""What the demo prints: a real prediction from the digits model, a generation from the multi-node
+LM, and a `curl` line for each (the deploy's outcome is `nodewise deploy`'s, in deploy.py)."""
 
 from __future__ import annotations
 
 import json
-from typing import Any
 
 import typer
 
-from nodewise.core.settings import Settings, using_settings
+from nodewise.cli.deploy import deploy_and_report
+from nodewise.core.settings import Settings
 
 
 def demo_multi_node(settings: Settings, retrain: bool) -> None:
     from mlflow import MlflowClient
 
-    from nodewise.cli.demo import DEMO_LM, register_demo_lm, too_small_inventory
+    from nodewise.demo_models import DEMO_LM, register_demo_lm, too_small_inventory
     from tasks.planning.profile_models import profile_with_cache
     from tasks.planning.registry import resolve_model
 
@@ -51,7 +51,7 @@ def show_generation(endpoint: str) -> None:
 def show_prediction(endpoint: str) -> None:
     import httpx
 
-    from nodewise.cli.demo import digits_split
+    from nodewise.demo_models import digits_split
 
     _, _, x_test, y_test = digits_split()
     row = [round(float(v), 4) for v in x_test[0]]
@@ -65,13 +65,3 @@ def show_prediction(endpoint: str) -> None:
         "try it:\n  curl -s -X POST " + f"{endpoint}/invocations -H 'Content-Type: application/json' "
         f"-d '{json.dumps(body, separators=(',', ':'))}'"
     )
-
-
-def deploy_and_report(uri: str, replicas: int | None, settings: Settings, inventory: str = "local") -> Any:
-    from flows.deploy import deploy_model
-
-    with using_settings(settings):
-        record = deploy_model(uri, replicas=replicas, inventory=inventory)
-    typer.echo(f"deployed {record.model_uri} (version {record.model_version}) -> {record.endpoint}")
-    typer.echo(f"plan: {record.plan}")
-    return record

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 from collections.abc import Callable, Sequence
@@ -76,3 +77,21 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+def free_port_block(size: int = 4) -> int:
+    """A base port with ``size`` consecutive free ports on 127.0.0.1 (Ray's instance uses 4)."""
+    for _ in range(200):
+        base = random.randrange(20000, 29000)  # below Serve's direct-ingress ports (30000+)
+        if all(_bindable(base + i) for i in range(size)):
+            return base
+    raise RuntimeError("no free port block")
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True

@@ -71,6 +71,14 @@ def serve_environment(settings: Settings) -> dict[str, str]:
     if settings.serve.ingress == "haproxy":
         env["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
         env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] = str(settings.serve.drain_s)
+        # A request whose replica dies before answering goes to another one (HAProxy's L7 retries,
+        # with the `option redispatch 1` of Serve's config): `empty-response` is a replica that
+        # closed without a byte of answer, `junk-response` one cut in its head. Nothing reached the
+        # client, so sending it again is safe.
+        retries = settings.serve.retries
+        env["RAY_SERVE_HAPROXY_RETRY_ON"] = "conn-failure empty-response junk-response" if retries else "conn-failure"
+        if retries:
+            env["RAY_SERVE_HAPROXY_RETRIES"] = str(retries)
         hap = settings.state.haproxy
         env.update(
             {

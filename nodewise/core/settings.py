@@ -254,6 +254,16 @@ class ServeSettings(_Section):
         description="With haproxy ingress, how long a stopping replica keeps answering while "
         "HAProxy stops sending it requests (Ray's default is 30 s).",
     )
+    retries: Annotated[int, Field(ge=0, le=5)] = Field(
+        default=2,
+        description="With haproxy ingress, how many times HAProxy sends a request again, to another "
+        "replica, when its replica could not be reached or closed the connection without an answer "
+        "(it died, was killed by the watchdog, or its node was lost). Only a request whose client "
+        "has received nothing yet is sent again; nodewise's routes have no side effects, so the "
+        "answer is the one the first replica would have given. 0: only connection failures are "
+        "retried (Ray's default). A request that itself kills its replica reaches at most this "
+        "many more.",
+    )
     engine: bool = Field(
         default=True,
         description="A transformers text-generation model (one that fits one node) is served by the "

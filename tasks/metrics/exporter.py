@@ -55,7 +55,8 @@ def deployment_state(settings: Settings, record: DeploymentRecord, watch: dict[s
     if record.backend == "ray_serve" and record.spec.get("min_replicas") == 0 and watch.get("running") == 0:
         return "scaled_to_zero"  # a /ping would wake it: not asked
     if record.backend == "deepspeed_mpi":
-        from tasks.mpi.launcher import exit_code, read_cluster
+        from tasks.mpi.health import exit_code
+        from tasks.mpi.records import read_cluster
 
         cluster = read_cluster(settings, record.app_name)
         if cluster is None or exit_code(cluster) is not None:

@@ -79,7 +79,7 @@ def remove_targets(settings: Settings, app_name: str) -> None:
 def refresh(settings: Settings) -> None:
     """What needs no cluster call: DeepSpeed groups from their records (a restarted group may have
     moved hosts), and no file left for an app that is no longer deployed."""
-    from tasks.mpi.launcher import read_cluster
+    from tasks.mpi.records import read_cluster
 
     records = load_records(settings.state.records)
     for record in records.values():
@@ -100,7 +100,7 @@ def publish_targets(settings: Settings, record: DeploymentRecord) -> None:
         remove_targets(settings, record.app_name)
         return
     if record.backend == "deepspeed_mpi":
-        from tasks.mpi.launcher import read_cluster
+        from tasks.mpi.records import read_cluster
 
         cluster = read_cluster(settings, record.app_name)
         write_deepspeed_target(settings, record, cluster.endpoint if cluster is not None else record.endpoint)

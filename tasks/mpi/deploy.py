@@ -21,7 +21,10 @@ from serving.autotp import architecture_refusal, uneven_heads
 from serving.dist_env import is_local_host
 from serving.spec import DeepSpeedSpec, redact_uri
 from tasks.mpi.front import ensure_front, rank0_port, stop_front
-from tasks.mpi.launcher import Placement, choose_hosts, launch, read_cluster, stop_cluster, wait_ready
+from tasks.mpi.health import wait_ready
+from tasks.mpi.hosts import choose_hosts
+from tasks.mpi.launcher import launch, stop_cluster
+from tasks.mpi.records import Placement, read_cluster
 from tasks.planning.placement import PlacementPlan
 from tasks.planning.registry import ResolvedModel, artifact_file, load_input_example
 from tasks.records import app_name_for

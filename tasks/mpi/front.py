@@ -29,7 +29,7 @@ from nodewise.core.state import read_json, write_json
 from serving.dist_env import is_local_host, route_source
 
 FRONT_FILE = "front.json"
-CLUSTER_FILE = "cluster.json"  # the group's record (tasks/mpi/launcher.py): its endpoint is rank 0's address
+CLUSTER_FILE = "cluster.json"  # the group's record (tasks/mpi/records.py): its endpoint is rank 0's address
 START_TIMEOUT_S = 20.0
 
 

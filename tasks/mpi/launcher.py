@@ -1,39 +1,35 @@
 """The multi-node backend's launcher: mpirun started from the plan, supervised, stopped clean.
 
-One cluster per app, all in ``<state>/deepspeed/<app>/``: the spec every rank reads
-(``spec.json``), mpirun's output (``mpirun.log``) and what was launched (``cluster.json``: pid,
-ports, hosts, command). ``mpirun`` runs in a session of its own, so stopping it reaches every
-process it started; DeepSpeed's shared-memory buffers of the job are removed after it.
-DeepSpeed's compiled ops are cached in ``<state>/torch_extensions``: only the first launch on a
-machine builds them (~85 s).
+``launch`` writes the spec every rank reads (``spec.json``), starts mpirun (``command.py``)
+under its supervisor (``supervise.py``) in a session of its own, with its output in
+``mpirun.log``, records it (``records.py``: ``cluster.json``, ``placement.json``) and returns at
+once (``health.wait_ready``). ``relaunch`` stops the job and launches it again on the hosts that
+are up (``hosts.choose_hosts``). ``stop_cluster`` stops every session of the job, its ranks on
+other hosts and its shared memory; it is idempotent. DeepSpeed's compiled ops are cached in
+``<state>/torch_extensions``: only the first launch on a machine builds them (~85 s).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import secrets
-import shlex
 import shutil
 import subprocess
 import sys
-import time
 from datetime import UTC, datetime
-from pathlib import Path
-from typing import Any
 
-from pydantic import BaseModel
-
-from nodewise.core.errors import ClusterUnavailable, DeployFailed, NotEnoughHosts
+from nodewise.core.errors import ClusterUnavailable
 from nodewise.core.procs import free_port, port_open, session_members, stop_processes
 from nodewise.core.runtime import SOURCE_ROOT, library_environment
 from nodewise.core.settings import Settings
 from nodewise.core.state import atomic_write, read_json, write_json
 from serving._lm import local_shm_files
-from serving.deepspeed_worker import ERROR_MARK
-from serving.dist_env import RENDEZVOUS_PREFIX, is_local_host
+from serving.dist_env import is_local_host
 from serving.spec import SPEC_ENV, DeepSpeedSpec
+from tasks.mpi.command import mpirun_command
+from tasks.mpi.hosts import choose_hosts, job_sessions, remove_rendezvous_files, stop_remote_ranks
+from tasks.mpi.records import CHILDREN, LaunchedCluster, Placement, cluster_dir, read_cluster, read_placement
 from tasks.mpi.supervise import EXIT_FILE
 
 _FORWARDED = (
@@ -51,61 +47,6 @@ _FORWARDED = (
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR",
     SPEC_ENV,  # the spec itself: other hosts do not have this machine's state folder
 )
-
-
-class LaunchedCluster(BaseModel):
-    """What was launched for one app, as recorded in ``cluster.json``."""
-
-    app_name: str
-    pid: int  # the supervisor's (tasks/mpi/supervise.py), which leads the job's session on this machine
-    hosts: list[str]
-    ranks: int
-    master_addr: str
-    master_port: int
-    port: int
-    endpoint: str
-    command: list[str]
-    launch_id: str = ""  # in every rank's command line: a cleanup of this launch spares the next one
-    log_path: str
-    spec_path: str
-    started_at: str
-
-
-def cluster_dir(settings: Settings, app_name: str) -> Path:
-    return settings.state.deepspeed_job(app_name)
-
-
-def mpirun_command(
-    mpirun: str,
-    python: str,
-    spec_path: Path,
-    hosts: list[str],
-    ranks_per_host: int,
-    env_names: list[str],
-    extra: list[str],
-    remote_shell: str = "ssh",
-    launch_id: str = "",
-) -> list[str]:
-    """The mpirun command line: one rank per device, ``ranks_per_host`` on each host, in host order."""
-    local = all(is_local_host(h) for h in hosts)
-    host_arg = f"localhost:{len(hosts) * ranks_per_host}" if local else ",".join(f"{h}:{ranks_per_host}" for h in hosts)
-    cmd = [mpirun]
-    if os.geteuid() == 0:
-        cmd.append("--allow-run-as-root")
-    cmd += ["-np", str(len(hosts) * ranks_per_host), "--host", host_arg, "--map-by", "slot", "--bind-to", "none"]
-    if local:
-        cmd.append("--oversubscribe")  # "nodes" of one machine: a core may hold several ranks
-    else:
-        cmd += ["--mca", "plm_rsh_agent", remote_shell]  # how mpirun starts its daemon on each host
-        # Open MPI 4.1's daemon on another host maps hwloc's topology at "the biggest hole" of its
-        # address space and now and then segfaults there (hwloc_shmem_topology_write, mpirun then
-        # exits 139; seen in 1 of ~15 cross-host launches here). The ranks are not bound to cores
-        # (--bind-to none), so they need no shared topology: skip it.
-        cmd += ["--mca", "rtc_hwloc_vmhole", "none"]
-    for name in env_names:
-        cmd += ["-x", name]
-    worker = [python, "-m", "serving.deepspeed_worker", str(spec_path)]
-    return [*cmd, *extra, *worker, *([f"--launch={launch_id}"] if launch_id else [])]
 
 
 def launch(
@@ -133,7 +74,7 @@ def launch(
     folder.mkdir(parents=True, exist_ok=True)
     spec_path = folder / "spec.json"
     atomic_write(spec_path, spec.model_dump_json(indent=2))
-    _remove_rendezvous_files(folder)  # a killed launch's file would confuse this one's ranks
+    remove_rendezvous_files(folder)  # a killed launch's file would confuse this one's ranks
     (folder / EXIT_FILE).unlink(missing_ok=True)
     env = {
         **os.environ,
@@ -170,7 +111,7 @@ def launch(
             env=env,
             start_new_session=True,
         )
-    _CHILDREN[process.pid] = process
+    CHILDREN[process.pid] = process
     endpoint_host = "127.0.0.1" if local else hosts[0]
     cluster = LaunchedCluster(
         app_name=spec.app_name,
@@ -196,65 +137,6 @@ def launch(
     return cluster
 
 
-class Placement(BaseModel):
-    """Where the app's ranks run, and which other hosts may stand in for one that is down."""
-
-    hosts: list[str]
-    ranks_per_host: int
-    spares: list[str] = []
-
-
-def read_placement(settings: Settings, app_name: str) -> Placement:
-    path = cluster_dir(settings, app_name) / "placement.json"
-    if not path.exists():
-        raise ClusterUnavailable(f"DeepSpeed app {app_name} was never launched here; deploy it first")
-    return Placement.model_validate(read_json(path))
-
-
-def host_down(host: str, settings: Settings) -> str | None:
-    """Why ``host`` cannot take ranks now (the remote shell cannot run ``true`` on it), None if it can."""
-    if is_local_host(host):
-        return None
-    ds = settings.deepspeed
-    argv = [*shlex.split(ds.remote_shell), host, "true"]
-    try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=ds.host_check_timeout_s, check=False)
-    except subprocess.TimeoutExpired:
-        return f"{host} did not answer `{ds.remote_shell} {host} true` within {ds.host_check_timeout_s:.0f} s"
-    except OSError as e:
-        return f"remote shell {ds.remote_shell!r} cannot run ({e.strerror}); set NODEWISE_DEEPSPEED__REMOTE_SHELL"
-    if done.returncode != 0:
-        why = (done.stderr.strip().splitlines() or [f"status {done.returncode}"])[-1][:200]
-        return f"{host} is unreachable through {ds.remote_shell!r} ({why})"
-    return None
-
-
-def choose_hosts(placement: Placement, settings: Settings) -> tuple[list[str], dict[str, str]]:
-    """The hosts a relaunch uses: the current ones that are up, then spares in order, as many as before.
-
-    Returns them and why each skipped host is down. Raises ``NotEnoughHosts`` when too few are up.
-    """
-    wanted = len(placement.hosts)
-    chosen: list[str] = []
-    down: dict[str, str] = {}
-    for host in [*placement.hosts, *placement.spares]:
-        if len(chosen) == wanted:
-            break
-        why = host_down(host, settings)
-        if why is None:
-            chosen.append(host)
-        else:
-            down[host] = why
-    if len(chosen) < wanted:
-        raise NotEnoughHosts(
-            f"not enough nodes: the job needs {wanted} host(s) and only {len(chosen)} of "
-            f"{len(placement.hosts) + len(placement.spares)} answer (down: {', '.join(down)}); it is "
-            "relaunched when one comes back, or add a spare node of the same kind to the inventory",
-            down=down,
-        )
-    return chosen, down
-
-
 def relaunch(settings: Settings, app_name: str, spec: DeepSpeedSpec) -> LaunchedCluster:
     """Stop whatever runs of the app's job and launch it again (a fresh rendezvous port).
 
@@ -266,125 +148,6 @@ def relaunch(settings: Settings, app_name: str, spec: DeepSpeedSpec) -> Launched
     stop_cluster(settings, app_name)
     spares = [h for h in [*placement.hosts, *placement.spares] if h not in hosts]
     return launch(spec, hosts, placement.ranks_per_host, settings, spares=spares)
-
-
-_CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
-
-
-def read_cluster(settings: Settings, app_name: str) -> LaunchedCluster | None:
-    path = cluster_dir(settings, app_name) / "cluster.json"
-    if not path.exists():
-        return None
-    return LaunchedCluster.model_validate_json(path.read_text())
-
-
-def launched_apps(settings: Settings) -> set[str]:
-    """Apps with a launched job on record (running or not)."""
-    if not settings.state.deepspeed.exists():
-        return set()
-    return {p.parent.name for p in settings.state.deepspeed.glob("*/cluster.json")}
-
-
-def exit_code(cluster: LaunchedCluster) -> int | None:
-    """mpirun's exit status, or None while it runs (-1: gone, status unknown)."""
-    record = _exit_record(cluster)  # written by the supervisor as mpirun exits (each launch removes it)
-    if record is not None:
-        return int(record["status"])
-    child = _CHILDREN.get(cluster.pid)
-    if child is not None:
-        return child.poll()
-    import psutil
-
-    try:
-        proc = psutil.Process(cluster.pid)
-        command = " ".join(proc.cmdline())
-        if proc.status() != psutil.STATUS_ZOMBIE and ("tasks.mpi.supervise" in command or "mpirun" in command):
-            return None
-    except psutil.Error:
-        pass
-    record = _exit_record(cluster)  # it may have exited since the first look
-    return int(record["status"]) if record is not None else -1
-
-
-def exited_at(cluster: LaunchedCluster) -> float | None:
-    """When mpirun exited by itself (epoch seconds, from the supervisor's record), None if it did not."""
-    record = _exit_record(cluster)
-    return None if record is None or record.get("stopped") else float(record["t"])
-
-
-def _exit_record(cluster: LaunchedCluster) -> dict[str, Any] | None:
-    """The supervisor's ``exit.json`` for this launch: status, time, whether it was a stop."""
-    with contextlib.suppress(OSError, ValueError):
-        record = json.loads((Path(cluster.spec_path).parent / EXIT_FILE).read_text())
-        if isinstance(record, dict) and "status" in record and "t" in record:
-            return record
-    return None
-
-
-def health(cluster: LaunchedCluster, timeout_s: float = 2.0) -> dict[str, Any]:
-    """Rank 0's ``/health`` (per-rank heartbeats), or why it cannot be read."""
-    import httpx
-
-    try:
-        response = httpx.get(f"{cluster.endpoint}/health", timeout=timeout_s)
-        return response.json()
-    except (httpx.HTTPError, ValueError) as e:
-        return {"ready": False, "problems": [f"rank 0 does not answer at {cluster.endpoint} ({type(e).__name__})"]}
-
-
-def log_tail(cluster: LaunchedCluster, lines: int = 40) -> str:
-    return _tail(Path(cluster.log_path), lines)
-
-
-def app_log(settings: Settings, app_name: str, lines: int = 40) -> str | None:
-    """The last ``lines`` of the app's mpirun output (every rank's), None if it was never launched."""
-    path = cluster_dir(settings, app_name) / "mpirun.log"
-    return _tail(path, lines) if path.exists() else None
-
-
-def _tail(path: Path, lines: int) -> str:
-    if not path.exists():
-        return ""
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-
-
-def worker_error(cluster: LaunchedCluster) -> str | None:
-    """The first ``nodewise-worker error:`` line of the current launch, if a rank wrote one."""
-    text = Path(cluster.log_path).read_text(errors="replace") if Path(cluster.log_path).exists() else ""
-    current = text.rsplit("\n=== ", 1)[-1]
-    for line in current.splitlines():
-        if ERROR_MARK in line:
-            return line.split(ERROR_MARK, 1)[1].strip()
-    return None
-
-
-def wait_ready(cluster: LaunchedCluster, timeout_s: float) -> dict[str, Any]:
-    """Block until every rank is ready; raise ``DeployFailed`` if mpirun exits or time runs out."""
-    deadline = time.monotonic() + timeout_s
-    last: dict[str, Any] = {}
-    while time.monotonic() < deadline:
-        code = exit_code(cluster)
-        if code is not None:
-            reason = worker_error(cluster) or f"mpirun exited with status {code}: {_last_line(cluster)}"
-            raise DeployFailed(f"the DeepSpeed ranks did not start: {reason} (log: {cluster.log_path})")
-        last = health(cluster)
-        if last.get("ready"):
-            return last
-        time.sleep(0.2)
-    problems = "; ".join(last.get("problems", [])) or "no answer"
-    raise DeployFailed(
-        f"the DeepSpeed ranks were not ready within {timeout_s:.0f} s ({problems}); raise "
-        f"NODEWISE_DEEPSPEED__READY_TIMEOUT_S or see {cluster.log_path}"
-    )
-
-
-def _last_line(cluster: LaunchedCluster) -> str:
-    tail = [
-        line
-        for line in log_tail(cluster, 20).splitlines()
-        if line.strip() and not line.startswith("nodewise: mpirun exited")  # the supervisor's own line
-    ]
-    return tail[-1][:300] if tail else "no output"
 
 
 def stop_cluster(settings: Settings, app_name: str) -> list[str]:
@@ -406,86 +169,16 @@ def stop_cluster(settings: Settings, app_name: str) -> list[str]:
     for path in local_shm_files(cluster.master_addr, cluster.master_port) if cluster else []:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-    _remove_rendezvous_files(folder)
+    remove_rendezvous_files(folder)
     (cluster_dir(settings, app_name) / "cluster.json").unlink(missing_ok=True)
-    _CHILDREN.pop(cluster.pid, None)
+    CHILDREN.pop(cluster.pid, None)
     return done
-
-
-def stop_remote_ranks(settings: Settings, launches: dict[str, str], spec_path: str) -> list[str]:
-    """Kill ranks of the job's launches left on other hosts (``{host: launch id}``): mpirun killed
-    hard, or a host cut off when it stopped.
-
-    Through the remote shell, by the launch's command line (a later launch on the same host is
-    spared); a host that does not answer is noted in ``leftovers.json`` and tried again at the
-    next stop or watchdog pass (``clean_leftovers``).
-    """
-    folder = Path(spec_path).parent
-    pending = _leftovers(folder)
-    pending.update({h: launch for h, launch in launches.items() if not is_local_host(h)})
-    if not pending:
-        return []
-    ds = settings.deepspeed
-    still: dict[str, str] = {}
-    for host, launch in sorted(pending.items()):
-        # "[s]erving": the pattern matches the ranks, not the shell that runs pkill with it
-        pattern = f"[s]erving.deepspeed_worker {spec_path}" + (f" --launch={launch}" if launch else "")
-        argv = [*shlex.split(ds.remote_shell), host, f"pkill -KILL -f -- {shlex.quote(pattern)}; true"]
-        try:
-            ok = subprocess.run(argv, capture_output=True, timeout=ds.host_check_timeout_s, check=False).returncode == 0
-        except (subprocess.TimeoutExpired, OSError):
-            ok = False
-        if not ok:
-            still[host] = launch
-    if not still:
-        (folder / LEFTOVERS).unlink(missing_ok=True)
-        return []
-    write_json(folder / LEFTOVERS, still)
-    return [f"could not reach {', '.join(still)} to stop ranks left there; tried again at the next pass"]
-
-
-def clean_leftovers(settings: Settings, app_name: str) -> list[str]:
-    """Stop ranks an earlier stop could not reach (a host that was cut off and is back)."""
-    folder = cluster_dir(settings, app_name)
-    before = _leftovers(folder)
-    if not before:
-        return []
-    notes = stop_remote_ranks(settings, {}, str(folder / "spec.json"))
-    cleaned = sorted(set(before) - set(_leftovers(folder)))
-    return [f"stopped ranks left on {', '.join(cleaned)}"] if cleaned else notes
-
-
-def _leftovers(folder: Path) -> dict[str, str]:
-    path = folder / LEFTOVERS
-    return {str(k): str(v) for k, v in read_json(path).items()} if path.exists() else {}
-
-
-LEFTOVERS = "leftovers.json"
-
-
-def job_sessions(spec_path: Path) -> list[int]:
-    """The mpirun sessions on this machine running the job of ``spec_path`` (each mpirun leads its own)."""
-    import psutil
-
-    marker = str(spec_path)
-    found = []
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        with contextlib.suppress(psutil.Error, OSError):
-            if marker in (proc.info["cmdline"] or []) and os.getsid(proc.info["pid"]) == proc.info["pid"]:
-                found.append(proc.info["pid"])
-    return sorted(found)
-
-
-def _remove_rendezvous_files(folder: Path) -> None:
-    """The file store the ranks of a one-machine job met through (serving/dist_env.py)."""
-    for path in folder.glob(RENDEZVOUS_PREFIX + "*"):
-        path.unlink(missing_ok=True)
 
 
 def _stop_session(sid: int, grace_s: float) -> int:
     """SIGTERM every process of session ``sid`` (mpirun and its ranks), SIGKILL what remains."""
     stopped = stop_processes(lambda: session_members(sid), grace_s)
-    child = _CHILDREN.get(sid)
+    child = CHILDREN.get(sid)
     if child is not None:
         with contextlib.suppress(subprocess.TimeoutExpired):
             child.wait(timeout=5)

@@ -120,7 +120,8 @@ def check_deepspeed(settings: Settings, record: DeploymentRecord) -> str | None:
     """Why the DeepSpeed job is sick, or None when every rank is ready and a canary answers in time."""
     import httpx
 
-    from tasks.mpi.launcher import exit_code, health, read_cluster, worker_error
+    from tasks.mpi.health import exit_code, health, worker_error
+    from tasks.mpi.records import read_cluster
 
     cluster = read_cluster(settings, record.app_name)
     if cluster is None:
@@ -151,7 +152,8 @@ def restart_deepspeed(settings: Settings, record: DeploymentRecord) -> tuple[flo
     rank 0 now runs; its own record notes it too."""
     from serving.spec import DeepSpeedSpec
     from tasks.mpi.front import follow
-    from tasks.mpi.launcher import relaunch, wait_ready
+    from tasks.mpi.health import wait_ready
+    from tasks.mpi.launcher import relaunch
 
     started = time.monotonic()
     cluster = relaunch(settings, record.app_name, DeepSpeedSpec.model_validate(record.spec))
@@ -235,7 +237,9 @@ def _watch_one(settings: Settings, record: DeploymentRecord, watch: AppWatch) ->
 def _watch_deepspeed(
     settings: Settings, record: DeploymentRecord, watch: AppWatch, action: Callable[..., Action]
 ) -> list[Action]:
-    from tasks.mpi.launcher import choose_hosts, clean_leftovers, read_cluster, read_placement, stop_cluster
+    from tasks.mpi.hosts import choose_hosts, clean_leftovers
+    from tasks.mpi.launcher import stop_cluster
+    from tasks.mpi.records import read_cluster, read_placement
 
     clean_leftovers(settings, record.app_name)  # ranks a partition kept out of reach of the last stop
     cause = check_deepspeed(settings, record) if watch.pending is None else f"finishing an interrupted {watch.pending}"

@@ -12,7 +12,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support.cli import NODEWISE, listening, loopback, ray_processes, remove_state, run, user_environment
+from nodewise.ops.processes import listening, loopback, ray_processes, remove_state
+from tests.support.cli import NODEWISE, run, user_environment
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +28,7 @@ def check_nothing_answers_from_another_host(state: str) -> str | None:
     """The local default is for one machine: from another network host (a namespace joined to this
     one), no port of the demo's processes takes a request without credentials. Returns why the
     probe from another host could not run (no network namespaces here), else None."""
-    from tests.support.netns import available, peer_host, probe
+    from benchmarks._netns import available, peer_host, probe
 
     ports = listening(state)
     exposed = {port: where for port, where in ports.items() if not loopback(where[1])}

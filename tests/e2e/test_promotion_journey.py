@@ -21,9 +21,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from nodewise.core.procs import free_port_block
+from nodewise.ops.processes import remove_state
 from tests.support import read_events, wait_for_events
-from tests.support.cli import NODEWISE, remove_state, user_environment
-from tests.support.ports import free_port_block
+from tests.support.cli import NODEWISE, user_environment
 from tests.support.registrar import Registrar
 from tests.support.wait import wait_until
 

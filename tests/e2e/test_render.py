@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from nodewise.ops.processes import remove_state
 from tests.k8s_schema import validate
 from tests.kube_emulator import kube_emulator, write_kubeconfig
-from tests.support.cli import NODEWISE, remove_state, user_environment
+from tests.support.cli import NODEWISE, user_environment
 
 ROOT = Path(__file__).resolve().parents[2]
 GPU_CLUSTER = str(ROOT / "deployments" / "inventory" / "gpu-cluster.yaml")
@@ -25,7 +26,7 @@ def user() -> Iterator[tuple[Path, dict[str, str]]]:
     """A user's state with the demo model registered in its MLflow."""
     state, env = user_environment("nw-render-")
     script = (
-        "import mlflow, sys; from nodewise.cli.demo import register_demo_model; "
+        "import mlflow, sys; from nodewise.demo_models import register_demo_model; "
         f"mlflow.set_tracking_uri('sqlite:///{state}/mlflow.db'); register_demo_model(sys.argv[1])"
     )
     subprocess.run([sys.executable, "-c", script, str(state / "artifacts")], env=env, check=True, timeout=300, cwd=ROOT)

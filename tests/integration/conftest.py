@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from nodewise.core.procs import free_port_block
 from nodewise.core.runtime import configure_process
 from nodewise.core.settings import Settings
 from tests.conftest import RAY_TEST_TOKEN
-from tests.support.ports import free_port_block
 
 _SESSION_RAY_TOKEN = RAY_TEST_TOKEN  # see tests/conftest.py
 
@@ -68,7 +68,7 @@ def module_settings(**overrides: object) -> Iterator[Settings]:
     yield s
     import ray
 
-    from nodewise.cli.status import stop_everything
+    from nodewise.ops.status import stop_everything
 
     ray.shutdown()
     stop_everything(s)
@@ -79,7 +79,7 @@ def module_settings(**overrides: object) -> Iterator[Settings]:
 
 @pytest.fixture(scope="module")
 def digits_model(settings: Settings) -> str:
-    from nodewise.cli.demo import register_demo_model
+    from nodewise.demo_models import register_demo_model
 
     model = register_demo_model(str(settings.state.artifacts))
     return f"models:/{model.name}@champion"
@@ -90,7 +90,7 @@ def registered_with_serve_tags(settings: Settings, name: str, **serve: float) ->
     sets per-model serving options in the registry); returns (name, version)."""
     from mlflow import MlflowClient
 
-    from nodewise.cli.demo import register_demo_model
+    from nodewise.demo_models import register_demo_model
 
     model = register_demo_model(str(settings.state.artifacts), name=name)
     client = MlflowClient()

@@ -52,7 +52,7 @@ def deployed(settings: Settings, tiny_llama: str) -> object:
 
 
 def test_the_flow_places_it_on_two_ranks_and_records_it(settings: Settings, deployed: object) -> None:
-    from nodewise.cli.status import deployment_logs, deployment_status
+    from nodewise.ops.status import deployment_logs, deployment_status
 
     assert deployed.backend == "deepspeed_mpi"
     assert deployed.spec["tp_size"] == 2
@@ -75,10 +75,11 @@ def test_a_pytorch_flavour_hugging_face_module_is_sharded_too(settings: Settings
     import mlflow
     import torch
 
-    from nodewise.cli.demo import build_llama
     from nodewise.core.procs import free_port
+    from nodewise.demo_models import build_llama
     from serving.spec import DeepSpeedSpec
-    from tasks.mpi.launcher import launch, stop_cluster, wait_ready
+    from tasks.mpi.health import wait_ready
+    from tasks.mpi.launcher import launch, stop_cluster
 
     model, _ = build_llama(hidden=64, layers=2, heads=4, max_positions=128, seed=2)
     ids = np.asarray([[3, 4, 5, 6, 7, 8]])
@@ -126,7 +127,8 @@ def test_ranks_on_cuda_answer_like_the_whole_model_on_cpu(settings: Settings, de
     from nodewise.core.procs import free_port
     from serving._lm import LanguageModel
     from serving.spec import DeepSpeedSpec
-    from tasks.mpi.launcher import launch, stop_cluster, wait_ready
+    from tasks.mpi.health import wait_ready
+    from tasks.mpi.launcher import launch, stop_cluster
 
     ranks = 2 if torch.cuda.device_count() >= 2 else 1  # NCCL wants one GPU per rank
     spec = DeepSpeedSpec.model_validate(deployed.spec).model_copy(
@@ -155,7 +157,8 @@ def test_two_ranks_answer_like_one_rank_and_like_the_whole_model(
     from nodewise.core.procs import free_port
     from serving._lm import LanguageModel
     from serving.spec import DeepSpeedSpec
-    from tasks.mpi.launcher import launch, stop_cluster, wait_ready
+    from tasks.mpi.health import wait_ready
+    from tasks.mpi.launcher import launch, stop_cluster
 
     ids = [[5, 17, 33, 60, 2, 9, 44, 71], [80, 3, 3, 12, 50, 61, 7, 8]]
     tp2 = np.asarray(
@@ -372,7 +375,9 @@ def test_a_rank_that_cannot_start_is_reported_and_nothing_is_left(
 
     from nodewise.core.procs import free_port
     from serving.spec import DeepSpeedSpec
-    from tasks.mpi.launcher import launch, read_cluster, stop_cluster, wait_ready
+    from tasks.mpi.health import wait_ready
+    from tasks.mpi.launcher import launch, stop_cluster
+    from tasks.mpi.records import read_cluster
 
     with mlflow.start_run(experiment_id=experiment):
         info = mlflow.pytorch.log_model(
@@ -403,7 +408,7 @@ def test_a_rank_that_cannot_start_is_reported_and_nothing_is_left(
 def test_a_new_version_whose_ranks_fail_is_rolled_back(settings: Settings, experiment: str, deployed: object) -> None:
     from mlflow import MlflowClient
 
-    from nodewise.cli.demo import build_llama, log_llama
+    from nodewise.demo_models import build_llama, log_llama
     from tasks.planning.profile_models import profile_with_cache
     from tasks.planning.registry import resolve_model
     from tests.support.flows import deploy_model
@@ -428,8 +433,8 @@ def test_a_new_version_whose_ranks_fail_is_rolled_back(settings: Settings, exper
 
 
 def test_stopping_leaves_no_process_and_no_shared_memory(settings: Settings, deployed: object) -> None:
-    from nodewise.cli.status import stop_everything
-    from tasks.mpi.launcher import read_cluster
+    from nodewise.ops.status import stop_everything
+    from tasks.mpi.records import read_cluster
 
     cluster = read_cluster(settings, deployed.app_name)
     pids = rank_pids(deployed.endpoint)

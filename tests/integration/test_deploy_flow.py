@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from nodewise.cli.demo import digits_split
-from nodewise.cli.status import deployment_status
 from nodewise.core.errors import DeployFailed, ModelNotFound, RegistryUnreachable, UnsupportedModel
 from nodewise.core.settings import Settings
+from nodewise.demo_models import digits_split
+from nodewise.ops.status import deployment_status
 from tasks.records import load_records
 from tests.integration.conftest import registered_with_serve_tags
 from tests.support import serve_replicas, wait_until
@@ -124,7 +124,7 @@ def test_replicas_follow_a_load_step_up_and_back_down_with_no_request_lost(setti
     watchdog, passing while the new replica starts, restarts nothing and reports nothing: a
     scale-up is not a sick replica."""
 
-    from nodewise.cli.status import deployment_status
+    from nodewise.ops.status import deployment_status
     from tasks.watchdog.engine import watch_once
     from tests.support import LoadClient
 

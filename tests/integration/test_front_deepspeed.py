@@ -53,7 +53,7 @@ def _text(chunks: list[dict[str, Any]]) -> tuple[list[int], str]:
 
 def test_the_endpoint_is_the_front_and_rank_0_has_a_port_of_its_own(settings: Settings, deployed: Any) -> None:
     from tasks.mpi.front import read_front
-    from tasks.mpi.launcher import read_cluster
+    from tasks.mpi.records import read_cluster
 
     front, cluster = read_front(settings, deployed.app_name), read_cluster(settings, deployed.app_name)
     assert deployed.endpoint == front.endpoint == f"http://127.0.0.1:{settings.deepspeed.port}"
@@ -63,7 +63,8 @@ def test_the_endpoint_is_the_front_and_rank_0_has_a_port_of_its_own(settings: Se
 
 
 def test_a_killed_rank_fails_no_safe_request_and_the_stream_goes_on(settings: Settings, deployed: Any) -> None:
-    from tasks.mpi.launcher import exit_code, read_cluster
+    from tasks.mpi.health import exit_code
+    from tasks.mpi.records import read_cluster
     from tasks.watchdog.engine import watch_once
     from tests.support.lm import rank_pids
 
@@ -97,8 +98,8 @@ def test_a_killed_rank_fails_no_safe_request_and_the_stream_goes_on(settings: Se
 
 
 def test_status_shows_the_front_and_down_stops_it(settings: Settings, deployed: Any) -> None:
-    from nodewise.cli.status import deployment_status, stop_everything
     from nodewise.core.procs import port_open
+    from nodewise.ops.status import deployment_status, stop_everything
 
     [row] = [r for r in deployment_status(settings)["deployments"] if r["app"] == deployed.app_name]
     assert row["front"] == "serving"

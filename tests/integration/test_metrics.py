@@ -239,7 +239,7 @@ def test_a_killed_replica_is_replaced_counted_and_its_target_follows(
     eventually(prometheus, 'nodewise_deployment_state{app="tiny-llama", state="serving"}', 1)
     eventually(prometheus, 'nodewise_restart_budget_remaining{app="tiny-llama"}', settings.watchdog.max_restarts)
     # nodewise status reads the same endpoints: its live line for the app
-    from nodewise.cli.status import deployment_status
+    from nodewise.ops.status import deployment_status
 
     rows = {r["app"]: r for r in deployment_status(settings)["deployments"]}
     traffic = rows[SERVED]["traffic"]

@@ -58,7 +58,7 @@ def settings(prefect_harness: None, lan: netns.Hosts) -> Iterator[Settings]:
 def deployed(settings: Settings, lan: netns.Hosts) -> Any:
     from mlflow import MlflowClient
 
-    from nodewise.cli.demo import too_small_inventory
+    from nodewise.demo_models import too_small_inventory
     from tasks.planning.profile_models import profile_with_cache
     from tasks.planning.registry import resolve_model
     from tests.support.flows import deploy_model
@@ -114,14 +114,14 @@ def _watch_until(settings: Settings, wanted: str, deadline_s: float) -> list[Any
 def test_ranks_on_two_hosts_cooperate_and_answer_like_the_whole_model(
     settings: Settings, lan: netns.Hosts, deployed: Any
 ) -> None:
-    from nodewise.cli.status import deployment_status
+    from nodewise.ops.status import deployment_status
     from serving._lm import LanguageModel
     from serving.spec import DeepSpeedSpec
 
     h0, h1, h2 = lan.addresses
     assert deployed.backend == "deepspeed_mpi"
     from tasks.mpi.front import read_front
-    from tasks.mpi.launcher import read_cluster
+    from tasks.mpi.records import read_cluster
 
     rank0 = read_cluster(settings, deployed.app_name).endpoint
     assert rank0.startswith(f"http://{h0}:")  # rank 0 answers on its host's address
@@ -161,7 +161,8 @@ def test_ranks_on_two_hosts_cooperate_and_answer_like_the_whole_model(
 def test_a_dead_node_is_replaced_by_the_spare_and_told_at_once(
     settings: Settings, lan: netns.Hosts, deployed: Any
 ) -> None:
-    from tasks.mpi.launcher import exited_at, read_cluster
+    from tasks.mpi.health import exited_at
+    from tasks.mpi.records import read_cluster
 
     h0, h1, h2 = lan.addresses
     killed_at = time.time()
@@ -212,7 +213,7 @@ def test_a_cut_off_host_is_seen_hanging_and_left_clean_when_it_returns(
     wait_until(lambda: not lan[1].pids(), 30, "no process left on the mended host", seen=lan[1].processes)
     assert lan[1].processes() == []
 
-    from nodewise.cli.status import stop_everything
+    from nodewise.ops.status import stop_everything
 
     stop_everything(settings)
     assert lan.leftovers() == {}  # `down` leaves nothing on any host

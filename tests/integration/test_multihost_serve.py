@@ -131,8 +131,8 @@ def _kill_marked(marker: str) -> None:
 def test_a_dead_node_loses_only_its_replica_and_serve_recreates_it_where_there_is_room(
     cluster: Cluster, tmp_path: Path
 ) -> None:
-    from nodewise.cli.demo import register_demo_model
     from nodewise.core.settings import Settings
+    from nodewise.demo_models import register_demo_model
 
     state = tmp_path / "state"
     env = {

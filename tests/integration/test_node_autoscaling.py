@@ -15,9 +15,9 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from nodewise.cli.demo import digits_split
-from nodewise.cli.status import deployment_status
 from nodewise.core.settings import Settings
+from nodewise.demo_models import digits_split
+from nodewise.ops.status import deployment_status
 from tests.support import LoadClient, serve_replicas, wait_until
 from tests.support.flows import deploy_model
 

@@ -90,7 +90,7 @@ def two_node_cluster(prefect_harness: None) -> Iterator[tuple[str, Settings]]:
 @pytest.fixture(scope="module")
 def deployed(two_node_cluster: tuple[str, Settings]) -> DeploymentRecord:
     """The demo model deployed onto the two-node cluster (two replicas)."""
-    from nodewise.cli.demo import register_demo_model
+    from nodewise.demo_models import register_demo_model
 
     address, settings = two_node_cluster
     model = register_demo_model(str(settings.state.artifacts))

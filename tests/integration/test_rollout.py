@@ -24,8 +24,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from nodewise.cli.status import deployment_status
 from nodewise.core.settings import Settings
+from nodewise.ops.status import deployment_status
 from tasks.records import get_record
 from tasks.rollout import store
 from tests.support import LoadClient, wait_until

@@ -12,8 +12,8 @@ import pandas as pd
 import pytest
 import torch
 
-from nodewise.cli.demo import digits_split
 from nodewise.core.settings import Settings
+from nodewise.demo_models import digits_split
 from tasks.records import DeploymentRecord
 from tests.support import serve_replicas
 from tests.support.flows import deploy_model

@@ -8,9 +8,9 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from nodewise.cli.demo import digits_split, register_demo_model
 from nodewise.core.errors import DeployFailed
 from nodewise.core.settings import Settings
+from nodewise.demo_models import digits_split, register_demo_model
 from tasks.records import DeploymentRecord, get_record
 from tests.support import LoadClient, wait_until
 from tests.support.flows import deploy_model

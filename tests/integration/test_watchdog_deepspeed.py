@@ -42,7 +42,8 @@ def logits(endpoint: str) -> np.ndarray:
 
 
 def wait_mpirun_gone(settings: Settings, app: str, timeout_s: float = 20) -> None:
-    from tasks.mpi.launcher import exit_code, read_cluster
+    from tasks.mpi.health import exit_code
+    from tasks.mpi.records import read_cluster
 
     cluster = read_cluster(settings, app)
     deadline = time.monotonic() + timeout_s
@@ -61,7 +62,7 @@ def test_a_healthy_job_is_left_alone(settings: Settings, deployed: object) -> No
 
 def test_a_killed_rank_restarts_every_rank_and_the_answers_come_back(settings: Settings, deployed: object) -> None:
     from serving._lm import local_shm_files
-    from tasks.mpi.launcher import read_cluster
+    from tasks.mpi.records import read_cluster
     from tasks.watchdog.engine import watch_once
 
     expected = logits(deployed.endpoint)
@@ -86,7 +87,7 @@ def test_a_killed_rank_restarts_every_rank_and_the_answers_come_back(settings: S
 
 
 def test_ranks_that_die_on_every_start_stop_at_the_budget(settings: Settings, deployed: object) -> None:
-    from nodewise.cli.status import deployment_status
+    from nodewise.ops.status import deployment_status
     from tasks.watchdog.engine import load_watch, reset, watch_once
     from tests.support.flows import watch_deployments
 
@@ -134,7 +135,8 @@ WATCH_ONCE = (
 def test_a_watchdog_killed_mid_restart_is_finished_by_the_next_pass_with_one_group(
     settings: Settings, deployed: object, tmp_path: Path
 ) -> None:
-    from tasks.mpi.launcher import cluster_dir, job_sessions, read_cluster
+    from tasks.mpi.hosts import job_sessions
+    from tasks.mpi.records import cluster_dir, read_cluster
     from tasks.watchdog.engine import load_watch, watch_once
 
     spec_path = cluster_dir(settings, deployed.app_name) / "spec.json"

@@ -106,6 +106,26 @@ def test_a_hung_replica_is_restarted_alone_and_the_endpoint_keeps_answering(
     assert sum(n for outcome, n in client.outcomes.items() if outcome != "200") <= 4, client.failures
 
 
+def test_a_killed_replica_fails_no_request_its_calls_go_to_the_other(
+    settings: Settings, deployed: DeploymentRecord
+) -> None:
+    """SIGKILL of one replica under a steady client: HAProxy sends what was in flight on it to the
+    other replica (``serve.retries``), and Serve starts a replacement; no client sees an error."""
+    before = replicas(deployed.app_name)
+    victim = next(iter(before.values()))
+    with LoadClient(f"{deployed.endpoint}/invocations", BODY, workers=4) as client:
+        wait_until(lambda: client.ok >= 40, 60, "the client served before the fault", every_s=0.1)
+        os.kill(victim["pid"], signal.SIGKILL)
+        wait_until(
+            lambda: len(now := replicas(deployed.app_name)) == 2 and victim["actor_id"] not in now,
+            120,
+            "Serve replaced the killed replica",
+        )
+        served = client.ok
+        wait_until(lambda: client.ok >= served + 40, 60, "answers after the replacement", every_s=0.1)
+    assert set(client.outcomes) == {"200"}, client.failures
+
+
 def test_a_replica_failing_every_request_is_restarted_alone(
     settings: Settings, deployed: DeploymentRecord, flags: Path
 ) -> None:
@@ -149,7 +169,7 @@ def test_a_replica_leaking_memory_is_restarted_alone(
 def test_a_replica_that_stays_sick_exhausts_the_budget_and_is_left_alone(
     settings: Settings, deployed: DeploymentRecord, flags: Path
 ) -> None:
-    from nodewise.cli.status import deployment_status
+    from nodewise.ops.status import deployment_status
     from tasks.watchdog.engine import load_watch, reset, watch_once
     from tests.support.flows import watch_deployments
 

@@ -1,5 +1,6 @@
-"""What tests and benchmarks share: one closed-loop load client, one Prefect event reader, one view of
-Serve's replicas, one ``wait_until``. Benchmarks import from here and from no other test module."""
+"""What tests share: one closed-loop load client, one Prefect event reader, one view of Serve's
+replicas, one ``wait_until``. Benchmarks import no test module: the few that still import from
+here are listed, to move out, in pyproject.toml's contract "Benchmarks import no test module"."""
 
 from tests.support.events import read_events, wait_for_events
 from tests.support.load import LoadClient, Outcome

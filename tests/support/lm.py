@@ -11,7 +11,7 @@ def register_tiny_llama(settings: Settings, experiment_name: str, seed: int = 0,
     """Register a tiny Llama (transformers flavour) with its artifacts in the state folder."""
     from mlflow import MlflowClient
 
-    from nodewise.cli.demo import build_llama, log_llama
+    from nodewise.demo_models import build_llama, log_llama
 
     client = MlflowClient()
     found = client.get_experiment_by_name(experiment_name)
@@ -28,7 +28,7 @@ def deploy_on_two_ranks(settings: Settings, model_uri: str) -> object:
     """Deploy through the flow on a declared inventory of two local nodes, each too small for one copy."""
     from mlflow import MlflowClient
 
-    from nodewise.cli.demo import too_small_inventory
+    from nodewise.demo_models import too_small_inventory
     from tasks.planning.profile_models import profile_with_cache
     from tasks.planning.registry import resolve_model
     from tests.support.flows import deploy_model

@@ -23,7 +23,7 @@ def register(job):
     mlflow.set_tracking_uri(job["tracking_uri"])
     mlflow.set_registry_uri(job["tracking_uri"])
     if job["kind"] == "demo-retrained":
-        from nodewise.cli.demo import register_demo_model
+        from nodewise.demo_models import register_demo_model
         return register_demo_model(job["root"], alias="staging", retrain=True).version
     from tests.support.models import BrokenOnLoad, DoubleIt, register_pyfunc
     model = {"double-it": DoubleIt, "broken-on-load": BrokenOnLoad}[job["kind"]]()

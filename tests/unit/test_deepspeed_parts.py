@@ -23,8 +23,8 @@ from serving.deepspeed_worker import ClusterView, Frontend, RankState
 from serving.errors import BadRequest
 from serving.messages import Add, Cancel, Forward, Generate, Tick
 from serving.spec import DeepSpeedSpec
+from tasks.mpi.command import mpirun_command
 from tasks.mpi.deploy import build_deepspeed_spec
-from tasks.mpi.launcher import mpirun_command
 from tasks.planning.inventory import Inventory, Node
 from tasks.planning.inventory_sources import inventory_from_yaml
 from tasks.planning.placement import plan_placement

@@ -17,9 +17,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from nodewise.core.procs import free_port_block
 from serving.front import Front, FrontConfig, build_app, prepare
 from serving.http_server import HttpLimits, HttpServer
-from tests.support.ports import free_port_block
 
 NEXT = 7  # the upstream's "model": each token is (previous * NEXT + 3) % 100, greedy and repeatable
 

@@ -8,11 +8,11 @@ from pathlib import Path
 import httpx
 import pytest
 
+from nodewise.core.procs import free_port_block
 from nodewise.core.settings import Settings
 from tasks.mpi import front as front_process
 from tasks.mpi.front import endpoint_host, ensure_front, follow, read_front, stop_front
 from tests.support import wait_until
-from tests.support.ports import free_port_block
 
 
 def test_a_front_on_every_interface_is_recorded_at_this_machines_address_on_the_ranks_network(

@@ -54,6 +54,18 @@ def test_the_launcher_bounds_cold_starts_in_model_backends_only_and_haproxy_acce
     # the stats and metrics pages moved to Serve's host (127.0.0.1 by default)
     assert "bind 127.0.0.1:8404" in parts["listen stats"]
     assert "bind 127.0.0.1:9101" in parts["frontend prometheus"]
+    # serve.retries (2 by default): HAProxy holds a whole request, so it can send it to another replica
+    assert parts["defaults"].count("option http-buffer-request") == 1
+
+
+def test_without_retries_requests_are_not_buffered(tmp_path: Path) -> None:
+    launcher = write_haproxy_launcher(Settings(state_dir=tmp_path / "state", serve={"retries": 0}))
+    assert launcher is not None
+    cfg = tmp_path / "haproxy.cfg"
+    shutil.copy(FIXTURE, cfg)
+    checked = subprocess.run([str(launcher), "-c", "-f", str(cfg)], capture_output=True, text=True, timeout=60)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "http-buffer-request" not in cfg.read_text()
 
 
 def test_an_existing_cluster_or_the_python_proxy_gets_no_launcher(tmp_path: Path) -> None:

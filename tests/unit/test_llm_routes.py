@@ -18,7 +18,7 @@ from serving.openai_api import Limits
 
 @pytest.fixture(scope="module")
 def served():
-    from nodewise.cli.demo import build_llama
+    from nodewise.demo_models import build_llama
 
     module, tokenizer = build_llama(hidden=64, layers=2, heads=4, max_positions=128)
     module.generation_config.eos_token_id = None  # every answer runs to max tokens: comparable lengths

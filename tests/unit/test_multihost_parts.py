@@ -17,7 +17,8 @@ import pytest
 from nodewise.core.errors import NotEnoughHosts
 from nodewise.core.settings import Settings
 from serving.dist_env import DistEnv, DistEnvError, network_exports
-from tasks.mpi.launcher import Placement, choose_hosts, host_down
+from tasks.mpi.hosts import choose_hosts, host_down
+from tasks.mpi.records import Placement
 from tasks.mpi.supervise import EXIT_FILE
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from nodewise.cli.demo import char_tokenizer
+from nodewise.demo_models import char_tokenizer
 from serving import openai_api
 from serving.errors import GenerationFailed, NotReady, RequestTimeout, encode_json
 from serving.messages import EndEvent, ErrorEvent, FinishReason, TokenEvent

@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from nodewise.cli.demo import char_tokenizer
+from nodewise.demo_models import char_tokenizer
 from serving import _bodies as bodies
 from serving import engine, openai_api, openapi
 from serving.errors import BadRequest

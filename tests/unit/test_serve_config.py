@@ -137,6 +137,14 @@ def test_serve_environment_reaches_haproxy_paths_inside_short_state_folders(tmp_
     # Serve adds "/<56-char node id>/metrics.sock"; HAProxy refuses socket paths of 97+ characters.
     assert len(env["RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH"]) + 57 < 97
     assert "/haproxy-serve" not in " ".join(env.values())
+    # a request whose replica died without answering goes to another replica, twice at most
+    assert (env["RAY_SERVE_HAPROXY_RETRY_ON"], env["RAY_SERVE_HAPROXY_RETRIES"]) == (
+        "conn-failure empty-response junk-response",
+        "2",
+    )
+    never = serve_environment(Settings(state_dir=tmp_path, serve={"retries": 0}))
+    assert never["RAY_SERVE_HAPROXY_RETRY_ON"] == "conn-failure"  # Ray's own default
+    assert "RAY_SERVE_HAPROXY_RETRIES" not in never
     proxy = serve_environment(Settings(state_dir=tmp_path, serve={"ingress": "proxy"}))
     assert proxy["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "0"
     assert "RAY_SERVE_ENABLE_HA_PROXY" not in proxy

@@ -1,4 +1,5 @@
-"""The demo model: a small torch MLP trained on scikit-learn's digits (shipped with scikit-learn)."""
+"""The demo's models, shared by the demo, benchmarks and tests: a small torch MLP trained on
+scikit-learn's digits (shipped with scikit-learn), and a small Llama-style LM with random weights."""
 
 from __future__ import annotations
 

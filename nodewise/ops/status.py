@@ -139,7 +139,7 @@ _ROLLOUT_OUTCOMES = ("promoted from rollout", "rolled back")
 def _where_ranks_run(settings: Settings, app_name: str) -> dict[str, Any]:
     """A DeepSpeed job's hosts now: each rank's, the spares, and rank 0's endpoint (it moves with rank 0)."""
     from nodewise.core.errors import ClusterUnavailable
-    from tasks.mpi.launcher import read_cluster, read_placement
+    from tasks.mpi.records import read_cluster, read_placement
 
     try:
         placement = read_placement(settings, app_name)
@@ -171,7 +171,8 @@ def stop_everything(settings: Settings) -> list[str]:
     Returns what was done.
     """
     from tasks.mpi.front import stop_front
-    from tasks.mpi.launcher import launched_apps, stop_cluster
+    from tasks.mpi.launcher import stop_cluster
+    from tasks.mpi.records import launched_apps
 
     done = []
     records = load_records(settings.state.records)
@@ -201,7 +202,8 @@ def deployment_logs(settings: Settings, app_name: str, lines: int = 40) -> str:
         NotDeployed: no such deployment.
     """
     from nodewise.core.errors import NotDeployed
-    from tasks.mpi.launcher import app_log, launched_apps
+    from tasks.mpi.health import app_log
+    from tasks.mpi.records import launched_apps
 
     records = load_records(settings.state.records)
     record = records.get(app_name)
