@@ -20,6 +20,7 @@ RESOURCES = {  # "group/version/plural" -> (kind, singular, namespaced)
     "v1/configmaps": ("ConfigMap", "configmap", True),
     "v1/serviceaccounts": ("ServiceAccount", "serviceaccount", True),
     "v1/nodes": ("Node", "node", False),
+    "apps/v1/deployments": ("Deployment", "deployment", True),
     "rbac.authorization.k8s.io/v1/roles": ("Role", "role", True),
     "rbac.authorization.k8s.io/v1/rolebindings": ("RoleBinding", "rolebinding", True),
     "ray.io/v1/rayservices": ("RayService", "rayservice", True),

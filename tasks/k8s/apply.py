@@ -108,7 +108,7 @@ def readiness(manifest: dict[str, Any], live: dict[str, Any]) -> tuple[bool, str
         ready = conditions.get("Running", {}).get("status") == "True"
         if conditions.get("Failed", {}).get("status") == "True":
             raise DeployFailed(f"{_where(manifest)} failed: {conditions['Failed'].get('message', 'no message')}")
-    elif kind == "LeaderWorkerSet":
+    elif kind in ("LeaderWorkerSet", "Deployment"):  # a Deployment: a DeepSpeed group's front
         ready = conditions.get("Available", {}).get("status") == "True"
     else:
         return True, "no readiness to wait for"
@@ -117,10 +117,11 @@ def readiness(manifest: dict[str, Any], live: dict[str, Any]) -> tuple[bool, str
 
 
 def wait_ready(objects: list[dict[str, Any]], api: Any, timeout_s: float, poll_s: float = 2.0) -> None:
-    """Until every workload reports ready; DeployFailed naming it and its status after ``timeout_s``."""
+    """Until every workload, and a DeepSpeed group's front (a Deployment), reports ready;
+    DeployFailed naming it and its status after ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
     for manifest in objects:
-        if manifest["kind"] not in OPERATORS:
+        if manifest["kind"] not in (*OPERATORS, "Deployment"):
             continue
         resource = _resource(api, manifest)
         said = "not found"
@@ -169,13 +170,12 @@ def restart_group(api: Any, manifest: dict[str, Any]) -> list[str]:
         return [f"deleted and recreated {_where(manifest)}"]
     if manifest["kind"] != "LeaderWorkerSet":
         raise InvalidInput(f"{manifest['kind']} has no rank group to restart: restart its sick replica instead")
-    from tasks.k8s.render import LABEL  # on every pod template nodewise renders
+    from tasks.k8s.watch import list_pods  # the group's pods: never its front's, which holds meanwhile
 
     core = client.CoreV1Api(api)
-    listed = core.list_namespaced_pod(meta["namespace"], label_selector=f"{LABEL}={meta['name']}").items
-    pods = [p for p in listed if (p.metadata.labels or {}).get(LABEL) == meta["name"]]  # the selector, checked
+    pods = list_pods(api, meta["namespace"], meta["name"])
     for pod in pods:
-        core.delete_namespaced_pod(pod.metadata.name, meta["namespace"])
+        core.delete_namespaced_pod(pod["metadata"]["name"], meta["namespace"])
     return [f"deleted {len(pods)} pod(s) of {_where(manifest)} together"]
 
 

@@ -30,10 +30,12 @@ class Rendered(BaseModel):
 
     def record(self) -> DeploymentRecord:
         """What the watchdog keeps of it once applied (tasks/k8s/watch.py)."""
+        from tasks.k8s.render import endpoint_name
         from tasks.k8s.watch import workload
 
         main = workload(self.objects)
-        service = next(o for o in self.objects if o["kind"] == "Service")
+        users = endpoint_name(main["metadata"]["name"])  # the front's, where there is one; not rank 0's
+        service = next(o for o in self.objects if o["kind"] == "Service" and o["metadata"]["name"] == users)
         meta, port = service["metadata"], service["spec"]["ports"][0]["port"]
         return DeploymentRecord(
             app_name=f"{main['metadata']['namespace']}/{main['metadata']['name']}",
@@ -133,7 +135,11 @@ def manifests_for(
     if not plan.fits:
         raise DoesNotFit(f"{model.pinned_uri} was not rendered: {plan.explain()}")
     if plan.backend == "deepspeed_mpi":
-        spec: Any = build_deepspeed_spec(model, plan, settings)
+        # Rank 0 has a pod of its own, apart from the front's: deepspeed.rank0_port where set, else
+        # the deployment's port (not a free port of this machine, as a local front's rank 0 gets).
+        ds = settings.deepspeed
+        port = (ds.rank0_port or ds.port) if ds.front else ds.port
+        spec: Any = build_deepspeed_spec(model, plan, settings).model_copy(update={"port": port})
     else:
         spec = build_spec(model, plan, settings, planned.serve)
     warnings = []
@@ -144,7 +150,7 @@ def manifests_for(
             f"--allow-local: the tracking URI {redact_uri(settings.tracking_uri)} or the artifacts at "
             f"{model.artifact_uri} are on this machine; only pods on this machine can read them"
         )
-    objects = render(spec, plan, settings.kubernetes, multi_node or settings.kubernetes.multi_node)
+    objects = render(spec, plan, settings.kubernetes, multi_node or settings.kubernetes.multi_node, settings.deepspeed)
     return Rendered(
         objects=objects,
         plan=plan,

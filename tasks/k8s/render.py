@@ -5,8 +5,16 @@
 - a multi-node plan: a Kubeflow ``MPIJob`` (kubeflow.org/v2beta1), or a ``LeaderWorkerSet``
   (leaderworkerset.x-k8s.io/v1), whose ranks run ``python -m serving.deepspeed_worker`` and derive
   their distributed environment themselves (serving/dist_env.py): nothing is set by hand;
-- a Service for the endpoint, and a ServiceAccount, Role and RoleBinding with what the watchdog
-  needs and no more;
+- a Service for the endpoint (``NAME-endpoint``, the name users call), and a ServiceAccount, Role and
+  RoleBinding with what the watchdog needs and no more;
+- for a multi-node plan with ``deepspeed.front`` on (the default), the group's front
+  (serving/front.py) as a workload of its own: a Deployment ``NAME-front`` whose pod runs
+  ``python -m serving.front`` on ``deepspeed.port``, proxying to rank 0 through a Service of rank
+  0's own (``NAME-rank0``, whose cluster DNS name stays when the group is recreated);
+  ``NAME-endpoint`` selects the front's pod, so a restarting group keeps its address and the front
+  holds and repeats requests meanwhile. Its probes read ``GET /front``, which answers 200 while the
+  group is down (``/ping`` would not, and the front would leave the Service just when it holds).
+  With the front off, ``NAME-endpoint`` selects rank 0's pod, as before;
 - a Prometheus Operator ``PodMonitor`` (monitoring.coreos.com/v1) for the pods that answer
   ``/metrics`` (serving/metrics.py), and ``prometheus.io/*`` annotations on their pod templates for
   Prometheus set-ups without the operator. Their targets get the labels a local instance's file-based
@@ -15,7 +23,10 @@
 
 Where metrics are read: DeepSpeed's rank 0 answers ``/metrics`` on its serving port (the MPIJob's
 worker 0, the LeaderWorkerSet's leader; no other rank serves HTTP, so the MPIJob's worker template,
-shared by every rank, carries no annotation). A Ray Serve replica answers on a port of its own (Serve's
+shared by every rank, carries no annotation). The front's ``/metrics`` is its own counters followed by
+rank 0's: its PodMonitor keeps only the ``nodewise_front_*`` series (rank 0's own PodMonitor reads
+the rest), and for discovery by annotation the front's pod is the one annotated (the LWS leader is
+not, or rank 0's series would be counted twice). A Ray Serve replica answers on a port of its own (Serve's
 ``/<route>/metrics`` reaches one replica at random: no scrape target): a worker pod declares one,
 ``REPLICA_METRICS_PORT``, which its replica binds. Where a pod holds several replicas (they share
 a GPU), only one of them can bind it: that one must serve the whole pod's metrics (prometheus_client's
@@ -32,7 +43,7 @@ import math
 from typing import Any, Literal
 
 from nodewise.core.runtime import RECORD_INTERVAL_FACTOR
-from nodewise.core.settings import KubernetesSettings
+from nodewise.core.settings import DeepSpeedSettings, KubernetesSettings
 from serving.spec import DeepSpeedSpec, ModelServeSpec
 from tasks.planning.placement import PlacementPlan
 
@@ -41,6 +52,10 @@ MultiNode = Literal["mpijob", "lws"]
 CREDENTIAL_VARIABLES = ("MLFLOW_TRACKING_URI",)
 IMAGE_SSH_DIR = "/home/nodewise/.ssh"  # deployments/image: its user's home
 LABEL = "nodewise.dev/app"
+ROLE = "nodewise.dev/role"  # "front" on the front's pods: never one of the group's (the watchdog skips it)
+FRONT = "front"
+FRONT_PROBE = "/front"  # the front's own state: 200 while the group is down (serving/front.py)
+FRONT_SERIES = "nodewise_front_.*"  # what the front's PodMonitor keeps (the rest is rank 0's, scraped there)
 SPEC_PATH = "/etc/nodewise/spec.json"
 METRICS_PATH = "/metrics"
 # A Ray Serve worker pod's metrics port (its replica's own /metrics; see above). Named apart from
@@ -55,30 +70,41 @@ def render(
     plan: PlacementPlan,
     k8s: KubernetesSettings,
     multi_node: MultiNode = "mpijob",
+    deepspeed: DeepSpeedSettings | None = None,
 ) -> list[dict[str, Any]]:
-    """Every manifest for ``spec`` as ``plan`` places it, in the order to apply them."""
+    """Every manifest for ``spec`` as ``plan`` places it, in the order to apply them.
+
+    ``deepspeed``: the front's settings for a multi-node plan (``front``, ``port``, ``hold_timeout_s``,
+    ``max_held``); the defaults (a front) when not given."""
     name = _dns(spec.app_name)
     objects = _rbac(name, k8s)
     if isinstance(spec, ModelServeSpec):
-        objects += [_ray_service(name, spec, plan, k8s), _service(name, k8s, {"ray.io/node-type": "head"}, 8000)]
-        objects[-1]["spec"]["selector"]["ray.io/cluster-name"] = name  # see _ray_service
+        objects += [_ray_service(name, spec, plan, k8s), _service(endpoint_name(name), k8s, {}, 8000)]
+        objects[-1]["spec"]["selector"] = {"ray.io/node-type": "head", "ray.io/cluster-name": name}  # _ray_service
         workers = {LABEL: name, "ray.io/node-type": "worker"}
         objects.append(_pod_monitor(name, spec.app_name, "ray_serve", workers, METRICS_PORT_NAME, k8s))
         return objects
+    ds = deepspeed or DeepSpeedSettings()
     objects.append(_spec_config_map(name, spec, k8s))
     if multi_node == "lws":
-        objects.append(_leader_worker_set(name, spec, plan, k8s))
-        selector = {"leaderworkerset.sigs.k8s.io/name": name, "leaderworkerset.sigs.k8s.io/worker-index": "0"}
+        objects.append(_leader_worker_set(name, spec, plan, k8s, annotated=not ds.front))
+        rank0 = {"leaderworkerset.sigs.k8s.io/name": name, "leaderworkerset.sigs.k8s.io/worker-index": "0"}
     else:
         objects.append(_mpi_job(name, spec, plan, k8s))
-        selector = {
+        rank0 = {
             "training.kubeflow.org/job-name": name,
             "training.kubeflow.org/job-role": "worker",
             "training.kubeflow.org/replica-index": "0",
         }
-    objects.append(_service(name, k8s, selector, spec.port))
-    objects.append(_pod_monitor(name, spec.app_name, "deepspeed_mpi", selector, "http", k8s))  # rank 0's pod
-    return objects
+    monitor = _pod_monitor(name, spec.app_name, "deepspeed_mpi", rank0, "http", k8s)  # rank 0's pod
+    if not ds.front:
+        return [*objects, _service(endpoint_name(name), k8s, rank0, spec.port), monitor]
+    return [*objects, *_front(name, spec, ds, k8s, rank0), monitor]
+
+
+def endpoint_name(name: str) -> str:
+    """The Service users call (``name``: the workload's)."""
+    return f"{name}-endpoint"
 
 
 # -- pieces ----------------------------------------------------------------------------------------
@@ -114,11 +140,11 @@ def _rbac(name: str, k8s: KubernetesSettings) -> list[dict[str, Any]]:
     ]
 
 
-def _service(name: str, k8s: KubernetesSettings, selector: dict[str, str], port: int) -> dict[str, Any]:
+def _service(service: str, k8s: KubernetesSettings, selector: dict[str, str], port: int) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": _meta(f"{name}-endpoint", k8s),
+        "metadata": _meta(service, k8s),
         "spec": {
             "selector": dict(selector),
             "ports": [{"name": "http", "port": port, "targetPort": port, "protocol": "TCP"}],
@@ -153,11 +179,13 @@ def _scrape_annotations(port: int) -> dict[str, str]:
     return {"prometheus.io/scrape": "true", "prometheus.io/port": str(port), "prometheus.io/path": METRICS_PATH}
 
 
-def _container(name: str, k8s: KubernetesSettings, command: list[str] | None, resources: dict) -> dict[str, Any]:
+def _container(
+    name: str, k8s: KubernetesSettings, command: list[str] | None, resources: dict, credentials: bool = True
+) -> dict[str, Any]:
     container: dict[str, Any] = {"name": name, "image": k8s.image, "imagePullPolicy": "IfNotPresent"}
     if command:
         container["command"] = command
-    if k8s.credentials_secret:  # the registry's credentials, by reference: no value is ever rendered
+    if credentials and k8s.credentials_secret:  # the registry's credentials, by reference: no value is ever rendered
         container["envFrom"] = [{"secretRef": {"name": k8s.credentials_secret}}]
     container["resources"] = resources
     return container
@@ -353,12 +381,16 @@ def _mpi_job(name: str, spec: DeepSpeedSpec, plan: PlacementPlan, k8s: Kubernete
     }
 
 
-def _leader_worker_set(name: str, spec: DeepSpeedSpec, plan: PlacementPlan, k8s: KubernetesSettings) -> dict:
+def _leader_worker_set(
+    name: str, spec: DeepSpeedSpec, plan: PlacementPlan, k8s: KubernetesSettings, annotated: bool = True
+) -> dict:
     """One group of ``plan.nodes`` pods, a rank per device; any pod's failure recreates the whole
-    group (RecreateGroupOnPodRestart)."""
+    group (RecreateGroupOnPodRestart). ``annotated``: the leader carries the scrape annotations
+    (not behind a front, which repeats its metrics)."""
     command = _lws_command(spec, plan)
     leader = _rank_pod(name, _container("rank", k8s, command, _rank_resources(plan, spec)), spec.port)
-    leader["metadata"]["annotations"] = _scrape_annotations(spec.port)  # rank 0 answers /metrics
+    if annotated:
+        leader["metadata"]["annotations"] = _scrape_annotations(spec.port)  # rank 0 answers /metrics
     # The leader holds rank 0: its /ping is 200 only when every rank is ready and heard from.
     leader["spec"]["containers"][0]["readinessProbe"] = {
         "httpGet": {"path": "/ping", "port": spec.port},
@@ -378,6 +410,51 @@ def _leader_worker_set(name: str, spec: DeepSpeedSpec, plan: PlacementPlan, k8s:
                 "restartPolicy": "RecreateGroupOnPodRestart",
                 "leaderTemplate": leader,
                 "workerTemplate": worker,
+            },
+        },
+    }
+
+
+def _front(
+    name: str, spec: DeepSpeedSpec, ds: DeepSpeedSettings, k8s: KubernetesSettings, rank0: dict[str, str]
+) -> list[dict[str, Any]]:
+    """Rank 0's own Service, the front's Deployment, the endpoint's Service to the front, its PodMonitor."""
+    front = {LABEL: name, ROLE: FRONT}
+    rank0_service = _service(f"{name}-rank0", k8s, rank0, spec.port)
+    upstream = f"http://{rank0_service['metadata']['name']}.{k8s.namespace}.svc:{spec.port}"
+    monitor = _pod_monitor(f"{name}-front", spec.app_name, "deepspeed_mpi", front, "http", k8s)
+    monitor["spec"]["podMetricsEndpoints"][0]["metricRelabelings"] = [
+        {"action": "keep", "sourceLabels": ["__name__"], "regex": FRONT_SERIES}
+    ]
+    return [
+        rank0_service,
+        _front_deployment(name, spec.app_name, upstream, ds, k8s),
+        _service(endpoint_name(name), k8s, front, ds.port),
+        monitor,
+    ]
+
+
+def _front_deployment(name: str, app: str, upstream: str, ds: DeepSpeedSettings, k8s: KubernetesSettings) -> dict:
+    """The group's front: one pod that outlives the group (serving/front.py), no credentials, no
+    Kubernetes API access; probed on ``/front``, which answers while the group restarts."""
+    command = ["python", "-m", "serving.front", "--upstream", upstream, "--host", "0.0.0.0", "--port", str(ds.port)]
+    command += ["--app", app, "--hold-timeout-s", str(ds.hold_timeout_s), "--max-held", str(ds.max_held)]
+    container = _container("front", k8s, command, _resources(0.5, 256 * 2**20, 0, 512 * 2**20), credentials=False)
+    container["ports"] = [{"containerPort": ds.port, "name": "http"}]
+    for probe, delay_s in (("readinessProbe", 0), ("livenessProbe", 10)):
+        container[probe] = {"httpGet": {"path": FRONT_PROBE, "port": ds.port}, "periodSeconds": 10}
+        container[probe] |= {"failureThreshold": 3, "initialDelaySeconds": delay_s}
+    labels = {LABEL: name, ROLE: FRONT}
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _meta(f"{name}-front", k8s),
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": dict(labels)},
+            "template": {
+                "metadata": {"labels": dict(labels), "annotations": _scrape_annotations(ds.port)},
+                "spec": {"automountServiceAccountToken": False, "containers": [container]},
             },
         },
     }

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from tasks.k8s.render import LABEL
+from tasks.k8s.render import FRONT, LABEL, ROLE
 
 CRASHING = {"CrashLoopBackOff", "Error", "RunContainerError", "CreateContainerError"}
 NOT_FIXED_BY_RESTART = {"ImagePullBackOff", "ErrImagePull", "InvalidImageName", "CreateContainerConfigError"}
 
 
-def workload(objects: list[dict[str, Any]]) -> dict[str, Any]:
+def workload(objects: list[dict[str, Any]]) -> dict[str, Any]:  # never the front's Deployment
     """The RayService, MPIJob or LeaderWorkerSet among the rendered objects."""
     return next(o for o in objects if o["kind"] in ("RayService", "MPIJob", "LeaderWorkerSet"))
 
@@ -45,12 +45,18 @@ def pod_state(pod: dict[str, Any]) -> tuple[str, str]:
 
 
 def list_pods(api: Any, namespace: str, app: str) -> list[dict[str, Any]]:
+    """The pods of ``app``'s workload; not its front's (a Deployment of its own restarts it, and a
+    group restart must leave it holding requests)."""
     from kubernetes import client
 
     core = client.CoreV1Api(api)
-    listed = core.list_namespaced_pod(namespace, label_selector=f"{LABEL}={app}").items
+    listed = core.list_namespaced_pod(namespace, label_selector=f"{LABEL}={app},{ROLE}!={FRONT}").items
     pods = [api.sanitize_for_serialization(p) for p in listed]
-    return [p for p in pods if (p["metadata"].get("labels") or {}).get(LABEL) == app]  # the selector, checked
+    return [p for p in pods if _of_workload(p["metadata"].get("labels") or {}, app)]  # the selector, checked
+
+
+def _of_workload(labels: dict[str, str], app: str) -> bool:
+    return labels.get(LABEL) == app and labels.get(ROLE) != FRONT
 
 
 def diagnose(kind: str, pods: list[dict[str, Any]]) -> tuple[dict[str, Any] | None, str | None, str | None]:

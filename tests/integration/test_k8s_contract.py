@@ -66,21 +66,23 @@ def test_a_cluster_without_the_operator_is_a_clear_error() -> None:
         apply(objects, client_for(url))
 
 
-def test_a_cluster_without_the_prometheus_operator_deploys_without_the_pod_monitor() -> None:
+def test_a_cluster_without_the_prometheus_operator_deploys_without_the_pod_monitors() -> None:
     objects, _ = multi_node("mpijob")
-    [monitor] = [o for o in objects if o["kind"] == "PodMonitor"]
-    skipped = (
-        f"skipped PodMonitor serving/{monitor['metadata']['name']}: the cluster does not serve PodMonitor "
+    monitors = [o["metadata"]["name"] for o in objects if o["kind"] == "PodMonitor"]  # rank 0's and the front's
+    assert len(monitors) == 2
+    skipped = [
+        f"skipped PodMonitor serving/{name}: the cluster does not serve PodMonitor "
         "(monitoring.coreos.com/v1): install the Prometheus Operator (https://prometheus-operator.dev)"
-    )
+        for name in monitors
+    ]
     with kube_emulator(without=("monitoring.coreos.com/v1/podmonitors",)) as url:
         api = client_for(url)
         done = apply(objects, api)
-        assert done[-1] == skipped
-        assert all(line.startswith("created ") for line in done[:-1])
+        assert done[-2:] == skipped
+        assert all(line.startswith("created ") for line in done[:-2])
         gone = delete(objects, api)
-        assert gone[0] == skipped
-        assert all(line.startswith("deleted ") for line in gone[1:])
+        assert gone[:2] == skipped[::-1]
+        assert all(line.startswith("deleted ") for line in gone[2:])
 
 
 def test_waiting_names_the_workload_and_its_status_then_sees_it_ready(api: object) -> None:
@@ -93,10 +95,16 @@ def test_waiting_names_the_workload_and_its_status_then_sees_it_ready(api: objec
     lws = dynamic.DynamicClient(api).resources.get(api_version="leaderworkerset.x-k8s.io/v1", kind="LeaderWorkerSet")
     status = {"status": {"conditions": [{"type": "Available", "status": "True"}]}}
     lws.patch(body=status, name="llama-70b", namespace="serving", content_type="application/merge-patch+json")
+    # the group is ready; its front (a Deployment of its own) is waited for too
+    with pytest.raises(DeployFailed, match=r"Deployment serving/llama-70b-front not ready after 1 s"):
+        wait_ready(objects, api, timeout_s=1, poll_s=0.2)
+    front = dynamic.DynamicClient(api).resources.get(api_version="apps/v1", kind="Deployment")
+    front.patch(body=status, name="llama-70b-front", namespace="serving", content_type="application/merge-patch+json")
     wait_ready(objects, api, timeout_s=5, poll_s=0.2)  # ready: returns
 
 
 def test_a_group_restart_deletes_every_pod_of_the_group_and_nothing_else(api: object) -> None:
+    """Not the group's front either: it holds requests while the group comes back."""
     from kubernetes import client
 
     objects, _ = multi_node("lws")
@@ -104,9 +112,11 @@ def test_a_group_restart_deletes_every_pod_of_the_group_and_nothing_else(api: ob
     core = client.CoreV1Api(api)
     for name, group in [("llama-70b-0", "llama-70b"), ("llama-70b-0-1", "llama-70b"), ("other-0", "other")]:
         core.create_namespaced_pod("serving", pod(name, {"nodewise.dev/app": group}))
+    front = next(o for o in objects if o["kind"] == "Deployment")["spec"]["template"]["metadata"]["labels"]
+    core.create_namespaced_pod("serving", pod("llama-70b-front-7d9c-x2v4q", front))
     lws = next(o for o in objects if o["kind"] == "LeaderWorkerSet")
     assert restart_group(api, lws) == ["deleted 2 pod(s) of LeaderWorkerSet serving/llama-70b together"]
-    assert pods(api) == ["other-0"]
+    assert pods(api) == ["llama-70b-front-7d9c-x2v4q", "other-0"]
 
 
 def test_an_mpijob_restart_recreates_the_job(api: object) -> None:

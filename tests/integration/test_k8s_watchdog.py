@@ -39,13 +39,13 @@ def applied(settings: Settings, api: object, objects: list[dict], plan: object) 
     return save_record(settings.state.k8s_records, rendered.record()).app_name
 
 
-def add_pod(api: object, name: str, app: str, status: dict) -> None:
+def add_pod(api: object, name: str, app: str, status: dict, labels: dict[str, str] | None = None) -> None:
     from kubernetes import client
 
     body = {
         "apiVersion": "v1",
         "kind": "Pod",
-        "metadata": {"name": name, "namespace": "serving", "labels": {LABEL: app}},
+        "metadata": {"name": name, "namespace": "serving", "labels": labels or {LABEL: app}},
         "spec": {"containers": [{"name": "c", "image": "nodewise:latest"}]},
         "status": status,
     }
@@ -111,11 +111,13 @@ def test_a_failed_rank_restarts_the_whole_group(cluster: tuple[object, Settings]
     add_pod(api, "llama-70b-0", "llama-70b", RUNNING)
     add_pod(api, "llama-70b-0-1", "llama-70b", FAILED)
     add_pod(api, "someone-else", "other", FAILED)  # not ours: never touched
+    front = next(o for o in objects if o["kind"] == "Deployment")["spec"]["template"]["metadata"]["labels"]
+    add_pod(api, "llama-70b-front-x", "llama-70b", CRASHING, front)  # its Deployment restarts it, not the group
     [action] = watch_once(settings)
     assert (action.event, action.app) == ("nodewise.cluster.restarted", app)
     assert action.cause == "pod llama-70b-0-1 failed (Error)"
     assert action.outcome == "deleted 2 pod(s) of LeaderWorkerSet serving/llama-70b together"
-    assert pods(api) == ["someone-else"]
+    assert pods(api) == ["llama-70b-front-x", "someone-else"]
 
 
 def test_unschedulable_pods_are_degraded_once_and_the_budget_ends_in_failed(cluster: tuple[object, Settings]) -> None:

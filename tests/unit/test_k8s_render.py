@@ -1,17 +1,19 @@
 """Kubernetes manifests from placement plans, validated strictly offline (tests/k8s_schema.py):
-the official CRDs for RayService, MPIJob, LeaderWorkerSet and PodMonitor, the core schemas for the rest."""
+the official CRDs for RayService, MPIJob, LeaderWorkerSet and PodMonitor, the core schemas for the rest
+(Services, ConfigMap, RBAC, the DeepSpeed front's Deployment)."""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import jsonschema
 import pytest
 
-from nodewise.core.settings import KubernetesSettings, Settings
+from nodewise.core.settings import DeepSpeedSettings, KubernetesSettings, Settings
 from serving.spec import DeepSpeedSpec
-from tasks.k8s.render import REPLICA_METRICS_PORT, render
+from tasks.k8s.render import FRONT_PROBE, REPLICA_METRICS_PORT, render
 from tasks.planning.inventory import Device, Inventory, Node
 from tasks.planning.placement import plan_placement
 from tasks.planning.profiling import MemoryProfile
@@ -52,13 +54,19 @@ def serve_manifests(
     return render(spec, plan, K8S), spec, plan
 
 
-def multi_node(multi: str = "mpijob", gpus: int = 2, k8s: KubernetesSettings = K8S) -> tuple[list[dict], object]:
+def multi_node(
+    multi: str = "mpijob",
+    gpus: int = 2,
+    k8s: KubernetesSettings = K8S,
+    deepspeed: DeepSpeedSettings | None = None,
+    app_name: str = "llama-70b",
+) -> tuple[list[dict], object]:
     plan = plan_placement(
         MemoryProfile(method="analytic", weight_bytes=200 * GIB, attention_heads=32), gpu_nodes(4, gpus, 80)
     )
     assert plan.backend == "deepspeed_mpi"
     spec = DeepSpeedSpec(
-        app_name="llama-70b",
+        app_name=app_name,
         model_uri="models:/llama-70b/3",
         model_name="llama-70b",
         model_version="3",
@@ -69,11 +77,19 @@ def multi_node(multi: str = "mpijob", gpus: int = 2, k8s: KubernetesSettings = K
         device="cuda",
         dtype="float16",
     )
-    return render(spec, plan, k8s, multi_node=multi), plan
+    return render(spec, plan, k8s, multi_node=multi, deepspeed=deepspeed), plan
 
 
 def by_kind(objects: list[dict]) -> dict[str, dict]:
     return {o["kind"]: o for o in objects}
+
+
+def named(objects: list[dict], name: str) -> dict:
+    [found] = [o for o in objects if o["metadata"]["name"] == name and o["kind"] in ("Service", "PodMonitor")]
+    return found
+
+
+NO_FRONT = DeepSpeedSettings(front=False)
 
 
 CASES = {
@@ -89,6 +105,8 @@ CASES = {
     "leaderworkerset-credentials-secret": lambda: multi_node("lws", k8s=WITH_SECRET)[0],
     "leaderworkerset": lambda: multi_node("lws")[0],
     "leaderworkerset-one-gpu-per-pod": lambda: multi_node("lws", gpus=1)[0],
+    "mpijob-no-front": lambda: multi_node("mpijob", deepspeed=NO_FRONT)[0],
+    "leaderworkerset-no-front": lambda: multi_node("lws", deepspeed=NO_FRONT)[0],
 }
 
 
@@ -97,7 +115,8 @@ def test_every_rendered_manifest_validates_strictly(case: str) -> None:
     objects = CASES[case]()
     kinds = [o["kind"] for o in objects]
     assert kinds[:3] == ["ServiceAccount", "Role", "RoleBinding"]
-    assert kinds[-2:] == ["Service", "PodMonitor"]
+    assert kinds[-1] == "PodMonitor"
+    assert len([o for o in objects if o["metadata"]["name"].endswith("-endpoint")]) == 1  # the one users call
     for manifest in objects:
         validate(manifest)
         assert manifest["metadata"]["namespace"] == "serving"
@@ -204,7 +223,7 @@ def test_mpijob_runs_every_rank_with_no_hand_set_environment() -> None:
     assert worker["resources"]["limits"]["nvidia.com/gpu"] == str(plan.devices_per_node)
     spec = json.loads(kinds["ConfigMap"]["data"]["spec.json"])
     assert (spec["host"], spec["tp_size"]) == ("0.0.0.0", plan.ranks)
-    assert kinds["Service"]["spec"]["selector"]["training.kubeflow.org/replica-index"] == "0"  # rank 0's pod
+    assert named(objects, "llama-70b-rank0")["spec"]["selector"]["training.kubeflow.org/replica-index"] == "0"
 
 
 def test_leaderworkerset_recreates_the_whole_group_and_starts_ranks_per_device() -> None:
@@ -295,9 +314,11 @@ def containers(objects: list[dict]) -> list[dict]:
 
 def test_credentials_reach_every_pod_by_reference_to_a_secret_never_by_value() -> None:
     for objects in (multi_node("mpijob", k8s=WITH_SECRET)[0], multi_node("lws", k8s=WITH_SECRET)[0]):
-        pods = containers(objects)
+        pods = [c for c in containers(objects) if c["name"] != "front"]
         assert pods
         assert all(c["envFrom"] == [{"secretRef": {"name": "nodewise-mlflow"}}] for c in pods)
+        [front] = [c for c in containers(objects) if c["name"] == "front"]
+        assert "envFrom" not in front  # the front reads no registry: it never gets the credentials
     [launcher] = [c for c in containers(multi_node("mpijob", k8s=WITH_SECRET)[0]) if c["name"] == "launcher"]
     command = launcher["command"]
     assert command[command.index("MLFLOW_TRACKING_URI") - 1] == "-x"  # mpirun hands it to the ranks
@@ -363,7 +384,7 @@ def test_no_credential_reaches_a_rendered_file(tmp_path: Path) -> None:
     for path in written:
         text = Path(path).read_text()
         assert "hunter2" not in text, path
-        if "containers:" in text:  # every workload names the Secret instead
+        if "containers:" in text and "-deployment-" not in path.name:  # every workload but the front names the Secret
             assert "secretRef:\n" in text, path
             assert "name: nodewise-mlflow" in text, path
     for spec in (serve, ranks):
@@ -414,7 +435,7 @@ def test_a_pod_monitor_scrapes_each_ray_serve_worker_pod_on_its_metrics_port() -
 def test_a_pod_monitor_scrapes_rank_0_on_its_serving_port_and_no_other_rank(multi: str) -> None:
     objects, _ = multi_node(multi)
     kinds = by_kind(objects)
-    monitor, service = kinds["PodMonitor"], kinds["Service"]
+    monitor, service = named(objects, "llama-70b-metrics"), named(objects, "llama-70b-rank0")
     workload = kinds["MPIJob" if multi == "mpijob" else "LeaderWorkerSet"]
     port = service["spec"]["ports"][0]["port"]
     # the same pod as the endpoint's Service: rank 0's (worker 0 of an MPIJob, an LWS group's leader)
@@ -427,10 +448,14 @@ def test_a_pod_monitor_scrapes_rank_0_on_its_serving_port_and_no_other_rank(mult
     rank0 = templates["worker" if multi == "mpijob" else "leader"]
     assert scraped(monitor, rank0) == [{"containerPort": port, "name": "http"}]
     annotated = {role for role, t in templates.items() if "annotations" in t["metadata"]}
-    # an MPIJob's worker template is every rank's: annotating it would make each rank a target
+    # an MPIJob's worker template is every rank's: annotating it would make each rank a target; the
+    # LWS leader is not annotated behind a front (which repeats its metrics: see the front's test)
+    assert annotated == set()
+    without = pod_templates(by_kind(multi_node(multi, deepspeed=NO_FRONT)[0])[workload["kind"]])
+    annotated = {role for role, t in without.items() if "annotations" in t["metadata"]}
     assert annotated == (set() if multi == "mpijob" else {"leader"})
     if multi == "lws":
-        assert rank0["metadata"]["annotations"]["prometheus.io/port"] == str(port)
+        assert without["leader"]["metadata"]["annotations"]["prometheus.io/port"] == str(port)
 
 
 def test_the_pod_monitor_schema_is_strict() -> None:
@@ -439,3 +464,110 @@ def test_the_pod_monitor_schema_is_strict() -> None:
     monitor["spec"]["podMetricsEndpoints"][0]["paht"] = "/metrics"
     with pytest.raises(jsonschema.ValidationError, match="paht"):
         validate(monitor)
+
+
+# -- the DeepSpeed front ---------------------------------------------------------------------------
+def front_deployment(objects: list[dict]) -> dict:
+    [deployment] = [o for o in objects if o["kind"] == "Deployment"]
+    return deployment
+
+
+@pytest.mark.parametrize("multi", ["mpijob", "lws"])
+def test_a_deepspeed_group_gets_its_front_as_a_deployment_behind_the_users_service(multi: str) -> None:
+    ds = DeepSpeedSettings(port=8200, hold_timeout_s=45, max_held=64)
+    objects, _ = multi_node(multi, k8s=WITH_SECRET, deepspeed=ds)
+    deployment = front_deployment(objects)
+    for manifest in objects:
+        validate(manifest)  # the Deployment and both Services against the core schemas, strictly
+    assert deployment["metadata"]["name"] == "llama-70b-front"
+    template = deployment["spec"]["template"]
+    assert deployment["spec"]["selector"]["matchLabels"] == template["metadata"]["labels"]
+    # the name users call selects the front's pod, on the front's port
+    users, rank0 = named(objects, "llama-70b-endpoint"), named(objects, "llama-70b-rank0")
+    assert users["spec"]["selector"] == template["metadata"]["labels"]
+    [container] = template["spec"]["containers"]
+    assert users["spec"]["ports"] == [{"name": "http", "port": 8200, "targetPort": 8200, "protocol": "TCP"}]
+    assert container["ports"] == [{"containerPort": 8200, "name": "http"}]
+    # rank 0 has a Service of its own, the one the front's --upstream names by its cluster DNS name
+    assert rank0["spec"]["selector"] == named(objects, "llama-70b-metrics")["spec"]["selector"]["matchLabels"]
+    command = container["command"]
+    assert command[:3] == ["python", "-m", "serving.front"]
+    rank0_port = rank0["spec"]["ports"][0]["port"]
+    arg = lambda flag: command[command.index(flag) + 1]  # noqa: E731
+    assert arg("--upstream") == f"http://llama-70b-rank0.serving.svc:{rank0_port}"
+    assert (arg("--host"), arg("--port"), arg("--app")) == ("0.0.0.0", "8200", "llama-70b")
+    assert (arg("--hold-timeout-s"), arg("--max-held")) == ("45.0", "64")
+    # probed on /front, which stays 200 while the group restarts (see the test below)
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"] == {"path": FRONT_PROBE, "port": 8200}
+    assert "envFrom" not in container
+    assert template["spec"]["automountServiceAccountToken"] is False
+    # the front's pods are none of the group's: the workload's pod templates lack the front's role
+    workload = by_kind(objects)["MPIJob" if multi == "mpijob" else "LeaderWorkerSet"]
+    for rank_template in pod_templates(workload).values():
+        labels = rank_template["metadata"]["labels"]
+        assert not set(deployment["spec"]["selector"]["matchLabels"].items()) <= set(labels.items())
+
+
+def test_the_front_is_scraped_for_its_own_series_and_annotated_as_the_groups_one_target() -> None:
+    from serving.metrics import SCHEMA
+
+    objects, _ = multi_node("lws")
+    deployment = front_deployment(objects)
+    template = deployment["spec"]["template"]
+    monitor = named(objects, "llama-70b-front-metrics")
+    validate(monitor)
+    assert monitor["spec"]["selector"]["matchLabels"] == template["metadata"]["labels"]
+    assert scraped(monitor, template) == [{"containerPort": 8100, "name": "http"}]
+    [endpoint] = monitor["spec"]["podMetricsEndpoints"]
+    labels = {r["targetLabel"]: r["replacement"] for r in endpoint["relabelings"]}
+    assert labels == {"job": "nodewise-serving", "app": "llama-70b", "backend": "deepspeed_mpi"}
+    # its /metrics repeats rank 0's (scraped from rank 0 already): the monitor keeps the front's only
+    [keep] = endpoint["metricRelabelings"]
+    assert (keep["action"], keep["sourceLabels"]) == ("keep", ["__name__"])
+    pattern = re.compile(keep["regex"])
+    for metric in SCHEMA:  # Prometheus anchors the regex: a full match
+        assert bool(pattern.fullmatch(metric.name)) is (metric.scope == "front"), metric.name
+    assert template["metadata"]["annotations"]["prometheus.io/port"] == "8100"
+
+
+def test_the_fronts_probe_stays_200_while_the_group_is_down() -> None:
+    """Kubernetes must not take the front out of its Service while the group restarts: its probe
+    path answers 200 with rank 0 down, where /ping says 503."""
+    import httpx
+
+    from serving.front import Front, FrontConfig, build_app
+    from serving.http_server import HttpServer
+    from tests.support.ports import free_port_block
+
+    down = free_port_block(1)  # nothing listens there: the group is down
+    front = Front(FrontConfig(f"http://127.0.0.1:{down}", app="t", poll_s=0.05, hold_timeout_s=0.5))
+    server = HttpServer(build_app(front), "127.0.0.1", 0)
+    server.start_in_thread()
+    try:
+        url = f"http://127.0.0.1:{server.port}"
+        assert httpx.get(f"{url}/ping", timeout=10).status_code == 503
+        probe = httpx.get(f"{url}{FRONT_PROBE}", timeout=10)
+        assert (probe.status_code, probe.json()["ready"]) == (200, False)
+    finally:
+        server.shutdown()
+
+
+@pytest.mark.parametrize("multi", ["mpijob", "lws"])
+def test_with_the_front_off_the_users_service_selects_rank_0_as_before(multi: str) -> None:
+    objects, _ = multi_node(multi, deepspeed=NO_FRONT)
+    workload = "MPIJob" if multi == "mpijob" else "LeaderWorkerSet"
+    base = ["ServiceAccount", "Role", "RoleBinding", "ConfigMap", workload, "Service", "PodMonitor"]
+    assert [o["kind"] for o in objects] == base
+    assert [o["metadata"]["name"] for o in objects[-2:]] == ["llama-70b-endpoint", "llama-70b-metrics"]
+    assert objects[-2]["spec"]["selector"] == objects[-1]["spec"]["selector"]["matchLabels"]  # rank 0's pod
+
+
+def test_every_name_stays_within_dns_limits_for_the_longest_app_name() -> None:
+    for multi in ("mpijob", "lws"):
+        objects, _ = multi_node(multi, app_name="a-very-long-model-name-" * 4)
+        for manifest in objects:
+            validate(manifest)
+            assert len(manifest["metadata"]["name"]) <= 63, manifest["metadata"]["name"]
+        upstream = front_deployment(objects)["spec"]["template"]["spec"]["containers"][0]["command"][4]
+        assert len(upstream.split("//")[1].split(".")[0]) <= 63  # a DNS label: the rank-0 Service's name
