@@ -536,9 +536,9 @@ def test_the_fronts_probe_stays_200_while_the_group_is_down() -> None:
     path answers 200 with rank 0 down, where /ping says 503."""
     import httpx
 
+    from nodewise.core.procs import free_port_block
     from serving.front import Front, FrontConfig, build_app
     from serving.http_server import HttpServer
-    from tests.support.ports import free_port_block
 
     down = free_port_block(1)  # nothing listens there: the group is down
     front = Front(FrontConfig(f"http://127.0.0.1:{down}", app="t", poll_s=0.05, hold_timeout_s=0.5))
