@@ -61,7 +61,7 @@ class Front:
 
     def state(self) -> dict[str, Any]:
         """What ``GET /front`` answers (``nodewise status`` shows it)."""
-        return {"upstream": self.upstream.url, **self.hold.state()}
+        return {"upstream": self.upstream.url, **self.hold.state(), "counts": self.metrics.totals()}
 
     async def send(self, request: Request, body: bytes, safe: bool, deadline: float) -> httpx.Response:
         """One whole exchange with rank 0, waiting and repeating as the group allows."""

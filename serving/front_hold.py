@@ -62,6 +62,19 @@ class FrontMetrics:
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
 
+    def totals(self) -> dict[str, int]:
+        """The counters since this front started (``GET /front``'s ``counts``; the watchdog reports growth)."""
+
+        def value(name: str, **labels: str) -> int:
+            return int(self.registry.get_sample_value(name, {"app": self.app, **labels}) or 0)
+
+        return {
+            "held": value("nodewise_front_holds_total"),
+            "retried": value("nodewise_front_retries_total"),
+            "continued": value("nodewise_front_streams_continued_total"),
+            "refused": sum(value("nodewise_front_hold_timeouts_total", reason=r) for r in ("timeout", "full")),
+        }
+
 
 @dataclass
 class Hold:

@@ -36,6 +36,7 @@ ActionKind = Literal[
     "nodewise.deployment.recovered",
     "nodewise.deployment.failed",
     "nodewise.deployment.backoff",
+    "nodewise.front.held",
 ]
 KEEP_ACTIONS = 50
 
@@ -54,6 +55,9 @@ class Action(BaseModel):
     outcome: str = ""
     hosts_before: list[str] | None = Field(default=None, description="A multi-node job's hosts before a restart.")
     hosts_after: list[str] | None = Field(default=None, description="... and after it (a host that is down replaced).")
+    counts: dict[str, int] | None = Field(
+        default=None, description="nodewise.front.held: held, retried, continued, refused since the last pass."
+    )
 
 
 class AppWatch(BaseModel):
@@ -68,6 +72,7 @@ class AppWatch(BaseModel):
     running: int | None = Field(default=None, description="Replicas running at the last pass (Ray Serve).")
     replicas: list[str] = Field(default_factory=list, description="Replica ids seen at the last pass (Ray Serve).")
     restarted: list[str] = Field(default_factory=list, description="Replica ids this watchdog restarted itself.")
+    front: dict[str, int] = Field(default_factory=dict, description="The front's counts at the last pass (DeepSpeed).")
 
 
 # -- the budget (plain arithmetic) ----------------------------------------------------------------
@@ -230,7 +235,7 @@ def _watch_one(settings: Settings, record: DeploymentRecord, watch: AppWatch) ->
     if watch.failed is not None:
         return []  # past its budget: left alone until a deploy or a reset
     if record.backend == "deepspeed_mpi":
-        return _watch_deepspeed(settings, record, watch, action)
+        return _watch_deepspeed(settings, record, watch, action) + _front_held(settings, record, watch, action)
     return _watch_serve(settings, record, watch, action)
 
 
@@ -273,6 +278,16 @@ def _watch_deepspeed(
     if done.event == "nodewise.cluster.restarted":
         done.hosts_before, done.hosts_after = before, after or None
     return [done]
+
+
+def _front_held(
+    settings: Settings, record: DeploymentRecord, watch: AppWatch, action: Callable[..., Action]
+) -> list[Action]:
+    """What the group's front held, repeated and continued since the last pass (tasks/watchdog/front.py)."""
+    from tasks.watchdog.front import front_report
+
+    watch.front, fields = front_report(settings, record.app_name, watch.front)
+    return [action("nodewise.front.held", **fields)] if fields else []
 
 
 def _watch_serve(

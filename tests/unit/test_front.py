@@ -8,6 +8,7 @@ import json
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -18,8 +19,12 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from nodewise.core.procs import free_port_block
+from nodewise.core.settings import Settings
 from serving.front import Front, FrontConfig, build_app, prepare
 from serving.http_server import HttpLimits, HttpServer
+from tasks.mpi.front import FrontProcess
+from tasks.watchdog.front import front_report, grown
+from tests.support import wait_until
 
 NEXT = 7  # the upstream's "model": each token is (previous * NEXT + 3) % 100, greedy and repeatable
 
@@ -157,6 +162,8 @@ def test_requests_wait_while_the_upstream_is_down_and_go_on_when_it_is_back(
     assert answers[0].json() == {"predictions": [[3]]}
     assert time.monotonic() - started >= 1.0
     assert _counter(url, "nodewise_front_holds_total") == 1
+    counts = httpx.get(f"{url}/front", timeout=5).json()["counts"]
+    assert (counts["held"], counts["continued"], counts["refused"]) == (1, 0, 0)  # retried: a stale connection may
 
 
 @pytest.mark.parametrize("front", [{"hold_timeout_s": 0.5}], indirect=True)
@@ -172,6 +179,7 @@ def test_a_request_held_past_the_timeout_is_a_503_with_retry_after(
     assert answer.json()["error_code"] == "NOT_READY"
     assert "not ready within 0.5 s" in answer.json()["message"]
     assert _counter(url, "nodewise_front_hold_timeouts_total") == 1
+    assert httpx.get(f"{url}/front", timeout=5).json()["counts"]["refused"] == 1
 
 
 def test_a_health_check_while_the_front_holds_asks_rank_0_now_and_keeps_rank_0s_shape(upstream: Upstream) -> None:
@@ -308,3 +316,37 @@ def test_a_restart_that_moves_rank_0_to_another_host_is_followed_from_the_groups
     finally:
         server.shutdown()
         moved.stop()
+
+
+def test_the_watchdog_reports_what_the_front_held_since_its_last_pass(
+    upstream: Upstream, front: tuple[str, Front], tmp_path: Path
+) -> None:
+    """tasks/watchdog/front.py against this real front, found through its record as the watchdog finds it."""
+    url, _ = front
+    settings = Settings(state_dir=tmp_path)
+    folder = settings.state.deepspeed_job("t")
+    folder.mkdir(parents=True)
+    port = int(url.rsplit(":", 1)[1])
+    record = FrontProcess(app_name="t", pid=0, host="127.0.0.1", port=port, upstream="", endpoint=url, log_path="")
+    (folder / "front.json").write_text(record.model_dump_json())
+    seen, fields = front_report(settings, "t", {})
+    assert (seen, fields) == ({"held": 0, "retried": 0, "continued": 0, "refused": 0}, {})  # nothing to report
+    upstream.stop()
+    answers: list[httpx.Response] = []
+    client = threading.Thread(
+        target=lambda: answers.append(httpx.post(f"{url}/invocations", json={"inputs": [[3]]}, timeout=30))
+    )
+    client.start()
+    wait_until(lambda: httpx.get(f"{url}/front", timeout=5).json()["held"] == 1, 10, "the request held")
+    seen, fields = front_report(settings, "t", seen)
+    counts = fields["counts"]
+    assert (counts["held"], counts["continued"], counts["refused"]) == (1, 0, 0)
+    assert fields["cause"].startswith("the front held 1 requests, sent ")
+    assert "holding now: group restarting" in fields["cause"]
+    upstream.start()
+    client.join(30)
+    assert answers[0].status_code == 200
+    assert front_report(settings, "t", seen) == (seen, {})  # reported once
+    assert grown({"held": 2, "retried": 0, "continued": 0, "refused": 0}, seen)["held"] == 2  # a new front: from 0
+    (folder / "front.json").unlink()
+    assert front_report(settings, "t", seen) == (seen, {})  # no front: nothing said, nothing forgotten

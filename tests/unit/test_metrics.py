@@ -154,6 +154,7 @@ def test_a_watchdog_cause_becomes_one_of_a_few_labels(cause: str, kind: str) -> 
 def test_action_kinds() -> None:
     assert counts.action_kind("nodewise.replica.restarted") == "replica_restarted"
     assert counts.action_kind("nodewise.cluster.restarted") == "cluster_restarted"
+    assert counts.action_kind("nodewise.front.held") == "front_held"
     assert counts.action_kind("nodewise.replica.replaced") == "replica_replaced"
     assert counts.action_kind("nodewise.deployment.degraded") == "degraded"
 
