@@ -19,7 +19,7 @@ from tasks.planning.profiling import MemoryProfile
 # The backends the planner chooses between (tasks/backends.py maps each name to its implementation).
 RAY_SERVE: Literal["ray_serve"] = "ray_serve"  # one node: Ray Serve replicas
 DEEPSPEED_MPI: Literal["deepspeed_mpi"] = "deepspeed_mpi"  # several nodes: DeepSpeed ranks under mpirun
-Backend = Literal["ray_serve", "deepspeed_mpi"]
+BackendName = Literal["ray_serve", "deepspeed_mpi"]
 Layout = Literal["shared-device", "one-device", "multi-device", "multi-node", "none"]
 
 
@@ -29,7 +29,7 @@ class PlacementPlan(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     fits: bool
-    backend: Backend | None
+    backend: BackendName | None
     layout: Layout
     needed_bytes: int = Field(description="Memory one replica (or one rank) needs.")
     budget_bytes: int = Field(description="Usable memory of the device chosen (after headroom).")

@@ -285,15 +285,14 @@ def watch_app(settings: Settings, record: DeploymentRecord, this: WatchPass) -> 
                 outcome=outcome,
             )
         ]
-    spec = record.serve_spec()
     view = observe(record, settings.watchdog)
-    if view is not None and spec.metrics:  # replicas come and go: their scrape targets follow
+    if view is not None and record.spec.get("metrics", True):  # replicas come and go: their scrape targets follow
         this.scrape_targets({r.replica_id: (r.vitals or {}).get("metrics_address") for r in view.replicas})
     watch.running = None if view is None else sum(r.state == "RUNNING" for r in view.replicas)
     if view is None:
         return this.degraded(f"Serve has no app {record.app_name!r} (was Ray restarted?): run `nodewise deploy` again")
     done = _replaced_by_serve(this, view) + this.degraded(degraded_cause(view))
-    sick = pick_sick(view, spec.max_error_rate, settings.watchdog)
+    sick = pick_sick(view, float(record.spec.get("max_error_rate", 0.5)), settings.watchdog)
     if sick is not None:
         replica, cause = sick
 
