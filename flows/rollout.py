@@ -27,6 +27,7 @@ from prefect.events import emit_event
 
 from nodewise.core.errors import DeployFailed, DoesNotFit, NotDeployed, UnsupportedModel
 from nodewise.core.settings import Settings, current_settings
+from tasks.backends import backend_for
 from tasks.records import DeploymentRecord, app_name_for, deploy_lock, get_record
 from tasks.rollout import store
 from tasks.rollout.policy import Decision, Rollout, Summary, decide, now, summarize, tags_for
@@ -93,7 +94,7 @@ def start_rollout(model_name: str, version: str | None = None, inventory: str = 
             record = get_record(settings.state.records, app)
             if record is None or record.model_version == wanted:
                 return f"version {wanted} is the champion" if record else f"{model_name} is not served here"
-        if record.backend != "ray_serve":
+        if not backend_for(record.backend).rollouts:  # a challenger cannot run beside this champion
             _refuse_multi_node(model_name, wanted, record, inventory, settings)
         if record.spec.get("engine"):
             raise UnsupportedModel(
@@ -107,7 +108,7 @@ def start_rollout(model_name: str, version: str | None = None, inventory: str = 
         nodes = read_inventory_task(inventory, ray.num_cpus, ray.max_added_nodes, ray.added_node_cpus)
         profile = profile_model_task(model, batch_size=serve.max_batch_size, device=nodes.device_class)
         plan = plan_placement_task(profile, nodes, settings, serve, None)
-        if not plan.fits or plan.backend != "ray_serve":
+        if not plan.fits or plan.backend is None or not backend_for(plan.backend).rollouts:
             raise DoesNotFit(f"version {wanted} cannot be tried beside the champion on one node: {plan.explain()}")
         challenger = challenger_app_for(app)
         spec = build_spec(model, plan, settings, serve).model_copy(
@@ -274,7 +275,7 @@ def _roll_back(rollout: Rollout, settings: Settings, client: object) -> str:
     assert rollout.decision is not None
     remote = connect_cluster(settings)
     record = get_record(settings.state.records, rollout.app_name)
-    if record is not None and record.backend == "ray_serve" and champion_serves(rollout.app_name):
+    if record is not None and backend_for(record.backend).rollouts and champion_serves(rollout.app_name):
         route_task(record, settings, remote, None)  # the champion answers everything again
     remove_challenger(rollout.app_name)
     _finish(rollout, settings, client, "rolled_back", "rolled back")

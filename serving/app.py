@@ -8,7 +8,7 @@ request id in the log.
 
 Each replica also answers the watchdog, which calls it directly (not through the router):
 ``vitals`` runs a canary inference and reports the replica's memory and its recent error rate.
-Whether that makes the replica sick is the watchdog's call (tasks/watchdog/replicas.py), within its
+Whether that makes the replica sick is the watchdog's call (tasks/rayserve/watch.py), within its
 restart budget; ``check_health`` only says whether the model is loaded.
 
 A rollout (a challenger beside this model, Serve's ``user_config``) is the replica's

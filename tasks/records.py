@@ -12,6 +12,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from nodewise.core.state import StateFolder, locked_json, shared_json, wait_lock
+from serving.spec import DeepSpeedSpec, ModelServeSpec
 
 
 def app_name_for(model_name: str) -> str:
@@ -21,7 +22,8 @@ def app_name_for(model_name: str) -> str:
 
 
 class DeploymentRecord(BaseModel):
-    """One deployed model."""
+    """One deployed model. ``backend`` names its backend (tasks/backends.py), whose room reads
+    ``spec``: through ``serve_spec()`` / ``deepspeed_spec()``, typed, rather than by key."""
 
     app_name: str
     model_name: str
@@ -38,6 +40,14 @@ class DeploymentRecord(BaseModel):
     deployed_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     previous_version: str | None = None
     previous_spec: dict[str, Any] | None = None
+
+    def serve_spec(self) -> ModelServeSpec:
+        """``spec`` as the Ray Serve backend wrote it."""
+        return ModelServeSpec.model_validate(self.spec)
+
+    def deepspeed_spec(self) -> DeepSpeedSpec:
+        """``spec`` as the DeepSpeed backend wrote it."""
+        return DeepSpeedSpec.model_validate(self.spec)
 
 
 def load_records(path: Path) -> dict[str, DeploymentRecord]:

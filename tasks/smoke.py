@@ -37,6 +37,24 @@ def reference_predict(model: ResolvedModel, example: Any) -> Any:
     return mlflow.pyfunc.load_model(model.pinned_uri).predict(example)
 
 
+def endpoint_health(endpoint: str, timeout_s: float = 2.0) -> str:
+    """``healthy``, ``unreachable`` or ``unhealthy (HTTP N: problems)`` from the endpoint's ``/ping``
+    (DeepSpeed's rank 0 and front name the ranks that are the trouble): ``nodewise status``'s column."""
+    import httpx
+
+    try:
+        response = httpx.get(f"{endpoint}/ping", timeout=timeout_s)
+    except httpx.TransportError:
+        return "unreachable"
+    if response.status_code == 200:
+        return "healthy"
+    try:
+        problems = "; ".join(response.json().get("problems", []))
+    except ValueError:
+        problems = ""
+    return f"unhealthy (HTTP {response.status_code}{': ' + problems if problems else ''})"
+
+
 def post_json(url: str, body: dict[str, Any], timeout_s: float) -> Any:
     """POST ``body``; retry connection errors and 404/503 (route not live yet) until the deadline."""
     import httpx

@@ -16,10 +16,11 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from nodewise.core.settings import ServeSettings, Settings, SmokeSettings
-from serving.spec import DeepSpeedSpec, ModelServeSpec
+from nodewise.core.settings import ServeSettings, Settings
+from serving.spec import ModelServeSpec
+from tasks.backend import Deployed
+from tasks.backends import backend_for
 from tasks.metrics.targets import publish_targets
-from tasks.mpi.deploy import deploy_cluster, smoke_test_lm
 from tasks.planning.inventory import Inventory
 from tasks.planning.inventory_sources import read_inventory
 from tasks.planning.placement import PlacementPlan
@@ -28,10 +29,7 @@ from tasks.planning.profile_models import profile_with_cache
 from tasks.planning.profiling import MemoryProfile
 from tasks.planning.registry import ResolvedModel, make_client, resolve_model, retry_unreachable
 from tasks.planning.report import bar_chart_png, breakdown_rows
-from tasks.rayserve.apps import deploy_app, rollback
-from tasks.rayserve.cluster import RayCluster, connect, ensure_cluster
 from tasks.records import DeploymentRecord, save_record
-from tasks.smoke import SmokeResult, smoke_test
 from tasks.watchdog.engine import Action, watch_once
 
 
@@ -86,42 +84,24 @@ def publish_report_task(model_uri: str, profile: MemoryProfile, plan: PlacementP
     )
 
 
-# -- Ray Serve -----------------------------------------------------------------------------------
-@task(name="ensure-ray-cluster", cache_policy=NO_CACHE, timeout_seconds=180)
-def ensure_cluster_task(settings: Settings) -> RayCluster:
-    """Reach the configured Ray cluster, or start the local one; connect this process."""
-    cluster = ensure_cluster(settings)
-    connect(cluster)
-    return cluster
+# -- deploying on a backend (tasks/backend.py) ----------------------------------------------------
+@task(name="deploy-on-backend", task_run_name="deploy-to-{backend}", cache_policy=NO_CACHE)
+def deploy_task(
+    backend: str,
+    model: ResolvedModel,
+    plan: PlacementPlan,
+    settings: Settings,
+    serve: ServeSettings,
+    previous: DeploymentRecord | None,
+) -> Deployed:
+    """Start ``model`` on ``backend`` as ``plan`` places it and smoke-test it; it rolls back on failure."""
+    return backend_for(backend).deploy(model, plan, settings, serve, previous)
 
 
-@task(name="deploy-to-ray-serve", cache_policy=NO_CACHE)
-def deploy_app_task(spec: ModelServeSpec, settings: Settings, remote_cluster: bool) -> str:
-    """Deploy or update the model's Serve app; return its endpoint URL."""
-    return deploy_app(spec, settings, remote_cluster)
-
-
-@task(name="roll-back", cache_policy=NO_CACHE)
-def rollback_task(
-    spec: ModelServeSpec, previous: dict[str, Any] | None, settings: Settings, remote_cluster: bool
-) -> str:
-    """Put back what served before a failed deploy: the previous spec, or nothing."""
-    return rollback(spec, previous, settings, remote_cluster)
-
-
-@task(name="smoke-test", cache_policy=NO_CACHE)
-def smoke_test_task(endpoint: str, model: ResolvedModel, settings: SmokeSettings) -> SmokeResult:
-    """Check the deployed endpoint against the model's own output."""
-    return smoke_test(endpoint, model, settings)
-
-
-# -- DeepSpeed over MPI --------------------------------------------------------------------------
-@task(name="deploy-to-deepspeed", cache_policy=NO_CACHE)
-def deploy_cluster_task(
-    spec: DeepSpeedSpec, plan: PlacementPlan, model: ResolvedModel, settings: Settings
-) -> tuple[str, SmokeResult]:
-    """Launch (or replace) the model's DeepSpeed job under mpirun and smoke-test it; roll back on failure."""
-    return deploy_cluster(spec, plan, settings, lambda endpoint: smoke_test_lm(endpoint, model, spec, settings.smoke))
+@task(name="retire-from-backend", task_run_name="retire-from-{backend}", cache_policy=NO_CACHE)
+def retire_task(backend: str, settings: Settings, app_name: str) -> None:
+    """Stop ``app_name`` on the backend it moved off (once its new backend answers)."""
+    backend_for(backend).retire(settings, app_name)
 
 
 # -- records -------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from pydantic import BaseModel
 from nodewise.core.errors import DoesNotFit, InvalidInput
 from nodewise.core.settings import Settings
 from tasks.k8s.render import MultiNode, render
-from tasks.planning.placement import PlacementPlan
+from tasks.planning.placement import DEEPSPEED_MPI, PlacementPlan
 from tasks.records import DeploymentRecord
 
 
@@ -30,6 +30,7 @@ class Rendered(BaseModel):
 
     def record(self) -> DeploymentRecord:
         """What the watchdog keeps of it once applied (tasks/k8s/watch.py)."""
+        from tasks.k8s.backend import backend_name
         from tasks.k8s.render import endpoint_name
         from tasks.k8s.watch import workload
 
@@ -42,7 +43,7 @@ class Rendered(BaseModel):
             model_name=self.model_name,
             model_version=self.model_version,
             model_uri=self.model_uri,
-            backend=f"k8s-{main['kind'].lower()}",
+            backend=backend_name(main["kind"]),
             endpoint=f"http://{meta['name']}.{meta['namespace']}.svc:{port}",
             replicas=self.plan.replicas or 1,
             plan=self.plan.explain(),
@@ -134,7 +135,7 @@ def manifests_for(
         refuse_local_artifacts(model.artifact_uri, model.pinned_uri)
     if not plan.fits:
         raise DoesNotFit(f"{model.pinned_uri} was not rendered: {plan.explain()}")
-    if plan.backend == "deepspeed_mpi":
+    if plan.backend == DEEPSPEED_MPI:
         # Rank 0 has a pod of its own, apart from the front's: deepspeed.rank0_port where set, else
         # the deployment's port (not a free port of this machine, as a local front's rank 0 gets).
         ds = settings.deepspeed

@@ -15,7 +15,7 @@ from pathlib import Path
 from nodewise.core.state import locked_json, read_json
 
 CAUSES = ("hung", "failing", "memory", "exited", "unhealthy", "unplaceable", "node_lost", "other")
-# First match wins: the watchdog's own wordings (tasks/watchdog/engine.py, replicas.py, k8s/watch.py).
+# First match wins: the watchdog's own wordings (tasks/mpi/watch.py, tasks/rayserve/watch.py, tasks/k8s/backend.py).
 _CAUSE_PATTERNS = (
     ("node_lost", r"dead node|host .*down|hosts? (are|is) down|unreachable host|no route to host|node .*lost"),
     ("hung", r"took over|hung|no token within|timed? ?out"),

@@ -27,6 +27,7 @@ from prometheus_client.registry import Collector
 from nodewise.core.settings import Settings
 from nodewise.core.state import read_json
 from serving.metrics import BY_NAME
+from tasks.backends import backend_for
 from tasks.metrics import counts
 from tasks.records import DeploymentRecord, load_records
 
@@ -52,15 +53,9 @@ def deployment_state(settings: Settings, record: DeploymentRecord, watch: dict[s
         return "failed"
     if watch.get("degraded"):
         return "degraded"
-    if record.backend == "ray_serve" and record.spec.get("min_replicas") == 0 and watch.get("running") == 0:
-        return "scaled_to_zero"  # a /ping would wake it: not asked
-    if record.backend == "deepspeed_mpi":
-        from tasks.mpi.health import exit_code
-        from tasks.mpi.records import read_cluster
-
-        cluster = read_cluster(settings, record.app_name)
-        if cluster is None or exit_code(cluster) is not None:
-            return "down"
+    known = backend_for(record.backend).state(settings, record, watch)  # scaled to zero, down, or on Kubernetes
+    if known is not None:
+        return known
     try:
         answered = httpx.get(f"{record.endpoint.rstrip('/')}/ping", timeout=PING_TIMEOUT_S).status_code == 200
     except httpx.HTTPError:
@@ -91,14 +86,9 @@ class ControlPlaneCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         s = self.settings
-        records = load_records(s.state.records)
+        records = {**load_records(s.state.records), **load_records(s.state.k8s_records)}  # k8s: `render --apply`'s
         watch = read_json(s.state.watchdog).get("apps", {})
         states = {app: deployment_state(s, r, watch.get(app, {})) for app, r in records.items()}
-        # what `render --apply` put on Kubernetes: as the watchdog last judged its pods (no probe from here)
-        for app, r in load_records(s.state.k8s_records).items():
-            w = watch.get(app, {})
-            records[app] = r
-            states[app] = "failed" if w.get("failed") else "degraded" if w.get("degraded") else "serving"
         yield _family(
             "nodewise_deployment_state",
             [

@@ -49,23 +49,24 @@ def _labels(record: DeploymentRecord) -> dict[str, str]:
     return {"app": record.app_name, "backend": record.backend}
 
 
-def write_serve_targets(settings: Settings, record: DeploymentRecord, replicas: dict[str, str | None]) -> None:
-    """``record``'s Ray Serve replicas: replica id -> its metrics ``host:port``, or None where it did not
-    say this time (a hung replica keeps the address it had: Prometheus shows it down, not gone)."""
+def write_targets(settings: Settings, record: DeploymentRecord, targets: dict[str | None, str | None]) -> None:
+    """``record``'s scrape targets: replica id (None: the deployment's one target, such as DeepSpeed's
+    rank 0) -> its metrics ``host:port``, or None where it did not say this time (a hung replica
+    keeps the address it had: Prometheus shows it down, not gone)."""
     path = serving_dir(settings) / f"{record.app_name}.json"
     known = {g["labels"].get("replica"): g["targets"][0] for g in _read_groups(path) if g.get("targets")}
     groups = []
-    for replica_id, address in sorted(replicas.items()):
+    for replica_id, address in sorted(targets.items(), key=lambda item: item[0] or ""):
         address = address or known.get(replica_id)
         if address:
-            groups.append({"targets": [address], "labels": {**_labels(record), "replica": replica_id}})
+            labels = {**_labels(record), "replica": replica_id} if replica_id is not None else _labels(record)
+            groups.append({"targets": [address], "labels": labels})
     _write(path, groups)
 
 
 def write_deepspeed_target(settings: Settings, record: DeploymentRecord, endpoint: str) -> None:
     """``record``'s rank 0: its serving address (``endpoint``, a URL), metrics at ``/metrics``."""
-    parts = urlsplit(endpoint)
-    _write(serving_dir(settings) / f"{record.app_name}.json", [{"targets": [parts.netloc], "labels": _labels(record)}])
+    write_targets(settings, record, {None: urlsplit(endpoint).netloc})
 
 
 def write_control_target(settings: Settings, address: str) -> None:
@@ -77,16 +78,16 @@ def remove_targets(settings: Settings, app_name: str) -> None:
 
 
 def refresh(settings: Settings) -> None:
-    """What needs no cluster call: DeepSpeed groups from their records (a restarted group may have
-    moved hosts), and no file left for an app that is no longer deployed."""
-    from tasks.mpi.records import read_cluster
+    """What needs no cluster call: each deployment's targets its backend knows from the state folder
+    (a restarted DeepSpeed group may have moved hosts), and no file left for an app that is no
+    longer deployed."""
+    from tasks.backends import backend_for
 
     records = load_records(settings.state.records)
     for record in records.values():
-        if record.backend == "deepspeed_mpi":
-            cluster = read_cluster(settings, record.app_name)
-            if cluster is not None:
-                write_deepspeed_target(settings, record, cluster.endpoint)
+        found = backend_for(record.backend).scrape_targets(settings, record, deployed=False)
+        if found is not None:
+            write_targets(settings, record, found)
     folder = serving_dir(settings)
     if folder.is_dir():
         for path in folder.glob("*.json"):
@@ -96,40 +97,14 @@ def refresh(settings: Settings) -> None:
 
 def publish_targets(settings: Settings, record: DeploymentRecord) -> None:
     """``record``'s scrape targets right after its deploy (a Ray Serve deploy is connected to its cluster)."""
+    from tasks.backends import backend_for
+
     if not record.spec.get("metrics", True):
         remove_targets(settings, record.app_name)
         return
-    if record.backend == "deepspeed_mpi":
-        from tasks.mpi.records import read_cluster
-
-        cluster = read_cluster(settings, record.app_name)
-        write_deepspeed_target(settings, record, cluster.endpoint if cluster is not None else record.endpoint)
-    elif record.backend == "ray_serve":
-        write_serve_targets(settings, record, discover_serve_replicas(record))
-
-
-def discover_serve_replicas(record: DeploymentRecord) -> dict[str, str | None]:
-    """Ask each running replica of ``record``'s app for its metrics address (the caller is connected
-    to the cluster): replica id -> ``host:port`` or None."""
-    import ray
-
-    from tasks.rayserve.replicas import call_replica, replicas_of
-
-    calls = {}
-    for replica in replicas_of(record.app_name) or []:
-        if str(replica.get("state", "")).endswith("RUNNING"):
-            try:
-                calls[replica["replica_id"]] = call_replica(replica["actor_name"], "metrics_target")
-            except ValueError:  # gone already
-                continue
-    found: dict[str, str | None] = {}
-    for replica_id, ref in calls.items():
-        try:
-            target = ray.get(ref, timeout=10)
-        except ray.exceptions.RayError:
-            target = None
-        found[replica_id] = target["address"] if target else None
-    return found
+    found = backend_for(record.backend).scrape_targets(settings, record, deployed=True)
+    if found is not None:
+        write_targets(settings, record, found)
 
 
 def _read_groups(path: Path) -> list[dict[str, Any]]:

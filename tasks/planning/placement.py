@@ -16,7 +16,10 @@ from serving.autotp import uneven_heads
 from tasks.planning.inventory import Inventory, Node
 from tasks.planning.profiling import MemoryProfile
 
-Backend = Literal["ray_serve", "deepspeed_mpi"]
+# The backends the planner chooses between (tasks/backends.py maps each name to its implementation).
+RAY_SERVE: Literal["ray_serve"] = "ray_serve"  # one node: Ray Serve replicas
+DEEPSPEED_MPI: Literal["deepspeed_mpi"] = "deepspeed_mpi"  # several nodes: DeepSpeed ranks under mpirun
+BackendName = Literal["ray_serve", "deepspeed_mpi"]
 Layout = Literal["shared-device", "one-device", "multi-device", "multi-node", "none"]
 
 
@@ -26,7 +29,7 @@ class PlacementPlan(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     fits: bool
-    backend: Backend | None
+    backend: BackendName | None
     layout: Layout
     needed_bytes: int = Field(description="Memory one replica (or one rank) needs.")
     budget_bytes: int = Field(description="Usable memory of the device chosen (after headroom).")
@@ -152,7 +155,7 @@ def _single_device(
         reasons.append(f"{per_gpu} replicas fit one GPU: each asks for num_gpus={num_gpus}")
     return PlacementPlan(
         fits=True,
-        backend="ray_serve",
+        backend=RAY_SERVE,
         layout=layout,
         needed_bytes=need,
         budget_bytes=budget,
@@ -190,7 +193,7 @@ def _multi_device(profile: MemoryProfile, node: Node, headroom: float, largest: 
         if need <= budget:
             return PlacementPlan(
                 fits=True,
-                backend="ray_serve",
+                backend=RAY_SERVE,
                 layout="multi-device",
                 needed_bytes=need,
                 budget_bytes=budget,
@@ -234,7 +237,7 @@ def _multi_node(profile: MemoryProfile, inventory: Inventory, headroom: float, l
             )
             return PlacementPlan(
                 fits=True,
-                backend="deepspeed_mpi",
+                backend=DEEPSPEED_MPI,
                 layout="multi-node",
                 needed_bytes=need,
                 budget_bytes=budget,

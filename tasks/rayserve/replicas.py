@@ -40,3 +40,25 @@ def replicas_of(app_name: str) -> list[dict[str, Any]] | None:
     if app is None:
         return None
     return list(app.get("deployments", {}).get(DEPLOYMENT, {}).get("replicas", []))
+
+
+def metrics_addresses(app_name: str) -> dict[str, str | None]:
+    """Ask each running replica of ``app_name`` for its metrics address (the caller is connected to
+    the cluster): replica id -> ``host:port``, or None where it did not answer."""
+    import ray
+
+    calls = {}
+    for replica in replicas_of(app_name) or []:
+        if str(replica.get("state", "")).endswith("RUNNING"):
+            try:
+                calls[replica["replica_id"]] = call_replica(replica["actor_name"], "metrics_target")
+            except ValueError:  # gone already
+                continue
+    found: dict[str, str | None] = {}
+    for replica_id, ref in calls.items():
+        try:
+            target = ray.get(ref, timeout=10)
+        except ray.exceptions.RayError:
+            target = None
+        found[replica_id] = target["address"] if target else None
+    return found

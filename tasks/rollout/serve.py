@@ -68,7 +68,7 @@ def _running_replicas(app_name: str) -> list[str]:
     """The actor names of an app's RUNNING replicas."""
     from ray.serve.context import _get_global_client
 
-    from tasks.watchdog.replicas import DEPLOYMENT
+    from tasks.rayserve.replicas import DEPLOYMENT
 
     app = _get_global_client().get_serve_details().get("applications", {}).get(app_name, {})
     replicas = app.get("deployments", {}).get(DEPLOYMENT, {}).get("replicas", [])

@@ -120,7 +120,7 @@ def test_bad_requests_get_their_status_and_never_take_a_replica_down(
     for _ in range(12):
         assert post(digits.endpoint, {"inputs": [[1.0]]}).status_code == 400
     assert post(digits.endpoint, {"inputs": [[0.0] * 64]}).status_code == 200
-    from tasks.watchdog.replicas import observe
+    from tasks.rayserve.watch import observe
 
     [replica] = observe(digits, settings.watchdog).replicas
     assert replica.vitals["errors"] == 0

@@ -129,7 +129,7 @@ def test_a_killed_replica_fails_no_request_its_calls_go_to_the_other(
 def test_a_replica_failing_every_request_is_restarted_alone(
     settings: Settings, deployed: DeploymentRecord, flags: Path
 ) -> None:
-    from tasks.watchdog.replicas import observe, replica_problem
+    from tasks.rayserve.watch import observe, replica_problem
 
     sick = next(iter(replicas(deployed.app_name).values()))
     time.sleep(5.5)  # out of the window below: the earlier tests' traffic

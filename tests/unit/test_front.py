@@ -23,7 +23,7 @@ from nodewise.core.settings import Settings
 from serving.front import Front, FrontConfig, build_app, prepare
 from serving.http_server import HttpLimits, HttpServer
 from tasks.mpi.front import FrontProcess
-from tasks.watchdog.front import front_report, grown
+from tasks.mpi.front_counts import front_report, grown
 from tests.support import wait_until
 
 NEXT = 7  # the upstream's "model": each token is (previous * NEXT + 3) % 100, greedy and repeatable
@@ -321,7 +321,7 @@ def test_a_restart_that_moves_rank_0_to_another_host_is_followed_from_the_groups
 def test_the_watchdog_reports_what_the_front_held_since_its_last_pass(
     upstream: Upstream, front: tuple[str, Front], tmp_path: Path
 ) -> None:
-    """tasks/watchdog/front.py against this real front, found through its record as the watchdog finds it."""
+    """tasks/mpi/front_counts.py against this real front, found through its record as the watchdog finds it."""
     url, _ = front
     settings = Settings(state_dir=tmp_path)
     folder = settings.state.deepspeed_job("t")

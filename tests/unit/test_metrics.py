@@ -239,9 +239,9 @@ def test_the_exporter_reads_the_state_folder_at_each_scrape(settings: Settings) 
 
 def test_targets_follow_replicas_and_deployments(settings: Settings) -> None:
     serve = _record("digits", "ray_serve", "http://127.0.0.1:8000/digits")
-    targets.write_serve_targets(settings, serve, {"r1": "10.0.0.1:4001", "r2": "10.0.0.2:4002"})
+    targets.write_targets(settings, serve, {"r1": "10.0.0.1:4001", "r2": "10.0.0.2:4002"})
     # a later pass: r2 did not answer (kept, so Prometheus shows it down), r1 was replaced by r3
-    targets.write_serve_targets(settings, serve, {"r2": None, "r3": "10.0.0.1:4003"})
+    targets.write_targets(settings, serve, {"r2": None, "r3": "10.0.0.1:4003"})
     [(name, groups)] = targets.read_targets(settings).items()
     assert name == "serving/digits.json"
     assert {g["labels"]["replica"]: g["targets"] for g in groups} == {"r2": ["10.0.0.2:4002"], "r3": ["10.0.0.1:4003"]}
@@ -276,7 +276,7 @@ def test_status_figures_come_from_the_targets_over_a_window(settings: Settings) 
     for _ in range(3):
         busy.in_flight.inc()  # the load the autoscaling policy reads, summed over targets for status
     servers = [serve_metrics(m, "127.0.0.1") for m in (busy, idle)]
-    targets.write_serve_targets(settings, _record("busy", "ray_serve", "http://x"), {"r1": servers[0][0]})
+    targets.write_targets(settings, _record("busy", "ray_serve", "http://x"), {"r1": servers[0][0]})
     targets.write_deepspeed_target(settings, _record("idle", "deepspeed_mpi", "http://x"), f"http://{servers[1][0]}")
     counts.bump(
         settings.state.prometheus / "counts.json",

@@ -1,7 +1,7 @@
 """What the watchdog makes of a Ray Serve app's replicas (plain functions of what it saw)."""
 
 from nodewise.core.settings import WatchdogSettings
-from tasks.watchdog.replicas import AppView, ReplicaView, degraded_cause, pick_sick, replica_problem
+from tasks.rayserve.watch import AppView, ReplicaView, degraded_cause, pick_sick, replica_problem
 
 WD = WatchdogSettings(min_requests=10, error_window_s=60)
 

@@ -1,5 +1,8 @@
 """The watchdog's Ray Serve half: every replica checked on its own, a sick one restarted alone.
 
+``watch_app`` is the Ray Serve backend's ``watch`` (tasks/rayserve/backend.py); budgets and events
+are the engine's (tasks/watchdog/engine.py), through ``WatchPass``.
+
 Each RUNNING replica is called directly (its actor, not through the router) for its vitals: a
 canary inference with a deadline, its resident memory and its error rate over the last
 ``error_window_s``. A replica that misses the deadline (hung, or too slow), fails the canary,
@@ -23,6 +26,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from nodewise.core.settings import Settings, WatchdogSettings
+from tasks.backend import Action, WatchPass
 from tasks.rayserve.replicas import DEPLOYMENT, call_replica
 from tasks.records import DeploymentRecord
 
@@ -254,3 +258,64 @@ def wait_replaced(replica: ReplicaView, settings: Settings, started: float | Non
         time.monotonic() - started,
         f"no replacement running after {settings.serve.ready_timeout_s:.0f} s (see `nodewise status`)",
     )
+
+
+# -- one watchdog check ----------------------------------------------------------------------------
+REPLICA_PENDING = "replica restart: "
+
+
+def watch_app(settings: Settings, record: DeploymentRecord, this: WatchPass) -> list[Action]:
+    """One check of ``record``'s replicas: a sick one restarted within the budget, the others serving."""
+    why_not = connect_for(settings)
+    if why_not is not None:
+        return this.degraded(why_not)
+    watch = this.watch
+    if watch.pending is not None and watch.pending.startswith(REPLICA_PENDING):  # a killed watchdog's restart
+        name = watch.pending.removeprefix(REPLICA_PENDING)
+        replica = ReplicaView(replica_id=name.rsplit("#", 1)[-1], actor_name=name, state="STOPPING")
+        took, outcome = restart_replica(replica, settings)
+        watch.pending = None
+        cause = "finishing an interrupted replica restart"
+        return [
+            this.action(
+                "nodewise.replica.restarted",
+                cause,
+                target=replica.describe(),
+                duration_s=round(took, 2),
+                outcome=outcome,
+            )
+        ]
+    view = observe(record, settings.watchdog)
+    if view is not None and record.spec.get("metrics", True):  # replicas come and go: their scrape targets follow
+        this.scrape_targets({r.replica_id: (r.vitals or {}).get("metrics_address") for r in view.replicas})
+    watch.running = None if view is None else sum(r.state == "RUNNING" for r in view.replicas)
+    if view is None:
+        return this.degraded(f"Serve has no app {record.app_name!r} (was Ray restarted?): run `nodewise deploy` again")
+    done = _replaced_by_serve(this, view) + this.degraded(degraded_cause(view))
+    sick = pick_sick(view, float(record.spec.get("max_error_rate", 0.5)), settings.watchdog)
+    if sick is not None:
+        replica, cause = sick
+
+        def restart() -> tuple[float, str]:
+            return restart_replica(replica, settings)
+
+        watch.restarted = [*watch.restarted[-9:], replica.replica_id]  # its replacement is not Serve's own
+        pending = REPLICA_PENDING + replica.actor_name
+        done.append(this.budgeted("nodewise.replica.restarted", cause, replica.describe(), restart, pending))
+    return done
+
+
+def _replaced_by_serve(this: WatchPass, view: AppView) -> list[Action]:
+    """Replicas that left since the last pass while the app kept its size: Serve replaced them (a
+    replica that died: its process killed, or its node lost). Counted, never acted on."""
+    watch = this.watch
+    seen = [r.replica_id for r in view.replicas]
+    gone = [r for r in watch.replicas if r not in seen and r not in watch.restarted]
+    shrunk = view.target < len(watch.replicas)  # a scale-down removes replicas on purpose
+    watch.replicas = seen
+    if shrunk:
+        return []
+    return [
+        this.action("nodewise.replica.replaced", "the replica exited; Serve started another", target=f"replica {r}")
+        for r in gone
+    ]
