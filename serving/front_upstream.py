@@ -3,8 +3,8 @@ rank 0 to another host), the front's two aiohttp clients to it, and the poller t
 readiness into the hold.
 
 aiohttp, not httpx: its HTTP parser is C (llhttp) and taking a pooled connection costs the same
-with 48 of them open; httpx checked every pooled connection's socket at each request, which made
-it most of the front's CPU time at 16 clients (benchmarks/front_cost.py, issue 32)."""
+with 48 of them open; httpx checked every pooled connection's socket at each request, the largest
+share of py-spy's samples of the front at 16 clients (benchmarks/front_cost.py, issue 32)."""
 
 from __future__ import annotations
 
