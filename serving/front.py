@@ -5,12 +5,13 @@ PATH]`` proxies every request to rank 0 (with aiohttp's client, whose HTTP parse
 front costs when nothing fails is ``benchmarks/front_cost.py``). While rank 0 is not ready
 (connection refused, or its ``/health`` not ready) new requests wait in a bounded hold for at
 most ``hold_timeout_s`` (then 503 with ``Retry-After``; a full hold is a 503 at once) and go on
-when the group is ready again. A request cut by the group's death is sent again when repeating gives the same answer:
-scoring (``/invocations``), GETs, and generation that is greedy or seeded (a sampled request
-without a seed gets one here). A ``/generate`` stream cut midway is sent again as its prompt plus
-the token ids already sent, and the client's stream goes on where it stopped. With ``--record``
-(the group's record) rank 0's address follows it across restarts. ``GET /front`` says what the
-front holds; ``GET /metrics`` is the front's counters followed by rank 0's metrics.
+when the group is ready again. A request cut by the group's death is sent again when repeating
+gives the same answer: scoring (``/invocations``), GETs, and generation that is greedy or seeded
+(a sampled request without a seed gets one here). A ``/generate`` stream cut midway is sent
+again as its prompt plus the token ids already sent, and the client's stream goes on where it
+stopped. With ``--record`` (the group's record) rank 0's address follows it across restarts.
+``GET /front`` says what the front holds; ``GET /metrics`` is the front's counters followed by
+rank 0's metrics.
 
 This module is the request path and the app; the hold and repeat policy is ``front_hold.py``,
 rank 0's address, clients and readiness ``front_upstream.py``, a stream's continuation
