@@ -402,10 +402,13 @@ def results_page() -> str:
     """The newest run of each benchmark (each model for the LLM one), with its command and its peer."""
     records = _records()
     newest: dict[str, list[dict[str, Any]]] = {}
-    for record in sorted(records, key=lambda r: r["date"], reverse=True):
+    order = {id(r): i for i, r in enumerate(records)}  # of one date, the last written is the newest
+    for record in sorted(records, key=lambda r: (r["date"], order[id(r)]), reverse=True):
         runs = newest.setdefault(record["benchmark"], [])
         if not runs or (record["date"] == runs[0]["date"] and record.get("model") != runs[0].get("model")):
             runs.append(record)
+    for runs in newest.values():  # several models of one date: shown in the order they were written
+        runs.sort(key=lambda r: order[id(r)])
     out = [
         HEADER.format(source="benchmarks/figures/*.json(l)"),
         "# Current results\n\n",

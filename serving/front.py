@@ -1,15 +1,17 @@
 """A DeepSpeed deployment's front: the address users call, which outlives the group behind it.
 
 ``python -m serving.front --upstream http://127.0.0.1:PORT --port PORT [--app NAME] [--record
-PATH]`` proxies every request to rank 0 (httpx). While rank 0 is not ready (connection refused,
-or its ``/health`` not ready) new requests wait in a bounded hold for at most ``hold_timeout_s``
-(then 503 with ``Retry-After``; a full hold is a 503 at once) and go on when the group is ready
-again. A request cut by the group's death is sent again when repeating gives the same answer:
-scoring (``/invocations``), GETs, and generation that is greedy or seeded (a sampled request
-without a seed gets one here). A ``/generate`` stream cut midway is sent again as its prompt plus
-the token ids already sent, and the client's stream goes on where it stopped. With ``--record``
-(the group's record) rank 0's address follows it across restarts. ``GET /front`` says what the
-front holds; ``GET /metrics`` is the front's counters followed by rank 0's metrics.
+PATH]`` proxies every request to rank 0 (with aiohttp's client, whose HTTP parser is C: what the
+front costs when nothing fails is ``benchmarks/front_cost.py``). While rank 0 is not ready
+(connection refused, or its ``/health`` not ready) new requests wait in a bounded hold for at
+most ``hold_timeout_s`` (then 503 with ``Retry-After``; a full hold is a 503 at once) and go on
+when the group is ready again. A request cut by the group's death is sent again when repeating
+gives the same answer: scoring (``/invocations``), GETs, and generation that is greedy or seeded
+(a sampled request without a seed gets one here). A ``/generate`` stream cut midway is sent
+again as its prompt plus the token ids already sent, and the client's stream goes on where it
+stopped. With ``--record`` (the group's record) rank 0's address follows it across restarts.
+``GET /front`` says what the front holds; ``GET /metrics`` is the front's counters followed by
+rank 0's metrics.
 
 This module is the request path and the app; the hold and repeat policy is ``front_hold.py``,
 rank 0's address, clients and readiness ``front_upstream.py``, a stream's continuation
@@ -24,11 +26,12 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
+import aiohttp
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+from yarl import URL
 
 from serving.errors import NotReady, ProtocolError, UpstreamFailed, error_body
 from serving.front_hold import CUT, FrontConfig, FrontMetrics, Hold, not_ready, prepare
@@ -63,22 +66,16 @@ class Front:
         """What ``GET /front`` answers (``nodewise status`` shows it)."""
         return {"upstream": self.upstream.url, **self.hold.state(), "counts": self.metrics.totals()}
 
-    async def send(self, request: Request, body: bytes, safe: bool, deadline: float) -> httpx.Response:
-        """One whole exchange with rank 0, waiting and repeating as the group allows."""
+    async def send(self, request: Request, body: bytes, safe: bool, deadline: float) -> aiohttp.ClientResponse:
+        """One exchange with rank 0 up to its answer's head, waiting and repeating as the group allows."""
+        target, headers = _target(request), _headers(request)
         while True:
             await self.hold.wait_ready(deadline)
             client = self.upstream.client  # read at each try: a restart may have moved rank 0
             assert client is not None
             try:
-                upstream = client.build_request(
-                    request.method,
-                    request.url.path,
-                    params=request.query_params,
-                    content=body,
-                    headers=_headers(request),
-                )
-                response = await client.send(upstream, stream=True)
-            except httpx.ConnectError as e:  # never reached rank 0: safe to send again, whatever it is
+                response = await client.request(request.method, target, data=body or None, headers=headers)
+            except aiohttp.ClientConnectorError as e:  # never reached rank 0: safe to send again, whatever it is
                 self.hold.down(f"group restarting (rank 0 refused a connection: {type(e).__name__})")
                 self.metrics.retries.inc()
                 continue
@@ -90,10 +87,14 @@ class Front:
                     raise
                 self.metrics.retries.inc()
                 continue
-            if response.status_code == 503:
-                await response.aread()
-                await response.aclose()
-                if not not_ready(response):  # rank 0 busy (its connection limit) or its own /health: passed on
+            if response.status == 503:
+                try:
+                    content = await response.read()  # kept: read() again gives it
+                except CUT as e:
+                    response.close()
+                    self._cut(e, safe)
+                    continue
+                if not not_ready(content):  # rank 0 busy (its connection limit) or its own /health: passed on
                     return response
                 self.hold.down("group starting (rank 0 answered 503 NOT_READY)")  # nothing was done: send again
                 self.metrics.retries.inc()
@@ -124,67 +125,83 @@ class Front:
             response = await self.send(request, body, safe, deadline)
         except ProtocolError as e:
             return _error(e)
-        if payload is not None and payload.get("stream") is True and response.status_code == 200:
+        if payload is not None and payload.get("stream") is True and response.status == 200:
             stream = self.continued(request, response, payload, safe)
             return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         try:
-            content = await response.aread()
+            content = await response.read()
         except CUT as e:
-            await response.aclose()
+            response.close()
             try:
                 self._cut(e, safe)
             except ProtocolError as refused:
                 return _error(refused)
             return await self.handle_again(request, body, safe, deadline)
-        return Response(content, response.status_code, headers=_answer_headers(response))
+        return Response(content, response.status, headers=_answer_headers(response))
 
     async def handle_again(self, request: Request, body: bytes, safe: bool, deadline: float) -> Response:
         """A whole answer cut midway: send it again (it is safe) until one arrives whole or time runs out."""
         while True:
             try:
                 response = await self.send(request, body, safe, deadline)
-                content = await response.aread()
             except ProtocolError as e:
                 return _error(e)
+            try:
+                content = await response.read()
             except CUT as e:
+                response.close()
                 self.hold.cut(e)
                 continue
-            return Response(content, response.status_code, headers=_answer_headers(response))
+            return Response(content, response.status, headers=_answer_headers(response))
 
     async def continued(
-        self, request: Request, response: httpx.Response, payload: dict[str, Any], safe: bool
+        self, request: Request, response: aiohttp.ClientResponse, payload: dict[str, Any], safe: bool
     ) -> AsyncIterator[bytes]:
         """The client's SSE stream: rank 0's events, and where a restart cut them, the rest from
         the new group (the prompt plus the tokens already sent, as ``input_ids``)."""
         progress = StreamProgress(payload)
-        while True:
-            try:
-                async for event in progress.relay(response):
-                    yield event
-                return
-            except CUT as e:
-                await response.aclose()
-                if not (safe and progress.can_continue(request.url.path)):
-                    yield sse({"error": {"message": "the model's group restarted mid-stream", "code": "BAD_GATEWAY"}})
+        try:
+            while True:
+                try:
+                    async for event in progress.relay(response):
+                        yield event
                     return
-                self.hold.down(f"group restarting (a stream was cut: {type(e).__name__})")
-            self.metrics.continued.inc()
-            deadline = time.monotonic() + self.config.hold_timeout_s
-            try:
-                response = await self.send(request, progress.rest(), True, deadline)
-            except ProtocolError as e:
-                yield sse({"error": {"message": str(e), "code": type(e).code}})
-                return
+                except CUT as e:
+                    response.close()
+                    if not (safe and progress.can_continue(request.url.path)):
+                        cut = {"message": "the model's group restarted mid-stream", "code": "BAD_GATEWAY"}
+                        yield sse({"error": cut})
+                        return
+                    self.hold.down(f"group restarting (a stream was cut: {type(e).__name__})")
+                self.metrics.continued.inc()
+                deadline = time.monotonic() + self.config.hold_timeout_s
+                try:
+                    response = await self.send(request, progress.rest(), True, deadline)
+                except ProtocolError as e:
+                    yield sse({"error": {"message": str(e), "code": type(e).code}})
+                    return
+        finally:  # the client went away, or the stream ended: a connection not read to its end is not reused
+            response.release()
+
+
+_SKIP = frozenset({"host", "content-length", "connection", "transfer-encoding"})
+_SKIP_ANSWER = frozenset({"content-length", "connection", "transfer-encoding", "content-encoding"})
+
+
+def _target(request: Request) -> URL:
+    """The request's path and query as the client sent them (percent-encoding kept)."""
+    scope = request.scope
+    raw = scope.get("raw_path") or scope["path"].encode()
+    query = scope.get("query_string", b"")
+    return URL((raw + b"?" + query if query else raw).decode("latin-1"), encoded=True)
 
 
 def _headers(request: Request) -> dict[str, str]:
-    skip = {"host", "content-length", "connection", "transfer-encoding"}
-    return {k: v for k, v in request.headers.items() if k.lower() not in skip}
+    return {k: v for k, v in request.headers.items() if k not in _SKIP}  # Starlette's names are lower case
 
 
-def _answer_headers(response: httpx.Response) -> dict[str, str]:
-    skip = {"content-length", "connection", "transfer-encoding", "content-encoding"}
-    return {k: v for k, v in response.headers.items() if k.lower() not in skip}
+def _answer_headers(response: aiohttp.ClientResponse) -> dict[str, str]:
+    return {k: v for k, v in response.headers.items() if k.lower() not in _SKIP_ANSWER}
 
 
 def _error(error: ProtocolError) -> Response:
@@ -204,13 +221,7 @@ def build_app(front: Front) -> Starlette:
     async def metrics(request: Request) -> Response:
         own = front.metrics.exposition()
         await front.start()
-        probe = front.upstream.probe
-        assert probe is not None
-        try:
-            upstream = await probe.get("/metrics")
-            rest = upstream.content if upstream.status_code == 200 else b""
-        except (httpx.HTTPError, RuntimeError):  # RuntimeError: a client closed as rank 0 moved
-            rest = b""  # the group is down: the front's own counters still answer
+        rest = await front.upstream.metrics()  # nothing while the group is down: the front's own counters answer
         return Response(own + rest, media_type=CONTENT_TYPE)
 
     methods = ["GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH"]

@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
+import aiohttp
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
 from serving import protocol
@@ -17,8 +17,15 @@ from serving.errors import NotReady
 from serving.metrics import BY_NAME
 
 GENERATION = frozenset({"/generate", "/v1/completions", "/v1/chat/completions"})
-# What a group's death does to an exchange under way: it never got there, or it was cut.
-CUT = (httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError, httpx.WriteError, httpx.ConnectTimeout)
+# What a group's death does to an exchange under way (aiohttp's errors): it never got there
+# (refused, or no connection within the connect timeout), or it was cut (reset, closed before the
+# answer's head, or amid its body). A read timeout is not among them: rank 0 is there, and slow.
+CUT = (
+    aiohttp.ClientOSError,
+    aiohttp.ServerDisconnectedError,
+    aiohttp.ClientPayloadError,
+    aiohttp.ConnectionTimeoutError,
+)
 
 
 @dataclass(frozen=True)
@@ -168,11 +175,11 @@ def _number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def not_ready(response: httpx.Response) -> bool:
-    """A 503 that is rank 0's ``NotReady`` (``NOT_READY`` in its error body, or ``not_ready`` in
-    OpenAI's), not uvicorn's connection limit: nothing was done, so it is sent again."""
+def not_ready(content: bytes) -> bool:
+    """A 503's body that is rank 0's ``NotReady`` (``NOT_READY`` in its error body, or ``not_ready``
+    in OpenAI's), not uvicorn's connection limit: nothing was done, so it is sent again."""
     try:
-        body = response.json()
+        body = json.loads(content)
     except (ValueError, RecursionError):
         return False
     if not isinstance(body, dict):

@@ -7,7 +7,7 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
+import aiohttp
 
 
 class StreamProgress:
@@ -22,9 +22,10 @@ class StreamProgress:
     def can_continue(self, path: str) -> bool:
         return path == "/generate" and not self.done
 
-    async def relay(self, response: httpx.Response) -> AsyncIterator[bytes]:
+    async def relay(self, response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
         """Rank 0's events, one by one; raises a ``CUT`` error where the stream ends without ``[DONE]``."""
-        async for line in response.aiter_lines():
+        async for raw in response.content:  # line by line
+            line = raw.decode().rstrip("\r\n")
             if not line.startswith("data: "):
                 continue
             data = line.removeprefix("data: ")
@@ -40,7 +41,7 @@ class StreamProgress:
                 chunk["usage"] = self.usage(chunk["usage"])
                 data = json.dumps(chunk)
             yield f"data: {data}\n\n".encode()
-        raise httpx.RemoteProtocolError("the stream ended before [DONE]")
+        raise aiohttp.ClientPayloadError("the stream ended before [DONE]")
 
     def usage(self, usage: dict[str, Any]) -> dict[str, Any]:
         """The whole stream's usage (a continued stream's last part counts only itself)."""

@@ -1,6 +1,10 @@
 """The front's upstream: rank 0's address (followed from the group's record when a restart moves
-rank 0 to another host), the front's two httpx clients to it, and the poller that reads its
-readiness into the hold."""
+rank 0 to another host), the front's two aiohttp clients to it, and the poller that reads its
+readiness into the hold.
+
+aiohttp, not httpx: its HTTP parser is C (llhttp) and taking a pooled connection costs the same
+with 48 of them open; httpx checked every pooled connection's socket at each request, the largest
+share of py-spy's samples of the front at 16 clients (benchmarks/front_cost.py, issue 32)."""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ import json
 import os
 from contextlib import suppress
 
-import httpx
+import aiohttp
 
 from serving.front_hold import FrontConfig, Hold
 from serving.http_server import HttpLimits
@@ -18,6 +22,11 @@ from serving.http_server import HttpLimits
 # default), and the ranks' heartbeats, the watchdog's canary and the front's own probes share it:
 # the front's requests keep a quarter of it free (more wait in the front's pool).
 UPSTREAM_CONNECTIONS = HttpLimits().max_connections * 3 // 4
+# An idle pooled connection is closed by the front before rank 0's keep-alive closes it: a request
+# sent on a connection rank 0 is closing would be cut, and one not safe to repeat would fail.
+IDLE_S = max(1.0, HttpLimits().keep_alive_s - 1.0)
+# What the front sends on as the client sent it: aiohttp adds none of its own.
+AUTO_HEADERS = ("Content-Type", "User-Agent", "Accept", "Accept-Encoding")
 
 
 class Upstream:
@@ -34,8 +43,8 @@ class Upstream:
         self.config = config
         self.hold = hold
         self.url = config.upstream
-        self.client: httpx.AsyncClient | None = None
-        self.probe: httpx.AsyncClient | None = None
+        self.client: aiohttp.ClientSession | None = None
+        self.probe: aiohttp.ClientSession | None = None
         self._record_stamp: tuple[int, int] | None = None
         self._poller: asyncio.Task[None] | None = None
 
@@ -54,14 +63,12 @@ class Upstream:
             self._poller.cancel()
         for client in (self.client, self.probe):
             if client is not None:
-                await client.aclose()
+                await client.close()
 
     def _open(self) -> None:
-        limits = httpx.Limits(max_connections=UPSTREAM_CONNECTIONS, max_keepalive_connections=UPSTREAM_CONNECTIONS)
-        timeout = httpx.Timeout(self.config.request_timeout_s, connect=2.0)
-        self.client = httpx.AsyncClient(base_url=self.url, timeout=timeout, limits=limits)
-        probe = httpx.Limits(max_connections=2, max_keepalive_connections=2)
-        self.probe = httpx.AsyncClient(base_url=self.url, timeout=2.0, limits=probe)
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=2.0, sock_read=self.config.request_timeout_s)
+        self.client = _session(self.url, UPSTREAM_CONNECTIONS, timeout)
+        self.probe = _session(self.url, 2, aiohttp.ClientTimeout(total=2.0))
 
     def follow_record(self) -> bool:
         """Read rank 0's address from the group's record if the record changed since; True if it moved."""
@@ -90,7 +97,7 @@ class Upstream:
         for client in old:
             if client is not None:
                 with suppress(Exception):
-                    await client.aclose()
+                    await client.close()
 
     async def _poll(self) -> None:
         """Read rank 0's /health: often while it is down, now and then while it serves."""
@@ -105,11 +112,26 @@ class Upstream:
         """None when rank 0's ``/health`` says ready, else why the group is not."""
         assert self.probe is not None
         try:
-            response = await self.probe.get("/health")
-        except httpx.HTTPError as e:
+            async with self.probe.get("/health") as response:
+                status, body = response.status, await response.read()
+        except (aiohttp.ClientError, TimeoutError) as e:
             return f"group restarting (rank 0 does not answer: {type(e).__name__})"
         try:
-            ready = response.status_code == 200 and bool(response.json().get("ready"))
+            ready = status == 200 and bool(json.loads(body).get("ready"))
         except (ValueError, AttributeError):
             ready = False
-        return None if ready else f"group starting (rank 0's /health: HTTP {response.status_code}, not ready)"
+        return None if ready else f"group starting (rank 0's /health: HTTP {status}, not ready)"
+
+    async def metrics(self) -> bytes:
+        """Rank 0's ``/metrics``, or nothing while the group is down."""
+        assert self.probe is not None
+        try:
+            async with self.probe.get("/metrics") as response:
+                return await response.read() if response.status == 200 else b""
+        except (aiohttp.ClientError, TimeoutError, RuntimeError):  # RuntimeError: a client closed as rank 0 moved
+            return b""
+
+
+def _session(url: str, connections: int, timeout: aiohttp.ClientTimeout) -> aiohttp.ClientSession:
+    connector = aiohttp.TCPConnector(limit=connections, keepalive_timeout=IDLE_S)
+    return aiohttp.ClientSession(url, connector=connector, timeout=timeout, skip_auto_headers=AUTO_HEADERS)
