@@ -101,13 +101,14 @@ def _deploy_serve(
 def _deploy_deepspeed(model: ResolvedModel, plan: PlacementPlan, settings: Settings) -> DeploymentRecord:
     """Several nodes: DeepSpeed tensor parallelism over MPI ranks, every rank in every request."""
     spec = build_deepspeed_spec(model, plan, settings)
-    endpoint, smoke = deploy_cluster_task(spec, plan, model, settings)  # rolls back itself on failure
+    endpoint, smoke, upgrade = deploy_cluster_task(spec, plan, model, settings)  # rolls back itself on failure
     previous = get_record(settings.state.records, spec.app_name)
     if previous is not None and previous.backend == "ray_serve":  # moved off one node: retire its replicas
         _delete_serve_app(settings, spec.app_name)
     print(
         f"{model.pinned_uri} serves at {endpoint} on {plan.ranks} DeepSpeed ranks: smoke test "
         f"{'matched the whole model' if smoke.compared else 'answered'}"
+        + ("" if upgrade.mode == "first" else f"; {upgrade.line()}")
     )
     return _record(settings, model, plan, spec, endpoint, "deepspeed_mpi", 1, smoke.request)
 

@@ -20,6 +20,7 @@ from nodewise.core.settings import ServeSettings, Settings, SmokeSettings
 from serving.spec import DeepSpeedSpec, ModelServeSpec
 from tasks.metrics.targets import publish_targets
 from tasks.mpi.deploy import deploy_cluster, smoke_test_lm
+from tasks.mpi.upgrade import Upgrade
 from tasks.planning.inventory import Inventory
 from tasks.planning.inventory_sources import read_inventory
 from tasks.planning.placement import PlacementPlan
@@ -119,8 +120,9 @@ def smoke_test_task(endpoint: str, model: ResolvedModel, settings: SmokeSettings
 @task(name="deploy-to-deepspeed", cache_policy=NO_CACHE)
 def deploy_cluster_task(
     spec: DeepSpeedSpec, plan: PlacementPlan, model: ResolvedModel, settings: Settings
-) -> tuple[str, SmokeResult]:
-    """Launch (or replace) the model's DeepSpeed job under mpirun and smoke-test it; roll back on failure."""
+) -> tuple[str, SmokeResult, Upgrade]:
+    """Launch the model's DeepSpeed job under mpirun (beside the running one when there is room, else in
+    its place) and smoke-test it; roll back on failure."""
     return deploy_cluster(spec, plan, settings, lambda endpoint: smoke_test_lm(endpoint, model, spec, settings.smoke))
 
 
