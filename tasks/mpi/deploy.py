@@ -129,7 +129,7 @@ def deploy_cluster(
             endpoint = _front_endpoint(settings, spec, read_cluster(settings, spec.app_name) or previous)
             return endpoint, result, Upgrade(mode="surge", why=why, drained_s=drained)
         return _replace(spec, plan, settings, check, previous, why)
-    return _replace(spec, plan, settings, check, previous, "")
+    return _replace(spec, plan, settings, check, previous, "no group was running" if previous else "")
 
 
 def _replace(

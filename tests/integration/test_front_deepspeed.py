@@ -131,7 +131,8 @@ def test_a_new_version_failing_its_smoke_test_leaves_the_running_one_serving(set
     assert whole.failures == []
     assert streams.failures == []
     assert read_cluster(settings, deployed.app_name) == running
-    assert not list(settings.state.deepspeed_job(deployed.app_name).glob(f"{GROUP_PREFIX}*"))
+    groups = settings.state.deepspeed_job(deployed.app_name).glob(f"{GROUP_PREFIX}*")
+    assert [str(g) for g in groups] == [os.path.dirname(running.spec_path)]  # the running group's own, no other
     assert len({*rank_pids(running.endpoint)}) == running.ranks  # its own ranks, still ready
 
 
