@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from nodewise.core.errors import ClusterUnavailable, DeployFailed, UnsupportedModel
+from nodewise.core.errors import ClusterUnavailable, DeployFailed, NotEnoughHosts, UnsupportedModel
 from nodewise.core.procs import session_members
 from nodewise.core.settings import Settings, SmokeSettings
 from serving.autotp import architecture_refusal, uneven_heads
@@ -125,7 +125,10 @@ def deploy_cluster(
     if previous is not None and _alive(previous):
         candidates, why = upgrade_room(plan, previous, settings)
         if candidates is not None:
-            result, drained = surge(spec, plan, candidates, previous, settings, check)
+            try:
+                result, drained = surge(spec, plan, candidates, previous, settings, check)
+            except NotEnoughHosts as e:  # free hosts that do not answer: no room after all (nothing started)
+                return _replace(spec, plan, settings, check, previous, f"no room: {e}")
             endpoint = _front_endpoint(settings, spec, read_cluster(settings, spec.app_name) or previous)
             return endpoint, result, Upgrade(mode="surge", why=why, drained_s=drained)
         return _replace(spec, plan, settings, check, previous, why)
