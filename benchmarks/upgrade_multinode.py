@@ -69,7 +69,6 @@ class HoldWatch:
 def upgrade(settings: Any, uri: str, inventory: str, clients: int, endpoint: str) -> dict[str, Any]:
     """Deploy ``uri`` through the flow under steady clients; what they and the front saw."""
     from tasks.mpi.records import read_cluster
-    from tests.support.flows import deploy_model
 
     before = read_cluster(settings, "bench-llama")
     loads = Loads(endpoint, clients)
@@ -79,7 +78,7 @@ def upgrade(settings: Any, uri: str, inventory: str, clients: int, endpoint: str
     since = time.time()
     watch = HoldWatch(endpoint)
     started = time.monotonic()
-    record = deploy_model(uri, inventory=inventory, settings=settings)
+    record = deploy_model(uri, inventory, settings)
     deploy_s = time.monotonic() - started
     time.sleep(5)  # every request held or repeated is answered or failed
     watch.stop()
@@ -101,6 +100,15 @@ def upgrade(settings: Any, uri: str, inventory: str, clients: int, endpoint: str
         "front": front,
         "longest_wait_s": max(f["longest_wait_s"] for f in figures.values()),
     }
+
+
+def deploy_model(uri: str, inventory: str, settings: Any) -> Any:
+    """The deploy flow, run the way the CLI runs it (its settings through ``using_settings``)."""
+    from flows.deploy import deploy_model as flow
+    from nodewise.core.settings import using_settings
+
+    with using_settings(settings):
+        return flow(uri, inventory=inventory)
 
 
 def inventory_of(state: Path, name: str, profile: Any, addresses: list[str]) -> str:
@@ -132,7 +140,6 @@ def main() -> None:
         from nodewise.ops.status import stop_everything
         from tasks.planning.profile_models import profile_with_cache
         from tasks.planning.registry import resolve_model
-        from tests.support.flows import deploy_model
 
         settings = Settings(
             state_dir=state,
@@ -154,7 +161,7 @@ def main() -> None:
             profile = profile_with_cache(resolved, batch_size=settings.serve.max_batch_size, device="cpu")
             a, b, c, d = lan.addresses[:4]
             roomy = inventory_of(state, "four.yaml", profile, [a, b, c, d])  # a, b run; c, d free
-            first = deploy_model(uris[0], inventory=roomy, settings=settings)
+            first = deploy_model(uris[0], roomy, settings)
             results["room"] = upgrade(settings, uris[1], roomy, args.clients, first.endpoint)
             print(json.dumps({"room": results["room"]}), file=sys.stderr, flush=True)
             tight = inventory_of(state, "three.yaml", profile, [c, d, a])  # c, d run; a alone is free
