@@ -386,6 +386,7 @@ ORDER = (
     "promotion_latency",
     "deepspeed_cluster",
     "multihost",
+    "upgrade_multinode",
     "profile_accuracy",
     "gpu_profile",
     "fuzz",

@@ -47,6 +47,7 @@ class Upstream:
         self.probe: aiohttp.ClientSession | None = None
         self._record_stamp: tuple[int, int] | None = None
         self._poller: asyncio.Task[None] | None = None
+        self._closing: set[asyncio.Task[None]] = set()  # old clients closing after a switch (``_move``)
 
     async def start(self) -> None:
         """Open the clients and start reading readiness (at the first request: the server runs
@@ -90,11 +91,25 @@ class Upstream:
         return True
 
     async def _move(self) -> None:
-        """Rank 0 moved: new clients to its new address, the old ones closed."""
+        """Rank 0 moved: new clients to its new address.
+
+        A group that already answers ready there (an upgrade switched to a group started beside the
+        old one) takes new requests at once, and what is under way on the old group finishes there:
+        its clients close after ``request_timeout_s``. Otherwise (a restart) the old clients close now,
+        cutting what was under way on them (repeated when that is safe)."""
         old = (self.client, self.probe)
         self._open()
+        if await self.readiness() is None:
+            closing = asyncio.create_task(self._close(old, self.config.request_timeout_s))
+            self._closing.add(closing)
+            closing.add_done_callback(self._closing.discard)
+            return
         self.hold.down(f"group restarted elsewhere (rank 0 is now at {self.url})")
-        for client in old:
+        await self._close(old, 0.0)
+
+    async def _close(self, clients: tuple[aiohttp.ClientSession | None, ...], after_s: float) -> None:
+        await asyncio.sleep(after_s)
+        for client in clients:
             if client is not None:
                 with suppress(Exception):
                     await client.close()

@@ -297,6 +297,15 @@ class DeepSpeedSettings(_Section):
     rank0_port: PositiveInt | None = Field(
         default=None, le=65535, description="Rank 0's own port behind the front. Default: a free port, kept."
     )
+    upgrade: Literal["auto", "surge", "replace"] = Field(
+        default="auto",
+        description=(
+            "How a new version replaces a running group. surge: the new group starts beside the old one, is "
+            "smoke-tested, then the front switches to it; replace: the old group stops first, the front holds "
+            "requests meanwhile; auto: surge when there is room for a second group (hosts of the inventory the "
+            "running group does not use, or this machine's free memory for local ranks), else replace."
+        ),
+    )
     hold_timeout_s: PositiveFloat = Field(
         default=60.0, description="Longest the front holds a request while the group is down (then 503)."
     )

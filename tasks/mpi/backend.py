@@ -29,21 +29,23 @@ class DeepSpeedMpi:
         serve: ServeSettings,
         previous: DeploymentRecord | None,
     ) -> Deployed:
-        """The ranks launched (the app's previous job replaced), waited for and smoke-tested against
-        the whole model; ``deploy_cluster`` relaunches the previous job on a failure."""
+        """The ranks launched (beside the running group when there is room, else in its place),
+        waited for and smoke-tested against the whole model; ``deploy_cluster`` keeps or relaunches
+        the previous group on a failure, and says how the upgrade went (tasks/mpi/upgrade.py)."""
         from tasks.mpi.deploy import build_deepspeed_spec, deploy_cluster, smoke_test_lm
 
         spec = build_deepspeed_spec(model, plan, settings)
-        endpoint, smoke = deploy_cluster(
+        endpoint, smoke, upgrade = deploy_cluster(
             spec, plan, settings, lambda endpoint: smoke_test_lm(endpoint, model, spec, settings.smoke)
         )
         said = "matched the whole model" if smoke.compared else "answered"
+        summary = f"{model.pinned_uri} serves at {endpoint} on {plan.ranks} DeepSpeed ranks: smoke test {said}"
         return Deployed(
             spec=spec.model_dump(mode="json"),
             endpoint=endpoint,
             replicas=1,
             canary=smoke.request,
-            summary=f"{model.pinned_uri} serves at {endpoint} on {plan.ranks} DeepSpeed ranks: smoke test {said}",
+            summary=summary + ("" if upgrade.mode == "first" else f"; {upgrade.line()}"),
         )
 
     def stop(self, settings: Settings, app_names: list[str]) -> list[str]:

@@ -1,9 +1,10 @@
 """Serving a model that needs several nodes: DeepSpeed tensor parallelism over MPI ranks.
 
 ``build_deepspeed_spec`` turns a multi-node plan into the spec every rank reads;
-``deploy_cluster`` (re)launches the job, waits for every rank and checks it (``smoke_test_lm``:
-the endpoint's logits against the model run whole in this process), putting the previous version
-back if the new one fails either.
+``deploy_cluster`` launches the job (beside the running one when there is room, else in its
+place: ``tasks/mpi/upgrade.py``), waits for every rank and checks it (``smoke_test_lm``: the
+endpoint's logits against the model run whole in this process), leaving or putting the previous
+version back if the new one fails either.
 """
 
 from __future__ import annotations
@@ -15,16 +16,18 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from nodewise.core.errors import ClusterUnavailable, DeployFailed, UnsupportedModel
+from nodewise.core.errors import ClusterUnavailable, DeployFailed, NotEnoughHosts, UnsupportedModel
+from nodewise.core.procs import session_members
 from nodewise.core.settings import Settings, SmokeSettings
 from serving.autotp import architecture_refusal, uneven_heads
 from serving.dist_env import is_local_host
 from serving.spec import DeepSpeedSpec, redact_uri
-from tasks.mpi.front import ensure_front, rank0_port, stop_front
-from tasks.mpi.health import wait_ready
+from tasks.mpi.front import ensure_front, follow, rank0_port, stop_front
+from tasks.mpi.health import exit_code, wait_ready
 from tasks.mpi.hosts import choose_hosts
 from tasks.mpi.launcher import launch, stop_cluster
-from tasks.mpi.records import Placement, read_cluster
+from tasks.mpi.records import LaunchedCluster, Placement, read_cluster
+from tasks.mpi.upgrade import FrontWatch, Upgrade, surge, upgrade_room
 from tasks.planning.placement import PlacementPlan
 from tasks.planning.registry import ResolvedModel, artifact_file, load_input_example
 from tasks.records import app_name_for
@@ -104,15 +107,43 @@ def _check_architecture(model: ResolvedModel, tp_size: int) -> None:
 
 def deploy_cluster(
     spec: DeepSpeedSpec, plan: PlacementPlan, settings: Settings, check: Callable[[str], T]
-) -> tuple[str, T]:
-    """Replace the app's job with one for ``spec``, wait until every rank is ready, then ``check`` it.
+) -> tuple[str, T, Upgrade]:
+    """Put a group for ``spec`` in place of the app's, wait until every rank is ready, ``check`` it.
 
-    The job is replaced whole (DeepSpeed ranks cannot be swapped one by one): the old ranks stop,
-    the new ones start. If they fail to start or ``check(endpoint)`` raises ``DeployFailed``, the
-    previous spec is relaunched and ``DeployFailed`` says why. Returns the endpoint and what
-    ``check`` returned.
+    With a group running and room for a second (``upgrade_room``), the new group starts beside it,
+    is checked at its rank 0, and the front switches to it before the old one stops
+    (``tasks/mpi/upgrade.py``); a failure stops the new group and the old one serves on. Otherwise
+    the old ranks stop, the front holds requests, the new ones start (DeepSpeed ranks cannot be
+    swapped one by one); if they fail to start or ``check(endpoint)`` raises ``DeployFailed``, the
+    previous spec is relaunched, the front holding throughout. Returns the endpoint, what ``check``
+    returned, and how the group was replaced (with the front's hold).
+
+    Raises:
+        DeployFailed: the new version did not start or failed ``check``; says what serves now.
     """
     previous = read_cluster(settings, spec.app_name)
+    if previous is not None and _alive(previous):
+        candidates, why = upgrade_room(plan, previous, settings)
+        if candidates is not None:
+            try:
+                result, drained = surge(spec, plan, candidates, previous, settings, check)
+            except NotEnoughHosts as e:  # free hosts that do not answer: no room after all (nothing started)
+                return _replace(spec, plan, settings, check, previous, f"no room: {e}")
+            endpoint = _front_endpoint(settings, spec, read_cluster(settings, spec.app_name) or previous)
+            return endpoint, result, Upgrade(mode="surge", why=why, drained_s=drained)
+        return _replace(spec, plan, settings, check, previous, why)
+    return _replace(spec, plan, settings, check, previous, "no group was running" if previous else "")
+
+
+def _replace(
+    spec: DeepSpeedSpec,
+    plan: PlacementPlan,
+    settings: Settings,
+    check: Callable[[str], T],
+    previous: LaunchedCluster | None,
+    why: str,
+) -> tuple[str, T, Upgrade]:
+    """Stop the app's group, launch ``spec``'s, check it; relaunch the previous one if it fails."""
     previous_spec = (
         DeepSpeedSpec.model_validate_json(Path(previous.spec_path).read_text()) if previous is not None else None
     )
@@ -121,12 +152,13 @@ def deploy_cluster(
     )
     hosts, _ = choose_hosts(planned, settings)  # a node that is down now is replaced by a spare, or refused
     spares = [h for h in [*planned.hosts, *planned.spares] if h not in hosts]
+    watch = FrontWatch(settings, spec.app_name)
     stop_cluster(settings, spec.app_name)
     cluster = launch(spec, hosts, plan.devices_per_node, settings, spares=spares)
     try:
         wait_ready(cluster, settings.deepspeed.ready_timeout_s)
-        endpoint = _front_endpoint(settings, spec, cluster.endpoint)
-        return endpoint, check(endpoint)
+        endpoint = _front_endpoint(settings, spec, cluster)
+        result = check(endpoint)
     except DeployFailed as e:
         stop_cluster(settings, spec.app_name)
         outcome = "nothing served before"
@@ -134,21 +166,33 @@ def deploy_cluster(
             restored = launch(previous_spec, previous.hosts, previous.ranks // len(previous.hosts), settings)
             try:
                 wait_ready(restored, settings.deepspeed.ready_timeout_s)
+                follow(settings, spec.app_name, restored.endpoint)
                 outcome = f"version {previous_spec.model_version} serves again"
             except DeployFailed as again:
                 stop_cluster(settings, spec.app_name)
                 outcome = f"version {previous_spec.model_version} did not come back either: {again}"
+            held_s, held = watch.stop()
+            outcome += f"; the front held {held} requests for {held_s:.1f} s"
         if previous is None:
             stop_front(settings, spec.app_name)
         raise DeployFailed(f"{e} (rolled back: {outcome})") from e
+    if previous is None:
+        return endpoint, result, Upgrade(mode="first")
+    held_s, held = watch.stop()
+    return endpoint, result, Upgrade(mode="replace", why=why, held_s=held_s, held_requests=held)
 
 
-def _front_endpoint(settings: Settings, spec: DeepSpeedSpec, rank0: str) -> str:
+def _alive(cluster: LaunchedCluster) -> bool:
+    """The recorded group's mpirun still runs (a stopped or crashed one is replaced, not surged)."""
+    return exit_code(cluster) is None and bool(session_members(cluster.pid))
+
+
+def _front_endpoint(settings: Settings, spec: DeepSpeedSpec, cluster: LaunchedCluster) -> str:
     """What users call: the front, which outlives the group (tasks/mpi/front.py); rank 0 without one."""
     if not settings.deepspeed.front:
-        return rank0
+        return cluster.endpoint
     try:
-        return ensure_front(settings, spec.app_name, spec.host, rank0).endpoint
+        return ensure_front(settings, spec.app_name, spec.host, cluster.endpoint).endpoint
     except ClusterUnavailable as e:
         raise DeployFailed(str(e)) from e
 

@@ -3,9 +3,12 @@
 ``launch`` writes the spec every rank reads (``spec.json``), starts mpirun (``command.py``)
 under its supervisor (``supervise.py``) in a session of its own, with its output in
 ``mpirun.log``, records it (``records.py``: ``cluster.json``, ``placement.json``) and returns at
-once (``health.wait_ready``). ``relaunch`` stops the job and launches it again on the hosts that
-are up (``hosts.choose_hosts``). ``stop_cluster`` stops every session of the job, its ranks on
-other hosts and its shared memory; it is idempotent. DeepSpeed's compiled ops are cached in
+once (``health.wait_ready``). A group launched beside the running one for an upgrade
+(``tasks/mpi/upgrade.py``) gets a folder of its own, ``<app>/group-<id>/`` (``group_dir``), with its
+own record, rendezvous port and launch id. ``relaunch`` stops the job and launches it again on the
+hosts that are up (``hosts.choose_hosts``). ``stop_group`` stops one group by its record;
+``stop_cluster`` stops every group of the app (the one on record, and any an aborted upgrade left),
+its ranks on other hosts and its shared memory; it is idempotent. DeepSpeed's compiled ops are cached in
 ``<state>/torch_extensions``: only the first launch on a machine builds them (~85 s).
 """
 
@@ -18,6 +21,7 @@ import shutil
 import subprocess
 import sys
 from datetime import UTC, datetime
+from pathlib import Path
 
 from nodewise.core.errors import ClusterUnavailable
 from nodewise.core.procs import free_port, port_open, session_members, stop_processes
@@ -29,7 +33,16 @@ from serving.dist_env import is_local_host
 from serving.spec import SPEC_ENV, DeepSpeedSpec
 from tasks.mpi.command import mpirun_command
 from tasks.mpi.hosts import choose_hosts, job_sessions, remove_rendezvous_files, stop_remote_ranks
-from tasks.mpi.records import CHILDREN, LaunchedCluster, Placement, cluster_dir, read_cluster, read_placement
+from tasks.mpi.records import (
+    CHILDREN,
+    GROUP_PREFIX,
+    LEFTOVERS,
+    LaunchedCluster,
+    Placement,
+    cluster_dir,
+    read_cluster,
+    read_placement,
+)
 from tasks.mpi.supervise import EXIT_FILE
 
 _FORWARDED = (
@@ -50,11 +63,18 @@ _FORWARDED = (
 
 
 def launch(
-    spec: DeepSpeedSpec, hosts: list[str], ranks_per_host: int, settings: Settings, spares: list[str] | None = None
+    spec: DeepSpeedSpec,
+    hosts: list[str],
+    ranks_per_host: int,
+    settings: Settings,
+    spares: list[str] | None = None,
+    folder: Path | None = None,
 ) -> LaunchedCluster:
     """Start the ranks under mpirun and record them; returns at once (see ``wait_ready``).
 
     ``spares``: other hosts able to take a host's place when one is down at a restart.
+    ``folder``: a group beside the app's running one (``group_dir``): its record stays there, and
+    its rendezvous port is a free one even when ``deepspeed.master_port`` is set.
     """
     ds = settings.deepspeed
     mpirun = shutil.which(ds.mpirun)
@@ -69,8 +89,9 @@ def launch(
             f"port {spec.port} is already in use by something else; set NODEWISE_DEEPSPEED__PORT to a free port"
         )
     master_addr = "127.0.0.1" if local else hosts[0]
-    master_port = ds.master_port or free_port()
-    folder = cluster_dir(settings, spec.app_name)
+    beside = folder is not None
+    master_port = free_port() if beside else (ds.master_port or free_port())
+    folder = folder or cluster_dir(settings, spec.app_name)
     folder.mkdir(parents=True, exist_ok=True)
     spec_path = folder / "spec.json"
     atomic_write(spec_path, spec.model_dump_json(indent=2))
@@ -150,28 +171,52 @@ def relaunch(settings: Settings, app_name: str, spec: DeepSpeedSpec) -> Launched
     return launch(spec, hosts, placement.ranks_per_host, settings, spares=spares)
 
 
-def stop_cluster(settings: Settings, app_name: str) -> list[str]:
-    """Stop every process of the app's job and remove its shared memory; idempotent."""
-    cluster = read_cluster(settings, app_name)
-    folder = cluster_dir(settings, app_name)
-    # Also any mpirun of this app that no record names: a launcher killed between starting it and
-    # recording it (a watchdog killed mid-restart) must not leave a second group running.
-    sessions = set(job_sessions(folder / "spec.json"))
-    if cluster is not None:
-        sessions.add(cluster.pid)
-    if cluster is None and not sessions:
-        return []
+def group_dir(settings: Settings, app_name: str) -> Path:
+    """A new folder for a group launched beside the app's running one (``launch(folder=...)``)."""
+    return cluster_dir(settings, app_name) / f"{GROUP_PREFIX}{secrets.token_hex(4)}"
+
+
+def stop_group(settings: Settings, cluster: LaunchedCluster) -> list[str]:
+    """Stop one group by its record (its session, ranks left on other hosts, shared memory); a
+    group launched beside another loses its folder too, unless ranks on a host it could not reach
+    are noted there."""
+    folder = Path(cluster.spec_path).parent
+    sessions = {*job_sessions(Path(cluster.spec_path)), cluster.pid}
     killed = sum(_stop_session(sid, settings.deepspeed.stop_grace_s) for sid in sorted(sessions))
-    done = [f"stopped DeepSpeed app {app_name} ({killed} process(es))"] if killed else []
-    if cluster is not None:
-        done += stop_remote_ranks(settings, dict.fromkeys(cluster.hosts, cluster.launch_id), cluster.spec_path)
+    done = [f"stopped DeepSpeed app {cluster.app_name} ({killed} process(es))"] if killed else []
+    done += stop_remote_ranks(settings, dict.fromkeys(cluster.hosts, cluster.launch_id), cluster.spec_path)
     # mpirun cannot clean up after ranks it killed: their shm all-reduce buffers stay behind.
-    for path in local_shm_files(cluster.master_addr, cluster.master_port) if cluster else []:
+    for path in local_shm_files(cluster.master_addr, cluster.master_port):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
     remove_rendezvous_files(folder)
-    (cluster_dir(settings, app_name) / "cluster.json").unlink(missing_ok=True)
     CHILDREN.pop(cluster.pid, None)
+    if folder.name.startswith(GROUP_PREFIX) and not (folder / LEFTOVERS).exists():
+        shutil.rmtree(folder, ignore_errors=True)
+    return done
+
+
+def stop_cluster(settings: Settings, app_name: str) -> list[str]:
+    """Stop every process of the app's job and remove its shared memory; idempotent.
+
+    The group on record, and any group an aborted upgrade left beside it (``group-*`` folders).
+    """
+    cluster = read_cluster(settings, app_name)
+    folder = cluster_dir(settings, app_name)
+    done = stop_group(settings, cluster) if cluster is not None else []
+    for record in sorted(folder.glob(f"{GROUP_PREFIX}*/cluster.json")):
+        with contextlib.suppress(OSError, ValueError):
+            done += stop_group(settings, LaunchedCluster.model_validate_json(record.read_text()))
+    # Also any mpirun of this app that no record names: a launcher killed between starting it and
+    # recording it (a watchdog killed mid-restart) must not leave a second group running.
+    for spec_path in [folder / "spec.json", *folder.glob(f"{GROUP_PREFIX}*/spec.json")]:
+        killed = sum(_stop_session(sid, settings.deepspeed.stop_grace_s) for sid in job_sessions(spec_path))
+        done += [f"stopped DeepSpeed app {app_name} ({killed} process(es))"] if killed else []
+    for group in folder.glob(f"{GROUP_PREFIX}*"):
+        if not (group / LEFTOVERS).exists():
+            shutil.rmtree(group, ignore_errors=True)
+    remove_rendezvous_files(folder)
+    (folder / "cluster.json").unlink(missing_ok=True)
     return done
 
 

@@ -4,7 +4,9 @@ One folder per app, ``<state>/deepspeed/<app>/`` (``cluster_dir``): ``cluster.js
 running launch: ``LaunchedCluster``, removed by a stop), ``placement.json`` (``Placement``: the
 hosts and spares, kept after a stop so a restart can relaunch), ``exit.json`` (the supervisor's
 record of how mpirun exited, ``tasks/mpi/supervise.py``) and ``leftovers.json`` (``{host: launch
-id}`` of ranks a stop could not reach). Readers here never start or stop anything. ``CHILDREN``
+id}`` of ranks a stop could not reach). A group launched beside the running one for an upgrade
+keeps the same files in ``<app>/group-<id>/``; once it takes over, the app's ``cluster.json``
+names it (its ``spec_path`` points into its folder). Readers here never start or stop anything. ``CHILDREN``
 is the in-process half of the record: the supervisors this process started, so their exit
 status is read without a zombie and a stop reaps them.
 """
@@ -24,6 +26,7 @@ from nodewise.core.settings import Settings
 from nodewise.core.state import read_json
 from tasks.mpi.supervise import EXIT_FILE
 
+GROUP_PREFIX = "group-"  # <app>/group-<id>/: a group launched beside the running one (tasks/mpi/upgrade.py)
 LEFTOVERS = "leftovers.json"  # {host: launch id} of ranks a stop could not reach (tasks/mpi/hosts.py)
 CHILDREN: dict[int, subprocess.Popen[bytes]] = {}  # the supervisors this process started, by pid
 

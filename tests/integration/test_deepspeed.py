@@ -424,9 +424,13 @@ def test_a_new_version_whose_ranks_fail_is_rolled_back(settings: Settings, exper
     weights = Path(MlflowClient().get_model_version_download_uri("tiny-llama", version).removeprefix("file://"))
     weights = weights / "model" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
-    with pytest.raises(DeployFailed, match=r"did not start: .*\(rolled back: version 1 serves again\)"):
+    # In place (the old group stops first): the front holds while version 1 is relaunched. A group
+    # beside the old one is test_front_deepspeed.py's.
+    replace = settings.model_copy(update={"deepspeed": settings.deepspeed.model_copy(update={"upgrade": "replace"})})
+    rolled_back = r"did not start: .*\(rolled back: version 1 serves again; the front held \d+ requests for [\d.]+ s\)"
+    with pytest.raises(DeployFailed, match=rolled_back):
         deploy_model(
-            f"models:/tiny-llama/{version}", inventory=str(settings.state_path / "nodes.yaml"), settings=settings
+            f"models:/tiny-llama/{version}", inventory=str(settings.state_path / "nodes.yaml"), settings=replace
         )
     assert httpx.get(f"{deployed.endpoint}/version", timeout=5).json()["version"] == "1"
     assert len(rank_pids(deployed.endpoint)) == 2

@@ -1,6 +1,9 @@
-"""The front of a real DeepSpeed deployment (serving/front.py, tasks/mpi/front.py): a rank killed
-with SIGKILL under a steady client, the watchdog restarts the whole group, and no request safe to
-repeat fails; a greedy stream cut by the restart goes on with the text of an undisturbed run."""
+"""The front of a real DeepSpeed deployment (serving/front.py, tasks/mpi/front.py): a new version
+started beside the running group (tasks/mpi/upgrade.py) takes over under a steady client with no
+request failed, and one that fails its smoke test leaves the running group serving; a rank killed
+with SIGKILL under a steady client, the watchdog restarts the whole group (the upgraded one), and
+no request safe to repeat fails; a greedy stream cut by the restart goes on with the text of an
+undisturbed run."""
 
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ import pytest
 
 from nodewise.core.settings import Settings
 from tests.integration.conftest import RESTARTED_DEEPSPEED, module_settings
-from tests.support.lm import deploy_on_two_ranks, register_tiny_llama
+from tests.support.lm import deploy_on_two_ranks, rank_pids, register_tiny_llama, whole_stream
 from tests.support.load import LoadClient
 
 IDS = [5, 17, 33, 60, 2, 9]
@@ -62,11 +65,81 @@ def test_the_endpoint_is_the_front_and_rank_0_has_a_port_of_its_own(settings: Se
     assert httpx.get(f"{deployed.endpoint}/front", timeout=5).json()["ready"] is True
 
 
+def _steady_clients(endpoint: str) -> tuple[LoadClient, LoadClient]:
+    """Whole and streamed greedy generations through the front, each answer checked whole."""
+    whole = json.dumps({"input_ids": [IDS], "max_new_tokens": 8}).encode()
+    streamed = json.dumps({"input_ids": [IDS], "max_new_tokens": 8, "stream": True}).encode()
+    return (
+        LoadClient(f"{endpoint}/generate", whole, workers=2, timeout_s=120),
+        LoadClient(f"{endpoint}/generate", streamed, workers=1, timeout_s=120, stream=True, check=whole_stream(8)),
+    )
+
+
+def test_a_new_version_starts_beside_the_running_one_and_takes_over_with_no_request_failed(
+    settings: Settings, deployed: Any
+) -> None:
+    import psutil
+
+    from tasks.mpi.front import read_front
+    from tasks.mpi.records import GROUP_PREFIX, read_cluster
+
+    old = read_cluster(settings, deployed.app_name)
+    old_ranks = rank_pids(old.endpoint)
+    v2 = register_tiny_llama(settings, "front-tests", seed=1)
+    whole, streams = _steady_clients(deployed.endpoint)
+    with whole, streams:
+        time.sleep(1.0)
+        upgraded = deploy_on_two_ranks(settings, v2)
+        time.sleep(1.0)
+    assert whole.failures == []
+    assert streams.failures == []
+    assert whole.ok > 4
+    assert streams.ok > 1
+    assert upgraded.endpoint == deployed.endpoint
+    assert httpx.get(f"{deployed.endpoint}/version", timeout=5).json()["version"] == upgraded.model_version != "1"
+    new = read_cluster(settings, deployed.app_name)
+    assert os.path.basename(os.path.dirname(new.spec_path)).startswith(GROUP_PREFIX)  # it ran beside the old one
+    assert read_front(settings, deployed.app_name).upstream == new.endpoint
+    assert not [pid for pid in [old.pid, *old_ranks] if psutil.pid_exists(pid)]
+
+
+def test_a_new_version_failing_its_smoke_test_leaves_the_running_one_serving(settings: Settings, deployed: Any) -> None:
+    """The group launched beside is the running version's own, checked against version 1's logits: a
+    real smoke test that fails."""
+    from mlflow import MlflowClient
+
+    from nodewise.core.errors import DeployFailed
+    from serving.spec import DeepSpeedSpec
+    from tasks.mpi.deploy import deploy_cluster, smoke_test_lm
+    from tasks.mpi.records import GROUP_PREFIX, read_cluster
+    from tasks.planning.placement import PlacementPlan
+    from tasks.planning.registry import resolve_model
+    from tasks.records import get_record
+
+    running = read_cluster(settings, deployed.app_name)
+    spec = DeepSpeedSpec.model_validate(get_record(settings.state.records, deployed.app_name).spec)
+    v1, v1_spec = resolve_model(deployed.model_uri, MlflowClient()), DeepSpeedSpec.model_validate(deployed.spec)
+    plan = PlacementPlan(
+        fits=True, backend="deepspeed_mpi", layout="multi-node", needed_bytes=1, budget_bytes=1,
+        largest_budget_bytes=1, nodes=2, hosts=["localhost", "localhost"],
+    )  # fmt: skip
+    whole, streams = _steady_clients(deployed.endpoint)
+    with whole, streams:
+        time.sleep(1.0)
+        with pytest.raises(DeployFailed, match="the new group was stopped; version 2 serves on"):
+            deploy_cluster(spec, plan, settings, lambda endpoint: smoke_test_lm(endpoint, v1, v1_spec, settings.smoke))
+    assert whole.failures == []
+    assert streams.failures == []
+    assert read_cluster(settings, deployed.app_name) == running
+    groups = settings.state.deepspeed_job(deployed.app_name).glob(f"{GROUP_PREFIX}*")
+    assert [str(g) for g in groups] == [os.path.dirname(running.spec_path)]  # the running group's own, no other
+    assert len({*rank_pids(running.endpoint)}) == running.ranks  # its own ranks, still ready
+
+
 def test_a_killed_rank_fails_no_safe_request_and_the_stream_goes_on(settings: Settings, deployed: Any) -> None:
     from tasks.mpi.health import exit_code
     from tasks.mpi.records import read_cluster
     from tasks.watchdog.engine import watch_once
-    from tests.support.lm import rank_pids
 
     undisturbed: list[dict[str, Any]] = []
     _stream(deployed.endpoint, undisturbed)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
+
 import httpx
 
 from nodewise.core.settings import Settings
@@ -54,3 +57,19 @@ def load_whole_llama(model_uri: str) -> tuple[object, object]:
 
     components = mlflow.transformers.load_model(model_uri, return_type="components")
     return components["model"].eval(), components["tokenizer"]
+
+
+def whole_stream(new_tokens: int) -> Callable[[httpx.Response], str | None]:
+    """A ``LoadClient`` check: a streamed ``/generate`` answer ran to its end (``new_tokens``, then [DONE])."""
+
+    def check(response: httpx.Response) -> str | None:
+        lines = [line for line in response.text.splitlines() if line.startswith("data: ")]
+        if not lines or lines[-1] != "data: [DONE]":
+            return f"stream cut short after {len(lines)} events"
+        usage = [json.loads(line[6:]).get("usage") for line in lines[:-1]]
+        done = [u for u in usage if u]
+        if not done or done[-1].get("completion_tokens") != new_tokens:
+            return f"stream ended with usage {done[-1:] or 'missing'}, {new_tokens} tokens wanted"
+        return None
+
+    return check

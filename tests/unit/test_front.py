@@ -4,6 +4,7 @@ uvicorn, called over real HTTP."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -40,6 +41,7 @@ class Upstream:
         self.cut_after: int | None = None  # the next stream dies after this many tokens
         self.seen: list[dict[str, Any]] = []
         self.unavailable: list[bytes] = []  # 503 bodies /invocations answers first, one per request
+        self.token_s = 0.0  # a pause before each streamed token (a stream under way for a while)
 
     def app(self) -> Starlette:
         async def health(request: Request) -> JSONResponse:
@@ -70,6 +72,8 @@ class Upstream:
             if cut is not None and i == cut:
                 raise RuntimeError("the group died")  # uvicorn drops the connection mid-stream
             token = (token * NEXT + 3) % 100
+            if self.token_s:
+                await asyncio.sleep(self.token_s)
             yield f"data: {json.dumps({'token_id': token, 'text': f' t{token}'})}\n\n".encode()
         usage = {"prompt_tokens": len(ids), "completion_tokens": payload["max_new_tokens"]}
         yield f"data: {json.dumps({'finish_reason': 'length', 'usage': usage})}\n\n".encode()
@@ -350,3 +354,42 @@ def test_the_watchdog_reports_what_the_front_held_since_its_last_pass(
     assert grown({"held": 2, "retried": 0, "continued": 0, "refused": 0}, seen)["held"] == 2  # a new front: from 0
     (folder / "front.json").unlink()
     assert front_report(settings, "t", seen) == (seen, {})  # no front: nothing said, nothing forgotten
+
+
+def test_a_switch_to_a_group_already_ready_lets_a_stream_under_way_finish_on_the_old_one(tmp_path: Any) -> None:
+    old = Upstream(free_port_block(1))
+    old.start()
+    new = Upstream(free_port_block(1))
+    new.start()
+    old.token_s = 0.05  # 40 tokens: 2 s under way
+    record = tmp_path / "cluster.json"
+    record.write_text(json.dumps({"endpoint": f"http://127.0.0.1:{old.port}"}))
+    front = Front(FrontConfig(f"http://127.0.0.1:{old.port}", app="t", poll_s=0.05, record=str(record)))
+    server = HttpServer(build_app(front), "127.0.0.1", 0)
+    server.start_in_thread()
+    url = f"http://127.0.0.1:{server.port}"
+    streams: list[list[int]] = []
+    try:
+        reader = threading.Thread(target=lambda: streams.append(_stream(url, [1], 40)[0]))
+        reader.start()
+        time.sleep(0.3)
+        record.write_text(json.dumps({"endpoint": f"http://127.0.0.1:{new.port}"}))  # an upgrade's switch
+        deadline = time.monotonic() + 5
+        while httpx.get(f"{url}/front", timeout=5).json()["upstream"] != f"http://127.0.0.1:{new.port}":
+            assert time.monotonic() < deadline, "the front did not follow the record"
+            time.sleep(0.05)
+        assert reader.is_alive()  # the switch came while the stream was under way
+        assert _stream(url, [2], 3)[0] == [17, 22, 57]  # a new request goes to the new group
+        reader.join(30)
+        token, expected = 1, []
+        for _ in range(40):
+            token = (token * NEXT + 3) % 100
+            expected.append(token)
+        assert streams == [expected]
+        assert (len(old.seen), len(new.seen)) == (1, 1)  # each request sent once, where it started
+        assert _counter(url, "nodewise_front_streams_continued_total") == 0
+        assert _counter(url, "nodewise_front_retries_total") == 0
+    finally:
+        server.shutdown()
+        old.stop()
+        new.stop()
