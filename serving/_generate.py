@@ -43,6 +43,8 @@ def token_row(row: list[Any], limits: Any) -> list[int]:
 
 def integer_ids(array: np.ndarray, name: str, vocab: int | None) -> np.ndarray:
     """``array`` as int64 token ids: integers (a float with no fraction is one), inside the vocabulary."""
+    if array.dtype.kind == "f" and not np.all(np.isfinite(array)):  # NaN or Infinity: JSON takes them, ids do not
+        raise BadRequest(f"{name} must be integer token ids; got NaN or Infinity")
     if array.dtype.kind not in "iuf" or (array.dtype.kind == "f" and not np.all(np.mod(array, 1) == 0)):
         raise BadRequest(f"{name} must be integer token ids; got {array.dtype} values")
     if array.dtype.kind == "f" and np.abs(array).max() >= 2**62:  # before the cast, which would wrap
