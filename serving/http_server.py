@@ -1,7 +1,10 @@
 """An ASGI app served by uvicorn, on the main thread or a thread of its own.
 
-Keep-alive, the connection limit, the header size limit and the graceful-shutdown bound are
-uvicorn's settings (``HttpLimits``), not loops of ours. The socket is bound when the server is
+Keep-alive, the connection limit and the graceful-shutdown bound are uvicorn's settings
+(``HttpLimits``), not loops of ours. Requests are parsed by httptools (llhttp, in C: about a third
+of the front's time went to h11, pure Python, before); two things uvicorn's h11 protocol does and
+its httptools one does not are added in ``half_close_httptools``: a bound on a request's head, and
+an answer for a client that half-closes. The socket is bound when the server is
 made, so a port in use is an ``OSError`` the caller can word for its user, before anything runs.
 On the main thread uvicorn takes SIGINT and SIGTERM while it serves, shuts down gracefully, then
 raises the signal again for the handlers that were there before (a CLI's ``KeyboardInterrupt``);
@@ -26,7 +29,7 @@ class HttpLimits:
 
     max_connections: int = 64  # open connections and tasks; past it, 503 (limit_concurrency)
     keep_alive_s: int = 5  # an idle keep-alive connection is closed after this (timeout_keep_alive)
-    max_header_bytes: int = 64 * 1024  # a request's head; past it, 400 (h11_max_incomplete_event_size)
+    max_header_bytes: int = 64 * 1024  # a request's head; past it, 400 (see half_close_httptools)
     graceful_s: int = 10  # on shutdown, requests still running get this long (timeout_graceful_shutdown)
 
 
@@ -34,7 +37,9 @@ class HttpServer:
     """``app`` on ``host:port``: ``serve_forever()`` here, or ``start_in_thread()``; then
     ``shutdown()`` and ``server_close()``, as ``socketserver`` servers are driven."""
 
-    def __init__(self, app: Any, host: str, port: int, limits: HttpLimits | None = None) -> None:
+    def __init__(
+        self, app: Any, host: str, port: int, limits: HttpLimits | None = None, lifespan: bool = False
+    ) -> None:
         import uvicorn
 
         limits = limits or HttpLimits()
@@ -42,13 +47,12 @@ class HttpServer:
         self.socket = socket.create_server((host, port), family=family)  # OSError: in use, no such address
         self.config = uvicorn.Config(
             app,
-            http=half_close_h11(),  # h11: the implementation whose header limit is a setting
-            lifespan="off",
+            http=half_close_httptools(limits.max_header_bytes),
+            lifespan="on" if lifespan else "off",  # the app's startup and shutdown, when it has them
             log_config=None,
             access_log=False,
             limit_concurrency=limits.max_connections,
             timeout_keep_alive=limits.keep_alive_s,
-            h11_max_incomplete_event_size=limits.max_header_bytes,
             timeout_graceful_shutdown=limits.graceful_s,
         )
         self.server = uvicorn.Server(self.config)
@@ -87,24 +91,45 @@ class HttpServer:
         self.socket.close()
 
 
-def half_close_h11() -> type:
-    """uvicorn's h11 protocol, except that a client that shuts its sending side (a half-close:
-    ``shutdown(SHUT_WR)``, ``curl``'s upload then wait, a proxy's ``option http-server-close``)
-    still gets its answer. uvicorn closes the connection on that EOF, so such a client got none.
-    Here the request's body ends at the EOF (one shorter than its Content-Length is a 408 from
-    ``errors.receive_body``), the app answers, and the connection closes after the answer; a head
-    cut short by the EOF gets uvicorn's 400."""
-    from uvicorn.protocols.http.h11_impl import H11Protocol
+def half_close_httptools(max_head_bytes: int) -> type:
+    """uvicorn's httptools protocol, with two additions.
 
-    class HalfCloseH11Protocol(H11Protocol):
+    - A client that shuts its sending side (a half-close: ``shutdown(SHUT_WR)``, ``curl``'s upload
+      then wait, a proxy's ``option http-server-close``) still gets its answer; uvicorn closes the
+      connection on that EOF, so such a client got none. Here the request's body ends at the EOF
+      (one shorter than its Content-Length is a 408 from ``errors.receive_body``), the app answers,
+      and the connection closes after the answer; a head cut short by the EOF is a 400.
+    - A head still unfinished after ``max_head_bytes`` is a 400 and the connection closes (h11's
+      ``max_incomplete_event_size``; httptools keeps no such bound). It is counted by what has
+      arrived, so the bound holds within one read's size (64 KiB)."""
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    class HalfCloseHttpToolsProtocol(HttpToolsProtocol):
+        in_head = False  # a request's head has begun and not ended
+        head_bytes = 0
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self.in_head, self.head_bytes = True, 0
+
+        def on_headers_complete(self) -> None:
+            self.in_head = False
+            super().on_headers_complete()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self.in_head and not self.transport.is_closing():
+                self.head_bytes += len(data)
+                if self.head_bytes > max_head_bytes:
+                    self.in_head = False
+                    self.send_400_response(f"Request head over {max_head_bytes} bytes.")
+
         def eof_received(self) -> bool | None:
-            import h11
-
+            if self.in_head:  # a head cut short
+                self.in_head = False
+                self.send_400_response("Invalid HTTP request received.")
+                return True  # send_400_response closes the connection once written
             cycle = self.cycle
-            if cycle is None and self.conn.their_state is h11.IDLE and self.conn.trailing_data[0]:
-                self.conn.receive_data(b"")  # a head cut short: h11 calls it invalid, uvicorn answers 400
-                self.handle_events()
-                return True
             if cycle is None or cycle.response_complete:
                 return None  # between requests: close, as uvicorn does
             cycle.keep_alive = False  # the client sends no more: nothing to keep alive
@@ -113,4 +138,4 @@ def half_close_h11() -> type:
                 cycle.message_event.set()
             return True  # keep the connection open for the answer
 
-    return HalfCloseH11Protocol
+    return HalfCloseHttpToolsProtocol
