@@ -21,6 +21,7 @@ rank 0's address, clients and readiness ``front_upstream.py``, a stream's contin
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -224,6 +225,11 @@ def build_app(front: Front) -> Starlette:
         rest = await front.upstream.metrics()  # nothing while the group is down: the front's own counters answer
         return Response(own + rest, media_type=CONTENT_TYPE)
 
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        yield
+        await front.upstream.stop()  # on shutdown: the clients to rank 0 closed, not left to the interpreter
+
     methods = ["GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH"]
     return Starlette(
         routes=[
@@ -231,6 +237,7 @@ def build_app(front: Front) -> Starlette:
             Route("/metrics", metrics),
             Route("/{path:path}", front.handle, methods=methods),
         ],
+        lifespan=lifespan,
     )
 
 
@@ -256,7 +263,9 @@ def main(argv: list[str]) -> int:
         return 2
     config = FrontConfig(args.upstream.rstrip("/"), args.app, args.hold_timeout_s, args.max_held, record=args.record)
     try:
-        server = HttpServer(build_app(Front(config)), args.host, args.port, HttpLimits(max_connections=1024))
+        server = HttpServer(
+            build_app(Front(config)), args.host, args.port, HttpLimits(max_connections=1024), lifespan=True
+        )
     except OSError as e:
         print(
             f"nodewise-front error: cannot listen on {args.host}:{args.port} ({e.strerror}); choose a free port",

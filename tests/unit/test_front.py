@@ -103,7 +103,7 @@ def upstream() -> Iterator[Upstream]:
 
 def _front(upstream: Upstream, **config: Any) -> tuple[str, Front, HttpServer]:
     front = Front(FrontConfig(f"http://127.0.0.1:{upstream.port}", app="t", poll_s=0.05, **config))
-    server = HttpServer(build_app(front), "127.0.0.1", 0)
+    server = HttpServer(build_app(front), "127.0.0.1", 0, lifespan=True)
     server.start_in_thread()
     return f"http://127.0.0.1:{server.port}", front, server
 
@@ -191,7 +191,7 @@ def test_a_health_check_while_the_front_holds_asks_rank_0_now_and_keeps_rank_0s_
     rank 0's own ready answer as soon as it is back, without waiting for the poller (which here
     would not look for 30 s): the watchdog's "every rank ready" and the front agree at once."""
     front = Front(FrontConfig(f"http://127.0.0.1:{upstream.port}", app="t", poll_s=30, hold_timeout_s=0.5))
-    server = HttpServer(build_app(front), "127.0.0.1", 0)
+    server = HttpServer(build_app(front), "127.0.0.1", 0, lifespan=True)
     server.start_in_thread()
     url = f"http://127.0.0.1:{server.port}"
     try:
@@ -293,7 +293,7 @@ def test_a_restart_that_moves_rank_0_to_another_host_is_followed_from_the_groups
     record = tmp_path / "cluster.json"  # the group's record, as tasks/mpi/launcher.py writes it
     record.write_text(json.dumps({"endpoint": f"http://127.0.0.1:{old.port}", "hosts": ["a", "b"]}))
     front = Front(FrontConfig(f"http://127.0.0.1:{old.port}", app="t", poll_s=0.05, record=str(record)))
-    server = HttpServer(build_app(front), "127.0.0.1", 0)
+    server = HttpServer(build_app(front), "127.0.0.1", 0, lifespan=True)
     server.start_in_thread()
     url = f"http://127.0.0.1:{server.port}"
     moved = Upstream(old.port, host="127.0.0.2")  # rank 0's port is kept; its host is the spare's
@@ -365,7 +365,7 @@ def test_a_switch_to_a_group_already_ready_lets_a_stream_under_way_finish_on_the
     record = tmp_path / "cluster.json"
     record.write_text(json.dumps({"endpoint": f"http://127.0.0.1:{old.port}"}))
     front = Front(FrontConfig(f"http://127.0.0.1:{old.port}", app="t", poll_s=0.05, record=str(record)))
-    server = HttpServer(build_app(front), "127.0.0.1", 0)
+    server = HttpServer(build_app(front), "127.0.0.1", 0, lifespan=True)
     server.start_in_thread()
     url = f"http://127.0.0.1:{server.port}"
     streams: list[list[int]] = []

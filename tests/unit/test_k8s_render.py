@@ -542,7 +542,7 @@ def test_the_fronts_probe_stays_200_while_the_group_is_down() -> None:
 
     down = free_port_block(1)  # nothing listens there: the group is down
     front = Front(FrontConfig(f"http://127.0.0.1:{down}", app="t", poll_s=0.05, hold_timeout_s=0.5))
-    server = HttpServer(build_app(front), "127.0.0.1", 0)
+    server = HttpServer(build_app(front), "127.0.0.1", 0, lifespan=True)
     server.start_in_thread()
     try:
         url = f"http://127.0.0.1:{server.port}"
