@@ -91,6 +91,7 @@ def _record(
             plan=plan.explain(),
             spec=deployed.spec,
             canary=deployed.canary,
+            replaced=deployed.replaced,
         ),
     )
     publish_targets_task(settings, record)

@@ -106,6 +106,11 @@ class Deployed(BaseModel):
     replicas: int
     canary: dict[str, Any] = Field(description="The smoke test's request: the watchdog's canary.")
     summary: str = Field(description="One line for the flow's log: where it serves, what the smoke test saw.")
+    replaced: str | None = Field(
+        default=None,
+        description="How it took over from the version that was serving, in one line (None: there was none, or "
+        "the backend has nothing to say of it). The record keeps it; `nodewise status` shows it.",
+    )
 
 
 @runtime_checkable

@@ -40,6 +40,9 @@ class DeploymentRecord(BaseModel):
     deployed_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     previous_version: str | None = None
     previous_spec: dict[str, Any] | None = None
+    replaced: str | None = Field(
+        default=None, description="How this version took over from the previous one (a backend's own words)."
+    )
 
     def serve_spec(self) -> ModelServeSpec:
         """``spec`` as the Ray Serve backend wrote it."""

@@ -218,6 +218,8 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="Machine-readabl
             + f"{row['health']} at {row['endpoint']}, "
             f"deployed {row['deployed_at']}" + _where(row)
         )
+        if row.get("replaced"):
+            typer.echo(f"  took over: {row['replaced']}")  # the upgrade: beside the old group, or held
         if row.get("rollout"):
             r = row["rollout"]
             typer.echo(f"  rollout ({r['phase']}): {r['summary']}; last decision: {r['last_decision'] or 'none yet'}")

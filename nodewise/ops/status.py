@@ -38,6 +38,7 @@ def deployment_status(settings: Settings) -> dict[str, Any]:
             "health": None,
             "deployed_at": r.deployed_at,
             "previous_version": r.previous_version,
+            "replaced": r.replaced,
             **live.get(r.app_name, {}),
         }
         for r in records

@@ -46,6 +46,7 @@ class DeepSpeedMpi:
             replicas=1,
             canary=smoke.request,
             summary=summary + ("" if upgrade.mode == "first" else f"; {upgrade.line()}"),
+            replaced=None if upgrade.mode == "first" else upgrade.line(),
         )
 
     def stop(self, settings: Settings, app_names: list[str]) -> list[str]:

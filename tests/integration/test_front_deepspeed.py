@@ -80,6 +80,7 @@ def test_a_new_version_starts_beside_the_running_one_and_takes_over_with_no_requ
 ) -> None:
     import psutil
 
+    from nodewise.ops.status import deployment_status
     from tasks.mpi.front import read_front
     from tasks.mpi.records import GROUP_PREFIX, read_cluster
 
@@ -96,6 +97,9 @@ def test_a_new_version_starts_beside_the_running_one_and_takes_over_with_no_requ
     assert whole.ok > 4
     assert streams.ok > 1
     assert upgraded.endpoint == deployed.endpoint
+    assert upgraded.replaced.startswith("upgraded beside the old group (")  # kept in the record ...
+    [row] = [r for r in deployment_status(settings)["deployments"] if r["app"] == deployed.app_name]
+    assert row["replaced"] == upgraded.replaced  # ... and in what status shows
     assert httpx.get(f"{deployed.endpoint}/version", timeout=5).json()["version"] == upgraded.model_version != "1"
     new = read_cluster(settings, deployed.app_name)
     assert os.path.basename(os.path.dirname(new.spec_path)).startswith(GROUP_PREFIX)  # it ran beside the old one
