@@ -227,6 +227,12 @@ end)
 """
 
 
+# TCP keepalive on HAProxy's connections to replicas: a silent peer is dead after about
+# DEAD_PEER_IDLE_S + DEAD_PEER_PROBES * DEAD_PEER_INTERVAL_S (5 s). A live replica's kernel answers
+# the probes however long its answer takes, so a slow request is never cut by them.
+DEAD_PEER_IDLE_S, DEAD_PEER_INTERVAL_S, DEAD_PEER_PROBES = 2, 1, 3
+
+
 def cold_start_rules(timeout_s: float, retry_after_s: int, lua_path: Path, buffer_requests: bool = False) -> str:
     """The sed script that loads REPLICAS_UP_LUA and adds COLD_START_LINES to every model's
     backend in Serve's HAProxy config; with ``buffer_requests``, ``option http-buffer-request``
@@ -249,10 +255,24 @@ def cold_start_rules(timeout_s: float, retry_after_s: int, lua_path: Path, buffe
     # replica killed mid-request left 9 of 64 requests with a 502 in a standalone try (HAProxy 2.8,
     # 2 servers, one SIGKILLed under 16 requests, 4 runs); with it, 0 of 64. Bodies over HAProxy's
     # buffer (tune.bufsize, 16 KiB in Serve's config) still go as they come and are not resent.
-    buffered = "/^defaults$/a\\\n    option http-buffer-request\n" if buffer_requests else ""
+    defaults = ["option http-buffer-request"] if buffer_requests else []
+    # A replica's host that leaves the network (powered off, partitioned) sends no reset: HAProxy
+    # waits on a request it passed on for its server timeout (none in Serve's config). TCP keepalive
+    # on its connections to replicas finds such a peer dead within about 5 s once the request was
+    # acknowledged; the read error is what `retry-on empty-response` sends again (serve.retries). Not
+    # covered: a request written after the cut (unacknowledged data is not probed, and HAProxy 2.8
+    # sets no TCP_USER_TIMEOUT on servers). test_multihost_serve still sees one request of ~7,000
+    # end at its client's 30 s timeout, cause not established (2026-12-07).
+    defaults += [
+        "option srvtcpka",
+        f"srvtcpka-idle {DEAD_PEER_IDLE_S}s",
+        f"srvtcpka-intvl {DEAD_PEER_INTERVAL_S}s",
+        f"srvtcpka-cnt {DEAD_PEER_PROBES}",
+    ]
+    added = "\\\n".join(f"    {line}" for line in defaults)
     return (
         f"/^global$/a\\\n    lua-load-per-thread {lua_path}\n"
-        + buffered
+        + f"/^defaults$/a\\\n{added}\n"
         + "/^backend (default_backend|grpc_fallback_backend)$/b\n"
         "/^backend .*-via-ingress-request-router$/b\n"
         f"/^backend [^ ]+$/a\\\n{text}\n"

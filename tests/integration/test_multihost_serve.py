@@ -29,6 +29,7 @@ import numpy as np
 import pytest
 
 from nodewise.core.runtime import serve_environment
+from tasks.rayserve.cluster import write_haproxy_launcher
 from tests.support import LoadClient, wait_until
 from tests.support import hosts as netns
 
@@ -94,6 +95,11 @@ def cluster() -> Iterator[Cluster]:
         "RAY_AUTH_TOKEN_PATH": str(token),
         "RAY_USAGE_STATS_ENABLED": "0",
     }
+    # HAProxy through nodewise's launcher, as on its local instance (its rules: retries, a dead
+    # replica host found by TCP keepalive); every node here shares this machine's files
+    launcher = write_haproxy_launcher(like)
+    assert launcher is not None
+    env["RAY_SERVE_HAPROXY_BINARY_PATH"] = str(launcher)
     with netns.hosts(2) as lan:
         address = f"{lan.this_host}:{port}"
         try:
@@ -179,7 +185,12 @@ def test_a_dead_node_loses_only_its_replica_and_serve_recreates_it_where_there_i
     after = seen
     window = load.outcomes_between(fault_at)
     failed = [o.outcome for o in window if not o.ok]
-    print(f"serve node loss: {len(failed)} of {len(window)} failed; 3 replicas again after {healthy_after_s:.1f} s")
+    slowest = max(o.latency_s for o in window)
+    why = [(o.outcome, o.detail[:80], round(o.latency_s, 1)) for o in window if not o.ok]
+    print(
+        f"serve node loss: {len(failed)} of {len(window)} failed; 3 replicas again after {healthy_after_s:.1f} s; "
+        f"slowest answer {slowest:.1f} s; failed: {why}"
+    )
     assert w1 not in after["nodes"]
     survivors = [r["node"] for r in after["replicas"] if r["state"].endswith("RUNNING")]
     assert len(survivors) == 3, after  # the lost replica recreated ...

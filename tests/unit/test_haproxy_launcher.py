@@ -56,6 +56,13 @@ def test_the_launcher_bounds_cold_starts_in_model_backends_only_and_haproxy_acce
     assert "bind 127.0.0.1:9101" in parts["frontend prometheus"]
     # serve.retries (2 by default): HAProxy holds a whole request, so it can send it to another replica
     assert parts["defaults"].count("option http-buffer-request") == 1
+    # a replica's host gone silent is found dead by TCP keepalive (about 5 s), its request resent
+    assert [line for line in parts["defaults"] if line.startswith("srvtcpka") or line == "option srvtcpka"] == [
+        "option srvtcpka",
+        "srvtcpka-idle 2s",
+        "srvtcpka-intvl 1s",
+        "srvtcpka-cnt 3",
+    ]
 
 
 def test_without_retries_requests_are_not_buffered(tmp_path: Path) -> None:
@@ -66,6 +73,7 @@ def test_without_retries_requests_are_not_buffered(tmp_path: Path) -> None:
     checked = subprocess.run([str(launcher), "-c", "-f", str(cfg)], capture_output=True, text=True, timeout=60)
     assert checked.returncode == 0, checked.stdout + checked.stderr
     assert "http-buffer-request" not in cfg.read_text()
+    assert "option srvtcpka" in sections(cfg.read_text())["defaults"]  # a dead peer still found, its 502 soon
 
 
 def test_an_existing_cluster_or_the_python_proxy_gets_no_launcher(tmp_path: Path) -> None:
