@@ -5,7 +5,10 @@ One group of two local ranks (the demo's LM: hidden 256, 4 layers, TP=2) and one
 (``python -m serving.front``) proxying to it, on this machine. Rounds alternate the two paths
 (rank 0, then the front, then rank 0 ...), each round:
 - ``POST /invocations`` (``--seq`` token ids) one at a time: p50 and p99 end to end;
-- ``POST /invocations`` with wrk at ``--connections`` (closed loop, ``--seconds`` s): req/s, p99.
+- ``POST /invocations`` with wrk at ``--connections`` (closed loop, ``--seconds`` s): req/s, p99;
+- for the front, the CPU time its process used per request over the round (user + system): what
+  it takes from the cores the ranks compute on, and a figure the machine's noise moves far less
+  than the latencies.
 Targets (issue 32): the front adds <= 1 ms at p50 and keeps >= 0.95x req/s.
 
 Usage: .venv/bin/python benchmarks/front_cost.py [--rounds 3] [--requests 200] [--seq 32]
@@ -29,6 +32,14 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks._load import require_wrk, run_wrk  # noqa: E402
 from benchmarks.deepspeed_cluster import bench_spec, latencies, timed_launch  # noqa: E402
+
+
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) process ``pid`` has used so far."""
+    import psutil
+
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system
 
 
 def start_front(upstream: str, port: int, log: Path) -> subprocess.Popen[bytes]:
@@ -91,9 +102,13 @@ def main() -> None:
         paths = {"rank0": cluster.endpoint, "front": f"http://127.0.0.1:{front_port}"}
         for round_ in range(args.rounds):
             for label, endpoint in paths.items():
+                cpu_before = cpu_s(front.pid)
                 one = latencies(endpoint, "/invocations", body, args.requests)
                 loaded = run_wrk(f"{endpoint}/invocations", json.dumps(body).encode(), args.connections, args.seconds)
                 run = {"c1": one, f"c{args.connections}": loaded}
+                if label == "front":
+                    served = args.requests + int(loaded["requests"])
+                    run["front_cpu_ms_per_request"] = round((cpu_s(front.pid) - cpu_before) * 1000 / served, 3)
                 runs[label].append(run)
                 print(json.dumps({"round": round_, label: run}), file=sys.stderr, flush=True)
     finally:
@@ -110,6 +125,7 @@ def main() -> None:
     p50 = {label: median(label, "c1", "p50_ms") for label in runs}
     rps = {label: median(label, c, "rps") for label in runs}
     added_ms = round(p50["front"] - p50["rank0"], 2)
+    cpu_ms = statistics.median(r["front_cpu_ms_per_request"] for r in runs["front"])
     ratio = round(rps["front"] / rps["rank0"], 3)
     print(
         json.dumps(
@@ -123,6 +139,7 @@ def main() -> None:
                 f"{c}_requests_per_s": rps,
                 "front_added_p50_ms": added_ms,
                 f"front_{c}_req_per_s_ratio": ratio,
+                "front_cpu_ms_per_request": cpu_ms,
                 "targets": {"added_p50_at_most_1_ms": added_ms <= 1.0, "req_per_s_at_least_0.95x": ratio >= 0.95},
             }
         )
