@@ -171,6 +171,7 @@ _LAUNCHER = """#!/bin/sh
 # HAProxy through this script, each time with a freshly generated config; the script edits it:
 #  - the stats and metrics pages bind to {host} instead of every interface ("bind *:8404");
 #  - cold starts (see COLD_START_LINES there) are bounded and answered 503 with Retry-After;
+#  - a replica's host that goes silent is found dead within seconds (see DEAD_PEER_S there);
 # then runs HAProxy.
 cfg=
 prev=
@@ -227,16 +228,27 @@ end)
 """
 
 
-# TCP keepalive on HAProxy's connections to replicas: a silent peer is dead after about
-# DEAD_PEER_IDLE_S + DEAD_PEER_PROBES * DEAD_PEER_INTERVAL_S (5 s). A live replica's kernel answers
-# the probes however long its answer takes, so a slow request is never cut by them.
-DEAD_PEER_IDLE_S, DEAD_PEER_INTERVAL_S, DEAD_PEER_PROBES = 2, 1, 3
+# A replica's host that leaves the network (powered off, partitioned) sends no reset, and HAProxy
+# waited on its requests for the server timeout (3600 s in the config Serve wrote for
+# tests/fixtures/haproxy) while clients timed out. Two socket options find such a peer dead within
+# about DEAD_PEER_S, and the read error that follows is what `retry-on empty-response` sends again
+# to another replica (serve.retries):
+# - TCP keepalive (srvtcpka-*): a request the replica acknowledged and works on; a live replica's
+#   kernel answers the probes however long its answer takes, so a slow request is never cut;
+# - TCP_USER_TIMEOUT (`tcp-ut` on each server line; HAProxy 2.8 does not take it from a
+#   default-server line): a request written to a pooled connection after the host left, which
+#   keepalive does not probe (its data is unacknowledged).
+# Checked with HAProxy 2.8.25 and two namespace hosts, one cut under a request (2026-12-07): without
+# them the client timed out (40 s); with them the request was answered by the other host.
+DEAD_PEER_S = 5
+DEAD_PEER_IDLE_S, DEAD_PEER_INTERVAL_S, DEAD_PEER_PROBES = 2, 1, 3  # keepalive: about 2 + 3 * 1 s
 
 
 def cold_start_rules(timeout_s: float, retry_after_s: int, lua_path: Path, buffer_requests: bool = False) -> str:
     """The sed script that loads REPLICAS_UP_LUA and adds COLD_START_LINES to every model's
     backend in Serve's HAProxy config; with ``buffer_requests``, ``option http-buffer-request``
-    in its defaults (what lets ``serve.retries`` send a request again, see below)."""
+    in its defaults (what lets ``serve.retries`` send a request again, see below); and the socket
+    options that find a replica's silent host dead (DEAD_PEER_S)."""
     message = (
         f"no replica of this model became ready within {timeout_s:g} s (it was scaled to zero, "
         f"or all its replicas are down); retry after {retry_after_s} s"
@@ -256,13 +268,7 @@ def cold_start_rules(timeout_s: float, retry_after_s: int, lua_path: Path, buffe
     # 2 servers, one SIGKILLed under 16 requests, 4 runs); with it, 0 of 64. Bodies over HAProxy's
     # buffer (tune.bufsize, 16 KiB in Serve's config) still go as they come and are not resent.
     defaults = ["option http-buffer-request"] if buffer_requests else []
-    # A replica's host that leaves the network (powered off, partitioned) sends no reset: HAProxy
-    # waits on a request it passed on for its server timeout (none in Serve's config). TCP keepalive
-    # on its connections to replicas finds such a peer dead within about 5 s once the request was
-    # acknowledged; the read error is what `retry-on empty-response` sends again (serve.retries). Not
-    # covered: a request written after the cut (unacknowledged data is not probed, and HAProxy 2.8
-    # sets no TCP_USER_TIMEOUT on servers). test_multihost_serve still sees one request of ~7,000
-    # end at its client's 30 s timeout, cause not established (2026-12-07).
+    # a replica's host gone silent: see DEAD_PEER_S
     defaults += [
         "option srvtcpka",
         f"srvtcpka-idle {DEAD_PEER_IDLE_S}s",
@@ -273,6 +279,7 @@ def cold_start_rules(timeout_s: float, retry_after_s: int, lua_path: Path, buffe
     return (
         f"/^global$/a\\\n    lua-load-per-thread {lua_path}\n"
         + f"/^defaults$/a\\\n{added}\n"
+        + f"/^[[:space:]]+server [^ ]+ [^ ]+/s/$/ tcp-ut {DEAD_PEER_S}s/\n"
         + "/^backend (default_backend|grpc_fallback_backend)$/b\n"
         "/^backend .*-via-ingress-request-router$/b\n"
         f"/^backend [^ ]+$/a\\\n{text}\n"

@@ -63,6 +63,9 @@ def test_the_launcher_bounds_cold_starts_in_model_backends_only_and_haproxy_acce
         "srvtcpka-intvl 1s",
         "srvtcpka-cnt 3",
     ]
+    servers = [line for line in model if line.startswith("server ")]
+    assert len(servers) == 2  # the replica and the backup (Serve's proxy) ...
+    assert all(line.endswith(" 5s") and line.count(" tcp-ut ") == 1 for line in servers)  # ... each once
 
 
 def test_without_retries_requests_are_not_buffered(tmp_path: Path) -> None:
