@@ -42,7 +42,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.support import LoadClient, serve_replicas  # noqa: E402
+from testkit import LoadClient, serve_replicas  # noqa: E402
 
 
 class Sampler:

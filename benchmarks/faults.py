@@ -3,7 +3,7 @@
 One run on this machine, a fresh state folder, the watchdog looping every ``--every`` seconds
 (as ``nodewise watchdog --every`` does) while a closed-loop client (``--clients`` threads) posts
 to the endpoint the whole time. Faults, each injected into one real process:
-- Ray Serve, 2 replicas of a small pyfunc model (tests/support/models.py ``FaultOnFlag``):
+- Ray Serve, 2 replicas of a small pyfunc model (testkit/models.py ``FaultOnFlag``):
   a hung replica (SIGSTOP), a replica failing every request, a replica leaking memory past
   ``memory_limit_bytes``, a replica killed (SIGKILL: Serve replaces it, the watchdog records
   ``nodewise.replica.replaced``; HAProxy sends its in-flight requests again, serve.retries);
@@ -35,7 +35,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.support import LoadClient, serve_replicas  # noqa: E402
+from testkit import LoadClient, serve_replicas  # noqa: E402
 
 BODY = json.dumps({"inputs": [[1.0, 2.0, 3.0]]}).encode()
 LIMIT = 900 * 2**20
@@ -159,7 +159,7 @@ def main() -> None:
     serve = {"replicas": 2, "memory_limit_bytes": LIMIT}
     with local_instance("nwf-", 24310, serve=serve, watchdog=watchdog) as settings:
         from flows.deploy import deploy_model
-        from tests.support.models import FaultOnFlag, register_pyfunc
+        from testkit.models import FaultOnFlag, register_pyfunc
 
         flags = settings.state.root / "flags"
         flags.mkdir()
@@ -219,7 +219,7 @@ def deepspeed_fault(settings: Any, dog: Watchdog, clients: int) -> dict:
     """``kill -9`` of rank 1 of a 2-rank job under load; the watchdog restarts every rank."""
     import httpx
 
-    from tests.support.lm import deploy_on_two_ranks, rank_pids, register_tiny_llama
+    from testkit.lm import deploy_on_two_ranks, rank_pids, register_tiny_llama
 
     record = deploy_on_two_ranks(settings, register_tiny_llama(settings, "faults"))
     body = json.dumps({"inputs": [[5, 17, 33, 60, 2, 9]]}).encode()

@@ -26,7 +26,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.support import serve_replicas  # noqa: E402
+from testkit import serve_replicas  # noqa: E402
 
 
 def main() -> None:
@@ -82,7 +82,7 @@ def _timed(fuzz: Any) -> dict[str, Any]:
 def fuzz_serve(endpoint: str, examples: int) -> dict[str, Any]:
     import httpx
 
-    from tests.support.fuzzing import fuzz_endpoint
+    from testkit.fuzzing import fuzz_endpoint
 
     def replica_ids() -> list[str]:
         return sorted(r["actor_id"] for r in serve_replicas("nodewise-digits"))
@@ -96,8 +96,8 @@ def fuzz_serve(endpoint: str, examples: int) -> dict[str, Any]:
 def fuzz_rank0(settings: Any, examples: int) -> dict[str, Any]:
     import httpx
 
-    from tests.support.fuzzing import fuzz_endpoint
-    from tests.support.lm import deploy_on_two_ranks, rank_pids, register_tiny_llama
+    from testkit.fuzzing import fuzz_endpoint
+    from testkit.lm import deploy_on_two_ranks, rank_pids, register_tiny_llama
 
     record: Any = deploy_on_two_ranks(settings, register_tiny_llama(settings, "fuzz"))
     before = rank_pids(record.endpoint)
@@ -123,7 +123,7 @@ def fuzz_receiver(settings: Any, examples: int) -> dict[str, Any]:
 
     from tasks.triggers.promotion import sign
     from tasks.triggers.webhook_server import Receiver, registry_lookup, serve
-    from tests.support.fuzzing import fuzz_endpoint
+    from testkit.fuzzing import fuzz_endpoint
 
     logging.getLogger("nodewise.receiver").setLevel(logging.CRITICAL)
     secret = settings.triggers.webhook_secret.get_secret_value()

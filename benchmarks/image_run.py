@@ -2,7 +2,7 @@
 Kubernetes would start it, on network-namespace hosts of this machine (no cluster here).
 
 Needs root, buildah and an image built by scripts/build-image.sh (default nodewise:<version>).
-One run, three namespace hosts on a bridge (tests/support/hosts.py), an `mlflow server` on this machine's
+One run, three namespace hosts on a bridge (testkit/hosts.py), an `mlflow server` on this machine's
 bridge address with its artifacts served through it (`mlflow-artifacts:`), the demo LM and the
 digits model registered there, then:
 
@@ -50,7 +50,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.support.hosts import Host, Hosts, hosts  # noqa: E402
+from testkit.hosts import Host, Hosts, hosts  # noqa: E402
 
 MPI_OPERATOR_ENV = {  # kubeflow/mpi-operator v2beta1, pkg/controller/mpi_job_controller.go: ompiEnvVars
     "OMPI_MCA_orte_keep_fqdn_hostnames": "true",

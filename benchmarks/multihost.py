@@ -1,6 +1,6 @@
 """The multi-node backend across real network hosts: speed against one host, node loss, partition.
 
-One run on this machine, with three network namespaces on a bridge as hosts (tests/support/hosts.py;
+One run on this machine, with three network namespaces on a bridge as hosts (testkit/hosts.py;
 mpirun reaches them through its remote-shell agent, ranks talk gloo over TCP between them):
 1. TP=2 on one host (this machine, shared-memory all-reduce) against TP=2 across two hosts,
    side by side: launch to every rank ready, ``POST /invocations`` (``--seq`` token ids) and
@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.deepspeed_cluster import bench_spec, latencies  # noqa: E402
 from benchmarks.faults import Watchdog  # noqa: E402
-from tests.support import LoadClient  # noqa: E402
+from testkit import LoadClient  # noqa: E402
 
 
 def launch_timed(spec: Any, hosts: list[str], settings: Any) -> tuple[Any, float]:
@@ -309,7 +309,7 @@ def main() -> None:
 
     from prefect.testing.utilities import prefect_test_harness
 
-    from tests.support import hosts as netns
+    from testkit import hosts as netns
 
     if not netns.available():
         sys.exit(netns.why_unavailable())
@@ -325,7 +325,7 @@ def main() -> None:
         from nodewise.ops.status import stop_everything
         from tasks.planning.profile_models import profile_with_cache
         from tasks.planning.registry import resolve_model
-        from tests.support.flows import deploy_model
+        from testkit.flows import deploy_model
 
         settings = Settings(
             state_dir=state,

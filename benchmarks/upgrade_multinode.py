@@ -1,6 +1,6 @@
 """A multi-node DeepSpeed deployment upgraded to a new version under steady clients (issue 32 item 3).
 
-Four network-namespace hosts (tests/support/hosts.py, as in multihost.py), the demo's LM on two of
+Four network-namespace hosts (testkit/hosts.py, as in multihost.py), the demo's LM on two of
 them, one rank per host, deployed through the flow. Steady clients through the deployment's front
 (multihost.py's ``Loads``: whole ``/invocations`` and streamed greedy ``/generate``, each stream
 checked token for token) while the flow deploys a new version (the same weights, registered
@@ -124,7 +124,7 @@ def main() -> None:
 
     from prefect.testing.utilities import prefect_test_harness
 
-    from tests.support import hosts as netns
+    from testkit import hosts as netns
 
     if not netns.available():
         sys.exit(netns.why_unavailable())

@@ -2,7 +2,7 @@
 bodies (``serving/protocol.py``: the LLM requests; ``serving/_bodies.py``: the answers, errors,
 scoring and webhook bodies), served at ``GET /openapi.json`` by each endpoint: the Ray Serve app
 (under its route prefix), DeepSpeed's rank 0 and the webhook receiver. Clients can generate code
-from them; the fuzz suite (tests/support/fuzzing.py, benchmarks/fuzz.py) generates requests from
+from them; the fuzz suite (testkit/fuzzing.py, benchmarks/fuzz.py) generates requests from
 them with schemathesis.
 
 The paths name their bodies by model (``_ref``); ``document`` puts the schemas of the models the

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 # Before anything imports Prefect, MLflow, Ray or torch: keep their state out of $HOME.
-from tests.support.registrar import Registrar
-from tests.support.sandbox import RAY_TEST_TOKEN, SANDBOX
+from testkit.registrar import Registrar
+from testkit.sandbox import RAY_TEST_TOKEN, SANDBOX
 
 __all__ = ["RAY_TEST_TOKEN", "free_port"]
 
@@ -60,7 +60,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def registrar() -> Iterator[Registrar]:
-    """One registering process for the whole run (see tests/support/registrar.py)."""
+    """One registering process for the whole run (see testkit/registrar.py)."""
     made = Registrar()
     yield made
     made.close()

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from nodewise.ops.processes import listening, loopback, ray_processes, remove_state
-from tests.support.cli import NODEWISE, run, user_environment
+from testkit.cli import NODEWISE, run, user_environment
 
 
 @pytest.fixture(scope="module")

@@ -23,10 +23,10 @@ import pytest
 
 from nodewise.core.procs import free_port_block
 from nodewise.ops.processes import remove_state
-from tests.support import read_events, wait_for_events
-from tests.support.cli import NODEWISE, user_environment
-from tests.support.registrar import Registrar
-from tests.support.wait import wait_until
+from testkit import read_events, wait_for_events
+from testkit.cli import NODEWISE, user_environment
+from testkit.registrar import Registrar
+from testkit.wait import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 

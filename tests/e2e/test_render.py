@@ -13,9 +13,9 @@ import pytest
 import yaml
 
 from nodewise.ops.processes import remove_state
+from testkit.cli import NODEWISE, user_environment
 from tests.k8s_schema import validate
 from tests.kube_emulator import kube_emulator, write_kubeconfig
-from tests.support.cli import NODEWISE, user_environment
 
 ROOT = Path(__file__).resolve().parents[2]
 GPU_CLUSTER = str(ROOT / "deployments" / "inventory" / "gpu-cluster.yaml")

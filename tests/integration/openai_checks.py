@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 
-from tests.support import wait_until
+from testkit import wait_until
 
 PROMPTS = ["hello nodewise", "a", "serving models", "xyz 123", "the quick brown fox", "ok", "tensor", "batch me"]
 

@@ -20,9 +20,9 @@ import pytest
 
 from nodewise.core.errors import DeployFailed, NodewiseError
 from nodewise.core.settings import Settings
+from testkit import wait_until
+from testkit.lm import deploy_on_two_ranks, rank_pids, register_tiny_llama
 from tests.integration.conftest import module_settings
-from tests.support import wait_until
-from tests.support.lm import deploy_on_two_ranks, rank_pids, register_tiny_llama
 
 
 @pytest.fixture(scope="module")
@@ -354,7 +354,7 @@ def test_bad_requests_get_a_clear_error_and_every_rank_stays_up(
 
 
 def test_fuzzing_rank_0_from_its_openapi_document_gives_no_500_and_every_rank_stays_up(deployed: object) -> None:
-    from tests.support.fuzzing import fuzz_endpoint
+    from testkit.fuzzing import fuzz_endpoint
 
     endpoint = deployed.endpoint  # type: ignore[attr-defined]
     pids = rank_pids(endpoint)
@@ -411,7 +411,7 @@ def test_a_new_version_whose_ranks_fail_is_rolled_back(settings: Settings, exper
     from nodewise.demo_models import build_llama, log_llama
     from tasks.planning.profile_models import profile_with_cache
     from tasks.planning.registry import resolve_model
-    from tests.support.flows import deploy_model
+    from testkit.flows import deploy_model
 
     model, tokenizer = build_llama(hidden=64, layers=2, heads=4, max_positions=128, seed=1)
     version = log_llama(model, tokenizer, "tiny-llama", experiment)

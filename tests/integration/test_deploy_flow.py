@@ -16,10 +16,10 @@ from nodewise.core.settings import Settings
 from nodewise.demo_models import digits_split
 from nodewise.ops.status import deployment_status
 from tasks.records import load_records
+from testkit import serve_replicas, wait_until
+from testkit.flows import deploy_model
+from testkit.models import BrokenOnLoad, DoubleIt, register_pyfunc, register_unservable
 from tests.integration.conftest import registered_with_serve_tags
-from tests.support import serve_replicas, wait_until
-from tests.support.flows import deploy_model
-from tests.support.models import BrokenOnLoad, DoubleIt, register_pyfunc, register_unservable
 
 
 def own_output(uri: str, rows: np.ndarray) -> np.ndarray:
@@ -126,7 +126,7 @@ def test_replicas_follow_a_load_step_up_and_back_down_with_no_request_lost(setti
 
     from nodewise.ops.status import deployment_status
     from tasks.watchdog.engine import watch_once
-    from tests.support import LoadClient
+    from testkit import LoadClient
 
     name, version = registered_with_serve_tags(
         settings, "digits-autoscaled", min_replicas=1, max_replicas=2, target_ongoing_requests=1,

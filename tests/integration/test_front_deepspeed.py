@@ -19,9 +19,9 @@ import httpx
 import pytest
 
 from nodewise.core.settings import Settings
+from testkit.lm import deploy_on_two_ranks, rank_pids, register_tiny_llama, whole_stream
+from testkit.load import LoadClient
 from tests.integration.conftest import RESTARTED_DEEPSPEED, module_settings
-from tests.support.lm import deploy_on_two_ranks, rank_pids, register_tiny_llama, whole_stream
-from tests.support.load import LoadClient
 
 IDS = [5, 17, 33, 60, 2, 9]
 NEW_TOKENS = 96

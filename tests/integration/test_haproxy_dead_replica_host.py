@@ -1,7 +1,7 @@
 """A replica's host that leaves the network mid-request: HAProxy, as nodewise's launcher configures
 it (tasks/rayserve/cluster.py, DEAD_PEER_S), finds it dead and sends the request to another replica.
 
-Two namespace hosts (tests/support/hosts.py) each run a small HTTP server in the place of a Serve
+Two namespace hosts (testkit/hosts.py) each run a small HTTP server in the place of a Serve
 replica; HAProxy (the one ray[serve] ships) runs on this machine with a config shaped as Serve
 writes it (a trimmed copy: its defaults, `option redispatch 1`, the `retry-on` nodewise asks Serve
 for, one model backend with `http-reuse always`), edited by the launcher. The host is cut from the
@@ -27,8 +27,8 @@ import pytest
 from nodewise.core.runtime import serve_environment
 from nodewise.core.settings import Settings
 from tasks.rayserve.cluster import write_haproxy_launcher
-from tests.support import hosts as netns
-from tests.support import wait_until
+from testkit import hosts as netns
+from testkit import wait_until
 
 from .conftest import free_port_block
 

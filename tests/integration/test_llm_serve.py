@@ -14,10 +14,10 @@ import httpx
 import pytest
 
 from nodewise.core.settings import Settings
+from testkit.flows import deploy_model
+from testkit.lm import register_tiny_llama
 from tests.integration import openai_checks as check
 from tests.integration.conftest import module_settings
-from tests.support.flows import deploy_model
-from tests.support.lm import register_tiny_llama
 
 # 4 rows profiled: the plan counts KV for 4 x 128 tokens, and the engine holds no more
 ROWS = 4
@@ -56,7 +56,7 @@ def test_the_plan_sends_it_to_ray_serve_with_the_engine_and_its_kv_budget(deploy
 def test_the_openai_client_works_against_the_replica(deployed: object) -> None:
     import torch
 
-    from tests.support.lm import load_whole_llama
+    from testkit.lm import load_whole_llama
 
     alone = check.check_everything(deployed.endpoint, "tiny-llama")  # type: ignore[attr-defined]
     # alone is what Hugging Face's generate gives the whole model in this process, greedily
@@ -74,7 +74,7 @@ def test_generate_is_served_by_the_replica_as_by_rank_0(deployed: object) -> Non
 
     import torch
 
-    from tests.support.lm import load_whole_llama
+    from testkit.lm import load_whole_llama
 
     url = f"{deployed.endpoint}/generate"  # type: ignore[attr-defined]
     module, tokenizer = load_whole_llama(deployed.spec["model_uri"])  # type: ignore[attr-defined]
@@ -119,7 +119,7 @@ def test_requests_over_the_token_budget_wait_then_complete(deployed: object) -> 
 
 
 def test_fuzzing_the_replica_from_its_openapi_document_gives_no_500(deployed: object) -> None:
-    from tests.support.fuzzing import fuzz_endpoint
+    from testkit.fuzzing import fuzz_endpoint
 
     endpoint = deployed.endpoint  # type: ignore[attr-defined]
     raw = ("/v1/completions", "/v1/chat/completions")
@@ -140,7 +140,7 @@ def test_the_replica_reports_its_engine_load_to_the_autoscaling_policy(deployed:
     from ray import serve
 
     from serving.autoscaling import BUDGET_USED, IN_FLIGHT, RUNNING, WAITING
-    from tests.support import LoadClient, wait_until
+    from testkit import LoadClient, wait_until
 
     loop = asyncio.new_event_loop()  # Serve's handle lives on one event loop: this test's own
 

@@ -26,9 +26,9 @@ import pytest
 import yaml
 
 from nodewise.core.settings import Settings
+from testkit.flows import deploy_model
+from testkit.lm import deploy_on_two_ranks, register_tiny_llama
 from tests.integration.conftest import free_port_block, module_settings
-from tests.support.flows import deploy_model
-from tests.support.lm import deploy_on_two_ranks, register_tiny_llama
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVED, SHARDED = "tiny-llama", "tiny-llama-tp"

@@ -4,7 +4,7 @@ separate hosts that derive the right distributed environment.
 No cluster runs here. What kubeflow/mpi-operator v2beta1 gives the launcher pod is recorded from
 its source (pkg/controller/mpi_job_controller.go): ``OMPI_MCA_orte_default_hostfile`` naming a
 hostfile of ``HOST slots=N`` lines (mounted in the launcher only), ``OMPI_MCA_orte_keep_fqdn_hostnames``
-and ``OMPI_MCA_plm_rsh_args``. The hosts are network namespaces (tests/support/hosts.py) and mpirun reaches
+and ``OMPI_MCA_plm_rsh_args``. The hosts are network namespaces (testkit/hosts.py) and mpirun reaches
 them through the remote-shell agent instead of the operator's ssh (benchmarks/image_run.py runs the
 same command from the image over real sshd). The command is the rendered one, unchanged except
 the program each rank runs: a probe that derives its environment with serving.dist_env, meets
@@ -28,7 +28,7 @@ from tasks.k8s.render import render
 from tasks.planning.inventory import Inventory, Node
 from tasks.planning.placement import plan_placement
 from tasks.planning.profiling import MemoryProfile
-from tests.support import hosts as netns
+from testkit import hosts as netns
 
 pytestmark = pytest.mark.multihost
 ROOT = Path(__file__).resolve().parents[2]

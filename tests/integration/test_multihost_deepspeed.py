@@ -1,6 +1,6 @@
 """The multi-node backend across real network hosts: DeepSpeed ranks in separate namespaces.
 
-Three namespace hosts on a bridge (tests/support/hosts.py); mpirun reaches them through its remote-shell
+Three namespace hosts on a bridge (testkit/hosts.py); mpirun reaches them through its remote-shell
 agent, as it reaches machines through ssh. The flow plans the tiny Llama on two of them (the third
 is a spare): each host runs one rank (its own LOCAL_RANK 0 / LOCAL_SIZE 1), gloo talks TCP between
 them, rank 0 answers on its host's address. Then one journey of faults: a node dies (the spare
@@ -20,10 +20,10 @@ import numpy as np
 import pytest
 
 from nodewise.core.settings import Settings
+from testkit import hosts as netns
+from testkit import wait_for_events, wait_until
+from testkit.lm import register_tiny_llama
 from tests.integration.conftest import module_settings
-from tests.support import hosts as netns
-from tests.support import wait_for_events, wait_until
-from tests.support.lm import register_tiny_llama
 
 pytestmark = pytest.mark.multihost
 
@@ -61,7 +61,7 @@ def deployed(settings: Settings, lan: netns.Hosts) -> Any:
     from nodewise.demo_models import too_small_inventory
     from tasks.planning.profile_models import profile_with_cache
     from tasks.planning.registry import resolve_model
-    from tests.support.flows import deploy_model
+    from testkit.flows import deploy_model
 
     model_uri = register_tiny_llama(settings, "multihost-tests")
     model = resolve_model(model_uri, MlflowClient())

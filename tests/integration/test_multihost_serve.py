@@ -1,7 +1,7 @@
 """Ray Serve across real network hosts: one node dies, only its replica is lost, the others serve.
 
 A Ray cluster whose head runs on this machine's address on a bridge and whose two workers run in
-two namespace hosts (tests/support/hosts.py), each with a node address of its own, token auth on. nodewise
+two namespace hosts (testkit/hosts.py), each with a node address of its own, token auth on. nodewise
 deploys onto it with `nodewise deploy --inventory ray:ADDRESS` (a CLI process: a driver on the
 head's host, as a user runs it), three replicas spread over the three nodes. Then one worker host
 dies (its processes killed, off the network) under a steady client: requests keep being answered
@@ -30,8 +30,8 @@ import pytest
 
 from nodewise.core.runtime import serve_environment
 from tasks.rayserve.cluster import write_haproxy_launcher
-from tests.support import LoadClient, wait_until
-from tests.support import hosts as netns
+from testkit import LoadClient, wait_until
+from testkit import hosts as netns
 
 from .conftest import _SESSION_RAY_TOKEN, free_port_block, make_settings
 

@@ -18,8 +18,8 @@ import pytest
 from nodewise.core.settings import Settings
 from nodewise.demo_models import digits_split
 from nodewise.ops.status import deployment_status
-from tests.support import LoadClient, serve_replicas, wait_until
-from tests.support.flows import deploy_model
+from testkit import LoadClient, serve_replicas, wait_until
+from testkit.flows import deploy_model
 
 from .conftest import module_settings, registered_with_serve_tags
 

@@ -16,7 +16,7 @@ from tasks.planning.profile_models import cache_key, profile_registered
 from tasks.planning.registry import make_client, resolve_model
 from tasks.records import load_records
 from tasks.steps import profile_model_task
-from tests.support.flows import deploy_model
+from testkit.flows import deploy_model
 
 ROOT = Path(__file__).resolve().parents[2]
 

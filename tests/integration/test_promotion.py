@@ -17,9 +17,9 @@ import pytest
 
 from nodewise.core.settings import Settings
 from tasks.triggers.promotion import CREATED, EVENT, Poller, sign
+from testkit import read_events, wait_for_events
+from testkit.registrar import Registrar
 from tests.integration.conftest import free_port_block, module_settings
-from tests.support import read_events, wait_for_events
-from tests.support.registrar import Registrar
 
 SECRET = "test-webhook-secret"
 
@@ -200,7 +200,7 @@ def test_the_poller_announces_a_new_version_once_and_the_flow_profiles_it(
     from tasks.planning import profile_models
     from tasks.planning.profile_models import cache_key, profile_with_cache
     from tasks.planning.registry import resolve_model
-    from tests.support.flows import profile_new_version
+    from testkit.flows import profile_new_version
 
     client = MlflowClient()
     api, state = prefect_api(), settings.state_path / "poller-created.json"
@@ -253,7 +253,7 @@ def test_the_poller_announces_each_change_once_across_restarts(settings: Setting
 
 
 def test_fuzzing_the_receiver_with_signed_bodies_gives_no_500(receiver: str) -> None:
-    from tests.support.fuzzing import fuzz_endpoint
+    from testkit.fuzzing import fuzz_endpoint
 
     def signed(body: bytes) -> dict[str, str]:
         delivery, stamp = str(uuid.uuid4()), str(int(time.time()))

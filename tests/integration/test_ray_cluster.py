@@ -19,8 +19,8 @@ import pytest
 from nodewise.core.runtime import configure_process, serve_environment
 from nodewise.core.settings import Settings
 from tasks.records import DeploymentRecord
-from tests.support import running_replicas, serve_replicas, wait_until
-from tests.support.flows import deploy_model
+from testkit import running_replicas, serve_replicas, wait_until
+from testkit.flows import deploy_model
 
 from .conftest import _SESSION_RAY_TOKEN, free_port_block, make_settings
 

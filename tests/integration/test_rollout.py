@@ -28,9 +28,9 @@ from nodewise.core.settings import Settings
 from nodewise.ops.status import deployment_status
 from tasks.records import get_record
 from tasks.rollout import store
-from tests.support import LoadClient, wait_until
-from tests.support.flows import decide_rollouts, deploy_model, start_rollout
-from tests.support.models import FailsOnLarge, TimesIt, register_pyfunc
+from testkit import LoadClient, wait_until
+from testkit.flows import decide_rollouts, deploy_model, start_rollout
+from testkit.models import FailsOnLarge, TimesIt, register_pyfunc
 
 from .conftest import module_settings
 
@@ -175,7 +175,7 @@ def test_a_decision_killed_half_way_is_finished_by_the_next_run(settings: Settin
     v5 = challenger(settings, TimesIt(2.0))
     send(champion, 25)
     script = (
-        "import sys\nfrom nodewise.core.settings import Settings\nfrom tests.support.flows import decide_rollouts\n"
+        "import sys\nfrom nodewise.core.settings import Settings\nfrom testkit.flows import decide_rollouts\n"
         "decide_rollouts(settings=Settings.model_validate_json(sys.stdin.read()))\n"
     )
     env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value()), "PYTHONPATH": str(ROOT)}

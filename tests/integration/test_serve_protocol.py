@@ -15,9 +15,9 @@ import torch
 from nodewise.core.settings import Settings
 from nodewise.demo_models import digits_split
 from tasks.records import DeploymentRecord
-from tests.support import serve_replicas
-from tests.support.flows import deploy_model
-from tests.support.models import AddColumns, register_pyfunc
+from testkit import serve_replicas
+from testkit.flows import deploy_model
+from testkit.models import AddColumns, register_pyfunc
 
 from .conftest import module_settings
 
@@ -141,7 +141,7 @@ def test_a_model_bug_is_a_500_with_a_request_id_and_the_replica_keeps_serving(co
 def test_fuzzing_the_live_endpoint_from_its_openapi_document_gives_no_500(
     digits: DeploymentRecord, settings: Settings
 ) -> None:
-    from tests.support.fuzzing import fuzz_endpoint
+    from testkit.fuzzing import fuzz_endpoint
 
     document = httpx.get(f"{digits.endpoint}/openapi.json", timeout=10).json()
     assert set(document["paths"]) == {"/invocations", "/ping", "/health", "/version"}

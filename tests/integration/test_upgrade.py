@@ -12,8 +12,8 @@ from nodewise.core.errors import DeployFailed
 from nodewise.core.settings import Settings
 from nodewise.demo_models import digits_split, register_demo_model
 from tasks.records import DeploymentRecord, get_record
-from tests.support import LoadClient, wait_until
-from tests.support.flows import deploy_model
+from testkit import LoadClient, wait_until
+from testkit.flows import deploy_model
 
 from .conftest import module_settings
 
@@ -58,7 +58,7 @@ def test_upgrade_under_a_steady_client_loses_no_request(settings: Settings, depl
 def test_a_failed_upgrade_rolls_back_and_the_old_version_keeps_serving(
     settings: Settings, deployed: DeploymentRecord
 ) -> None:
-    from tests.support.models import BrokenOnLoad, register_pyfunc
+    from testkit.models import BrokenOnLoad, register_pyfunc
 
     current = get_record(settings.state.records, deployed.app_name)
     assert current is not None

@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 
 from nodewise.core.settings import Settings
+from testkit.lm import deploy_on_two_ranks, rank_pids, register_tiny_llama
 from tests.integration.conftest import RESTARTED_DEEPSPEED, module_settings
-from tests.support.lm import deploy_on_two_ranks, rank_pids, register_tiny_llama
 
 IDS = [[5, 17, 33, 60, 2, 9]]
 
@@ -53,7 +53,7 @@ def wait_mpirun_gone(settings: Settings, app: str, timeout_s: float = 20) -> Non
 
 
 def test_a_healthy_job_is_left_alone(settings: Settings, deployed: object) -> None:
-    from tests.support.flows import watch_deployments
+    from testkit.flows import watch_deployments
 
     before = rank_pids(deployed.endpoint)
     assert watch_deployments(settings=settings) == []
@@ -89,7 +89,7 @@ def test_a_killed_rank_restarts_every_rank_and_the_answers_come_back(settings: S
 def test_ranks_that_die_on_every_start_stop_at_the_budget(settings: Settings, deployed: object) -> None:
     from nodewise.ops.status import deployment_status
     from tasks.watchdog.engine import load_watch, reset, watch_once
-    from tests.support.flows import watch_deployments
+    from testkit.flows import watch_deployments
 
     # The restarts left in the budget: all of it when this test runs alone, one less after the killed-rank test.
     apps, _ = load_watch(settings)

@@ -20,9 +20,9 @@ import pytest
 
 from nodewise.core.settings import Settings
 from tasks.records import DeploymentRecord
-from tests.support import LoadClient, running_replicas, wait_for_events, wait_until
-from tests.support.flows import deploy_model
-from tests.support.models import FaultOnFlag, register_pyfunc
+from testkit import LoadClient, running_replicas, wait_for_events, wait_until
+from testkit.flows import deploy_model
+from testkit.models import FaultOnFlag, register_pyfunc
 
 from .conftest import module_settings
 
@@ -171,7 +171,7 @@ def test_a_replica_that_stays_sick_exhausts_the_budget_and_is_left_alone(
 ) -> None:
     from nodewise.ops.status import deployment_status
     from tasks.watchdog.engine import load_watch, reset, watch_once
-    from tests.support.flows import watch_deployments
+    from testkit.flows import watch_deployments
 
     limited = settings.model_copy(update={"watchdog": settings.watchdog.model_copy(update={"max_restarts": 1})})
     reset(settings, deployed.app_name)

@@ -25,7 +25,7 @@ from serving.front import Front, FrontConfig, build_app, prepare
 from serving.http_server import HttpLimits, HttpServer
 from tasks.mpi.front import FrontProcess
 from tasks.mpi.front_counts import front_report, grown
-from tests.support import wait_until
+from testkit import wait_until
 
 NEXT = 7  # the upstream's "model": each token is (previous * NEXT + 3) % 100, greedy and repeatable
 

@@ -12,7 +12,7 @@ from nodewise.core.procs import free_port_block
 from nodewise.core.settings import Settings
 from tasks.mpi import front as front_process
 from tasks.mpi.front import endpoint_host, ensure_front, follow, read_front, stop_front
-from tests.support import wait_until
+from testkit import wait_until
 
 
 def test_a_front_on_every_interface_is_recorded_at_this_machines_address_on_the_ranks_network(

@@ -1,4 +1,4 @@
-"""The shared test helpers (tests/support) do what tests and benchmarks rely on."""
+"""The shared test helpers (testkit) do what tests and benchmarks rely on."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from tests.support import LoadClient, wait_until
+from testkit import LoadClient, wait_until
 
 
 class _Flaky(BaseHTTPRequestHandler):

@@ -34,7 +34,7 @@ def deploy_on_two_ranks(settings: Settings, model_uri: str) -> object:
     from nodewise.demo_models import too_small_inventory
     from tasks.planning.profile_models import profile_with_cache
     from tasks.planning.registry import resolve_model
-    from tests.support.flows import deploy_model
+    from testkit.flows import deploy_model
 
     model = resolve_model(model_uri, MlflowClient())
     profile = profile_with_cache(model, batch_size=settings.serve.max_batch_size, device="cpu")

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 
 import httpx
 
-from tests.support.wait import wait_until
+from testkit.wait import wait_until
 
 
 def default_api_url() -> str:

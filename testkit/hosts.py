@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 _COUNTER = itertools.count()
 
 
@@ -193,7 +193,7 @@ def hosts(n: int) -> Iterator[Hosts]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-if __name__ == "__main__":  # a quick look: python -m tests.support.hosts 2
+if __name__ == "__main__":  # a quick look: python -m testkit.hosts 2
     with hosts(int(sys.argv[1]) if len(sys.argv) > 1 else 2) as made:
         for h in made.hosts:
             print(h.address, h.run(["ip", "-br", "addr"]).stdout.strip().replace("\n", "; "))

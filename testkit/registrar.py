@@ -11,7 +11,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 _MARK = "@@registered "
 
 # Reads one JSON job a line, answers one marked JSON line: {"version": ...} or {"error": traceback}.
@@ -25,7 +25,7 @@ def register(job):
     if job["kind"] == "demo-retrained":
         from nodewise.demo_models import register_demo_model
         return register_demo_model(job["root"], alias="staging", retrain=True).version
-    from tests.support.models import BrokenOnLoad, DoubleIt, register_pyfunc
+    from testkit.models import BrokenOnLoad, DoubleIt, register_pyfunc
     model = {"double-it": DoubleIt, "broken-on-load": BrokenOnLoad}[job["kind"]]()
     return register_pyfunc(model, job["name"], job["root"]).rsplit("/", 1)[1]
 
