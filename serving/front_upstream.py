@@ -60,8 +60,12 @@ class Upstream:
         self._poller = asyncio.create_task(self._poll())
 
     async def stop(self) -> None:
-        if self._poller is not None:
-            self._poller.cancel()
+        """Stop polling and close every client: the current ones and those an upgrade left to
+        close later (a poller cancelled in the middle of a move closes the old ones itself)."""
+        tasks = [t for t in (self._poller, *self._closing) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         for client in (self.client, self.probe):
             if client is not None:
                 await client.close()
@@ -99,7 +103,12 @@ class Upstream:
         cutting what was under way on them (repeated when that is safe)."""
         old = (self.client, self.probe)
         self._open()
-        if await self.readiness() is None:
+        try:
+            ready = await self.readiness() is None
+        except asyncio.CancelledError:  # the front stopping: the old clients are closed too
+            await self._close(old, 0.0)
+            raise
+        if ready:
             closing = asyncio.create_task(self._close(old, self.config.request_timeout_s))
             self._closing.add(closing)
             closing.add_done_callback(self._closing.discard)
@@ -108,11 +117,13 @@ class Upstream:
         await self._close(old, 0.0)
 
     async def _close(self, clients: tuple[aiohttp.ClientSession | None, ...], after_s: float) -> None:
-        await asyncio.sleep(after_s)
-        for client in clients:
-            if client is not None:
-                with suppress(Exception):
-                    await client.close()
+        try:
+            await asyncio.sleep(after_s)
+        finally:  # also when cancelled (the front stopping): the clients are closed either way
+            for client in clients:
+                if client is not None:
+                    with suppress(Exception):
+                        await client.close()
 
     async def _poll(self) -> None:
         """Read rank 0's /health: often while it is down, now and then while it serves."""

@@ -97,16 +97,20 @@ def half_close_httptools(max_head_bytes: int) -> type:
     - A client that shuts its sending side (a half-close: ``shutdown(SHUT_WR)``, ``curl``'s upload
       then wait, a proxy's ``option http-server-close``) still gets its answer; uvicorn closes the
       connection on that EOF, so such a client got none. Here the request's body ends at the EOF
-      (one shorter than its Content-Length is a 408 from ``errors.receive_body``), the app answers,
-      and the connection closes after the answer; a head cut short by the EOF is a 400.
+      (one shorter than its Content-Length is a 408 from ``errors.receive_body``), the app
+      answers, and the connection closes after the answer. A head cut short by the EOF is a 400,
+      once no answer is still owed on the connection.
     - A head still unfinished after ``max_head_bytes`` is a 400 and the connection closes (h11's
-      ``max_incomplete_event_size``; httptools keeps no such bound). It is counted by what has
-      arrived, so the bound holds within one read's size (64 KiB)."""
+      ``max_incomplete_event_size``; httptools keeps no such bound). It is counted by the reads
+      that arrive while the head is open; a read in which the previous message ended is not
+      counted (it may carry that message's body), so the bound holds within one read's size
+      (256 KiB with uvloop, as h11's did)."""
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
     class HalfCloseHttpToolsProtocol(HttpToolsProtocol):
         in_head = False  # a request's head has begun and not ended
         head_bytes = 0
+        ended_in_read = False  # a message ended in the read being parsed
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
@@ -116,21 +120,27 @@ def half_close_httptools(max_head_bytes: int) -> type:
             self.in_head = False
             super().on_headers_complete()
 
+        def on_message_complete(self) -> None:
+            self.ended_in_read = True
+            super().on_message_complete()
+
         def data_received(self, data: bytes) -> None:
+            self.ended_in_read = False
             super().data_received(data)
-            if self.in_head and not self.transport.is_closing():
+            if self.in_head and not self.ended_in_read and not self.transport.is_closing():
                 self.head_bytes += len(data)
                 if self.head_bytes > max_head_bytes:
                     self.in_head = False
                     self.send_400_response(f"Request head over {max_head_bytes} bytes.")
 
         def eof_received(self) -> bool | None:
-            if self.in_head:  # a head cut short
+            cycle = self.cycle
+            owed = cycle is not None and not cycle.response_complete  # an answer still to write
+            if self.in_head and not owed:  # a head cut short, and nothing else to answer
                 self.in_head = False
                 self.send_400_response("Invalid HTTP request received.")
                 return True  # send_400_response closes the connection once written
-            cycle = self.cycle
-            if cycle is None or cycle.response_complete:
+            if not owed:
                 return None  # between requests: close, as uvicorn does
             cycle.keep_alive = False  # the client sends no more: nothing to keep alive
             if cycle.more_body:

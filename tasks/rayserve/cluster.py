@@ -230,18 +230,22 @@ end)
 
 # A replica's host that leaves the network (powered off, partitioned) sends no reset, and HAProxy
 # waited on its requests for the server timeout (3600 s in the config Serve wrote for
-# tests/fixtures/haproxy) while clients timed out. Two socket options find such a peer dead within
-# about DEAD_PEER_S, and the read error that follows is what `retry-on empty-response` sends again
-# to another replica (serve.retries):
+# tests/fixtures/haproxy) while clients timed out. Two socket options find such a peer dead after
+# DEAD_PEER_S of silence, and the read error that follows is what `retry-on empty-response` sends
+# again to another replica (serve.retries):
 # - TCP keepalive (srvtcpka-*): a request the replica acknowledged and works on; a live replica's
 #   kernel answers the probes however long its answer takes, so a slow request is never cut;
 # - TCP_USER_TIMEOUT (`tcp-ut` on each server line; HAProxy 2.8 does not take it from a
 #   default-server line): a request written to a pooled connection after the host left, which
-#   keepalive does not probe (its data is unacknowledged).
+#   keepalive does not probe (its data is unacknowledged). With it set, Linux also ends the
+#   keepalive case after DEAD_PEER_S rather than after the probe count.
 # Checked with HAProxy 2.8.25 and two namespace hosts, one cut under a request (2026-12-07): without
 # them the client timed out (40 s); with them the request was answered by the other host.
-DEAD_PEER_S = 5
-DEAD_PEER_IDLE_S, DEAD_PEER_INTERVAL_S, DEAD_PEER_PROBES = 2, 1, 3  # keepalive: about 2 + 3 * 1 s
+# Why 15 s and not less: Linux (5.11 on) also ends a connection whose peer, alive, keeps its receive
+# window shut that long. A replica that stops reading a request body larger than its socket
+# buffers (a few hundred KiB, which HAProxy streams and cannot resend) for DEAD_PEER_S would lose it.
+DEAD_PEER_S = 15
+DEAD_PEER_IDLE_S, DEAD_PEER_INTERVAL_S = 2, 1  # keepalive probes from 2 s of silence, every second
 
 
 def cold_start_rules(timeout_s: float, retry_after_s: int, lua_path: Path, buffer_requests: bool = False) -> str:
@@ -273,7 +277,7 @@ def cold_start_rules(timeout_s: float, retry_after_s: int, lua_path: Path, buffe
         "option srvtcpka",
         f"srvtcpka-idle {DEAD_PEER_IDLE_S}s",
         f"srvtcpka-intvl {DEAD_PEER_INTERVAL_S}s",
-        f"srvtcpka-cnt {DEAD_PEER_PROBES}",
+        f"srvtcpka-cnt {DEAD_PEER_S - DEAD_PEER_IDLE_S}",
     ]
     added = "\\\n".join(f"    {line}" for line in defaults)
     return (

@@ -56,16 +56,16 @@ def test_the_launcher_bounds_cold_starts_in_model_backends_only_and_haproxy_acce
     assert "bind 127.0.0.1:9101" in parts["frontend prometheus"]
     # serve.retries (2 by default): HAProxy holds a whole request, so it can send it to another replica
     assert parts["defaults"].count("option http-buffer-request") == 1
-    # a replica's host gone silent is found dead by TCP keepalive (about 5 s), its request resent
+    # a replica's host gone silent is found dead (TCP keepalive, TCP_USER_TIMEOUT: 15 s), its request resent
     assert [line for line in parts["defaults"] if line.startswith("srvtcpka") or line == "option srvtcpka"] == [
         "option srvtcpka",
         "srvtcpka-idle 2s",
         "srvtcpka-intvl 1s",
-        "srvtcpka-cnt 3",
+        "srvtcpka-cnt 13",
     ]
     servers = [line for line in model if line.startswith("server ")]
     assert len(servers) == 2  # the replica and the backup (Serve's proxy) ...
-    assert all(line.endswith(" 5s") and line.count(" tcp-ut ") == 1 for line in servers)  # ... each once
+    assert all(line.endswith(" tcp-ut 15s") and line.count(" tcp-ut ") == 1 for line in servers)  # ... each once
 
 
 def test_without_retries_requests_are_not_buffered(tmp_path: Path) -> None:

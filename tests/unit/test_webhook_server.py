@@ -174,6 +174,34 @@ def test_uvicorns_limits_are_the_ones_given(tmp_path: Path, monkeypatch: pytest.
         server.server_close()
 
 
+def test_the_head_bound_counts_only_the_head_and_a_half_close_never_cuts_an_answer_owed(tmp_path: Path) -> None:
+    """The bound on a head (4 KiB here) does not count the previous request's body arriving in the
+    same read as the next head's first bytes; a half-close after a whole request and part of the
+    next one still gets the first one's answer."""
+    server = start(tmp_path, HttpLimits(max_header_bytes=4096))
+    try:
+        body = b"x" * 100_000  # answered 404 at once; its tail arrives with the next head's start
+        first = f"POST /nope HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
+        with socket.create_connection(("127.0.0.1", server.port), timeout=60) as conn:
+            conn.sendall(first + b"GET /health HTTP/1.1\r\nHo")
+            time.sleep(0.3)  # the head's end comes in a read of its own
+            conn.sendall(b"st: x\r\nConnection: close\r\n\r\n")
+            answer = b""
+            while chunk := conn.recv(65536):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 404 "), answer[:200]
+        assert answer.count(b"HTTP/1.1 200 ") == 1, answer[-300:]  # the second request served, not a 400
+        whole = alias_body("known")
+        head = f"POST /webhook HTTP/1.1\r\nHost: x\r\nContent-Length: {len(whole)}\r\n"
+        signature = "".join(f"{k}: {v}\r\n" for k, v in signed(whole).items())
+        cut = raw_request(server.port, head + signature, whole + b"GET /hea", half_close=True)
+        assert cut.startswith(b"HTTP/1.1 "), cut[:200]
+        assert not cut.startswith(b"HTTP/1.1 400 "), cut[:300]  # the first request's answer, not the cut head's 400
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_a_port_in_use_is_an_oserror_and_a_stopped_server_refuses_connections(tmp_path: Path) -> None:
     server = start(tmp_path)
     settings = Settings(state_dir=tmp_path / "other", triggers={"webhook_secret": SECRET})
