@@ -210,20 +210,20 @@ def test_a_health_check_while_the_front_holds_asks_rank_0_now_and_keeps_rank_0s_
         server.shutdown()
 
 
-@pytest.mark.parametrize("front", [{"hold_timeout_s": 3.0, "max_held": 1}], indirect=True)
+@pytest.mark.parametrize("front", [{"hold_timeout_s": 30.0, "max_held": 1}], indirect=True)
 def test_a_full_hold_answers_503_at_once(upstream: Upstream, front: tuple[str, Front]) -> None:
     url, _ = front
     upstream.stop()
-    first = threading.Thread(target=lambda: httpx.post(f"{url}/invocations", json={"inputs": [[1]]}, timeout=30))
+    first = threading.Thread(target=lambda: httpx.post(f"{url}/invocations", json={"inputs": [[1]]}, timeout=60))
     first.start()
     time.sleep(0.5)
     started = time.monotonic()
-    answer = httpx.post(f"{url}/invocations", json={"inputs": [[2]]}, timeout=30)
+    answer = httpx.post(f"{url}/invocations", json={"inputs": [[2]]}, timeout=60)
     assert answer.status_code == 503
-    assert time.monotonic() - started < 1.0
+    assert time.monotonic() - started < 15  # refused at once, not held for the 30 s hold timeout
     assert "already holds 1 requests" in answer.json()["message"]
-    first.join(30)
-    upstream.start()
+    upstream.start()  # the held request goes on
+    first.join(60)
 
 
 def test_a_sampled_generation_without_a_seed_gets_one_and_others_are_left_as_they_are() -> None:
