@@ -1,8 +1,8 @@
 """An ASGI app served by uvicorn, on the main thread or a thread of its own.
 
 Keep-alive, the connection limit and the graceful-shutdown bound are uvicorn's settings
-(``HttpLimits``), not loops of ours. Requests are parsed by httptools (llhttp, in C: about a third
-of the front's time went to h11, pure Python, before); two things uvicorn's h11 protocol does and
+(``HttpLimits``), not loops of ours. Requests are parsed by httptools (llhttp, in C: alone it took a
+third of h11's CPU per request here, 0.05 against 0.14 ms); two things uvicorn's h11 protocol does and
 its httptools one does not are added in ``half_close_httptools``: a bound on a request's head, and
 an answer for a client that half-closes. The socket is bound when the server is
 made, so a port in use is an ``OSError`` the caller can word for its user, before anything runs.

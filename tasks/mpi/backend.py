@@ -40,13 +40,14 @@ class DeepSpeedMpi:
         )
         said = "matched the whole model" if smoke.compared else "answered"
         summary = f"{model.pinned_uri} serves at {endpoint} on {plan.ranks} DeepSpeed ranks: smoke test {said}"
+        replaced = None if upgrade.mode == "first" else upgrade.line()
         return Deployed(
             spec=spec.model_dump(mode="json"),
             endpoint=endpoint,
             replicas=1,
             canary=smoke.request,
-            summary=summary + ("" if upgrade.mode == "first" else f"; {upgrade.line()}"),
-            replaced=None if upgrade.mode == "first" else upgrade.line(),
+            summary=summary + (f"; {replaced}" if replaced else ""),
+            replaced=replaced,
         )
 
     def stop(self, settings: Settings, app_names: list[str]) -> list[str]:
